@@ -1,0 +1,170 @@
+"""Classification as one streaming Ray Data pipeline: list -> read+decode -> model -> Parquet."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from insectlib import storage
+from insectlib.errors import InsectError
+from insectlib.images import ImageError, decode, eval_transform, is_image_name
+from insectlib.model import read_meta
+from insectlib.predict import PRECISIONS, Predictor
+from insectlib.runtime import init_ray
+
+# Paths per listing block: small enough that decode work spreads over many tasks.
+LISTING_BLOCK = 256
+
+
+@dataclass
+class ClassifyConfig:
+    """Every knob of `insect classify`."""
+
+    input: str
+    model: str
+    output: str
+    batch_size: int = 32
+    gpu: bool = False
+    min_actors: int = 1
+    max_actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
+    cpus_per_actor: float = 1.0
+    precision: str = "auto"
+    overwrite: bool = False
+    address: str | None = None
+    s3: storage.S3Options = field(default_factory=storage.S3Options)
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InsectError(f"unknown --precision {self.precision!r}: choose {PRECISIONS}")
+        if self.max_actors is not None and not 1 <= self.min_actors <= self.max_actors:
+            raise InsectError("need 1 <= --min-actors <= --max-actors")
+        if self.batch_size < 1:
+            raise InsectError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class ClassifySummary:
+    inputs: int
+    rows: int
+    errors: int
+    seconds: float
+    output: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.inputs / self.seconds if self.seconds else 0.0
+
+
+def listing_blocks(uri: str, s3: storage.S3Options) -> Iterator[pa.Table]:
+    """The image files under `uri` as small one-column (`path`) Arrow tables."""
+    paths: list[str] = []
+    for path in storage.iter_files(uri, s3):
+        if is_image_name(path):
+            paths.append(path)
+            if len(paths) == LISTING_BLOCK:
+                yield pa.table({"path": pa.array(paths, pa.string())})
+                paths = []
+    if paths:
+        yield pa.table({"path": pa.array(paths, pa.string())})
+
+
+def load_images(batch: dict[str, np.ndarray], image_size: int, s3) -> dict[str, np.ndarray]:
+    """Read and preprocess a batch of files. A file that fails gets an error text, never an
+    exception: one bad file must not take the rest of its batch down."""
+    paths = list(batch["path"])
+    transform = eval_transform(image_size)
+    images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.uint8)
+    errors = [""] * len(paths)  # "" = fine; Arrow keeps the column a string column
+
+    def load(i: int) -> None:
+        try:
+            images[i] = transform(decode(storage.read_bytes(paths[i], s3))).numpy()
+        except ImageError as e:
+            errors[i] = str(e)
+        except OSError as e:
+            errors[i] = f"unreadable file: {e.strerror or e}"
+
+    if paths and storage.is_s3(paths[0]):
+        with ThreadPoolExecutor(16) as pool:  # hide object-store latency
+            list(pool.map(load, range(len(paths))))
+    else:
+        for i in range(len(paths)):
+            load(i)
+    return {"path": np.array(paths, dtype=object), "image": images, "error": np.array(errors)}
+
+
+def classify(cfg: ClassifyConfig) -> ClassifySummary:
+    """Classify every image under `cfg.input` and write one Parquet row per file."""
+    cfg.validate()
+    meta = read_meta(cfg.model, cfg.s3)
+    out_fs, out_path = storage.filesystem(cfg.output, cfg.s3)
+    if out_fs.exists(out_path) and out_fs.ls(out_path) and not cfg.overwrite:
+        raise InsectError(f"output {cfg.output} is not empty; pass --overwrite to replace it")
+    init_ray(cfg.address)
+    started = time.perf_counter()
+
+    # The driver keeps only object references: listing blocks go straight to the object store.
+    refs, inputs = [], 0
+    for block in listing_blocks(cfg.input, cfg.s3):
+        refs.append(ray.put(block))
+        inputs += block.num_rows
+    if not inputs:
+        raise InsectError(f"no image files found in {cfg.input}")
+    print(f"classifying {inputs} images from {cfg.input} with model {meta.model_id}", flush=True)
+    if cfg.overwrite and out_fs.exists(out_path):
+        out_fs.rm(out_path, recursive=True)
+
+    max_actors = cfg.max_actors or _max_actors(cfg)
+    ds = ray.data.from_arrow_refs(refs)
+    ds = ds.map_batches(
+        load_images,
+        fn_kwargs={"image_size": meta.image_size, "s3": cfg.s3},
+        batch_size=cfg.batch_size,
+        num_cpus=1,
+    )
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model_uri": cfg.model,
+            "device": "cuda" if cfg.gpu else "cpu",
+            "precision": cfg.precision,
+            "s3": cfg.s3,
+            "threads": None if cfg.gpu else max(1, int(cfg.cpus_per_actor)),
+        },
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(min_size=min(cfg.min_actors, max_actors), max_size=max_actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if cfg.gpu else 0,
+    )
+    pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
+    ds.write_parquet(pa_path, filesystem=pa_fs)
+    seconds = time.perf_counter() - started
+
+    written = pyarrow.dataset.dataset(pa_path, filesystem=pa_fs, format="parquet")
+    rows = written.count_rows()
+    errors = written.count_rows(filter=pyarrow.dataset.field("error").is_valid())
+    return ClassifySummary(inputs, rows, errors, seconds, cfg.output)
+
+
+def _max_actors(cfg: ClassifyConfig) -> int:
+    resources = ray.cluster_resources()
+    if cfg.gpu:
+        return max(1, int(resources.get("GPU", 1)))
+    return max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor))
+
+
+def print_summary(s: ClassifySummary) -> None:
+    print(
+        f"{s.inputs} images -> {s.rows} rows ({s.errors} with errors) in {s.seconds:.1f} s, "
+        f"{s.images_per_second:.1f} images/s; predictions in {s.output}",
+        flush=True,
+    )

@@ -1,0 +1,165 @@
+"""The `insect` command: a thin argparse layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from insectlib import storage
+from insectlib.errors import InsectError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="Ray cluster to use: auto, HOST:PORT or ray://HOST:PORT "
+        "(default: $RAY_ADDRESS, as set by `ray job submit`, else a new local Ray)",
+    )
+    p.add_argument(
+        "--s3-endpoint",
+        help="S3-compatible endpoint URL (MinIO, Ceph, ...); default $AWS_ENDPOINT_URL",
+    )
+    p.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="compute precision; auto: bf16 where the hardware runs it fast",
+    )
+    p.add_argument("--gpu", action="store_true", help="one GPU per training worker / model actor")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="insect", description="Fine-tune and run image classifiers on Ray."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a torchvision model on a labelled folder tree",
+        description="Fine-tune on ROOT/<class>/<images> (or ROOT/train + ROOT/val|test), "
+        "local or s3://, with Ray Train data-parallel workers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("data", help="labelled root: ROOT/<class>/* or ROOT/{train,val}/<class>/*")
+    t.add_argument("--output", default="insect-model", help="model directory to write (or s3://)")
+    t.add_argument("--arch", default="vgg16", help="torchvision classification model")
+    t.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (IMAGENET1K_V1 via the torch hub cache), random, or a "
+        "state-dict file (.pth/.pt loaded weights_only, or .safetensors), local or s3://",
+    )
+    t.add_argument(
+        "--freeze",
+        default="trunk",
+        choices=("trunk", "none"),
+        help="trunk: train only the new final layer; none: train every layer",
+    )
+    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per worker per step; the global batch is workers x this",
+    )
+    t.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    t.add_argument("--lr", type=float, default=0.001, help="learning rate")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="held out per class when ROOT has no train/ + val/ folders",
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
+    t.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no random crops and flips on the training split",
+    )
+    t.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    t.add_argument(
+        "--loader-workers", type=int, default=0, help="DataLoader processes per training worker"
+    )
+    t.add_argument(
+        "--storage", help="Ray Train run storage, local or s3:// (default ~/ray_results)"
+    )
+    t.add_argument("--name", help="run name under --storage")
+    t.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="checkpoints kept in the run storage (0: all)")
+    _add_common(t)
+
+    c = sub.add_parser(
+        "classify",
+        help="classify images into Parquet with Ray Data",
+        description="Classify every image under INPUT (a directory, a glob or an s3:// prefix) "
+        "and write one Parquet row per file to --output.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("input", help="directory, glob or s3:// prefix of images")
+    c.add_argument("--model", required=True, help="model directory written by insect train")
+    c.add_argument("--output", required=True, help="directory or s3:// prefix for Parquet files")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--min-actors", type=int, default=1, help="model actors, at least")
+    c.add_argument("--max-actors", type=int,
+                   help="model actors, at most (default: one per GPU with --gpu, else one per "
+                   "--cpus-per-actor CPUs of the cluster)")
+    c.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs per model actor (also its torch threads on CPU)",
+    )
+    _add_common(c)
+
+    d = sub.add_parser(
+        "demo",
+        help="generate a sample set, train, classify, show the results",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("--workdir", default="demo-output", help="where the demo writes everything")
+    d.add_argument("--image-size", type=int, default=128)
+    return ap
+
+
+def _s3(args) -> storage.S3Options:
+    return storage.S3Options(endpoint_url=args.s3_endpoint, anonymous=args.anonymous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from insectlib.train import TrainConfig, fit
+
+            options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+            fit(TrainConfig(**options, s3=_s3(args)))
+        elif args.command == "classify":
+            from insectlib.classify import ClassifyConfig, classify, print_summary
+
+            options = {
+                k: v for k, v in vars(args).items() if k in ClassifyConfig.__dataclass_fields__
+            }
+            print_summary(classify(ClassifyConfig(**options, s3=_s3(args))))
+        elif args.command == "demo":
+            from insectlib.demo import run_demo
+
+            run_demo(args.workdir, args.image_size)
+    except InsectError as e:
+        print(f"insect: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("insect: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Decoding and preprocessing: the one definition training and classification share.
+
+Images travel between stages as uint8 CHW tensors (4x smaller than float32); the model
+side turns a batch into normalised floats with `normalize`, on whatever device it runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# ImageNet statistics: the normalisation the pretrained torchvision weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageError(ValueError):
+    """A file that cannot be turned into an image; the message is the `error` column's text."""
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image extension (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def resize_size(image_size: int) -> int:
+    """The shorter side images are resized to before the centre crop (256 for 224)."""
+    return round(image_size * 256 / 224)
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode image bytes to an RGB PIL image with its EXIF orientation applied."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.seek(0)  # first frame of animations
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too many pixels: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image") from None
+    except OSError as e:
+        text = str(e)
+        if "truncated" in text:
+            raise ImageError(f"truncated image: {text}") from None
+        raise ImageError(f"unreadable image: {text}") from None
+
+
+def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Validation and classification: resize, centre crop, uint8 CHW tensor."""
+    return v2.Compose(
+        [
+            # Resizing the PIL image before tensor conversion uses Pillow's SIMD resampler.
+            v2.Resize(resize_size(image_size), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.PILToTensor(),
+        ]
+    )
+
+
+def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Training augmentation: random resized crop and horizontal flip, uint8 CHW tensor."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+        ]
+    )
+
+
+def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW batch -> float batch normalised with the ImageNet statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
+    return (batch.to(dtype) / 255 - mean) / std

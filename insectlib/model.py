@@ -1,0 +1,240 @@
+"""Building, freezing, saving and loading the classifier.
+
+A model directory holds `model.safetensors` (the full state dict) and `meta.json`
+(everything needed to rebuild and feed the model). `meta.json` is validated before any
+weights are read, and weights are only ever read as safetensors or `weights_only` pickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+
+from insectlib import __version__, storage
+from insectlib.errors import InsectError
+from insectlib.images import IMAGENET_MEAN, IMAGENET_STD
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: everything trains
+
+
+@dataclass
+class ModelMeta:
+    """The contents of meta.json."""
+
+    classes: list[str]
+    arch: str
+    image_size: int
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    model_id: str = ""  # sha256 prefix of the weights file
+    head: str = ""  # module name of the replaced final Linear layer
+    base_weights: str = ""
+    freeze: str = "trunk"
+    epochs: list[dict] = field(default_factory=list)  # metrics reported each epoch
+    data: dict = field(default_factory=dict)  # split and counts per class
+    versions: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> ModelMeta:
+        try:
+            raw = json.loads(text)
+            meta = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+        except (ValueError, TypeError, KeyError) as e:
+            raise InsectError(f"{where} is not a valid insect meta.json: {e}") from None
+        meta.validate(where)
+        return meta
+
+    def validate(self, where: str) -> None:
+        problems = []
+        if not (
+            isinstance(self.classes, list)
+            and len(self.classes) >= 2
+            and all(isinstance(c, str) and c for c in self.classes)
+            and len(set(self.classes)) == len(self.classes)
+        ):
+            problems.append("'classes' must list at least 2 distinct names")
+        if self.arch not in available_archs():
+            problems.append(f"unknown arch {self.arch!r}")
+        if not isinstance(self.image_size, int) or not 16 <= self.image_size <= 4096:
+            problems.append(f"bad image_size {self.image_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            problems.append("'mean' and 'std' must have 3 values")
+        if problems:
+            raise InsectError(f"{where} is not a valid insect meta.json: {'; '.join(problems)}")
+
+
+def versions() -> dict[str, str]:
+    import ray
+
+    return {
+        "insect": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+    }
+
+
+def available_archs() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_arch(arch: str) -> None:
+    if arch not in available_archs():
+        raise InsectError(
+            f"unknown --arch {arch!r}: use a torchvision classification model such as "
+            "vgg16, resnet50 or efficientnet_b0 (see torchvision.models.list_models())"
+        )
+
+
+def head_name(model: nn.Module) -> str:
+    """Module name of the classifier's final Linear layer (the last Linear defined)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise InsectError(f"{type(model).__name__} has no Linear layer to replace")
+    return names[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the final Linear layer for a fresh `num_classes` one; returns its module name."""
+    name = head_name(model)
+    old = model.get_submodule(name)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    return name
+
+
+def apply_freeze(model: nn.Module, policy: str) -> None:
+    """Set requires_grad per the freeze policy: "trunk" trains only the head."""
+    if policy not in FREEZE_POLICIES:
+        raise InsectError(
+            f"unknown --freeze {policy!r}: choose one of {', '.join(FREEZE_POLICIES)}"
+        )
+    head = head_name(model) + "."
+    for name, p in model.named_parameters():
+        p.requires_grad = policy == "none" or name.startswith(head)
+
+
+def set_train_mode(model: nn.Module, policy: str) -> None:
+    """Training mode for what trains. A frozen trunk stays in eval mode, so its dropout and
+    batch-norm statistics do not change: it is a fixed function of the image."""
+    if policy == "trunk":
+        model.eval()
+        model.get_submodule(head_name(model)).train()
+    else:
+        model.train()
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    weights: str = "imagenet",
+    s3: storage.S3Options | None = None,
+) -> nn.Module:
+    """A torchvision `arch` with `weights` (imagenet, random or a file) and an N-class head."""
+    check_arch(arch)
+    if weights == "imagenet":
+        try:
+            model = torchvision.models.get_model(arch, weights="IMAGENET1K_V1")
+        except Exception as e:  # no cache and no network, a corrupt download, ...
+            raise InsectError(
+                f"could not load ImageNet weights for {arch} (torch hub cache "
+                f"{torch.hub.get_dir()}/checkpoints): {e}. Pass --weights random or "
+                "--weights PATH to a state-dict file"
+            ) from None
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+        if weights != "random":
+            state = load_state_dict_file(weights, s3)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise InsectError(f"--weights {weights} does not fit {arch}: {e}") from None
+    replace_head(model, num_classes)
+    return model
+
+
+def load_state_dict_file(uri: str, s3: storage.S3Options | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch pickle (tensors only, `weights_only`)."""
+    try:
+        data = storage.read_bytes(uri, s3)
+    except (OSError, InsectError) as e:
+        raise InsectError(f"cannot read weights file {uri}: {e}") from None
+    if uri.endswith(".safetensors"):
+        try:
+            return safetensors.torch.load(data)
+        except Exception as e:
+            raise InsectError(f"{uri} is not a valid safetensors file: {e}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InsectError(
+            f"refusing to load {uri}: not a plain weights file (only tensors are accepted, "
+            f"weights_only=True): {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InsectError(f"{uri} does not hold a state dict of tensors")
+    return state
+
+
+def save_model(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> ModelMeta:
+    """Write the model directory; returns the meta with its content-hash model id filled in."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = safetensors.torch.save(state)
+    meta.model_id = hashlib.sha256(data).hexdigest()[:16]
+    meta.versions = versions()
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), data, s3)
+    # meta.json last: a directory with a meta.json is complete.
+    storage.write_bytes(storage.join(uri, META_FILE), meta.to_json().encode(), s3)
+    return meta
+
+
+def read_meta(uri: str, s3: storage.S3Options | None = None) -> ModelMeta:
+    """Read and validate a model directory's meta.json."""
+    meta_uri = storage.join(uri, META_FILE)
+    try:
+        text = storage.read_bytes(meta_uri, s3).decode()
+    except FileNotFoundError:
+        raise InsectError(f"not a model directory: {meta_uri} does not exist") from None
+    except (OSError, InsectError, UnicodeDecodeError) as e:
+        raise InsectError(f"cannot read model directory {uri}: {e}") from None
+    return ModelMeta.from_json(text, meta_uri)
+
+
+def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module, ModelMeta]:
+    """Rebuild a trained model from its directory (on the CPU, in eval mode)."""
+    meta = read_meta(uri, s3)
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    with torch.device("meta"):  # no time spent on random init that is overwritten anyway
+        model = torchvision.models.get_model(meta.arch, weights=None)
+        replace_head(model, len(meta.classes))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        state = safetensors.torch.load(storage.read_bytes(weights_uri, s3))
+    except FileNotFoundError:
+        raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
+    except Exception as e:
+        raise InsectError(f"cannot read {weights_uri}: {e}") from None
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
+        raise InsectError(
+            f"{weights_uri} does not match {meta.arch} with {len(meta.classes)} classes "
+            f"(first differences: {wrong})"
+        )
+    model.load_state_dict(state, assign=True)
+    return model.eval(), meta

@@ -1,0 +1,125 @@
+"""Running a trained model on batches: a plain class, usable with or without Ray.
+
+`Predictor` is what the Ray Data actor pool instantiates in `classify`; it is also how a
+test or a GPU machine without Ray checks the model path directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from insectlib import storage
+from insectlib.images import normalize
+from insectlib.model import ModelMeta, load_model
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# The Parquet schema of `insect classify`: one row per input file.
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("label", pa.string()),  # null when the file could not be classified
+        pa.field("label_index", pa.int32()),
+        pa.field("score", pa.float32()),  # probability of `label`
+        pa.field("probabilities", pa.list_(pa.float32())),  # in meta.json class order
+        pa.field("error", pa.string()),  # null when the image was classified
+        pa.field("model", pa.string(), nullable=False),  # model id
+    ]
+)
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `precision` on `device`; auto picks bf16 where it runs fast."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward pass; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Predictor:
+    """Class probabilities for uint8 NCHW image batches from a model directory."""
+
+    def __init__(
+        self,
+        model_uri: str,
+        device: str = "cpu",
+        precision: str = "auto",
+        s3: storage.S3Options | None = None,
+        threads: int | None = None,
+    ):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        model, self.meta = load_model(model_uri, s3)
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, C) float32 class probabilities for a uint8 (N, 3, H, W) batch."""
+        x = torch.as_tensor(images).to(self.device, non_blocking=True)
+        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.dtype):
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Ray Data batch {path, image, error} -> rows of PREDICTION_SCHEMA.
+
+        An empty or null `error` means the image decoded; other rows skip the model."""
+        errors = [e or None for e in batch["error"]]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        probs = np.zeros((len(errors), len(self.classes)), dtype=np.float32)
+        if ok.any():
+            probs[ok] = self.probabilities(np.stack(batch["image"][ok]))
+        return prediction_table(batch["path"], probs, errors, self.meta)
+
+
+def prediction_table(paths, probs: np.ndarray, errors: list, meta: ModelMeta) -> pa.Table:
+    """Rows of PREDICTION_SCHEMA; a row with an error has nulls where predictions go."""
+    ok = np.array([e is None for e in errors], dtype=bool)
+    index = probs.argmax(axis=1).astype(np.int32)
+    score = probs[np.arange(len(index)), index].astype(np.float32)
+    classes = np.array(meta.classes, dtype=object)
+    flat = pa.array(probs.reshape(-1), type=pa.float32())
+    offsets = pa.array(np.arange(0, probs.size + 1, probs.shape[1], dtype=np.int32))
+    mask = pa.array(~ok)
+    return pa.Table.from_arrays(
+        [
+            pa.array(list(paths), type=pa.string()),
+            pa.array(classes[index], type=pa.string(), mask=~ok),
+            pa.array(index, type=pa.int32(), mask=~ok),
+            pa.array(score, type=pa.float32(), mask=~ok),
+            pa.ListArray.from_arrays(offsets, flat, mask=mask),
+            pa.array(errors, type=pa.string()),
+            pa.array([meta.model_id] * len(index), type=pa.string()),
+        ],
+        schema=PREDICTION_SCHEMA,
+    )

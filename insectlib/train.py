@@ -1,0 +1,345 @@
+"""Fine-tuning with Ray Train: one TorchTrainer, one plain PyTorch loop per worker."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from insectlib import storage
+from insectlib.errors import InsectError
+from insectlib.images import ImageError, decode, eval_transform, normalize, train_transform
+from insectlib.labels import LabelledSet, discover
+from insectlib.model import (
+    META_FILE,
+    ModelMeta,
+    apply_freeze,
+    build_model,
+    check_arch,
+    head_name,
+    read_meta,
+    save_model,
+    set_train_mode,
+)
+from insectlib.predict import PRECISIONS, autocast, resolve_precision
+from insectlib.runtime import init_ray
+from insectlib.storage import S3Options
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `insect train`; the CLI flags map one to one onto these fields."""
+
+    data: str
+    output: str = "insect-model"
+    arch: str = "vgg16"
+    weights: str = "imagenet"  # imagenet | random | path or s3:// URI of a state dict
+    freeze: str = "trunk"
+    epochs: int = 4
+    batch_size: int = 32  # per worker
+    optimizer: str = "adam"
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    image_size: int = 224
+    augment: bool = True
+    workers: int = 2
+    gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0  # DataLoader processes per training worker
+    precision: str = "auto"
+    storage: str | None = None  # Ray Train run storage; None: ~/ray_results
+    name: str | None = None  # run name under storage
+    keep_checkpoints: int = 2  # 0 keeps all
+    overwrite: bool = False
+    address: str | None = None
+    s3: S3Options = field(default_factory=S3Options)
+
+    def validate(self) -> None:
+        check_arch(self.arch)
+        for flag, value, low in (
+            ("--epochs", self.epochs, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--workers", self.workers, 1),
+            ("--image-size", self.image_size, 16),
+        ):
+            if value < low:
+                raise InsectError(f"{flag} must be at least {low}, got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InsectError(f"unknown --optimizer {self.optimizer!r}: choose {OPTIMIZERS}")
+        if self.precision not in PRECISIONS:
+            raise InsectError(f"unknown --precision {self.precision!r}: choose {PRECISIONS}")
+        if self.weights not in ("imagenet", "random") and not storage.exists(self.weights, self.s3):
+            raise InsectError(f"--weights file not found: {self.weights}")
+
+
+class ImageFiles(Dataset):
+    """(uint8 image, label) pairs read through storage; None for files that fail to decode."""
+
+    def __init__(self, items: list[tuple[str, int]], transform, s3: storage.S3Options):
+        self.items, self.transform, self.s3 = items, transform, s3
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        uri, label = self.items[i]
+        try:
+            image = decode(storage.read_bytes(uri, self.s3))
+        except (ImageError, OSError) as e:
+            print(f"skipping {uri}: {e}")
+            return None
+        return self.transform(image), label
+
+
+def collate(samples):
+    """Stack the decodable samples; also return how many were skipped."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        return None, None, len(samples)
+    images = torch.stack([s[0] for s in good])
+    labels = torch.tensor([s[1] for s in good])
+    return images, labels, len(samples) - len(good)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: build, restore, then train and report each epoch."""
+    cfg = TrainConfig(**{**config["cfg"], "s3": storage.S3Options(**config["cfg"]["s3"])})
+    classes: list[str] = config["classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    dtype = resolve_precision(cfg.precision, device)
+
+    torch.manual_seed(cfg.seed)  # identical random weights on every worker
+    model = build_model(cfg.arch, len(classes), cfg.weights, cfg.s3)
+    apply_freeze(model, cfg.freeze)
+    head = head_name(model)
+    model = model.to(memory_format=torch.channels_last)
+    ddp_model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            trainable.values(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+
+    train_set = ImageFiles(
+        config["train"],
+        train_transform(cfg.image_size) if cfg.augment else eval_transform(cfg.image_size),
+        cfg.s3,
+    )
+    # Validation shards without padding, so the summed counts are exact.
+    val_set = ImageFiles(config["val"][rank::world], eval_transform(cfg.image_size), cfg.s3)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
+    loader_args = dict(
+        batch_size=cfg.batch_size,
+        collate_fn=collate,
+        num_workers=cfg.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+    train_loader = DataLoader(train_set, sampler=sampler, **loader_args)
+    val_loader = DataLoader(val_set, **loader_args)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+    def run(loader, train: bool) -> torch.Tensor:
+        """Sums of (loss, correct, seen, skipped) over this worker's shard."""
+        sums = torch.zeros(4, dtype=torch.float64)
+        for images, labels, skipped in loader:
+            sums[3] += skipped
+            if images is None:
+                continue
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            x = normalize(images).contiguous(memory_format=torch.channels_last)
+            with torch.set_grad_enabled(train), autocast(device, dtype):
+                logits = ddp_model(x)
+                loss = loss_fn(logits.float(), labels)
+            if train:
+                optimizer.zero_grad(set_to_none=True)
+                (loss / len(labels)).backward()
+                optimizer.step()
+            sums[0] += loss.item()
+            sums[1] += (logits.argmax(1) == labels).sum().item()
+            sums[2] += len(labels)
+        return sums
+
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        set_train_mode(model, cfg.freeze)
+        started = time.perf_counter()
+        train_sums = run(train_loader, train=True)
+        train_seconds = time.perf_counter() - started
+        model.eval()
+        val_sums = run(val_loader, train=False)
+        seconds = torch.tensor([train_seconds, time.perf_counter() - started])
+        train_sums, val_sums = _sum_over_workers(train_sums), _sum_over_workers(val_sums)
+        seconds = _max_over_workers(seconds)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": _ratio(train_sums[0], train_sums[2]),
+            "train_accuracy": _ratio(train_sums[1], train_sums[2]),
+            "val_loss": _ratio(val_sums[0], val_sums[2]),
+            "val_accuracy": _ratio(val_sums[1], val_sums[2]),
+            "train_images": int(train_sums[2]),
+            "val_images": int(val_sums[2]),
+            "skipped_images": int(train_sums[3] + val_sums[3]),
+            "images_per_second": _ratio(train_sums[2], seconds[0]),
+            "seconds": float(seconds[1]),
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                state = {
+                    "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                }
+                torch.save(state, os.path.join(d, "state.pt"))
+                checkpoint = Checkpoint.from_directory(d)
+                # Not print(): Ray Train routes print to a logger that echoes it twice.
+                sys.stdout.write(_epoch_line(metrics, cfg.epochs) + "\n")
+                sys.stdout.flush()
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    if rank == 0:
+        meta = ModelMeta(
+            classes=classes,
+            arch=cfg.arch,
+            image_size=cfg.image_size,
+            head=head,
+            base_weights=cfg.weights,
+            freeze=cfg.freeze,
+            epochs=history,
+            data=config["data"],
+        )
+        save_model(cfg.output, model, meta, cfg.s3)
+
+
+def _sum_over_workers(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def _max_over_workers(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def _ratio(a, b) -> float | None:
+    return float(a / b) if b else None
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    def f(x, spec):
+        return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
+    return (
+        f"epoch {m['epoch']}/{epochs}: train loss {f(m['train_loss'], '.4f')} "
+        f"acc {f(m['train_accuracy'], '.3f')} | val loss {f(m['val_loss'], '.4f')} "
+        f"acc {f(m['val_accuracy'], '.3f')} | {f(m['images_per_second'], '.1f')} img/s"
+        + (f" | {m['skipped_images']} unreadable images skipped" if m["skipped_images"] else "")
+    )
+
+
+def prepare(cfg: TrainConfig) -> LabelledSet:
+    """Check everything that can be checked before Ray starts; returns the labelled set."""
+    cfg.validate()
+    if storage.exists(storage.join(cfg.output, META_FILE), cfg.s3) and not cfg.overwrite:
+        raise InsectError(f"{cfg.output} already holds a model; pass --overwrite to replace it")
+    return discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
+
+
+def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
+    """Fine-tune per `cfg` with Ray Train and write the model directory; returns its meta."""
+    labelled = labelled or prepare(cfg)
+    print(
+        f"{len(labelled.classes)} classes ({', '.join(labelled.classes)}): "
+        f"{len(labelled.train)} training and {len(labelled.val)} validation images "
+        f"({labelled.split})",
+        flush=True,
+    )
+    init_ray(cfg.address)
+    run_config = RunConfig(
+        name=cfg.name or f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}",
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
+    )
+    if cfg.storage:
+        run_config.storage_filesystem, run_config.storage_path = storage.pyarrow_filesystem(
+            cfg.storage, cfg.s3
+        )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": asdict(cfg),
+            "classes": labelled.classes,
+            "train": labelled.train,
+            "val": labelled.val,
+            "data": {"root": cfg.data, "split": labelled.split, "counts": labelled.counts()},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=run_config,
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        cause = _insect_error_in(e)
+        if cause:
+            raise cause from None
+        raise
+    meta = read_meta(cfg.output, cfg.s3)
+    print(
+        f"validation accuracy {meta.epochs[-1]['val_accuracy']:.4f}; model {meta.model_id} "
+        f"written to {cfg.output}",
+        flush=True,
+    )
+    return meta
+
+
+def _insect_error_in(error: BaseException) -> InsectError | None:
+    """An InsectError raised on a worker, found inside Ray's wrapping exceptions."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InsectError):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return None

@@ -1,0 +1,17 @@
+"""Ray job entry point for classification: the same flags as `insect classify`.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/classify.py s3://bucket/images --model s3://bucket/models/m1 \
+        --output s3://bucket/predictions
+"""
+
+import os
+import sys
+
+# Run the code uploaded with --working-dir, not whatever insect the cluster has installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from insectlib.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["classify", *sys.argv[1:]]))

@@ -1,0 +1,60 @@
+import os
+
+import pytest
+
+from insectlib import sample
+from insectlib.errors import InsectError
+from insectlib.labels import discover
+
+
+def test_classes_sorted_and_stratified_split_is_deterministic(tmp_path):
+    root = sample.make_labelled(str(tmp_path), per_class=10, size=(32, 24))
+    a = discover(root, val_fraction=0.2, seed=3)
+    b = discover(root, val_fraction=0.2, seed=3)
+    assert a.classes == sorted(sample.CLASSES)
+    assert a.train == b.train and a.val == b.val
+    assert a.counts() == {
+        "train": {c: 8 for c in a.classes},
+        "val": {c: 2 for c in a.classes},
+    }
+    # every file lands in exactly one split, under its own folder's label
+    everything = a.train + a.val
+    assert len({u for u, _ in everything}) == 30
+    for uri, label in everything:
+        assert os.path.basename(os.path.dirname(uri)) == a.classes[label]
+    assert discover(root, val_fraction=0.2, seed=4).val != a.val
+
+
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_existing_train_and_held_out_folders_are_used(tmp_path, held_out):
+    sample.make_labelled(str(tmp_path / "train"), per_class=4, size=(32, 24))
+    sample.make_labelled(str(tmp_path / held_out), per_class=2, size=(32, 24))
+    s = discover(str(tmp_path))
+    assert held_out in s.split
+    assert len(s.train) == 12 and len(s.val) == 6
+    assert all(f"/train/{s.classes[y]}/" in u for u, y in s.train)
+    assert all(f"/{held_out}/{s.classes[y]}/" in u for u, y in s.val)
+
+
+def test_non_images_and_hidden_files_are_ignored(tmp_path):
+    root = sample.make_labelled(str(tmp_path), per_class=3, size=(32, 24))
+    (tmp_path / "beetles" / "notes.txt").write_text("x")
+    (tmp_path / "beetles" / ".DS_Store").write_text("x")
+    (tmp_path / "beetles" / "UPPER.JPG").write_bytes((tmp_path / "beetles" / "beetles_0000.jpg").read_bytes())
+    s = discover(root)
+    uris = [u for u, _ in s.train + s.val]
+    assert len(uris) == 10 and any(u.endswith("UPPER.JPG") for u in uris)
+
+
+def test_errors_name_the_culprit(tmp_path):
+    with pytest.raises(InsectError, match="not found: .*missing"):
+        discover(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InsectError, match="no labelled images in .*empty"):
+        discover(str(tmp_path / "empty"))
+    sample.make_labelled(str(tmp_path / "one"), per_class=2, size=(32, 24))
+    for cls in sample.CLASSES[1:]:
+        for f in (tmp_path / "one" / cls).iterdir():
+            f.unlink()
+    with pytest.raises(InsectError, match=r"at least 2 classes, found 1 \(beetles\)"):
+        discover(str(tmp_path / "one"))

@@ -1,0 +1,86 @@
+import io
+import json
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+
+from insectlib import model as M
+from insectlib.errors import InsectError
+
+
+@pytest.mark.parametrize(("arch", "head"), [("vgg16", "classifier.6"), ("resnet18", "fc")])
+def test_head_is_replaced_and_only_it_trains(arch, head):
+    m = M.build_model(arch, 3, "random")
+    assert M.head_name(m) == head
+    assert m.get_submodule(head).out_features == 3
+    M.apply_freeze(m, "trunk")
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {f"{head}.weight", f"{head}.bias"}
+    M.apply_freeze(m, "none")
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_frozen_trunk_stays_in_eval_mode():
+    m = M.build_model("vgg16", 3, "random")
+    M.set_train_mode(m, "trunk")
+    assert m.get_submodule("classifier.6").training
+    assert not m.classifier[2].training  # dropout in the frozen part is off
+    M.set_train_mode(m, "none")
+    assert m.classifier[2].training
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = M.build_model("resnet18", 4, "random")
+    meta = M.save_model(str(tmp_path), m, M.ModelMeta(classes=list("abcd"), arch="resnet18",
+                                                      image_size=64))
+    assert len(meta.model_id) == 16
+    loaded, meta2 = M.load_model(str(tmp_path))
+    assert meta2.model_id == meta.model_id and meta2.classes == list("abcd")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_weights_from_state_dict_files(tmp_path):
+    base = M.torchvision.models.get_model("resnet18", weights=None)
+    torch.save(base.state_dict(), tmp_path / "w.pth")
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "w.safetensors")
+    for name in ("w.pth", "w.safetensors"):
+        m = M.build_model("resnet18", 2, str(tmp_path / name))
+        assert torch.equal(m.conv1.weight, base.conv1.weight)
+        assert m.fc.out_features == 2
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(1), "evil": _Evil()}, buf)
+    (tmp_path / "evil.pth").write_bytes(buf.getvalue())
+    with pytest.raises(InsectError, match="refusing to load .*evil.pth"):
+        M.load_state_dict_file(str(tmp_path / "evil.pth"))
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(InsectError):
+        M.load_state_dict_file(str(tmp_path / "plain.pkl"))
+
+
+def test_meta_is_validated_before_weights(tmp_path):
+    with pytest.raises(InsectError, match="not a model directory: .*meta.json does not exist"):
+        M.load_model(str(tmp_path))
+    (tmp_path / "meta.json").write_text(json.dumps({"classes": ["a"], "arch": "nope", "image_size": 8}))
+    with pytest.raises(InsectError, match="at least 2 distinct.*unknown arch 'nope'.*bad image_size"):
+        M.load_model(str(tmp_path))
+    (tmp_path / "meta.json").write_text(json.dumps({"classes": ["a", "b"], "arch": "resnet18",
+                                                    "image_size": 64}))
+    safetensors.torch.save_file({"fc.weight": torch.zeros(3, 512)}, tmp_path / "model.safetensors")
+    with pytest.raises(InsectError, match="does not match resnet18 with 2 classes"):
+        M.load_model(str(tmp_path))
+
+
+def test_unknown_arch():
+    with pytest.raises(InsectError, match="unknown --arch 'vgg17'"):
+        M.build_model("vgg17", 3, "random")
