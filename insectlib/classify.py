@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -109,16 +110,18 @@ def classify(cfg: ClassifyConfig) -> ClassifySummary:
     out_fs, out_path = storage.filesystem(cfg.output, cfg.s3)
     if out_fs.exists(out_path) and out_fs.ls(out_path) and not cfg.overwrite:
         raise InsectError(f"output {cfg.output} is not empty; pass --overwrite to replace it")
-    init_ray(cfg.address)
     started = time.perf_counter()
+    blocks = listing_blocks(cfg.input, cfg.s3)
+    first = next(blocks, None)
+    if first is None:
+        raise InsectError(f"no image files found in {cfg.input}")
+    init_ray(cfg.address)
 
     # The driver keeps only object references: listing blocks go straight to the object store.
     refs, inputs = [], 0
-    for block in listing_blocks(cfg.input, cfg.s3):
+    for block in itertools.chain([first], blocks):
         refs.append(ray.put(block))
         inputs += block.num_rows
-    if not inputs:
-        raise InsectError(f"no image files found in {cfg.input}")
     print(f"classifying {inputs} images from {cfg.input} with model {meta.model_id}", flush=True)
     if cfg.overwrite and out_fs.exists(out_path):
         out_fs.rm(out_path, recursive=True)

@@ -57,7 +57,9 @@ def labelled_root(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def unlabelled(tmp_path_factory) -> dict[str, str]:
     """{path: generating class} of a flat folder of JPEG and PNG files."""
-    return sample.make_unlabelled(str(tmp_path_factory.mktemp("unlabelled")), count=24, size=(64, 48))
+    return sample.make_unlabelled(
+        str(tmp_path_factory.mktemp("unlabelled")), count=24, size=(64, 48)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,14 @@ from insectlib.predict import PREDICTION_SCHEMA
 def test_classify_matches_plain_pytorch(trained, unlabelled, tmp_path):
     cfg, meta = trained
     out = str(tmp_path / "predictions")
-    summary = classify(ClassifyConfig(input=os.path.dirname(next(iter(unlabelled))),
-                                      model=cfg.output, output=out, precision="fp32"))
+    summary = classify(
+        ClassifyConfig(
+            input=os.path.dirname(next(iter(unlabelled))),
+            model=cfg.output,
+            output=out,
+            precision="fp32",
+        )
+    )
     assert summary.inputs == summary.rows == len(unlabelled) and summary.errors == 0
 
     table = pq.read_table(out)
@@ -25,14 +31,12 @@ def test_classify_matches_plain_pytorch(trained, unlabelled, tmp_path):
     model, _ = load_model(cfg.output)
     transform = eval_transform(meta.image_size)
     paths = sorted(rows)
-    with open(paths[0], "rb"):
-        pass
     batch = torch.stack([transform(decode(open(p, "rb").read())) for p in paths])
     with torch.no_grad():
         expected = torch.softmax(model(normalize(batch)), dim=1).numpy()
     got = np.array([rows[p]["probabilities"] for p in paths], dtype=np.float32)
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    for p, probs in zip(paths, expected):
+    for p, probs in zip(paths, expected, strict=True):
         assert rows[p]["label_index"] == probs.argmax()
         assert rows[p]["label"] == meta.classes[probs.argmax()]
         assert abs(rows[p]["score"] - probs.max()) < 1e-4

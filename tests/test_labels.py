@@ -40,7 +40,9 @@ def test_non_images_and_hidden_files_are_ignored(tmp_path):
     root = sample.make_labelled(str(tmp_path), per_class=3, size=(32, 24))
     (tmp_path / "beetles" / "notes.txt").write_text("x")
     (tmp_path / "beetles" / ".DS_Store").write_text("x")
-    (tmp_path / "beetles" / "UPPER.JPG").write_bytes((tmp_path / "beetles" / "beetles_0000.jpg").read_bytes())
+    (tmp_path / "beetles" / "UPPER.JPG").write_bytes(
+        (tmp_path / "beetles" / "beetles_0000.jpg").read_bytes()
+    )
     s = discover(root)
     uris = [u for u, _ in s.train + s.val]
     assert len(uris) == 10 and any(u.endswith("UPPER.JPG") for u in uris)

@@ -33,8 +33,9 @@ def test_frozen_trunk_stays_in_eval_mode():
 
 def test_save_and_load_round_trip(tmp_path):
     m = M.build_model("resnet18", 4, "random")
-    meta = M.save_model(str(tmp_path), m, M.ModelMeta(classes=list("abcd"), arch="resnet18",
-                                                      image_size=64))
+    meta = M.save_model(
+        str(tmp_path), m, M.ModelMeta(classes=list("abcd"), arch="resnet18", image_size=64)
+    )
     assert len(meta.model_id) == 16
     loaded, meta2 = M.load_model(str(tmp_path))
     assert meta2.model_id == meta.model_id and meta2.classes == list("abcd")
@@ -71,11 +72,16 @@ def test_pickle_with_code_is_refused(tmp_path):
 def test_meta_is_validated_before_weights(tmp_path):
     with pytest.raises(InsectError, match="not a model directory: .*meta.json does not exist"):
         M.load_model(str(tmp_path))
-    (tmp_path / "meta.json").write_text(json.dumps({"classes": ["a"], "arch": "nope", "image_size": 8}))
-    with pytest.raises(InsectError, match="at least 2 distinct.*unknown arch 'nope'.*bad image_size"):
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"classes": ["a"], "arch": "nope", "image_size": 8})
+    )
+    with pytest.raises(
+        InsectError, match="at least 2 distinct.*unknown arch 'nope'.*bad image_size"
+    ):
         M.load_model(str(tmp_path))
-    (tmp_path / "meta.json").write_text(json.dumps({"classes": ["a", "b"], "arch": "resnet18",
-                                                    "image_size": 64}))
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"classes": ["a", "b"], "arch": "resnet18", "image_size": 64})
+    )
     safetensors.torch.save_file({"fc.weight": torch.zeros(3, 512)}, tmp_path / "model.safetensors")
     with pytest.raises(InsectError, match="does not match resnet18 with 2 classes"):
         M.load_model(str(tmp_path))

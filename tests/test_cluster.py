@@ -1,0 +1,207 @@
+"""The three ways to run: no cluster, `ray start --head` + --address auto, `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from insectlib.model import read_meta
+from tests.conftest import BIN, REPO, run_cli
+
+SMALL = [
+    "--arch",
+    "resnet18",
+    "--weights",
+    "random",
+    "--epochs",
+    "1",
+    "--image-size",
+    "32",
+    "--workers",
+    "2",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{BIN}:{env['PATH']}"  # `python` in job entrypoints is the venv's
+    return {**env, **extra}
+
+
+class Head:
+    """A head started by cluster/start-head.sh (in the foreground, so it can be stopped
+    without `ray stop`, which would also stop the test session's own Ray)."""
+
+    def __init__(self, tmp_path, **env):
+        self.port, self.dashboard = _free_port(), _free_port()
+        self.env = _env(**env)
+        self.log = open(tmp_path / f"head-{self.port}.log", "w")
+        token = ["--token"] if env.get("RAY_AUTH_MODE") == "token" else []
+        self.proc = subprocess.Popen(
+            [
+                "bash",
+                str(REPO / "cluster" / "start-head.sh"),
+                *token,
+                "--block",
+                "--ray-client-server-port",
+                str(_free_port()),
+            ],
+            env={
+                **self.env,
+                "RAY_PORT": str(self.port),
+                "DASHBOARD_PORT": str(self.dashboard),
+                "NUM_CPUS": "2",
+                "RAY": str(BIN / "ray"),
+            },
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{self.dashboard}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.dashboard), timeout=1):
+                    return
+            except OSError:
+                assert self.proc.poll() is None, (tmp_path / f"head-{self.port}.log").read_text()
+                time.sleep(1)
+        raise AssertionError("head did not start")
+
+    def submit(self, script: str, *args: str, **env):
+        return run_cli(
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            self.url,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            f"jobs/{script}",
+            *args,
+            env={**self.env, **env},
+            timeout=600,
+        )
+
+    def stop(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def _check_outputs(model: str, predictions: str, inputs: int):
+    meta = read_meta(model)
+    assert meta.arch == "resnet18" and len(meta.epochs) == 1
+    assert pq.read_table(predictions).num_rows == inputs
+
+
+def test_no_cluster_cli_starts_local_ray(labelled_root, unlabelled, tmp_path):
+    train = run_cli(
+        "insect",
+        "train",
+        labelled_root,
+        "--output",
+        str(tmp_path / "m"),
+        "--storage",
+        str(tmp_path / "runs"),
+        *SMALL,
+        env=_env(),
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "epoch 1/1: train loss" in train.stdout
+    assert "validation accuracy" in train.stdout
+    images = os.path.dirname(next(iter(unlabelled)))
+    classify = run_cli(
+        "insect",
+        "classify",
+        images,
+        "--model",
+        str(tmp_path / "m"),
+        "--output",
+        str(tmp_path / "p"),
+        env=_env(),
+    )
+    assert classify.returncode == 0, classify.stderr[-3000:]
+    assert f"{len(unlabelled)} images -> {len(unlabelled)} rows (0 with errors)" in classify.stdout
+    _check_outputs(str(tmp_path / "m"), str(tmp_path / "p"), len(unlabelled))
+
+
+def test_local_head_address_auto_and_job_submission(labelled_root, unlabelled, tmp_path):
+    head = Head(tmp_path, RAY_AUTH_MODE="disabled")
+    try:
+        train = run_cli(
+            "insect",
+            "train",
+            labelled_root,
+            "--address",
+            "auto",
+            "--output",
+            str(tmp_path / "m"),
+            "--storage",
+            str(tmp_path / "runs"),
+            *SMALL,
+            env=head.env,
+        )
+        assert train.returncode == 0, train.stderr[-3000:]
+        images = os.path.dirname(next(iter(unlabelled)))
+        job = head.submit(
+            "classify.py", images, "--model", str(tmp_path / "m"), "--output", str(tmp_path / "p")
+        )
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:]
+        _check_outputs(str(tmp_path / "m"), str(tmp_path / "p"), len(unlabelled))
+    finally:
+        head.stop()
+
+
+def test_token_protected_head_job_submission(labelled_root, unlabelled, tmp_path):
+    token = secrets.token_hex(16)
+    head = Head(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    try:
+        denied = head.submit("train.py", "--help", RAY_AUTH_TOKEN="wrong-" + token)
+        assert denied.returncode != 0
+        assert "AuthenticationError" in denied.stderr and "token is invalid" in denied.stderr
+        train = head.submit(
+            "train.py",
+            labelled_root,
+            "--output",
+            str(tmp_path / "m"),
+            "--storage",
+            str(tmp_path / "runs"),
+            *SMALL,
+        )
+        assert train.returncode == 0 and "succeeded" in train.stdout, train.stdout[-3000:]
+        assert "epoch 1/1" in train.stdout
+        images = os.path.dirname(next(iter(unlabelled)))
+        job = head.submit(
+            "classify.py", images, "--model", str(tmp_path / "m"), "--output", str(tmp_path / "p")
+        )
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:]
+        _check_outputs(str(tmp_path / "m"), str(tmp_path / "p"), len(unlabelled))
+    finally:
+        head.stop()
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])

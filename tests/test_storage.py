@@ -1,0 +1,57 @@
+import pytest
+
+from insectlib import storage
+from insectlib.classify import listing_blocks
+from insectlib.errors import InsectError
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_listing_is_recursive_case_insensitive_and_skips_hidden(tmp_path):
+    for name in [
+        "a.jpg",
+        "B.JPEG",
+        "sub/c.Png",
+        "sub/deeper/d.webp",
+        "notes.txt",
+        ".hidden.jpg",
+        "sub/.DS_Store",
+    ]:
+        _touch(tmp_path / name)
+    (tmp_path / "dir.jpg").mkdir()  # a directory with an image name is not a file
+    paths = [
+        p
+        for block in listing_blocks(str(tmp_path), storage.S3Options())
+        for p in block.column("path").to_pylist()
+    ]
+    assert sorted(paths) == sorted(
+        str(tmp_path / n) for n in ["a.jpg", "B.JPEG", "sub/c.Png", "sub/deeper/d.webp"]
+    )
+
+
+def test_glob_and_single_file(tmp_path):
+    for name in ["x1.jpg", "x2.jpg", "y.jpg"]:
+        _touch(tmp_path / name)
+    assert sorted(storage.iter_files(str(tmp_path / "x*.jpg"))) == [
+        str(tmp_path / "x1.jpg"),
+        str(tmp_path / "x2.jpg"),
+    ]
+    assert list(storage.iter_files(str(tmp_path / "y.jpg"))) == [str(tmp_path / "y.jpg")]
+
+
+def test_missing_location_and_unknown_scheme(tmp_path):
+    with pytest.raises(InsectError, match="not found: .*nope"):
+        list(storage.iter_files(str(tmp_path / "nope")))
+    with pytest.raises(InsectError, match="unsupported location 'gs://b/x'"):
+        storage.filesystem("gs://b/x")
+
+
+def test_listing_blocks_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr("insectlib.classify.LISTING_BLOCK", 4)
+    for i in range(10):
+        _touch(tmp_path / f"{i}.jpg")
+    sizes = [b.num_rows for b in listing_blocks(str(tmp_path), storage.S3Options())]
+    assert sizes == [4, 4, 2]
