@@ -15,11 +15,11 @@ demo: $(STAMP)
 	$(VENV)/bin/insect demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check insectlib jobs tests bench
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check insectlib jobs tests bench
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf demo-output
