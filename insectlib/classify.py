@@ -107,8 +107,9 @@ def classify(cfg: ClassifyConfig) -> ClassifySummary:
     """Classify every image under `cfg.input` and write one Parquet row per file."""
     cfg.validate()
     meta = read_meta(cfg.model, cfg.s3)
+    storage.check_bucket(cfg.output, cfg.s3)
     out_fs, out_path = storage.filesystem(cfg.output, cfg.s3)
-    if out_fs.exists(out_path) and out_fs.ls(out_path) and not cfg.overwrite:
+    if storage.exists(cfg.output, cfg.s3) and out_fs.ls(out_path) and not cfg.overwrite:
         raise InsectError(f"output {cfg.output} is not empty; pass --overwrite to replace it")
     started = time.perf_counter()
     blocks = listing_blocks(cfg.input, cfg.s3)

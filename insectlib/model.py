@@ -170,10 +170,8 @@ def build_model(
 
 def load_state_dict_file(uri: str, s3: storage.S3Options | None = None) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch pickle (tensors only, `weights_only`)."""
-    try:
+    with storage.user_errors(uri):
         data = storage.read_bytes(uri, s3)
-    except (OSError, InsectError) as e:
-        raise InsectError(f"cannot read weights file {uri}: {e}") from None
     if uri.endswith(".safetensors"):
         try:
             return safetensors.torch.load(data)
@@ -206,13 +204,12 @@ def save_model(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> ModelMet
 def read_meta(uri: str, s3: storage.S3Options | None = None) -> ModelMeta:
     """Read and validate a model directory's meta.json."""
     meta_uri = storage.join(uri, META_FILE)
-    try:
-        text = storage.read_bytes(meta_uri, s3).decode()
-    except FileNotFoundError:
-        raise InsectError(f"not a model directory: {meta_uri} does not exist") from None
-    except (OSError, InsectError, UnicodeDecodeError) as e:
-        raise InsectError(f"cannot read model directory {uri}: {e}") from None
-    return ModelMeta.from_json(text, meta_uri)
+    with storage.user_errors(meta_uri):
+        try:
+            data = storage.read_bytes(meta_uri, s3)
+        except FileNotFoundError:
+            raise InsectError(f"not a model directory: {meta_uri} does not exist") from None
+    return ModelMeta.from_json(data.decode(errors="replace"), meta_uri)
 
 
 def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module, ModelMeta]:

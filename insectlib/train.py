@@ -9,6 +9,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -275,6 +276,9 @@ def _epoch_line(m: dict, epochs: int) -> str:
 def prepare(cfg: TrainConfig) -> LabelledSet:
     """Check everything that can be checked before Ray starts; returns the labelled set."""
     cfg.validate()
+    for location in (cfg.output, cfg.storage):
+        if location:
+            storage.check_bucket(location, cfg.s3)
     if storage.exists(storage.join(cfg.output, META_FILE), cfg.s3) and not cfg.overwrite:
         raise InsectError(f"{cfg.output} already holds a model; pass --overwrite to replace it")
     return discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
@@ -290,6 +294,9 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         flush=True,
     )
     init_ray(cfg.address)
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    for warning in local_path_warnings(cfg, nodes):
+        print(warning, file=sys.stderr, flush=True)
     run_config = RunConfig(
         name=cfg.name or f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}",
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
@@ -328,6 +335,24 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         flush=True,
     )
     return meta
+
+
+def local_path_warnings(cfg: TrainConfig, nodes: int) -> list[str]:
+    """Warnings for local paths that other nodes of a multi-node cluster cannot see."""
+    if nodes < 2:
+        return []
+    warnings = []
+    if not (cfg.storage and storage.is_s3(cfg.storage)):
+        warnings.append(
+            f"warning: run storage {cfg.storage or '~/ray_results'} is a local path but the "
+            f"cluster has {nodes} nodes; checkpoints need shared storage: use --storage s3://..."
+        )
+    if not storage.is_s3(cfg.output):
+        warnings.append(
+            f"warning: --output {cfg.output} is a local path on a {nodes}-node cluster; the "
+            "model is written on the node of worker 0"
+        )
+    return warnings
 
 
 def _insect_error_in(error: BaseException) -> InsectError | None:

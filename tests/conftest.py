@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import ray
 
 from insectlib import sample
 from insectlib.train import TrainConfig, fit
+from tests.s3server import MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's insect and ray executables
@@ -24,19 +26,61 @@ TEST_IMAGE_SIZE = 64
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=REPO):
     """Run a command of the venv (insect, ray, python) and capture its output."""
     exe = args[0] if args[0].startswith("/") else str(BIN / args[0])
-    return subprocess.run(
-        [exe, *args[1:]],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-    )
+    try:
+        return subprocess.run(
+            [exe, *args[1:]],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
+    except subprocess.TimeoutExpired as e:
+        output = (e.stdout or b"")[-4000:], (e.stderr or b"")[-4000:]
+        pytest.fail(f"{' '.join(args)} ran over {timeout} s; output: {output}")
+
+
+def expect_cli_error(capsys, argv: list[str]) -> str:
+    """Run `insect ARGV` in-process; it must fail within a minute with one error line, which
+    is returned. (Other stderr lines may come from the test session's own Ray.)"""
+    from insectlib.cli import main
+
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("insect: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray cluster for in-process library calls, started once."""
+def s3_server(tmp_path_factory):
+    """moto's S3 server on a free loopback port; its credentials go into os.environ, where
+    Ray workers and subprocesses find them as they would real AWS credentials."""
+    server = MotoServer(str(tmp_path_factory.mktemp("moto") / "moto.log"))
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+
+
+def upload_tree(client, local_root: str, bucket: str, prefix: str) -> list[str]:
+    """Copy a local folder into s3://bucket/prefix/; returns the keys."""
+    keys = []
+    for dirpath, _, files in os.walk(local_root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            key = f"{prefix}/{os.path.relpath(path, local_root)}"
+            client.upload_file(path, bucket, key)
+            keys.append(key)
+    return keys
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A local Ray cluster for in-process library calls, started once (after the S3
+    credentials are in the environment, so that its workers inherit them)."""
     ray.init(
         address="local",
         num_cpus=2,

@@ -3,31 +3,25 @@
 import pytest
 
 from insectlib import sample
-from insectlib.cli import main
 from insectlib.model import META_FILE
-from tests.conftest import run_cli
-
-
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("insect: error: ") and "Traceback" not in err
-    return err
+from tests.conftest import expect_cli_error, run_cli
 
 
 def test_train_input_errors(tmp_path, capsys):
     missing = str(tmp_path / "nowhere")
-    assert missing in _error(capsys, ["train", missing])
+    assert missing in expect_cli_error(capsys, ["train", missing])
     (tmp_path / "empty").mkdir()
-    assert "no labelled images in" in _error(capsys, ["train", str(tmp_path / "empty")])
+    assert "no labelled images in" in expect_cli_error(capsys, ["train", str(tmp_path / "empty")])
     one = tmp_path / "one"
     sample.make_labelled(str(one), per_class=2, size=(32, 24))
     for cls in ("cockroach", "dragonflies"):
         for f in (one / cls).iterdir():
             f.unlink()
-    assert "at least 2 classes, found 1 (beetles)" in _error(capsys, ["train", str(one)])
-    assert "unknown --arch 'vgg99'" in _error(capsys, ["train", str(one), "--arch", "vgg99"])
-    assert "--weights file not found" in _error(
+    assert "at least 2 classes, found 1 (beetles)" in expect_cli_error(capsys, ["train", str(one)])
+    assert "unknown --arch 'vgg99'" in expect_cli_error(
+        capsys, ["train", str(one), "--arch", "vgg99"]
+    )
+    assert "--weights file not found" in expect_cli_error(
         capsys, ["train", str(one), "--weights", str(tmp_path / "w.pth")]
     )
 
@@ -36,7 +30,7 @@ def test_classify_input_errors(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (tmp_path / "in").mkdir()
-    err = _error(
+    err = expect_cli_error(
         capsys,
         [
             "classify",
@@ -50,7 +44,7 @@ def test_classify_input_errors(tmp_path, capsys):
     assert "not a model directory" in err and str(model / META_FILE) in err
     (model / META_FILE).write_text("{not json")
     # (the model is checked first; an empty input is checked next)
-    err = _error(
+    err = expect_cli_error(
         capsys,
         [
             "classify",
@@ -82,7 +76,7 @@ def test_classify_empty_input(trained, tmp_path, capsys):
     cfg, _ = trained
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("no images here")
-    err = _error(
+    err = expect_cli_error(
         capsys,
         [
             "classify",

@@ -50,15 +50,19 @@ class Head:
         self.env = _env(**env)
         self.log = open(tmp_path / f"head-{self.port}.log", "w")
         token = ["--token"] if env.get("RAY_AUTH_MODE") == "token" else []
+        # Every port of its own: the test session's local Ray already holds the defaults
+        # (a head whose job agent cannot bind 52365 answers "No available agent").
+        ports = []
+        for flag in (
+            "--ray-client-server-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+        ):
+            ports += [flag, str(_free_port())]
         self.proc = subprocess.Popen(
-            [
-                "bash",
-                str(REPO / "cluster" / "start-head.sh"),
-                *token,
-                "--block",
-                "--ray-client-server-port",
-                str(_free_port()),
-            ],
+            ["bash", str(REPO / "cluster" / "start-head.sh"), *token, "--block", *ports],
             env={
                 **self.env,
                 "RAY_PORT": str(self.port),
@@ -82,21 +86,28 @@ class Head:
         raise AssertionError("head did not start")
 
     def submit(self, script: str, *args: str, **env):
-        return run_cli(
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            self.url,
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            f"jobs/{script}",
-            *args,
-            env={**self.env, **env},
-            timeout=600,
-        )
+        """`ray job submit`, blocking until the job ends. The head's job agent starts some
+        seconds after its dashboard; Ray answers "try again later" until then."""
+        for _ in range(24):
+            result = run_cli(
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                self.url,
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                f"jobs/{script}",
+                *args,
+                env={**self.env, **env},
+                timeout=400,
+            )
+            if "No available agent to submit job" not in result.stderr:
+                return result
+            time.sleep(5)
+        return result
 
     def stop(self):
         try:

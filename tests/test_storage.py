@@ -55,3 +55,14 @@ def test_listing_blocks_are_bounded(tmp_path, monkeypatch):
         _touch(tmp_path / f"{i}.jpg")
     sizes = [b.num_rows for b in listing_blocks(str(tmp_path), storage.S3Options())]
     assert sizes == [4, 4, 2]
+
+
+def test_local_paths_warn_on_multi_node_clusters():
+    from insectlib.train import TrainConfig, local_path_warnings
+
+    local = TrainConfig(data="d", output="/models/m", storage="/runs")
+    assert local_path_warnings(local, nodes=1) == []
+    warnings = local_path_warnings(local, nodes=3)
+    assert len(warnings) == 2 and "/runs is a local path" in warnings[0]
+    shared = TrainConfig(data="d", output="s3://b/m", storage="s3://b/runs")
+    assert local_path_warnings(shared, nodes=3) == []

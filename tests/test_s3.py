@@ -1,0 +1,191 @@
+"""S3 end to end against moto's real S3 server on loopback (no mocks in this process)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import duckdb
+import pandas as pd
+import pyarrow.dataset
+import pytest
+import s3fs
+import safetensors.torch
+import torch
+import torchvision
+
+from insectlib import storage
+from insectlib.classify import ClassifyConfig, classify
+from insectlib.model import build_model, read_meta
+from insectlib.train import TrainConfig, fit
+from tests.conftest import expect_cli_error, run_cli, upload_tree
+from tests.s3server import free_port
+
+BUCKET = "insect-e2e"
+# Names that break naive URL or shell handling; each must round-trip exactly.
+ODD_NAMES = [
+    "with space/photo one.jpg",
+    "unicode/ünïcödé 昆虫.jpeg",
+    "plus+and%25percent.JPG",
+    "nested/deeper/still/UPPER.PNG",
+    'quotes/it\'s "$(echo hi)".jpg',
+]
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server, labelled_root, unlabelled):
+    """A bucket with the labelled tree and the unlabelled images (plus odd names)."""
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    upload_tree(client, labelled_root, BUCKET, "labelled")
+    sources = sorted(unlabelled)
+    keys = upload_tree(client, os.path.dirname(sources[0]), BUCKET, "images")
+    for name, source in zip(ODD_NAMES, sources, strict=False):
+        client.upload_file(source, BUCKET, f"images/{name}")
+        keys.append(f"images/{name}")
+    client.put_object(Bucket=BUCKET, Key="images/readme.txt", Body=b"not an image")
+    client.put_object(Bucket=BUCKET, Key="text-only/readme.txt", Body=b"not an image")
+    return {"images": sorted(f"s3://{BUCKET}/{k}" for k in keys)}
+
+
+@pytest.fixture(scope="module")
+def s3_model(ray_local, s3_data):
+    """Trained from S3 data, with Ray Train checkpoints and the model directory in S3."""
+    cfg = TrainConfig(
+        data=f"s3://{BUCKET}/labelled",
+        output=f"s3://{BUCKET}/models/m1",
+        storage=f"s3://{BUCKET}/runs",
+        name="s3run",
+        arch="resnet18",
+        weights="random",
+        epochs=2,
+        image_size=32,
+        keep_checkpoints=0,
+    )
+    return cfg, fit(cfg)
+
+
+def test_train_reads_and_writes_s3(s3_model, s3_server):
+    cfg, meta = s3_model
+    assert meta.data["counts"]["train"] == {c: 24 for c in meta.classes}
+    assert read_meta(cfg.output).model_id == meta.model_id
+    keys = [
+        o["Key"] for o in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix="")["Contents"]
+    ]
+    assert "models/m1/model.safetensors" in keys and "models/m1/meta.json" in keys
+    assert sum(k.startswith("runs/s3run/") and k.endswith("/state.pt") for k in keys) == 2
+
+
+def test_classify_s3_to_s3_readable_by_pyarrow_pandas_duckdb(s3_model, s3_data, s3_server):
+    cfg, meta = s3_model
+    out = f"s3://{BUCKET}/predictions"
+    summary = classify(ClassifyConfig(input=f"s3://{BUCKET}/images/", model=cfg.output, output=out))
+    n = len(s3_data["images"])
+    assert summary.inputs == summary.rows == n and summary.errors == 0
+
+    fs, path = storage.pyarrow_filesystem(out)
+    table = pyarrow.dataset.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert sorted(table.column("path").to_pylist()) == s3_data["images"]
+    assert set(table.column("model").to_pylist()) == {meta.model_id}
+
+    frame = pd.read_parquet(out, storage_options={"endpoint_url": s3_server.endpoint})
+    assert len(frame) == n and frame["label"].notna().all()
+
+    con = duckdb.connect()
+    con.register_filesystem(s3fs.S3FileSystem(endpoint_url=s3_server.endpoint))
+    rows, distinct = con.sql(
+        f"SELECT count(*), count(DISTINCT path) FROM read_parquet('{out}/*.parquet')"
+    ).fetchall()[0]
+    assert rows == distinct == n
+
+
+def test_mixed_local_and_s3(s3_model, s3_data, unlabelled, tmp_path):
+    cfg, _ = s3_model
+    images = os.path.dirname(next(iter(unlabelled)))
+    out = f"s3://{BUCKET}/predictions-from-local"
+    s = classify(ClassifyConfig(input=images, model=cfg.output, output=out))
+    assert s.rows == len(unlabelled)
+
+    fs, path = storage.filesystem(cfg.output)
+    fs.get(path, str(tmp_path / "model"), recursive=True)  # S3 model copied to local disk
+    s = classify(
+        ClassifyConfig(
+            input=f"s3://{BUCKET}/images",
+            model=str(tmp_path / "model"),
+            output=str(tmp_path / "out"),
+        )
+    )
+    assert s.rows == len(s3_data["images"])
+    paths = pyarrow.dataset.dataset(str(tmp_path / "out")).to_table().column("path")
+    assert sorted(paths.to_pylist()) == s3_data["images"]
+
+
+def test_weights_from_s3(s3_server):
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-weights")
+    base = torchvision.models.resnet18(weights=None)
+    fs, _ = storage.filesystem("s3://insect-weights")
+    with fs.open("insect-weights/r18.pth", "wb") as f:
+        torch.save(base.state_dict(), f)
+    with fs.open("insect-weights/r18.safetensors", "wb") as f:
+        f.write(safetensors.torch.save(base.state_dict()))
+    for name in ("r18.pth", "r18.safetensors"):
+        m = build_model("resnet18", 3, f"s3://insect-weights/{name}")
+        assert torch.equal(m.conv1.weight, base.conv1.weight) and m.fc.out_features == 3
+
+
+def test_listing_10000_objects_uses_paginated_requests(s3_server, tmp_path):
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-many")
+    keys = [f"many/{i // 1000}/{i:05d}.jpg" for i in range(10_000)]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket="insect-many", Key=k, Body=b"x"), keys))
+    log = s3_server._log.name
+    before = os.path.getsize(log)
+    listed = list(storage.iter_files("s3://insect-many/many"))
+    assert sorted(listed) == [f"s3://insect-many/{k}" for k in keys]
+    with open(log, errors="replace") as f:
+        f.seek(before)
+        requests = [line for line in f if "insect-many" in line]
+    list_calls = [r for r in requests if "list-type=2" in r]
+    assert 10 <= len(list_calls) <= 11 and len(requests) <= 12, requests[:20]
+
+
+def test_s3_errors_name_the_uri(s3_data, trained, capsys):
+    model = trained[0].output
+    err = expect_cli_error(capsys, ["train", "s3://insect-no-such-bucket/labelled"])
+    assert "bucket 'insect-no-such-bucket' does not exist" in err
+    assert "no objects under s3://insect-e2e/empty" in expect_cli_error(
+        capsys, ["train", f"s3://{BUCKET}/empty"]
+    )
+    assert f"no image files found in s3://{BUCKET}/text-only" in expect_cli_error(
+        capsys, ["classify", f"s3://{BUCKET}/text-only", "--model", model, "--output", "/tmp/x"]
+    )
+    err = expect_cli_error(
+        capsys,
+        [
+            "classify",
+            f"s3://{BUCKET}/images",
+            "--model",
+            f"s3://{BUCKET}/models/none",
+            "--output",
+            "/tmp/x",
+        ],
+    )
+    assert f"not a model directory: s3://{BUCKET}/models/none/meta.json" in err
+    dead = f"http://127.0.0.1:{free_port()}"
+    err = expect_cli_error(capsys, ["train", f"s3://{BUCKET}/labelled", "--s3-endpoint", dead])
+    assert f"cannot read s3://{BUCKET}/labelled" in err and "Could not connect" in err
+
+
+def test_wrong_credentials_are_denied(s3_data, s3_server):
+    result = run_cli(
+        "insect",
+        "train",
+        f"s3://{BUCKET}/labelled",
+        env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"access denied to s3://{BUCKET}/labelled" in result.stderr
+    assert "Traceback" not in result.stderr
