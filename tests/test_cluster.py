@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import time
 
-import pyarrow.parquet as pq
+import pyarrow.dataset
 import pytest
 
+from insectlib import storage
 from insectlib.model import read_meta
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import BIN, REPO, run_cli, upload_tree
 
 SMALL = [
     "--arch",
@@ -125,7 +127,8 @@ class Head:
 def _check_outputs(model: str, predictions: str, inputs: int):
     meta = read_meta(model)
     assert meta.arch == "resnet18" and len(meta.epochs) == 1
-    assert pq.read_table(predictions).num_rows == inputs
+    fs, path = storage.pyarrow_filesystem(predictions)
+    assert pyarrow.dataset.dataset(path, filesystem=fs).count_rows() == inputs
 
 
 def test_no_cluster_cli_starts_local_ray(labelled_root, unlabelled, tmp_path):
@@ -186,7 +189,15 @@ def test_local_head_address_auto_and_job_submission(labelled_root, unlabelled, t
         head.stop()
 
 
-def test_token_protected_head_job_submission(labelled_root, unlabelled, tmp_path):
+def test_token_protected_head_s3_jobs_leak_no_secret(
+    s3_server, labelled_root, unlabelled, tmp_path
+):
+    """Both jobs through S3 on a token-protected head; the S3 secret reaches the jobs only
+    through the environment and appears in no output."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-jobs")
+    upload_tree(client, labelled_root, "insect-jobs", "labelled")
+    upload_tree(client, os.path.dirname(next(iter(unlabelled))), "insect-jobs", "images")
     token = secrets.token_hex(16)
     head = Head(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     try:
@@ -195,21 +206,53 @@ def test_token_protected_head_job_submission(labelled_root, unlabelled, tmp_path
         assert "AuthenticationError" in denied.stderr and "token is invalid" in denied.stderr
         train = head.submit(
             "train.py",
-            labelled_root,
+            "s3://insect-jobs/labelled",
             "--output",
-            str(tmp_path / "m"),
+            "s3://insect-jobs/model",
             "--storage",
-            str(tmp_path / "runs"),
+            "s3://insect-jobs/runs",
             *SMALL,
         )
         assert train.returncode == 0 and "succeeded" in train.stdout, train.stdout[-3000:]
         assert "epoch 1/1" in train.stdout
-        images = os.path.dirname(next(iter(unlabelled)))
         job = head.submit(
-            "classify.py", images, "--model", str(tmp_path / "m"), "--output", str(tmp_path / "p")
+            "classify.py",
+            "s3://insect-jobs/images",
+            "--model",
+            "s3://insect-jobs/model",
+            "--output",
+            "s3://insect-jobs/predictions",
         )
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:]
-        _check_outputs(str(tmp_path / "m"), str(tmp_path / "p"), len(unlabelled))
+        _check_outputs("s3://insect-jobs/model", "s3://insect-jobs/predictions", len(unlabelled))
+        listing = run_cli("ray", "job", "list", "--address", head.url, env=head.env)
+        assert "jobs/classify.py" in listing.stdout  # the entrypoints as the dashboard shows them
+
+        outputs = [
+            denied.stdout,
+            denied.stderr,
+            train.stdout,
+            train.stderr,
+            job.stdout,
+            job.stderr,
+            listing.stdout,
+            listing.stderr,
+        ]
+        for obj in client.list_objects_v2(Bucket="insect-jobs")["Contents"]:
+            outputs.append(
+                client.get_object(Bucket="insect-jobs", Key=obj["Key"])["Body"]
+                .read()
+                .decode("latin-1")
+            )
+        with open(head.log.name) as f:
+            session = re.search(r"(/tmp/ray/session_[^/]+)/logs", f.read())
+        assert session, "head log names its session"
+        for dirpath, _, files in os.walk(session.group(1) + "/logs"):
+            for name in files:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    outputs.append(f.read().decode("latin-1"))
+        assert len(outputs) > 20
+        assert not [o[:200] for o in outputs if s3_server.secret in o]
     finally:
         head.stop()
 
