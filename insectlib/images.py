@@ -10,6 +10,7 @@ import io
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
@@ -43,16 +44,28 @@ def decode(data: bytes) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.seek(0)  # first frame of animations
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return to_rgb(image)
     except Image.DecompressionBombError as e:
         raise ImageError(f"too many pixels: {e}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image") from None
     except OSError as e:
         text = str(e)
-        if "truncated" in text:
+        if "truncated" in text.lower():
             raise ImageError(f"truncated image: {text}") from None
         raise ImageError(f"unreadable image: {text}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit grey scaled down (not clipped), transparency over white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = np.asarray(image, dtype=np.uint32) >> 8  # 16-bit range to 8-bit
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
 
 
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:

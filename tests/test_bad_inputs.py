@@ -1,0 +1,114 @@
+"""Files from the wild: odd images are converted and classified, broken ones become rows
+with an error; none fails the job or takes its batch down."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from insectlib.classify import ClassifyConfig, classify
+from insectlib.images import ImageError, decode
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(mode="RGB", size=(64, 48)) -> Image.Image:
+    return Image.new(mode, size, 90 if mode in ("L", "P", "CMYK") else (40, 120, 60))
+
+
+def odd_but_valid() -> dict[str, bytes]:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    frames = [_photo(), Image.new("RGB", (64, 48), (255, 0, 0))]
+    return {
+        "alpha.png": _encode(Image.new("RGBA", (64, 48), (40, 120, 60, 0)), "PNG"),
+        "palette.png": _encode(_photo("P"), "PNG"),
+        "grey16.png": _encode(Image.fromarray(np.full((48, 64), 40000, np.uint16)), "PNG"),
+        "cmyk.jpg": _encode(_photo("CMYK"), "JPEG"),
+        "rotated.jpg": _encode(_photo(), "JPEG", exif=exif),
+        "animated.gif": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "photo.webp": _encode(_photo(), "WEBP"),
+        "large.jpg": _encode(_photo(size=(6000, 4000)), "JPEG"),
+    }
+
+
+def broken() -> dict[str, tuple[bytes, str]]:
+    """name: (bytes, the error text it must get)"""
+    good = _encode(_photo(), "JPEG")
+    return {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (good[: len(good) // 3], "truncated image"),
+        "text.jpg": (b"this is not a picture", "not an image"),
+        "bomb.png": (_encode(Image.new("1", (20000, 20000)), "PNG"), "too many pixels"),
+    }
+
+
+def test_decode_converts_odd_images_to_rgb():
+    images = {name: decode(data) for name, data in odd_but_valid().items()}
+    assert all(im.mode == "RGB" for im in images.values())
+    assert images["rotated.jpg"].size == (48, 64)  # EXIF rotation applied
+    assert images["grey16.png"].getpixel((0, 0)) == (156, 156, 156)  # scaled, not clipped
+    assert images["alpha.png"].getpixel((0, 0)) == (255, 255, 255)  # transparent: white
+    assert images["animated.gif"].getpixel((0, 0)) != (255, 0, 0)  # first frame
+
+
+@pytest.mark.parametrize(("name", "case"), broken().items())
+def test_decode_errors_say_what_is_wrong(name, case):
+    data, text = case
+    with pytest.raises(ImageError, match=text):
+        decode(data)
+
+
+def test_classify_accounts_for_every_file(trained, tmp_path):
+    cfg, meta = trained
+    folder = tmp_path / "wild"
+    folder.mkdir()
+    for name, data in odd_but_valid().items():
+        (folder / name).write_bytes(data)
+    for name, (data, _) in broken().items():
+        (folder / name).write_bytes(data)
+    out = tmp_path / "out"
+    # batch size 4: broken files share batches with good ones
+    s = classify(ClassifyConfig(input=str(folder), model=cfg.output, output=str(out), batch_size=4))
+    n = len(odd_but_valid()) + len(broken())
+    assert s.inputs == s.rows == n and s.errors == len(broken())
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in pq.read_table(out).to_pylist()}
+    assert len(rows) == n
+    for name in odd_but_valid():
+        assert rows[name]["error"] is None and rows[name]["label"] in meta.classes, name
+    for name, (_, text) in broken().items():
+        row = rows[name]
+        assert text in row["error"] and row["label"] is None and row["probabilities"] is None
+
+
+def test_training_skips_and_counts_unreadable_images(ray_local, tmp_path):
+    from insectlib import sample
+    from insectlib.train import TrainConfig, fit
+
+    root = sample.make_labelled(str(tmp_path / "data"), per_class=6, size=(48, 36))
+    (tmp_path / "data" / "beetles" / "text.jpg").write_bytes(b"not a picture")
+    (tmp_path / "data" / "cockroach" / "empty.jpg").write_bytes(b"")
+    meta = fit(
+        TrainConfig(
+            data=root,
+            output=str(tmp_path / "m"),
+            arch="resnet18",
+            weights="random",
+            epochs=2,
+            image_size=32,
+            batch_size=4,
+            storage=str(tmp_path / "runs"),
+        )
+    )
+    for epoch in meta.epochs:
+        assert epoch["skipped_images"] == 2
+        # DistributedSampler pads the training split to a multiple of the 2 workers
+        assert 18 <= epoch["train_images"] + epoch["val_images"] <= 19
