@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +20,11 @@ from ray.data import ActorPoolStrategy
 from insectlib import storage
 from insectlib.errors import InsectError
 from insectlib.images import ImageError, decode, eval_transform, is_image_name
-from insectlib.model import read_meta
+from insectlib.model import read_meta, versions
 from insectlib.predict import PRECISIONS, Predictor
 from insectlib.runtime import init_ray
+
+SUCCESS_FILE = "_SUCCESS"  # JSON manifest; pyarrow, pandas and DuckDB globs skip it
 
 # Paths per listing block: small enough that decode work spreads over many tasks.
 LISTING_BLOCK = 256
@@ -40,6 +44,7 @@ class ClassifyConfig:
     cpus_per_actor: float = 1.0
     precision: str = "auto"
     overwrite: bool = False
+    max_error_fraction: float | None = None  # fail (after writing every row) above this
     address: str | None = None
     s3: storage.S3Options = field(default_factory=storage.S3Options)
 
@@ -112,6 +117,7 @@ def classify(cfg: ClassifyConfig) -> ClassifySummary:
     if storage.exists(cfg.output, cfg.s3) and out_fs.ls(out_path) and not cfg.overwrite:
         raise InsectError(f"output {cfg.output} is not empty; pass --overwrite to replace it")
     started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat()
     blocks = listing_blocks(cfg.input, cfg.s3)
     first = next(blocks, None)
     if first is None:
@@ -156,7 +162,29 @@ def classify(cfg: ClassifyConfig) -> ClassifySummary:
     written = pyarrow.dataset.dataset(pa_path, filesystem=pa_fs, format="parquet")
     rows = written.count_rows()
     errors = written.count_rows(filter=pyarrow.dataset.field("error").is_valid())
-    return ClassifySummary(inputs, rows, errors, seconds, cfg.output)
+    summary = ClassifySummary(inputs, rows, errors, seconds, cfg.output)
+    if rows == inputs:
+        # Written last, and only when every input has its row: readers can trust the output.
+        manifest = {
+            "inputs": inputs,
+            "rows": rows,
+            "errors": errors,
+            "model": meta.model_id,
+            "input": cfg.input,
+            "started": started_at,
+            "finished": datetime.now(timezone.utc).isoformat(),
+            "versions": versions(),
+        }
+        storage.write_bytes(
+            storage.join(cfg.output, SUCCESS_FILE), json.dumps(manifest, indent=2).encode(), cfg.s3
+        )
+    if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * inputs:
+        print_summary(summary)
+        raise InsectError(
+            f"{errors} of {inputs} images ({errors / inputs:.1%}) could not be classified, more "
+            f"than --max-error-fraction {cfg.max_error_fraction}; every row is in {cfg.output}"
+        )
+    return summary
 
 
 def _max_actors(cfg: ClassifyConfig) -> int:

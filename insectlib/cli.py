@@ -92,8 +92,12 @@ def parser() -> argparse.ArgumentParser:
         "--storage", help="Ray Train run storage, local or s3:// (default ~/ray_results)"
     )
     t.add_argument("--name", help="run name under --storage")
-    t.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="checkpoints kept in the run storage (0: all)")
+    t.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        help="checkpoints kept in the run storage (0: all)",
+    )
     _add_common(t)
 
     c = sub.add_parser(
@@ -108,9 +112,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--output", required=True, help="directory or s3:// prefix for Parquet files")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--min-actors", type=int, default=1, help="model actors, at least")
-    c.add_argument("--max-actors", type=int,
-                   help="model actors, at most (default: one per GPU with --gpu, else one per "
-                   "--cpus-per-actor CPUs of the cluster)")
+    c.add_argument(
+        "--max-actors",
+        type=int,
+        help="model actors, at most (default: one per GPU with --gpu, else one per "
+        "--cpus-per-actor CPUs of the cluster)",
+    )
+    c.add_argument(
+        "--max-error-fraction",
+        type=float,
+        help="exit non-zero (after writing every row) when more than this fraction "
+        "of the inputs cannot be classified",
+    )
     c.add_argument(
         "--cpus-per-actor",
         type=float,

@@ -4,6 +4,7 @@ with an error; none fails the job or takes its batch down."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ from PIL import Image
 
 from insectlib.classify import ClassifyConfig, classify
 from insectlib.images import ImageError, decode
+from tests.conftest import expect_cli_error
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -67,7 +69,7 @@ def test_decode_errors_say_what_is_wrong(name, case):
         decode(data)
 
 
-def test_classify_accounts_for_every_file(trained, tmp_path):
+def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     cfg, meta = trained
     folder = tmp_path / "wild"
     folder.mkdir()
@@ -87,6 +89,26 @@ def test_classify_accounts_for_every_file(trained, tmp_path):
     for name, (_, text) in broken().items():
         row = rows[name]
         assert text in row["error"] and row["label"] is None and row["probabilities"] is None
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert (manifest["inputs"], manifest["rows"], manifest["errors"]) == (n, n, len(broken()))
+    assert manifest["model"] == meta.model_id and manifest["started"] < manifest["finished"]
+
+    # 4 of 12 failed: over a 0.25 limit the job fails, but only after writing every row
+    err = expect_cli_error(
+        capsys,
+        [
+            "classify",
+            str(folder),
+            "--model",
+            cfg.output,
+            "--output",
+            str(tmp_path / "out2"),
+            "--max-error-fraction",
+            "0.25",
+        ],
+    )
+    assert "4 of 12 images (33.3%) could not be classified" in err
+    assert pq.read_table(tmp_path / "out2").num_rows == n
 
 
 def test_training_skips_and_counts_unreadable_images(ray_local, tmp_path):
