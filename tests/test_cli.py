@@ -30,31 +30,19 @@ def test_classify_input_errors(tmp_path, capsys):
     model = tmp_path / "model"
     model.mkdir()
     (tmp_path / "in").mkdir()
-    err = expect_cli_error(
-        capsys,
-        [
-            "classify",
-            str(tmp_path / "in"),
-            "--model",
-            str(model),
-            "--output",
-            str(tmp_path / "out"),
-        ],
-    )
+    argv = [
+        "classify",
+        str(tmp_path / "in"),
+        "--model",
+        str(model),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    # The model is checked before the (empty) input.
+    err = expect_cli_error(capsys, argv)
     assert "not a model directory" in err and str(model / META_FILE) in err
     (model / META_FILE).write_text("{not json")
-    # (the model is checked first; an empty input is checked next)
-    err = expect_cli_error(
-        capsys,
-        [
-            "classify",
-            str(tmp_path / "in"),
-            "--model",
-            str(model),
-            "--output",
-            str(tmp_path / "out"),
-        ],
-    )
+    err = expect_cli_error(capsys, argv)
     assert "is not a valid insect meta.json" in err
 
 
