@@ -12,7 +12,9 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
@@ -44,6 +46,7 @@ class ClassifyConfig:
     cpus_per_actor: float = 1.0
     precision: str = "auto"
     overwrite: bool = False
+    resume: bool = False  # classify only the inputs that have no row in the output yet
     max_error_fraction: float | None = None  # fail (after writing every row) above this
     address: str | None = None
     s3: storage.S3Options = field(default_factory=storage.S3Options)
@@ -55,6 +58,8 @@ class ClassifyConfig:
             raise InsectError("need 1 <= --min-actors <= --max-actors")
         if self.batch_size < 1:
             raise InsectError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.overwrite and self.resume:
+            raise InsectError("--overwrite and --resume exclude each other")
 
 
 @dataclass
@@ -112,10 +117,7 @@ def classify(cfg: ClassifyConfig) -> ClassifySummary:
     """Classify every image under `cfg.input` and write one Parquet row per file."""
     cfg.validate()
     meta = read_meta(cfg.model, cfg.s3)
-    storage.check_bucket(cfg.output, cfg.s3)
-    out_fs, out_path = storage.filesystem(cfg.output, cfg.s3)
-    if storage.exists(cfg.output, cfg.s3) and out_fs.ls(out_path) and not cfg.overwrite:
-        raise InsectError(f"output {cfg.output} is not empty; pass --overwrite to replace it")
+    done = prepare_output(cfg, meta.model_id)
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
     blocks = listing_blocks(cfg.input, cfg.s3)
@@ -125,38 +127,23 @@ def classify(cfg: ClassifyConfig) -> ClassifySummary:
     init_ray(cfg.address)
 
     # The driver keeps only object references: listing blocks go straight to the object store.
-    refs, inputs = [], 0
+    refs, inputs, todo = [], 0, 0
     for block in itertools.chain([first], blocks):
-        refs.append(ray.put(block))
         inputs += block.num_rows
-    print(f"classifying {inputs} images from {cfg.input} with model {meta.model_id}", flush=True)
-    if cfg.overwrite and out_fs.exists(out_path):
-        out_fs.rm(out_path, recursive=True)
-
-    max_actors = cfg.max_actors or _max_actors(cfg)
-    ds = ray.data.from_arrow_refs(refs)
-    ds = ds.map_batches(
-        load_images,
-        fn_kwargs={"image_size": meta.image_size, "s3": cfg.s3},
-        batch_size=cfg.batch_size,
-        num_cpus=1,
-    )
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "model_uri": cfg.model,
-            "device": "cuda" if cfg.gpu else "cpu",
-            "precision": cfg.precision,
-            "s3": cfg.s3,
-            "threads": None if cfg.gpu else max(1, int(cfg.cpus_per_actor)),
-        },
-        batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(min_size=min(cfg.min_actors, max_actors), max_size=max_actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=1 if cfg.gpu else 0,
+        if done is not None:
+            block = block.filter(pc.invert(pc.is_in(block["path"], value_set=done)))
+        if block.num_rows:
+            refs.append(ray.put(block))
+            todo += block.num_rows
+    resumed = f" ({inputs - todo} already done)" if done is not None else ""
+    print(
+        f"classifying {todo} of {inputs} images{resumed} from {cfg.input} "
+        f"with model {meta.model_id}",
+        flush=True,
     )
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
-    ds.write_parquet(pa_path, filesystem=pa_fs)
+    if refs:
+        run_pipeline(refs, cfg, meta.image_size).write_parquet(pa_path, filesystem=pa_fs)
     seconds = time.perf_counter() - started
 
     written = pyarrow.dataset.dataset(pa_path, filesystem=pa_fs, format="parquet")
@@ -173,18 +160,87 @@ def classify(cfg: ClassifyConfig) -> ClassifySummary:
             "input": cfg.input,
             "started": started_at,
             "finished": datetime.now(timezone.utc).isoformat(),
+            "resumed": done is not None,
             "versions": versions(),
         }
         storage.write_bytes(
             storage.join(cfg.output, SUCCESS_FILE), json.dumps(manifest, indent=2).encode(), cfg.s3
         )
     if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * inputs:
-        print_summary(summary)
         raise InsectError(
             f"{errors} of {inputs} images ({errors / inputs:.1%}) could not be classified, more "
             f"than --max-error-fraction {cfg.max_error_fraction}; every row is in {cfg.output}"
         )
     return summary
+
+
+def run_pipeline(refs: list, cfg: ClassifyConfig, image_size: int) -> ray.data.Dataset:
+    """Listing blocks (object refs of one-column tables) -> rows of PREDICTION_SCHEMA."""
+    max_actors = cfg.max_actors or _max_actors(cfg)
+    ds = ray.data.from_arrow_refs(refs)
+    ds = ds.map_batches(
+        load_images,
+        fn_kwargs={"image_size": image_size, "s3": cfg.s3},
+        batch_size=cfg.batch_size,
+        num_cpus=1,
+    )
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model_uri": cfg.model,
+            "device": "cuda" if cfg.gpu else "cpu",
+            "precision": cfg.precision,
+            "s3": cfg.s3,
+            "threads": None if cfg.gpu else max(1, int(cfg.cpus_per_actor)),
+        },
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(min_size=min(cfg.min_actors, max_actors), max_size=max_actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if cfg.gpu else 0,
+    )
+
+
+def prepare_output(cfg: ClassifyConfig, model_id: str) -> pa.Array | None:
+    """Make the output location ready. Returns the paths that already have a row when
+    resuming (None otherwise); refuses a non-empty output without --overwrite or --resume."""
+    storage.check_bucket(cfg.output, cfg.s3)
+    fs, path = storage.filesystem(cfg.output, cfg.s3)
+    with storage.user_errors(cfg.output):
+        names = fs.ls(path, detail=False) if fs.exists(path) else []
+        if names and cfg.overwrite:
+            fs.rm(path, recursive=True)
+        if not names or cfg.overwrite:
+            return pa.array([], pa.string()) if cfg.resume else None
+        if not cfg.resume:
+            raise InsectError(
+                f"output {cfg.output} is not empty; pass --overwrite to replace it "
+                "or --resume to finish an interrupted run"
+            )
+        parts = []
+        for name in sorted(names):
+            if name.rstrip("/").endswith(SUCCESS_FILE):
+                fs.rm(name)  # rewritten when the resumed run is complete
+                continue
+            if not name.endswith(".parquet"):
+                continue
+            try:
+                with fs.open(name, "rb") as f:
+                    table = pq.read_table(f, columns=["path", "model"])
+            except (OSError, pa.ArrowInvalid):
+                # A file the interrupted run was still writing: its rows are redone.
+                print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
+                fs.rm(name)
+                continue
+            others = set(pc.unique(table["model"]).to_pylist()) - {model_id}
+            if others:
+                raise InsectError(
+                    f"{cfg.output} holds predictions of model {others.pop()}, not of "
+                    f"{model_id}; resume with the same --model or write elsewhere"
+                )
+            parts.append(table["path"])
+    if not parts:
+        return pa.array([], pa.string())
+    return pc.unique(pa.chunked_array(parts, pa.string()).combine_chunks())
 
 
 def _max_actors(cfg: ClassifyConfig) -> int:

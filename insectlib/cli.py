@@ -91,7 +91,18 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--storage", help="Ray Train run storage, local or s3:// (default ~/ray_results)"
     )
-    t.add_argument("--name", help="run name under --storage")
+    t.add_argument("--name", help="run name under --storage (default: insect-train-<time>)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped run --name in --storage from its latest checkpoint",
+    )
+    t.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="worker failures survived by restarting from the latest checkpoint (-1: no limit)",
+    )
     t.add_argument(
         "--keep-checkpoints",
         type=int,
@@ -129,6 +140,11 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="CPUs per model actor (also its torch threads on CPU)",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted run: classify only the inputs without a row in --output",
     )
     _add_common(c)
 

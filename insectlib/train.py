@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -13,8 +14,9 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -38,6 +40,9 @@ from insectlib.runtime import init_ray
 from insectlib.storage import S3Options
 
 OPTIMIZERS = ("sgd", "adam")
+DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
+# Ray Train's record of a run's checkpoints: where it exists, a run of that name continues.
+RUN_SNAPSHOT = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
 @dataclass
@@ -67,6 +72,8 @@ class TrainConfig:
     storage: str | None = None  # Ray Train run storage; None: ~/ray_results
     name: str | None = None  # run name under storage
     keep_checkpoints: int = 2  # 0 keeps all
+    max_failures: int = 2  # worker failures survived by restoring the latest checkpoint
+    resume: bool = False  # continue the run `name` found in `storage`
     overwrite: bool = False
     address: str | None = None
     s3: S3Options = field(default_factory=S3Options)
@@ -85,6 +92,8 @@ class TrainConfig:
             raise InsectError(f"unknown --optimizer {self.optimizer!r}: choose {OPTIMIZERS}")
         if self.precision not in PRECISIONS:
             raise InsectError(f"unknown --precision {self.precision!r}: choose {PRECISIONS}")
+        if self.resume and not self.name:
+            raise InsectError("--resume needs the --name of the run to continue")
         if self.weights not in ("imagenet", "random") and not storage.exists(self.weights, self.s3):
             raise InsectError(f"--weights file not found: {self.weights}")
 
@@ -108,11 +117,13 @@ class ImageFiles(Dataset):
         return self.transform(image), label
 
 
-def collate(samples):
-    """Stack the decodable samples; also return how many were skipped."""
+def collate(samples, image_size: int):
+    """Stack the decodable samples; also return how many were skipped. A batch whose files
+    all failed is an empty batch, not a missing one: every DDP worker must take every step."""
     good = [s for s in samples if s is not None]
     if not good:
-        return None, None, len(samples)
+        empty = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
+        return empty, torch.zeros(0, dtype=torch.long), len(samples)
     images = torch.stack([s[0] for s in good])
     labels = torch.tensor([s[1] for s in good])
     return images, labels, len(samples) - len(good)
@@ -146,8 +157,12 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        # A private copy per worker: workers sharing a node would otherwise share one download
+        # folder, which a late worker downloads into again while another is reading it.
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint.to_directory(d)
             state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        sys.stdout.write(f"worker {rank}: resuming after epoch {state['epoch']}\n")
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
@@ -162,7 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
     loader_args = dict(
         batch_size=cfg.batch_size,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, image_size=cfg.image_size),
         num_workers=cfg.loader_workers,
         pin_memory=device.type == "cuda",
     )
@@ -173,18 +188,18 @@ def train_loop_per_worker(config: dict) -> None:
     def run(loader, train: bool) -> torch.Tensor:
         """Sums of (loss, correct, seen, skipped) over this worker's shard."""
         sums = torch.zeros(4, dtype=torch.float64)
+        # Validation shards differ in length between workers: no DDP wrapper, no collectives.
+        forward = ddp_model if train else model
         for images, labels, skipped in loader:
             sums[3] += skipped
-            if images is None:
-                continue
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             x = normalize(images).contiguous(memory_format=torch.channels_last)
             with torch.set_grad_enabled(train), autocast(device, dtype):
-                logits = ddp_model(x)
+                logits = forward(x)
                 loss = loss_fn(logits.float(), labels)
             if train:
                 optimizer.zero_grad(set_to_none=True)
-                (loss / len(labels)).backward()
+                (loss / max(1, len(labels))).backward()  # an empty batch adds zero gradients
                 optimizer.step()
             sums[0] += loss.item()
             sums[1] += (logits.argmax(1) == labels).sum().item()
@@ -240,7 +255,8 @@ def train_loop_per_worker(config: dict) -> None:
             base_weights=cfg.weights,
             freeze=cfg.freeze,
             epochs=history,
-            data=config["data"],
+            # Each epoch reads every file, so the last epoch's count is the number of bad files.
+            data={**config["data"], "skipped_images": history[-1]["skipped_images"]},
         )
         save_model(cfg.output, model, meta, cfg.s3)
 
@@ -281,6 +297,16 @@ def prepare(cfg: TrainConfig) -> LabelledSet:
             storage.check_bucket(location, cfg.s3)
     if storage.exists(storage.join(cfg.output, META_FILE), cfg.s3) and not cfg.overwrite:
         raise InsectError(f"{cfg.output} already holds a model; pass --overwrite to replace it")
+    if cfg.name:
+        # Ray Train continues a run whose folder it finds in storage: make that explicit.
+        run = storage.join(cfg.storage or DEFAULT_STORAGE, cfg.name)
+        found = storage.exists(storage.join(run, RUN_SNAPSHOT), cfg.s3)
+        if cfg.resume and not found:
+            raise InsectError(f"no run to resume at {run}: check --storage and --name")
+        if found and not cfg.resume:
+            raise InsectError(
+                f"run {run} already exists; pass --resume to continue it or choose another --name"
+            )
     return discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
 
 
@@ -300,6 +326,7 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
     run_config = RunConfig(
         name=cfg.name or f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}",
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
     )
     if cfg.storage:
         run_config.storage_filesystem, run_config.storage_path = storage.pyarrow_filesystem(

@@ -118,6 +118,11 @@ def test_training_skips_and_counts_unreadable_images(ray_local, tmp_path):
     root = sample.make_labelled(str(tmp_path / "data"), per_class=6, size=(48, 36))
     (tmp_path / "data" / "beetles" / "text.jpg").write_bytes(b"not a picture")
     (tmp_path / "data" / "cockroach" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "data" / "cockroach" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    first = sorted((tmp_path / "data" / "dragonflies").glob("*.*"))[0]
+    inside = tmp_path / "data" / "dragonflies" / "dir.jpg"  # a folder: its images count
+    inside.mkdir()
+    (inside / "inside.jpg").write_bytes(first.read_bytes())
     meta = fit(
         TrainConfig(
             data=root,
@@ -131,6 +136,7 @@ def test_training_skips_and_counts_unreadable_images(ray_local, tmp_path):
         )
     )
     for epoch in meta.epochs:
-        assert epoch["skipped_images"] == 2
+        assert epoch["skipped_images"] == 3
         # DistributedSampler pads the training split to a multiple of the 2 workers
-        assert 18 <= epoch["train_images"] + epoch["val_images"] <= 19
+        assert 19 <= epoch["train_images"] + epoch["val_images"] <= 20
+    assert meta.data["skipped_images"] == 3

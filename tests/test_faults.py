@@ -1,0 +1,263 @@
+"""Faults lose nothing: a killed driver, model actor or training worker, and odd file names."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from insectlib import sample
+from insectlib.classify import ClassifyConfig, classify
+from insectlib.train import RUN_SNAPSHOT, TrainConfig, fit
+from tests.conftest import BIN, TEST_IMAGE_SIZE, expect_cli_error
+
+
+def wait_for(condition, timeout: float = 180, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def complete_parquet_files(out: Path) -> list[str]:
+    files = []
+    for f in glob.glob(str(out / "*.parquet")):
+        try:
+            pq.read_metadata(f)
+            files.append(f)
+        except Exception:  # a file still being written
+            pass
+    return files
+
+
+def kill_ray_worker(title: str) -> int:
+    """SIGKILL the first Ray worker process whose title holds `title`; returns its pid."""
+
+    def find():
+        for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+            try:
+                text = Path(cmdline).read_bytes().decode(errors="replace")
+            except OSError:  # gone meanwhile
+                continue
+            if text.startswith("ray::") and title in text:
+                return int(cmdline.split("/")[2])
+
+    pid = wait_for(find, what=f"a Ray worker {title}")
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def start_driver(log: Path, *args: str) -> subprocess.Popen:
+    """`insect ARGS` as a second driver on the session's Ray cluster, to be killed."""
+    address = ray.get_runtime_context().gcs_address
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [str(BIN / "insect"), *args, "--address", address], stdout=f, stderr=f
+        )
+
+
+def wait_while_running(driver: subprocess.Popen, log: Path, condition, what: str):
+    def check():
+        if driver.poll() is not None:
+            pytest.fail(f"the driver exited ({driver.returncode}) first: {log.read_text()[-3000:]}")
+        return condition()
+
+    return wait_for(check, what=what)
+
+
+def sigkill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(3)  # Ray reaps the dead driver's workers
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> set[str]:
+    root = tmp_path_factory.mktemp("many")
+    return set(sample.make_unlabelled(str(root), count=400, size=(64, 48)))
+
+
+def read_paths(out: Path) -> list[str]:
+    return pq.read_table(out, columns=["path"]).column("path").to_pylist()
+
+
+def test_classify_resume_after_driver_killed(trained, many_images, tmp_path, capsys):
+    cfg, meta = trained
+    folder = os.path.dirname(next(iter(many_images)))
+    out = tmp_path / "out"
+    log = tmp_path / "driver.log"
+    driver = start_driver(
+        log, "classify", folder, "--model", cfg.output, "--output", str(out), "--batch-size", "4"
+    )
+    # 400 paths are two listing blocks, hence two Parquet files: kill after the first.
+    wait_while_running(driver, log, lambda: complete_parquet_files(out), "the first Parquet file")
+    sigkill(driver)
+    assert not (out / "_SUCCESS").exists()
+    before = sum(pq.read_metadata(f).num_rows for f in complete_parquet_files(out))
+    assert 0 < before < len(many_images), "the kill must land mid-run"
+
+    argv = ["classify", folder, "--model", cfg.output, "--output", str(out)]
+    assert "pass --overwrite to replace it or --resume" in expect_cli_error(capsys, argv)
+
+    s = classify(ClassifyConfig(input=folder, model=cfg.output, output=str(out), resume=True))
+    paths = read_paths(out)
+    assert len(paths) == len(set(paths)) == s.rows == s.inputs
+    assert set(paths) == many_images
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert manifest["rows"] == len(many_images) and manifest["resumed"]
+    assert "already done" in capsys.readouterr().out
+
+    # Resuming a finished run does nothing and keeps it whole.
+    s = classify(ClassifyConfig(input=folder, model=cfg.output, output=str(out), resume=True))
+    assert sorted(read_paths(out)) == sorted(paths) and (out / "_SUCCESS").exists()
+
+
+def test_classify_survives_a_killed_model_actor(trained, many_images, tmp_path):
+    cfg, _ = trained
+    folder = os.path.dirname(next(iter(many_images)))
+    out = tmp_path / "out"
+    killed = []
+
+    def killer():
+        wait_for(lambda: complete_parquet_files(out), what="the first Parquet file")
+        killed.append(kill_ray_worker("Predictor"))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    s = classify(ClassifyConfig(input=folder, model=cfg.output, output=str(out), batch_size=4))
+    thread.join(timeout=5)
+    assert killed, "no model actor was killed while the job ran"
+    paths = read_paths(out)
+    assert len(paths) == len(set(paths)) == s.rows == s.inputs == len(many_images)
+    assert set(paths) == many_images
+
+
+def train_config(data: str, tmp_path: Path, **kw) -> TrainConfig:
+    return TrainConfig(
+        data=data,
+        output=str(tmp_path / "model"),
+        weights="random",
+        image_size=TEST_IMAGE_SIZE,
+        augment=False,
+        batch_size=8,
+        epochs=3,
+        storage=str(tmp_path / "runs"),
+        name="run",
+        keep_checkpoints=0,
+        **kw,
+    )
+
+
+def checkpoints(cfg: TrainConfig) -> list[str]:
+    """Checkpoint folders of the run, oldest first, once Ray Train has registered one (a
+    folder alone may be a report still in flight, which a restart rightly ignores)."""
+    run = os.path.join(cfg.storage, cfg.name)
+    if not os.path.exists(os.path.join(run, RUN_SNAPSHOT)):
+        return []
+    return sorted(d for d in glob.glob(os.path.join(run, "checkpoint_*")) if os.path.isdir(d))
+
+
+def first_epoch(checkpoint: str) -> dict:
+    return torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)["history"][0]
+
+
+def test_training_survives_a_killed_worker(ray_local, labelled_root, tmp_path):
+    cfg = train_config(labelled_root, tmp_path, max_failures=1)
+    killed = []
+
+    def killer():
+        wait_for(lambda: checkpoints(cfg), what="the first checkpoint")
+        killed.append(kill_ray_worker("RayTrainWorker"))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    meta = fit(cfg)
+    thread.join(timeout=5)
+    assert killed, "no training worker was killed while the run went on"
+    assert [e["epoch"] for e in meta.epochs] == [1, 2, 3]  # each reported once
+    assert meta.epochs[0] == first_epoch(checkpoints(cfg)[0])  # restored, not trained again
+    assert (Path(cfg.output) / "model.safetensors").exists()
+
+
+def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path, capsys):
+    cfg = train_config(labelled_root, tmp_path)
+    args = [
+        "train", labelled_root, "--output", cfg.output, "--weights", "random",
+        "--image-size", str(cfg.image_size), "--no-augment", "--batch-size", "8",
+        "--epochs", "3", "--storage", cfg.storage, "--name", cfg.name, "--keep-checkpoints", "0",
+    ]  # fmt: skip
+    log = tmp_path / "driver.log"
+    driver = start_driver(log, *args)
+    wait_while_running(driver, log, lambda: checkpoints(cfg), "the first checkpoint")
+    sigkill(driver)
+    done = checkpoints(cfg)
+    assert 1 <= len(done) < 3 and not Path(cfg.output).exists(), "the kill must land mid-run"
+
+    assert "pass --resume to continue it" in expect_cli_error(capsys, args)
+    err = expect_cli_error(capsys, [*args[:-4], "--name", "nope", "--resume"])
+    assert "no run to resume at" in err and "nope" in err
+
+    meta = fit(train_config(labelled_root, tmp_path, resume=True))
+    assert [e["epoch"] for e in meta.epochs] == [1, 2, 3]
+    assert meta.epochs[0] == first_epoch(done[0])  # restored, not trained again
+
+
+NAMES = [
+    'it\'s "quoted".jpg',
+    "new\nline.jpg",
+    "$(touch PWNED).jpg",
+    "`touch PWNED`.png",
+    "semi; rm -rf ~.jpg",
+    "back\\slash.JPG",
+]
+
+
+def test_file_names_are_data(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    folder = tmp_path / "names"
+    folder.mkdir()
+    sample_file = next(iter(sample.make_unlabelled(str(tmp_path / "src"), count=1)))
+    expected = set()
+    for name in NAMES:
+        (folder / name).write_bytes(Path(sample_file).read_bytes())
+        expected.add(str(folder / name))
+    (folder / "dir.jpg").mkdir()  # a folder named like an image is a folder: walked into
+    (folder / "dir.jpg" / "inside.jpg").write_bytes(Path(sample_file).read_bytes())
+    expected.add(str(folder / "dir.jpg" / "inside.jpg"))
+    (folder / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    expected.add(str(folder / "dangling.jpg"))
+    monkeypatch.chdir(tmp_path)
+
+    classify(ClassifyConfig(input=str(folder), model=cfg.output, output=str(tmp_path / "out")))
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert set(rows) == expected
+    assert "unreadable file" in rows[str(folder / "dangling.jpg")]["error"]
+    assert all(r["error"] is None for p, r in rows.items() if "dangling" not in p)
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_gets_an_error_row(trained, tmp_path):
+    cfg, _ = trained
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    locked = folder / "locked.jpg"
+    sample_file = next(iter(sample.make_unlabelled(str(tmp_path / "src"), count=1)))
+    locked.write_bytes(Path(sample_file).read_bytes())
+    locked.chmod(0)
+    classify(ClassifyConfig(input=str(folder), model=cfg.output, output=str(tmp_path / "out")))
+    (row,) = pq.read_table(tmp_path / "out").to_pylist()
+    assert row["label"] is None and "unreadable file: Permission denied" in row["error"]
