@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy
 
 from insectlib import storage
 from insectlib.errors import InsectError
-from insectlib.images import ImageError, decode, eval_transform, is_image_name
+from insectlib.images import ImageError, decode, eval_transform, is_image_name, resize_size
 from insectlib.model import read_meta, versions
 from insectlib.predict import PRECISIONS, Predictor
 from insectlib.runtime import init_ray
@@ -92,13 +92,13 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, s3) -> dict[str, 
     """Read and preprocess a batch of files. A file that fails gets an error text, never an
     exception: one bad file must not take the rest of its batch down."""
     paths = list(batch["path"])
-    transform = eval_transform(image_size)
+    transform, min_side = eval_transform(image_size), resize_size(image_size)
     images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.uint8)
     errors = [""] * len(paths)  # "" = fine; Arrow keeps the column a string column
 
     def load(i: int) -> None:
         try:
-            images[i] = transform(decode(storage.read_bytes(paths[i], s3))).numpy()
+            images[i] = transform(decode(storage.read_bytes(paths[i], s3), min_side)).numpy()
         except ImageError as e:
             errors[i] = str(e)
         except OSError as e:

@@ -81,7 +81,16 @@ def parser() -> argparse.ArgumentParser:
         "--no-augment",
         dest="augment",
         action="store_false",
-        help="no random crops and flips on the training split",
+        help="no random crops and flips on the training split; with the trunk frozen, "
+        "its outputs then never change, so they are computed once and every epoch trains "
+        "the head on them (several times faster; see --no-cache-features)",
+    )
+    t.add_argument(
+        "--no-cache-features",
+        dest="cache_features",
+        action="store_false",
+        help="run the frozen trunk on every image every epoch even when its outputs cannot "
+        "change (the cache holds one feature vector per image in each worker's memory)",
     )
     t.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     t.add_argument("--cpus-per-worker", type=float, default=1.0)

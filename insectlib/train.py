@@ -72,11 +72,18 @@ class TrainConfig:
     storage: str | None = None  # Ray Train run storage; None: ~/ray_results
     name: str | None = None  # run name under storage
     keep_checkpoints: int = 2  # 0 keeps all
+    cache_features: bool = True  # frozen trunk, no augmentation: one trunk pass per run
     max_failures: int = 2  # worker failures survived by restoring the latest checkpoint
     resume: bool = False  # continue the run `name` found in `storage`
     overwrite: bool = False
     address: str | None = None
     s3: S3Options = field(default_factory=S3Options)
+
+    @property
+    def caches_features(self) -> bool:
+        """Whether the frozen trunk's outputs are computed once and reused every epoch: only
+        when they cannot change, i.e. the trunk is frozen and no augmentation is applied."""
+        return self.cache_features and self.freeze == "trunk" and not self.augment
 
     def validate(self) -> None:
         check_arch(self.arch)
@@ -99,10 +106,17 @@ class TrainConfig:
 
 
 class ImageFiles(Dataset):
-    """(uint8 image, label) pairs read through storage; None for files that fail to decode."""
+    """(uint8 image, label) pairs read through storage; None for files that fail to decode.
+    `min_side`: decode JPEGs at reduced scale (see `decode`), for the evaluation transform."""
 
-    def __init__(self, items: list[tuple[str, int]], transform, s3: storage.S3Options):
-        self.items, self.transform, self.s3 = items, transform, s3
+    def __init__(
+        self,
+        items: list[tuple[str, int]],
+        transform,
+        s3: storage.S3Options,
+        min_side: int | None = None,
+    ):
+        self.items, self.transform, self.s3, self.min_side = items, transform, s3, min_side
 
     def __len__(self) -> int:
         return len(self.items)
@@ -110,7 +124,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         uri, label = self.items[i]
         try:
-            image = decode(storage.read_bytes(uri, self.s3))
+            image = decode(storage.read_bytes(uri, self.s3), self.min_side)
         except (ImageError, OSError) as e:
             print(f"skipping {uri}: {e}")
             return None
@@ -144,8 +158,12 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(cfg.arch, len(classes), cfg.weights, cfg.s3)
     apply_freeze(model, cfg.freeze)
     head = head_name(model)
-    model = model.to(memory_format=torch.channels_last)
-    ddp_model = ray.train.torch.prepare_model(model)  # to device; DDP when world > 1
+    model = model.to(device, memory_format=torch.channels_last)
+    cached = cfg.caches_features
+    # DDP (when world > 1) over what is trained: the whole model, or only the head when it
+    # trains on cached trunk features.
+    head_module = model.get_submodule(head)
+    ddp_model = ray.train.torch.prepare_model(head_module if cached else model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -185,15 +203,42 @@ def train_loop_per_worker(config: dict) -> None:
     val_loader = DataLoader(val_set, **loader_args)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
 
-    def run(loader, train: bool) -> torch.Tensor:
+    def images(loader):
+        """(normalised images, labels, skipped files) batches on the device."""
+        for batch, labels, skipped in loader:
+            batch, labels = batch.to(device, non_blocking=True), labels.to(device)
+            yield normalize(batch).contiguous(memory_format=torch.channels_last), labels, skipped
+
+    def features(loader) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The head's inputs for every decodable image of `loader`: one trunk pass."""
+        inputs, targets, skipped = [], [], 0
+        hook = head_module.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+        with torch.no_grad(), autocast(device, dtype):
+            for x, labels, n in images(loader):
+                model(x)  # the head runs too: negligible next to the trunk
+                targets.append(labels)
+                skipped += n
+        hook.remove()
+        return torch.cat(inputs), torch.cat(targets), skipped
+
+    def feature_batches(cache, steps: int, seed: int | None):
+        """`steps` batches from cached features, shuffled with `seed`; as many steps on
+        every worker (some may be empty where files were unreadable) to keep DDP in step."""
+        x, y, skipped = cache
+        order = torch.arange(len(y))
+        if seed is not None:
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        for step in range(steps):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
+            yield x[idx], y[idx], skipped if step == 0 else 0
+
+    def run(batches, train: bool) -> torch.Tensor:
         """Sums of (loss, correct, seen, skipped) over this worker's shard."""
         sums = torch.zeros(4, dtype=torch.float64)
         # Validation shards differ in length between workers: no DDP wrapper, no collectives.
-        forward = ddp_model if train else model
-        for images, labels, skipped in loader:
+        forward = ddp_model if train else (head_module if cached else model)
+        for x, labels, skipped in batches:
             sums[3] += skipped
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
-            x = normalize(images).contiguous(memory_format=torch.channels_last)
             with torch.set_grad_enabled(train), autocast(device, dtype):
                 logits = forward(x)
                 loss = loss_fn(logits.float(), labels)
@@ -206,14 +251,26 @@ def train_loop_per_worker(config: dict) -> None:
             sums[2] += len(labels)
         return sums
 
+    train_cache = val_cache = None
+    steps = math.ceil(len(sampler) / cfg.batch_size)  # the same on every worker
     for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        set_train_mode(model, cfg.freeze)
         started = time.perf_counter()
-        train_sums = run(train_loader, train=True)
+        if cached:
+            if train_cache is None:  # the first epoch of this run pays for one trunk pass
+                model.eval()
+                sampler.set_epoch(0)  # a fixed shard per worker, reshuffled within below
+                train_cache, val_cache = features(train_loader), features(val_loader)
+            train_batches = feature_batches(train_cache, steps, seed=cfg.seed + epoch)
+            val_steps = max(1, math.ceil(len(val_cache[1]) / cfg.batch_size))
+            val_batches = feature_batches(val_cache, val_steps, seed=None)
+        else:
+            sampler.set_epoch(epoch)
+            train_batches, val_batches = images(train_loader), images(val_loader)
+        set_train_mode(model, cfg.freeze)
+        train_sums = run(train_batches, train=True)
         train_seconds = time.perf_counter() - started
         model.eval()
-        val_sums = run(val_loader, train=False)
+        val_sums = run(val_batches, train=False)
         seconds = torch.tensor([train_seconds, time.perf_counter() - started])
         train_sums, val_sums = _sum_over_workers(train_sums), _sum_over_workers(val_sums)
         seconds = _max_over_workers(seconds)
@@ -228,6 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
             "skipped_images": int(train_sums[3] + val_sums[3]),
             "images_per_second": _ratio(train_sums[2], seconds[0]),
             "seconds": float(seconds[1]),
+            "cached_features": cached,
         }
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
@@ -285,6 +343,7 @@ def _epoch_line(m: dict, epochs: int) -> str:
         f"epoch {m['epoch']}/{epochs}: train loss {f(m['train_loss'], '.4f')} "
         f"acc {f(m['train_accuracy'], '.3f')} | val loss {f(m['val_loss'], '.4f')} "
         f"acc {f(m['val_accuracy'], '.3f')} | {f(m['images_per_second'], '.1f')} img/s"
+        + (" (head on cached trunk features)" if m.get("cached_features") else "")
         + (f" | {m['skipped_images']} unreadable images skipped" if m["skipped_images"] else "")
     )
 

@@ -1,0 +1,101 @@
+"""The speed-ups keep the results: bf16 against fp32, JPEG draft decoding against full
+resolution, and training on cached trunk features against the full forward pass."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from insectlib.images import decode, eval_transform, resize_size
+from insectlib.predict import Predictor
+from insectlib.train import TrainConfig, fit
+
+# bf16 keeps 8 bits of mantissa: probabilities move by a few thousandths at most here.
+BF16_PROBABILITY_TOLERANCE = 0.02
+
+
+def photo(size=(1024, 768), seed=0) -> bytes:
+    """A camera-sized JPEG with smooth areas, edges and texture."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], axis=-1)
+    noise = rng.integers(0, 40, (h, w, 3))
+    image = Image.fromarray((base + noise).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+        draw.ellipse(
+            [x0, y0, x0 + w // 5, y0 + h // 5], fill=tuple(int(v) for v in rng.integers(0, 255, 3))
+        )
+    image = image.filter(ImageFilter.GaussianBlur(1))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("image_size", [224, 64])
+def test_draft_decoding_stays_close_to_full_resolution(image_size):
+    data = photo()
+    transform = eval_transform(image_size)
+    full = transform(decode(data)).float()
+    draft_image = decode(data, resize_size(image_size))
+    # 768 / 256 = 3: the largest DCT scale that keeps the short side >= 256 is 1/2.
+    assert draft_image.size == ((512, 384) if image_size == 224 else (128, 96))
+    fast = transform(draft_image).float()
+    assert fast.shape == full.shape
+    diff = (fast - full).abs()
+    assert diff.mean() < 2.0 and torch.quantile(diff.flatten(), 0.99) < 12, diff.mean()
+
+
+def test_draft_decoding_never_goes_below_the_resize_size():
+    data = photo(size=(300, 200))
+    assert decode(data, resize_size(224)).size == (300, 200)  # 1/2 would give 100 px
+
+
+def test_bf16_agrees_with_fp32(trained, labelled_root, unlabelled):
+    cfg, meta = trained
+    paths = sorted(unlabelled) + sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(labelled_root) for f in fs
+    )
+    transform = eval_transform(meta.image_size)
+    batch = np.stack([transform(decode(open(p, "rb").read())).numpy() for p in paths])
+    fp32 = Predictor(cfg.output, precision="fp32").probabilities(batch)
+    bf16 = Predictor(cfg.output, precision="bf16").probabilities(batch)
+    agree = (fp32.argmax(1) == bf16.argmax(1)).mean()
+    assert len(paths) >= 100 and agree >= 0.99, agree
+    assert np.abs(fp32 - bf16).max() < BF16_PROBABILITY_TOLERANCE
+
+
+def test_cached_features_give_the_full_forward_results(ray_local, labelled_root, tmp_path):
+    """With a zero learning rate nothing changes between epochs, so the summed losses over
+    the same images must match whether the trunk ran on them or its outputs were cached."""
+    metrics = {}
+    for cache in (True, False):
+        meta = fit(
+            TrainConfig(
+                data=labelled_root,
+                output=str(tmp_path / f"model-{cache}"),
+                arch="resnet18",
+                weights="random",
+                image_size=32,
+                augment=False,
+                cache_features=cache,
+                lr=0.0,
+                epochs=2,
+                batch_size=8,
+                precision="fp32",
+                storage=str(tmp_path / "runs"),
+            )
+        )
+        metrics[cache] = meta.epochs
+    assert all(e["cached_features"] for e in metrics[True])
+    assert not any(e["cached_features"] for e in metrics[False])
+    for cached, full in zip(metrics[True], metrics[False], strict=True):
+        for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_images"):
+            assert cached[key] == pytest.approx(full[key], rel=1e-4), key
