@@ -95,6 +95,13 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
     t.add_argument(
+        "--placement",
+        default="PACK",
+        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        help="how Ray places the workers: PACK fills nodes first (fast collectives), SPREAD "
+        "across nodes (survives a node loss with fewer restarts), STRICT_* insist",
+    )
+    t.add_argument(
         "--loader-workers", type=int, default=0, help="DataLoader processes per training worker"
     )
     t.add_argument(
@@ -131,7 +138,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="model directory written by insect train")
     c.add_argument("--output", required=True, help="directory or s3:// prefix for Parquet files")
     c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--min-actors", type=int, default=1, help="model actors, at least")
+    c.add_argument(
+        "--min-actors",
+        type=int,
+        help="model actors, at least: the pool grows from here when busy (default: "
+        "--max-actors, a full pool from the start)",
+    )
     c.add_argument(
         "--max-actors",
         type=int,
@@ -151,11 +163,65 @@ def parser() -> argparse.ArgumentParser:
         help="CPUs per model actor (also its torch threads on CPU)",
     )
     c.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile the model in each actor (about 1.6x faster on CPU, after seconds "
+        "to a minute of compiling); auto: on from 1000 images per actor",
+    )
+    c.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=1000,
+        help="rows per Parquet file, at least (the last may hold fewer); files are written "
+        "as they fill, and --resume redoes only rows that are not in a file yet",
+    )
+    c.add_argument(
         "--resume",
         action="store_true",
         help="finish an interrupted run: classify only the inputs without a row in --output",
     )
     _add_common(c)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="accuracy, per-class precision/recall/F1 and confusion matrix on a labelled tree",
+        description="Classify the labelled images of DATA (ROOT/<class>/*; with ROOT/train + "
+        "ROOT/val|test, the held-out folder only) with the classification pipeline and write "
+        "metrics.json, confusion_matrix.{json,png}, misclassified.parquet and the predictions "
+        "to --output.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("data", help="labelled root, local or s3://")
+    e.add_argument("--model", required=True, help="model directory written by insect train")
+    e.add_argument("--output", default="evaluation", help="directory or s3:// prefix")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-actors", type=int, help="model actors (default: one per CPU or GPU)")
+    e.add_argument("--cpus-per-actor", type=float, default=1.0)
+    _add_common(e)
+
+    v = sub.add_parser(
+        "visualize",
+        help="feature maps of chosen layers for one image, as PNG grids",
+        description="Run one image through the model and draw the activations of the chosen "
+        "layers, one PNG grid per layer. Layers are numbered as the model's leaf modules in "
+        "definition order (containers such as Sequential do not count): for VGG-16, 0-30 are "
+        "the indices of model.features (conv, ReLU, max-pool), 31 the average pool, 32-38 the "
+        "classifier. Asking for a layer that does not exist lists them all.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    v.add_argument("image", help="image file, local or s3://")
+    v.add_argument("--model", required=True, help="model directory written by insect train")
+    v.add_argument(
+        "--layers",
+        required=True,
+        type=_int_list,
+        help="comma-separated layer numbers, e.g. 5,30 (see above)",
+    )
+    v.add_argument("--output", default="feature-maps", help="directory or s3:// prefix")
+    v.add_argument("--max-maps", type=int, default=64, help="channels drawn per layer")
+    v.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
+    v.add_argument("--anonymous", action="store_true", help="unsigned S3 requests")
 
     d = sub.add_parser(
         "demo",
@@ -165,6 +231,13 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="demo-output", help="where the demo writes everything")
     d.add_argument("--image-size", type=int, default=128)
     return ap
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 5,30, got {text!r}") from None
 
 
 def _s3(args) -> storage.S3Options:
@@ -186,6 +259,21 @@ def main(argv: list[str] | None = None) -> int:
                 k: v for k, v in vars(args).items() if k in ClassifyConfig.__dataclass_fields__
             }
             print_summary(classify(ClassifyConfig(**options, s3=_s3(args))))
+        elif args.command == "evaluate":
+            from insectlib.evaluate import EvaluateConfig, evaluate, print_metrics
+
+            options = {
+                k: v for k, v in vars(args).items() if k in EvaluateConfig.__dataclass_fields__
+            }
+            print_metrics(evaluate(EvaluateConfig(**options, s3=_s3(args))), args.output)
+        elif args.command == "visualize":
+            from insectlib.visualize import VisualizeConfig, visualize
+
+            options = {
+                k: v for k, v in vars(args).items() if k in VisualizeConfig.__dataclass_fields__
+            }
+            for uri in visualize(VisualizeConfig(**options, s3=_s3(args))):
+                print(uri)
         elif args.command == "demo":
             from insectlib.demo import run_demo
 

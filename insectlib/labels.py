@@ -23,6 +23,7 @@ class LabelledSet:
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
     split: str  # how the split was made, for logs and meta.json
+    held_out: str | None = None  # the held-out folder (val, validation, test) when there is one
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split, by class name."""
@@ -58,7 +59,9 @@ def discover(
         index = {c: i for i, c in enumerate(classes)}
         train = [(u, index[c]) for c in classes for u in train_by_class[c]]
         val = [(u, index[c]) for c in sorted(val_by_class) for u in val_by_class[c]]
-        return LabelledSet(classes, train, val, f"folders {TRAIN_DIR}/ and {held_out}/")
+        return LabelledSet(
+            classes, train, val, f"folders {TRAIN_DIR}/ and {held_out}/", held_out=held_out
+        )
 
     by_class = _by_class([(rel, uri) for items in by_top.values() for rel, uri in items], depth=0)
     classes = _check_classes(sorted(by_class), root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import sys
@@ -36,10 +37,15 @@ from insectlib.model import (
     set_train_mode,
 )
 from insectlib.predict import PRECISIONS, autocast, resolve_precision
+from insectlib.report import classification_metrics, confusion_png, curves_png, report_markdown
 from insectlib.runtime import init_ray
 from insectlib.storage import S3Options
 
 OPTIMIZERS = ("sgd", "adam")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
+PROGRESS_SECONDS = 10  # within an epoch, a progress line at most this often
+METRICS_FILE, CURVES_FILE = "metrics.json", "training_curves.png"
+CONFUSION_FILE, REPORT_FILE = "confusion_matrix.png", "report.md"
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
 # Ray Train's record of a run's checkpoints: where it exists, a run of that name continues.
 RUN_SNAPSHOT = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -66,6 +72,7 @@ class TrainConfig:
     augment: bool = True
     workers: int = 2
     gpu: bool = False
+    placement: str = "PACK"  # Ray placement strategy of the workers: PACK, SPREAD, ...
     cpus_per_worker: float = 1.0
     loader_workers: int = 0  # DataLoader processes per training worker
     precision: str = "auto"
@@ -95,6 +102,8 @@ class TrainConfig:
         ):
             if value < low:
                 raise InsectError(f"{flag} must be at least {low}, got {value}")
+        if self.placement not in PLACEMENTS:
+            raise InsectError(f"unknown --placement {self.placement!r}: choose {PLACEMENTS}")
         if self.optimizer not in OPTIMIZERS:
             raise InsectError(f"unknown --optimizer {self.optimizer!r}: choose {OPTIMIZERS}")
         if self.precision not in PRECISIONS:
@@ -232,12 +241,20 @@ def train_loop_per_worker(config: dict) -> None:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
             yield x[idx], y[idx], skipped if step == 0 else 0
 
-    def run(batches, train: bool) -> torch.Tensor:
-        """Sums of (loss, correct, seen, skipped) over this worker's shard."""
+    def run(batches, train: bool, predictions: list | None = None, progress: str = ""):
+        """Sums of (loss, correct, seen, skipped) over this worker's shard; appends
+        (labels, predicted labels) to `predictions` when given; rank 0 prints `progress`
+        lines every PROGRESS_SECONDS."""
         sums = torch.zeros(4, dtype=torch.float64)
         # Validation shards differ in length between workers: no DDP wrapper, no collectives.
         forward = ddp_model if train else (head_module if cached else model)
-        for x, labels, skipped in batches:
+        started = last_line = time.perf_counter()
+        for step, (x, labels, skipped) in enumerate(batches, 1):
+            if progress and rank == 0 and time.perf_counter() - last_line > PROGRESS_SECONDS:
+                last_line = time.perf_counter()
+                rate = sums[2] * world / (last_line - started)
+                sys.stdout.write(f"{progress}: step {step}/{steps}, {rate:.1f} img/s\n")
+                sys.stdout.flush()
             sums[3] += skipped
             with torch.set_grad_enabled(train), autocast(device, dtype):
                 logits = forward(x)
@@ -249,10 +266,13 @@ def train_loop_per_worker(config: dict) -> None:
             sums[0] += loss.item()
             sums[1] += (logits.argmax(1) == labels).sum().item()
             sums[2] += len(labels)
+            if predictions is not None:
+                predictions.append((labels.cpu(), logits.argmax(1).cpu()))
         return sums
 
     train_cache = val_cache = None
     steps = math.ceil(len(sampler) / cfg.batch_size)  # the same on every worker
+    predictions: list = []  # the last epoch's validation (labels, predictions)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         if cached:
@@ -267,10 +287,11 @@ def train_loop_per_worker(config: dict) -> None:
             sampler.set_epoch(epoch)
             train_batches, val_batches = images(train_loader), images(val_loader)
         set_train_mode(model, cfg.freeze)
-        train_sums = run(train_batches, train=True)
+        train_sums = run(train_batches, train=True, progress=f"epoch {epoch + 1}/{cfg.epochs}")
         train_seconds = time.perf_counter() - started
         model.eval()
-        val_sums = run(val_batches, train=False)
+        predictions = [] if epoch == cfg.epochs - 1 else None
+        val_sums = run(val_batches, train=False, predictions=predictions)
         seconds = torch.tensor([train_seconds, time.perf_counter() - started])
         train_sums, val_sums = _sum_over_workers(train_sums), _sum_over_workers(val_sums)
         seconds = _max_over_workers(seconds)
@@ -304,7 +325,17 @@ def train_loop_per_worker(config: dict) -> None:
                 sys.stdout.flush()
             ray.train.report(metrics, checkpoint=checkpoint)
 
+    shards = [predictions or []]
+    if torch.distributed.is_initialized():
+        shards = [None] * world
+        torch.distributed.all_gather_object(shards, predictions or [])
+    pairs = [pair for shard in shards for pair in shard]
     if rank == 0:
+        validation = None
+        if pairs:
+            y_true = torch.cat([t for t, _ in pairs]).numpy()
+            y_pred = torch.cat([p for _, p in pairs]).numpy()
+            validation = classification_metrics(y_true, y_pred, classes)
         meta = ModelMeta(
             classes=classes,
             arch=cfg.arch,
@@ -316,7 +347,27 @@ def train_loop_per_worker(config: dict) -> None:
             # Each epoch reads every file, so the last epoch's count is the number of bad files.
             data={**config["data"], "skipped_images": history[-1]["skipped_images"]},
         )
+        write_report_files(cfg, meta, validation, before_model=True)
         save_model(cfg.output, model, meta, cfg.s3)
+        write_report_files(cfg, meta, validation, before_model=False)
+
+
+def write_report_files(cfg: TrainConfig, meta: ModelMeta, validation, before_model: bool):
+    """metrics.json and the PNGs go in before the model (meta.json, written last, marks a
+    complete directory); report.md after it, as it names the model id."""
+
+    def put(name: str, data: bytes) -> None:
+        storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
+
+    if before_model:
+        metrics = {"epochs": meta.epochs, "validation": validation}
+        put(METRICS_FILE, json.dumps(metrics, indent=2).encode())
+        put(CURVES_FILE, curves_png(meta.epochs))
+        if validation:
+            put(CONFUSION_FILE, confusion_png(validation, "validation, last epoch"))
+    else:
+        config = {k: v for k, v in asdict(cfg).items() if k not in ("s3", "address")}
+        put(REPORT_FILE, report_markdown(meta, config, validation).encode())
 
 
 def _sum_over_workers(t: torch.Tensor) -> torch.Tensor:
@@ -404,6 +455,7 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
             num_workers=cfg.workers,
             use_gpu=cfg.gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement,
         ),
         run_config=run_config,
     )

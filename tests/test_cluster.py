@@ -159,6 +159,8 @@ def test_no_cluster_cli_starts_local_ray(labelled_root, unlabelled, tmp_path):
     )
     assert classify.returncode == 0, classify.stderr[-3000:]
     assert f"{len(unlabelled)} images -> {len(unlabelled)} rows (0 with errors)" in classify.stdout
+    n = len(unlabelled)
+    assert re.search(rf"classified: 100%.*\b{n}/{n} \[.*img/s\]", classify.stderr), classify.stderr
     _check_outputs(str(tmp_path / "m"), str(tmp_path / "p"), len(unlabelled))
 
 

@@ -100,9 +100,9 @@ def test_classify_resume_after_driver_killed(trained, many_images, tmp_path, cap
     out = tmp_path / "out"
     log = tmp_path / "driver.log"
     driver = start_driver(
-        log, "classify", folder, "--model", cfg.output, "--output", str(out), "--batch-size", "4"
-    )
-    # 400 paths are two listing blocks, hence two Parquet files: kill after the first.
+        log, "classify", folder, "--model", cfg.output, "--output", str(out),
+        "--batch-size", "4", "--rows-per-file", "40",
+    )  # fmt: skip
     wait_while_running(driver, log, lambda: complete_parquet_files(out), "the first Parquet file")
     sigkill(driver)
     assert not (out / "_SUCCESS").exists()
@@ -137,7 +137,11 @@ def test_classify_survives_a_killed_model_actor(trained, many_images, tmp_path):
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    s = classify(ClassifyConfig(input=folder, model=cfg.output, output=str(out), batch_size=4))
+    s = classify(
+        ClassifyConfig(
+            input=folder, model=cfg.output, output=str(out), batch_size=4, rows_per_file=40
+        )
+    )
     thread.join(timeout=5)
     assert killed, "no model actor was killed while the job ran"
     paths = read_paths(out)

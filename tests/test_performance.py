@@ -99,3 +99,14 @@ def test_cached_features_give_the_full_forward_results(ray_local, labelled_root,
     for cached, full in zip(metrics[True], metrics[False], strict=True):
         for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_images"):
             assert cached[key] == pytest.approx(full[key], rel=1e-4), key
+
+
+def test_compiled_model_matches_eager(trained, unlabelled):
+    cfg, meta = trained
+    transform = eval_transform(meta.image_size)
+    batch = np.stack([transform(decode(open(p, "rb").read())).numpy() for p in sorted(unlabelled)])
+    eager = Predictor(cfg.output, precision="fp32").probabilities(batch)
+    compiled = Predictor(cfg.output, precision="fp32", compile=True, batch_size=10)
+    got = compiled.probabilities(batch)  # 24 images: batches of 10, 10 and a padded 4
+    assert compiled.compiled is not None, "compilation failed and fell back to eager"
+    np.testing.assert_allclose(got, eager, atol=1e-4)

@@ -24,7 +24,7 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden(tmp_path):
     (tmp_path / "dir.jpg").mkdir()  # a directory with an image name is not a file
     paths = [
         p
-        for block in listing_blocks(str(tmp_path), storage.S3Options())
+        for block in listing_blocks(str(tmp_path), storage.S3Options(), 256)
         for p in block.column("path").to_pylist()
     ]
     assert sorted(paths) == sorted(
@@ -49,11 +49,10 @@ def test_missing_location_and_unknown_scheme(tmp_path):
         storage.filesystem("gs://b/x")
 
 
-def test_listing_blocks_are_bounded(tmp_path, monkeypatch):
-    monkeypatch.setattr("insectlib.classify.LISTING_BLOCK", 4)
+def test_listing_blocks_are_bounded(tmp_path):
     for i in range(10):
         _touch(tmp_path / f"{i}.jpg")
-    sizes = [b.num_rows for b in listing_blocks(str(tmp_path), storage.S3Options())]
+    sizes = [b.num_rows for b in listing_blocks(str(tmp_path), storage.S3Options(), 4)]
     assert sizes == [4, 4, 2]
 
 

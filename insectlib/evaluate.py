@@ -1,0 +1,126 @@
+"""`insect evaluate`: a model against a labelled tree, through the classification pipeline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset
+import pyarrow.parquet as pq
+
+from insectlib import storage
+from insectlib.classify import ClassifyConfig, classify
+from insectlib.errors import InsectError
+from insectlib.labels import discover
+from insectlib.model import read_meta
+from insectlib.report import classification_metrics, confusion_png
+
+PREDICTIONS_DIR = "predictions"
+METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG = (
+    "metrics.json",
+    "confusion_matrix.json",
+    "confusion_matrix.png",
+)
+MISCLASSIFIED_FILE = "misclassified.parquet"
+
+
+@dataclass
+class EvaluateConfig:
+    """Every knob of `insect evaluate`."""
+
+    data: str
+    model: str
+    output: str = "evaluation"
+    batch_size: int = 32
+    gpu: bool = False
+    max_actors: int | None = None
+    cpus_per_actor: float = 1.0
+    precision: str = "auto"
+    overwrite: bool = False
+    address: str | None = None
+    s3: storage.S3Options = field(default_factory=storage.S3Options)
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
+    else every image) and write metrics, the confusion matrix and the misclassified rows."""
+    meta = read_meta(cfg.model, cfg.s3)
+    labelled = discover(cfg.data, s3=cfg.s3)
+    unknown = sorted(set(labelled.classes) - set(meta.classes))
+    if unknown:
+        raise InsectError(
+            f"{cfg.data} has classes the model does not know: {', '.join(unknown)} "
+            f"(model classes: {', '.join(meta.classes)})"
+        )
+    items = labelled.val if labelled.held_out else labelled.train + labelled.val
+    index = {name: i for i, name in enumerate(meta.classes)}
+    truth = {uri: index[labelled.classes[y]] for uri, y in items}
+    where = f"its {labelled.held_out}/ folder" if labelled.held_out else "every image"
+    print(f"evaluating model {meta.model_id} on {len(truth)} images of {cfg.data} ({where})")
+
+    fs, path = storage.filesystem(cfg.output, cfg.s3)
+    with storage.user_errors(cfg.output):
+        if fs.exists(path) and fs.ls(path):
+            if not cfg.overwrite:
+                raise InsectError(f"output {cfg.output} is not empty; pass --overwrite")
+            fs.rm(path, recursive=True)
+    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
+    classify(
+        ClassifyConfig(
+            input=cfg.data,
+            model=cfg.model,
+            output=predictions,
+            batch_size=cfg.batch_size,
+            gpu=cfg.gpu,
+            max_actors=cfg.max_actors,
+            cpus_per_actor=cfg.cpus_per_actor,
+            precision=cfg.precision,
+            address=cfg.address,
+            s3=cfg.s3,
+        ),
+        paths=sorted(truth),
+    )
+
+    pa_fs, pa_path = storage.pyarrow_filesystem(predictions, cfg.s3)
+    table = pyarrow.dataset.dataset(pa_path, filesystem=pa_fs, format="parquet").to_table()
+    true_index = pa.array([truth[p] for p in table.column("path").to_pylist()], pa.int32())
+    table = table.append_column("true_label", pa.array(np.array(meta.classes)[true_index]))
+    table = table.append_column("true_label_index", true_index)
+    ok = table.filter(pc.field("error").is_null())
+    metrics = classification_metrics(
+        ok.column("true_label_index").to_numpy(), ok.column("label_index").to_numpy(), meta.classes
+    )
+    metrics.update(
+        {"model": meta.model_id, "data": cfg.data, "unreadable": table.num_rows - ok.num_rows}
+    )
+    wrong = ok.filter(pc.field("label_index") != pc.field("true_label_index"))
+    wrong = wrong.select(["path", "true_label", "label", "score", "probabilities", "model"])
+
+    def put(name: str, data: bytes) -> None:
+        storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
+
+    put(METRICS_FILE, json.dumps(metrics, indent=2).encode())
+    confusion = {"classes": meta.classes, "matrix": metrics["confusion_matrix"]}
+    put(CONFUSION_JSON, json.dumps(confusion, indent=2).encode())
+    put(CONFUSION_PNG, confusion_png(metrics))
+    out_fs, out_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
+    pq.write_table(wrong, f"{out_path.rstrip('/')}/{MISCLASSIFIED_FILE}", filesystem=out_fs)
+    return metrics
+
+
+def print_metrics(metrics: dict, output: str) -> None:
+    accuracy = "n/a" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
+    print(
+        f"accuracy {accuracy} on {metrics['images']} images"
+        + (f" ({metrics['unreadable']} unreadable)" if metrics["unreadable"] else "")
+    )
+    print(f"{'class':<20} {'precision':>9} {'recall':>7} {'F1':>6} {'images':>7}")
+    for name, m in metrics["per_class"].items():
+        print(
+            f"{name:<20} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} "
+            f"{m['support']:>7}"
+        )
+    print(f"confusion matrix, metrics and misclassified images in {output}")

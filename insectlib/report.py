@@ -1,0 +1,161 @@
+"""Metrics and pictures: accuracy report, confusion matrix, training curves, feature maps.
+
+Metrics come from scikit-learn and plots from matplotlib's object API (`Figure`, which
+renders with the headless Agg canvas: no display, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
+
+
+def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
+    """Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true
+    class, columns: predicted class, both in `classes` order)."""
+    labels = list(range(len(classes)))
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0
+    )
+    return {
+        "classes": classes,
+        "images": int(len(y_true)),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else None,
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def confusion_png(metrics: dict, title: str = "confusion matrix") -> bytes:
+    """The confusion matrix of `classification_metrics` as a PNG."""
+    classes = metrics["classes"]
+    size = max(4.0, 0.6 * len(classes) + 2)
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(np.array(metrics["confusion_matrix"]), display_labels=classes).plot(
+        ax=ax, colorbar=False, xticks_rotation=45 if len(classes) > 4 else "horizontal"
+    )
+    ax.set_title(f"{title} (accuracy {metrics['accuracy']:.3f})")
+    return _png(fig)
+
+
+def curves_png(epochs: list[dict]) -> bytes:
+    """Loss and accuracy per epoch, training and validation, as a PNG."""
+    x = [e["epoch"] for e in epochs]
+    fig = Figure(figsize=(10, 4))
+    for ax, what in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            y = [np.nan if e[f"{split}_{what}"] is None else e[f"{split}_{what}"] for e in epochs]
+            ax.plot(x, y, style, label="training" if split == "train" else "validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("training curves")
+    return _png(fig)
+
+
+def feature_maps_png(activation: np.ndarray, title: str, max_maps: int = 64) -> bytes:
+    """The first `max_maps` channels of a (C, H, W) activation as a grid of images, each
+    scaled to its own range (viridis: dark low, yellow high)."""
+    maps = activation[:max_maps]
+    cols = math.ceil(math.sqrt(len(maps)))
+    rows = math.ceil(len(maps) / cols)
+    fig = Figure(figsize=(1.6 * cols, 1.6 * rows + 0.6))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for i, (ax, m) in enumerate(zip(axes, maps, strict=False)):
+        ax.imshow(m, cmap="viridis")
+        ax.set_title(str(i), fontsize=7)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def report_markdown(meta, config: dict, metrics: dict | None) -> str:
+    """report.md of a model directory: configuration, data, epochs, curves, confusion matrix."""
+    lines = [
+        f"# Training report: model {meta.model_id}",
+        "",
+        f"{meta.arch}, {len(meta.classes)} classes ({', '.join(meta.classes)}), "
+        f"{meta.image_size} px, base weights `{meta.base_weights}`, freeze `{meta.freeze}`.",
+        "",
+        "## Configuration",
+        "",
+        "| option | value |",
+        "|---|---|",
+        *[f"| {k} | `{v}` |" for k, v in config.items() if k != "s3"],
+        "",
+        "## Data",
+        "",
+        f"Split: {meta.data.get('split', '')}. Unreadable images skipped: "
+        f"{meta.data.get('skipped_images', 0)}.",
+        "",
+        "| class | training | validation |",
+        "|---|---|---|",
+    ]
+    counts = meta.data.get("counts", {})
+    for name in meta.classes:
+        train = counts.get("train", {}).get(name, 0)
+        val = counts.get("val", {}).get(name, 0)
+        lines.append(f"| {name} | {train} | {val} |")
+    lines += [
+        "",
+        "## Epochs",
+        "",
+        "| epoch | train loss | train acc | val loss | val acc | img/s | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, spec):
+        return "n/a" if x is None else format(x, spec)
+
+    for e in meta.epochs:
+        lines.append(
+            f"| {e['epoch']} | {f(e['train_loss'], '.4f')} | {f(e['train_accuracy'], '.3f')} | "
+            f"{f(e['val_loss'], '.4f')} | {f(e['val_accuracy'], '.3f')} | "
+            f"{f(e['images_per_second'], '.1f')} | {f(e['seconds'], '.1f')} |"
+        )
+    lines += ["", "![training curves](training_curves.png)", ""]
+    if metrics:
+        lines += [
+            "## Validation, last epoch",
+            "",
+            f"Accuracy {metrics['accuracy']:.4f} on {metrics['images']} images.",
+            "",
+            "| class | precision | recall | F1 | images |",
+            "|---|---|---|---|---|",
+            *[
+                f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+                f"{m['support']} |"
+                for c, m in metrics["per_class"].items()
+            ],
+            "",
+            "![confusion matrix](confusion_matrix.png)",
+            "",
+        ]
+    return "\n".join(lines)

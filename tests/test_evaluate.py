@@ -1,0 +1,131 @@
+"""Evaluation and pictures: metrics, confusion matrix, training report, feature maps."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from insectlib.evaluate import EvaluateConfig, evaluate
+from insectlib.images import decode, eval_transform, normalize
+from insectlib.model import load_model
+from insectlib.report import classification_metrics
+from insectlib.visualize import feature_maps
+from tests.conftest import expect_cli_error, run_cli
+
+
+def assert_picture(path) -> None:
+    """A real picture: opens, a sensible size, and not one flat colour."""
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 200 and image.height >= 150
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    assert pixels.std() > 5, f"{path} looks blank"
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    m = classification_metrics([0, 0, 0, 1, 1, 2], [0, 1, 0, 1, 1, 0], ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["images"] == 6
+    a, b, c = (m["per_class"][k] for k in "abc")
+    assert (a["precision"], a["recall"], a["support"]) == (pytest.approx(2 / 3),) * 2 + (3,)
+    assert (b["precision"], b["recall"], b["f1"]) == (
+        pytest.approx(2 / 3),
+        1.0,
+        pytest.approx(0.8),
+    )
+    assert (c["precision"], c["recall"], c["f1"], c["support"]) == (0, 0, 0, 1)
+
+
+def truth_of(path: str) -> str:
+    return Path(path).parent.name
+
+
+def test_evaluate_end_to_end(trained, labelled_root, tmp_path, capsys):
+    cfg, meta = trained
+    out = tmp_path / "eval"
+    m = evaluate(EvaluateConfig(data=labelled_root, model=cfg.output, output=str(out)))
+    predictions = pq.read_table(out / "predictions").to_pylist()
+    assert len(predictions) == m["images"] == 90  # a plain tree: every image
+    correct = sum(r["label"] == truth_of(r["path"]) for r in predictions)
+    assert m["accuracy"] == pytest.approx(correct / 90)
+    matrix = np.array(m["confusion_matrix"])
+    assert matrix.sum() == 90 and np.trace(matrix) == correct
+    for i, name in enumerate(meta.classes):  # rows: true class, columns: predicted
+        for j, other in enumerate(meta.classes):
+            expected = sum(truth_of(r["path"]) == name and r["label"] == other for r in predictions)
+            assert matrix[i, j] == expected
+    wrong = pq.read_table(out / "misclassified.parquet").to_pylist()
+    assert len(wrong) == 90 - correct
+    assert all(r["label"] != r["true_label"] == truth_of(r["path"]) for r in wrong)
+    saved = json.loads((out / "confusion_matrix.json").read_text())
+    assert saved == {"classes": meta.classes, "matrix": m["confusion_matrix"]}
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == m["accuracy"]
+    assert_picture(out / "confusion_matrix.png")
+
+    err = expect_cli_error(capsys, ["evaluate", labelled_root, "--model", cfg.output,
+                                    "--output", str(out)])  # fmt: skip
+    assert "not empty" in err
+    other = tmp_path / "other" / "wasps"
+    other.mkdir(parents=True)
+    (other / "w.jpg").write_bytes(Path(predictions[0]["path"]).read_bytes())
+    (tmp_path / "other" / "beetles").mkdir()
+    (tmp_path / "other" / "beetles" / "b.jpg").write_bytes(other.joinpath("w.jpg").read_bytes())
+    err = expect_cli_error(capsys, ["evaluate", str(tmp_path / "other"), "--model", cfg.output])
+    assert "classes the model does not know: wasps" in err
+
+
+def test_training_writes_metrics_curves_and_report(trained):
+    cfg, meta = trained
+    model_dir = Path(cfg.output)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
+    validation = metrics["validation"]
+    assert np.array(validation["confusion_matrix"]).sum() == meta.epochs[-1]["val_images"]
+    assert validation["accuracy"] == pytest.approx(meta.epochs[-1]["val_accuracy"])
+    assert_picture(model_dir / "training_curves.png")
+    assert_picture(model_dir / "confusion_matrix.png")
+    report = (model_dir / "report.md").read_text()
+    assert meta.model_id in report and "![training curves](training_curves.png)" in report
+    assert "![confusion matrix](confusion_matrix.png)" in report
+    for name in meta.classes:
+        assert f"| {name} | " in report
+    assert report.count("\n| 4 |") == 1  # one row per epoch
+
+
+def test_feature_map_shapes(trained, unlabelled):
+    cfg, meta = trained  # VGG-16 at 64 px
+    model, _ = load_model(cfg.output)
+    image = decode(open(sorted(unlabelled)[0], "rb").read())
+    x = normalize(eval_transform(meta.image_size)(image).unsqueeze(0))[0]
+    maps = feature_maps(model, x, [0, 1, 5, 30])
+    assert maps[0][2].shape == (64, 64, 64)  # features[0]: first conv, full size
+    assert maps[5][2].shape == (128, 32, 32)  # features[5]: conv after one max-pool
+    assert maps[30][2].shape == (512, 2, 2)  # features[30]: the last max-pool
+    assert type(maps[30][1]) is torch.nn.MaxPool2d and maps[30][0] == "features.30"
+    # The conv output is kept as it was, not as the in-place ReLU after it leaves it.
+    assert (maps[0][2] < 0).any() and (maps[1][2] >= 0).all()
+
+
+def test_visualize_cli(trained, unlabelled, tmp_path):
+    cfg, _ = trained
+    image = sorted(unlabelled)[0]
+    out = tmp_path / "maps"
+    r = run_cli("insect", "visualize", image, "--model", cfg.output, "--layers", "1,28",
+                "--output", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    written = sorted(os.listdir(out))
+    assert written == ["layer-001-features.1.png", "layer-028-features.28.png"]
+    for name in written:
+        assert_picture(out / name)
+
+    r = run_cli("insect", "visualize", image, "--model", cfg.output, "--layers", "99")
+    assert r.returncode == 2 and "no layer 99" in r.stderr and "features.30" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("insect", "visualize", image, "--model", cfg.output, "--layers", "33")
+    assert r.returncode == 2 and "has no feature maps" in r.stderr
