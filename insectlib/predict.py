@@ -115,7 +115,10 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """(N, C) float32 class probabilities for a uint8 (N, 3, H, W) batch."""
-        x = torch.as_tensor(images).to(self.device, non_blocking=True)
+        x = torch.as_tensor(images)
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # page-locked: the copy runs asynchronously
+        x = x.to(self.device, non_blocking=True)
         x = normalize(x).to(self.dtype).contiguous(memory_format=torch.channels_last)
         chunks = []
         for chunk in x.split(self.batch_size):

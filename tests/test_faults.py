@@ -161,6 +161,7 @@ def train_config(data: str, tmp_path: Path, **kw) -> TrainConfig:
         storage=str(tmp_path / "runs"),
         name="run",
         keep_checkpoints=0,
+        cache_features=False,  # every epoch takes its time: room for a kill mid-run
         **kw,
     )
 
@@ -201,7 +202,8 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     args = [
         "train", labelled_root, "--output", cfg.output, "--weights", "random",
         "--image-size", str(cfg.image_size), "--no-augment", "--batch-size", "8",
-        "--epochs", "3", "--storage", cfg.storage, "--name", cfg.name, "--keep-checkpoints", "0",
+        "--epochs", "3", "--no-cache-features",
+        "--storage", cfg.storage, "--name", cfg.name, "--keep-checkpoints", "0",
     ]  # fmt: skip
     log = tmp_path / "driver.log"
     driver = start_driver(log, *args)
