@@ -7,6 +7,7 @@ import sys
 
 from insectlib import storage
 from insectlib.errors import InsectError
+from insectlib.runtime import run
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -251,21 +252,21 @@ def main(argv: list[str] | None = None) -> int:
             from insectlib.train import TrainConfig, fit
 
             options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-            fit(TrainConfig(**options, s3=_s3(args)))
+            run(fit, TrainConfig(**options, s3=_s3(args)))
         elif args.command == "classify":
             from insectlib.classify import ClassifyConfig, classify, print_summary
 
             options = {
                 k: v for k, v in vars(args).items() if k in ClassifyConfig.__dataclass_fields__
             }
-            print_summary(classify(ClassifyConfig(**options, s3=_s3(args))))
+            print_summary(run(classify, ClassifyConfig(**options, s3=_s3(args))))
         elif args.command == "evaluate":
             from insectlib.evaluate import EvaluateConfig, evaluate, print_metrics
 
             options = {
                 k: v for k, v in vars(args).items() if k in EvaluateConfig.__dataclass_fields__
             }
-            print_metrics(evaluate(EvaluateConfig(**options, s3=_s3(args))), args.output)
+            print_metrics(run(evaluate, EvaluateConfig(**options, s3=_s3(args))), args.output)
         elif args.command == "visualize":
             from insectlib.visualize import VisualizeConfig, visualize
 

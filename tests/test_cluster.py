@@ -54,9 +54,9 @@ class Head:
         token = ["--token"] if env.get("RAY_AUTH_MODE") == "token" else []
         # Every port of its own: the test session's local Ray already holds the defaults
         # (a head whose job agent cannot bind 52365 answers "No available agent").
-        ports = []
+        self.client_port = _free_port()
+        ports = ["--ray-client-server-port", str(self.client_port)]
         for flag in (
-            "--ray-client-server-port",
             "--dashboard-agent-listen-port",
             "--dashboard-agent-grpc-port",
             "--metrics-export-port",
@@ -187,6 +187,17 @@ def test_local_head_address_auto_and_job_submission(labelled_root, unlabelled, t
         )
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:]
         _check_outputs(str(tmp_path / "m"), str(tmp_path / "p"), len(unlabelled))
+        # The head's address and Ray Client's ray:// work as well as auto.
+        for address, out in (
+            (f"127.0.0.1:{head.port}", "p2"),
+            (f"ray://127.0.0.1:{head.client_port}", "p3"),
+        ):
+            result = run_cli(
+                "insect", "classify", images, "--model", str(tmp_path / "m"),
+                "--output", str(tmp_path / out), "--address", address, env=head.env,
+            )  # fmt: skip
+            assert result.returncode == 0, (address, result.stderr[-3000:])
+            _check_outputs(str(tmp_path / "m"), str(tmp_path / out), len(unlabelled))
     finally:
         head.stop()
 
