@@ -177,7 +177,7 @@ def insect_classify(folder: str, model_dir: str, out: str, device: str, compile:
     from insectlib.classify import ClassifyConfig, classify
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     started = time.perf_counter()
     summary = classify(
         ClassifyConfig(

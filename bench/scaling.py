@@ -5,7 +5,9 @@
 Each size runs in a fresh process with its own local Ray (2 CPUs), so that peak RSS figures
 do not carry over. Measured: the driver's peak RSS (VmHWM), the largest peak RSS of any
 one Ray worker process, and the largest sum over all Ray worker processes at one moment
-(sampled every 0.2 s from /proc). Prints a table and writes bench/results/scaling.json.
+(sampled every 0.2 s from /proc); "steady" is ms per image between the first and the last
+Parquet file written (files are written as they fill), without the fixed start-up (actors,
+model load, torch.compile). Prints a table and writes bench/results/scaling.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+
+import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -56,7 +60,7 @@ def one_run(images: str, model: str, out: str, batch_size: int) -> dict:
 
     from insectlib.classify import ClassifyConfig, classify
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     peaks: dict[int, int] = {}
     peak_sum = [0]
     stop = threading.Event()
@@ -75,11 +79,19 @@ def one_run(images: str, model: str, out: str, batch_size: int) -> dict:
     sampler.join()
     ray.shutdown()
     assert summary.rows == summary.inputs, summary
+    # Steady state, without the fixed start-up (actors, model load, compilation): files are
+    # written as they fill, so rows per second between the first and the last file.
+    files = sorted(
+        (os.path.getmtime(f), pq.read_metadata(f).num_rows) for f in glob.glob(f"{out}/*.parquet")
+    )
+    steady = sum(n for _, n in files[1:]) / (files[-1][0] - files[0][0])
     return {
         "images": summary.inputs,
         "seconds": summary.seconds,
         "ms_per_image": 1000 * summary.seconds / summary.inputs,
         "images_per_second": summary.images_per_second,
+        "steady_ms_per_image": 1000 / steady,
+        "startup_seconds": summary.seconds - summary.inputs / steady,
         "driver_peak_rss_mb": peak_rss_kb() / 1024,
         "worker_peak_rss_mb": max(peaks.values()) / 2**20,
         "workers_peak_total_rss_mb": peak_sum[0] / 2**20,
@@ -130,19 +142,22 @@ def main() -> None:
     small, large = rows
     ratios = {
         "ms_per_image_4n_over_n": large["ms_per_image"] / small["ms_per_image"],
+        "steady_ms_per_image_4n_over_n": large["steady_ms_per_image"]
+        / small["steady_ms_per_image"],
         "driver_rss_growth": large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"] - 1,
         "worker_rss_growth": large["worker_peak_rss_mb"] / small["worker_peak_rss_mb"] - 1,
         "workers_total_rss_growth": (
             large["workers_peak_total_rss_mb"] / small["workers_peak_total_rss_mb"] - 1
         ),
     }
-    header = f"{'images':>8} {'s':>7} {'ms/img':>7} {'img/s':>7} {'driver MB':>10} "
+    header = f"{'images':>8} {'s':>7} {'ms/img':>7} {'steady':>7} {'start s':>7} {'driver MB':>10} "
     header += f"{'worker MB':>10} {'all workers MB':>15}"
     print(header)
     for r in rows:
         print(
             f"{r['images']:>8} {r['seconds']:>7.1f} {r['ms_per_image']:>7.2f} "
-            f"{r['images_per_second']:>7.1f} {r['driver_peak_rss_mb']:>10.0f} "
+            f"{r['steady_ms_per_image']:>7.2f} {r['startup_seconds']:>7.1f} "
+            f"{r['driver_peak_rss_mb']:>10.0f} "
             f"{r['worker_peak_rss_mb']:>10.0f} {r['workers_peak_total_rss_mb']:>15.0f}"
         )
     for k, v in ratios.items():

@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "train.json"))
     args = ap.parse_args()
     weights = weights_available()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or sample.make_labelled(os.path.join(tmp, "data"), per_class=100)

@@ -251,7 +251,8 @@ def run_pipeline(
     refs: list, images: int, cfg: ClassifyConfig, image_size: int, counter=None
 ) -> ray.data.Dataset:
     """Listing blocks (object refs of one-column tables) -> rows of PREDICTION_SCHEMA."""
-    max_actors = cfg.max_actors or _max_actors(cfg)
+    # No more actors than blocks: one would idle, after loading the model for nothing.
+    max_actors = min(cfg.max_actors or _max_actors(cfg), len(refs))
     compile_model = cfg.compile == "on" or (
         cfg.compile == "auto" and images / max_actors >= COMPILE_MIN_IMAGES_PER_ACTOR
     )
