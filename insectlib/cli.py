@@ -115,6 +115,12 @@ def parser() -> argparse.ArgumentParser:
         help="continue the stopped run --name in --storage from its latest checkpoint",
     )
     t.add_argument(
+        "--progress-every",
+        type=float,
+        default=10.0,
+        help="seconds between progress lines (step, images/s) within an epoch",
+    )
+    t.add_argument(
         "--max-failures",
         type=int,
         default=2,

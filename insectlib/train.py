@@ -43,7 +43,6 @@ from insectlib.storage import S3Options
 
 OPTIMIZERS = ("sgd", "adam")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
-PROGRESS_SECONDS = 10  # within an epoch, a progress line at most this often
 METRICS_FILE, CURVES_FILE = "metrics.json", "training_curves.png"
 CONFUSION_FILE, REPORT_FILE = "confusion_matrix.png", "report.md"
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
@@ -80,6 +79,7 @@ class TrainConfig:
     name: str | None = None  # run name under storage
     keep_checkpoints: int = 2  # 0 keeps all
     cache_features: bool = True  # frozen trunk, no augmentation: one trunk pass per run
+    progress_every: float = 10.0  # seconds between progress lines within an epoch
     max_failures: int = 2  # worker failures survived by restoring the latest checkpoint
     resume: bool = False  # continue the run `name` found in `storage`
     overwrite: bool = False
@@ -218,12 +218,27 @@ def train_loop_per_worker(config: dict) -> None:
             batch, labels = batch.to(device, non_blocking=True), labels.to(device)
             yield normalize(batch).contiguous(memory_format=torch.channels_last), labels, skipped
 
-    def features(loader) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def with_progress(batches, what: str, total: int):
+        """The batches; meanwhile rank 0 prints "WHAT: step i/TOTAL, x img/s" (all workers'
+        images) at most every `cfg.progress_every` seconds."""
+        started = last = time.perf_counter()
+        seen = 0
+        for step, batch in enumerate(batches, 1):
+            now = time.perf_counter()
+            if rank == 0 and now - last >= cfg.progress_every:
+                last = now
+                rate = seen * world / (now - started)
+                sys.stdout.write(f"{what}: step {step}/{total}, {rate:.1f} img/s\n")
+                sys.stdout.flush()
+            seen += len(batch[1])
+            yield batch
+
+    def features(loader, what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The head's inputs for every decodable image of `loader`: one trunk pass."""
         inputs, targets, skipped = [], [], 0
         hook = head_module.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
         with torch.no_grad(), autocast(device, dtype):
-            for x, labels, n in images(loader):
+            for x, labels, n in with_progress(images(loader), what, len(loader)):
                 model(x)  # the head runs too: negligible next to the trunk
                 targets.append(labels)
                 skipped += n
@@ -241,20 +256,13 @@ def train_loop_per_worker(config: dict) -> None:
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
             yield x[idx], y[idx], skipped if step == 0 else 0
 
-    def run(batches, train: bool, predictions: list | None = None, progress: str = ""):
+    def run(batches, train: bool, predictions: list | None = None):
         """Sums of (loss, correct, seen, skipped) over this worker's shard; appends
-        (labels, predicted labels) to `predictions` when given; rank 0 prints `progress`
-        lines every PROGRESS_SECONDS."""
+        (labels, predicted labels) to `predictions` when given."""
         sums = torch.zeros(4, dtype=torch.float64)
         # Validation shards differ in length between workers: no DDP wrapper, no collectives.
         forward = ddp_model if train else (head_module if cached else model)
-        started = last_line = time.perf_counter()
-        for step, (x, labels, skipped) in enumerate(batches, 1):
-            if progress and rank == 0 and time.perf_counter() - last_line > PROGRESS_SECONDS:
-                last_line = time.perf_counter()
-                rate = sums[2] * world / (last_line - started)
-                sys.stdout.write(f"{progress}: step {step}/{steps}, {rate:.1f} img/s\n")
-                sys.stdout.flush()
+        for x, labels, skipped in batches:
             sums[3] += skipped
             with torch.set_grad_enabled(train), autocast(device, dtype):
                 logits = forward(x)
@@ -279,7 +287,9 @@ def train_loop_per_worker(config: dict) -> None:
             if train_cache is None:  # the first epoch of this run pays for one trunk pass
                 model.eval()
                 sampler.set_epoch(0)  # a fixed shard per worker, reshuffled within below
-                train_cache, val_cache = features(train_loader), features(val_loader)
+                what = f"epoch {epoch + 1}/{cfg.epochs}: trunk features"
+                train_cache = features(train_loader, f"{what}, training images")
+                val_cache = features(val_loader, f"{what}, validation images")
             train_batches = feature_batches(train_cache, steps, seed=cfg.seed + epoch)
             val_steps = max(1, math.ceil(len(val_cache[1]) / cfg.batch_size))
             val_batches = feature_batches(val_cache, val_steps, seed=None)
@@ -287,7 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
             sampler.set_epoch(epoch)
             train_batches, val_batches = images(train_loader), images(val_loader)
         set_train_mode(model, cfg.freeze)
-        train_sums = run(train_batches, train=True, progress=f"epoch {epoch + 1}/{cfg.epochs}")
+        what = f"epoch {epoch + 1}/{cfg.epochs}"
+        train_sums = run(with_progress(train_batches, what, steps), train=True)
         train_seconds = time.perf_counter() - started
         model.eval()
         predictions = [] if epoch == cfg.epochs - 1 else None

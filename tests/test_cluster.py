@@ -140,10 +140,13 @@ def test_no_cluster_cli_starts_local_ray(labelled_root, unlabelled, tmp_path):
         str(tmp_path / "m"),
         "--storage",
         str(tmp_path / "runs"),
+        "--progress-every",
+        "0",
         *SMALL,
         env=_env(),
     )
     assert train.returncode == 0, train.stderr[-3000:]
+    assert re.search(r"epoch 1/1: step 1/\d+, [\d.]+ img/s", train.stdout), train.stdout
     assert "epoch 1/1: train loss" in train.stdout
     assert "validation accuracy" in train.stdout
     images = os.path.dirname(next(iter(unlabelled)))
