@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,6 +39,8 @@ from torchvision import transforms
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from common import write_result  # noqa: E402
 
 from insectlib.images import decode, eval_transform, resize_size  # noqa: E402
 from insectlib.model import ModelMeta, build_model, save_model  # noqa: E402
@@ -272,7 +272,6 @@ def main() -> None:
         "source": source,
         "device": device,
         "gpu": gpu,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "low_precision": str(low) if low else None,
         "images_per_second": rows,
         "decode_images_per_second_per_core": decode,
@@ -282,10 +281,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
     out = args.out or os.path.join(REPO, "bench", "results", f"inference-{device}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out}")
+    write_result(out, report)
 
 
 if __name__ == "__main__":

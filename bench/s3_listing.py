@@ -9,9 +9,7 @@ in the server's access log: one per 1,000 keys, never one per object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -19,6 +17,8 @@ import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import write_result  # noqa: E402
 
 from insectlib import storage  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
@@ -75,19 +75,9 @@ def main() -> None:
             f"{r['objects']:>8} {r['seconds']:>8} {r['objects_per_second']:>10} "
             f"{r['list_requests']:>9} {r['python_peak_mib']:>9}"
         )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            {
-                "benchmark": "s3_listing",
-                "server": "moto (loopback)",
-                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "results": rows,
-            },
-            f,
-            indent=2,
-        )
-    print(f"written to {args.out}")
+    write_result(
+        args.out, {"benchmark": "s3_listing", "server": "moto (loopback)", "results": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from common import write_result  # noqa: E402
 
 
 def ray_worker_rss() -> dict[int, int]:
@@ -166,14 +167,10 @@ def main() -> None:
         "benchmark": "classify N and 4N generated 48x36 JPEG/PNG images, local Ray, 2 CPUs",
         "arch": args.arch,
         "image_size": args.image_size,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "runs": rows,
         "ratios": ratios,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

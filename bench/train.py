@@ -13,9 +13,7 @@ bench/results/train.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import ray  # noqa: E402
+from common import write_result  # noqa: E402
 
 from insectlib import sample  # noqa: E402
 from insectlib.train import TrainConfig, fit  # noqa: E402
@@ -107,14 +106,10 @@ def main() -> None:
         "data": "reference insect photos" if args.data == SHARED else (args.data or "generated"),
         "weights": weights,
         "image_size": args.image_size,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "runs": results,
         "cached_over_full_time": ratio,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -247,6 +247,12 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected numbers like 5,30, got {text!r}") from None
 
 
+def _config(cls, args):
+    """The `cls` dataclass config from the parsed flags of the same names."""
+    options = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+    return cls(**options, s3=_s3(args))
+
+
 def _s3(args) -> storage.S3Options:
     return storage.S3Options(endpoint_url=args.s3_endpoint, anonymous=args.anonymous)
 
@@ -257,29 +263,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from insectlib.train import TrainConfig, fit
 
-            options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-            run(fit, TrainConfig(**options, s3=_s3(args)))
+            run(fit, _config(TrainConfig, args))
         elif args.command == "classify":
             from insectlib.classify import ClassifyConfig, classify, print_summary
 
-            options = {
-                k: v for k, v in vars(args).items() if k in ClassifyConfig.__dataclass_fields__
-            }
-            print_summary(run(classify, ClassifyConfig(**options, s3=_s3(args))))
+            print_summary(run(classify, _config(ClassifyConfig, args)))
         elif args.command == "evaluate":
             from insectlib.evaluate import EvaluateConfig, evaluate, print_metrics
 
-            options = {
-                k: v for k, v in vars(args).items() if k in EvaluateConfig.__dataclass_fields__
-            }
-            print_metrics(run(evaluate, EvaluateConfig(**options, s3=_s3(args))), args.output)
+            print_metrics(run(evaluate, _config(EvaluateConfig, args)), args.output)
         elif args.command == "visualize":
             from insectlib.visualize import VisualizeConfig, visualize
 
-            options = {
-                k: v for k, v in vars(args).items() if k in VisualizeConfig.__dataclass_fields__
-            }
-            for uri in visualize(VisualizeConfig(**options, s3=_s3(args))):
+            for uri in visualize(_config(VisualizeConfig, args)):
                 print(uri)
         elif args.command == "demo":
             from insectlib.demo import run_demo
