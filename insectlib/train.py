@@ -23,7 +23,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from insectlib import storage
 from insectlib.errors import InsectError
-from insectlib.images import ImageError, decode, eval_transform, normalize, train_transform
+from insectlib.images import (
+    ImageError,
+    decode,
+    eval_transform,
+    normalize,
+    resize_size,
+    train_transform,
+)
 from insectlib.labels import LabelledSet, discover
 from insectlib.model import (
     META_FILE,
@@ -122,8 +129,8 @@ class ImageFiles(Dataset):
         self,
         items: list[tuple[str, int]],
         transform,
+        min_side: int | None,
         s3: storage.S3Options,
-        min_side: int | None = None,
     ):
         self.items, self.transform, self.s3, self.min_side = items, transform, s3, min_side
 
@@ -194,13 +201,15 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], state["history"]
 
+    # Evaluation-style preprocessing decodes exactly as `insect classify` does (JPEG draft).
+    evaluation = (eval_transform(cfg.image_size), resize_size(cfg.image_size))
     train_set = ImageFiles(
         config["train"],
-        train_transform(cfg.image_size) if cfg.augment else eval_transform(cfg.image_size),
-        cfg.s3,
+        *((train_transform(cfg.image_size), None) if cfg.augment else evaluation),
+        s3=cfg.s3,
     )
     # Validation shards without padding, so the summed counts are exact.
-    val_set = ImageFiles(config["val"][rank::world], eval_transform(cfg.image_size), cfg.s3)
+    val_set = ImageFiles(config["val"][rank::world], *evaluation, s3=cfg.s3)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
     loader_args = dict(
         batch_size=cfg.batch_size,
@@ -358,27 +367,23 @@ def train_loop_per_worker(config: dict) -> None:
             # Each epoch reads every file, so the last epoch's count is the number of bad files.
             data={**config["data"], "skipped_images": history[-1]["skipped_images"]},
         )
-        write_report_files(cfg, meta, validation, before_model=True)
-        save_model(cfg.output, model, meta, cfg.s3)
-        write_report_files(cfg, meta, validation, before_model=False)
-
-
-def write_report_files(cfg: TrainConfig, meta: ModelMeta, validation, before_model: bool):
-    """metrics.json and the PNGs go in before the model (meta.json, written last, marks a
-    complete directory); report.md after it, as it names the model id."""
-
-    def put(name: str, data: bytes) -> None:
-        storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
-
-    if before_model:
-        metrics = {"epochs": meta.epochs, "validation": validation}
-        put(METRICS_FILE, json.dumps(metrics, indent=2).encode())
-        put(CURVES_FILE, curves_png(meta.epochs))
+        # Metrics and pictures before the weights (meta.json, written last, marks a complete
+        # directory); report.md after them, as it names the model id that save_model sets.
+        metrics = {"epochs": history, "validation": validation}
+        write_model_file(cfg, METRICS_FILE, json.dumps(metrics, indent=2))
+        write_model_file(cfg, CURVES_FILE, curves_png(history))
         if validation:
-            put(CONFUSION_FILE, confusion_png(validation, "validation, last epoch"))
-    else:
+            picture = confusion_png(validation, "validation, last epoch")
+            write_model_file(cfg, CONFUSION_FILE, picture)
+        save_model(cfg.output, model, meta, cfg.s3)
         config = {k: v for k, v in asdict(cfg).items() if k not in ("s3", "address")}
-        put(REPORT_FILE, report_markdown(meta, config, validation).encode())
+        write_model_file(cfg, REPORT_FILE, report_markdown(meta, config, validation))
+
+
+def write_model_file(cfg: TrainConfig, name: str, data: str | bytes) -> None:
+    """Write one file of the model directory."""
+    data = data.encode() if isinstance(data, str) else data
+    storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
 
 
 def _sum_over_workers(t: torch.Tensor) -> torch.Tensor:
