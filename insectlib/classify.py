@@ -303,20 +303,13 @@ def prepare_output(cfg: ClassifyConfig, model_id: str) -> pa.Array | None:
                 f"output {cfg.output} is not empty; pass --overwrite to replace it "
                 "or --resume to finish an interrupted run"
             )
-        parts = []
-        for name in sorted(names):
-            if name.rstrip("/").endswith(SUCCESS_FILE):
-                fs.rm(name)  # rewritten when the resumed run is complete
-                continue
-            if not name.endswith(".parquet"):
-                continue
+        parts, incomplete = [], []
+        for name in sorted(n for n in names if n.endswith(".parquet")):
             try:
                 with fs.open(name, "rb") as f:
                     table = pq.read_table(f, columns=["path", "model"])
             except (OSError, pa.ArrowInvalid):
-                # A file the interrupted run was still writing: its rows are redone.
-                print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
-                fs.rm(name)
+                incomplete.append(name)  # the interrupted run was still writing it
                 continue
             others = set(pc.unique(table["model"]).to_pylist()) - {model_id}
             if others:
@@ -325,6 +318,14 @@ def prepare_output(cfg: ClassifyConfig, model_id: str) -> pa.Array | None:
                     f"{model_id}; resume with the same --model or write elsewhere"
                 )
             parts.append(table["path"])
+        # Only now that the output is known to be ours: the rows of incomplete files are
+        # redone, and the manifest is rewritten when the resumed run is complete.
+        for name in incomplete:
+            print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
+            fs.rm(name)
+        for name in names:
+            if name.rstrip("/").endswith(SUCCESS_FILE):
+                fs.rm(name)
     if not parts:
         return pa.array([], pa.string())
     return pc.unique(pa.chunked_array(parts, pa.string()).combine_chunks())

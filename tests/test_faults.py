@@ -18,6 +18,7 @@ import torch
 
 from insectlib import sample
 from insectlib.classify import ClassifyConfig, classify
+from insectlib.model import ModelMeta, build_model, save_model
 from insectlib.train import RUN_SNAPSHOT, TrainConfig, fit
 from tests.conftest import BIN, TEST_IMAGE_SIZE, expect_cli_error
 
@@ -122,6 +123,17 @@ def test_classify_resume_after_driver_killed(trained, many_images, tmp_path, cap
 
     # Resuming a finished run does nothing and keeps it whole.
     s = classify(ClassifyConfig(input=folder, model=cfg.output, output=str(out), resume=True))
+    assert sorted(read_paths(out)) == sorted(paths) and (out / "_SUCCESS").exists()
+
+    # Resuming with another model is refused, and the output stays whole, manifest included.
+    other = str(tmp_path / "other-model")
+    save_model(
+        other,
+        build_model("resnet18", len(meta.classes), "random"),
+        ModelMeta(classes=meta.classes, arch="resnet18", image_size=meta.image_size),
+    )
+    argv = ["classify", folder, "--model", other, "--output", str(out), "--resume"]
+    assert f"holds predictions of model {meta.model_id}" in expect_cli_error(capsys, argv)
     assert sorted(read_paths(out)) == sorted(paths) and (out / "_SUCCESS").exists()
 
 
