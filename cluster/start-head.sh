@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
-# Start a single-node Ray cluster (the head) on this machine, dashboard on 127.0.0.1 only.
+# Start a single-node Ray cluster (the head) on this machine, dashboard on 127.0.0.1 only,
+# with token authentication (RAY_AUTH_MODE=token) unless told otherwise.
 #
-#   cluster/start-head.sh            # plain head
-#   cluster/start-head.sh --token    # token-protected head (RAY_AUTH_MODE=token)
+#   cluster/start-head.sh              # token-protected head
+#   cluster/start-head.sh --no-auth    # no authentication: anyone who reaches a port runs code
 #
-# With --token the token is $RAY_AUTH_TOKEN when set, else ~/.ray/auth_token (generated
-# once by `ray get-auth-token --generate`). Submitters need the same token: see README.
+# Binding the dashboard to 127.0.0.1 does not close the head: the GCS (6379), Ray Client
+# (10001) and the dashboard agent's job API listen on the node's address. So the token is
+# on by default. It is $RAY_AUTH_TOKEN when set, else the file $RAY_AUTH_TOKEN_PATH or
+# ~/.ray/auth_token, which is created here (mode 600) when missing. Every node and every
+# submitter needs the same token and RAY_AUTH_MODE=token in its environment: see README.
 # Ports: RAY_PORT (default 6379), DASHBOARD_PORT (8265); NUM_CPUS limits the CPUs offered.
-# Further arguments go to `ray start`.
+# Further arguments go to `ray start`. (--token, the former opt-in, is accepted.)
 set -euo pipefail
 RAY=${RAY:-ray}
-if [ "${1:-}" = "--token" ]; then
-  shift
-  export RAY_AUTH_MODE=token
-  if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
-    "$RAY" get-auth-token --generate >/dev/null
-  fi
-else
-  export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
-fi
+case "${1:-}" in
+  --no-auth)
+    shift
+    echo "warning: starting a Ray head WITHOUT authentication: anyone who can reach its" \
+      "ports can run code as $(id -un) on this machine" >&2
+    export RAY_AUTH_MODE=disabled
+    ;;
+  --token) shift ;&
+  *)
+    export RAY_AUTH_MODE=token
+    if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+      token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+      if [ ! -s "$token_file" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        # umask 077: the token file is readable by its owner only, from its creation on.
+        (umask 077 && "$RAY" get-auth-token --generate >/dev/null)
+      fi
+      chmod 600 "$token_file"  # also an older, looser one
+    fi
+    ;;
+esac
 args=(--head --port "${RAY_PORT:-6379}" --dashboard-host 127.0.0.1
       --dashboard-port "${DASHBOARD_PORT:-8265}" --disable-usage-stats)
 if [ -n "${NUM_CPUS:-}" ]; then args+=(--num-cpus "$NUM_CPUS"); fi

@@ -2,39 +2,50 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
+import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset
-import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
-from insectlib import storage
-from insectlib.errors import InsectError
-from insectlib.images import ImageError, decode, eval_transform, is_image_name, resize_size
-from insectlib.model import read_meta, versions
+from insectlib import outputs, storage
+from insectlib.errors import ImageError, InsectError
+from insectlib.images import (
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    DecodeLimits,
+    eval_transform,
+    is_image_name,
+    preprocess,
+    resize_size,
+)
+from insectlib.model import check_weights, read_meta, versions
 from insectlib.predict import PRECISIONS, Predictor
-from insectlib.runtime import init_ray
+from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_warnings
 
 # torch.compile costs each actor ~10 s (up to a minute on a cold cache) and saves ~25 ms
 # per VGG-16 image on a CPU core: worth it from about a thousand images per actor.
 COMPILE_MIN_IMAGES_PER_ACTOR = 1000
 COMPILE_CHOICES = ("auto", "on", "off")
-SUCCESS_FILE = "_SUCCESS"  # JSON manifest; pyarrow, pandas and DuckDB globs skip it
+READ_AHEAD = 16  # S3 reads in flight per decoding process
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,8 +66,14 @@ class ClassifyConfig:
     overwrite: bool = False
     resume: bool = False  # classify only the inputs that have no row in the output yet
     max_error_fraction: float | None = None  # fail (after writing every row) above this
+    max_file_bytes: int = MAX_FILE_BYTES  # larger inputs get an error row
+    max_pixels: int = MAX_PIXELS  # images with more pixels get an error row
     address: str | None = None
     s3: storage.S3Options = field(default_factory=storage.S3Options)
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_file_bytes, self.max_pixels)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -70,9 +87,13 @@ class ClassifyConfig:
         for flag, value in (
             ("--batch-size", self.batch_size),
             ("--rows-per-file", self.rows_per_file),
+            ("--max-file-bytes", self.max_file_bytes),
+            ("--max-pixels", self.max_pixels),
         ):
             if value < 1:
                 raise InsectError(f"{flag} must be at least 1, got {value}")
+        if not self.cpus_per_actor > 0:
+            raise InsectError(f"--cpus-per-actor must be more than 0, got {self.cpus_per_actor}")
         if self.overwrite and self.resume:
             raise InsectError("--overwrite and --resume exclude each other")
 
@@ -91,53 +112,93 @@ class ClassifySummary:
 
 
 def listing_blocks(uri: str, s3: storage.S3Options, rows: int) -> Iterator[pa.Table]:
-    """The image files under `uri` as one-column (`path`) Arrow tables of `rows` rows."""
+    """The image files under `uri` as Arrow tables of `rows` rows (see `path_blocks`)."""
     return path_blocks((p for p in storage.iter_files(uri, s3) if is_image_name(p)), rows)
 
 
 def path_blocks(paths: Iterable[str], rows: int) -> Iterator[pa.Table]:
-    """`paths` as one-column (`path`) Arrow tables of `rows` rows."""
+    """`paths` as Arrow tables of `rows` rows: `path`, the file as the output names it, and
+    `raw_path`, the OS's bytes for a local name that is not valid UTF-8 (null otherwise):
+    such a name is shown with backslash escapes (`storage.printable`) but read as it is."""
     block: list[str] = []
     for path in paths:
         block.append(path)
         if len(block) == rows:
-            yield pa.table({"path": pa.array(block, pa.string())})
+            yield _path_table(block)
             block = []
     if block:
-        yield pa.table({"path": pa.array(block, pa.string())})
+        yield _path_table(block)
 
 
-def load_images(batch: dict[str, np.ndarray], image_size: int, s3) -> dict[str, np.ndarray]:
+def _path_table(paths: list[str]) -> pa.Table:
+    shown = [storage.printable(p) for p in paths]
+    raw = [None if s is p else os.fsencode(p) for s, p in zip(shown, paths, strict=True)]
+    return pa.table({"path": pa.array(shown, pa.string()), "raw_path": pa.array(raw, pa.binary())})
+
+
+def load_images(
+    batch: dict[str, np.ndarray], image_size: int, limits: DecodeLimits, s3
+) -> dict[str, np.ndarray]:
     """Read and preprocess a batch of files. A file that fails gets an error text, never an
-    exception: one bad file must not take the rest of its batch down."""
+    exception: one bad file must not take the rest of its batch down. Only a storage that
+    keeps failing (StorageUnavailable) stops the run."""
     paths = list(batch["path"])
+    raw = batch.get("raw_path")
+    if raw is not None:  # the OS's own bytes where the shown name had to be escaped
+        paths_read = [os.fsdecode(r) if r else p for p, r in zip(paths, raw, strict=True)]
+    else:
+        paths_read = paths
     transform, min_side = eval_transform(image_size), resize_size(image_size)
     images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.uint8)
     errors = [""] * len(paths)  # "" = fine; Arrow keeps the column a string column
 
-    def load(i: int) -> None:
+    def fetch(i: int) -> bytes | ImageError:
         try:
-            images[i] = transform(decode(storage.read_bytes(paths[i], s3), min_side)).numpy()
+            return storage.read_input(paths_read[i], limits.max_file_bytes, s3)
+        except ImageError as e:
+            return e
+
+    # On S3, reads overlap (object-store latency) but decoding stays one image at a time, so
+    # a decoding process holds at most READ_AHEAD files' bytes and one decoded image.
+    window = READ_AHEAD if paths and storage.is_s3(paths[0]) else 0
+    for i, data in enumerate(prefetch(fetch, range(len(paths)), window)):
+        try:
+            if isinstance(data, ImageError):
+                raise data
+            images[i] = preprocess(data, transform, min_side, limits).numpy()
         except ImageError as e:
             errors[i] = str(e)
-        except OSError as e:
-            errors[i] = f"unreadable file: {e.strerror or e}"
-
-    if paths and storage.is_s3(paths[0]):
-        with ThreadPoolExecutor(16) as pool:  # hide object-store latency
-            list(pool.map(load, range(len(paths))))
-    else:
-        for i in range(len(paths)):
-            load(i)
     return {"path": np.array(paths, dtype=object), "image": images, "error": np.array(errors)}
+
+
+def prefetch(fn: Callable[[int], T], items: Iterable[int], window: int) -> Iterator[T]:
+    """`fn(item)` for each item, in order, computed `window` at a time in threads (in this
+    thread when `window` is 0); at most `window` results wait to be consumed."""
+    if not window:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(window) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def classify(cfg: ClassifyConfig, paths: Iterable[str] | None = None) -> ClassifySummary:
     """Classify every image under `cfg.input` (or exactly `paths`, when given) and write one
-    Parquet row per file."""
+    Parquet row per file.
+
+    Nothing in the output is removed before the listing has produced its first files and
+    the model directory has been checked, and then only insect's own files."""
     cfg.validate()
     meta = read_meta(cfg.model, cfg.s3)
-    done = prepare_output(cfg, meta.model_id)
+    check_weights(cfg.model, meta, cfg.s3)
+    outputs.check_location(cfg.output, {"the input": cfg.input, "the model": cfg.model})
+    storage.check_bucket(cfg.output, cfg.s3)
+    removal = prepare_output(cfg)
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
     # One batch per block: Ray Data spreads blocks, not rows, over the model actors.
@@ -148,7 +209,12 @@ def classify(cfg: ClassifyConfig, paths: Iterable[str] | None = None) -> Classif
     first = next(blocks, None)
     if first is None:
         raise InsectError(f"no image files found in {cfg.input}")
+    if removal:
+        outputs.remove(cfg.output, removal, cfg.s3)
+    done = outputs.resume_state(cfg.output, meta.model_id, cfg.s3) if cfg.resume else None
     init_ray(cfg.address)
+    for warning in local_path_warnings({"--output": cfg.output}, live_nodes()):
+        print(warning, file=sys.stderr, flush=True)
 
     # The driver keeps only object references: listing blocks go straight to the object store.
     refs, inputs, todo = [], 0, 0
@@ -168,10 +234,11 @@ def classify(cfg: ClassifyConfig, paths: Iterable[str] | None = None) -> Classif
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     if refs:
         counter = Counter.remote()
-        with progress_bar(counter, todo):
+        with progress_bar(counter, todo), ray_task_errors():
             run_pipeline(refs, todo, cfg, meta.image_size, counter).write_parquet(
                 pa_path,
                 filesystem=pa_fs,
+                filename_provider=outputs.PartNames(),
                 min_rows_per_file=cfg.rows_per_file,
                 # Writing is light I/O; asking for a CPU would hold it back until the actors,
                 # which take every CPU, are done, and nothing would be on disk before the end.
@@ -179,32 +246,69 @@ def classify(cfg: ClassifyConfig, paths: Iterable[str] | None = None) -> Classif
             )
     seconds = time.perf_counter() - started
 
-    written = pyarrow.dataset.dataset(pa_path, filesystem=pa_fs, format="parquet")
-    rows = written.count_rows()
-    errors = written.count_rows(filter=pyarrow.dataset.field("error").is_valid())
+    rows, errors = outputs.count_rows(cfg.output, cfg.s3)
     summary = ClassifySummary(inputs, rows, errors, seconds, cfg.output)
-    if rows == inputs:
-        # Written last, and only when every input has its row: readers can trust the output.
-        manifest = {
-            "inputs": inputs,
-            "rows": rows,
-            "errors": errors,
-            "model": meta.model_id,
-            "input": cfg.input,
-            "started": started_at,
-            "finished": datetime.now(timezone.utc).isoformat(),
-            "resumed": done is not None,
-            "versions": versions(),
-        }
-        storage.write_bytes(
-            storage.join(cfg.output, SUCCESS_FILE), json.dumps(manifest, indent=2).encode(), cfg.s3
+    if rows != inputs:
+        raise InsectError(
+            f"{cfg.output} has {rows} rows for {inputs} inputs, so no {outputs.SUCCESS_FILE} "
+            "was written: inputs were added or removed since the run began, or rows are "
+            "missing; run again with --resume (or --overwrite to start over)"
         )
+    # Written last, and only when every input has its row: readers can trust the output.
+    manifest = {
+        "inputs": inputs,
+        "rows": rows,
+        "errors": errors,
+        "model": meta.model_id,
+        "input": cfg.input,
+        "started": started_at,
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "resumed": done is not None,
+        "versions": versions(),
+    }
+    storage.write_bytes(
+        storage.join(cfg.output, outputs.SUCCESS_FILE),
+        json.dumps(manifest, indent=2).encode(),
+        cfg.s3,
+    )
     if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * inputs:
         raise InsectError(
             f"{errors} of {inputs} images ({errors / inputs:.1%}) could not be classified, more "
             f"than --max-error-fraction {cfg.max_error_fraction}; every row is in {cfg.output}"
         )
     return summary
+
+
+def prepare_output(cfg: ClassifyConfig) -> list[str]:
+    """Check the output location before any work: it must be empty unless --overwrite or
+    --resume. Returns what --overwrite will remove once the run can start (see
+    `outputs.overwrite_plan`); refuses at once what it would not remove."""
+    entries = outputs.list_entries(cfg.output, cfg.s3)
+    if not entries:
+        return []
+    if cfg.overwrite:
+        return outputs.overwrite_plan(cfg.output, cfg.s3)
+    if not cfg.resume:
+        raise InsectError(
+            f"output {cfg.output} is not empty; pass --overwrite to replace it "
+            "or --resume to finish an interrupted run"
+        )
+    return []
+
+
+@contextlib.contextmanager
+def ray_task_errors():
+    """An InsectError raised in a Ray task (StorageUnavailable from a reader) reaches the
+    driver wrapped in Ray's exceptions: re-raise it as itself, for the CLI to print."""
+    try:
+        yield
+    except InsectError:
+        raise
+    except Exception as e:
+        cause = insect_error_in(e)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 @ray.remote(num_cpus=0)
@@ -262,7 +366,7 @@ def run_pipeline(
     ds = ray.data.from_arrow_refs(refs)
     ds = ds.map_batches(
         load_images,
-        fn_kwargs={"image_size": image_size, "s3": cfg.s3},
+        fn_kwargs={"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3},
         batch_size=cfg.batch_size,
         # On CPU, as many CPUs as a model actor, so that Ray Data fuses decoding into the
         # actor (no copy between processes); on GPU, decode tasks of their own on every core.
@@ -285,50 +389,6 @@ def run_pipeline(
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )
-
-
-def prepare_output(cfg: ClassifyConfig, model_id: str) -> pa.Array | None:
-    """Make the output location ready. Returns the paths that already have a row when
-    resuming (None otherwise); refuses a non-empty output without --overwrite or --resume."""
-    storage.check_bucket(cfg.output, cfg.s3)
-    fs, path = storage.filesystem(cfg.output, cfg.s3)
-    with storage.user_errors(cfg.output):
-        names = fs.ls(path, detail=False) if fs.exists(path) else []
-        if names and cfg.overwrite:
-            fs.rm(path, recursive=True)
-        if not names or cfg.overwrite:
-            return pa.array([], pa.string()) if cfg.resume else None
-        if not cfg.resume:
-            raise InsectError(
-                f"output {cfg.output} is not empty; pass --overwrite to replace it "
-                "or --resume to finish an interrupted run"
-            )
-        parts, incomplete = [], []
-        for name in sorted(n for n in names if n.endswith(".parquet")):
-            try:
-                with fs.open(name, "rb") as f:
-                    table = pq.read_table(f, columns=["path", "model"])
-            except (OSError, pa.ArrowInvalid):
-                incomplete.append(name)  # the interrupted run was still writing it
-                continue
-            others = set(pc.unique(table["model"]).to_pylist()) - {model_id}
-            if others:
-                raise InsectError(
-                    f"{cfg.output} holds predictions of model {others.pop()}, not of "
-                    f"{model_id}; resume with the same --model or write elsewhere"
-                )
-            parts.append(table["path"])
-        # Only now that the output is known to be ours: the rows of incomplete files are
-        # redone, and the manifest is rewritten when the resumed run is complete.
-        for name in incomplete:
-            print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
-            fs.rm(name)
-        for name in names:
-            if name.rstrip("/").endswith(SUCCESS_FILE):
-                fs.rm(name)
-    if not parts:
-        return pa.array([], pa.string())
-    return pc.unique(pa.chunked_array(parts, pa.string()).combine_chunks())
 
 
 def _max_actors(cfg: ClassifyConfig) -> int:

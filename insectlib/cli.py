@@ -31,6 +31,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    from insectlib.images import MAX_FILE_BYTES, MAX_PIXELS
+
+    p.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=MAX_FILE_BYTES,
+        help="input files larger than this are not read (an error row; skipped in training)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help="images with more pixels are not decoded (an error row; skipped in training); "
+        "JPEGs count at the reduced scale they are decoded at",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="insect", description="Fine-tune and run image classifiers on Ray."
@@ -126,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         help="worker failures survived by restarting from the latest checkpoint (-1: no limit)",
     )
+    _add_limits(t)
     t.add_argument(
         "--keep-checkpoints",
         type=int,
@@ -188,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="finish an interrupted run: classify only the inputs without a row in --output",
     )
+    _add_limits(c)
     _add_common(c)
 
     e = sub.add_parser(
@@ -205,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-actors", type=int, help="model actors (default: one per CPU or GPU)")
     e.add_argument("--cpus-per-actor", type=float, default=1.0)
+    _add_limits(e)
     _add_common(e)
 
     v = sub.add_parser(

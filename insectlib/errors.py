@@ -1,4 +1,4 @@
-"""The one exception type a user is meant to read."""
+"""The exception types a user is meant to read."""
 
 
 class InsectError(Exception):
@@ -7,3 +7,16 @@ class InsectError(Exception):
     The CLI prints the message and exits non-zero without a traceback; anything else
     escaping is a bug in insect.
     """
+
+
+class ImageError(ValueError):
+    """One input file that cannot be used (unreadable, not a regular file, too large, not an
+    image of an accepted format); the message is the text of its `error` row. Classification
+    records it and goes on; training skips and counts the file."""
+
+
+class StorageUnavailable(InsectError):
+    """Reading failed for a reason outside the file itself (throttling, timeouts, server
+    errors, expired or missing credentials) and retries did not help. It stops the run
+    rather than being recorded as the file's fate: the rows written so far are kept, and
+    `--resume` continues once the cause is fixed."""

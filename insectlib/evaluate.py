@@ -11,11 +11,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 import pyarrow.parquet as pq
 
-from insectlib import storage
+from insectlib import outputs, storage
 from insectlib.classify import ClassifyConfig, classify
 from insectlib.errors import InsectError
+from insectlib.images import MAX_FILE_BYTES, MAX_PIXELS
 from insectlib.labels import discover
-from insectlib.model import read_meta
+from insectlib.model import check_weights, read_meta
 from insectlib.report import classification_metrics, confusion_png
 
 PREDICTIONS_DIR = "predictions"
@@ -25,6 +26,7 @@ METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG = (
     "confusion_matrix.png",
 )
 MISCLASSIFIED_FILE = "misclassified.parquet"
+EVALUATION_FILES = (METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG, MISCLASSIFIED_FILE)
 
 
 @dataclass
@@ -39,6 +41,8 @@ class EvaluateConfig:
     max_actors: int | None = None
     cpus_per_actor: float = 1.0
     precision: str = "auto"
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_pixels: int = MAX_PIXELS
     overwrite: bool = False
     address: str | None = None
     s3: storage.S3Options = field(default_factory=storage.S3Options)
@@ -47,7 +51,10 @@ class EvaluateConfig:
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
     else every image) and write metrics, the confusion matrix and the misclassified rows."""
+    outputs.check_location(cfg.output, {"the input": cfg.data, "the model": cfg.model})
+    removal = plan_overwrite(cfg)
     meta = read_meta(cfg.model, cfg.s3)
+    check_weights(cfg.model, meta, cfg.s3)
     labelled = discover(cfg.data, s3=cfg.s3)
     unknown = sorted(set(labelled.classes) - set(meta.classes))
     if unknown:
@@ -60,13 +67,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     truth = {uri: index[labelled.classes[y]] for uri, y in items}
     where = f"its {labelled.held_out}/ folder" if labelled.held_out else "every image"
     print(f"evaluating model {meta.model_id} on {len(truth)} images of {cfg.data} ({where})")
-
-    fs, path = storage.filesystem(cfg.output, cfg.s3)
-    with storage.user_errors(cfg.output):
-        if fs.exists(path) and fs.ls(path):
-            if not cfg.overwrite:
-                raise InsectError(f"output {cfg.output} is not empty; pass --overwrite")
-            fs.rm(path, recursive=True)
+    # Only now that the data is listed and the model checked: the old evaluation goes.
+    outputs.remove(cfg.output, removal, cfg.s3)
     predictions = storage.join(cfg.output, PREDICTIONS_DIR)
     classify(
         ClassifyConfig(
@@ -78,6 +80,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             max_actors=cfg.max_actors,
             cpus_per_actor=cfg.cpus_per_actor,
             precision=cfg.precision,
+            max_file_bytes=cfg.max_file_bytes,
+            max_pixels=cfg.max_pixels,
             address=cfg.address,
             s3=cfg.s3,
         ),
@@ -109,6 +113,21 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out_fs, out_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     pq.write_table(wrong, f"{out_path.rstrip('/')}/{MISCLASSIFIED_FILE}", filesystem=out_fs)
     return metrics
+
+
+def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
+    """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
+    output without it, or one holding anything else."""
+    entries = outputs.list_entries(cfg.output, cfg.s3)
+    if not entries:
+        return []
+    if not cfg.overwrite:
+        raise InsectError(f"output {cfg.output} is not empty; pass --overwrite")
+    why = "--overwrite removes only what insect wrote: move them or choose another --output"
+    outputs.refuse_foreign(cfg.output, entries, why, EVALUATION_FILES, (PREDICTIONS_DIR,))
+    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
+    own = [e["name"] for e in entries if e["type"] == "file"]
+    return own + outputs.overwrite_plan(predictions, cfg.s3)
 
 
 def print_metrics(metrics: dict, output: str) -> None:

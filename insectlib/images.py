@@ -2,28 +2,71 @@
 
 Images travel between stages as uint8 CHW tensors (4x smaller than float32); the model
 side turns a batch into normalised floats with `normalize`, on whatever device it runs.
+
+Input files are untrusted: `load_image` reads one with the limits of `DecodeLimits`, lets
+only the Pillow plugins of the accepted formats open it, and turns every failure of the
+file itself into an `ImageError` whose text becomes the file's error row.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+from insectlib import storage
+from insectlib.errors import ImageError
+
+# The accepted extensions and the Pillow plugin behind each. Only these plugins may open a
+# file, whatever its name says: Pillow would otherwise open PostScript, PDF, ICNS and a
+# few dozen other formats from any bytes, and its EPS plugin runs Ghostscript on them.
+FORMATS_BY_EXTENSION = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",  # also opens multi-picture JPEGs (MPO), as many cameras write
+    ".png": "PNG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+IMAGE_EXTENSIONS = frozenset(FORMATS_BY_EXTENSION)
+PILLOW_FORMATS = tuple(sorted(set(FORMATS_BY_EXTENSION.values())))
+
+# Pillow's own threshold (89.5M pixels; it warns above it and refuses above twice it).
+# Insect refuses above it: a decoded RGB image of that size holds 268 MB. JPEGs count at
+# the reduced size their draft decoding produces, so camera photos of any size pass.
+MAX_PIXELS = 89_478_485
+MAX_FILE_BYTES = 256 * 2**20
+# The longest side kept before resizing, as a multiple of the shorter one. The centre crop
+# only ever uses a square around the middle, so a wider image is cut to 4:1 first: a
+# 1000x1 PNG would otherwise be resized to 256000x256 (260 MB), a 100000x1 one to 20 GB.
+MAX_ASPECT = 4
+
+# The pixel check in `decode` replaces Pillow's bomb warning, which would only repeat it;
+# Pillow's other warnings are about corrupt files, which the file's error row reports.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 # ImageNet statistics: the normalisation the pretrained torchvision weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageError(ValueError):
-    """A file that cannot be turned into an image; the message is the `error` column's text."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one input file may cost: bytes read and pixels decoded (`--max-file-bytes`,
+    `--max-pixels`). Files over a limit get an error row instead of the memory."""
+
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_pixels: int = MAX_PIXELS
 
 
 def is_image_name(name: str) -> bool:
@@ -36,31 +79,100 @@ def resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
-def decode(data: bytes, min_side: int | None = None) -> Image.Image:
+def load_image(
+    uri: str,
+    transform: Callable[[Image.Image], torch.Tensor],
+    min_side: int | None,
+    limits: DecodeLimits,
+    s3: storage.S3Options | None = None,
+) -> torch.Tensor:
+    """Read, decode and transform one input file: the path both commands take.
+
+    Raises ImageError for anything wrong with the file itself (its row's text names the
+    problem) and StorageUnavailable when the storage keeps failing; nothing else."""
+    data = storage.read_input(uri, limits.max_file_bytes, s3)
+    return preprocess(data, transform, min_side, limits)
+
+
+def preprocess(
+    data: bytes,
+    transform: Callable[[Image.Image], torch.Tensor],
+    min_side: int | None,
+    limits: DecodeLimits,
+) -> torch.Tensor:
+    """Decode and transform one file's bytes; any failure is an ImageError that names the
+    exception type when it is not one `decode` knows."""
+    try:
+        return transform(decode(data, min_side, limits.max_pixels))
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:  # hostile bytes reach Pillow's and torchvision's corner cases
+        raise ImageError(f"unreadable image: {type(e).__name__}: {e}") from None
+
+
+def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to an RGB PIL image with its EXIF orientation applied.
 
     With `min_side`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
     keeps its shorter side at least `min_side` pixels: a 1024x768 photo for a 224 px model
     decodes at 512x384, several times faster, and the resize that follows sees nearly the
-    same pixels."""
+    same pixels. Images of more than `max_pixels` (after that reduction) are refused before
+    their pixels are decoded."""
     if not data:
         raise ImageError("empty file")
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own refusal must not come first
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         image.seek(0)  # first frame of animations
-        if min_side and image.format == "JPEG":
+        if min_side and image.format in ("JPEG", "MPO"):
             image.draft(None, (min_side, min_side))
+        check_dimensions(image.size, max_pixels)
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"too many pixels: {e}") from None
+        raise ImageError(f"image too large: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image") from None
+        raise ImageError(f"not an image (accepted formats: {', '.join(PILLOW_FORMATS)})") from None
     except OSError as e:
         text = str(e)
         if "truncated" in text.lower():
             raise ImageError(f"truncated image: {text}") from None
         raise ImageError(f"unreadable image: {text}") from None
+    except Exception as e:  # ValueError, SyntaxError, struct.error, ... from broken headers
+        raise ImageError(f"unreadable image: {type(e).__name__}: {e}") from None
+
+
+def check_dimensions(size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse sizes no decoder should allocate for."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"bad dimensions: {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image too large: {width}x{height} = {width * height:,} pixels, more than "
+            f"--max-pixels {max_pixels:,}"
+        )
+
+
+def limit_aspect(image: Image.Image) -> Image.Image:
+    """The centre of `image` cut to at most MAX_ASPECT:1, so that resizing its shorter side
+    cannot build a huge intermediate image (see MAX_ASPECT). Images within the ratio are
+    returned unchanged."""
+    width, height = image.size
+    if width > MAX_ASPECT * height:
+        keep = MAX_ASPECT * height
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    if height > MAX_ASPECT * width:
+        keep = MAX_ASPECT * width
+        top = (height - keep) // 2
+        return image.crop((0, top, width, top + keep))
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -80,6 +192,7 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     `decode(data, min_side=resize_size(image_size))`."""
     return v2.Compose(
         [
+            limit_aspect,
             # Resizing the PIL image before tensor conversion uses Pillow's SIMD resampler.
             v2.Resize(resize_size(image_size), antialias=True),
             v2.CenterCrop(image_size),

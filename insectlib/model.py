@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import platform
+import struct
 from dataclasses import asdict, dataclass, field
 
 import safetensors.torch
@@ -25,6 +27,7 @@ from insectlib.images import IMAGENET_MEAN, IMAGENET_STD
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: everything trains
+IMAGE_SIZES = range(16, 4097)  # model input sizes, in pixels, that a model directory may hold
 
 
 @dataclass
@@ -52,9 +55,9 @@ class ModelMeta:
         try:
             raw = json.loads(text)
             meta = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-        except (ValueError, TypeError, KeyError) as e:
+            meta.validate(where)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise InsectError(f"{where} is not a valid insect meta.json: {e}") from None
-        meta.validate(where)
         return meta
 
     def validate(self, where: str) -> None:
@@ -68,10 +71,20 @@ class ModelMeta:
             problems.append("'classes' must list at least 2 distinct names")
         if self.arch not in available_archs():
             problems.append(f"unknown arch {self.arch!r}")
-        if not isinstance(self.image_size, int) or not 16 <= self.image_size <= 4096:
+        if not isinstance(self.image_size, int) or self.image_size not in IMAGE_SIZES:
             problems.append(f"bad image_size {self.image_size!r}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            problems.append("'mean' and 'std' must have 3 values")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not (
+                isinstance(values, list)
+                and len(values) == 3
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+                and (name == "mean" or all(v > 0 for v in values))
+            ):
+                rule = "3 finite numbers" + (" above 0" if name == "std" else "")
+                problems.append(f"'{name}' must be {rule}")
+        if not isinstance(self.model_id, str) or not isinstance(self.head, str):
+            problems.append("'model_id' and 'head' must be strings")
         if problems:
             raise InsectError(f"{where} is not a valid insect meta.json: {'; '.join(problems)}")
 
@@ -97,6 +110,15 @@ def check_arch(arch: str) -> None:
         raise InsectError(
             f"unknown --arch {arch!r}: use a torchvision classification model such as "
             "vgg16, resnet50 or efficientnet_b0 (see torchvision.models.list_models())"
+        )
+
+
+def check_image_size(size: int) -> None:
+    """Refuse a model input size that a model directory could not hold."""
+    if size not in IMAGE_SIZES:
+        raise InsectError(
+            f"--image-size must be between {IMAGE_SIZES.start} and {IMAGE_SIZES.stop - 1} "
+            f"pixels, got {size}"
         )
 
 
@@ -190,15 +212,35 @@ def load_state_dict_file(uri: str, s3: storage.S3Options | None = None) -> dict[
 
 
 def save_model(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> ModelMeta:
-    """Write the model directory; returns the meta with its content-hash model id filled in."""
+    """Write the model directory (weights, then meta.json); returns the meta with its
+    content-hash model id filled in."""
+    write_weights(uri, model, meta, s3)
+    write_meta(uri, meta, s3)
+    return meta
+
+
+def write_weights(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> None:
+    """Write the weights file and set `meta.model_id` (and versions) from it."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = safetensors.torch.save(state)
-    meta.model_id = hashlib.sha256(data).hexdigest()[:16]
+    meta.model_id = model_id(data)
     meta.versions = versions()
     storage.write_bytes(storage.join(uri, WEIGHTS_FILE), data, s3)
-    # meta.json last: a directory with a meta.json is complete.
+
+
+def write_meta(uri: str, meta: ModelMeta, s3=None) -> None:
+    """Write meta.json: last of all, as a directory with a meta.json is complete."""
     storage.write_bytes(storage.join(uri, META_FILE), meta.to_json().encode(), s3)
-    return meta
+
+
+def remove_meta(uri: str, s3=None) -> None:
+    """Remove meta.json, first of all when a model directory is rewritten: until the new
+    one is written last, the directory is not a model, rather than old meta beside new
+    weights."""
+    fs, path = storage.filesystem(storage.join(uri, META_FILE), s3)
+    with storage.user_errors(uri):
+        if fs.exists(path):
+            fs.rm_file(path)
 
 
 def read_meta(uri: str, s3: storage.S3Options | None = None) -> ModelMeta:
@@ -212,26 +254,71 @@ def read_meta(uri: str, s3: storage.S3Options | None = None) -> ModelMeta:
     return ModelMeta.from_json(data.decode(errors="replace"), meta_uri)
 
 
-def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module, ModelMeta]:
-    """Rebuild a trained model from its directory (on the CPU, in eval mode)."""
-    meta = read_meta(uri, s3)
-    weights_uri = storage.join(uri, WEIGHTS_FILE)
-    with torch.device("meta"):  # no time spent on random init that is overwritten anyway
+def _expected_shapes(meta: ModelMeta) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: no memory, no time on random init
         model = torchvision.models.get_model(meta.arch, weights=None)
         replace_head(model, len(meta.classes))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
-        state = safetensors.torch.load(storage.read_bytes(weights_uri, s3))
-    except FileNotFoundError:
-        raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
-    except Exception as e:
-        raise InsectError(f"cannot read {weights_uri}: {e}") from None
-    found = {k: tuple(v.shape) for k, v in state.items()}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_shapes(found: dict, meta: ModelMeta, weights_uri: str) -> None:
+    expected = _expected_shapes(meta)
     if found != expected:
         wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
         raise InsectError(
             f"{weights_uri} does not match {meta.arch} with {len(meta.classes)} classes "
             f"(first differences: {wrong})"
         )
+
+
+def check_weights(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None) -> None:
+    """Check, from its header alone, that the weights file is there and fits `meta`, so
+    that a broken model directory is refused before a run changes anything."""
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    fs, path = storage.filesystem(weights_uri, s3)
+    with storage.user_errors(weights_uri):
+        try:
+            with fs.open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > 100 * 2**20:
+                    raise ValueError(f"a header of {size} bytes")
+                header = json.loads(f.read(size))
+            found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        except FileNotFoundError:
+            raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
+        except (ValueError, TypeError, KeyError, AttributeError, struct.error) as e:
+            raise InsectError(f"{weights_uri} is not a valid safetensors file: {e}") from None
+    _check_shapes(found, meta, weights_uri)
+
+
+def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module, ModelMeta]:
+    """Rebuild a trained model from its directory (on the CPU, in eval mode). The weights
+    must hash to meta.json's `model_id`: a directory whose files come from different runs
+    (an interrupted --overwrite, a copied file) is refused."""
+    meta = read_meta(uri, s3)
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    try:
+        data = storage.read_bytes(weights_uri, s3)
+    except FileNotFoundError:
+        raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
+    if model_id(data) != meta.model_id:
+        raise InsectError(
+            f"{weights_uri} is not the model meta.json describes (its hash is {model_id(data)}, "
+            f"meta.json says {meta.model_id}): the directory is incomplete or was changed; "
+            "train it again"
+        )
+    try:
+        state = safetensors.torch.load(data)
+    except Exception as e:
+        raise InsectError(f"cannot read {weights_uri}: {e}") from None
+    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, meta, weights_uri)
+    with torch.device("meta"):
+        model = torchvision.models.get_model(meta.arch, weights=None)
+        replace_head(model, len(meta.classes))
     model.load_state_dict(state, assign=True)
     return model.eval(), meta
+
+
+def model_id(weights: bytes) -> str:
+    """The id of a model: a prefix of its safetensors file's SHA-256."""
+    return hashlib.sha256(weights).hexdigest()[:16]

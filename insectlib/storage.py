@@ -7,15 +7,26 @@ whether a location is local or in a bucket.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-from collections.abc import Iterator
+import random
+import stat
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 import fsspec.asyn
 import pyarrow.fs
 
-from insectlib.errors import InsectError
+from insectlib.errors import ImageError, InsectError, StorageUnavailable
+
+# Reading one input from S3: attempts and the first back-off (doubled each time, with
+# jitter), on top of botocore's own retries. ~7 s in all before a run gives up.
+READ_ATTEMPTS = 4
+READ_BACKOFF_S = 1.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,117 @@ def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
     fs, path = filesystem(uri, s3)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def read_input(uri: str, max_bytes: int, s3: S3Options | None = None) -> bytes:
+    """The bytes of one input file (an image to classify or train on).
+
+    Only regular files are read, and at most `max_bytes` of them: a FIFO would block a
+    reader forever, a link to /dev/zero would fill its memory. What is wrong with the file
+    itself (missing, not a regular file, too large, permission denied locally) raises
+    ImageError, which becomes the file's error row. On S3 every other failure (throttling,
+    timeouts, server errors, denied or expired credentials) is retried with back-off and
+    then raises StorageUnavailable: it says nothing about the image and must stop the run
+    rather than become its row."""
+    if not is_s3(uri):
+        return _read_local_input(uri, max_bytes)
+    fs, path = filesystem(uri, s3)
+
+    def get() -> bytes:
+        # One ranged GET: no HEAD request, and never more than the cap plus one byte.
+        try:
+            return fs.cat_file(path, start=0, end=max_bytes + 1)
+        except OSError as e:
+            text = str(e).lower()
+            if "range is not satisfiable" in text or "invalidrange" in text:
+                return b""  # S3 answers a ranged GET of an empty object with 416
+            raise
+
+    try:
+        data = retrying(get, uri)
+    except FileNotFoundError:
+        raise ImageError("not found (removed after it was listed?)") from None
+    _check_input_size(len(data), max_bytes)
+    return data
+
+
+def retrying(fn: Callable[[], T], uri: str) -> T:
+    """`fn()`, retried with exponential back-off on any failure but FileNotFoundError (and
+    ImageError); after READ_ATTEMPTS it raises StorageUnavailable naming `uri`."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return fn()
+        except (FileNotFoundError, ImageError):
+            raise
+        except Exception as e:
+            if attempt == READ_ATTEMPTS - 1:
+                raise StorageUnavailable(
+                    f"cannot read {uri} after {READ_ATTEMPTS} attempts: {type(e).__name__}: "
+                    f"{e}. The rows written so far are kept: fix the cause and rerun with "
+                    "--resume"
+                ) from None
+            time.sleep(READ_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+def _read_local_input(path: str, max_bytes: int) -> bytes:
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer. The type is checked on the
+        # open descriptor, so a file swapped after listing cannot slip through.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError("unreadable file: not found (or a dangling link)") from None
+    except OSError as e:
+        raise ImageError(f"unreadable file: {e.strerror or e}") from None
+    with open(fd, "rb", closefd=True) as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"not a regular file ({_file_kind(mode)})")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageError(f"unreadable file: {e.strerror or e}") from None
+    _check_input_size(len(data), max_bytes)
+    return data
+
+
+def _check_input_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageError(f"file too large: more than --max-file-bytes {max_bytes:,}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def printable(path: str) -> str:
+    """`path` as valid UTF-8 text. Local names that are not UTF-8 arrive from the OS with
+    their undecodable bytes as surrogates; those bytes are written as backslash escapes
+    (`\\xff`), which Arrow, Parquet and terminals accept. Other names are unchanged."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def sha256(uri: str, s3: S3Options | None = None) -> str:
+    """The SHA-256 of a file's content, read in 8 MB pieces."""
+    fs, path = filesystem(uri, s3)
+    digest = hashlib.sha256()
+    with user_errors(uri), fs.open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -22,11 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from insectlib import storage
-from insectlib.errors import InsectError
+from insectlib.errors import ImageError, InsectError
 from insectlib.images import (
-    ImageError,
-    decode,
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    DecodeLimits,
     eval_transform,
+    load_image,
     normalize,
     resize_size,
     train_transform,
@@ -38,14 +42,17 @@ from insectlib.model import (
     apply_freeze,
     build_model,
     check_arch,
+    check_image_size,
     head_name,
     read_meta,
-    save_model,
+    remove_meta,
     set_train_mode,
+    write_meta,
+    write_weights,
 )
 from insectlib.predict import PRECISIONS, autocast, resolve_precision
 from insectlib.report import classification_metrics, confusion_png, curves_png, report_markdown
-from insectlib.runtime import init_ray
+from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_warnings
 from insectlib.storage import S3Options
 
 OPTIMIZERS = ("sgd", "adam")
@@ -55,6 +62,23 @@ CONFUSION_FILE, REPORT_FILE = "confusion_matrix.png", "report.md"
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
 # Ray Train's record of a run's checkpoints: where it exists, a run of that name continues.
 RUN_SNAPSHOT = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+RUN_RECORD = "insect-run.json"  # beside it: what `--resume` must find unchanged
+# The settings a resumed run must share with its start: they shape the model, its weights
+# and its training. Others (epochs, workers, precision, paths, ...) may change.
+RESUME_FIELDS = (
+    "arch",
+    "weights",
+    "freeze",
+    "image_size",
+    "seed",
+    "val_fraction",
+    "augment",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+)
 
 
 @dataclass
@@ -88,6 +112,8 @@ class TrainConfig:
     cache_features: bool = True  # frozen trunk, no augmentation: one trunk pass per run
     progress_every: float = 10.0  # seconds between progress lines within an epoch
     max_failures: int = 2  # worker failures survived by restoring the latest checkpoint
+    max_file_bytes: int = MAX_FILE_BYTES  # larger images are skipped and counted
+    max_pixels: int = MAX_PIXELS  # images with more pixels are skipped and counted
     resume: bool = False  # continue the run `name` found in `storage`
     overwrite: bool = False
     address: str | None = None
@@ -99,16 +125,24 @@ class TrainConfig:
         when they cannot change, i.e. the trunk is frozen and no augmentation is applied."""
         return self.cache_features and self.freeze == "trunk" and not self.augment
 
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_file_bytes, self.max_pixels)
+
     def validate(self) -> None:
         check_arch(self.arch)
         for flag, value, low in (
             ("--epochs", self.epochs, 1),
             ("--batch-size", self.batch_size, 1),
             ("--workers", self.workers, 1),
-            ("--image-size", self.image_size, 16),
+            ("--max-file-bytes", self.max_file_bytes, 1),
+            ("--max-pixels", self.max_pixels, 1),
         ):
             if value < low:
                 raise InsectError(f"{flag} must be at least {low}, got {value}")
+        check_image_size(self.image_size)
+        if not self.cpus_per_worker > 0:
+            raise InsectError(f"--cpus-per-worker must be more than 0, got {self.cpus_per_worker}")
         if self.placement not in PLACEMENTS:
             raise InsectError(f"unknown --placement {self.placement!r}: choose {PLACEMENTS}")
         if self.optimizer not in OPTIMIZERS:
@@ -122,17 +156,20 @@ class TrainConfig:
 
 
 class ImageFiles(Dataset):
-    """(uint8 image, label) pairs read through storage; None for files that fail to decode.
-    `min_side`: decode JPEGs at reduced scale (see `decode`), for the evaluation transform."""
+    """(uint8 image, label) pairs read through `images.load_image`, as classify reads them;
+    None for a file that cannot be used (skipped and counted). `min_side`: decode JPEGs at
+    reduced scale (see `decode`), for the evaluation transform."""
 
     def __init__(
         self,
         items: list[tuple[str, int]],
         transform,
         min_side: int | None,
+        limits: DecodeLimits,
         s3: storage.S3Options,
     ):
-        self.items, self.transform, self.s3, self.min_side = items, transform, s3, min_side
+        self.items, self.transform, self.min_side = items, transform, min_side
+        self.limits, self.s3 = limits, s3
 
     def __len__(self) -> int:
         return len(self.items)
@@ -140,11 +177,11 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         uri, label = self.items[i]
         try:
-            image = decode(storage.read_bytes(uri, self.s3), self.min_side)
-        except (ImageError, OSError) as e:
-            print(f"skipping {uri}: {e}")
+            image = load_image(uri, self.transform, self.min_side, self.limits, self.s3)
+        except ImageError as e:
+            sys.stdout.write(f"skipping {storage.printable(uri)}: {e}\n")
             return None
-        return self.transform(image), label
+        return image, label
 
 
 def collate(samples, image_size: int):
@@ -206,10 +243,11 @@ def train_loop_per_worker(config: dict) -> None:
     train_set = ImageFiles(
         config["train"],
         *((train_transform(cfg.image_size), None) if cfg.augment else evaluation),
+        limits=cfg.limits,
         s3=cfg.s3,
     )
     # Validation shards without padding, so the summed counts are exact.
-    val_set = ImageFiles(config["val"][rank::world], *evaluation, s3=cfg.s3)
+    val_set = ImageFiles(config["val"][rank::world], *evaluation, limits=cfg.limits, s3=cfg.s3)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
     loader_args = dict(
         batch_size=cfg.batch_size,
@@ -328,6 +366,16 @@ def train_loop_per_worker(config: dict) -> None:
             "seconds": float(seconds[1]),
             "cached_features": cached,
         }
+        if config["val"] and not metrics["val_images"]:
+            # Every worker sees the same summed counts, so all stop here together; the
+            # driver turns the reported problem into its error (no retries, no model).
+            problem = (
+                f"none of the {len(config['val'])} validation images could be read "
+                f"({metrics['skipped_images']} unreadable images in epoch {epoch + 1}); no "
+                "model was written: fix or remove them (the skipped files are logged above)"
+            )
+            ray.train.report({**metrics, "problem": problem})
+            return
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
@@ -367,17 +415,26 @@ def train_loop_per_worker(config: dict) -> None:
             # Each epoch reads every file, so the last epoch's count is the number of bad files.
             data={**config["data"], "skipped_images": history[-1]["skipped_images"]},
         )
-        # Metrics and pictures before the weights (meta.json, written last, marks a complete
-        # directory); report.md after them, as it names the model id that save_model sets.
-        metrics = {"epochs": history, "validation": validation}
-        write_model_file(cfg, METRICS_FILE, json.dumps(metrics, indent=2))
-        write_model_file(cfg, CURVES_FILE, curves_png(history))
-        if validation:
-            picture = confusion_png(validation, "validation, last epoch")
-            write_model_file(cfg, CONFUSION_FILE, picture)
-        save_model(cfg.output, model, meta, cfg.s3)
-        config = {k: v for k, v in asdict(cfg).items() if k not in ("s3", "address")}
-        write_model_file(cfg, REPORT_FILE, report_markdown(meta, config, validation))
+        write_model_dir(cfg, model, meta, validation)
+
+
+def write_model_dir(
+    cfg: TrainConfig, model: nn.Module, meta: ModelMeta, validation: dict | None
+) -> None:
+    """Write the model directory `cfg.output`. meta.json marks a complete directory: an old
+    one is removed first and the new one written last, so that a crash in between leaves
+    no directory that looks complete (old classes and id beside new weights)."""
+    remove_meta(cfg.output, cfg.s3)
+    metrics = {"epochs": meta.epochs, "validation": validation}
+    write_model_file(cfg, METRICS_FILE, json.dumps(metrics, indent=2))
+    write_model_file(cfg, CURVES_FILE, curves_png(meta.epochs))
+    if validation:
+        picture = confusion_png(validation, "validation, last epoch")
+        write_model_file(cfg, CONFUSION_FILE, picture)
+    write_weights(cfg.output, model, meta, cfg.s3)  # sets the model id report.md names
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("s3", "address")}
+    write_model_file(cfg, REPORT_FILE, report_markdown(meta, config, validation))
+    write_meta(cfg.output, meta, cfg.s3)
 
 
 def write_model_file(cfg: TrainConfig, name: str, data: str | bytes) -> None:
@@ -425,7 +482,7 @@ def prepare(cfg: TrainConfig) -> LabelledSet:
         raise InsectError(f"{cfg.output} already holds a model; pass --overwrite to replace it")
     if cfg.name:
         # Ray Train continues a run whose folder it finds in storage: make that explicit.
-        run = storage.join(cfg.storage or DEFAULT_STORAGE, cfg.name)
+        run = run_location(cfg)
         found = storage.exists(storage.join(run, RUN_SNAPSHOT), cfg.s3)
         if cfg.resume and not found:
             raise InsectError(f"no run to resume at {run}: check --storage and --name")
@@ -433,7 +490,64 @@ def prepare(cfg: TrainConfig) -> LabelledSet:
             raise InsectError(
                 f"run {run} already exists; pass --resume to continue it or choose another --name"
             )
-    return discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
+    labelled = discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
+    if cfg.resume:
+        check_run_record(cfg, labelled)
+    return labelled
+
+
+def run_location(cfg: TrainConfig) -> str:
+    """The folder of run `cfg.name` in the run storage."""
+    return storage.join(cfg.storage or DEFAULT_STORAGE, cfg.name)
+
+
+def run_record(cfg: TrainConfig, labelled: LabelledSet) -> dict:
+    """What a run must keep to be resumed: the settings that shape the model and its
+    training, the weights it started from and a fingerprint of its data."""
+    record = {name: getattr(cfg, name) for name in RESUME_FIELDS}
+    if cfg.weights not in ("imagenet", "random"):
+        record["weights_sha256"] = storage.sha256(cfg.weights, cfg.s3)
+    record["classes"] = labelled.classes
+    items = sorted(f"{storage.printable(u)}\t{y}" for u, y in labelled.train + labelled.val)
+    record["data_sha256"] = hashlib.sha256("\n".join(items).encode()).hexdigest()
+    record["images"] = len(items)
+    return record
+
+
+def write_run_record(cfg: TrainConfig, labelled: LabelledSet) -> None:
+    text = json.dumps(run_record(cfg, labelled), indent=2)
+    storage.write_bytes(storage.join(run_location(cfg), RUN_RECORD), text.encode(), cfg.s3)
+
+
+def check_run_record(cfg: TrainConfig, labelled: LabelledSet) -> None:
+    """Refuse to resume run `cfg.name` with other settings, weights or data than it began
+    with, naming what differs."""
+    uri = storage.join(run_location(cfg), RUN_RECORD)
+    if not storage.exists(uri, cfg.s3):
+        print(
+            f"warning: {uri} is missing (a run from an older insect): the configuration "
+            "of the resumed run cannot be checked",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    with storage.user_errors(uri):
+        before = json.loads(storage.read_bytes(uri, cfg.s3))
+    now = run_record(cfg, labelled)
+    differ = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if differ:
+        shown = ", ".join(
+            f"{k}: {_short(before.get(k))} then, {_short(now.get(k))} now" for k in differ
+        )
+        raise InsectError(
+            f"cannot resume run {run_location(cfg)} with a different configuration ({shown}); "
+            "resume with the flags and data it began with, or start a new --name"
+        )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
@@ -446,11 +560,15 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         flush=True,
     )
     init_ray(cfg.address)
-    nodes = sum(1 for n in ray.nodes() if n["Alive"])
-    for warning in local_path_warnings(cfg, nodes):
+    locations = {"--storage": cfg.storage or DEFAULT_STORAGE, "--output": cfg.output}
+    for warning in local_path_warnings(locations, live_nodes()):
         print(warning, file=sys.stderr, flush=True)
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not cfg.resume:
+        write_run_record(cfg, labelled)
     run_config = RunConfig(
-        name=cfg.name or f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}",
+        name=cfg.name,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
     )
@@ -476,49 +594,19 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         run_config=run_config,
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        cause = _insect_error_in(e)
+        cause = insect_error_in(e)
         if cause:
             raise cause from None
         raise
+    if (result.metrics or {}).get("problem"):
+        raise InsectError(result.metrics["problem"])
     meta = read_meta(cfg.output, cfg.s3)
+    accuracy = meta.epochs[-1]["val_accuracy"]
     print(
-        f"validation accuracy {meta.epochs[-1]['val_accuracy']:.4f}; model {meta.model_id} "
-        f"written to {cfg.output}",
+        f"validation accuracy {'n/a' if accuracy is None else format(accuracy, '.4f')}; "
+        f"model {meta.model_id} written to {cfg.output}",
         flush=True,
     )
     return meta
-
-
-def local_path_warnings(cfg: TrainConfig, nodes: int) -> list[str]:
-    """Warnings for local paths that other nodes of a multi-node cluster cannot see."""
-    if nodes < 2:
-        return []
-    warnings = []
-    if not (cfg.storage and storage.is_s3(cfg.storage)):
-        warnings.append(
-            f"warning: run storage {cfg.storage or '~/ray_results'} is a local path but the "
-            f"cluster has {nodes} nodes; checkpoints need shared storage: use --storage s3://..."
-        )
-    if not storage.is_s3(cfg.output):
-        warnings.append(
-            f"warning: --output {cfg.output} is a local path on a {nodes}-node cluster; the "
-            "model is written on the node of worker 0"
-        )
-    return warnings
-
-
-def _insect_error_in(error: BaseException) -> InsectError | None:
-    """An InsectError raised on a worker, found inside Ray's wrapping exceptions."""
-    seen, todo = set(), [error]
-    while todo:
-        e = todo.pop()
-        if id(e) in seen or e is None:
-            continue
-        seen.add(id(e))
-        if isinstance(e, InsectError):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        todo += list(getattr(e, "worker_failures", {}).values())
-    return None

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from insectlib import storage
-from insectlib.errors import InsectError
-from insectlib.images import ImageError, decode, eval_transform, normalize, resize_size
+from insectlib.errors import ImageError, InsectError
+from insectlib.images import DecodeLimits, eval_transform, load_image, normalize, resize_size
 from insectlib.model import load_model
 from insectlib.report import feature_maps_png
 
@@ -87,14 +87,15 @@ def feature_maps(
 
 def visualize(cfg: VisualizeConfig) -> list[str]:
     """Write one PNG grid per requested layer; returns their URIs."""
+    if cfg.max_maps < 1:
+        raise InsectError(f"--max-maps must be at least 1, got {cfg.max_maps}")
     model, meta = load_model(cfg.model, cfg.s3)
+    transform, min_side = eval_transform(meta.image_size), resize_size(meta.image_size)
     try:
-        picture = decode(storage.read_bytes(cfg.image, cfg.s3), resize_size(meta.image_size))
+        image = load_image(cfg.image, transform, min_side, DecodeLimits(), cfg.s3)
     except ImageError as e:
-        raise InsectError(f"{cfg.image}: {e}") from None
-    except FileNotFoundError:
-        raise InsectError(f"image not found: {cfg.image}") from None
-    x = normalize(eval_transform(meta.image_size)(picture).unsqueeze(0))[0]
+        raise InsectError(f"{storage.printable(cfg.image)}: {e}") from None
+    x = normalize(image.unsqueeze(0))[0]
     written = []
     for i, (name, module, activation) in feature_maps(model, x, cfg.layers).items():
         c, h, w = activation.shape

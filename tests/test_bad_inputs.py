@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from insectlib.classify import ClassifyConfig, classify
-from insectlib.images import ImageError, decode
+from insectlib.errors import ImageError
+from insectlib.images import decode
 from tests.conftest import expect_cli_error
 
 
@@ -49,7 +50,7 @@ def broken() -> dict[str, tuple[bytes, str]]:
         "empty.jpg": (b"", "empty file"),
         "truncated.jpg": (good[: len(good) // 3], "truncated image"),
         "text.jpg": (b"this is not a picture", "not an image"),
-        "bomb.png": (_encode(Image.new("1", (20000, 20000)), "PNG"), "too many pixels"),
+        "bomb.png": (_encode(Image.new("1", (20000, 20000)), "PNG"), "image too large"),
     }
 
 

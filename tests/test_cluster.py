@@ -47,11 +47,10 @@ class Head:
     """A head started by cluster/start-head.sh (in the foreground, so it can be stopped
     without `ray stop`, which would also stop the test session's own Ray)."""
 
-    def __init__(self, tmp_path, **env):
+    def __init__(self, tmp_path, *flags: str, **env):
         self.port, self.dashboard = _free_port(), _free_port()
         self.env = _env(**env)
         self.log = open(tmp_path / f"head-{self.port}.log", "w")
-        token = ["--token"] if env.get("RAY_AUTH_MODE") == "token" else []
         # Every port of its own: the test session's local Ray already holds the defaults
         # (a head whose job agent cannot bind 52365 answers "No available agent").
         self.client_port = _free_port()
@@ -64,7 +63,7 @@ class Head:
         ):
             ports += [flag, str(_free_port())]
         self.proc = subprocess.Popen(
-            ["bash", str(REPO / "cluster" / "start-head.sh"), *token, "--block", *ports],
+            ["bash", str(REPO / "cluster" / "start-head.sh"), *flags, "--block", *ports],
             env={
                 **self.env,
                 "RAY_PORT": str(self.port),
@@ -167,9 +166,28 @@ def test_no_cluster_cli_starts_local_ray(labelled_root, unlabelled, tmp_path):
     _check_outputs(str(tmp_path / "m"), str(tmp_path / "p"), len(unlabelled))
 
 
+def test_start_head_script_authentication_switch(tmp_path):
+    """Token authentication unless --no-auth, which warns; no Ray started (a stub `ray`)."""
+    stub = tmp_path / "ray"
+    stub.write_text('#!/bin/sh\necho "mode=$RAY_AUTH_MODE args=$*"\n')
+    stub.chmod(0o755)
+    script = str(REPO / "cluster" / "start-head.sh")
+    env = _env(RAY=str(stub), RAY_AUTH_TOKEN="t" * 32)
+    default = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert "mode=token args=start --head" in default.stdout and not default.stderr
+    opt_out = subprocess.run(["bash", script, "--no-auth"], capture_output=True, text=True, env=env)
+    assert "mode=disabled" in opt_out.stdout and "WITHOUT authentication" in opt_out.stderr
+
+
 def test_local_head_address_auto_and_job_submission(labelled_root, unlabelled, tmp_path):
-    head = Head(tmp_path, RAY_AUTH_MODE="disabled")
+    """A head started with no flags requires a token: start-head.sh creates one (mode 600)
+    in the HOME it runs with; drivers with that HOME and RAY_AUTH_MODE=token get in, a
+    driver without the token gets one clear error."""
+    home = tmp_path / "home"
+    home.mkdir()
+    head = Head(tmp_path, HOME=str(home), RAY_AUTH_MODE="token")
     try:
+        assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
         train = run_cli(
             "insect",
             "train",
@@ -201,6 +219,13 @@ def test_local_head_address_auto_and_job_submission(labelled_root, unlabelled, t
             )  # fmt: skip
             assert result.returncode == 0, (address, result.stderr[-3000:])
             _check_outputs(str(tmp_path / "m"), str(tmp_path / out), len(unlabelled))
+        stranger = run_cli(
+            "insect", "classify", images, "--model", str(tmp_path / "m"), "--output",
+            str(tmp_path / "p4"), "--address", f"127.0.0.1:{head.port}",
+            env=_env(HOME=str(tmp_path)),
+        )  # fmt: skip
+        assert stranger.returncode == 2, stranger.stderr[-3000:]
+        assert "token authentication" in stranger.stderr and "Traceback" not in stranger.stderr
     finally:
         head.stop()
 
@@ -215,7 +240,7 @@ def test_token_protected_head_s3_jobs_leak_no_secret(
     upload_tree(client, labelled_root, "insect-jobs", "labelled")
     upload_tree(client, os.path.dirname(next(iter(unlabelled))), "insect-jobs", "images")
     token = secrets.token_hex(16)
-    head = Head(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    head = Head(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # the default mode
     try:
         denied = head.submit("train.py", "--help", RAY_AUTH_TOKEN="wrong-" + token)
         assert denied.returncode != 0
@@ -269,6 +294,7 @@ def test_token_protected_head_s3_jobs_leak_no_secret(
                     outputs.append(f.read().decode("latin-1"))
         assert len(outputs) > 20
         assert not [o[:200] for o in outputs if s3_server.secret in o]
+        assert not [o[:200] for o in outputs if token in o]  # nor the Ray token
     finally:
         head.stop()
 

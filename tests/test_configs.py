@@ -30,6 +30,11 @@ def test_aws_launcher_config_matches_rays_schema():
     for node in (head, workers):  # S3 through an instance profile, no keys
         assert "instance-profile" in node["node_config"]["IamInstanceProfile"]["Arn"]
     assert "AWS_SECRET_ACCESS_KEY" not in (CLUSTER / "aws.yaml").read_text()
+    # Token authentication on every node, the token from the secret store, never inline.
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        (start,) = [c for c in commands if "ray start" in c]
+        assert "export RAY_AUTH_MODE=token" in start
+        assert 'RAY_AUTH_TOKEN="$(aws secretsmanager get-secret-value' in start
 
 
 def test_aws_config_with_a_wrong_field_is_rejected():
@@ -64,6 +69,7 @@ def test_kuberay_rayjob(command):
     assert spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"}
     assert gpu_groups(cluster), "no worker group with GPUs"
     assert "AWS_SECRET" not in json.dumps(job)
 
@@ -71,6 +77,7 @@ def test_kuberay_rayjob(command):
 def test_kuberay_raycluster():
     cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
     assert cluster["kind"] == "RayCluster" and cluster["spec"]["rayVersion"] == ray.__version__
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
     (group,) = gpu_groups(cluster["spec"])
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 

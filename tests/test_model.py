@@ -79,12 +79,16 @@ def test_meta_is_validated_before_weights(tmp_path):
         InsectError, match="at least 2 distinct.*unknown arch 'nope'.*bad image_size"
     ):
         M.load_model(str(tmp_path))
-    (tmp_path / "meta.json").write_text(
-        json.dumps({"classes": ["a", "b"], "arch": "resnet18", "image_size": 64})
-    )
+    meta = {"classes": ["a", "b"], "arch": "resnet18", "image_size": 64}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
     safetensors.torch.save_file({"fc.weight": torch.zeros(3, 512)}, tmp_path / "model.safetensors")
-    with pytest.raises(InsectError, match="does not match resnet18 with 2 classes"):
-        M.load_model(str(tmp_path))
+    with pytest.raises(InsectError, match="is not the model meta.json describes"):
+        M.load_model(str(tmp_path))  # no model_id: the weights are not those meta.json names
+    weights_id = M.model_id((tmp_path / "model.safetensors").read_bytes())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "model_id": weights_id}))
+    for check in (M.load_model, lambda uri: M.check_weights(uri, M.read_meta(uri))):
+        with pytest.raises(InsectError, match="does not match resnet18 with 2 classes"):
+            check(str(tmp_path))
 
 
 def test_unknown_arch():

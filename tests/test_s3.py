@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import boto3
 import duckdb
 import pandas as pd
+import pyarrow.compute
 import pyarrow.dataset
 import pytest
 import s3fs
@@ -16,6 +19,7 @@ import torchvision
 
 from insectlib import storage
 from insectlib.classify import ClassifyConfig, classify
+from insectlib.errors import ImageError, StorageUnavailable
 from insectlib.model import build_model, read_meta
 from insectlib.train import TrainConfig, fit
 from tests.conftest import expect_cli_error, run_cli, upload_tree
@@ -189,3 +193,103 @@ def test_wrong_credentials_are_denied(s3_data, s3_server):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"access denied to s3://{BUCKET}/labelled" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_s3_reads_retry_transient_failures_and_keep_file_problems_as_rows(
+    s3_server, s3_data, monkeypatch
+):
+    client = s3_server.client()
+    client.put_object(Bucket=BUCKET, Key="odd/empty.jpg", Body=b"")
+    monkeypatch.setattr(storage, "READ_BACKOFF_S", 0.01)
+    uri = s3_data["images"][0]
+    real = s3fs.S3FileSystem.cat_file
+    failures = []
+
+    def flaky(self, path, *args, **kwargs):
+        if len(failures) < 2:
+            failures.append(path)
+            raise OSError("503 SlowDown")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "cat_file", flaky)
+    assert storage.read_input(uri, 10**7)[:2] == b"\xff\xd8" and len(failures) == 2
+    assert storage.read_input(f"s3://{BUCKET}/odd/empty.jpg", 10**7) == b""
+    with pytest.raises(ImageError, match="not found"):
+        storage.read_input(f"s3://{BUCKET}/odd/gone.jpg", 10**7)
+    with pytest.raises(ImageError, match="file too large"):
+        storage.read_input(uri, 100)
+
+    def down(self, path, *args, **kwargs):
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "cat_file", down)
+    with pytest.raises(StorageUnavailable, match=f"cannot read {uri} after 4 attempts"):
+        storage.read_input(uri, 10**7)
+
+
+def _set_policy(s3_server, statements: list[dict]) -> None:
+    iam = boto3.client(
+        "iam",
+        endpoint_url=s3_server.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_server.secret,
+    )
+    document = {"Version": "2012-10-17", "Statement": statements}
+    iam.put_user_policy(UserName="insect", PolicyName="s3", PolicyDocument=json.dumps(document))
+
+
+def test_denied_reads_stop_the_run_and_resume_finishes_it(
+    s3_model, s3_data, s3_server, monkeypatch, capsys
+):
+    """Reads refused mid-bucket (credentials revoked, a policy change) are not recorded as
+    the images' fate: the run fails with one line and no _SUCCESS, the rows written are
+    kept, and --resume finishes once reading works again."""
+    cfg, _ = s3_model
+    out = f"s3://{BUCKET}/predictions-denied"
+    allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+    deny = {
+        "Effect": "Deny",
+        "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{BUCKET}/images/with space/*",
+    }
+    argv = ["classify", f"s3://{BUCKET}/images", "--model", cfg.output, "--output", out]
+    argv += ["--batch-size", "4", "--rows-per-file", "4"]
+    _set_policy(s3_server, [allow, deny])
+    try:
+        err = expect_cli_error(capsys, argv)
+    finally:
+        _set_policy(s3_server, [allow])
+    assert f"cannot read s3://{BUCKET}/images/with space/photo one.jpg after 4 attempts" in err
+    assert "--resume" in err
+    fs, path = storage.filesystem(out)
+    assert not fs.exists(f"{path}/_SUCCESS")
+    from insectlib.cli import main
+
+    assert main([*argv, "--resume"]) == 0
+    table = pyarrow.dataset.dataset(path, filesystem=storage.pyarrow_filesystem(out)[0]).to_table()
+    assert sorted(table.column("path").to_pylist()) == s3_data["images"]
+    assert table.filter(pyarrow.compute.field("error").is_valid()).num_rows == 0
+
+
+def test_s3_overwrite_removes_only_insects_objects(s3_model, s3_data, s3_server, capsys):
+    cfg, _ = s3_model
+    client = s3_server.client()
+    out = f"s3://{BUCKET}/predictions-guarded"
+    argv = ["classify", f"s3://{BUCKET}/images", "--model", cfg.output, "--output", out]
+    from insectlib.cli import main
+
+    assert main(argv) == 0
+    client.put_object(Bucket=BUCKET, Key="predictions-guarded/README.md", Body=b"mine")
+    err = expect_cli_error(capsys, [*argv, "--overwrite"])
+    assert "holds files insect did not write (README.md)" in err
+    client.delete_object(Bucket=BUCKET, Key="predictions-guarded/README.md")
+    assert main([*argv, "--overwrite"]) == 0
+    assert "is a bucket root" in expect_cli_error(
+        capsys, [*argv[:-1], f"s3://{BUCKET}/", "--overwrite"]
+    )
+    err = expect_cli_error(
+        capsys, [*argv[:-1], f"s3://{BUCKET}/models", "--overwrite"]
+    )  # the model m1 lives under it
+    assert "contains the model" in err
+    assert read_meta(cfg.output).model_id  # still there

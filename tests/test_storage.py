@@ -57,11 +57,10 @@ def test_listing_blocks_are_bounded(tmp_path):
 
 
 def test_local_paths_warn_on_multi_node_clusters():
-    from insectlib.train import TrainConfig, local_path_warnings
+    from insectlib.runtime import local_path_warnings
 
-    local = TrainConfig(data="d", output="/models/m", storage="/runs")
+    local = {"--storage": "/runs", "--output": "/models/m"}
     assert local_path_warnings(local, nodes=1) == []
     warnings = local_path_warnings(local, nodes=3)
-    assert len(warnings) == 2 and "/runs is a local path" in warnings[0]
-    shared = TrainConfig(data="d", output="s3://b/m", storage="s3://b/runs")
-    assert local_path_warnings(shared, nodes=3) == []
+    assert len(warnings) == 2 and "--storage /runs is a local path" in warnings[0]
+    assert local_path_warnings({"--output": "s3://b/m", "--storage": "s3://b/r"}, nodes=3) == []

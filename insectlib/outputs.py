@@ -1,0 +1,225 @@
+"""What insect writes into an output location, and the only code that removes anything.
+
+A classification output holds Parquet parts named by `PartNames` and, once every input
+has its row, `_SUCCESS`. `--overwrite` removes exactly those (recognised by name and by
+their Parquet schema) and nothing else; `--resume` trusts only those. Any other file is
+named in a refusal, never deleted, and no output may contain the input or the model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset
+import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
+
+from insectlib import storage
+from insectlib.errors import InsectError
+
+SUCCESS_FILE = "_SUCCESS"  # JSON manifest; pyarrow, pandas and DuckDB globs skip it
+# Ray Data adds "-<i>.parquet" to the name `PartNames` gives each write task.
+PART_NAME = re.compile(r"part-[0-9a-f]{32}-\d{6}-\d+\.parquet")
+# Parts written before insect named them: Ray Data's default names.
+LEGACY_PART_NAME = re.compile(r"[A-Za-z0-9]{16,32}_[0-9a-f]{32}_\d{6}-\d+\.parquet")
+# Columns every insect part has, whatever optional columns a run adds.
+PART_COLUMNS = frozenset({"path", "label", "error", "model"})
+SHOWN = 5  # foreign files named in a refusal
+
+
+class PartNames(FilenameProvider):
+    """Names of the Parquet parts insect writes: part-<write uuid>-<task>, which Ray Data
+    completes with -<i>.parquet (see PART_NAME)."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}-{task_index:06}"
+
+
+def is_part_name(name: str) -> bool:
+    """Whether a file name (no folder) is one insect gives its Parquet parts."""
+    return bool(PART_NAME.fullmatch(name) or LEGACY_PART_NAME.fullmatch(name))
+
+
+def _key(uri: str) -> str:
+    """A comparable form of a location: the real absolute path, or the s3:// URI."""
+    if storage.is_s3(uri):
+        return uri.rstrip("/")
+    path = uri
+    # A glob selects files inside its fixed leading folder.
+    while any(c in os.path.basename(path) for c in "*?[") and path not in ("", "/"):
+        path = os.path.dirname(path)
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def check_location(output: str, protected: dict[str, str]) -> None:
+    """Refuse an output location that is a bucket root or holds (or is) one of the
+    `protected` locations ({"the input": uri, "the model": uri}), before anything is written
+    or removed there."""
+    if storage.is_s3(output) and "/" not in output[len("s3://") :].strip("/"):
+        raise InsectError(
+            f"--output {output} is a bucket root; write to a prefix such as "
+            f"{output.rstrip('/')}/predictions"
+        )
+    out = _key(output)
+    for what, uri in protected.items():
+        inside = _key(uri)
+        if inside == out or inside.startswith(out.rstrip("/") + "/"):
+            raise InsectError(f"--output {output} contains {what} ({uri}): choose another --output")
+
+
+def list_entries(output: str, s3: storage.S3Options) -> list[dict]:
+    """The entries directly in `output` (fsspec `ls` details), [] when it does not exist."""
+    fs, path = storage.filesystem(output, s3)
+    with storage.user_errors(output):
+        if not fs.exists(path):
+            return []
+        return [e for e in fs.ls(path, detail=True) if e["name"].rstrip("/") != path]
+
+
+def _base(entry: dict) -> str:
+    return entry["name"].rstrip("/").rsplit("/", 1)[-1]
+
+
+def part_entries(entries: Iterable[dict]) -> list[dict]:
+    """The Parquet parts among `entries`, by name."""
+    return [e for e in entries if e["type"] == "file" and is_part_name(_base(e))]
+
+
+def refuse_foreign(
+    output: str, entries: list[dict], why: str, own_files=(SUCCESS_FILE,), own_dirs=()
+) -> None:
+    """Refuse, naming them, when `entries` hold anything but insect's parts, `own_files`
+    and `own_dirs`."""
+
+    def ours(entry: dict) -> bool:
+        name = _base(entry)
+        if entry["type"] == "directory":
+            return name in own_dirs
+        return is_part_name(name) or name in own_files
+
+    foreign = sorted(_base(e) for e in entries if not ours(e))
+    if foreign:
+        more = f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
+        raise InsectError(
+            f"{output} holds files insect did not write ({', '.join(foreign[:SHOWN])}{more}); {why}"
+        )
+
+
+def _part_schema(fs, name: str) -> pa.Schema | None:
+    """The schema of a part, or None when the file has no Parquet footer (a writer stopped
+    before finishing it). Storage failures are retried, then stop the run."""
+
+    def read():
+        with fs.open(name, "rb") as f:
+            size = f.size
+            if size < 12:
+                return None
+            f.seek(size - 4)
+            if f.read(4) != b"PAR1":
+                return None
+            f.seek(0)
+            return pq.read_schema(f)
+
+    try:
+        return storage.retrying(read, storage.to_uri(fs, name))
+    except pa.ArrowInvalid:
+        return None
+
+
+def _check_parts(output: str, fs, parts: list[dict]) -> list[str]:
+    """The parts without a footer (half-written); refuses a part whose schema is not
+    insect's (a foreign file that happens to have such a name)."""
+    with ThreadPoolExecutor(16) as pool:
+        schemas = list(pool.map(lambda e: _part_schema(fs, e["name"]), parts))
+    incomplete = []
+    for entry, schema in zip(parts, schemas, strict=True):
+        if schema is None:
+            incomplete.append(entry["name"])
+        elif not PART_COLUMNS <= set(schema.names):
+            raise InsectError(
+                f"{storage.to_uri(fs, entry['name'])} is named like insect's output but has "
+                f"other columns ({', '.join(schema.names[:6])}); remove it yourself or write "
+                "elsewhere"
+            )
+    return incomplete
+
+
+def overwrite_plan(output: str, s3: storage.S3Options, own_files=(SUCCESS_FILE,)) -> list[str]:
+    """What `--overwrite` will remove from `output`: insect's parts and `own_files`, checked
+    by name and schema. Refuses, removing nothing, when anything else is there. Call
+    `remove` with the plan once the new run is known to be able to start."""
+    entries = list_entries(output, s3)
+    why = "--overwrite removes only what insect wrote: move them or choose another --output"
+    refuse_foreign(output, entries, why, own_files)
+    fs, _ = storage.filesystem(output, s3)
+    _check_parts(output, fs, part_entries(entries))
+    return [e["name"] for e in entries]
+
+
+def remove(output: str, names: list[str], s3: storage.S3Options) -> None:
+    """Remove the files of an `overwrite_plan` (one file at a time: never a folder)."""
+    fs, _ = storage.filesystem(output, s3)
+    with storage.user_errors(output):
+        for name in names:
+            fs.rm_file(name)
+
+
+def resume_state(output: str, model_id: str, s3: storage.S3Options) -> pa.Array:
+    """The paths that already have a row in `output` (an interrupted run of `model_id`).
+
+    Everything is checked before anything is removed: a file insect did not write, or rows
+    of another model, refuse the resume; only then are half-written parts (no Parquet
+    footer) and `_SUCCESS` removed. A part that cannot be read is retried, then stops the
+    run without removing anything."""
+    entries = list_entries(output, s3)
+    why = "--resume continues only insect's own output: move them or choose another --output"
+    refuse_foreign(output, entries, why)
+    fs, _ = storage.filesystem(output, s3)
+    parts = part_entries(entries)
+    incomplete = set(_check_parts(output, fs, parts))
+
+    def read(name: str) -> pa.Table:
+        def once():
+            with fs.open(name, "rb") as f:
+                return pq.read_table(f, columns=["path", "model"])
+
+        return storage.retrying(once, storage.to_uri(fs, name))
+
+    complete = [e["name"] for e in parts if e["name"] not in incomplete]
+    with ThreadPoolExecutor(16) as pool:
+        tables = list(pool.map(read, complete))
+    for table in tables:
+        others = set(pc.unique(table["model"]).to_pylist()) - {model_id}
+        if others:
+            raise InsectError(
+                f"{output} holds predictions of model {others.pop()}, not of "
+                f"{model_id}; resume with the same --model or write elsewhere"
+            )
+    with storage.user_errors(output):
+        for name in sorted(incomplete):
+            print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
+            fs.rm_file(name)
+        for entry in entries:
+            if _base(entry) == SUCCESS_FILE:
+                fs.rm_file(entry["name"])
+    if not tables:
+        return pa.array([], pa.string())
+    paths = pa.chunked_array([t["path"] for t in tables], pa.string()).combine_chunks()
+    return pc.unique(paths)
+
+
+def count_rows(output: str, s3: storage.S3Options) -> tuple[int, int]:
+    """(rows, rows with an error) over insect's parts in `output`."""
+    fs, _ = storage.filesystem(output, s3)
+    names = [e["name"] for e in part_entries(list_entries(output, s3))]
+    if not names:
+        return 0, 0
+    pa_fs, _ = storage.pyarrow_filesystem(output, s3)
+    written = pyarrow.dataset.dataset(names, filesystem=pa_fs, format="parquet")
+    errors = written.count_rows(filter=pyarrow.dataset.field("error").is_valid())
+    return written.count_rows(), errors

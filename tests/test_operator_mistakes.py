@@ -1,0 +1,294 @@
+"""Operator mistakes: nothing insect did not write is ever removed, a broken run never
+leaves an output or a model directory that looks complete, and every mistake gets one clear
+line instead of a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+
+from insectlib import outputs, storage
+from insectlib.classify import ClassifyConfig, classify
+from insectlib.errors import InsectError, StorageUnavailable
+from insectlib.model import META_FILE, WEIGHTS_FILE, load_model, read_meta
+from insectlib.train import TrainConfig, prepare, write_model_dir
+from tests.conftest import expect_cli_error, run_cli
+
+
+def _images(unlabelled, tmp_path, name="data"):
+    """A copy of the unlabelled images in DIR/sub, and DIR/notes.txt beside them."""
+    root = tmp_path / name
+    shutil.copytree(os.path.dirname(next(iter(unlabelled))), root / "sub")
+    (root / "notes.txt").write_text("keep me")
+    return root
+
+
+def _classify(model, images, output, **kw):
+    return classify(ClassifyConfig(input=str(images), model=model, output=str(output), **kw))
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_overwrite_refuses_an_output_holding_the_input_or_the_model(
+    trained, unlabelled, tmp_path, capsys
+):
+    cfg, _ = trained
+    root = _images(unlabelled, tmp_path)
+    before = _tree(root)
+    argv = ["classify", str(root / "sub"), "--model", cfg.output, "--output", str(root)]
+    err = expect_cli_error(capsys, [*argv, "--overwrite"])
+    assert "contains the input" in err
+    model_copy = tmp_path / "models" / "m"
+    shutil.copytree(cfg.output, model_copy)
+    err = expect_cli_error(
+        capsys,
+        ["classify", str(root / "sub"), "--model", str(model_copy), "--output",
+         str(tmp_path / "models"), "--overwrite"],
+    )  # fmt: skip
+    assert "contains the model" in err
+    assert _tree(root) == before and (model_copy / META_FILE).exists()
+    # evaluate --output DATA --overwrite: the data it is about to read
+    err = expect_cli_error(
+        capsys,
+        ["evaluate", str(root), "--model", cfg.output, "--output", str(root), "--overwrite"],
+    )
+    assert "contains the input" in err
+    assert _tree(root) == before
+
+
+def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
+    trained, unlabelled, tmp_path, capsys
+):
+    cfg, meta = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    out = tmp_path / "out"
+    _classify(cfg.output, images, out)
+    first = _tree(out)
+    assert outputs.SUCCESS_FILE in first and all(
+        outputs.is_part_name(n) for n in first if n != outputs.SUCCESS_FILE
+    )
+    argv = ["classify", images, "--model", cfg.output, "--output", str(out), "--overwrite"]
+    # A broken model directory or an input without images: refused, old output untouched.
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / META_FILE).write_bytes((tmp_path / cfg.output / META_FILE).read_bytes())
+    err = expect_cli_error(capsys, ["classify", images, "--model", str(broken), "--output",
+                                    str(out), "--overwrite"])  # fmt: skip
+    assert f"has no {WEIGHTS_FILE}" in err
+    (tmp_path / "empty").mkdir()
+    err = expect_cli_error(capsys, ["classify", str(tmp_path / "empty"), *argv[2:]])
+    assert "no image files found" in err
+    assert _tree(out) == first
+    # A file insect did not write: refused, naming it, nothing removed.
+    (out / "notes.txt").write_text("mine")
+    err = expect_cli_error(capsys, argv)
+    assert "holds files insect did not write (notes.txt)" in err
+    assert _tree(out) == {**first, "notes.txt": b"mine"}
+    # A Parquet file named like insect's but with other columns: refused as well.
+    (out / "notes.txt").unlink()
+    fake = "part-" + "a" * 32 + "-000000-0.parquet"
+    pq.write_table(pa.table({"x": [1]}), out / fake)
+    assert "other columns" in expect_cli_error(capsys, argv)
+    (out / fake).unlink()
+    # Its own output: replaced.
+    from insectlib.cli import main
+
+    assert main(argv) == 0
+    second = _tree(out)
+    assert set(second) != set(first) and outputs.SUCCESS_FILE in second
+    assert pq.read_table(out).num_rows == len(unlabelled)
+
+
+def test_resume_trusts_only_insects_own_files(trained, unlabelled, tmp_path, capsys):
+    cfg, _ = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    out = tmp_path / "out"
+    _classify(cfg.output, images, out, rows_per_file=8, batch_size=4)
+    argv = ["classify", images, "--model", cfg.output, "--output", str(out), "--resume"]
+    for name, write in (
+        ("notes.txt", lambda p: p.write_text("mine")),
+        ("other.parquet", lambda p: pq.write_table(pa.table({"a": [1]}), p)),
+    ):
+        write(out / name)
+        before = _tree(out)
+        err = expect_cli_error(capsys, argv)
+        assert f"holds files insect did not write ({name})" in err
+        assert _tree(out) == before  # checked before anything was removed
+        (out / name).unlink()
+    # A half-written part (no footer) is the dead run's: removed and its rows redone.
+    part = sorted(p for p in out.iterdir() if outputs.is_part_name(p.name))[0]
+    data = part.read_bytes()
+    part.write_bytes(data[: len(data) // 2])
+    from insectlib.cli import main
+
+    assert main(argv) == 0
+    table = pq.read_table(out)
+    assert sorted(table.column("path").to_pylist()) == sorted(unlabelled)
+
+
+def test_resume_read_errors_are_retried_then_fail_without_deleting(
+    trained, unlabelled, tmp_path, monkeypatch
+):
+    cfg, meta = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    out = tmp_path / "out"
+    _classify(cfg.output, images, out, rows_per_file=8, batch_size=4)
+    before = _tree(out)
+    monkeypatch.setattr(storage, "READ_BACKOFF_S", 0.01)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(outputs.pq, "read_table", failing)
+    with pytest.raises(StorageUnavailable, match="after 4 attempts"):
+        outputs.resume_state(str(out), meta.model_id, storage.S3Options())
+    assert len(calls) >= storage.READ_ATTEMPTS and _tree(out) == before
+
+
+def test_rows_must_equal_inputs(trained, unlabelled, tmp_path):
+    """A resumed output with rows for an input that is gone: no _SUCCESS, a clear error."""
+    cfg, _ = trained
+    folder = tmp_path / "in"
+    shutil.copytree(os.path.dirname(next(iter(unlabelled))), folder)
+    out = tmp_path / "out"
+    _classify(cfg.output, folder, out)
+    (out / outputs.SUCCESS_FILE).unlink()
+    sorted(folder.iterdir())[0].unlink()
+    with pytest.raises(InsectError, match=r"has 24 rows for 23 inputs, so no _SUCCESS"):
+        _classify(cfg.output, folder, out, resume=True)
+    assert not (out / outputs.SUCCESS_FILE).exists()
+
+
+def test_model_id_is_checked_against_the_weights(trained, tmp_path):
+    cfg, meta = trained
+    copy = tmp_path / "m"
+    shutil.copytree(cfg.output, copy)
+    state = safetensors.torch.load((copy / WEIGHTS_FILE).read_bytes())
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    (copy / WEIGHTS_FILE).write_bytes(safetensors.torch.save(state))
+    with pytest.raises(InsectError, match=f"meta.json says {meta.model_id}"):
+        load_model(str(copy))
+
+
+def test_model_dir_never_looks_complete_while_rewritten(trained, tmp_path, monkeypatch):
+    cfg, meta = trained
+    copy = tmp_path / "m"
+    shutil.copytree(cfg.output, copy)
+    model, meta = load_model(str(copy))
+    written = []
+    real_write = storage.write_bytes
+
+    def record(uri, data, s3=None):
+        written.append(uri.rsplit("/", 1)[-1])
+        real_write(uri, data, s3)
+
+    monkeypatch.setattr(storage, "write_bytes", record)
+    target = TrainConfig(data="d", output=str(copy))
+    write_model_dir(target, model, meta, None)
+    assert written[-1] == META_FILE and "report.md" in written and WEIGHTS_FILE in written
+    assert read_meta(str(copy)).model_id == meta.model_id
+
+    def crash(uri, data, s3=None):  # the run dies while writing the new weights
+        if uri.endswith(WEIGHTS_FILE):
+            raise OSError("disk full")
+        real_write(uri, data, s3)
+
+    monkeypatch.setattr(storage, "write_bytes", crash)
+    with pytest.raises(OSError):
+        write_model_dir(target, model, meta, None)
+    assert not (copy / META_FILE).exists()  # not a model: no old meta beside other weights
+
+
+def test_train_resume_refuses_another_configuration(trained, labelled_root, tmp_path):
+    cfg, _ = trained
+    same = TrainConfig(**{**cfg.__dict__, "resume": True, "overwrite": True})
+    prepare(same)  # the recorded configuration: accepted
+    other = TrainConfig(**{**same.__dict__, "seed": 1, "image_size": 32, "freeze": "none"})
+    with pytest.raises(InsectError) as e:
+        prepare(other)
+    text = str(e.value)
+    assert "different configuration" in text
+    assert "seed: 0 then, 1 now" in text and "image_size: 64 then, 32 now" in text
+    assert "freeze" in text
+    data = tmp_path / "data"
+    shutil.copytree(labelled_root, data)
+    (data / "beetles" / "extra.jpg").write_bytes(next((data / "beetles").iterdir()).read_bytes())
+    with pytest.raises(InsectError, match="data_sha256"):
+        prepare(TrainConfig(**{**same.__dict__, "data": str(data)}))
+
+
+def test_clear_errors_instead_of_tracebacks(trained, unlabelled, tmp_path, capsys):
+    cfg, _ = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    base = ["classify", images, "--model", cfg.output, "--output", str(tmp_path / "o")]
+    assert "--cpus-per-actor must be more than 0" in expect_cli_error(
+        capsys, [*base, "--cpus-per-actor", "0"]
+    )
+    assert "--max-file-bytes must be at least 1" in expect_cli_error(
+        capsys, [*base, "--max-file-bytes", "0"]
+    )
+    bad = tmp_path / "bad-meta"
+    shutil.copytree(cfg.output, bad)
+    meta = json.loads((bad / META_FILE).read_text())
+    (bad / META_FILE).write_text(json.dumps({**meta, "mean": None}))
+    err = expect_cli_error(capsys, ["classify", images, "--model", str(bad), "--output",
+                                    str(tmp_path / "o2")])  # fmt: skip
+    assert "not a valid insect meta.json" in err and "'mean'" in err
+    err = expect_cli_error(capsys, ["visualize", next(iter(unlabelled)), "--model", cfg.output,
+                                    "--layers", "1", "--max-maps", "0"])  # fmt: skip
+    assert "--max-maps must be at least 1" in err
+    err = expect_cli_error(capsys, ["train", images, "--image-size", "5000"])
+    assert "--image-size must be between 16 and 4096" in err
+    s3_root = ["classify", images, "--model", cfg.output, "--output", "s3://bucket/"]
+    assert "is a bucket root" in expect_cli_error(capsys, s3_root)
+
+
+def test_bad_address_fails_fast_with_one_line(trained, unlabelled, tmp_path):
+    cfg, _ = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    result = run_cli(
+        "insect", "classify", images, "--model", cfg.output, "--output", str(tmp_path / "o"),
+        "--address", "127.0.0.1:1", timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "insect: error: cannot connect to Ray at 127.0.0.1:1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_all_validation_images_unreadable(ray_local, tmp_path):
+    from insectlib import sample
+    from insectlib.train import fit
+
+    root = tmp_path / "data"
+    sample.make_labelled(str(root / "train"), per_class=4, size=(32, 24))
+    for cls in ("beetles", "cockroach", "dragonflies"):
+        (root / "val" / cls).mkdir(parents=True)
+        (root / "val" / cls / "bad.jpg").write_bytes(b"not a picture")
+    with pytest.raises(InsectError, match="none of the 3 validation images could be read"):
+        fit(
+            TrainConfig(
+                data=str(root), output=str(tmp_path / "m"), arch="resnet18", weights="random",
+                epochs=2, image_size=32, batch_size=4, storage=str(tmp_path / "runs"),
+            )
+        )  # fmt: skip
+    assert not (tmp_path / "m" / META_FILE).exists()
+
+
+def test_training_records_its_configuration_beside_the_run(trained):
+    cfg, meta = trained
+    uri = storage.join(cfg.storage, cfg.name, "insect-run.json")
+    record = json.loads(storage.read_bytes(uri))
+    assert record["seed"] == cfg.seed and record["image_size"] == cfg.image_size
+    assert record["classes"] == meta.classes and len(record["data_sha256"]) == 64
