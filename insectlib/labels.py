@@ -107,4 +107,10 @@ def _check_classes(classes: list[str], root: str) -> list[str]:
         )
     if len(classes) < 2:
         raise InsectError(f"training needs at least 2 classes, found 1 ({classes[0]}) in {root}")
+    odd = [storage.printable(c) for c in classes if storage.printable(c) != c]
+    if odd:
+        raise InsectError(
+            f"class folder names must be valid UTF-8 (they become the model's labels): "
+            f"rename {', '.join(odd)} in {root}"
+        )
     return classes

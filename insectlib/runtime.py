@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -14,6 +15,7 @@ from insectlib import storage
 from insectlib.errors import InsectError
 
 T = TypeVar("T")
+INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
 
 
 def init_ray(address: str | None = None) -> None:
@@ -94,7 +96,10 @@ def insect_error_in(error: BaseException) -> InsectError | None:
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list(getattr(e, "worker_failures", {}).values())
-    return None
+    # An actor whose constructor raised (a model actor refusing its model directory) dies
+    # with an ActorDiedError that keeps only the traceback's text.
+    found = INSECT_ERROR_LINE.findall(str(error))
+    return InsectError(found[-1].strip()) if found else None
 
 
 def run(fn: Callable[..., T], cfg) -> T:

@@ -258,6 +258,94 @@ def iter_files(uri: str, s3: S3Options | None = None) -> Iterator[str]:
             yield name
 
 
+def is_dir(uri: str, s3: S3Options | None = None) -> bool:
+    """Whether `uri` is a folder, or a bucket or prefix with objects below it."""
+    fs, path = filesystem(uri, s3)
+    with user_errors(uri):
+        if not _is_s3fs(fs):
+            return os.path.isdir(path)
+        bucket, _, key = path.partition("/")
+        if not key:
+            return True
+        entries = fs._iterdir(bucket, delimiter="/", prefix=f"{key}/", max_items=1)
+        return bool(_next_page(fs, entries, bucket, uri))
+
+
+@dataclass
+class Level:
+    """The entries directly in a folder or prefix: whether it holds files, and its
+    sub-folders as URIs (hidden ones left out, as everywhere)."""
+
+    has_files: bool
+    subdirs: list[str]
+
+
+def list_level(uri: str, s3: S3Options | None, limit: int) -> Level | None:
+    """One level of `uri` (a folder or prefix), or None when it holds more than `limit`
+    entries: then only a single stream over the whole tree is cheap (finding every
+    sub-prefix of a flat level means reading every key of it)."""
+    fs, path = filesystem(uri, s3)
+    has_files, subdirs, seen = False, [], 0
+    with user_errors(uri):
+        for name, is_dir in _level_entries(fs, path, uri):
+            seen += 1
+            if seen > limit:
+                return None
+            if is_dir:
+                subdirs.append(to_uri(fs, name))
+            else:
+                has_files = True
+    return Level(has_files, sorted(subdirs))
+
+
+def iter_level_files(uri: str, s3: S3Options | None = None) -> Iterator[str]:
+    """The files directly in folder or prefix `uri` (not below it), as full URIs."""
+    fs, path = filesystem(uri, s3)
+    with user_errors(uri):
+        names = (name for name, is_dir in _level_entries(fs, path, uri) if not is_dir)
+        yield from (to_uri(fs, name) for name in (sorted(names) if not _is_s3fs(fs) else names))
+
+
+def iter_tree(uri: str, s3: S3Options | None = None) -> Iterator[str]:
+    """Every file below folder or prefix `uri`, recursively, as full URIs; nothing when it
+    has gone (a prefix emptied since it was found)."""
+    fs, path = filesystem(uri, s3)
+    with user_errors(uri):
+        if _is_s3fs(fs):
+            bucket, _, key = path.partition("/")
+            pages = fs._iterdir(bucket, delimiter="", prefix=f"{key}/" if key else "")
+            while entries := _next_page(fs, pages, bucket, uri):
+                yield from (f"s3://{n}" for n, _ in entries if _visible(n) and n[-1] != "/")
+        elif os.path.isdir(path):
+            yield from (n for n in _walk_local(path) if _visible(n))
+
+
+def _visible(name: str) -> bool:
+    return not name.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+
+
+def _level_entries(fs, path: str, uri: str) -> Iterator[tuple[str, bool]]:
+    """(name, is a folder) directly in `path`, hidden names skipped; local ones follow
+    os.walk: a link to a folder is neither walked nor a file."""
+    if _is_s3fs(fs):
+        bucket, _, key = path.partition("/")
+        pages = fs._iterdir(bucket, delimiter="/", prefix=f"{key}/" if key else "")
+        while entries := _next_page(fs, pages, bucket, uri):
+            for name, is_dir in entries:
+                if _visible(name) and not name.endswith("/"):
+                    yield name, is_dir
+        return
+    with os.scandir(path) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                if not entry.is_symlink():
+                    yield entry.path, True
+            else:
+                yield entry.path, False
+
+
 @contextlib.contextmanager
 def user_errors(uri: str):
     """Turn storage failures into an InsectError that names `uri` and the likely cause."""
@@ -283,10 +371,10 @@ def _iter_s3(fs, path: str, uri: str) -> Iterator[str]:
     # only names, never per-object metadata, stay in memory.
     pages = fs._iterdir(bucket, delimiter="", prefix=f"{key}/" if key else "")
     found = False
-    while names := _next_page(fs, pages, bucket, uri):
+    while entries := _next_page(fs, pages, bucket, uri):
         found = True
-        for name in names:
-            if not name.rsplit("/", 1)[-1].startswith(".") and not name.endswith("/"):
+        for name, _ in entries:
+            if _visible(name) and not name.endswith("/"):
                 yield f"s3://{name}"
     if found:
         return
@@ -296,22 +384,25 @@ def _iter_s3(fs, path: str, uri: str) -> Iterator[str]:
     raise InsectError(f"no objects under {uri}")
 
 
-def _next_page(fs, pages, bucket: str, uri: str) -> list[str]:
+def _next_page(fs, pages, bucket: str, uri: str) -> list[tuple[str, bool]]:
+    """The next (up to) 1,000 (name, is a prefix) of an s3fs listing: consumed a page at a
+    time, so only names, never per-object metadata, stay in memory."""
     try:
-        return fsspec.asyn.sync(fs.loop, _next_names, pages, 1000)
+        return fsspec.asyn.sync(fs.loop, _next_entries, pages, 1000)
     except FileNotFoundError:
         _head_bucket(fs, bucket, uri)  # a missing bucket gets its own message
         raise
 
 
-async def _next_names(pages, n: int) -> list[str]:
-    names = []
+async def _next_entries(pages, n: int) -> list[tuple[str, bool]]:
+    entries = []
     try:
-        while len(names) < n:
-            names.append((await pages.__anext__())["name"])
+        while len(entries) < n:
+            info = await pages.__anext__()
+            entries.append((info["name"], info["type"] == "directory"))
     except StopAsyncIteration:
         pass
-    return names
+    return entries
 
 
 def _walk_local(root: str) -> Iterator[str]:

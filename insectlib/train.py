@@ -62,6 +62,7 @@ CONFUSION_FILE, REPORT_FILE = "confusion_matrix.png", "report.md"
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
 # Ray Train's record of a run's checkpoints: where it exists, a run of that name continues.
 RUN_SNAPSHOT = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+PROBLEM_FILE = "problem.txt"  # the checkpoint of a run that stopped on a problem
 RUN_RECORD = "insect-run.json"  # beside it: what `--resume` must find unchanged
 # The settings a resumed run must share with its start: they shape the model, its weights
 # and its training. Others (epochs, workers, precision, paths, ...) may change.
@@ -232,11 +233,14 @@ def train_loop_per_worker(config: dict) -> None:
         # folder, which a late worker downloads into again while another is reading it.
         with tempfile.TemporaryDirectory() as d:
             checkpoint.to_directory(d)
-            state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
-        sys.stdout.write(f"worker {rank}: resuming after epoch {state['epoch']}\n")
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = state["epoch"], state["history"]
+            state = None  # a run stopped by a problem left only PROBLEM_FILE: start over
+            if os.path.exists(os.path.join(d, "state.pt")):
+                state = torch.load(os.path.join(d, "state.pt"), weights_only=True)
+        if state:
+            sys.stdout.write(f"worker {rank}: resuming after epoch {state['epoch']}\n")
+            model.load_state_dict(state["trainable"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, history = state["epoch"], state["history"]
 
     # Evaluation-style preprocessing decodes exactly as `insect classify` does (JPEG draft).
     evaluation = (eval_transform(cfg.image_size), resize_size(cfg.image_size))
@@ -374,7 +378,14 @@ def train_loop_per_worker(config: dict) -> None:
                 f"({metrics['skipped_images']} unreadable images in epoch {epoch + 1}); no "
                 "model was written: fix or remove them (the skipped files are logged above)"
             )
-            ray.train.report({**metrics, "problem": problem})
+            with tempfile.TemporaryDirectory() as d:
+                # Ray Train keeps only the metrics of reports with a checkpoint for the driver.
+                checkpoint = None
+                if rank == 0:
+                    with open(os.path.join(d, PROBLEM_FILE), "w") as f:
+                        f.write(problem)
+                    checkpoint = Checkpoint.from_directory(d)
+                ray.train.report({**metrics, "problem": problem}, checkpoint=checkpoint)
             return
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:

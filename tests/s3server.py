@@ -1,7 +1,7 @@
 """A real S3 API on loopback: moto in server mode, with IAM authentication switched on.
 
-The server skips authentication for its first three requests, which create an IAM user
-with full S3 access and its access key; every later request must be signed with that key,
+The server skips authentication for its first four requests, which create an IAM user
+with full S3 access (and the right to change that policy) and its access key; every later request must be signed with that key,
 so wrong credentials really are denied.
 """
 
@@ -16,7 +16,7 @@ import time
 
 import boto3
 
-_SETUP_ACTIONS = 3  # create_user, put_user_policy, create_access_key
+_SETUP_ACTIONS = 4  # create_user, put_user_policy twice, create_access_key
 
 
 def free_port() -> int:
@@ -60,6 +60,19 @@ class MotoServer:
                 {
                     "Version": "2012-10-17",
                     "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
+        # Tests change the "s3" policy (revoking reads mid-bucket) with the user's own key.
+        iam.put_user_policy(
+            UserName="insect",
+            PolicyName="iam",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {"Effect": "Allow", "Action": "iam:PutUserPolicy", "Resource": "*"}
+                    ],
                 }
             ),
         )

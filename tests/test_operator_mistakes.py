@@ -172,6 +172,7 @@ def test_rows_must_equal_inputs(trained, unlabelled, tmp_path):
 
 
 def test_model_id_is_checked_against_the_weights(trained, tmp_path):
+    """A copied or half-rewritten weights file is refused where the model is loaded."""
     cfg, meta = trained
     copy = tmp_path / "m"
     shutil.copytree(cfg.output, copy)
@@ -180,6 +181,12 @@ def test_model_id_is_checked_against_the_weights(trained, tmp_path):
     (copy / WEIGHTS_FILE).write_bytes(safetensors.torch.save(state))
     with pytest.raises(InsectError, match=f"meta.json says {meta.model_id}"):
         load_model(str(copy))
+    # The same refusal from the model actors of a classification run, as one error.
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(InsectError, match=f"meta.json says {meta.model_id}"):
+        _classify(str(copy), images, tmp_path / "out")
 
 
 def test_model_dir_never_looks_complete_while_rewritten(trained, tmp_path, monkeypatch):

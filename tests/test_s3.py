@@ -202,16 +202,17 @@ def test_s3_reads_retry_transient_failures_and_keep_file_problems_as_rows(
     client.put_object(Bucket=BUCKET, Key="odd/empty.jpg", Body=b"")
     monkeypatch.setattr(storage, "READ_BACKOFF_S", 0.01)
     uri = s3_data["images"][0]
-    real = s3fs.S3FileSystem.cat_file
+    fs, _ = storage.filesystem(uri)  # fsspec caches it: read_input gets this instance
+    real = fs.cat_file
     failures = []
 
-    def flaky(self, path, *args, **kwargs):
+    def flaky(path, *args, **kwargs):
         if len(failures) < 2:
             failures.append(path)
             raise OSError("503 SlowDown")
-        return real(self, path, *args, **kwargs)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "cat_file", flaky)
+    monkeypatch.setattr(fs, "cat_file", flaky)
     assert storage.read_input(uri, 10**7)[:2] == b"\xff\xd8" and len(failures) == 2
     assert storage.read_input(f"s3://{BUCKET}/odd/empty.jpg", 10**7) == b""
     with pytest.raises(ImageError, match="not found"):
@@ -219,10 +220,10 @@ def test_s3_reads_retry_transient_failures_and_keep_file_problems_as_rows(
     with pytest.raises(ImageError, match="file too large"):
         storage.read_input(uri, 100)
 
-    def down(self, path, *args, **kwargs):
+    def down(path, *args, **kwargs):
         raise PermissionError("Access Denied")
 
-    monkeypatch.setattr(s3fs.S3FileSystem, "cat_file", down)
+    monkeypatch.setattr(fs, "cat_file", down)
     with pytest.raises(StorageUnavailable, match=f"cannot read {uri} after 4 attempts"):
         storage.read_input(uri, 10**7)
 
