@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
 import json
+import math
 import os
 import sys
 import threading
@@ -17,22 +17,18 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
-from insectlib import outputs, storage
+from insectlib import inputs, outputs, storage
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import (
     MAX_FILE_BYTES,
     MAX_PIXELS,
     DecodeLimits,
     eval_transform,
-    is_image_name,
     preprocess,
     resize_size,
 )
@@ -45,6 +41,7 @@ from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_
 COMPILE_MIN_IMAGES_PER_ACTOR = 1000
 COMPILE_CHOICES = ("auto", "on", "off")
 READ_AHEAD = 16  # S3 reads in flight per decoding process
+LISTING_TASKS = 16  # listing parts read at once (I/O-bound tasks that ask for no CPU)
 T = TypeVar("T")
 
 
@@ -52,9 +49,10 @@ T = TypeVar("T")
 class ClassifyConfig:
     """Every knob of `insect classify`."""
 
-    input: str
+    input: str  # a folder, prefix, file or glob; "" with a manifest
     model: str
     output: str
+    manifest: str | None = None  # a list of the inputs instead of `input` (see inputs.py)
     batch_size: int = 32
     gpu: bool = False
     min_actors: int | None = None  # None: start with max_actors
@@ -94,6 +92,8 @@ class ClassifyConfig:
                 raise InsectError(f"{flag} must be at least 1, got {value}")
         if not self.cpus_per_actor > 0:
             raise InsectError(f"--cpus-per-actor must be more than 0, got {self.cpus_per_actor}")
+        if bool(self.input) == bool(self.manifest):
+            raise InsectError("give either INPUT or --manifest (one of them)")
         if self.overwrite and self.resume:
             raise InsectError("--overwrite and --resume exclude each other")
 
@@ -109,31 +109,6 @@ class ClassifySummary:
     @property
     def images_per_second(self) -> float:
         return self.inputs / self.seconds if self.seconds else 0.0
-
-
-def listing_blocks(uri: str, s3: storage.S3Options, rows: int) -> Iterator[pa.Table]:
-    """The image files under `uri` as Arrow tables of `rows` rows (see `path_blocks`)."""
-    return path_blocks((p for p in storage.iter_files(uri, s3) if is_image_name(p)), rows)
-
-
-def path_blocks(paths: Iterable[str], rows: int) -> Iterator[pa.Table]:
-    """`paths` as Arrow tables of `rows` rows: `path`, the file as the output names it, and
-    `raw_path`, the OS's bytes for a local name that is not valid UTF-8 (null otherwise):
-    such a name is shown with backslash escapes (`storage.printable`) but read as it is."""
-    block: list[str] = []
-    for path in paths:
-        block.append(path)
-        if len(block) == rows:
-            yield _path_table(block)
-            block = []
-    if block:
-        yield _path_table(block)
-
-
-def _path_table(paths: list[str]) -> pa.Table:
-    shown = [storage.printable(p) for p in paths]
-    raw = [None if s is p else os.fsencode(p) for s, p in zip(shown, paths, strict=True)]
-    return pa.table({"path": pa.array(shown, pa.string()), "raw_path": pa.array(raw, pa.binary())})
 
 
 def load_images(
@@ -187,80 +162,86 @@ def prefetch(fn: Callable[[int], T], items: Iterable[int], window: int) -> Itera
             yield pending.popleft().result()
 
 
-def classify(cfg: ClassifyConfig, paths: Iterable[str] | None = None) -> ClassifySummary:
-    """Classify every image under `cfg.input` (or exactly `paths`, when given) and write one
-    Parquet row per file.
+def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySummary:
+    """Classify every image under `cfg.input` (or in `cfg.manifest`, or exactly `paths`,
+    when given) and write one Parquet row per file.
 
-    Nothing in the output is removed before the listing has produced its first files and
-    the model directory has been checked, and then only insect's own files."""
+    The input streams (see `inputs`): classification starts with the first listed files.
+    Nothing in the output is removed before the model directory is checked and the input
+    is known to hold images, and then only insect's own files."""
     cfg.validate()
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
-    outputs.check_location(cfg.output, {"the input": cfg.input, "the model": cfg.model})
+    source = cfg.manifest or cfg.input
+    outputs.check_location(cfg.output, {"the input": source, "the model": cfg.model})
     storage.check_bucket(cfg.output, cfg.s3)
     removal = prepare_output(cfg)
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
-    # One batch per block: Ray Data spreads blocks, not rows, over the model actors.
-    if paths is None:
-        blocks = listing_blocks(cfg.input, cfg.s3, cfg.batch_size)
+    if paths is not None:
+        parts = inputs.plan_paths(paths)
+    elif cfg.manifest:
+        parts = inputs.plan_manifest(cfg.manifest, cfg.s3)
     else:
-        blocks = path_blocks(paths, cfg.batch_size)
-    first = next(blocks, None)
-    if first is None:
-        raise InsectError(f"no image files found in {cfg.input}")
-    if removal:
-        outputs.remove(cfg.output, removal, cfg.s3)
-    done = outputs.resume_state(cfg.output, meta.model_id, cfg.s3) if cfg.resume else None
+        parts = inputs.plan_listing(cfg.input, cfg.s3)
     init_ray(cfg.address)
     for warning in local_path_warnings({"--output": cfg.output}, live_nodes()):
         print(warning, file=sys.stderr, flush=True)
+    # A first look, bounded: is there anything to classify, and is it worth compiling for?
+    big = COMPILE_MIN_IMAGES_PER_ACTOR * max_actors(cfg)
+    seen = inputs.count_inputs(parts, cfg.s3, big)
+    if not seen:
+        raise InsectError(f"no image files found in {source}")
+    if removal:
+        outputs.remove(cfg.output, removal, cfg.s3)
+    done = outputs.resume_state(cfg.output, meta.model_id, cfg.s3) if cfg.resume else None
 
-    # The driver keeps only object references: listing blocks go straight to the object store.
-    refs, inputs, todo = [], 0, 0
-    for block in itertools.chain([first], blocks):
-        inputs += block.num_rows
-        if done is not None:
-            block = block.filter(pc.invert(pc.is_in(block["path"], value_set=done)))
-        if block.num_rows:
-            refs.append(ray.put(block))
-            todo += block.num_rows
-    resumed = f" ({inputs - todo} already done)" if done is not None else ""
-    print(
-        f"classifying {todo} of {inputs} images{resumed} from {cfg.input} "
-        f"with model {meta.model_id}",
-        flush=True,
+    counter = Counter.remote()
+    listed = ray.data.read_datasource(
+        inputs.InputSource(parts, cfg.batch_size, cfg.s3, counter),
+        # Listing is I/O: it must not wait for the CPUs the model actors hold.
+        num_cpus=0,
+        concurrency=min(len(parts), LISTING_TASKS),
     )
+    if done is not None and done.rows:
+        print(f"finding the inputs without a row among those listed ({done.rows} rows written)")
+        listed = skip_done(listed, done, cfg)
+    print(f"classifying {source} with model {meta.model_id} ({len(parts)} listing parts)")
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
-    if refs:
-        counter = Counter.remote()
-        with progress_bar(counter, todo), ray_task_errors():
-            run_pipeline(refs, todo, cfg, meta.image_size, counter).write_parquet(
-                pa_path,
-                filesystem=pa_fs,
-                filename_provider=outputs.PartNames(),
-                min_rows_per_file=cfg.rows_per_file,
-                # Writing is light I/O; asking for a CPU would hold it back until the actors,
-                # which take every CPU, are done, and nothing would be on disk before the end.
-                ray_remote_args={"num_cpus": 0},
-            )
+    already = done.rows if done is not None else 0
+    with progress_bar(counter, already), ray_task_errors():
+        run_pipeline(listed, seen, cfg, meta.image_size, counter).write_parquet(
+            pa_path,
+            filesystem=pa_fs,
+            filename_provider=outputs.PartNames(),
+            # Files of exactly --rows-per-file rows (a write task's last one may hold fewer)
+            # whatever the batch size and cluster size: bytes per file follow from it.
+            min_rows_per_file=cfg.rows_per_file,
+            max_rows_per_file=cfg.rows_per_file,
+            # Writing is light I/O; asking for a CPU would hold it back until the actors,
+            # which take every CPU, are done, and nothing would be on disk before the end.
+            ray_remote_args={"num_cpus": 0},
+        )
     seconds = time.perf_counter() - started
+    total = ray.get(counter.inputs.remote(len(parts)))
+    if total is None:
+        raise InsectError(f"the listing of {source} did not finish; run again with --resume")
 
     rows, errors = outputs.count_rows(cfg.output, cfg.s3)
-    summary = ClassifySummary(inputs, rows, errors, seconds, cfg.output)
-    if rows != inputs:
+    summary = ClassifySummary(total, rows, errors, seconds, cfg.output)
+    if rows != total:
         raise InsectError(
-            f"{cfg.output} has {rows} rows for {inputs} inputs, so no {outputs.SUCCESS_FILE} "
+            f"{cfg.output} has {rows} rows for {total} inputs, so no {outputs.SUCCESS_FILE} "
             "was written: inputs were added or removed since the run began, or rows are "
             "missing; run again with --resume (or --overwrite to start over)"
         )
     # Written last, and only when every input has its row: readers can trust the output.
     manifest = {
-        "inputs": inputs,
+        "inputs": total,
         "rows": rows,
         "errors": errors,
         "model": meta.model_id,
-        "input": cfg.input,
+        "input": source,
         "started": started_at,
         "finished": datetime.now(timezone.utc).isoformat(),
         "resumed": done is not None,
@@ -271,12 +252,25 @@ def classify(cfg: ClassifyConfig, paths: Iterable[str] | None = None) -> Classif
         json.dumps(manifest, indent=2).encode(),
         cfg.s3,
     )
-    if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * inputs:
+    if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * total:
         raise InsectError(
-            f"{errors} of {inputs} images ({errors / inputs:.1%}) could not be classified, more "
+            f"{errors} of {total} images ({errors / total:.1%}) could not be classified, more "
             f"than --max-error-fraction {cfg.max_error_fraction}; every row is in {cfg.output}"
         )
     return summary
+
+
+def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dataset:
+    """The listed inputs that have no row yet: an anti-join of the listing with the paths
+    already written, hash-partitioned over Ray actors (no process holds every path). It is
+    computed before the model actors start (the join's actors need CPUs they would hold),
+    kept in the object store, and cut back into blocks of one batch."""
+    pa_fs, _ = storage.pyarrow_filesystem(cfg.output, cfg.s3)
+    written = ray.data.read_parquet(done.files, filesystem=pa_fs).select_columns(["path"])
+    partitions = max(2, min(200, done.rows // 250_000))
+    todo = listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
+    todo = todo.materialize()
+    return todo.repartition(target_num_rows_per_block=cfg.batch_size)
 
 
 def prepare_output(cfg: ClassifyConfig) -> list[str]:
@@ -313,38 +307,60 @@ def ray_task_errors():
 
 @ray.remote(num_cpus=0)
 class Counter:
-    """Images through the model so far, for the progress bar."""
+    """Inputs listed and images through the model so far, for the progress bar; and each
+    listing part's total, for the count of inputs (a retried part sets it again, never
+    twice)."""
 
     def __init__(self):
-        self.count = 0
+        self.listed = self.classified = 0
+        self.part_totals: dict[int, int] = {}
+
+    def add_listed(self, n: int) -> None:
+        self.listed += n
+
+    def set_part_total(self, part: int, n: int) -> None:
+        self.part_totals[part] = n
 
     def add(self, n: int) -> None:
-        self.count += n
+        self.classified += n
 
-    def get(self) -> int:
-        return self.count
+    def get(self) -> tuple[int, int]:
+        return self.listed, self.classified
+
+    def inputs(self, parts: int) -> int | None:
+        """Every part's total, summed; None while a part has not finished."""
+        if len(self.part_totals) < parts:
+            return None
+        return sum(self.part_totals.values())
 
 
 @contextlib.contextmanager
-def progress_bar(counter, total: int):
-    """A tqdm bar on stderr (images done of `total`, images per second) that follows
-    `counter` while the block runs. Ray Data's own per-operator bars are turned off: they
-    count blocks and rows of each stage, which says little about images done."""
+def progress_bar(counter, already: int = 0):
+    """A tqdm bar on stderr (images classified of those listed so far, less the `already`
+    done ones of a resumed run; images per second) that follows `counter` while the block
+    runs. Ray Data's own per-operator bars are turned off: they count blocks and rows of
+    each stage, which says little about images done."""
     ray.data.DataContext.get_current().enable_progress_bars = False
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=total, unit="img", desc="classified", mininterval=0.5 if interactive else 10)
+    bar = tqdm(total=0, unit="img", desc="classified", mininterval=0.5 if interactive else 10)
     stop = threading.Event()
 
     def follow():
         while not stop.wait(0.5):
+            listed, classified = ray.get(counter.get.remote())
             # A retried batch (after an actor died) counts twice: never show more than all.
-            bar.update(min(total, ray.get(counter.get.remote())) - bar.n)
+            bar.total = max(listed - already, 0)
+            bar.update(min(bar.total, classified) - bar.n)
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
     try:
         yield
-        bar.update(total - bar.n)  # the pipeline is done: every image went through
+        stop.set()
+        thread.join()
+        listed, _ = ray.get(counter.get.remote())
+        bar.total = max(listed - already, bar.n)
+        bar.update(bar.total - bar.n)  # the pipeline is done: every image went through
     finally:
         stop.set()
         thread.join()
@@ -352,19 +368,19 @@ def progress_bar(counter, total: int):
 
 
 def run_pipeline(
-    refs: list, images: int, cfg: ClassifyConfig, image_size: int, counter=None
+    listed: ray.data.Dataset, seen: int, cfg: ClassifyConfig, image_size: int, counter=None
 ) -> ray.data.Dataset:
-    """Listing blocks (object refs of one-column tables) -> rows of PREDICTION_SCHEMA."""
-    # No more actors than blocks: one would idle, after loading the model for nothing.
-    max_actors = min(cfg.max_actors or _max_actors(cfg), len(refs))
+    """Path blocks -> rows of PREDICTION_SCHEMA. `seen`: inputs counted before the run (at
+    most the compile threshold), which sizes small jobs."""
+    # No more actors than batches: one would idle, after loading the model for nothing.
+    actors = min(max_actors(cfg), math.ceil(seen / cfg.batch_size))
     compile_model = cfg.compile == "on" or (
-        cfg.compile == "auto" and images / max_actors >= COMPILE_MIN_IMAGES_PER_ACTOR
+        cfg.compile == "auto" and seen >= COMPILE_MIN_IMAGES_PER_ACTOR * actors
     )
     # A pool that starts at full size: growing it one actor at a time costs minutes of idle
     # CPUs on short jobs; --min-actors lets it breathe on a shared cluster.
-    min_actors = min(cfg.min_actors or max_actors, max_actors)
-    ds = ray.data.from_arrow_refs(refs)
-    ds = ds.map_batches(
+    min_actors = min(cfg.min_actors or actors, actors)
+    ds = listed.map_batches(
         load_images,
         fn_kwargs={"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3},
         batch_size=cfg.batch_size,
@@ -385,13 +401,17 @@ def run_pipeline(
             "counter": counter,
         },
         batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        compute=ActorPoolStrategy(min_size=min_actors, max_size=actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )
 
 
-def _max_actors(cfg: ClassifyConfig) -> int:
+def max_actors(cfg: ClassifyConfig) -> int:
+    """--max-actors, or one per GPU (with --gpu) or per --cpus-per-actor CPUs of the
+    cluster."""
+    if cfg.max_actors:
+        return cfg.max_actors
     resources = ray.cluster_resources()
     if cfg.gpu:
         return max(1, int(resources.get("GPU", 1)))

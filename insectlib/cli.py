@@ -157,10 +157,21 @@ def parser() -> argparse.ArgumentParser:
         "classify",
         help="classify images into Parquet with Ray Data",
         description="Classify every image under INPUT (a directory, a glob or an s3:// prefix) "
-        "and write one Parquet row per file to --output.",
+        "or listed in --manifest, and write one Parquet row per file to --output. The "
+        "input is listed while it is classified: folders and prefixes a level or two down "
+        "are listed in parallel Ray tasks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument("input", help="directory, glob or s3:// prefix of images")
+    c.add_argument(
+        "input", nargs="?", default="", help="directory, glob or s3:// prefix of images"
+    )
+    c.add_argument(
+        "--manifest",
+        help="instead of INPUT, a list of the inputs (local or s3://): a text file (.txt, "
+        ".lst: one absolute path or s3:// URI a line), a CSV or Parquet file with a 'path' "
+        "column, or an S3 Inventory report's manifest.json (CSV, ORC or Parquet); every "
+        "line gets a row, those that do not exist an error row",
+    )
     c.add_argument("--model", required=True, help="model directory written by insect train")
     c.add_argument("--output", required=True, help="directory or s3:// prefix for Parquet files")
     c.add_argument("--batch-size", type=int, default=32)

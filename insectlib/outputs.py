@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -110,9 +111,9 @@ def refuse_foreign(
         )
 
 
-def _part_schema(fs, name: str) -> pa.Schema | None:
-    """The schema of a part, or None when the file has no Parquet footer (a writer stopped
-    before finishing it). Storage failures are retried, then stop the run."""
+def _part_footer(fs, name: str) -> pq.FileMetaData | None:
+    """A part's Parquet footer, or None when it has none (a writer stopped before finishing
+    it). Storage failures are retried, then stop the run."""
 
     def read():
         with fs.open(name, "rb") as f:
@@ -123,7 +124,7 @@ def _part_schema(fs, name: str) -> pa.Schema | None:
             if f.read(4) != b"PAR1":
                 return None
             f.seek(0)
-            return pq.read_schema(f)
+            return pq.ParquetFile(f).metadata
 
     try:
         return storage.retrying(read, storage.to_uri(fs, name))
@@ -131,22 +132,22 @@ def _part_schema(fs, name: str) -> pa.Schema | None:
         return None
 
 
-def _check_parts(output: str, fs, parts: list[dict]) -> list[str]:
-    """The parts without a footer (half-written); refuses a part whose schema is not
-    insect's (a foreign file that happens to have such a name)."""
+def _check_parts(fs, parts: list[dict]) -> dict[str, pq.FileMetaData | None]:
+    """Each part's footer (None: half-written); refuses a part whose columns are not
+    insect's (a foreign file that happens to have such a name). One footer read per part,
+    16 at a time: the only cost of a resume that grows with the output (one part per
+    --rows-per-file rows)."""
+    names = [e["name"] for e in parts]
     with ThreadPoolExecutor(16) as pool:
-        schemas = list(pool.map(lambda e: _part_schema(fs, e["name"]), parts))
-    incomplete = []
-    for entry, schema in zip(parts, schemas, strict=True):
-        if schema is None:
-            incomplete.append(entry["name"])
-        elif not PART_COLUMNS <= set(schema.names):
+        footers = dict(zip(names, pool.map(lambda n: _part_footer(fs, n), names), strict=True))
+    for name, footer in footers.items():
+        columns = footer.schema.names if footer is not None else None
+        if columns is not None and not PART_COLUMNS <= set(columns):
             raise InsectError(
-                f"{storage.to_uri(fs, entry['name'])} is named like insect's output but has "
-                f"other columns ({', '.join(schema.names[:6])}); remove it yourself or write "
-                "elsewhere"
+                f"{storage.to_uri(fs, name)} is named like insect's output but has other "
+                f"columns ({', '.join(columns[:6])}); remove it yourself or write elsewhere"
             )
-    return incomplete
+    return footers
 
 
 def overwrite_plan(output: str, s3: storage.S3Options, own_files=(SUCCESS_FILE,)) -> list[str]:
@@ -157,7 +158,7 @@ def overwrite_plan(output: str, s3: storage.S3Options, own_files=(SUCCESS_FILE,)
     why = "--overwrite removes only what insect wrote: move them or choose another --output"
     refuse_foreign(output, entries, why, own_files)
     fs, _ = storage.filesystem(output, s3)
-    _check_parts(output, fs, part_entries(entries))
+    _check_parts(fs, part_entries(entries))
     return [e["name"] for e in entries]
 
 
@@ -169,48 +170,56 @@ def remove(output: str, names: list[str], s3: storage.S3Options) -> None:
             fs.rm_file(name)
 
 
-def resume_state(output: str, model_id: str, s3: storage.S3Options) -> pa.Array:
-    """The paths that already have a row in `output` (an interrupted run of `model_id`).
+@dataclass
+class Done:
+    """The complete parts of an interrupted run and how many rows they hold."""
+
+    files: list[str]
+    rows: int
+
+
+def _models(fs, name: str, footer: pq.FileMetaData) -> set[str]:
+    """The model ids in a part, from its column statistics (no data read) when it has them."""
+    index = footer.schema.names.index("model")
+    found: set[str] = set()
+    for g in range(footer.num_row_groups):
+        stats = footer.row_group(g).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            with fs.open(name, "rb") as f:
+                return set(pc.unique(pq.read_table(f, columns=["model"])["model"]).to_pylist())
+        found |= {stats.min, stats.max}
+    return found
+
+
+def resume_state(output: str, model_id: str, s3: storage.S3Options) -> Done:
+    """The parts an interrupted run of `model_id` finished in `output`.
 
     Everything is checked before anything is removed: a file insect did not write, or rows
     of another model, refuse the resume; only then are half-written parts (no Parquet
     footer) and `_SUCCESS` removed. A part that cannot be read is retried, then stops the
-    run without removing anything."""
+    run without removing anything. Only footers are read here, never the paths."""
     entries = list_entries(output, s3)
     why = "--resume continues only insect's own output: move them or choose another --output"
     refuse_foreign(output, entries, why)
     fs, _ = storage.filesystem(output, s3)
-    parts = part_entries(entries)
-    incomplete = set(_check_parts(output, fs, parts))
-
-    def read(name: str) -> pa.Table:
-        def once():
-            with fs.open(name, "rb") as f:
-                return pq.read_table(f, columns=["path", "model"])
-
-        return storage.retrying(once, storage.to_uri(fs, name))
-
-    complete = [e["name"] for e in parts if e["name"] not in incomplete]
-    with ThreadPoolExecutor(16) as pool:
-        tables = list(pool.map(read, complete))
-    for table in tables:
-        others = set(pc.unique(table["model"]).to_pylist()) - {model_id}
+    footers = _check_parts(fs, part_entries(entries))
+    complete = {name: f for name, f in footers.items() if f is not None}
+    for name, footer in complete.items():
+        others = {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
+        others -= {model_id}
         if others:
             raise InsectError(
                 f"{output} holds predictions of model {others.pop()}, not of "
                 f"{model_id}; resume with the same --model or write elsewhere"
             )
     with storage.user_errors(output):
-        for name in sorted(incomplete):
+        for name in sorted(set(footers) - set(complete)):
             print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
             fs.rm_file(name)
         for entry in entries:
             if _base(entry) == SUCCESS_FILE:
                 fs.rm_file(entry["name"])
-    if not tables:
-        return pa.array([], pa.string())
-    paths = pa.chunked_array([t["path"] for t in tables], pa.string()).combine_chunks()
-    return pc.unique(paths)
+    return Done(sorted(complete), sum(f.num_rows for f in complete.values()))
 
 
 def count_rows(output: str, s3: storage.S3Options) -> tuple[int, int]:

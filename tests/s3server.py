@@ -1,8 +1,8 @@
 """A real S3 API on loopback: moto in server mode, with IAM authentication switched on.
 
 The server skips authentication for its first four requests, which create an IAM user
-with full S3 access (and the right to change that policy) and its access key; every later request must be signed with that key,
-so wrong credentials really are denied.
+with full S3 access (and the right to change that policy) and its access key; every later
+request must be signed with that key, so wrong credentials really are denied.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def test_resume_read_errors_are_retried_then_fail_without_deleting(
         calls.append(1)
         raise OSError("connection reset by peer")
 
-    monkeypatch.setattr(outputs.pq, "read_table", failing)
+    monkeypatch.setattr(outputs.pq, "ParquetFile", failing)
     with pytest.raises(StorageUnavailable, match="after 4 attempts"):
         outputs.resume_state(str(out), meta.model_id, storage.S3Options())
     assert len(calls) >= storage.READ_ATTEMPTS and _tree(out) == before

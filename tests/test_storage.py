@@ -1,8 +1,13 @@
 import pytest
 
-from insectlib import storage
-from insectlib.classify import listing_blocks
+from insectlib import inputs, storage
 from insectlib.errors import InsectError
+
+
+def listing_blocks(root: str, rows: int):
+    """The path tables the read tasks of a listing of `root` yield, in order."""
+    parts = inputs.plan_listing(root, storage.S3Options())
+    return [t for i, part in enumerate(parts) for t in inputs.read_part(i, part, rows, None, None)]
 
 
 def _touch(path, data=b"x"):
@@ -24,7 +29,7 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden(tmp_path):
     (tmp_path / "dir.jpg").mkdir()  # a directory with an image name is not a file
     paths = [
         p
-        for block in listing_blocks(str(tmp_path), storage.S3Options(), 256)
+        for block in listing_blocks(str(tmp_path), 256)
         for p in block.column("path").to_pylist()
     ]
     assert sorted(paths) == sorted(
@@ -52,7 +57,7 @@ def test_missing_location_and_unknown_scheme(tmp_path):
 def test_listing_blocks_are_bounded(tmp_path):
     for i in range(10):
         _touch(tmp_path / f"{i}.jpg")
-    sizes = [b.num_rows for b in listing_blocks(str(tmp_path), storage.S3Options(), 4)]
+    sizes = [b.num_rows for b in listing_blocks(str(tmp_path), 4)]
     assert sizes == [4, 4, 2]
 
 

@@ -1,0 +1,250 @@
+"""Bucket scale: the input streams from parallel listing tasks, manifests replace listings,
+and resume finds what is left without holding the finished paths in one process."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import shutil
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.orc
+import pyarrow.parquet as pq
+import pytest
+import ray
+import ray.data
+
+from insectlib import inputs, outputs, storage
+from insectlib.classify import ClassifyConfig, Counter, classify
+from insectlib.cli import main
+from tests.conftest import expect_cli_error
+
+S3 = storage.S3Options()
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _listed(root: str, s3=S3) -> list[str]:
+    parts = inputs.plan_listing(root, s3)
+    return [
+        p
+        for i, part in enumerate(parts)
+        for table in inputs.read_part(i, part, 7, s3, None)
+        for p in table.column("path").to_pylist()
+    ]
+
+
+@pytest.mark.parametrize("level_limit", [inputs.LEVEL_LIMIT, 3])
+def test_parallel_listing_lists_every_file_exactly_once(tmp_path, monkeypatch, level_limit):
+    """Files at the root, one and two levels down and deeper, hidden ones and a folder
+    named like an image: every image in exactly one part, whether the levels are split
+    into parts or (over the limit) listed as one stream."""
+    monkeypatch.setattr(inputs, "LEVEL_LIMIT", level_limit)
+    names = ["r1.jpg", "r2.png", "a/a1.jpg", "a/x/ax1.jpg", "a/x/deep/er/ax2.jpg"]
+    names += ["b/y/by1.jpg", "b/y/by2.JPG", "b/z/bz1.webp", "c/c.tif", "c/d/e/f/g/h.jpg"]
+    names += [
+        f"year=2024/cam{i}/day{j}/{k}.jpg" for i in range(3) for j in range(4) for k in range(5)
+    ]
+    for name in [*names, "notes.txt", ".hidden.jpg", "a/.git/x.jpg", "b/y/readme.md"]:
+        _touch(tmp_path / name)
+    (tmp_path / "dir.jpg").mkdir()
+    listed = _listed(str(tmp_path))
+    assert len(listed) == len(set(listed))
+    assert sorted(listed) == sorted(str(tmp_path / n) for n in names)
+    parts = inputs.plan_listing(str(tmp_path), S3)
+    if level_limit == inputs.LEVEL_LIMIT:
+        assert len(parts) > 5  # split into sub-prefixes
+
+
+def test_parallel_listing_on_s3_exactly_once(s3_server):
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-prefixed")
+    keys = [
+        f"img/cam{i}/2024-0{j}/{k}.jpg" for i in range(4) for j in range(1, 4) for k in range(6)
+    ]
+    keys += ["img/top.jpg", "img/cam1/loose.jpg", "img/cam2/2024-01/deep/er/x.jpg"]
+    with ThreadPoolExecutor(16) as pool:
+        list(
+            pool.map(lambda k: client.put_object(Bucket="insect-prefixed", Key=k, Body=b"x"), keys)
+        )
+    parts = inputs.plan_listing("s3://insect-prefixed/img", S3)
+    assert {p.kind for p in parts} == {"level", "tree"} and len(parts) >= 12
+    listed = _listed("s3://insect-prefixed/img")
+    assert sorted(listed) == sorted(f"s3://insect-prefixed/{k}" for k in keys)
+
+
+def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
+    """A flat prefix of 6,000 keys is one part listed in six requests: its first block
+    reaches the consumer while its read task is still listing."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-flat")
+    keys = [f"flat/{i:05d}.jpg" for i in range(6000)]
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda k: client.put_object(Bucket="insect-flat", Key=k, Body=b"x"), keys))
+    parts = inputs.plan_listing("s3://insect-flat/flat", S3)
+    counter = Counter.remote()
+    ds = ray.data.read_datasource(inputs.InputSource(parts, 32, S3, counter), num_cpus=0)
+    seen, listing_done_at_first = 0, None
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if listing_done_at_first is None:
+            listing_done_at_first = ray.get(counter.inputs.remote(len(parts))) is not None
+        seen += batch.num_rows
+    assert seen == 6000 and ray.get(counter.inputs.remote(len(parts))) == 6000
+    assert listing_done_at_first is False
+
+
+@pytest.fixture(scope="module")
+def manifests(unlabelled, tmp_path_factory, s3_server):
+    """The unlabelled images listed in every manifest format, plus one missing file each."""
+    where = tmp_path_factory.mktemp("manifests")
+    images = sorted(unlabelled)
+    missing = str(where / "gone.jpg")
+    listed = [*images, missing]
+    (where / "list.txt").write_text("\n".join(listed) + "\n\n")
+    with open(where / "list.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path"])
+        w.writerows([i, p] for i, p in enumerate(listed))
+    pq.write_table(
+        pa.table({"path": listed, "n": list(range(len(listed)))}), where / "list.parquet"
+    )
+    # An S3 Inventory report of a bucket with odd names, in each of its three formats.
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-inventory")
+    keys = ["photos/with space.jpg", "photos/ünï+code.jpg", "photos/plain.jpg"]
+    for key, source in zip(keys, images, strict=False):
+        client.upload_file(source, "insect-inventory", key)
+    gone = "photos/deleted since.jpg"
+    rows = [("insect-inventory", k, "true", "false") for k in [*keys, gone]]
+    rows.append(("insect-inventory", "photos/plain.jpg", "false", "false"))  # an old version
+    rows.append(("insect-inventory", "photos/marker.jpg", "true", "true"))  # a delete marker
+    schema = "Bucket, Key, IsLatest, IsDeleteMarker"
+    buf = io.StringIO()
+    csv.writer(buf).writerows((b, _form_encode(k), latest, m) for b, k, latest, m in rows)
+    client.put_object(
+        Bucket="insect-inventory",
+        Key="inv/data/a.csv.gz",
+        Body=gzip.compress(buf.getvalue().encode()),
+    )
+    table = pa.table(
+        {
+            "bucket": [r[0] for r in rows],
+            "key": [r[1] for r in rows],
+            "is_latest": [r[2] == "true" for r in rows],
+            "is_delete_marker": [r[3] == "true" for r in rows],
+        }
+    )
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    client.put_object(Bucket="insect-inventory", Key="inv/data/a.parquet", Body=sink.getvalue())
+    sink = io.BytesIO()
+    pyarrow.orc.write_table(table, sink)
+    client.put_object(Bucket="insect-inventory", Key="inv/data/a.orc", Body=sink.getvalue())
+    for fmt, data_key in (("CSV", "a.csv.gz"), ("Parquet", "a.parquet"), ("ORC", "a.orc")):
+        manifest = {
+            "sourceBucket": "insect-inventory",
+            "destinationBucket": "arn:aws:s3:::insect-inventory",
+            "fileFormat": fmt,
+            "fileSchema": schema,
+            "files": [{"key": f"inv/data/{data_key}", "size": 1, "MD5checksum": "x"}],
+        }
+        client.put_object(
+            Bucket="insect-inventory", Key=f"inv/{fmt}/manifest.json", Body=json.dumps(manifest)
+        )
+    inventory = [f"s3://insect-inventory/{k}" for k in [*keys, gone]]
+    return {"dir": where, "listed": listed, "missing": missing, "inventory": inventory}
+
+
+def _form_encode(key: str) -> str:
+    """Keys as S3 Inventory CSV reports write them (form encoding: a space is '+')."""
+    return urllib.parse.quote_plus(key, safe="/")
+
+
+@pytest.mark.parametrize("name", ["list.txt", "list.csv", "list.parquet", "CSV", "Parquet", "ORC"])
+def test_manifest_inputs(trained, manifests, tmp_path, name):
+    cfg, meta = trained
+    inventory = name in ("CSV", "Parquet", "ORC")
+    uri = (
+        f"s3://insect-inventory/inv/{name}/manifest.json"
+        if inventory
+        else str(manifests["dir"] / name)
+    )
+    expected = manifests["inventory"] if inventory else manifests["listed"]
+    out = tmp_path / "out"
+    s = classify(ClassifyConfig(input="", manifest=uri, model=cfg.output, output=str(out)))
+    assert s.inputs == s.rows == len(expected)
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert sorted(rows) == sorted(expected)
+    missing = [p for p in expected if "gone" in p or "deleted" in p]
+    assert len(missing) == 1 and "not found" in rows[missing[0]]["error"]
+    assert all(rows[p]["label"] in meta.classes for p in expected if p not in missing)
+
+
+def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
+    cfg, _ = trained
+    base = ["classify", "--model", cfg.output, "--output", str(tmp_path / "o")]
+    (tmp_path / "rel.txt").write_text("/abs/a.jpg\nrelative/b.jpg\n")
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "rel.txt")])
+    assert "rel.txt, line 2" in err and "not an absolute path" in err
+    (tmp_path / "cols.csv").write_text("file\n/a.jpg\n")
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "cols.csv")])
+    assert "cols.csv" in err and "'path' column" in err
+    (tmp_path / "x.bin").write_bytes(b"\0")
+    assert "unknown format" in expect_cli_error(
+        capsys, [*base, "--manifest", str(tmp_path / "x.bin")]
+    )
+    (tmp_path / "manifest.json").write_text('{"files": []}')
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "manifest.json")])
+    assert "not an S3 Inventory manifest.json" in err
+    both = ["classify", str(tmp_path), "--manifest", str(tmp_path / "rel.txt"), *base[1:]]
+    assert "either INPUT or --manifest" in expect_cli_error(capsys, both)
+
+
+def test_resume_with_a_large_done_set(trained, unlabelled, tmp_path):
+    """5,000 inputs already have rows (in parts written as an interrupted run would have),
+    24 do not: resume classifies exactly the 24, and the output then holds one row each."""
+    cfg, meta = trained
+    folder = tmp_path / "in"
+    first = sorted(unlabelled)[0]
+    done_dir = folder / "done"
+    done_dir.mkdir(parents=True)
+    done = [str(done_dir / f"{i:05d}.jpg") for i in range(5000)]
+    for path in done:
+        os.link(first, path)  # distinct paths, one image on disk
+    shutil.copytree(os.path.dirname(first), folder / "new")
+    out = tmp_path / "out"
+    out.mkdir()
+    n = len(meta.classes)
+    for k in range(5):
+        chunk = done[k * 1000 : (k + 1) * 1000]
+        table = pa.table(
+            {
+                "path": chunk,
+                "label": [meta.classes[0]] * len(chunk),
+                "label_index": pa.array([0] * len(chunk), pa.int32()),
+                "score": pa.array([1.0] * len(chunk), pa.float32()),
+                "probabilities": pa.array(
+                    [[1.0] + [0.0] * (n - 1)] * len(chunk), pa.list_(pa.float32())
+                ),
+                "error": pa.array([None] * len(chunk), pa.string()),
+                "model": [meta.model_id] * len(chunk),
+            }
+        )
+        pq.write_table(table, out / f"part-{'0' * 31}{k}-000000-0.parquet")
+    argv = ["classify", str(folder), "--model", cfg.output, "--output", str(out), "--resume"]
+    assert main(argv) == 0
+    table = pq.read_table(out, columns=["path", "score"])
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 5000 + len(unlabelled)
+    manifest = json.loads((out / outputs.SUCCESS_FILE).read_text())
+    assert manifest["inputs"] == manifest["rows"] == 5000 + len(unlabelled)
+    new = [p for p in paths if "/new/" in p]
+    assert len(new) == len(unlabelled)
