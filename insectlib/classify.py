@@ -197,13 +197,9 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     done = outputs.resume_state(cfg.output, meta.model_id, cfg.s3) if cfg.resume else None
 
     counter = Counter.remote()
-    listed = ray.data.read_datasource(
-        inputs.InputSource(parts, cfg.batch_size, cfg.s3, counter),
-        # Listing is I/O: it must not wait for the CPUs the model actors hold.
-        num_cpus=0,
-        concurrency=min(len(parts), LISTING_TASKS),
-    )
-    if done is not None and done.rows:
+    resuming = done is not None and done.rows > 0
+    listed = read_inputs(parts, cfg.batch_size, cfg.s3, counter, streaming=not resuming)
+    if resuming:
         print(f"finding the inputs without a row among those listed ({done.rows} rows written)")
         listed = skip_done(listed, done, cfg)
     print(f"classifying {source} with model {meta.model_id} ({len(parts)} listing parts)")
@@ -260,17 +256,48 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     return summary
 
 
+def read_inputs(
+    parts: list[inputs.Part], batch_size: int, s3, counter, streaming: bool = True
+) -> ray.data.Dataset:
+    """The inputs' paths as a Ray Data dataset read by one task per part (see `inputs`).
+
+    `streaming`: Ray Data joins what a task yields into blocks of up to its
+    target_max_block_size (128 MiB), so a listing task's paths would come out only when it
+    ends, in blocks too large to spread over the actors. Streaming caps blocks at about one
+    batch of paths (inputs.BLOCK_BYTES_PER_PATH); datasets made from this one inherit it."""
+    with block_bytes(batch_size * inputs.BLOCK_BYTES_PER_PATH if streaming else None):
+        return ray.data.read_datasource(
+            inputs.InputSource(parts, batch_size, s3, counter),
+            # Listing is I/O: it must not wait for the CPUs the model actors hold.
+            num_cpus=0,
+            concurrency=min(len(parts), LISTING_TASKS),
+        )
+
+
+@contextlib.contextmanager
+def block_bytes(size: int | None):
+    """Datasets created inside get Ray Data's target_max_block_size `size` (None: as is)."""
+    context = ray.data.DataContext.get_current()
+    before = context.target_max_block_size
+    if size:
+        context.target_max_block_size = size
+    try:
+        yield
+    finally:
+        context.target_max_block_size = before
+
+
 def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dataset:
     """The listed inputs that have no row yet: an anti-join of the listing with the paths
-    already written, hash-partitioned over Ray actors (no process holds every path). It is
-    computed before the model actors start (the join's actors need CPUs they would hold),
-    kept in the object store, and cut back into blocks of one batch."""
+    already written, hash-partitioned over Ray actors (no process holds every path), cut
+    into blocks of one batch and kept in the object store. It runs before the model actors
+    start: the join's actors and the repartition tasks need CPUs the model actors would
+    hold."""
     pa_fs, _ = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     written = ray.data.read_parquet(done.files, filesystem=pa_fs).select_columns(["path"])
     partitions = max(2, min(200, done.rows // 250_000))
     todo = listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
-    todo = todo.materialize()
-    return todo.repartition(target_num_rows_per_block=cfg.batch_size)
+    return todo.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
 
 
 def prepare_output(cfg: ClassifyConfig) -> list[str]:

@@ -13,7 +13,6 @@ Ray 2.60.)
 from __future__ import annotations
 
 import csv
-import functools
 import gzip
 import io
 import json
@@ -41,6 +40,9 @@ MAX_PARTS = 1_024
 PATHS_PER_PART = 10_000  # given paths (evaluate) per read task
 MANIFEST_COLUMN = "path"  # CSV and Parquet manifests: the column holding the paths
 TEXT_SUFFIXES = (".txt", ".lst", ".list")
+# A block of paths in Arrow takes 33 (s3://bucket/x/0000001.jpg) to 70 bytes (long local
+# paths) a row: blocks capped at this many bytes a path hold about one batch.
+BLOCK_BYTES_PER_PATH = 32
 PATH_SCHEMA = pa.schema([("path", pa.string()), ("raw_path", pa.binary())])
 
 
@@ -270,13 +272,17 @@ class InputSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
         return [
-            ReadTask(
-                functools.partial(read_part, i, part, self.rows, self.s3, self.counter),
-                metadata,
-                schema=PATH_SCHEMA,
-            )
+            ReadTask(self._read_fn(i, part), metadata, schema=PATH_SCHEMA)
             for i, part in enumerate(self.parts)
         ]
+
+    def _read_fn(self, index: int, part: Part):
+        rows, s3, counter = self.rows, self.s3, self.counter
+
+        def read_listing_part():  # a named function: Ray Data names operators after it
+            return read_part(index, part, rows, s3, counter)
+
+        return read_listing_part
 
 
 def count_inputs(parts: list[Part], s3, limit: int) -> int:

@@ -20,7 +20,7 @@ import ray
 import ray.data
 
 from insectlib import inputs, outputs, storage
-from insectlib.classify import ClassifyConfig, Counter, classify
+from insectlib.classify import ClassifyConfig, Counter, classify, read_inputs
 from insectlib.cli import main
 from tests.conftest import expect_cli_error
 
@@ -42,7 +42,7 @@ def _listed(root: str, s3=S3) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("level_limit", [inputs.LEVEL_LIMIT, 3])
+@pytest.mark.parametrize("level_limit", [10_000, 3])
 def test_parallel_listing_lists_every_file_exactly_once(tmp_path, monkeypatch, level_limit):
     """Files at the root, one and two levels down and deeper, hidden ones and a folder
     named like an image: every image in exactly one part, whether the levels are split
@@ -60,7 +60,7 @@ def test_parallel_listing_lists_every_file_exactly_once(tmp_path, monkeypatch, l
     assert len(listed) == len(set(listed))
     assert sorted(listed) == sorted(str(tmp_path / n) for n in names)
     parts = inputs.plan_listing(str(tmp_path), S3)
-    if level_limit == inputs.LEVEL_LIMIT:
+    if level_limit > 100:
         assert len(parts) > 5  # split into sub-prefixes
 
 
@@ -91,14 +91,15 @@ def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
         list(pool.map(lambda k: client.put_object(Bucket="insect-flat", Key=k, Body=b"x"), keys))
     parts = inputs.plan_listing("s3://insect-flat/flat", S3)
     counter = Counter.remote()
-    ds = ray.data.read_datasource(inputs.InputSource(parts, 32, S3, counter), num_cpus=0)
-    seen, listing_done_at_first = 0, None
+    ds = read_inputs(parts, 32, S3, counter)
+    sizes, listing_done_at_first = [], None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if listing_done_at_first is None:
             listing_done_at_first = ray.get(counter.inputs.remote(len(parts))) is not None
-        seen += batch.num_rows
-    assert seen == 6000 and ray.get(counter.inputs.remote(len(parts))) == 6000
+        sizes.append(batch.num_rows)
+    assert sum(sizes) == 6000 and ray.get(counter.inputs.remote(len(parts))) == 6000
     assert listing_done_at_first is False
+    assert max(sizes) <= 64  # blocks of about one batch: they spread over the model actors
 
 
 @pytest.fixture(scope="module")
