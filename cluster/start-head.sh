@@ -14,26 +14,27 @@
 # Further arguments go to `ray start`. (--token, the former opt-in, is accepted.)
 set -euo pipefail
 RAY=${RAY:-ray}
-case "${1:-}" in
-  --no-auth)
-    shift
-    echo "warning: starting a Ray head WITHOUT authentication: anyone who can reach its" \
-      "ports can run code as $(id -un) on this machine" >&2
-    export RAY_AUTH_MODE=disabled
-    ;;
-  --token) shift ;&
-  *)
-    export RAY_AUTH_MODE=token
-    if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
-      token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
-      if [ ! -s "$token_file" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
-        # umask 077: the token file is readable by its owner only, from its creation on.
-        (umask 077 && "$RAY" get-auth-token --generate >/dev/null)
-      fi
-      chmod 600 "$token_file"  # also an older, looser one
+if [ "${1:-}" = "--no-auth" ]; then
+  shift
+  echo "warning: starting a Ray head WITHOUT authentication: anyone who can reach its" \
+    "ports can run code as $(id -un) on this machine" >&2
+  export RAY_AUTH_MODE=disabled
+else
+  if [ "${1:-}" = "--token" ]; then shift; fi
+  export RAY_AUTH_MODE=token
+  if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+    token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+    if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$token_file" ]; then
+      echo "start-head.sh: RAY_AUTH_TOKEN_PATH=$token_file is missing or empty" >&2
+      exit 2
     fi
-    ;;
-esac
+    if [ ! -s "$token_file" ]; then
+      # umask 077: the token file is readable by its owner only, from its creation on.
+      (umask 077 && "$RAY" get-auth-token --generate >/dev/null)
+    fi
+    chmod 600 "$token_file"  # also an older, looser one
+  fi
+fi
 args=(--head --port "${RAY_PORT:-6379}" --dashboard-host 127.0.0.1
       --dashboard-port "${DASHBOARD_PORT:-8265}" --disable-usage-stats)
 if [ -n "${NUM_CPUS:-}" ]; then args+=(--num-cpus "$NUM_CPUS"); fi

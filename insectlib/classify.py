@@ -32,7 +32,7 @@ from insectlib.images import (
     preprocess,
     resize_size,
 )
-from insectlib.model import check_weights, read_meta, versions
+from insectlib.model import check_model_id, check_weights, read_meta, versions
 from insectlib.predict import PRECISIONS, Predictor
 from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_warnings
 
@@ -193,6 +193,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     if not seen:
         raise InsectError(f"no image files found in {source}")
     if removal:
+        check_model_id(cfg.model, meta, cfg.s3)  # the actors would refuse it, too late
         outputs.remove(cfg.output, removal, cfg.s3)
     done = outputs.resume_state(cfg.output, meta.model_id, cfg.s3) if cfg.resume else None
 
@@ -200,7 +201,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     resuming = done is not None and done.rows > 0
     listed = read_inputs(parts, cfg.batch_size, cfg.s3, counter, streaming=not resuming)
     if resuming:
-        print(f"finding the inputs without a row among those listed ({done.rows} rows written)")
+        print(f"resuming: {done.rows} inputs already done; finding those without a row")
         listed = skip_done(listed, done, cfg)
     print(f"classifying {source} with model {meta.model_id} ({len(parts)} listing parts)")
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)

@@ -162,9 +162,7 @@ def parser() -> argparse.ArgumentParser:
         "are listed in parallel Ray tasks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    c.add_argument(
-        "input", nargs="?", default="", help="directory, glob or s3:// prefix of images"
-    )
+    c.add_argument("input", nargs="?", default="", help="directory, glob or s3:// prefix of images")
     c.add_argument(
         "--manifest",
         help="instead of INPUT, a list of the inputs (local or s3://): a text file (.txt, "

@@ -51,7 +51,10 @@ class EvaluateConfig:
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
     else every image) and write metrics, the confusion matrix and the misclassified rows."""
-    outputs.check_location(cfg.output, {"the input": cfg.data, "the model": cfg.model})
+    # Its pictures inside the labelled tree would be read as images by the next run.
+    outputs.check_location(
+        cfg.output, {"the input": cfg.data, "the model": cfg.model}, apart=("the input",)
+    )
     removal = plan_overwrite(cfg)
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
@@ -64,7 +67,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         )
     items = labelled.val if labelled.held_out else labelled.train + labelled.val
     index = {name: i for i, name in enumerate(meta.classes)}
-    truth = {uri: index[labelled.classes[y]] for uri, y in items}
+    truth = {storage.printable(uri): index[labelled.classes[y]] for uri, y in items}
     where = f"its {labelled.held_out}/ folder" if labelled.held_out else "every image"
     print(f"evaluating model {meta.model_id} on {len(truth)} images of {cfg.data} ({where})")
     # Only now that the data is listed and the model checked: the old evaluation goes.
@@ -85,7 +88,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             address=cfg.address,
             s3=cfg.s3,
         ),
-        paths=sorted(truth),
+        paths=sorted(uri for uri, _ in items),
     )
 
     pa_fs, pa_path = storage.pyarrow_filesystem(predictions, cfg.s3)

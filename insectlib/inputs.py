@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.csv
+import pyarrow.orc
 import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockMetadata
@@ -64,8 +65,9 @@ class Part:
 
     @property
     def listing(self) -> bool:
-        """Listed parts keep only image names; manifests and given paths keep every line."""
-        return self.kind in ("tree", "level", "any")
+        """Listings (and S3 Inventory reports, a listing of a whole bucket) keep only image
+        names; manifests and given paths keep every line."""
+        return self.kind in ("tree", "level", "any") or self.kind.startswith("inventory-")
 
 
 def plan_listing(uri: str, s3: storage.S3Options) -> list[Part]:
@@ -76,18 +78,19 @@ def plan_listing(uri: str, s3: storage.S3Options) -> list[Part]:
     parts: list[Part] = []
     frontier = [uri]
     for _ in range(2):
-        deeper = []
-        for folder in frontier:
+        deeper: list[str] = []
+        for i, folder in enumerate(frontier):
+            left = len(frontier) - i - 1  # folders of this level still to place
             level = storage.list_level(folder, s3, LEVEL_LIMIT)
-            if level is None:  # too large to split: one stream for all of it
-                parts.append(Part("tree", folder))
+            if level is None or len(parts) + len(deeper) + left + 1 + len(level.subdirs) > (
+                MAX_PARTS
+            ):
+                parts.append(Part("tree", folder))  # too large to split: one stream
                 continue
             if level.has_files:
                 parts.append(Part("level", folder))
             deeper += level.subdirs
         frontier = deeper
-        if len(parts) + len(frontier) >= MAX_PARTS:
-            break
     return parts + [Part("tree", folder) for folder in frontier]
 
 
@@ -241,14 +244,16 @@ def _inventory_paths(part: Part, s3) -> Iterator[str]:
                     )
             return
         if part.kind == "inventory-orc":
-            import pyarrow.orc
-
-            table = pyarrow.orc.ORCFile(f).read()
+            reader = pyarrow.orc.ORCFile(f)
+            batches = (reader.read_stripe(i) for i in range(reader.nstripes))
         else:
-            table = pq.read_table(f)
-        for record in table.rename_columns([n.lower() for n in table.column_names]).to_pylist():
-            if _current(record):
-                yield f"s3://{record.get('bucket') or part.bucket}/{record['key']}"
+            batches = pq.ParquetFile(f).iter_batches()
+        for batch in batches:  # a batch at a time: reports run to millions of rows
+            table = pa.Table.from_batches([batch])
+            table = table.rename_columns([n.lower() for n in table.column_names])
+            for record in table.to_pylist():
+                if _current(record):
+                    yield f"s3://{record.get('bucket') or part.bucket}/{record['key']}"
 
 
 def _current(record: dict) -> bool:
@@ -302,7 +307,7 @@ def read_part(index: int, part: Part, rows: int, s3, counter) -> Iterator[pa.Tab
     """The read task of one part: its paths as tables of `rows`."""
     block: list[str] = []
     total = 0
-    for path in part_paths(part, s3):
+    for path in _guarded(part_paths(part, s3), part.uri or "the given paths"):
         if part.listing and not is_image_name(path):
             continue
         block.append(path)
@@ -318,6 +323,16 @@ def read_part(index: int, part: Part, rows: int, s3, counter) -> Iterator[pa.Tab
             counter.add_listed.remote(len(block))
     if counter is not None:
         ray.get(counter.set_part_total.remote(index, total))
+
+
+def _guarded(paths: Iterator[str], uri: str) -> Iterator[str]:
+    """`paths`, with a storage or format failure turned into one InsectError naming `uri`
+    (it stops the run: the part cannot be enumerated)."""
+    with storage.user_errors(uri):
+        try:
+            yield from paths
+        except KeyError as e:
+            raise InsectError(f"{uri}: a row without {e}") from None
 
 
 def path_table(paths: list[str]) -> pa.Table:

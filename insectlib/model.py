@@ -291,6 +291,22 @@ def check_weights(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None
     _check_shapes(found, meta, weights_uri)
 
 
+def check_model_id(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None) -> None:
+    """Hash the weights file (streamed) against meta.json's `model_id`."""
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    found = storage.sha256(weights_uri, s3)[:16]
+    if found != meta.model_id:
+        raise InsectError(_wrong_weights(weights_uri, found, meta))
+
+
+def _wrong_weights(weights_uri: str, found: str, meta: ModelMeta) -> str:
+    return (
+        f"{weights_uri} is not the model meta.json describes (its hash is {found}, "
+        f"meta.json says {meta.model_id}): the directory is incomplete or was changed; "
+        "train it again"
+    )
+
+
 def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module, ModelMeta]:
     """Rebuild a trained model from its directory (on the CPU, in eval mode). The weights
     must hash to meta.json's `model_id`: a directory whose files come from different runs
@@ -302,11 +318,7 @@ def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module
     except FileNotFoundError:
         raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
     if model_id(data) != meta.model_id:
-        raise InsectError(
-            f"{weights_uri} is not the model meta.json describes (its hash is {model_id(data)}, "
-            f"meta.json says {meta.model_id}): the directory is incomplete or was changed; "
-            "train it again"
-        )
+        raise InsectError(_wrong_weights(weights_uri, model_id(data), meta))
     try:
         state = safetensors.torch.load(data)
     except Exception as e:

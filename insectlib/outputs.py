@@ -57,10 +57,10 @@ def _key(uri: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
-def check_location(output: str, protected: dict[str, str]) -> None:
+def check_location(output: str, protected: dict[str, str], apart: tuple[str, ...] = ()) -> None:
     """Refuse an output location that is a bucket root or holds (or is) one of the
     `protected` locations ({"the input": uri, "the model": uri}), before anything is written
-    or removed there."""
+    or removed there; for those named in `apart`, also an output inside them."""
     if storage.is_s3(output) and "/" not in output[len("s3://") :].strip("/"):
         raise InsectError(
             f"--output {output} is a bucket root; write to a prefix such as "
@@ -71,6 +71,11 @@ def check_location(output: str, protected: dict[str, str]) -> None:
         inside = _key(uri)
         if inside == out or inside.startswith(out.rstrip("/") + "/"):
             raise InsectError(f"--output {output} contains {what} ({uri}): choose another --output")
+        if what in apart and out.startswith(inside.rstrip("/") + "/"):
+            raise InsectError(
+                f"--output {output} is inside {what} ({uri}), where its files would be read "
+                "as inputs next time: choose another --output"
+            )
 
 
 def list_entries(output: str, s3: storage.S3Options) -> list[dict]:
@@ -126,10 +131,14 @@ def _part_footer(fs, name: str) -> pq.FileMetaData | None:
             f.seek(0)
             return pq.ParquetFile(f).metadata
 
+    uri = storage.to_uri(fs, name)
     try:
-        return storage.retrying(read, storage.to_uri(fs, name))
-    except pa.ArrowInvalid:
-        return None
+        with storage.user_errors(uri):
+            return storage.retrying(read, uri)
+    except pa.ArrowInvalid as e:  # a Parquet tail but no valid footer: not half-written
+        raise InsectError(
+            f"{uri} is damaged ({e}); insect will not remove it: remove or move it yourself"
+        ) from None
 
 
 def _check_parts(fs, parts: list[dict]) -> dict[str, pq.FileMetaData | None]:

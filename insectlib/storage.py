@@ -7,6 +7,7 @@ whether a location is local or in a bucket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -26,6 +27,12 @@ from insectlib.errors import ImageError, InsectError, StorageUnavailable
 # jitter), on top of botocore's own retries. ~7 s in all before a run gives up.
 READ_ATTEMPTS = 4
 READ_BACKOFF_S = 1.0
+# Local errors that say something about the file itself (and become its error row); any
+# other (EIO, ESTALE, EMFILE, ...) is the machine's and stops the run.
+FILE_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO, errno.EISDIR,
+     errno.ENOTDIR, errno.ENAMETOOLONG}
+)  # fmt: skip
 T = TypeVar("T")
 
 
@@ -128,8 +135,8 @@ def retrying(fn: Callable[[], T], uri: str) -> T:
     for attempt in range(READ_ATTEMPTS):
         try:
             return fn()
-        except (FileNotFoundError, ImageError):
-            raise
+        except (FileNotFoundError, ImageError, ValueError):
+            raise  # the file's own state, or bad content: asking again cannot help
         except Exception as e:
             if attempt == READ_ATTEMPTS - 1:
                 raise StorageUnavailable(
@@ -149,6 +156,11 @@ def _read_local_input(path: str, max_bytes: int) -> bytes:
     except FileNotFoundError:
         raise ImageError("unreadable file: not found (or a dangling link)") from None
     except OSError as e:
+        if e.errno not in FILE_ERRNOS:  # EIO, ESTALE, EMFILE, ...: the machine, not the file
+            raise StorageUnavailable(
+                f"cannot read {printable(path)}: {e.strerror or e}. The rows written so far "
+                "are kept: fix the cause and rerun with --resume"
+            ) from None
         raise ImageError(f"unreadable file: {e.strerror or e}") from None
     with open(fd, "rb", closefd=True) as f:
         mode = os.fstat(fd).st_mode
@@ -289,7 +301,9 @@ def list_level(uri: str, s3: S3Options | None, limit: int) -> Level | None:
     with user_errors(uri):
         for name, is_dir in _level_entries(fs, path, uri):
             seen += 1
-            if seen > limit:
+            if seen > limit or name.endswith("/"):
+                # Too many to split; or an empty key segment (prefix "a//"), which no
+                # sub-prefix URI can name: list it all in one stream.
                 return None
             if is_dir:
                 subdirs.append(to_uri(fs, name))
@@ -313,15 +327,25 @@ def iter_tree(uri: str, s3: S3Options | None = None) -> Iterator[str]:
     with user_errors(uri):
         if _is_s3fs(fs):
             bucket, _, key = path.partition("/")
-            pages = fs._iterdir(bucket, delimiter="", prefix=f"{key}/" if key else "")
+            prefix = f"{key}/" if key else ""
+            pages = fs._iterdir(bucket, delimiter="", prefix=prefix)
+            start = len(bucket) + 1 + len(prefix)
             while entries := _next_page(fs, pages, bucket, uri):
-                yield from (f"s3://{n}" for n, _ in entries if _visible(n) and n[-1] != "/")
+                yield from (f"s3://{n}" for n, _ in entries if _visible_below(n, start))
         elif os.path.isdir(path):
             yield from (n for n in _walk_local(path) if _visible(n))
 
 
 def _visible(name: str) -> bool:
     return not name.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+
+
+def _visible_below(name: str, start: int) -> bool:
+    """A key of a flat listing is an input when it is no folder marker and no part of it
+    below the listed prefix (from `start`) is hidden: as a local walk skips hidden folders."""
+    return not name.endswith("/") and not any(
+        part.startswith(".") for part in name[start:].split("/")
+    )
 
 
 def _level_entries(fs, path: str, uri: str) -> Iterator[tuple[str, bool]]:
@@ -332,7 +356,7 @@ def _level_entries(fs, path: str, uri: str) -> Iterator[tuple[str, bool]]:
         pages = fs._iterdir(bucket, delimiter="/", prefix=f"{key}/" if key else "")
         while entries := _next_page(fs, pages, bucket, uri):
             for name, is_dir in entries:
-                if _visible(name) and not name.endswith("/"):
+                if _visible(name) and (is_dir or not name.endswith("/")):
                     yield name, is_dir
         return
     with os.scandir(path) as it:
@@ -354,7 +378,8 @@ def user_errors(uri: str):
     except InsectError:
         raise
     except PermissionError as e:
-        raise InsectError(f"access denied to {uri}: check the AWS credentials ({e})") from None
+        hint = "check the AWS credentials" if is_s3(uri) else "check its permissions"
+        raise InsectError(f"access denied to {uri}: {hint} ({e})") from None
     except FileNotFoundError:
         raise InsectError(f"not found: {uri}") from None
     except Exception as e:  # botocore's connection and endpoint errors are not OSErrors
@@ -369,12 +394,13 @@ def _iter_s3(fs, path: str, uri: str) -> Iterator[str]:
         return
     # One paginated flat listing (1,000 keys a request), consumed a page at a time so that
     # only names, never per-object metadata, stay in memory.
-    pages = fs._iterdir(bucket, delimiter="", prefix=f"{key}/" if key else "")
+    prefix = f"{key}/" if key else ""
+    pages = fs._iterdir(bucket, delimiter="", prefix=prefix)
     found = False
     while entries := _next_page(fs, pages, bucket, uri):
         found = True
         for name, _ in entries:
-            if _visible(name) and not name.endswith("/"):
+            if _visible_below(name, len(bucket) + 1 + len(prefix)):
                 yield f"s3://{name}"
     if found:
         return
@@ -407,10 +433,14 @@ async def _next_entries(pages, n: int) -> list[tuple[str, bool]]:
 
 def _walk_local(root: str) -> Iterator[str]:
     # A generator, sorted per directory: deterministic order without holding the tree.
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             yield os.path.join(dirpath, name)
+
+
+def _raise(error: OSError) -> None:
+    raise error  # a folder that cannot be listed must not silently lose its files
 
 
 def _is_s3fs(fs: fsspec.AbstractFileSystem) -> bool:

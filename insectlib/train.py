@@ -23,7 +23,7 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from insectlib import storage
+from insectlib import outputs, storage
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import (
     MAX_FILE_BYTES,
@@ -486,6 +486,8 @@ def _epoch_line(m: dict, epochs: int) -> str:
 def prepare(cfg: TrainConfig) -> LabelledSet:
     """Check everything that can be checked before Ray starts; returns the labelled set."""
     cfg.validate()
+    # Its pictures inside the labelled tree would be read as images by the next run.
+    outputs.check_location(cfg.output, {"the data": cfg.data}, apart=("the data",))
     for location in (cfg.output, cfg.storage):
         if location:
             storage.check_bucket(location, cfg.s3)

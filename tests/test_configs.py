@@ -35,6 +35,7 @@ def test_aws_launcher_config_matches_rays_schema():
         (start,) = [c for c in commands if "ray start" in c]
         assert "export RAY_AUTH_MODE=token" in start
         assert 'RAY_AUTH_TOKEN="$(aws secretsmanager get-secret-value' in start
+        assert '[ -n "$RAY_AUTH_TOKEN" ] && export RAY_AUTH_TOKEN && ray start' in start
 
 
 def test_aws_config_with_a_wrong_field_is_rejected():

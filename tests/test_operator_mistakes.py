@@ -258,6 +258,8 @@ def test_clear_errors_instead_of_tracebacks(trained, unlabelled, tmp_path, capsy
     assert "--max-maps must be at least 1" in err
     err = expect_cli_error(capsys, ["train", images, "--image-size", "5000"])
     assert "--image-size must be between 16 and 4096" in err
+    err = expect_cli_error(capsys, ["train", images, "--output", f"{images}/model"])
+    assert "is inside the data" in err
     s3_root = ["classify", images, "--model", cfg.output, "--output", "s3://bucket/"]
     assert "is a bucket root" in expect_cli_error(capsys, s3_root)
 

@@ -42,12 +42,15 @@ def _listed(root: str, s3=S3) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("level_limit", [10_000, 3])
-def test_parallel_listing_lists_every_file_exactly_once(tmp_path, monkeypatch, level_limit):
+@pytest.mark.parametrize(("level_limit", "max_parts"), [(10_000, 1024), (3, 1024), (10_000, 5)])
+def test_parallel_listing_lists_every_file_exactly_once(
+    tmp_path, monkeypatch, level_limit, max_parts
+):
     """Files at the root, one and two levels down and deeper, hidden ones and a folder
     named like an image: every image in exactly one part, whether the levels are split
     into parts or (over the limit) listed as one stream."""
     monkeypatch.setattr(inputs, "LEVEL_LIMIT", level_limit)
+    monkeypatch.setattr(inputs, "MAX_PARTS", max_parts)
     names = ["r1.jpg", "r2.png", "a/a1.jpg", "a/x/ax1.jpg", "a/x/deep/er/ax2.jpg"]
     names += ["b/y/by1.jpg", "b/y/by2.JPG", "b/z/bz1.webp", "c/c.tif", "c/d/e/f/g/h.jpg"]
     names += [
@@ -60,7 +63,8 @@ def test_parallel_listing_lists_every_file_exactly_once(tmp_path, monkeypatch, l
     assert len(listed) == len(set(listed))
     assert sorted(listed) == sorted(str(tmp_path / n) for n in names)
     parts = inputs.plan_listing(str(tmp_path), S3)
-    if level_limit > 100:
+    assert len(parts) <= max_parts
+    if level_limit > 100 and max_parts > 100:
         assert len(parts) > 5  # split into sub-prefixes
 
 
@@ -71,9 +75,14 @@ def test_parallel_listing_on_s3_exactly_once(s3_server):
         f"img/cam{i}/2024-0{j}/{k}.jpg" for i in range(4) for j in range(1, 4) for k in range(6)
     ]
     keys += ["img/top.jpg", "img/cam1/loose.jpg", "img/cam2/2024-01/deep/er/x.jpg"]
+    keys += ["img/cam3//empty-segment.jpg"]  # a prefix "img/cam3//" no URI names
+    hidden = ["img/.cache/a.jpg", "img/cam0/2024-01/.thumbs/b.jpg", "img/cam1/x/.t/c.jpg"]
     with ThreadPoolExecutor(16) as pool:
         list(
-            pool.map(lambda k: client.put_object(Bucket="insect-prefixed", Key=k, Body=b"x"), keys)
+            pool.map(
+                lambda k: client.put_object(Bucket="insect-prefixed", Key=k, Body=b"x"),
+                keys + hidden + ["img/cam2/folder-marker/"],
+            )
         )
     parts = inputs.plan_listing("s3://insect-prefixed/img", S3)
     assert {p.kind for p in parts} == {"level", "tree"} and len(parts) >= 12
@@ -124,7 +133,7 @@ def manifests(unlabelled, tmp_path_factory, s3_server):
     for key, source in zip(keys, images, strict=False):
         client.upload_file(source, "insect-inventory", key)
     gone = "photos/deleted since.jpg"
-    rows = [("insect-inventory", k, "true", "false") for k in [*keys, gone]]
+    rows = [("insect-inventory", k, "true", "false") for k in [*keys, gone, "photos/a.txt"]]
     rows.append(("insect-inventory", "photos/plain.jpg", "false", "false"))  # an old version
     rows.append(("insect-inventory", "photos/marker.jpg", "true", "true"))  # a delete marker
     schema = "Bucket, Key, IsLatest, IsDeleteMarker"

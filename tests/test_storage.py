@@ -28,9 +28,7 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden(tmp_path):
         _touch(tmp_path / name)
     (tmp_path / "dir.jpg").mkdir()  # a directory with an image name is not a file
     paths = [
-        p
-        for block in listing_blocks(str(tmp_path), 256)
-        for p in block.column("path").to_pylist()
+        p for block in listing_blocks(str(tmp_path), 256) for p in block.column("path").to_pylist()
     ]
     assert sorted(paths) == sorted(
         str(tmp_path / n) for n in ["a.jpg", "B.JPEG", "sub/c.Png", "sub/deeper/d.webp"]
