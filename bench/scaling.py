@@ -181,7 +181,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         model = os.path.join(tmp, "model")
         make_model(model, args.arch, args.image_size)
-        distinct = sorted(sample.make_unlabelled(os.path.join(tmp, "distinct"), 300, (48, 36)))
+        distinct = sorted(
+            sample.make_unlabelled(os.path.join(tmp, "distinct"), count=300, size=(48, 36))
+        )
         for count in (int(n) for n in args.sizes.split(",")):
             images = os.path.join(tmp, f"images-{count}")
             started = time.perf_counter()
