@@ -174,7 +174,8 @@ def decode_rates(paths) -> dict[str, float]:
 def insect_classify(folder: str, model_dir: str, out: str, device: str, compile: str) -> float:
     import ray
 
-    from insectlib.classify import ClassifyConfig, classify
+    from insectlib.classify import classify
+    from insectlib.config import ClassifyConfig
 
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, logging_level="ERROR")

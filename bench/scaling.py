@@ -65,7 +65,8 @@ def one_run(images: str, model: str, out: str, batch_size: int, resume: bool) ->
     """Classify `images` with a fresh local Ray; returns the measurements."""
     import ray
 
-    from insectlib.classify import ClassifyConfig, classify
+    from insectlib.classify import classify
+    from insectlib.config import ClassifyConfig
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     peaks: dict[int, int] = {}

@@ -25,7 +25,8 @@ import ray  # noqa: E402
 from common import write_result  # noqa: E402
 
 from insectlib import sample  # noqa: E402
-from insectlib.train import TrainConfig, fit  # noqa: E402
+from insectlib.config import TrainConfig  # noqa: E402
+from insectlib.train import fit  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "insects")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -10,11 +9,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TypeVar
 
 import numpy as np
 import ray
@@ -23,79 +19,17 @@ from ray.data import ActorPoolStrategy
 from tqdm import tqdm
 
 from insectlib import inputs, outputs, storage
+from insectlib.config import ClassifyConfig, DecodeLimits
 from insectlib.errors import ImageError, InsectError
-from insectlib.images import (
-    MAX_FILE_BYTES,
-    MAX_PIXELS,
-    DecodeLimits,
-    eval_transform,
-    preprocess,
-    resize_size,
-)
+from insectlib.images import eval_transform, load_images, resize_size
 from insectlib.model import check_model_id, check_weights, read_meta, versions
-from insectlib.predict import PRECISIONS, Predictor
+from insectlib.predict import Predictor
 from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_warnings
 
 # torch.compile costs each actor ~10 s (up to a minute on a cold cache) and saves ~25 ms
 # per VGG-16 image on a CPU core: worth it from about a thousand images per actor.
 COMPILE_MIN_IMAGES_PER_ACTOR = 1000
-COMPILE_CHOICES = ("auto", "on", "off")
-READ_AHEAD = 16  # S3 reads in flight per decoding process
 LISTING_TASKS = 16  # listing parts read at once (I/O-bound tasks that ask for no CPU)
-T = TypeVar("T")
-
-
-@dataclass
-class ClassifyConfig:
-    """Every knob of `insect classify`."""
-
-    input: str  # a folder, prefix, file or glob; "" with a manifest
-    model: str
-    output: str
-    manifest: str | None = None  # a list of the inputs instead of `input` (see inputs.py)
-    batch_size: int = 32
-    gpu: bool = False
-    min_actors: int | None = None  # None: start with max_actors
-    max_actors: int | None = None  # None: as many as the cluster's CPUs (or GPUs) allow
-    cpus_per_actor: float = 1.0
-    precision: str = "auto"
-    compile: str = "auto"  # torch.compile the model: on, off, auto (on for big jobs)
-    rows_per_file: int = 1000  # at least, per Parquet file (the last may hold fewer)
-    overwrite: bool = False
-    resume: bool = False  # classify only the inputs that have no row in the output yet
-    max_error_fraction: float | None = None  # fail (after writing every row) above this
-    max_file_bytes: int = MAX_FILE_BYTES  # larger inputs get an error row
-    max_pixels: int = MAX_PIXELS  # images with more pixels get an error row
-    address: str | None = None
-    s3: storage.S3Options = field(default_factory=storage.S3Options)
-
-    @property
-    def limits(self) -> DecodeLimits:
-        return DecodeLimits(self.max_file_bytes, self.max_pixels)
-
-    def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InsectError(f"unknown --precision {self.precision!r}: choose {PRECISIONS}")
-        if self.compile not in COMPILE_CHOICES:
-            raise InsectError(f"unknown --compile {self.compile!r}: choose {COMPILE_CHOICES}")
-        if self.min_actors is not None and self.min_actors < 1:
-            raise InsectError("--min-actors must be at least 1")
-        if self.max_actors is not None and not 1 <= (self.min_actors or 1) <= self.max_actors:
-            raise InsectError("need 1 <= --min-actors <= --max-actors")
-        for flag, value in (
-            ("--batch-size", self.batch_size),
-            ("--rows-per-file", self.rows_per_file),
-            ("--max-file-bytes", self.max_file_bytes),
-            ("--max-pixels", self.max_pixels),
-        ):
-            if value < 1:
-                raise InsectError(f"{flag} must be at least 1, got {value}")
-        if not self.cpus_per_actor > 0:
-            raise InsectError(f"--cpus-per-actor must be more than 0, got {self.cpus_per_actor}")
-        if bool(self.input) == bool(self.manifest):
-            raise InsectError("give either INPUT or --manifest (one of them)")
-        if self.overwrite and self.resume:
-            raise InsectError("--overwrite and --resume exclude each other")
 
 
 @dataclass
@@ -111,12 +45,12 @@ class ClassifySummary:
         return self.inputs / self.seconds if self.seconds else 0.0
 
 
-def load_images(
+def image_batch(
     batch: dict[str, np.ndarray], image_size: int, limits: DecodeLimits, s3
 ) -> dict[str, np.ndarray]:
-    """Read and preprocess a batch of files. A file that fails gets an error text, never an
-    exception: one bad file must not take the rest of its batch down. Only a storage that
-    keeps failing (StorageUnavailable) stops the run."""
+    """Read and preprocess a Ray Data batch of files. A file that fails gets an error text,
+    never an exception: one bad file must not take the rest of its batch down. Only a
+    storage that keeps failing (StorageUnavailable) stops the run."""
     paths = list(batch["path"])
     raw = batch.get("raw_path")
     if raw is not None:  # the OS's own bytes where the shown name had to be escaped
@@ -126,40 +60,12 @@ def load_images(
     transform, min_side = eval_transform(image_size), resize_size(image_size)
     images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.uint8)
     errors = [""] * len(paths)  # "" = fine; Arrow keeps the column a string column
-
-    def fetch(i: int) -> bytes | ImageError:
-        try:
-            return storage.read_input(paths_read[i], limits.max_file_bytes, s3)
-        except ImageError as e:
-            return e
-
-    # On S3, reads overlap (object-store latency) but decoding stays one image at a time, so
-    # a decoding process holds at most READ_AHEAD files' bytes and one decoded image.
-    window = READ_AHEAD if paths and storage.is_s3(paths[0]) else 0
-    for i, data in enumerate(prefetch(fetch, range(len(paths)), window)):
-        try:
-            if isinstance(data, ImageError):
-                raise data
-            images[i] = preprocess(data, transform, min_side, limits).numpy()
-        except ImageError as e:
-            errors[i] = str(e)
+    for i, image in enumerate(load_images(paths_read, transform, min_side, limits, s3)):
+        if isinstance(image, ImageError):
+            errors[i] = str(image)
+        else:
+            images[i] = image.numpy()
     return {"path": np.array(paths, dtype=object), "image": images, "error": np.array(errors)}
-
-
-def prefetch(fn: Callable[[int], T], items: Iterable[int], window: int) -> Iterator[T]:
-    """`fn(item)` for each item, in order, computed `window` at a time in threads (in this
-    thread when `window` is 0); at most `window` results wait to be consumed."""
-    if not window:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(window) as pool:
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySummary:
@@ -175,7 +81,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     source = cfg.manifest or cfg.input
     outputs.check_location(cfg.output, {"the input": source, "the model": cfg.model})
     storage.check_bucket(cfg.output, cfg.s3)
-    removal = prepare_output(cfg)
+    removal = plan_output(cfg)
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
     if paths is not None:
@@ -207,7 +113,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     already = done.rows if done is not None else 0
     with progress_bar(counter, already), ray_task_errors():
-        run_pipeline(listed, seen, cfg, meta.image_size, counter).write_parquet(
+        prediction_dataset(listed, seen, cfg, meta.image_size, counter).write_parquet(
             pa_path,
             filesystem=pa_fs,
             filename_provider=outputs.PartNames(),
@@ -301,21 +207,16 @@ def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dat
     return todo.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
 
 
-def prepare_output(cfg: ClassifyConfig) -> list[str]:
+def plan_output(cfg: ClassifyConfig) -> list[str]:
     """Check the output location before any work: it must be empty unless --overwrite or
     --resume. Returns what --overwrite will remove once the run can start (see
     `outputs.overwrite_plan`); refuses at once what it would not remove."""
-    entries = outputs.list_entries(cfg.output, cfg.s3)
-    if not entries:
+    if cfg.resume:
+        return []  # `outputs.resume_state` checks what is there
+    alternative = " or --resume to finish an interrupted run"
+    if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):
         return []
-    if cfg.overwrite:
-        return outputs.overwrite_plan(cfg.output, cfg.s3)
-    if not cfg.resume:
-        raise InsectError(
-            f"output {cfg.output} is not empty; pass --overwrite to replace it "
-            "or --resume to finish an interrupted run"
-        )
-    return []
+    return outputs.overwrite_plan(cfg.output, cfg.s3)
 
 
 @contextlib.contextmanager
@@ -395,7 +296,7 @@ def progress_bar(counter, already: int = 0):
         bar.close()
 
 
-def run_pipeline(
+def prediction_dataset(
     listed: ray.data.Dataset, seen: int, cfg: ClassifyConfig, image_size: int, counter=None
 ) -> ray.data.Dataset:
     """Path blocks -> rows of PREDICTION_SCHEMA. `seen`: inputs counted before the run (at
@@ -409,7 +310,7 @@ def run_pipeline(
     # CPUs on short jobs; --min-actors lets it breathe on a shared cluster.
     min_actors = min(cfg.min_actors or actors, actors)
     ds = listed.map_batches(
-        load_images,
+        image_batch,
         fn_kwargs={"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3},
         batch_size=cfg.batch_size,
         # On CPU, as many CPUs as a model actor, so that Ray Data fuses decoding into the

@@ -1,273 +1,307 @@
-"""The `insect` command: a thin argparse layer over the library."""
+"""The `insect` command: a thin argparse layer over the library.
+
+Each flag is built from its field in `insectlib.config` (name, type, default, choices), the
+way Ray's benchmark configs generate theirs; this module adds only help text and groups.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 
-from insectlib import storage
+from insectlib import config
 from insectlib.errors import InsectError
-from insectlib.runtime import run
+from insectlib.runtime import run_as_driver
+from insectlib.storage import S3Options
 
+# Positional arguments; every other field is a --flag.
+POSITIONAL = ("data", "input", "image")
+# A group of flags: (title, [(field, help), or (field, help, extra add_argument keywords)]).
+Group = tuple[str, list[tuple]]
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--address",
-        help="Ray cluster to use: auto, HOST:PORT or ray://HOST:PORT "
-        "(default: $RAY_ADDRESS, as set by `ray job submit`, else a new local Ray)",
-    )
-    p.add_argument(
-        "--s3-endpoint",
-        help="S3-compatible endpoint URL (MinIO, Ceph, ...); default $AWS_ENDPOINT_URL",
-    )
-    p.add_argument("--anonymous", action="store_true", help="unsigned S3 requests (public buckets)")
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        help="compute precision; auto: bf16 where the hardware runs it fast",
-    )
-    p.add_argument("--gpu", action="store_true", help="one GPU per training worker / model actor")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+RAY: list[Group] = [
+    (
+        "cluster and storage",
+        [
+            (
+                "address",
+                "Ray cluster to use: auto, HOST:PORT or ray://HOST:PORT "
+                "(default: $RAY_ADDRESS, as set by `ray job submit`, else a new local Ray)",
+            ),
+            ("gpu", "one GPU per training worker / model actor"),
+            ("precision", "compute precision; auto: bf16 where the hardware runs it fast"),
+            ("overwrite", "replace an existing output"),
+        ],
+    ),
+]
+S3: list[Group] = [
+    (
+        "S3",
+        [
+            (
+                "endpoint_url",
+                "S3-compatible endpoint URL (MinIO, Ceph, ...); default $AWS_ENDPOINT_URL",
+                {"metavar": "URL"},
+            ),
+            ("anonymous", "unsigned S3 requests (public buckets)"),
+        ],
+    ),
+]
+LIMITS: list[Group] = [
+    (
+        "limits on each input file",
+        [
+            (
+                "max_file_bytes",
+                "input files larger than this are not read (an error row; skipped in training)",
+            ),
+            (
+                "max_pixels",
+                "images with more pixels are not decoded (an error row; skipped in training); "
+                "JPEGs count at the reduced scale they are decoded at",
+            ),
+        ],
+    ),
+]
 
+TRAIN: list[Group] = [
+    (
+        "data and model",
+        [
+            ("data", "labelled root: ROOT/<class>/* or ROOT/{train,val}/<class>/*"),
+            ("output", "model directory to write (or s3://)"),
+            ("arch", "torchvision classification model"),
+            (
+                "weights",
+                "imagenet (IMAGENET1K_V1 via the torch hub cache), random, or a "
+                "state-dict file (.pth/.pt loaded weights_only, or .safetensors), local or s3://",
+            ),
+            ("freeze", "trunk: train only the new final layer; none: train every layer"),
+            ("image_size", "model input size in pixels"),
+            ("val_fraction", "held out per class when ROOT has no train/ + val/ folders"),
+            ("seed", "seed of the split, the new layer's weights and the shuffling"),
+        ],
+    ),
+    (
+        "optimisation",
+        [
+            ("epochs", "passes over the training images"),
+            ("batch_size", "images per worker per step; the global batch is workers x this"),
+            ("optimizer", "optimisation algorithm"),
+            ("lr", "learning rate"),
+            ("momentum", "SGD momentum"),
+            ("weight_decay", "L2 penalty"),
+            (
+                "augment",
+                "no random crops and flips on the training split; with the trunk frozen, "
+                "its outputs then never change, so they are computed once and every epoch "
+                "trains the head on them (several times faster; see --no-cache-features)",
+            ),
+            (
+                "cache_features",
+                "run the frozen trunk on every image every epoch even when its outputs "
+                "cannot change (the cache holds one feature vector per image in each "
+                "worker's memory)",
+            ),
+        ],
+    ),
+    (
+        "workers",
+        [
+            ("workers", "Ray Train workers"),
+            (
+                "cpus_per_worker",
+                "CPUs per worker, also its torch threads on CPU (default: 1; with --gpu, a "
+                "GPU node's CPUs per GPU, so that decoding gets every core the GPUs leave)",
+            ),
+            (
+                "placement",
+                "how Ray places the workers: PACK fills nodes first (fast collectives), SPREAD "
+                "across nodes (survives a node loss with fewer restarts), STRICT_* insist",
+            ),
+            (
+                "loader_workers",
+                "DataLoader processes decoding for each worker (default: with --gpu, "
+                "--cpus-per-worker - 1; on CPU 0, as the model is the bottleneck there)",
+            ),
+            (
+                "progress_every",
+                "seconds between progress lines (step, images/s) within an epoch",
+            ),
+        ],
+    ),
+    (
+        "run storage and recovery",
+        [
+            ("storage", "Ray Train run storage, local or s3:// (default ~/ray_results)"),
+            ("name", "run name under --storage (default: insect-train-<time>)"),
+            (
+                "resume",
+                "continue the stopped run --name in --storage from its latest checkpoint",
+            ),
+            (
+                "max_failures",
+                "worker failures survived by restarting from the latest checkpoint (-1: no limit)",
+            ),
+            ("keep_checkpoints", "checkpoints kept in the run storage (0: all)"),
+        ],
+    ),
+    *LIMITS,
+    *RAY,
+    *S3,
+]
 
-def _add_limits(p: argparse.ArgumentParser) -> None:
-    from insectlib.images import MAX_FILE_BYTES, MAX_PIXELS
+ACTORS: list[Group] = [
+    (
+        "model actors",
+        [
+            ("batch_size", "images per model call"),
+            (
+                "max_actors",
+                "model actors, at most (default: one per GPU with --gpu, else one per "
+                "--cpus-per-actor CPUs of the cluster)",
+            ),
+            ("cpus_per_actor", "CPUs per model actor (also its torch threads on CPU)"),
+        ],
+    ),
+]
 
-    p.add_argument(
-        "--max-file-bytes",
-        type=int,
-        default=MAX_FILE_BYTES,
-        help="input files larger than this are not read (an error row; skipped in training)",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=MAX_PIXELS,
-        help="images with more pixels are not decoded (an error row; skipped in training); "
-        "JPEGs count at the reduced scale they are decoded at",
-    )
+CLASSIFY: list[Group] = [
+    (
+        "input and output",
+        [
+            ("input", "directory, glob or s3:// prefix of images", {"nargs": "?"}),
+            (
+                "manifest",
+                "instead of INPUT, a list of the inputs (local or s3://): a text file (.txt, "
+                ".lst: one absolute path or s3:// URI a line), a CSV or Parquet file with a "
+                "'path' column, or an S3 Inventory report's manifest.json (CSV, ORC or "
+                "Parquet); every line gets a row, those that do not exist an error row",
+            ),
+            ("model", "model directory written by insect train"),
+            ("output", "directory or s3:// prefix for Parquet files"),
+            (
+                "rows_per_file",
+                "rows per Parquet file, at least (the last may hold fewer); files are written "
+                "as they fill, and --resume redoes only rows that are not in a file yet",
+            ),
+            (
+                "resume",
+                "finish an interrupted run: classify only the inputs without a row in --output",
+            ),
+            (
+                "max_error_fraction",
+                "exit non-zero (after writing every row) when more than this fraction "
+                "of the inputs cannot be classified",
+            ),
+        ],
+    ),
+    *ACTORS,
+    (
+        "model actors",
+        [
+            (
+                "min_actors",
+                "model actors, at least: the pool grows from here when busy (default: "
+                "--max-actors, a full pool from the start)",
+            ),
+            (
+                "compile",
+                "torch.compile the model in each actor (about 1.6x faster on CPU, after "
+                "seconds to a minute of compiling); auto: on from 1000 images per actor",
+            ),
+        ],
+    ),
+    *LIMITS,
+    *RAY,
+    *S3,
+]
 
+EVALUATE: list[Group] = [
+    (
+        "input and output",
+        [
+            ("data", "labelled root, local or s3://"),
+            ("model", "model directory written by insect train"),
+            ("output", "directory or s3:// prefix"),
+        ],
+    ),
+    *ACTORS,
+    *LIMITS,
+    *RAY,
+    *S3,
+]
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="insect", description="Fine-tune and run image classifiers on Ray."
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
+VISUALIZE: list[Group] = [
+    (
+        "input and output",
+        [
+            ("image", "image file, local or s3://"),
+            ("model", "model directory written by insect train"),
+            ("layers", "comma-separated layer numbers, e.g. 5,30 (see above)", {"type": "ints"}),
+            ("output", "directory or s3:// prefix"),
+            ("max_maps", "channels drawn per layer"),
+        ],
+    ),
+    *S3,
+]
 
-    t = sub.add_parser(
-        "train",
-        help="fine-tune a torchvision model on a labelled folder tree",
-        description="Fine-tune on ROOT/<class>/<images> (or ROOT/train + ROOT/val|test), "
-        "local or s3://, with Ray Train data-parallel workers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    t.add_argument("data", help="labelled root: ROOT/<class>/* or ROOT/{train,val}/<class>/*")
-    t.add_argument("--output", default="insect-model", help="model directory to write (or s3://)")
-    t.add_argument("--arch", default="vgg16", help="torchvision classification model")
-    t.add_argument(
-        "--weights",
-        default="imagenet",
-        help="imagenet (IMAGENET1K_V1 via the torch hub cache), random, or a "
-        "state-dict file (.pth/.pt loaded weights_only, or .safetensors), local or s3://",
-    )
-    t.add_argument(
-        "--freeze",
-        default="trunk",
-        choices=("trunk", "none"),
-        help="trunk: train only the new final layer; none: train every layer",
-    )
-    t.add_argument("--epochs", type=int, default=4)
-    t.add_argument(
-        "--batch-size",
-        type=int,
-        default=32,
-        help="images per worker per step; the global batch is workers x this",
-    )
-    t.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    t.add_argument("--lr", type=float, default=0.001, help="learning rate")
-    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="held out per class when ROOT has no train/ + val/ folders",
-    )
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--image-size", type=int, default=224, help="model input size in pixels")
-    t.add_argument(
-        "--no-augment",
-        dest="augment",
-        action="store_false",
-        help="no random crops and flips on the training split; with the trunk frozen, "
-        "its outputs then never change, so they are computed once and every epoch trains "
-        "the head on them (several times faster; see --no-cache-features)",
-    )
-    t.add_argument(
-        "--no-cache-features",
-        dest="cache_features",
-        action="store_false",
-        help="run the frozen trunk on every image every epoch even when its outputs cannot "
-        "change (the cache holds one feature vector per image in each worker's memory)",
-    )
-    t.add_argument("--workers", type=int, default=2, help="Ray Train workers")
-    t.add_argument("--cpus-per-worker", type=float, default=1.0)
-    t.add_argument(
-        "--placement",
-        default="PACK",
-        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-        help="how Ray places the workers: PACK fills nodes first (fast collectives), SPREAD "
-        "across nodes (survives a node loss with fewer restarts), STRICT_* insist",
-    )
-    t.add_argument(
-        "--loader-workers", type=int, default=0, help="DataLoader processes per training worker"
-    )
-    t.add_argument(
-        "--storage", help="Ray Train run storage, local or s3:// (default ~/ray_results)"
-    )
-    t.add_argument("--name", help="run name under --storage (default: insect-train-<time>)")
-    t.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the stopped run --name in --storage from its latest checkpoint",
-    )
-    t.add_argument(
-        "--progress-every",
-        type=float,
-        default=10.0,
-        help="seconds between progress lines (step, images/s) within an epoch",
-    )
-    t.add_argument(
-        "--max-failures",
-        type=int,
-        default=2,
-        help="worker failures survived by restarting from the latest checkpoint (-1: no limit)",
-    )
-    _add_limits(t)
-    t.add_argument(
-        "--keep-checkpoints",
-        type=int,
-        default=2,
-        help="checkpoints kept in the run storage (0: all)",
-    )
-    _add_common(t)
+DEMO: list[Group] = [
+    (
+        "demo",
+        [
+            ("workdir", "where the demo writes everything"),
+            ("image_size", "model input size in pixels"),
+        ],
+    ),
+]
 
-    c = sub.add_parser(
-        "classify",
-        help="classify images into Parquet with Ray Data",
-        description="Classify every image under INPUT (a directory, a glob or an s3:// prefix) "
-        "or listed in --manifest, and write one Parquet row per file to --output. The "
-        "input is listed while it is classified: folders and prefixes a level or two down "
-        "are listed in parallel Ray tasks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    c.add_argument("input", nargs="?", default="", help="directory, glob or s3:// prefix of images")
-    c.add_argument(
-        "--manifest",
-        help="instead of INPUT, a list of the inputs (local or s3://): a text file (.txt, "
-        ".lst: one absolute path or s3:// URI a line), a CSV or Parquet file with a 'path' "
-        "column, or an S3 Inventory report's manifest.json (CSV, ORC or Parquet); every "
-        "line gets a row, those that do not exist an error row",
-    )
-    c.add_argument("--model", required=True, help="model directory written by insect train")
-    c.add_argument("--output", required=True, help="directory or s3:// prefix for Parquet files")
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument(
-        "--min-actors",
-        type=int,
-        help="model actors, at least: the pool grows from here when busy (default: "
-        "--max-actors, a full pool from the start)",
-    )
-    c.add_argument(
-        "--max-actors",
-        type=int,
-        help="model actors, at most (default: one per GPU with --gpu, else one per "
-        "--cpus-per-actor CPUs of the cluster)",
-    )
-    c.add_argument(
-        "--max-error-fraction",
-        type=float,
-        help="exit non-zero (after writing every row) when more than this fraction "
-        "of the inputs cannot be classified",
-    )
-    c.add_argument(
-        "--cpus-per-actor",
-        type=float,
-        default=1.0,
-        help="CPUs per model actor (also its torch threads on CPU)",
-    )
-    c.add_argument(
-        "--compile",
-        default="auto",
-        choices=("auto", "on", "off"),
-        help="torch.compile the model in each actor (about 1.6x faster on CPU, after seconds "
-        "to a minute of compiling); auto: on from 1000 images per actor",
-    )
-    c.add_argument(
-        "--rows-per-file",
-        type=int,
-        default=1000,
-        help="rows per Parquet file, at least (the last may hold fewer); files are written "
-        "as they fill, and --resume redoes only rows that are not in a file yet",
-    )
-    c.add_argument(
-        "--resume",
-        action="store_true",
-        help="finish an interrupted run: classify only the inputs without a row in --output",
-    )
-    _add_limits(c)
-    _add_common(c)
-
-    e = sub.add_parser(
-        "evaluate",
-        help="accuracy, per-class precision/recall/F1 and confusion matrix on a labelled tree",
-        description="Classify the labelled images of DATA (ROOT/<class>/*; with ROOT/train + "
+COMMANDS = {
+    "train": (
+        config.TrainConfig,
+        TRAIN,
+        "fine-tune a torchvision model on a labelled folder tree",
+        "Fine-tune on ROOT/<class>/<images> (or ROOT/train + ROOT/val|test), local or s3://, "
+        "with Ray Train data-parallel workers.",
+    ),
+    "classify": (
+        config.ClassifyConfig,
+        CLASSIFY,
+        "classify images into Parquet with Ray Data",
+        "Classify every image under INPUT (a directory, a glob or an s3:// prefix) or listed "
+        "in --manifest, and write one Parquet row per file to --output. The input is listed "
+        "while it is classified: folders and prefixes a level or two down are listed in "
+        "parallel Ray tasks.",
+    ),
+    "evaluate": (
+        config.EvaluateConfig,
+        EVALUATE,
+        "accuracy, per-class precision/recall/F1 and confusion matrix on a labelled tree",
+        "Classify the labelled images of DATA (ROOT/<class>/*; with ROOT/train + "
         "ROOT/val|test, the held-out folder only) with the classification pipeline and write "
         "metrics.json, confusion_matrix.{json,png}, misclassified.parquet and the predictions "
         "to --output.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    e.add_argument("data", help="labelled root, local or s3://")
-    e.add_argument("--model", required=True, help="model directory written by insect train")
-    e.add_argument("--output", default="evaluation", help="directory or s3:// prefix")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-actors", type=int, help="model actors (default: one per CPU or GPU)")
-    e.add_argument("--cpus-per-actor", type=float, default=1.0)
-    _add_limits(e)
-    _add_common(e)
-
-    v = sub.add_parser(
-        "visualize",
-        help="feature maps of chosen layers for one image, as PNG grids",
-        description="Run one image through the model and draw the activations of the chosen "
-        "layers, one PNG grid per layer. Layers are numbered as the model's leaf modules in "
-        "definition order (containers such as Sequential do not count): for VGG-16, 0-30 are "
-        "the indices of model.features (conv, ReLU, max-pool), 31 the average pool, 32-38 the "
-        "classifier. Asking for a layer that does not exist lists them all.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    v.add_argument("image", help="image file, local or s3://")
-    v.add_argument("--model", required=True, help="model directory written by insect train")
-    v.add_argument(
-        "--layers",
-        required=True,
-        type=_int_list,
-        help="comma-separated layer numbers, e.g. 5,30 (see above)",
-    )
-    v.add_argument("--output", default="feature-maps", help="directory or s3:// prefix")
-    v.add_argument("--max-maps", type=int, default=64, help="channels drawn per layer")
-    v.add_argument("--s3-endpoint", help="S3-compatible endpoint URL")
-    v.add_argument("--anonymous", action="store_true", help="unsigned S3 requests")
-
-    d = sub.add_parser(
-        "demo",
-        help="generate a sample set, train, classify, show the results",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    d.add_argument("--workdir", default="demo-output", help="where the demo writes everything")
-    d.add_argument("--image-size", type=int, default=128)
-    return ap
+    ),
+    "visualize": (
+        config.VisualizeConfig,
+        VISUALIZE,
+        "feature maps of chosen layers for one image, as PNG grids",
+        "Run one image through the model and draw the activations of the chosen layers, one "
+        "PNG grid per layer. Layers are numbered as the model's leaf modules in definition "
+        "order (containers such as Sequential do not count): for VGG-16, 0-30 are the indices "
+        "of model.features (conv, ReLU, max-pool), 31 the average pool, 32-38 the classifier. "
+        "Asking for a layer that does not exist lists them all.",
+    ),
+    "demo": (
+        config.DemoConfig,
+        DEMO,
+        "generate a sample set, train, classify, show the results",
+        "The whole product on generated images, with no network.",
+    ),
+}
 
 
 def _int_list(text: str) -> list[int]:
@@ -277,40 +311,111 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected numbers like 5,30, got {text!r}") from None
 
 
-def _config(cls, args):
-    """The `cls` dataclass config from the parsed flags of the same names."""
-    options = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
-    return cls(**options, s3=_s3(args))
+def _value_type(hint) -> type:
+    """int for `int` or `int | None`, and so on."""
+    if isinstance(hint, types.UnionType):
+        return next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
 
 
-def _s3(args) -> storage.S3Options:
-    return storage.S3Options(endpoint_url=args.s3_endpoint, anonymous=args.anonymous)
+def add_setting(group, cls: type, name: str, help: str, extra: dict | None = None) -> None:
+    """The argument of field `name` of config class `cls`: its flag, type, default and
+    choices from the field, `help` and any `extra` add_argument keywords from the caller."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kwargs = dict(extra or {})
+    if kwargs.get("type") == "ints":
+        kwargs["type"] = _int_list
+    hint = _value_type(typing.get_type_hints(cls)[name])
+    if hint is bool:
+        flag = flag_of(f)
+        action = "store_false" if f.default else "store_true"
+        # No default here: an absent flag leaves the field's own (and no "(default: True)"
+        # beside --no-augment in --help).
+        group.add_argument(flag, dest=name, action=action, default=argparse.SUPPRESS, help=help)
+        return
+    kwargs.setdefault("type", hint)
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    if f.default is not dataclasses.MISSING:
+        kwargs["default"] = f.default
+    if name in POSITIONAL:
+        group.add_argument(name, help=help, **kwargs)
+    else:
+        required = f.default is dataclasses.MISSING
+        group.add_argument(flag_of(f), dest=name, required=required, help=help, **kwargs)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of field `f`: a bool that defaults to true is turned off."""
+    if f.default is True:
+        return "--no-" + f.name.replace("_", "-")
+    return config.flag_name(f)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except where there is none to show (None, a required flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="insect", description="Fine-tune and run image classifiers on Ray."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    for command, (cls, groups, summary, description) in COMMANDS.items():
+        p = sub.add_parser(
+            command,
+            help=summary,
+            description=description,
+            formatter_class=HelpFormatter,
+        )
+        titled: dict[str, argparse._ArgumentGroup] = {}
+        for title, entries in groups:
+            group = titled.get(title) or titled.setdefault(title, p.add_argument_group(title))
+            for name, help, *extra in entries:
+                owner = S3Options if name in S3Options.__dataclass_fields__ else cls
+                add_setting(group, owner, name, help, *extra)
+    return ap
+
+
+def config_from(cls: type, args: argparse.Namespace):
+    """The `cls` config from the parsed flags of its fields (and of S3Options for `s3`)."""
+    values = vars(args)
+    options = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+    if "s3" in cls.__dataclass_fields__:
+        options["s3"] = config_from(S3Options, args)
+    return cls(**options)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    cfg = config_from(COMMANDS[args.command][0], args)
     try:
         if args.command == "train":
-            from insectlib.train import TrainConfig, fit
+            from insectlib.train import fit
 
-            run(fit, _config(TrainConfig, args))
+            run_as_driver(fit, cfg)
         elif args.command == "classify":
-            from insectlib.classify import ClassifyConfig, classify, print_summary
+            from insectlib.classify import classify, print_summary
 
-            print_summary(run(classify, _config(ClassifyConfig, args)))
+            print_summary(run_as_driver(classify, cfg))
         elif args.command == "evaluate":
-            from insectlib.evaluate import EvaluateConfig, evaluate, print_metrics
+            from insectlib.evaluate import evaluate, print_metrics
 
-            print_metrics(run(evaluate, _config(EvaluateConfig, args)), args.output)
+            print_metrics(run_as_driver(evaluate, cfg), cfg.output)
         elif args.command == "visualize":
-            from insectlib.visualize import VisualizeConfig, visualize
+            from insectlib.visualize import visualize
 
-            for uri in visualize(_config(VisualizeConfig, args)):
+            for uri in visualize(cfg):
                 print(uri)
         elif args.command == "demo":
             from insectlib.demo import run_demo
 
-            run_demo(args.workdir, args.image_size)
+            run_demo(cfg)
     except InsectError as e:
         print(f"insect: error: {e}", file=sys.stderr)
         return 2

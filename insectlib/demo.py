@@ -9,8 +9,9 @@ import torch
 import torchvision
 
 from insectlib import sample, storage
-from insectlib.classify import ClassifyConfig, classify, print_summary
-from insectlib.train import TrainConfig, fit
+from insectlib.classify import classify, print_summary
+from insectlib.config import ClassifyConfig, DemoConfig, TrainConfig
+from insectlib.train import fit
 
 
 def imagenet_weights_cached(arch: str) -> bool:
@@ -19,9 +20,10 @@ def imagenet_weights_cached(arch: str) -> bool:
     return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
 
 
-def run_demo(workdir: str = "demo-output", image_size: int = 128) -> None:
+def run_demo(demo: DemoConfig) -> None:
     """Generate a labelled and an unlabelled set, train 4 epochs on 2 workers, classify."""
-    workdir = os.path.abspath(workdir)
+    demo.validate()
+    workdir = os.path.abspath(demo.workdir)
     labelled = sample.make_labelled(os.path.join(workdir, "sample", "labelled"), per_class=60)
     unlabelled = os.path.join(workdir, "sample", "unlabelled")
     truth = sample.make_unlabelled(unlabelled, count=30)
@@ -38,7 +40,7 @@ def run_demo(workdir: str = "demo-output", image_size: int = 128) -> None:
         data=labelled,
         output=os.path.join(workdir, "model"),
         weights=weights,
-        image_size=image_size,
+        image_size=demo.image_size,
         augment=False,  # 4 epochs of ~3 steps: random crops would only slow learning here
         optimizer="adam",
         lr=0.01,  # random-trunk features are small; this also suits ImageNet features

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -12,45 +11,27 @@ import pyarrow.dataset
 import pyarrow.parquet as pq
 
 from insectlib import outputs, storage
-from insectlib.classify import ClassifyConfig, classify
+from insectlib.classify import classify
+from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
 from insectlib.errors import InsectError
-from insectlib.images import MAX_FILE_BYTES, MAX_PIXELS
 from insectlib.labels import discover
-from insectlib.model import check_weights, read_meta
-from insectlib.report import classification_metrics, confusion_png
-
-PREDICTIONS_DIR = "predictions"
-METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG = (
-    "metrics.json",
-    "confusion_matrix.json",
-    "confusion_matrix.png",
+from insectlib.layout import (
+    CONFUSION_JSON,
+    CONFUSION_PNG,
+    EVALUATION_FILES,
+    METRICS_FILE,
+    MISCLASSIFIED_FILE,
+    PREDICTIONS_DIR,
+    write_file,
 )
-MISCLASSIFIED_FILE = "misclassified.parquet"
-EVALUATION_FILES = (METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG, MISCLASSIFIED_FILE)
-
-
-@dataclass
-class EvaluateConfig:
-    """Every knob of `insect evaluate`."""
-
-    data: str
-    model: str
-    output: str = "evaluation"
-    batch_size: int = 32
-    gpu: bool = False
-    max_actors: int | None = None
-    cpus_per_actor: float = 1.0
-    precision: str = "auto"
-    max_file_bytes: int = MAX_FILE_BYTES
-    max_pixels: int = MAX_PIXELS
-    overwrite: bool = False
-    address: str | None = None
-    s3: storage.S3Options = field(default_factory=storage.S3Options)
+from insectlib.model import check_weights, read_meta
+from insectlib.report import classification_metrics, confusion_png, format_number
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
     else every image) and write metrics, the confusion matrix and the misclassified rows."""
+    cfg.validate()
     # Its pictures inside the labelled tree would be read as images by the next run.
     outputs.check_location(
         cfg.output, {"the input": cfg.data, "the model": cfg.model}, apart=("the input",)
@@ -78,15 +59,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             input=cfg.data,
             model=cfg.model,
             output=predictions,
-            batch_size=cfg.batch_size,
-            gpu=cfg.gpu,
-            max_actors=cfg.max_actors,
-            cpus_per_actor=cfg.cpus_per_actor,
-            precision=cfg.precision,
-            max_file_bytes=cfg.max_file_bytes,
-            max_pixels=cfg.max_pixels,
-            address=cfg.address,
-            s3=cfg.s3,
+            # The old predictions are gone (above): this output starts empty.
+            **{**settings_of(cfg, ActorSettings), "overwrite": False},
         ),
         paths=sorted(uri for uri, _ in items),
     )
@@ -106,13 +80,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     wrong = ok.filter(pc.field("label_index") != pc.field("true_label_index"))
     wrong = wrong.select(["path", "true_label", "label", "score", "probabilities", "model"])
 
-    def put(name: str, data: bytes) -> None:
-        storage.write_bytes(storage.join(cfg.output, name), data, cfg.s3)
-
-    put(METRICS_FILE, json.dumps(metrics, indent=2).encode())
+    write_file(cfg.output, METRICS_FILE, json.dumps(metrics, indent=2), cfg.s3)
     confusion = {"classes": meta.classes, "matrix": metrics["confusion_matrix"]}
-    put(CONFUSION_JSON, json.dumps(confusion, indent=2).encode())
-    put(CONFUSION_PNG, confusion_png(metrics))
+    write_file(cfg.output, CONFUSION_JSON, json.dumps(confusion, indent=2), cfg.s3)
+    write_file(cfg.output, CONFUSION_PNG, confusion_png(metrics), cfg.s3)
     out_fs, out_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     pq.write_table(wrong, f"{out_path.rstrip('/')}/{MISCLASSIFIED_FILE}", filesystem=out_fs)
     return metrics
@@ -121,11 +92,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
     """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
     output without it, or one holding anything else."""
-    entries = outputs.list_entries(cfg.output, cfg.s3)
+    entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite)
     if not entries:
         return []
-    if not cfg.overwrite:
-        raise InsectError(f"output {cfg.output} is not empty; pass --overwrite")
     why = "--overwrite removes only what insect wrote: move them or choose another --output"
     outputs.refuse_foreign(cfg.output, entries, why, EVALUATION_FILES, (PREDICTIONS_DIR,))
     predictions = storage.join(cfg.output, PREDICTIONS_DIR)
@@ -134,7 +103,7 @@ def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
 
 
 def print_metrics(metrics: dict, output: str) -> None:
-    accuracy = "n/a" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
+    accuracy = format_number(metrics["accuracy"], ".4f")
     print(
         f"accuracy {accuracy} on {metrics['images']} images"
         + (f" ({metrics['unreadable']} unreadable)" if metrics["unreadable"] else "")

@@ -13,8 +13,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from insectlib import storage
+from insectlib.config import MAX_PIXELS, DecodeLimits
 from insectlib.errors import ImageError
 
 # The accepted extensions and the Pillow plugin behind each. Only these plugins may open a
@@ -40,11 +40,6 @@ FORMATS_BY_EXTENSION = {
 IMAGE_EXTENSIONS = frozenset(FORMATS_BY_EXTENSION)
 PILLOW_FORMATS = tuple(sorted(set(FORMATS_BY_EXTENSION.values())))
 
-# Pillow's own threshold (89.5M pixels; it warns above it and refuses above twice it).
-# Insect refuses above it: a decoded RGB image of that size holds 268 MB. JPEGs count at
-# the reduced size their draft decoding produces, so camera photos of any size pass.
-MAX_PIXELS = 89_478_485
-MAX_FILE_BYTES = 256 * 2**20
 # The longest side kept before resizing, as a multiple of the shorter one. The centre crop
 # only ever uses a square around the middle, so a wider image is cut to 4:1 first: a
 # 1000x1 PNG would otherwise be resized to 256000x256 (260 MB), a 100000x1 one to 20 GB.
@@ -58,15 +53,6 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 # ImageNet statistics: the normalisation the pretrained torchvision weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What one input file may cost: bytes read and pixels decoded (`--max-file-bytes`,
-    `--max-pixels`). Files over a limit get an error row instead of the memory."""
-
-    max_file_bytes: int = MAX_FILE_BYTES
-    max_pixels: int = MAX_PIXELS
 
 
 def is_image_name(name: str) -> bool:
@@ -92,6 +78,25 @@ def load_image(
     problem) and StorageUnavailable when the storage keeps failing; nothing else."""
     data = storage.read_input(uri, limits.max_file_bytes, s3)
     return preprocess(data, transform, min_side, limits)
+
+
+def load_images(
+    uris: list[str],
+    transform: Callable[[Image.Image], torch.Tensor],
+    min_side: int | None,
+    limits: DecodeLimits,
+    s3: storage.S3Options | None = None,
+) -> Iterator[torch.Tensor | ImageError]:
+    """`load_image` of each of `uris`, in order, with the ImageError of a file that cannot
+    be used in its place. On S3 the reads overlap (`storage.read_inputs`), but decoding
+    stays one image at a time: at most READ_AHEAD files' bytes and one decoded image."""
+    for data in storage.read_inputs(uris, limits.max_file_bytes, s3):
+        try:
+            if isinstance(data, ImageError):
+                raise data
+            yield preprocess(data, transform, min_side, limits)
+        except ImageError as e:
+            yield e
 
 
 def preprocess(

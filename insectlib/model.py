@@ -21,13 +21,10 @@ import torchvision
 from torch import nn
 
 from insectlib import __version__, storage
+from insectlib.config import FREEZE_POLICIES, IMAGE_SIZES
 from insectlib.errors import InsectError
 from insectlib.images import IMAGENET_MEAN, IMAGENET_STD
-
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "meta.json"
-FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: everything trains
-IMAGE_SIZES = range(16, 4097)  # model input sizes, in pixels, that a model directory may hold
+from insectlib.layout import META_FILE, WEIGHTS_FILE, write_file
 
 
 @dataclass
@@ -110,15 +107,6 @@ def check_arch(arch: str) -> None:
         raise InsectError(
             f"unknown --arch {arch!r}: use a torchvision classification model such as "
             "vgg16, resnet50 or efficientnet_b0 (see torchvision.models.list_models())"
-        )
-
-
-def check_image_size(size: int) -> None:
-    """Refuse a model input size that a model directory could not hold."""
-    if size not in IMAGE_SIZES:
-        raise InsectError(
-            f"--image-size must be between {IMAGE_SIZES.start} and {IMAGE_SIZES.stop - 1} "
-            f"pixels, got {size}"
         )
 
 
@@ -225,12 +213,12 @@ def write_weights(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> None:
     data = safetensors.torch.save(state)
     meta.model_id = model_id(data)
     meta.versions = versions()
-    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), data, s3)
+    write_file(uri, WEIGHTS_FILE, data, s3)
 
 
 def write_meta(uri: str, meta: ModelMeta, s3=None) -> None:
     """Write meta.json: last of all, as a directory with a meta.json is complete."""
-    storage.write_bytes(storage.join(uri, META_FILE), meta.to_json().encode(), s3)
+    write_file(uri, META_FILE, meta.to_json(), s3)
 
 
 def remove_meta(uri: str, s3=None) -> None:

@@ -159,6 +159,19 @@ def _check_parts(fs, parts: list[dict]) -> dict[str, pq.FileMetaData | None]:
     return footers
 
 
+def entries_to_replace(
+    output: str, s3: storage.S3Options, overwrite: bool, alternative: str = ""
+) -> list[dict]:
+    """The entries of `output`, which must be empty unless `overwrite`: the refusal names
+    --overwrite and any `alternative` flag (" or --resume to ...")."""
+    entries = list_entries(output, s3)
+    if entries and not overwrite:
+        raise InsectError(
+            f"output {output} is not empty; pass --overwrite to replace it{alternative}"
+        )
+    return entries
+
+
 def overwrite_plan(output: str, s3: storage.S3Options, own_files=(SUCCESS_FILE,)) -> list[str]:
     """What `--overwrite` will remove from `output`: insect's parts and `own_files`, checked
     by name and schema. Refuses, removing nothing, when anything else is there. Call

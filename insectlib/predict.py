@@ -6,8 +6,6 @@ test or a GPU machine without Ray checks the model path directly.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import sys
 
 import numpy as np
@@ -17,8 +15,7 @@ import torch
 from insectlib import storage
 from insectlib.images import normalize
 from insectlib.model import ModelMeta, load_model
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from insectlib.precision import resolve_precision
 
 # The Parquet schema of `insect classify`: one row per input file.
 PREDICTION_SCHEMA = pa.schema(
@@ -32,32 +29,6 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),  # model id
     ]
 )
-
-
-@functools.cache
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for `precision` on `device`; auto picks bf16 where it runs fast."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    """Mixed precision for the forward pass; a no-op context for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class Predictor:

@@ -17,6 +17,13 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from insectlib.layout import CONFUSION_PNG, CURVES_FILE
+
+
+def format_number(x: float | None, spec: str) -> str:
+    """`x` formatted with `spec`; "n/a" for a metric that has no value (None or NaN)."""
+    return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
 
 def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
     """Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true
@@ -130,17 +137,14 @@ def report_markdown(meta, config: dict, metrics: dict | None) -> str:
         "| epoch | train loss | train acc | val loss | val acc | img/s | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
-
-    def f(x, spec):
-        return "n/a" if x is None else format(x, spec)
-
+    f = format_number
     for e in meta.epochs:
         lines.append(
             f"| {e['epoch']} | {f(e['train_loss'], '.4f')} | {f(e['train_accuracy'], '.3f')} | "
             f"{f(e['val_loss'], '.4f')} | {f(e['val_accuracy'], '.3f')} | "
             f"{f(e['images_per_second'], '.1f')} | {f(e['seconds'], '.1f')} |"
         )
-    lines += ["", "![training curves](training_curves.png)", ""]
+    lines += ["", f"![training curves]({CURVES_FILE})", ""]
     if metrics:
         lines += [
             "## Validation, last epoch",
@@ -155,7 +159,7 @@ def report_markdown(meta, config: dict, metrics: dict | None) -> str:
                 for c, m in metrics["per_class"].items()
             ],
             "",
-            "![confusion matrix](confusion_matrix.png)",
+            f"![confusion matrix]({CONFUSION_PNG})",
             "",
         ]
     return "\n".join(lines)

@@ -71,6 +71,17 @@ def live_nodes() -> int:
     return sum(1 for n in ray.nodes() if n["Alive"])
 
 
+def cpus_per_gpu() -> float | None:
+    """The fewest CPUs per GPU over the connected cluster's alive GPU nodes; None without
+    GPU nodes."""
+    ratios = [
+        n["Resources"].get("CPU", 0) / n["Resources"]["GPU"]
+        for n in ray.nodes()
+        if n["Alive"] and n["Resources"].get("GPU")
+    ]
+    return min(ratios) if ratios else None
+
+
 def local_path_warnings(locations: dict[str, str], nodes: int) -> list[str]:
     """Warnings for the local paths among `locations` ({flag: location}) when the cluster
     has several nodes: each node has its own disk, so they would not be shared."""
@@ -102,7 +113,7 @@ def insect_error_in(error: BaseException) -> InsectError | None:
     return InsectError(found[-1].strip()) if found else None
 
 
-def run(fn: Callable[..., T], cfg) -> T:
+def run_as_driver(fn: Callable[..., T], cfg) -> T:
     """`fn(cfg)` here, or, for a Ray Client address (ray://host:port), as a task on the
     cluster: Ray Data and Ray Train need a real driver process, which a Ray Client
     connection is not, so the driver's part runs on the cluster as a zero-CPU task with this

@@ -6,6 +6,7 @@ whether a location is local or in a bucket.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -13,8 +14,9 @@ import os
 import random
 import stat
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import fsspec
@@ -34,6 +36,7 @@ FILE_ERRNOS = frozenset(
      errno.ENOTDIR, errno.ENAMETOOLONG}
 )  # fmt: skip
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class S3Options:
     anonymous: unsigned requests, for public buckets.
     """
 
-    endpoint_url: str | None = None
+    endpoint_url: str | None = field(default=None, metadata={"flag": "--s3-endpoint"})
     anonymous: bool = False
 
 
@@ -127,6 +130,42 @@ def read_input(uri: str, max_bytes: int, s3: S3Options | None = None) -> bytes:
         raise ImageError("not found (removed after it was listed?)") from None
     _check_input_size(len(data), max_bytes)
     return data
+
+
+READ_AHEAD = 16  # S3 reads in flight per reading process (object-store latency)
+
+
+def read_inputs(
+    uris: list[str], max_bytes: int, s3: S3Options | None = None
+) -> Iterator[bytes | ImageError]:
+    """`read_input` of each of `uris`, in order, with the ImageError of a file that cannot
+    be read in place of its bytes. On S3, READ_AHEAD reads are in flight at once, so that
+    latency overlaps; at most READ_AHEAD files' bytes wait to be consumed."""
+
+    def read(uri: str) -> bytes | ImageError:
+        try:
+            return read_input(uri, max_bytes, s3)
+        except ImageError as e:
+            return e
+
+    window = READ_AHEAD if uris and is_s3(uris[0]) else 0
+    yield from prefetch(read, uris, window)
+
+
+def prefetch(fn: Callable[[U], T], items: Iterable[U], window: int) -> Iterator[T]:
+    """`fn(item)` for each item, in order, computed `window` at a time in threads (in this
+    thread when `window` is 0); at most `window` results wait to be consumed."""
+    if not window:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(window) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def retrying(fn: Callable[[], T], uri: str) -> T:
@@ -377,6 +416,8 @@ def user_errors(uri: str):
         yield
     except InsectError:
         raise
+    except ImageError as e:  # the file itself: what its error row would say
+        raise InsectError(f"{printable(uri)}: {e}") from None
     except PermissionError as e:
         hint = "check the AWS credentials" if is_s3(uri) else "check its permissions"
         raise InsectError(f"access denied to {uri}: {hint} ({e})") from None

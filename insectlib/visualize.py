@@ -10,29 +10,17 @@ article.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from insectlib import storage
-from insectlib.errors import ImageError, InsectError
-from insectlib.images import DecodeLimits, eval_transform, load_image, normalize, resize_size
+from insectlib.config import DecodeLimits, VisualizeConfig
+from insectlib.errors import InsectError
+from insectlib.images import eval_transform, load_image, normalize, resize_size
 from insectlib.model import load_model
 from insectlib.report import feature_maps_png
-
-
-@dataclass
-class VisualizeConfig:
-    """Every knob of `insect visualize`."""
-
-    image: str
-    model: str
-    layers: list[int]
-    output: str = "feature-maps"
-    max_maps: int = 64
-    s3: storage.S3Options = field(default_factory=storage.S3Options)
 
 
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -87,14 +75,11 @@ def feature_maps(
 
 def visualize(cfg: VisualizeConfig) -> list[str]:
     """Write one PNG grid per requested layer; returns their URIs."""
-    if cfg.max_maps < 1:
-        raise InsectError(f"--max-maps must be at least 1, got {cfg.max_maps}")
+    cfg.validate()
     model, meta = load_model(cfg.model, cfg.s3)
     transform, min_side = eval_transform(meta.image_size), resize_size(meta.image_size)
-    try:
+    with storage.user_errors(cfg.image):
         image = load_image(cfg.image, transform, min_side, DecodeLimits(), cfg.s3)
-    except ImageError as e:
-        raise InsectError(f"{storage.printable(cfg.image)}: {e}") from None
     x = normalize(image.unsqueeze(0))[0]
     written = []
     for i, (name, module, activation) in feature_maps(model, x, cfg.layers).items():

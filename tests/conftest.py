@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
 
-from insectlib import sample
-from insectlib.train import TrainConfig, fit
+from insectlib import sample, storage
+from insectlib.config import TrainConfig
+from insectlib.train import fit
 from tests.s3server import MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,17 +118,68 @@ def unlabelled(tmp_path_factory) -> dict[str, str]:
 def trained(ray_local, labelled_root, tmp_path_factory):
     """VGG-16 (random trunk) fine-tuned once with 2 workers; returns (config, meta)."""
     work = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig(
-        data=labelled_root,
-        output=str(work / "model"),
+    cfg = small_train_config(labelled_root, work, lr=0.003, workers=2, name="session")
+    return cfg, fit(cfg)
+
+
+def small_train_config(data: str, work, **overrides) -> TrainConfig:
+    """The tests' training run: random weights, TEST_IMAGE_SIZE, no augmentation, batches
+    of 8 (more steps: a random trunk's features need them), every checkpoint kept, the
+    model and run storage under `work` (a folder or s3:// prefix); `overrides` for what a
+    test is about."""
+    settings = dict(
+        data=data,
+        output=storage.join(str(work), "model"),
         weights="random",
         image_size=TEST_IMAGE_SIZE,
         augment=False,
-        lr=0.003,
-        batch_size=8,  # more steps: a random trunk's features need them
-        workers=2,
-        storage=str(work / "runs"),
-        name="session",
+        batch_size=8,
+        storage=storage.join(str(work), "runs"),
         keep_checkpoints=0,
     )
-    return cfg, fit(cfg)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def wait_for(condition, timeout: float = 180, what: str = "condition"):
+    """`condition()`'s first true value, polled every 0.1 s; fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def kill_ray_worker(title: str) -> int:
+    """SIGKILL the first Ray worker process whose title holds `title`; returns its pid."""
+
+    def find():
+        for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+            try:
+                text = Path(cmdline).read_bytes().decode(errors="replace")
+            except OSError:  # gone meanwhile
+                continue
+            if text.startswith("ray::") and title in text:
+                return int(cmdline.split("/")[2])
+
+    pid = wait_for(find, what=f"a Ray worker {title}")
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+@contextlib.contextmanager
+def killing(title: str, ready, what: str):
+    """Run the block while a thread waits for `ready()` (described by `what`), then kills
+    the Ray worker `title`; after the block, asserts that one was killed."""
+    killed = []
+
+    def killer():
+        wait_for(ready, what=what)
+        killed.append(kill_ray_worker(title))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    yield
+    thread.join(timeout=5)
+    assert killed, f"no {title} was killed while the job ran"

@@ -38,7 +38,8 @@ def start_cluster(workers: int) -> tuple[Cluster, list]:
 
 
 def train(data: str, storage: str, output: str) -> dict:
-    from insectlib.train import TrainConfig, fit
+    from insectlib.config import TrainConfig
+    from insectlib.train import fit
 
     cluster, _ = start_cluster(2)
     meta = fit(
@@ -64,7 +65,8 @@ def train(data: str, storage: str, output: str) -> dict:
 
 
 def classify(images: str, model: str, output: str) -> dict:
-    from insectlib.classify import ClassifyConfig, classify
+    from insectlib.classify import classify
+    from insectlib.config import ClassifyConfig
 
     cluster, nodes = start_cluster(2)
     removed = []

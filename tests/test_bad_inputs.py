@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from insectlib.classify import ClassifyConfig, classify
+from insectlib.classify import classify
+from insectlib.config import ClassifyConfig
 from insectlib.errors import ImageError
 from insectlib.images import decode
-from tests.conftest import expect_cli_error
+from tests.conftest import expect_cli_error, small_train_config
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -114,7 +115,7 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
 
 def test_training_skips_and_counts_unreadable_images(ray_local, tmp_path):
     from insectlib import sample
-    from insectlib.train import TrainConfig, fit
+    from insectlib.train import fit
 
     root = sample.make_labelled(str(tmp_path / "data"), per_class=6, size=(48, 36))
     (tmp_path / "data" / "beetles" / "text.jpg").write_bytes(b"not a picture")
@@ -125,15 +126,8 @@ def test_training_skips_and_counts_unreadable_images(ray_local, tmp_path):
     inside.mkdir()
     (inside / "inside.jpg").write_bytes(first.read_bytes())
     meta = fit(
-        TrainConfig(
-            data=root,
-            output=str(tmp_path / "m"),
-            arch="resnet18",
-            weights="random",
-            epochs=2,
-            image_size=32,
-            batch_size=4,
-            storage=str(tmp_path / "runs"),
+        small_train_config(
+            root, tmp_path, arch="resnet18", epochs=2, image_size=32, batch_size=4, augment=True
         )
     )
     for epoch in meta.epochs:

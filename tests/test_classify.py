@@ -4,7 +4,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from insectlib.classify import ClassifyConfig, classify
+from insectlib.classify import classify
+from insectlib.config import ClassifyConfig
 from insectlib.images import decode, eval_transform, normalize
 from insectlib.model import load_model
 from insectlib.predict import PREDICTION_SCHEMA

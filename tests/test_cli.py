@@ -1,9 +1,16 @@
 """CLI errors: one clear line naming the culprit, a non-zero exit, no traceback."""
 
+import argparse
+import dataclasses
+
 import pytest
 
 from insectlib import sample
-from insectlib.model import META_FILE
+from insectlib.cli import COMMANDS
+from insectlib.config import ClassifyConfig, TrainConfig
+from insectlib.errors import InsectError
+from insectlib.layout import META_FILE
+from insectlib.storage import S3Options
 from tests.conftest import expect_cli_error, run_cli
 
 
@@ -76,3 +83,61 @@ def test_classify_empty_input(trained, tmp_path, capsys):
         ],
     )
     assert f"no image files found in {tmp_path / 'in'}" in err
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    from insectlib.cli import parser
+
+    action = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_is_a_config_field_with_its_default_and_choices(command):
+    cls = COMMANDS[command][0]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "s3"}
+    if "s3" in cls.__dataclass_fields__:
+        fields |= {f.name: f for f in dataclasses.fields(S3Options)}
+    seen = set()
+    for action in _subparsers()[command]._actions:
+        if action.dest == "help":
+            continue
+        f = fields[action.dest]  # every flag is a field...
+        seen.add(action.dest)
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            assert action.const is not f.default, action.dest  # the flag changes it
+            assert action.default is argparse.SUPPRESS  # an absent flag leaves the field's
+        else:
+            default = None if f.default is dataclasses.MISSING else f.default
+            assert action.default == default, action.dest
+            assert action.choices == f.metadata.get("choices"), action.dest
+    assert seen == set(fields)  # ...and every field a flag
+
+
+def test_parsed_defaults_equal_the_config_defaults():
+    from insectlib.cli import config_from, parser
+
+    def parsed(argv):
+        args = parser().parse_args(argv)
+        return config_from(COMMANDS[args.command][0], args)
+
+    assert parsed(["train", "d"]) == TrainConfig(data="d")
+    assert parsed(["classify", "i", "--model", "m", "--output", "o"]) == ClassifyConfig(
+        input="i", model="m", output="o"
+    )
+    flags = ["train", "d", "--no-augment", "--gpu", "--s3-endpoint", "http://x", "--epochs", "7"]
+    assert parsed(flags) == TrainConfig(
+        data="d", augment=False, gpu=True, epochs=7, s3=S3Options(endpoint_url="http://x")
+    )
+
+
+def test_settings_outside_their_rules_are_refused_by_the_config():
+    # Library callers get the same checks as the command line.
+    with pytest.raises(InsectError, match="unknown --optimizer 'lbfgs': choose one of adam, sgd"):
+        TrainConfig(data="d", optimizer="lbfgs").validate()
+    with pytest.raises(InsectError, match="--image-size must be between 16 and 4096, got 8"):
+        TrainConfig(data="d", image_size=8).validate()
+    with pytest.raises(InsectError, match="--max-error-fraction must be between 0 and 1"):
+        ClassifyConfig(input="i", model="m", output="o", max_error_fraction=2.0).validate()
+    with pytest.raises(InsectError, match="--cpus-per-actor must be more than 0, got 0"):
+        ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=0).validate()

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from insectlib.evaluate import EvaluateConfig, evaluate
+from insectlib.config import EvaluateConfig
+from insectlib.evaluate import evaluate
 from insectlib.images import decode, eval_transform, normalize
 from insectlib.model import load_model
 from insectlib.report import classification_metrics

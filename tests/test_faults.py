@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -17,20 +16,18 @@ import ray
 import torch
 
 from insectlib import sample
-from insectlib.classify import ClassifyConfig, classify
+from insectlib.classify import classify
+from insectlib.config import ClassifyConfig, TrainConfig
+from insectlib.layout import STATE_FILE
 from insectlib.model import ModelMeta, build_model, save_model
-from insectlib.train import RUN_SNAPSHOT, TrainConfig, fit
-from tests.conftest import BIN, TEST_IMAGE_SIZE, expect_cli_error
-
-
-def wait_for(condition, timeout: float = 180, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+from insectlib.train import RUN_SNAPSHOT, fit
+from tests.conftest import (
+    BIN,
+    expect_cli_error,
+    killing,
+    small_train_config,
+    wait_for,
+)
 
 
 def complete_parquet_files(out: Path) -> list[str]:
@@ -42,23 +39,6 @@ def complete_parquet_files(out: Path) -> list[str]:
         except Exception:  # a file still being written
             pass
     return files
-
-
-def kill_ray_worker(title: str) -> int:
-    """SIGKILL the first Ray worker process whose title holds `title`; returns its pid."""
-
-    def find():
-        for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-            try:
-                text = Path(cmdline).read_bytes().decode(errors="replace")
-            except OSError:  # gone meanwhile
-                continue
-            if text.startswith("ray::") and title in text:
-                return int(cmdline.split("/")[2])
-
-    pid = wait_for(find, what=f"a Ray worker {title}")
-    os.kill(pid, signal.SIGKILL)
-    return pid
 
 
 def start_driver(log: Path, *args: str) -> subprocess.Popen:
@@ -141,38 +121,23 @@ def test_classify_survives_a_killed_model_actor(trained, many_images, tmp_path):
     cfg, _ = trained
     folder = os.path.dirname(next(iter(many_images)))
     out = tmp_path / "out"
-    killed = []
-
-    def killer():
-        wait_for(lambda: complete_parquet_files(out), what="the first Parquet file")
-        killed.append(kill_ray_worker("Predictor"))
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    s = classify(
-        ClassifyConfig(
-            input=folder, model=cfg.output, output=str(out), batch_size=4, rows_per_file=40
+    with killing("Predictor", lambda: complete_parquet_files(out), "the first Parquet file"):
+        s = classify(
+            ClassifyConfig(
+                input=folder, model=cfg.output, output=str(out), batch_size=4, rows_per_file=40
+            )
         )
-    )
-    thread.join(timeout=5)
-    assert killed, "no model actor was killed while the job ran"
     paths = read_paths(out)
     assert len(paths) == len(set(paths)) == s.rows == s.inputs == len(many_images)
     assert set(paths) == many_images
 
 
 def train_config(data: str, tmp_path: Path, **kw) -> TrainConfig:
-    return TrainConfig(
-        data=data,
-        output=str(tmp_path / "model"),
-        weights="random",
-        image_size=TEST_IMAGE_SIZE,
-        augment=False,
-        batch_size=8,
+    return small_train_config(
+        data,
+        tmp_path,
         epochs=3,
-        storage=str(tmp_path / "runs"),
         name="run",
-        keep_checkpoints=0,
         cache_features=False,  # every epoch takes its time: room for a kill mid-run
         **kw,
     )
@@ -188,22 +153,13 @@ def checkpoints(cfg: TrainConfig) -> list[str]:
 
 
 def first_epoch(checkpoint: str) -> dict:
-    return torch.load(os.path.join(checkpoint, "state.pt"), weights_only=True)["history"][0]
+    return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)["history"][0]
 
 
 def test_training_survives_a_killed_worker(ray_local, labelled_root, tmp_path):
     cfg = train_config(labelled_root, tmp_path, max_failures=1)
-    killed = []
-
-    def killer():
-        wait_for(lambda: checkpoints(cfg), what="the first checkpoint")
-        killed.append(kill_ray_worker("RayTrainWorker"))
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    meta = fit(cfg)
-    thread.join(timeout=5)
-    assert killed, "no training worker was killed while the run went on"
+    with killing("RayTrainWorker", lambda: checkpoints(cfg), "the first checkpoint"):
+        meta = fit(cfg)
     assert [e["epoch"] for e in meta.epochs] == [1, 2, 3]  # each reported once
     assert meta.epochs[0] == first_epoch(checkpoints(cfg)[0])  # restored, not trained again
     assert (Path(cfg.output) / "model.safetensors").exists()

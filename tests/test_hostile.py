@@ -16,15 +16,15 @@ import pytest
 from PIL import Image
 
 from insectlib.cli import main
+from insectlib.config import DecodeLimits
 from insectlib.errors import ImageError
 from insectlib.images import (
-    DecodeLimits,
     eval_transform,
     load_image,
     resize_size,
     train_transform,
 )
-from insectlib.train import ImageFiles
+from insectlib.worker import ImageFiles
 from tests.fuzz import hostile_files
 
 FUZZ_COUNT = 2100  # 350 mutants of each of the six formats
@@ -100,7 +100,8 @@ def test_only_the_accepted_formats_are_opened(tmp_path, monkeypatch):
 MEMORY_PROBE = r"""
 import sys
 from insectlib.errors import ImageError
-from insectlib.images import DecodeLimits, eval_transform, load_image, resize_size
+from insectlib.config import DecodeLimits
+from insectlib.images import eval_transform, load_image, resize_size
 
 def peak_kb():
     for line in open("/proc/self/status"):

@@ -11,7 +11,8 @@ import sys
 import pyarrow.parquet as pq
 
 from insectlib import sample, storage
-from insectlib.model import WEIGHTS_FILE, read_meta
+from insectlib.layout import WEIGHTS_FILE
+from insectlib.model import read_meta
 from tests.conftest import REPO
 
 

@@ -14,10 +14,12 @@ import pytest
 import safetensors.torch
 
 from insectlib import outputs, storage
-from insectlib.classify import ClassifyConfig, classify
+from insectlib.classify import classify
+from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.errors import InsectError, StorageUnavailable
-from insectlib.model import META_FILE, WEIGHTS_FILE, load_model, read_meta
-from insectlib.train import TrainConfig, prepare, write_model_dir
+from insectlib.layout import CONFUSION_PNG, META_FILE, MODEL_FILES, WEIGHTS_FILE
+from insectlib.model import load_model, read_meta
+from insectlib.train import preflight, write_model_dir
 from tests.conftest import expect_cli_error, run_cli
 
 
@@ -204,7 +206,8 @@ def test_model_dir_never_looks_complete_while_rewritten(trained, tmp_path, monke
     monkeypatch.setattr(storage, "write_bytes", record)
     target = TrainConfig(data="d", output=str(copy))
     write_model_dir(target, model, meta, None)
-    assert written[-1] == META_FILE and "report.md" in written and WEIGHTS_FILE in written
+    # In the order the layout states (no validation here: no confusion matrix).
+    assert written == [name for name in MODEL_FILES if name != CONFUSION_PNG]
     assert read_meta(str(copy)).model_id == meta.model_id
 
     def crash(uri, data, s3=None):  # the run dies while writing the new weights
@@ -221,10 +224,10 @@ def test_model_dir_never_looks_complete_while_rewritten(trained, tmp_path, monke
 def test_train_resume_refuses_another_configuration(trained, labelled_root, tmp_path):
     cfg, _ = trained
     same = TrainConfig(**{**cfg.__dict__, "resume": True, "overwrite": True})
-    prepare(same)  # the recorded configuration: accepted
+    preflight(same)  # the recorded configuration: accepted
     other = TrainConfig(**{**same.__dict__, "seed": 1, "image_size": 32, "freeze": "none"})
     with pytest.raises(InsectError) as e:
-        prepare(other)
+        preflight(other)
     text = str(e.value)
     assert "different configuration" in text
     assert "seed: 0 then, 1 now" in text and "image_size: 64 then, 32 now" in text
@@ -233,7 +236,7 @@ def test_train_resume_refuses_another_configuration(trained, labelled_root, tmp_
     shutil.copytree(labelled_root, data)
     (data / "beetles" / "extra.jpg").write_bytes(next((data / "beetles").iterdir()).read_bytes())
     with pytest.raises(InsectError, match="data_sha256"):
-        prepare(TrainConfig(**{**same.__dict__, "data": str(data)}))
+        preflight(TrainConfig(**{**same.__dict__, "data": str(data)}))
 
 
 def test_clear_errors_instead_of_tracebacks(trained, unlabelled, tmp_path, capsys):

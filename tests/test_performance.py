@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from insectlib.config import TrainConfig
 from insectlib.images import decode, eval_transform, resize_size
 from insectlib.predict import Predictor
-from insectlib.train import TrainConfig, fit
+from insectlib.train import fit
 
 # bf16 keeps 8 bits of mantissa: probabilities move by a few thousandths at most here.
 BF16_PROBABILITY_TOLERANCE = 0.02

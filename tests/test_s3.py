@@ -18,11 +18,12 @@ import torch
 import torchvision
 
 from insectlib import storage
-from insectlib.classify import ClassifyConfig, classify
+from insectlib.classify import classify
+from insectlib.config import ClassifyConfig
 from insectlib.errors import ImageError, StorageUnavailable
 from insectlib.model import build_model, read_meta
-from insectlib.train import TrainConfig, fit
-from tests.conftest import expect_cli_error, run_cli, upload_tree
+from insectlib.train import fit
+from tests.conftest import expect_cli_error, run_cli, small_train_config, upload_tree
 from tests.s3server import free_port
 
 BUCKET = "insect-e2e"
@@ -55,16 +56,16 @@ def s3_data(s3_server, labelled_root, unlabelled):
 @pytest.fixture(scope="module")
 def s3_model(ray_local, s3_data):
     """Trained from S3 data, with Ray Train checkpoints and the model directory in S3."""
-    cfg = TrainConfig(
-        data=f"s3://{BUCKET}/labelled",
+    cfg = small_train_config(
+        f"s3://{BUCKET}/labelled",
+        f"s3://{BUCKET}",  # run storage: s3://BUCKET/runs
         output=f"s3://{BUCKET}/models/m1",
-        storage=f"s3://{BUCKET}/runs",
         name="s3run",
         arch="resnet18",
-        weights="random",
         epochs=2,
         image_size=32,
-        keep_checkpoints=0,
+        batch_size=32,
+        augment=True,  # S3 reads every epoch
     )
     return cfg, fit(cfg)
 

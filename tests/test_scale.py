@@ -20,8 +20,9 @@ import ray
 import ray.data
 
 from insectlib import inputs, outputs, storage
-from insectlib.classify import ClassifyConfig, Counter, classify, read_inputs
+from insectlib.classify import Counter, classify, read_inputs
 from insectlib.cli import main
+from insectlib.config import ClassifyConfig
 from tests.conftest import expect_cli_error
 
 S3 = storage.S3Options()

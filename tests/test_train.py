@@ -1,8 +1,16 @@
 import os
+import threading
+import time
+from dataclasses import replace
 
 import torch
 
+from insectlib import sample
+from insectlib.config import TrainConfig
+from insectlib.labels import discover
+from insectlib.layout import STATE_FILE
 from insectlib.model import build_model, head_name, load_model
+from insectlib.worker import TrainingWorker
 
 
 def test_train_two_workers_reports_and_checkpoints_every_epoch(trained):
@@ -14,7 +22,7 @@ def test_train_two_workers_reports_and_checkpoints_every_epoch(trained):
     run_dir = os.path.join(cfg.storage, cfg.name)
     checkpoints = [d for d in os.listdir(run_dir) if os.path.isdir(os.path.join(run_dir, d))]
     epochs = [
-        torch.load(os.path.join(run_dir, d, "state.pt"), weights_only=True)["epoch"]
+        torch.load(os.path.join(run_dir, d, STATE_FILE), weights_only=True)["epoch"]
         for d in checkpoints
     ]
     assert sorted(epochs) == [1, 2, 3, 4]
@@ -39,3 +47,74 @@ def test_frozen_weights_are_bit_identical_after_training(trained):
             assert not torch.equal(value, before[name]), f"{name} did not train"
         else:
             assert torch.equal(value, before[name]), f"frozen {name} changed"
+
+
+def test_training_worker_runs_without_ray(tmp_path):
+    """Each part of a worker's training (features cache, epoch, state) as plain PyTorch."""
+    root = sample.make_labelled(str(tmp_path / "d"), per_class=6, size=(48, 36))
+    data = discover(root, val_fraction=0.25, seed=0)
+    cfg = TrainConfig(
+        data=root, arch="resnet18", weights="random", image_size=32, batch_size=4, augment=False
+    )
+
+    def worker(**kw) -> TrainingWorker:
+        return TrainingWorker(replace(cfg, **kw), data.classes, data.train, data.val)
+
+    cached, direct = worker(), worker(cache_features=False)
+    assert cached.cached and not direct.cached
+    # The cached trunk features give the head exactly what the full forward pass gives it.
+    before_training = []
+    for w in (cached, direct):
+        validation = w.epoch_batches(0)[1]
+        w.model.eval()
+        before_training.append(w.evaluate(validation))
+    assert torch.allclose(*before_training, rtol=1e-4)
+    assert before_training[0][2] == len(data.val)
+
+    metrics = cached.run_epoch(0)
+    assert metrics["train_images"] == len(data.train) and metrics["val_images"] == len(data.val)
+    assert metrics["cached_features"] and metrics["skipped_images"] == 0
+    cached.history.append(metrics)
+
+    restored = worker()
+    restored.restore(cached.training_state())
+    assert restored.start_epoch == 1 and restored.history == [metrics]
+    head = restored.head + "."
+    for name, value in restored.model.state_dict().items():
+        if name.startswith(head):
+            assert torch.equal(value, cached.model.state_dict()[name])
+    predictions = []
+    restored.run_epoch(1, predictions)
+    assert sum(len(labels) for labels, _ in predictions) == len(data.val)
+    assert restored.model_meta({"root": root}).data["skipped_images"] == 0
+
+
+def test_training_reads_a_batch_from_s3_concurrently(monkeypatch, tmp_path):
+    """A batch's S3 reads overlap (latency, not bandwidth, bounds a GET), as classify's do."""
+    from insectlib import storage
+    from insectlib.config import DecodeLimits
+    from insectlib.images import eval_transform
+    from insectlib.worker import ImageFiles
+
+    photo = sample.make_labelled(str(tmp_path / "d"), per_class=1, size=(48, 36))
+    data = next((tmp_path / "d" / "beetles").iterdir()).read_bytes()
+    in_flight, most, lock = [0], [0], threading.Lock()
+
+    def slow_get(uri, max_bytes, s3=None):
+        assert uri.startswith("s3://") and photo
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.2)  # an object store's first-byte latency
+        with lock:
+            in_flight[0] -= 1
+        return data
+
+    monkeypatch.setattr(storage, "read_input", slow_get)
+    items = [(f"s3://bucket/{i}.jpg", 0) for i in range(32)]
+    files = ImageFiles(items, eval_transform(32), 37, DecodeLimits(), storage.S3Options())
+    started = time.perf_counter()
+    samples = files.__getitems__(list(range(32)))
+    assert all(s is not None for s in samples)
+    assert most[0] == storage.READ_AHEAD
+    assert time.perf_counter() - started < 32 * 0.2 / 4  # one at a time would take 6.4 s

@@ -1,0 +1,41 @@
+"""What insect writes where: every file name of a model directory, an evaluation and a
+training run, written once, and the one helper that writes such a file.
+
+Classification outputs (Parquet parts and `_SUCCESS`) are described in `outputs`.
+"""
+
+from __future__ import annotations
+
+from insectlib import storage
+
+# The model directory (`insect train --output`), in the order `train.write_model_dir`
+# writes it. META_FILE marks it complete: an old one is removed before anything else and
+# the new one written last, so a crash in between leaves no directory that looks complete
+# (old classes and model id beside new weights). Readers need only META_FILE and
+# WEIGHTS_FILE; the rest is for people.
+METRICS_FILE = "metrics.json"  # epochs and validation metrics
+CURVES_FILE = "training_curves.png"
+CONFUSION_PNG = "confusion_matrix.png"  # only when there was a validation split
+WEIGHTS_FILE = "model.safetensors"  # its SHA-256 is the model id
+REPORT_FILE = "report.md"  # shows CURVES_FILE and CONFUSION_PNG
+META_FILE = "meta.json"
+MODEL_FILES = (METRICS_FILE, CURVES_FILE, CONFUSION_PNG, WEIGHTS_FILE, REPORT_FILE, META_FILE)
+COMPLETE_MARKER = MODEL_FILES[-1]
+
+# An evaluation (`insect evaluate --output`): the classification output of the held-out
+# images in PREDICTIONS_DIR, then these files, which `--overwrite` may replace.
+PREDICTIONS_DIR = "predictions"
+CONFUSION_JSON = "confusion_matrix.json"
+MISCLASSIFIED_FILE = "misclassified.parquet"
+EVALUATION_FILES = (METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG, MISCLASSIFIED_FILE)
+
+# A training run in Ray Train's run storage (`--storage`/`--name`).
+RUN_RECORD = "insect-run.json"  # beside the checkpoints: what `--resume` must find unchanged
+STATE_FILE = "state.pt"  # in each checkpoint: trainable weights, optimizer, history
+PROBLEM_FILE = "problem.txt"  # instead of STATE_FILE: the run stopped on this problem
+
+
+def write_file(directory: str, name: str, data: str | bytes, s3=None) -> None:
+    """Write file `name` of `directory` (local or s3://), replacing it."""
+    data = data.encode() if isinstance(data, str) else data
+    storage.write_bytes(storage.join(directory, name), data, s3)
