@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import ray.data
 from ray.data import ActorPoolStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from insectlib import inputs, outputs, storage
@@ -103,7 +104,10 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         outputs.remove(cfg.output, removal, cfg.s3)
     done = outputs.resume_state(cfg.output, meta.model_id, cfg.s3) if cfg.resume else None
 
-    counter = Counter.remote()
+    # On the driver's node: the run outlives any other node (a lost worker node must not
+    # take the counts, and with them the listing tasks that report to it, along).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = Counter.options(scheduling_strategy=here).remote()
     resuming = done is not None and done.rows > 0
     listed = read_inputs(parts, cfg.batch_size, cfg.s3, counter, streaming=not resuming)
     if resuming:

@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from insectlib import sample
 from insectlib.config import TrainConfig
 from insectlib.images import decode, eval_transform, resize_size
+from insectlib.labels import discover
 from insectlib.predict import Predictor
-from insectlib.train import fit
+from insectlib.worker import TrainingWorker
 
 # bf16 keeps 8 bits of mantissa: probabilities move by a few thousandths at most here.
 BF16_PROBABILITY_TOLERANCE = 0.02
@@ -73,28 +75,28 @@ def test_bf16_agrees_with_fp32(trained, labelled_root, unlabelled):
     assert np.abs(fp32 - bf16).max() < BF16_PROBABILITY_TOLERANCE
 
 
-def test_cached_features_give_the_full_forward_results(ray_local, labelled_root, tmp_path):
+def test_cached_features_give_the_full_forward_results(tmp_path):
     """With a zero learning rate nothing changes between epochs, so the summed losses over
-    the same images must match whether the trunk ran on them or its outputs were cached."""
+    the same images must match whether the trunk ran on them or its outputs were cached.
+    (The worker without Ray: the `trained` fixture runs the cache through Ray Train.)"""
+    root = sample.make_labelled(str(tmp_path / "d"), per_class=12, size=(64, 48))
+    data = discover(root)
     metrics = {}
     for cache in (True, False):
-        meta = fit(
-            TrainConfig(
-                data=labelled_root,
-                output=str(tmp_path / f"model-{cache}"),
-                arch="resnet18",
-                weights="random",
-                image_size=32,
-                augment=False,
-                cache_features=cache,
-                lr=0.0,
-                epochs=2,
-                batch_size=8,
-                precision="fp32",
-                storage=str(tmp_path / "runs"),
-            )
+        cfg = TrainConfig(
+            data=root,
+            arch="resnet18",
+            weights="random",
+            image_size=32,
+            augment=False,
+            cache_features=cache,
+            lr=0.0,
+            epochs=2,
+            batch_size=8,
+            precision="fp32",
         )
-        metrics[cache] = meta.epochs
+        worker = TrainingWorker(cfg, data.classes, data.train, data.val)
+        metrics[cache] = [worker.run_epoch(epoch) for epoch in range(cfg.epochs)]
     assert all(e["cached_features"] for e in metrics[True])
     assert not any(e["cached_features"] for e in metrics[False])
     for cached, full in zip(metrics[True], metrics[False], strict=True):
