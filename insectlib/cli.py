@@ -17,247 +17,197 @@ from insectlib.errors import InsectError
 from insectlib.runtime import run_as_driver
 from insectlib.storage import S3Options
 
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 5,30, got {text!r}") from None
+
+
 # Positional arguments; every other field is a --flag.
 POSITIONAL = ("data", "input", "image")
-# A group of flags: (title, [(field, help), or (field, help, extra add_argument keywords)]).
-Group = tuple[str, list[tuple]]
+# The flags of a command: {group title: {field: help}}, in the order --help shows them.
+Groups = dict[str, dict[str, str]]
+# add_argument keywords beyond what the field gives.
+EXTRA = {"input": {"nargs": "?"}, "layers": {"type": _int_list}, "endpoint_url": {"metavar": "URL"}}
 
-RAY: list[Group] = [
-    (
-        "cluster and storage",
-        [
-            (
-                "address",
-                "Ray cluster to use: auto, HOST:PORT or ray://HOST:PORT "
-                "(default: $RAY_ADDRESS, as set by `ray job submit`, else a new local Ray)",
-            ),
-            ("gpu", "one GPU per training worker / model actor"),
-            ("precision", "compute precision; auto: bf16 where the hardware runs it fast"),
-            ("overwrite", "replace an existing output"),
-        ],
-    ),
-]
-S3: list[Group] = [
-    (
-        "S3",
-        [
-            (
-                "endpoint_url",
-                "S3-compatible endpoint URL (MinIO, Ceph, ...); default $AWS_ENDPOINT_URL",
-                {"metavar": "URL"},
-            ),
-            ("anonymous", "unsigned S3 requests (public buckets)"),
-        ],
-    ),
-]
-LIMITS: list[Group] = [
-    (
-        "limits on each input file",
-        [
-            (
-                "max_file_bytes",
-                "input files larger than this are not read (an error row; skipped in training)",
-            ),
-            (
-                "max_pixels",
-                "images with more pixels are not decoded (an error row; skipped in training); "
-                "JPEGs count at the reduced scale they are decoded at",
-            ),
-        ],
-    ),
-]
+RAY: Groups = {
+    "cluster and storage": {
+        "address": (
+            "Ray cluster to use: auto, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, as set "
+            "by `ray job submit`, else a new local Ray)"
+        ),
+        "gpu": "one GPU per training worker / model actor",
+        "precision": "compute precision; auto: bf16 where the hardware runs it fast",
+        "overwrite": "replace an existing output",
+    },
+}
 
-TRAIN: list[Group] = [
-    (
-        "data and model",
-        [
-            ("data", "labelled root: ROOT/<class>/* or ROOT/{train,val}/<class>/*"),
-            ("output", "model directory to write (or s3://)"),
-            ("arch", "torchvision classification model"),
-            (
-                "weights",
-                "imagenet (IMAGENET1K_V1 via the torch hub cache), random, or a "
-                "state-dict file (.pth/.pt loaded weights_only, or .safetensors), local or s3://",
+S3: Groups = {
+    "S3": {
+        "endpoint_url": "S3-compatible endpoint URL (MinIO, Ceph, ...); default $AWS_ENDPOINT_URL",
+        "anonymous": "unsigned S3 requests (public buckets)",
+    },
+}
+
+LIMITS: Groups = {
+    "limits on each input file": {
+        "max_file_bytes": (
+            "input files larger than this are not read (an error row; skipped in training)"
+        ),
+        "max_pixels": (
+            "images with more pixels are not decoded (an error row; skipped in training); JPEGs "
+            "count at the reduced scale they are decoded at"
+        ),
+    },
+}
+
+ACTORS: Groups = {
+    "model actors": {
+        "batch_size": "images per model call",
+        "max_actors": (
+            "model actors, at most (default: one per GPU with --gpu, else one per --cpus-per-actor "
+            "CPUs of the cluster)"
+        ),
+        "cpus_per_actor": "CPUs per model actor (also its torch threads on CPU)",
+    },
+}
+
+TRAIN: Groups = (
+    {
+        "data and model": {
+            "data": "labelled root: ROOT/<class>/* or ROOT/{train,val}/<class>/*",
+            "output": "model directory to write (or s3://)",
+            "arch": "torchvision classification model",
+            "weights": (
+                "imagenet (IMAGENET1K_V1 via the torch hub cache), random, or a state-dict file "
+                "(.pth/.pt loaded weights_only, or .safetensors), local or s3://"
             ),
-            ("freeze", "trunk: train only the new final layer; none: train every layer"),
-            ("image_size", "model input size in pixels"),
-            ("val_fraction", "held out per class when ROOT has no train/ + val/ folders"),
-            ("seed", "seed of the split, the new layer's weights and the shuffling"),
-        ],
-    ),
-    (
-        "optimisation",
-        [
-            ("epochs", "passes over the training images"),
-            ("batch_size", "images per worker per step; the global batch is workers x this"),
-            ("optimizer", "optimisation algorithm"),
-            ("lr", "learning rate"),
-            ("momentum", "SGD momentum"),
-            ("weight_decay", "L2 penalty"),
-            (
-                "augment",
-                "no random crops and flips on the training split; with the trunk frozen, "
-                "its outputs then never change, so they are computed once and every epoch "
-                "trains the head on them (several times faster; see --no-cache-features)",
+            "freeze": "trunk: train only the new final layer; none: train every layer",
+            "image_size": "model input size in pixels",
+            "val_fraction": "held out per class when ROOT has no train/ + val/ folders",
+            "seed": "seed of the split, the new layer's weights and the shuffling",
+        },
+        "optimisation": {
+            "epochs": "passes over the training images",
+            "batch_size": "images per worker per step; the global batch is workers x this",
+            "optimizer": "optimisation algorithm",
+            "lr": "learning rate",
+            "momentum": "SGD momentum",
+            "weight_decay": "L2 penalty",
+            "augment": (
+                "no random crops and flips on the training split; with the trunk frozen, its "
+                "outputs then never change, so they are computed once and every epoch trains the "
+                "head on them (several times faster; see --no-cache-features)"
             ),
-            (
-                "cache_features",
-                "run the frozen trunk on every image every epoch even when its outputs "
-                "cannot change (the cache holds one feature vector per image in each "
-                "worker's memory)",
+            "cache_features": (
+                "run the frozen trunk on every image every epoch even when its outputs cannot "
+                "change (the cache holds one feature vector per image in each worker's memory)"
             ),
-        ],
-    ),
-    (
-        "workers",
-        [
-            ("workers", "Ray Train workers"),
-            (
-                "cpus_per_worker",
-                "CPUs per worker, also its torch threads on CPU (default: 1; with --gpu, a "
-                "GPU node's CPUs per GPU, so that decoding gets every core the GPUs leave)",
+        },
+        "workers": {
+            "workers": "Ray Train workers",
+            "cpus_per_worker": (
+                "CPUs per worker, also its torch threads on CPU (default: 1; with --gpu, a GPU "
+                "node's CPUs per GPU, so that decoding gets every core the GPUs leave)"
             ),
-            (
-                "placement",
+            "placement": (
                 "how Ray places the workers: PACK fills nodes first (fast collectives), SPREAD "
-                "across nodes (survives a node loss with fewer restarts), STRICT_* insist",
+                "across nodes (survives a node loss with fewer restarts), STRICT_* insist"
             ),
-            (
-                "loader_workers",
+            "loader_workers": (
                 "DataLoader processes decoding for each worker (default: with --gpu, "
-                "--cpus-per-worker - 1; on CPU 0, as the model is the bottleneck there)",
+                "--cpus-per-worker - 1; on CPU 0, as the model is the bottleneck there)"
             ),
-            (
-                "progress_every",
-                "seconds between progress lines (step, images/s) within an epoch",
+            "progress_every": "seconds between progress lines (step, images/s) within an epoch",
+        },
+        "run storage and recovery": {
+            "storage": "Ray Train run storage, local or s3:// (default ~/ray_results)",
+            "name": "run name under --storage (default: insect-train-<time>)",
+            "resume": "continue the stopped run --name in --storage from its latest checkpoint",
+            "max_failures": (
+                "worker failures survived by restarting from the latest checkpoint (-1: no limit)"
             ),
-        ],
-    ),
-    (
-        "run storage and recovery",
-        [
-            ("storage", "Ray Train run storage, local or s3:// (default ~/ray_results)"),
-            ("name", "run name under --storage (default: insect-train-<time>)"),
-            (
-                "resume",
-                "continue the stopped run --name in --storage from its latest checkpoint",
-            ),
-            (
-                "max_failures",
-                "worker failures survived by restarting from the latest checkpoint (-1: no limit)",
-            ),
-            ("keep_checkpoints", "checkpoints kept in the run storage (0: all)"),
-        ],
-    ),
-    *LIMITS,
-    *RAY,
-    *S3,
-]
+            "keep_checkpoints": "checkpoints kept in the run storage (0: all)",
+        },
+    }
+    | LIMITS
+    | RAY
+    | S3
+)
 
-ACTORS: list[Group] = [
-    (
-        "model actors",
-        [
-            ("batch_size", "images per model call"),
-            (
-                "max_actors",
-                "model actors, at most (default: one per GPU with --gpu, else one per "
-                "--cpus-per-actor CPUs of the cluster)",
+CLASSIFY: Groups = (
+    {
+        "input and output": {
+            "input": "directory, glob or s3:// prefix of images",
+            "manifest": (
+                "instead of INPUT, a list of the inputs (local or s3://): a text file (.txt, .lst: "
+                "one absolute path or s3:// URI a line), a CSV or Parquet file with a 'path' "
+                "column, or an S3 Inventory report's manifest.json (CSV, ORC or Parquet); every "
+                "line gets a row, those that do not exist an error row"
             ),
-            ("cpus_per_actor", "CPUs per model actor (also its torch threads on CPU)"),
-        ],
-    ),
-]
-
-CLASSIFY: list[Group] = [
-    (
-        "input and output",
-        [
-            ("input", "directory, glob or s3:// prefix of images", {"nargs": "?"}),
-            (
-                "manifest",
-                "instead of INPUT, a list of the inputs (local or s3://): a text file (.txt, "
-                ".lst: one absolute path or s3:// URI a line), a CSV or Parquet file with a "
-                "'path' column, or an S3 Inventory report's manifest.json (CSV, ORC or "
-                "Parquet); every line gets a row, those that do not exist an error row",
+            "model": "model directory written by insect train",
+            "output": "directory or s3:// prefix for Parquet files",
+            "rows_per_file": (
+                "rows per Parquet file, at least (the last may hold fewer); files are written as "
+                "they fill, and --resume redoes only rows that are not in a file yet"
             ),
-            ("model", "model directory written by insect train"),
-            ("output", "directory or s3:// prefix for Parquet files"),
-            (
-                "rows_per_file",
-                "rows per Parquet file, at least (the last may hold fewer); files are written "
-                "as they fill, and --resume redoes only rows that are not in a file yet",
+            "resume": (
+                "finish an interrupted run: classify only the inputs without a row in --output"
             ),
-            (
-                "resume",
-                "finish an interrupted run: classify only the inputs without a row in --output",
+            "max_error_fraction": (
+                "exit non-zero (after writing every row) when more than this fraction of the "
+                "inputs cannot be classified"
             ),
-            (
-                "max_error_fraction",
-                "exit non-zero (after writing every row) when more than this fraction "
-                "of the inputs cannot be classified",
-            ),
-        ],
-    ),
-    *ACTORS,
-    (
-        "model actors",
-        [
-            (
-                "min_actors",
+        },
+        "model actors": {
+            **ACTORS["model actors"],
+            "min_actors": (
                 "model actors, at least: the pool grows from here when busy (default: "
-                "--max-actors, a full pool from the start)",
+                "--max-actors, a full pool from the start)"
             ),
-            (
-                "compile",
-                "torch.compile the model in each actor (about 1.6x faster on CPU, after "
-                "seconds to a minute of compiling); auto: on from 1000 images per actor",
+            "compile": (
+                "torch.compile the model in each actor (about 1.6x faster on CPU, after seconds to "
+                "a minute of compiling); auto: on from 1000 images per actor"
             ),
-        ],
-    ),
-    *LIMITS,
-    *RAY,
-    *S3,
-]
+        },
+    }
+    | LIMITS
+    | RAY
+    | S3
+)
 
-EVALUATE: list[Group] = [
-    (
-        "input and output",
-        [
-            ("data", "labelled root, local or s3://"),
-            ("model", "model directory written by insect train"),
-            ("output", "directory or s3:// prefix"),
-        ],
-    ),
-    *ACTORS,
-    *LIMITS,
-    *RAY,
-    *S3,
-]
+EVALUATE: Groups = (
+    {
+        "input and output": {
+            "data": "labelled root, local or s3://",
+            "model": "model directory written by insect train",
+            "output": "directory or s3:// prefix",
+        },
+    }
+    | ACTORS
+    | LIMITS
+    | RAY
+    | S3
+)
 
-VISUALIZE: list[Group] = [
-    (
-        "input and output",
-        [
-            ("image", "image file, local or s3://"),
-            ("model", "model directory written by insect train"),
-            ("layers", "comma-separated layer numbers, e.g. 5,30 (see above)", {"type": "ints"}),
-            ("output", "directory or s3:// prefix"),
-            ("max_maps", "channels drawn per layer"),
-        ],
-    ),
-    *S3,
-]
+VISUALIZE: Groups = {
+    "input and output": {
+        "image": "image file, local or s3://",
+        "model": "model directory written by insect train",
+        "layers": "comma-separated layer numbers, e.g. 5,30 (see above)",
+        "output": "directory or s3:// prefix",
+        "max_maps": "channels drawn per layer",
+    },
+} | S3
 
-DEMO: list[Group] = [
-    (
-        "demo",
-        [
-            ("workdir", "where the demo writes everything"),
-            ("image_size", "model input size in pixels"),
-        ],
-    ),
-]
+DEMO: Groups = {
+    "demo": {
+        "workdir": "where the demo writes everything",
+        "image_size": "model input size in pixels",
+    },
+}
 
 COMMANDS = {
     "train": (
@@ -304,13 +254,6 @@ COMMANDS = {
 }
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 5,30, got {text!r}") from None
-
-
 def _value_type(hint) -> type:
     """int for `int` or `int | None`, and so on."""
     if isinstance(hint, types.UnionType):
@@ -318,13 +261,11 @@ def _value_type(hint) -> type:
     return hint
 
 
-def add_setting(group, cls: type, name: str, help: str, extra: dict | None = None) -> None:
+def add_setting(group, cls: type, name: str, help: str) -> None:
     """The argument of field `name` of config class `cls`: its flag, type, default and
-    choices from the field, `help` and any `extra` add_argument keywords from the caller."""
+    choices from the field, `help` from the caller (and EXTRA's keywords for it)."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    kwargs = dict(extra or {})
-    if kwargs.get("type") == "ints":
-        kwargs["type"] = _int_list
+    kwargs = dict(EXTRA.get(name, {}))
     hint = _value_type(typing.get_type_hints(cls)[name])
     if hint is bool:
         flag = flag_of(f)
@@ -373,12 +314,11 @@ def parser() -> argparse.ArgumentParser:
             description=description,
             formatter_class=HelpFormatter,
         )
-        titled: dict[str, argparse._ArgumentGroup] = {}
-        for title, entries in groups:
-            group = titled.get(title) or titled.setdefault(title, p.add_argument_group(title))
-            for name, help, *extra in entries:
+        for title, entries in groups.items():
+            group = p.add_argument_group(title)
+            for name, help in entries.items():
                 owner = S3Options if name in S3Options.__dataclass_fields__ else cls
-                add_setting(group, owner, name, help, *extra)
+                add_setting(group, owner, name, help)
     return ap
 
 

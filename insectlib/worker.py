@@ -33,7 +33,7 @@ def say(text: str) -> None:
 
 
 class ImageFiles(Dataset):
-    """(uint8 image, label) pairs read through `images.load_image`, as classify reads them;
+    """(uint8 image, label) pairs read through `images.load_images`, as classify reads them;
     None for a file that cannot be used (skipped and counted). `min_side`: decode JPEGs at
     reduced scale (see `decode`), for the evaluation transform."""
 
