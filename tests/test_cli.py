@@ -141,3 +141,23 @@ def test_settings_outside_their_rules_are_refused_by_the_config():
         ClassifyConfig(input="i", model="m", output="o", max_error_fraction=2.0).validate()
     with pytest.raises(InsectError, match="--cpus-per-actor must be more than 0, got 0"):
         ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=0).validate()
+
+
+def test_gpu_workers_get_the_cores_their_gpus_leave(monkeypatch):
+    from insectlib import runtime
+
+    gpu = TrainConfig(data="d", gpu=True)
+    assert (gpu.sized(16.0).cpus_per_worker, gpu.sized(16.0).loader_workers) == (16.0, 15)
+    assert (gpu.sized(None).cpus_per_worker, gpu.sized(None).loader_workers) == (1.0, 0)
+    given = TrainConfig(data="d", gpu=True, cpus_per_worker=4, loader_workers=2).sized(16.0)
+    assert (given.cpus_per_worker, given.loader_workers) == (4, 2)  # the user's, kept
+    cpu = TrainConfig(data="d").sized(16.0)  # on CPU the model is the bottleneck
+    assert (cpu.cpus_per_worker, cpu.loader_workers) == (1.0, 0)
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 32.0, "GPU": 4.0}},
+        {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 64.0}},  # CPU-only: not a training node
+        {"Alive": False, "Resources": {"CPU": 1.0, "GPU": 1.0}},
+    ]
+    monkeypatch.setattr(runtime.ray, "nodes", lambda: nodes)
+    assert runtime.cpus_per_gpu() == 8.0  # the tightest GPU node decides
