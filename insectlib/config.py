@@ -123,7 +123,7 @@ class TrainConfig(RaySettings):
     epochs: int = setting(4, at_least=1)
     batch_size: int = setting(BATCH_SIZE, at_least=1)  # per worker
     optimizer: str = setting("adam", choices=OPTIMIZERS)
-    lr: float = setting(0.001, above=0)
+    lr: float = setting(0.001, at_least=0)
     momentum: float = setting(0.9, at_least=0)
     weight_decay: float = setting(0.0, at_least=0)
     val_fraction: float = setting(0.2, at_least=0, at_most=1)
@@ -138,7 +138,7 @@ class TrainConfig(RaySettings):
     storage: str | None = None  # Ray Train run storage; None: ~/ray_results
     name: str | None = None  # run name under storage
     resume: bool = False  # continue the run `name` found in `storage`
-    progress_every: float = setting(10.0, above=0)  # seconds between progress lines
+    progress_every: float = setting(10.0, at_least=0)  # seconds between progress lines
     max_failures: int = setting(2, at_least=-1)  # worker failures survived; -1: no limit
     keep_checkpoints: int = setting(2, at_least=0)  # 0 keeps all
 
