@@ -97,7 +97,7 @@ def make_loaders(
     padded, so the summed counts are exact.
 
     Why DataLoader processes rather than Ray Data ingest: measured (bench/feed.py,
-    bench/gpu_train.py), they deliver 82-94% of the cores' decode limit on 2 cores and 78-80%
+    bench/gpu_train.py), they deliver 83-99% of the cores' decode limit on 2 cores and 78-80%
     with 15 processes beside an H200, where training then runs at the feed's rate, 8.2x the
     in-process feed; and they keep the exact sharding above, which Ray Data's equal splits
     would trade for dropped rows. Ray Data would pay on GPU nodes with too few cores."""
