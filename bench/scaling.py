@@ -89,6 +89,7 @@ def one_run(images: str, model: str, out: str, batch_size: int, resume: bool) ->
     sampler.start()
     cfg = ClassifyConfig(input=images, model=model, output=out, batch_size=batch_size)
     cfg.resume = resume
+    phases = timed_phases()
     summary = classify(cfg)
     stop.set()
     sampler.join()
@@ -113,7 +114,32 @@ def one_run(images: str, model: str, out: str, batch_size: int, resume: bool) ->
         "driver_peak_rss_mb": peak_rss_kb() / 1024,
         "worker_peak_rss_mb": max(peaks.values()) / 2**20,
         "workers_peak_total_rss_mb": peak_sum[0] / 2**20,
+        **phases,
     }
+
+
+def timed_phases() -> dict:
+    """Seconds spent in the resume's two decisions, filled in as classify runs: checking
+    the written parts (footers only) and the anti-join finding what is left."""
+    import insectlib.classify
+    import insectlib.outputs
+
+    phases: dict = {}
+
+    def timing(module, name: str, key: str) -> None:
+        real = getattr(module, name)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            result = real(*args, **kwargs)
+            phases[key] = time.perf_counter() - started
+            return result
+
+        setattr(module, name, timed)
+
+    timing(insectlib.outputs, "resume_state", "resume_footers_seconds")
+    timing(insectlib.classify, "skip_done", "resume_anti_join_seconds")
+    return phases
 
 
 def link_tree(root: str, distinct: list[str], count: int) -> None:

@@ -161,3 +161,13 @@ def test_gpu_workers_get_the_cores_their_gpus_leave(monkeypatch):
     ]
     monkeypatch.setattr(runtime.ray, "nodes", lambda: nodes)
     assert runtime.cpus_per_gpu() == 8.0  # the tightest GPU node decides
+
+
+def test_config_is_torch_free():
+    """The settings (and so the flags) load without a model library."""
+    import subprocess
+    import sys
+
+    code = "import sys, insectlib.config; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
