@@ -111,6 +111,19 @@ def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
     assert pq.read_table(out).num_rows == len(unlabelled)
 
 
+def test_output_files_hold_rows_per_file_up_to_one_batch_more(trained, unlabelled, tmp_path):
+    """Batches of 3 do not fill files of 8 exactly: each file takes one batch more (9), never
+    a file of full rows plus a file of the remainder. Only the last may hold fewer."""
+    cfg, _ = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    out = tmp_path / "out"
+    _classify(cfg.output, images, out, rows_per_file=8, batch_size=3)
+    sizes = sorted(pq.read_metadata(f).num_rows for f in out.glob("*.parquet"))
+    assert sum(sizes) == len(unlabelled)
+    assert all(8 <= n <= 8 + 3 - 1 for n in sizes[1:]), sizes
+    assert sizes[0] >= 1
+
+
 def test_resume_trusts_only_insects_own_files(trained, unlabelled, tmp_path, capsys):
     cfg, _ = trained
     images = os.path.dirname(next(iter(unlabelled)))
