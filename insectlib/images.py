@@ -72,7 +72,8 @@ def load_image(
     limits: DecodeLimits,
     s3: storage.S3Options | None = None,
 ) -> torch.Tensor:
-    """Read, decode and transform one input file: the path both commands take.
+    """Read, decode and transform one input file (`load_images` does the same for a batch,
+    with overlapping reads on S3).
 
     Raises ImageError for anything wrong with the file itself (its row's text names the
     problem) and StorageUnavailable when the storage keeps failing; nothing else."""
