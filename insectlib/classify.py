@@ -23,14 +23,16 @@ from insectlib import inputs, outputs, storage
 from insectlib.config import ClassifyConfig, DecodeLimits
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import eval_transform, load_images, resize_size
-from insectlib.model import check_model_id, check_weights, read_meta, versions
-from insectlib.predict import Predictor
+from insectlib.model import ModelMeta, check_model_id, check_weights, read_meta, versions
+from insectlib.predict import Predictor, prediction_table
 from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_warnings
 
 # torch.compile costs each actor ~10 s (up to a minute on a cold cache) and saves ~25 ms
 # per VGG-16 image on a CPU core: worth it from about a thousand images per actor.
 COMPILE_MIN_IMAGES_PER_ACTOR = 1000
 LISTING_TASKS = 16  # listing parts read at once (I/O-bound tasks that ask for no CPU)
+SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as small
+PATH_CHARS = 128  # a long path: blocks sized with it hold one batch of predictions
 
 
 @dataclass
@@ -109,7 +111,8 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     counter = Counter.options(scheduling_strategy=here).remote()
     resuming = done is not None and done.rows > 0
-    listed = read_inputs(parts, cfg.batch_size, cfg.s3, counter, streaming=not resuming)
+    block_size = None if resuming else streaming_block_size(cfg, meta, seen)
+    listed = read_inputs(parts, cfg.batch_size, cfg.s3, counter, block_size)
     if resuming:
         print(f"resuming: {done.rows} inputs already done; finding those without a row")
         listed = skip_done(listed, done, cfg)
@@ -169,21 +172,39 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
 
 
 def read_inputs(
-    parts: list[inputs.Part], batch_size: int, s3, counter, streaming: bool = True
+    parts: list[inputs.Part], batch_size: int, s3, counter, block_size: int | None = None
 ) -> ray.data.Dataset:
     """The inputs' paths as a Ray Data dataset read by one task per part (see `inputs`).
 
-    `streaming`: Ray Data joins what a task yields into blocks of up to its
-    target_max_block_size (128 MiB), so a listing task's paths would come out only when it
-    ends, in blocks too large to spread over the actors. Streaming caps blocks at about one
-    batch of paths (inputs.BLOCK_BYTES_PER_PATH); datasets made from this one inherit it."""
-    with block_bytes(batch_size * inputs.BLOCK_BYTES_PER_PATH if streaming else None):
+    `block_size`: Ray Data's target_max_block_size for this dataset and every dataset made
+    from it (None: Ray Data's own, 128 MiB); see `streaming_block_size`."""
+    with block_bytes(block_size):
         return ray.data.read_datasource(
             inputs.InputSource(parts, batch_size, s3, counter),
             # Listing is I/O: it must not wait for the CPUs the model actors hold.
             num_cpus=0,
             concurrency=min(len(parts), LISTING_TASKS),
         )
+
+
+def streaming_block_size(cfg: ClassifyConfig, meta: ModelMeta, seen: int) -> int:
+    """The block size in bytes that streams a listing into the model actors.
+
+    Ray Data joins what a listing task yields into blocks of up to target_max_block_size
+    (128 MiB by default), so the task's paths would come out only when it ends, in blocks
+    too large to spread over the actors. The same size cuts every later stage's output, and
+    each block costs the driver memory and time: 50,000 rows in 8-row blocks took 135 s and
+    +72 MB of driver RSS, in 32-row blocks 43 s and +30 MB (bench note in the README). So a
+    large input gets blocks of one batch of predictions (listing blocks then hold 2-4
+    batches of paths, filled in milliseconds); a small one (under SMALL_INPUT_BATCHES
+    batches an actor) gets blocks of one batch of paths, which spread over every actor."""
+    if seen < SMALL_INPUT_BATCHES * cfg.batch_size * max_actors(cfg):
+        return cfg.batch_size * inputs.BLOCK_BYTES_PER_PATH
+    n = cfg.batch_size
+    rows = prediction_table(
+        ["/" * PATH_CHARS] * n, np.zeros((n, len(meta.classes)), np.float32), [None] * n, meta
+    )
+    return rows.nbytes
 
 
 @contextlib.contextmanager
