@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from insectlib.precision import cpu_name, speed_flags  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def machine() -> str:
-    """The CPU model and core count (the figures mean little without them)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} CPUs"
+    """The CPU model, core count and speed flags (the figures mean little without them)."""
+    return f"{cpu_name()}, {os.cpu_count()} CPUs ({' '.join(speed_flags()) or 'no AVX2'})"
 
 
 def write_result(path: str, report: dict) -> None:

@@ -6,9 +6,13 @@
       CPUs with bf16 units, fp16/bf16 on a GPU
   (c) `insect classify` on the same files (a local Ray of this machine's CPUs), with
       the default --compile auto (on at this size) and with --compile off
+  (c') `insect classify --precision int8` (CPU), calibrated beforehand (timed apart)
   (d) the limit: FLOPs per image / measured matrix-multiply peak in the same precision
+  (d') the int8 limit: the same FLOPs at the measured int8 matrix-multiply peak
 
-plus model-only rows (no decoding) and single-core decode rates (full and draft).
+plus model-only rows (no decoding), single-core decode rates (full and draft), the start-up
+of one model actor (load, build, compile, first batch) with --compile on and with int8, and
+int8's agreement with fp32 on the shared insect test photos and on generated images.
 
     .venv/bin/python bench/inference.py [--images 2048] [--device cpu|cuda] [--no-ray]
 
@@ -26,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -149,6 +154,83 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int = 4096, repeats: int = 5
     return best
 
 
+def int8_matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+    """Best measured int8 operations/s (int8 x int8 -> int32) of an n x n multiply."""
+    a = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch._int_mm(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - started))
+    return best
+
+
+def start_up(model_dir: str, steps: int = 4, **settings) -> tuple[float, float]:
+    """Seconds for one model actor to be ready (load, build (int8: quantize), compile, first
+    batch), then the model alone in images/s over `steps` batches of 32."""
+    from insectlib.predict import Predictor
+
+    batch = np.random.default_rng(0).integers(0, 256, (32, 3, 224, 224), dtype=np.uint8)
+    started = time.perf_counter()
+    predictor = Predictor(model_dir, compile=True, **settings)
+    predictor.probabilities(batch)
+    ready = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        predictor.probabilities(batch)
+    return ready, 32 * steps / (time.perf_counter() - started)
+
+
+def agreement(model_dir: str, kept, paths: list[str]) -> dict:
+    """int8 against fp32 on `paths`: top-1 agreement and the largest probability difference."""
+    from insectlib.predict import Predictor
+
+    transform = eval_transform(224)
+    images = np.stack(
+        [transform(decode(open(p, "rb").read(), resize_size(224))).numpy() for p in paths]
+    )
+    fp32 = Predictor(model_dir, precision="fp32").probabilities(images)
+    int8 = Predictor(model_dir, precision="int8", int8_model=kept).probabilities(images)
+    return {
+        "images": len(paths),
+        "top1_agreement": float((fp32.argmax(1) == int8.argmax(1)).mean()),
+        "max_probability_difference": float(np.abs(fp32 - int8).max()),
+    }
+
+
+def int8_rows(folder: str, model_dir: str, tmp: str, device: str, no_ray: bool) -> dict:
+    """Calibration, (c'), start-up and agreement of int8."""
+    from insectlib import int8, sample
+    from insectlib.config import ClassifyConfig
+    from insectlib.model import read_meta
+
+    meta = read_meta(model_dir)
+    calibration = os.path.join(SHARED, "train") if os.path.isdir(SHARED) else folder
+    started = time.perf_counter()
+    kept = int8.calibrate(
+        model_dir, meta, calibration, 32, ClassifyConfig(input="", model="", output="").limits
+    )
+    result = {"calibration_seconds": time.perf_counter() - started, "record": asdict(kept.record)}
+    print(f"int8 calibration {result['calibration_seconds']:.0f} s: {kept.record}", flush=True)
+    if not no_ray:
+        result["c_insect_int8"] = insect_classify(
+            folder, model_dir, os.path.join(tmp, "c-int8"), device, "on", "int8"
+        )
+        print(f"(c') {result['c_insect_int8']:.1f} img/s", flush=True)
+    compiled_ready, result["model_only_compiled"] = start_up(model_dir)
+    int8_ready, result["model_only_int8"] = start_up(model_dir, precision="int8", int8_model=kept)
+    result["start_up_seconds"] = {"compile on (auto precision)": compiled_ready, "int8": int8_ready}
+    print(f"start-up {result['start_up_seconds']}", flush=True)
+    test = sorted(glob.glob(os.path.join(SHARED, "test", "*", "*.jpg")))
+    generated = sorted(sample.make_unlabelled(os.path.join(tmp, "generated"), count=180))
+    result["agreement"] = {"generated": agreement(model_dir, kept, generated)}
+    if test:
+        result["agreement"]["shared insect test photos"] = agreement(model_dir, kept, test)
+    print(f"agreement {result['agreement']}", flush=True)
+    return result
+
+
 def vgg16_flops() -> float:
     model = torchvision.models.vgg16(num_classes=len(CLASSES)).eval()
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -171,7 +253,9 @@ def decode_rates(paths) -> dict[str, float]:
     return rates
 
 
-def insect_classify(folder: str, model_dir: str, out: str, device: str, compile: str) -> float:
+def insect_classify(
+    folder: str, model_dir: str, out: str, device: str, compile: str, precision: str = "auto"
+) -> float:
     import ray
 
     from insectlib.classify import classify
@@ -182,7 +266,12 @@ def insect_classify(folder: str, model_dir: str, out: str, device: str, compile:
     started = time.perf_counter()
     summary = classify(
         ClassifyConfig(
-            input=folder, model=model_dir, output=out, gpu=device == "cuda", compile=compile
+            input=folder,
+            model=model_dir,
+            output=out,
+            gpu=device == "cuda",
+            compile=compile,
+            precision=precision,
         )
     )
     seconds = time.perf_counter() - started
@@ -228,7 +317,7 @@ def main() -> None:
         )
         print(f"(b) {rows['b_plain_best']:.1f} img/s", flush=True)
         if not args.no_ray:
-            for key, compile in (("c_insect", "auto"), ("c_insect_no_compile", "off")):
+            for key, compile in (("c_insect", "on"), ("c_insect_no_compile", "off")):
                 out = os.path.join(tmp, key)
                 rows[key] = insect_classify(folder, model_dir, out, device, compile)
                 print(f"{key} {rows[key]:.1f} img/s", flush=True)
@@ -237,6 +326,14 @@ def main() -> None:
         rows["d_limit"] = peak / flops
         rows["model_only_fp32"] = model_only(device, None)
         rows["model_only_best"] = model_only(device, low)
+        int8 = None
+        if device == "cpu":
+            int8 = int8_rows(folder, model_dir, tmp, device, args.no_ray)
+            for key in ("c_insect_int8", "model_only_compiled", "model_only_int8"):
+                if key in int8:
+                    rows[key] = int8[key]
+            int8_peak = int8_matmul_peak()
+            rows["d_int8_limit"] = int8_peak / flops
         decode = decode_rates(paths)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -250,15 +347,23 @@ def main() -> None:
                 "c/d": rows["c_insect"] / rows["d_limit"],
             }
         )
+    if "c_insect_int8" in rows:
+        ratios["c'/c"] = rows["c_insect_int8"] / rows["c_insect"]
+        ratios["c'/d'"] = rows["c_insect_int8"] / rows["d_int8_limit"]
     names = {
         "a_plain_fp32": "(a) plain PyTorch fp32, DataLoader",
         "b_plain_best": f"(b) plain PyTorch {low or torch.float32} + channels_last",
-        "c_insect": "(c) insect classify (--compile auto: on)",
+        "c_insect": "(c) insect classify (--compile on)",
+        "c_insect_int8": "(c') insect classify --precision int8",
         "c_insect_no_compile": "    insect classify --compile off",
         "d_limit": f"(d) limit: {flops / 1e9:.1f} GFLOP/img at {peak / 1e9:.0f} GFLOP/s",
         "model_only_fp32": "model only, fp32",
         "model_only_best": f"model only, {low or torch.float32}",
+        "model_only_compiled": "model only, compiled (auto precision)",
+        "model_only_int8": "model only, int8 compiled",
     }
+    if "d_int8_limit" in rows:
+        names["d_int8_limit"] = f"(d') int8 limit at {int8_peak / 1e9:.0f} GOP/s"
     print(f"\n{'end to end, VGG-16 224 px, 1024x768 JPEGs':<52} {'img/s':>8}")
     for key, value in rows.items():
         print(f"{names[key]:<52} {value:>8.1f}")
@@ -278,6 +383,8 @@ def main() -> None:
         "decode_images_per_second_per_core": decode,
         "gflop_per_image": flops / 1e9,
         "matmul_peak_gflops": peak / 1e9,
+        "int8_matmul_peak_gops": int8_peak / 1e9 if int8 else None,
+        "int8": int8,
         "ratios": ratios,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }

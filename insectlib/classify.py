@@ -19,18 +19,22 @@ from ray.data import ActorPoolStrategy
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
-from insectlib import inputs, outputs, storage
-from insectlib.config import ClassifyConfig, DecodeLimits
+from insectlib import inputs, int8, outputs, storage
+from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig, DecodeLimits
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import eval_transform, load_images, resize_size
 from insectlib.model import ModelMeta, check_model_id, check_weights, read_meta, versions
+from insectlib.precision import cpu_runs_int8_fast
 from insectlib.predict import Predictor, prediction_table
 from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_warnings
 
 # torch.compile costs each actor ~10 s (up to a minute on a cold cache) and saves ~25 ms
 # per VGG-16 image on a CPU core: worth it from about a thousand images per actor.
 COMPILE_MIN_IMAGES_PER_ACTOR = 1000
-LISTING_TASKS = 16  # listing parts read at once (I/O-bound tasks that ask for no CPU)
+# Listing parts read at once, at most: I/O-bound tasks that ask for no CPU, but each is a
+# Ray worker process to start (about 2 CPU-seconds here). 16 of them on 2 cores held the
+# first block of paths back 36 s, 4 for 8 s, 2 for 5 s: no more than half the CPUs.
+LISTING_TASKS = 16
 SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as small
 PATH_CHARS = 128  # a long path: blocks sized with it hold one batch of predictions
 
@@ -85,6 +89,8 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     outputs.check_location(cfg.output, {"the input": source, "the model": cfg.model})
     storage.check_bucket(cfg.output, cfg.s3)
     removal = plan_output(cfg)
+    int8_model = int8_for_run(cfg, meta)
+    model_id = int8_model.record.int8_model_id if int8_model else meta.model_id
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
     if paths is not None:
@@ -104,7 +110,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     if removal:
         check_model_id(cfg.model, meta, cfg.s3)  # the actors would refuse it, too late
         outputs.remove(cfg.output, removal, cfg.s3)
-    done = outputs.resume_state(cfg.output, meta.model_id, cfg.s3) if cfg.resume else None
+    done = outputs.resume_state(cfg.output, model_id, cfg.s3) if cfg.resume else None
 
     # On the driver's node: the run outlives any other node (a lost worker node must not
     # take the counts, and with them the listing tasks that report to it, along).
@@ -116,11 +122,12 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     if resuming:
         print(f"resuming: {done.rows} inputs already done; finding those without a row")
         listed = skip_done(listed, done, cfg)
-    print(f"classifying {source} with model {meta.model_id} ({len(parts)} listing parts)")
+    print(f"classifying {source} with model {model_id} ({len(parts)} listing parts)")
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     already = done.rows if done is not None else 0
     with progress_bar(counter, already), ray_task_errors():
-        prediction_dataset(listed, seen, cfg, meta.image_size, counter).write_parquet(
+        predictions = prediction_dataset(listed, seen, cfg, meta.image_size, counter, int8_model)
+        predictions.write_parquet(
             pa_path,
             filesystem=pa_fs,
             filename_provider=outputs.PartNames(),
@@ -151,7 +158,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         "inputs": total,
         "rows": rows,
         "errors": errors,
-        "model": meta.model_id,
+        "model": model_id,
         "input": source,
         "started": started_at,
         "finished": datetime.now(timezone.utc).isoformat(),
@@ -183,7 +190,7 @@ def read_inputs(
             inputs.InputSource(parts, batch_size, s3, counter),
             # Listing is I/O: it must not wait for the CPUs the model actors hold.
             num_cpus=0,
-            concurrency=min(len(parts), LISTING_TASKS),
+            concurrency=listing_tasks(len(parts)),
         )
 
 
@@ -205,6 +212,13 @@ def streaming_block_size(cfg: ClassifyConfig, meta: ModelMeta, seen: int) -> int
         ["/" * PATH_CHARS] * n, np.zeros((n, len(meta.classes)), np.float32), [None] * n, meta
     )
     return rows.nbytes
+
+
+def listing_tasks(parts: int) -> int:
+    """Listing tasks run at once: one per part, at most LISTING_TASKS and half the
+    cluster's CPUs (at least 2, so that a slow part does not hold the rest back)."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return max(1, min(parts, LISTING_TASKS, max(2, cpus // 2)))
 
 
 @contextlib.contextmanager
@@ -323,10 +337,16 @@ def progress_bar(counter, already: int = 0):
 
 
 def prediction_dataset(
-    listed: ray.data.Dataset, seen: int, cfg: ClassifyConfig, image_size: int, counter=None
+    listed: ray.data.Dataset,
+    seen: int,
+    cfg: ClassifyConfig,
+    image_size: int,
+    counter=None,
+    int8_model: int8.Int8Model | None = None,
 ) -> ray.data.Dataset:
     """Path blocks -> rows of PREDICTION_SCHEMA. `seen`: inputs counted before the run (at
-    most the compile threshold), which sizes small jobs."""
+    most the compile threshold), which sizes small jobs. `int8_model`: run int8 with it
+    (see `int8_for_run`)."""
     # No more actors than batches: one would idle, after loading the model for nothing.
     actors = min(max_actors(cfg), math.ceil(seen / cfg.batch_size))
     compile_model = cfg.compile == "on" or (
@@ -348,7 +368,8 @@ def prediction_dataset(
         fn_constructor_kwargs={
             "model_uri": cfg.model,
             "device": "cuda" if cfg.gpu else "cpu",
-            "precision": cfg.precision,
+            "precision": "int8" if int8_model else cfg.precision,
+            "int8_model": int8_model,
             "s3": cfg.s3,
             "threads": None if cfg.gpu else max(1, int(cfg.cpus_per_actor)),
             "compile": compile_model,
@@ -360,6 +381,39 @@ def prediction_dataset(
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )
+
+
+def int8_for_run(cfg: ClassifyConfig, meta: ModelMeta) -> int8.Int8Model | None:
+    """The int8 calibration the actors run with; None: they run cfg.precision.
+
+    int8: the calibration kept in the model directory, or a new one (stored there for the
+    next run). auto: int8 only on a CPU that runs it fast with a kept calibration whose
+    agreement with fp32 passed; otherwise the actors resolve auto themselves (bf16 or fp32
+    on CPU, as the hardware allows)."""
+    if cfg.gpu or cfg.precision not in ("int8", "auto"):
+        return None
+    kept = int8.load(cfg.model, meta, cfg.s3)
+    if cfg.precision == "auto":
+        if kept and kept.record.trusted and cpu_runs_int8_fast():
+            return kept
+        return None
+    if kept is None or (cfg.calibration and kept.record.calibration != cfg.calibration):
+        print("calibrating int8 (once per model and calibration set)", flush=True)
+        kept = int8.calibrate(cfg.model, meta, cfg.calibration, cfg.batch_size, cfg.limits, cfg.s3)
+    r = kept.record
+    print(
+        f"int8 model {r.int8_model_id}: top-1 agreement with fp32 {r.top1_agreement:.1%} on "
+        f"{r.agreement_images} held-out images of {r.calibration} (largest probability "
+        f"difference {r.max_probability_difference:.3f})",
+        flush=True,
+    )
+    if not r.trusted:
+        print(
+            f"warning: agreement below {INT8_AGREEMENT_MIN:.0%}: --precision auto will not "
+            "choose this int8 model",
+            file=sys.stderr,
+        )
+    return kept
 
 
 def max_actors(cfg: ClassifyConfig) -> int:

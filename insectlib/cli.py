@@ -44,6 +44,15 @@ RAY: Groups = {
     },
 }
 
+
+def without(groups: Groups, *names: str) -> Groups:
+    """`groups` less the fields `names` (a command that explains them its own way)."""
+    return {
+        title: {k: v for k, v in fields.items() if k not in names}
+        for title, fields in groups.items()
+    }
+
+
 S3: Groups = {
     "S3": {
         "endpoint_url": "S3-compatible endpoint URL (MinIO, Ceph, ...); default $AWS_ENDPOINT_URL",
@@ -171,10 +180,23 @@ CLASSIFY: Groups = (
                 "torch.compile the model in each actor (about 1.6x faster on CPU, after seconds to "
                 "a minute of compiling); auto: on from 1000 images per actor"
             ),
+            "precision": (
+                "compute precision; int8 (CPU): post-training quantization, calibrated once and "
+                "kept in the model directory; auto: int8 on an x86 CPU where the model "
+                "directory holds a calibration that agrees with fp32 on at least "
+                f"{config.INT8_AGREEMENT_MIN * 100:.0f}%% of its held-out images, else bf16 "
+                "where the hardware runs it fast, else fp32"
+            ),
+            "calibration": (
+                "int8: images like those to classify (a folder, glob or s3:// prefix; up to "
+                f"{config.CALIBRATION_IMAGES} are sampled, half to calibrate and half to measure "
+                "agreement with fp32); "
+                "default: the model's own validation images"
+            ),
         },
     }
     | LIMITS
-    | RAY
+    | without(RAY, "precision")
     | S3
 )
 

@@ -18,6 +18,13 @@ from insectlib.errors import InsectError
 from insectlib.storage import S3Options
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the hardware runs it fast
+# Classification on CPU may also run int8 (see `insectlib.int8`); auto picks it only where
+# the model directory holds a calibration that agrees with fp32.
+CLASSIFY_PRECISIONS = (*PRECISIONS, "int8")
+# A new int8 calibration reads up to this many images: half fit the quantization, half are
+# held out to measure agreement with fp32 (128 of them: steps of 0.8%).
+CALIBRATION_IMAGES = 256
+INT8_AGREEMENT_MIN = 0.99  # top-1 agreement with fp32 that lets --precision auto pick int8
 FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: everything trains
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
@@ -177,6 +184,8 @@ class ClassifyConfig(ActorSettings):
     """Every knob of `insect classify`."""
 
     input: str = ""  # a folder, prefix, file or glob; "" with a manifest
+    precision: str = setting("auto", choices=CLASSIFY_PRECISIONS)
+    calibration: str | None = None  # int8: images to calibrate with; None: the validation set
     manifest: str | None = None  # a list of the inputs instead of `input` (see inputs.py)
     model: str
     output: str
@@ -194,6 +203,10 @@ class ClassifyConfig(ActorSettings):
             raise InsectError("give either INPUT or --manifest (one of them)")
         if self.overwrite and self.resume:
             raise InsectError("--overwrite and --resume exclude each other")
+        if self.precision == "int8" and self.gpu:
+            raise InsectError("--precision int8 runs on CPUs: drop --gpu or choose bf16/fp16")
+        if self.calibration and self.precision != "int8":
+            raise InsectError("--calibration is for --precision int8")
 
 
 @dataclass(kw_only=True)

@@ -21,6 +21,11 @@ REPORT_FILE = "report.md"  # shows CURVES_FILE and CONFUSION_PNG
 META_FILE = "meta.json"
 MODEL_FILES = (METRICS_FILE, CURVES_FILE, CONFUSION_PNG, WEIGHTS_FILE, REPORT_FILE, META_FILE)
 COMPLETE_MARKER = MODEL_FILES[-1]
+# Derived later by `classify --precision int8` (see `int8`), in this order: the calibration
+# statistics, then the record naming their hash, the model id and the measured agreement.
+INT8_STATS = "int8.safetensors"
+INT8_RECORD = "int8.json"
+INT8_FILES = (INT8_STATS, INT8_RECORD)
 
 # An evaluation (`insect evaluate --output`): the classification output of the held-out
 # images in PREDICTIONS_DIR, then these files, which `--overwrite` may replace.

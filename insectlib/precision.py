@@ -5,18 +5,47 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 
 import torch
 
 
 @functools.cache
-def _cpu_has_fast_bf16() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def cpu_name() -> str:
+    """The CPU model name, for records and benchmark results."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+# The CPU features that decide what runs fast: float matmuls (AVX2, AVX-512), bf16 and int8.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni", "avx512_vnni", "amx_int8")
+
+
+def speed_flags() -> list[str]:
+    """Which of SPEED_FLAGS this CPU has."""
+    return [f for f in SPEED_FLAGS if f in _cpu_flags()]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def cpu_runs_int8_fast() -> bool:
+    """Whether int8 beats the best float precision here: x86 with AVX2 at least (oneDNN's
+    u8s8 kernels; VNNI and AMX run them faster still). Measured on an AMD EPYC Zen 3 (AVX2
+    only): VGG-16 8.8 images/s int8 against 3.8 fp32, both compiled."""
+    return "avx2" in _cpu_flags()
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -33,3 +62,14 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def compile_frozen(model: torch.nn.Module):
+    """`torch.compile` for inference with freezing: the weights are folded into the graph as
+    constants, which lets inductor pre-pack them for oneDNN (VGG-16 in bf16 runs about 1.6x
+    faster than eager) and lower int8 q/dq patterns to int8 kernels. Compilation happens on
+    the first call."""
+    from torch._inductor import config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model, dynamic=False)

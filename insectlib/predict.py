@@ -6,16 +6,17 @@ test or a GPU machine without Ray checks the model path directly.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from insectlib import storage
+from insectlib import int8, storage
 from insectlib.images import normalize
 from insectlib.model import ModelMeta, load_model
-from insectlib.precision import resolve_precision
+from insectlib.precision import compile_frozen, resolve_precision
 
 # The Parquet schema of `insect classify`: one row per input file.
 PREDICTION_SCHEMA = pa.schema(
@@ -44,25 +45,31 @@ class Predictor:
         compile: bool = False,
         batch_size: int = 32,
         counter=None,
+        int8_model: int8.Int8Model | None = None,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.dtype = resolve_precision(precision, self.device)
         self.batch_size = batch_size
         self.counter = counter  # a Ray actor with add(n), for progress; None without Ray
         model, self.meta = load_model(model_uri, s3)
-        # Weights stored in the compute dtype rather than autocast: no per-batch weight casts
-        # (about 10% faster on CPU) and half the memory per actor in bf16/fp16.
-        self.model = model.to(self.device, self.dtype, memory_format=torch.channels_last)
+        if precision == "int8":
+            # Rebuilt from the fp32 weights and the calibration statistics (see `int8`);
+            # only compiled does it run int8 kernels. Its rows carry the int8 model's id.
+            if int8_model is None or self.device.type != "cpu":
+                raise ValueError("--precision int8 needs calibration statistics and a CPU")
+            self.dtype = torch.float32
+            self.meta = dataclasses.replace(self.meta, model_id=int8_model.record.int8_model_id)
+            self.model = int8.quantize(model, int8_model.stats, self.meta.image_size, batch_size)
+            compile = True
+        else:
+            self.dtype = resolve_precision(precision, self.device)
+            # Weights stored in the compute dtype rather than autocast: no per-batch weight
+            # casts (about 10% faster on CPU) and half the memory per actor in bf16/fp16.
+            self.model = model.to(self.device, self.dtype, memory_format=torch.channels_last)
         self.compiled = None
         if compile:
-            from torch._inductor import config as inductor_config
-
-            # Freezing folds the weights into the graph as constants, which lets inductor
-            # pre-pack them for oneDNN: VGG-16 in bf16 runs about 1.6x faster than eager.
-            inductor_config.freezing = True
-            self.compiled = torch.compile(self.model, dynamic=False)
+            self.compiled = compile_frozen(self.model)
         self._compile_checked = False
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -321,7 +321,14 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
             "classes": labelled.classes,
             "train": labelled.train,
             "val": labelled.val,
-            "data": {"root": cfg.data, "split": labelled.split, "counts": labelled.counts()},
+            # root, val_fraction and seed find the validation images again (int8 calibration)
+            "data": {
+                "root": cfg.data,
+                "split": labelled.split,
+                "val_fraction": cfg.val_fraction,
+                "seed": cfg.seed,
+                "counts": labelled.counts(),
+            },
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,

@@ -12,6 +12,7 @@ import shutil
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.orc
 import pyarrow.parquet as pq
@@ -20,9 +21,11 @@ import ray
 import ray.data
 
 from insectlib import inputs, outputs, storage
-from insectlib.classify import Counter, classify, read_inputs
+from insectlib.classify import Counter, classify, read_inputs, streaming_block_size
 from insectlib.cli import main
 from insectlib.config import ClassifyConfig
+from insectlib.model import ModelMeta
+from insectlib.predict import prediction_table
 from tests.conftest import expect_cli_error
 
 S3 = storage.S3Options()
@@ -91,9 +94,37 @@ def test_parallel_listing_on_s3_exactly_once(s3_server):
     assert sorted(listed) == sorted(f"s3://insect-prefixed/{k}" for k in keys)
 
 
+def streaming_blocks(seen: int, classes: int = 3) -> int:
+    """The block size classify streams `seen` inputs with (two actors)."""
+    cfg = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
+    meta = ModelMeta(classes=[f"c{i}" for i in range(classes)], arch="vgg16", image_size=32)
+    meta.model_id = "0" * 16
+    return streaming_block_size(cfg, meta, seen)
+
+
+@pytest.mark.parametrize("classes", [3, 1000])
+def test_large_inputs_stream_blocks_of_one_batch_of_predictions(classes):
+    """Ray Data cuts every stage's output at one block size: a large input's must hold one
+    batch of predictions whole (8-row blocks cost 3x the time and 2.4x the driver memory),
+    and a listing block at least one batch of paths; a small input's blocks hold one batch
+    of paths, so that they spread over the actors."""
+    size = streaming_blocks(10_000, classes)
+    meta = ModelMeta(classes=[f"c{i}" for i in range(classes)], arch="vgg16", image_size=32)
+    meta.model_id = "0" * 16
+    long_path = "s3://a-bucket-with-a-long-name/" + "x" * 90 + ".jpg"  # 124 characters
+    n = 32
+    batch = prediction_table([long_path] * n, np.zeros((n, classes), np.float32), [None] * n, meta)
+    assert batch.nbytes <= size < 2 * batch.nbytes
+    assert inputs.path_table(["/a/0000001.jpg"] * n).nbytes < size
+    small = streaming_blocks(100)
+    assert small == 32 * inputs.BLOCK_BYTES_PER_PATH
+    assert inputs.path_table(["s3://b/x/0000001.jpg"] * n).nbytes >= small
+
+
 def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
     """A flat prefix of 6,000 keys is one part listed in six requests: its first block
-    reaches the consumer while its read task is still listing."""
+    reaches the consumer while its read task is still listing, with the block size of a
+    large input."""
     client = s3_server.client()
     client.create_bucket(Bucket="insect-flat")
     keys = [f"flat/{i:05d}.jpg" for i in range(6000)]
@@ -101,7 +132,7 @@ def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
         list(pool.map(lambda k: client.put_object(Bucket="insect-flat", Key=k, Body=b"x"), keys))
     parts = inputs.plan_listing("s3://insect-flat/flat", S3)
     counter = Counter.remote()
-    ds = read_inputs(parts, 32, S3, counter)
+    ds = read_inputs(parts, 32, S3, counter, streaming_blocks(6000))
     sizes, listing_done_at_first = [], None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if listing_done_at_first is None:
@@ -109,7 +140,7 @@ def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
         sizes.append(batch.num_rows)
     assert sum(sizes) == 6000 and ray.get(counter.inputs.remote(len(parts))) == 6000
     assert listing_done_at_first is False
-    assert max(sizes) <= 64  # blocks of about one batch: they spread over the model actors
+    assert max(sizes) <= 256  # blocks of a few batches: they spread over the model actors
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,187 @@
+"""int8 classification (`insectlib.int8`): calibration, what the model directory keeps, the
+agreement record, and the refusals. Ray-free but for the end-to-end runs at the bottom."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from insectlib import int8, layout, sample
+from insectlib.classify import classify
+from insectlib.config import ClassifyConfig, DecodeLimits
+from insectlib.errors import InsectError
+from insectlib.images import decode, eval_transform
+from insectlib.model import ModelMeta, build_model, load_model, save_model
+from insectlib.predict import Predictor
+
+LIMITS = DecodeLimits(2**26, 2**26)
+SIZE = 32
+
+
+def small_model_dir(root, arch="mobilenet_v3_small", data=None) -> tuple[str, ModelMeta]:
+    """A model directory of a small arch (VGG-16's int8 path, in seconds) whose meta.json
+    points at `data`'s validation split."""
+    torch.manual_seed(0)
+    model = build_model(arch, 3, "random")
+    meta = ModelMeta(classes=list(sample.CLASSES), arch=arch, image_size=SIZE)
+    if data:
+        meta.data = {"root": data, "split": "stratified", "val_fraction": 0.5, "seed": 0}
+    path = str(root / "model")
+    return path, save_model(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> str:
+    return sample.make_labelled(
+        str(tmp_path_factory.mktemp("int8-data")), per_class=12, size=(48, 36)
+    )
+
+
+def batch_of(paths: list[str]) -> np.ndarray:
+    transform = eval_transform(SIZE)
+    return np.stack([transform(decode(open(p, "rb").read())).numpy() for p in paths])
+
+
+def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled):
+    model_dir, meta = small_model_dir(tmp_path, data=labelled)
+    made = int8.calibrate(model_dir, meta, None, 8, LIMITS)
+    # Half of the 18 validation images fit the statistics, the other half measure agreement.
+    record = made.record
+    assert (record.calibration_images, record.agreement_images) == (9, 9)
+    assert record.model_id == meta.model_id and record.calibration.startswith("validation")
+    assert 0 <= record.top1_agreement <= 1 and record.max_probability_difference >= 0
+    assert sorted(os.listdir(model_dir)) == sorted(
+        ["model.safetensors", "meta.json", *layout.INT8_FILES]
+    )
+
+    kept = int8.load(model_dir, meta)
+    assert kept.record == record
+    assert set(kept.stats) == set(made.stats)
+    assert all(torch.equal(kept.stats[k], made.stats[k]) for k in made.stats)
+
+    # What an actor runs: rebuilt from the fp32 weights and the kept statistics; it agrees
+    # with fp32 on the images it was calibrated for, and its rows carry the int8 model id.
+    paths = sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(labelled) for f in fs if f.endswith(".jpg")
+    )
+    images = batch_of(paths)
+    fp32 = Predictor(model_dir, precision="fp32", batch_size=8).probabilities(images)
+    int8_run = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
+    got = int8_run.probabilities(images)
+    assert int8_run.meta.model_id == record.int8_model_id != meta.model_id
+    agreement = (got.argmax(1) == fp32.argmax(1)).mean()
+    assert agreement >= 0.9, agreement
+    assert np.abs(got - fp32).max() < 0.1
+    again = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
+    np.testing.assert_array_equal(again.probabilities(images), got)
+
+
+def test_kept_statistics_are_checked(tmp_path, labelled):
+    model_dir, meta = small_model_dir(tmp_path, data=labelled)
+    assert int8.load(model_dir, meta) is None
+    int8.calibrate(model_dir, meta, labelled, 8, LIMITS)
+    stats = os.path.join(model_dir, layout.INT8_STATS)
+    data = bytearray(open(stats, "rb").read())
+    data[-1] ^= 1
+    open(stats, "wb").write(bytes(data))
+    with pytest.raises(InsectError, match="does not match"):
+        int8.load(model_dir, meta)
+
+    # A record of other weights (the directory was retrained) is not used.
+    record_path = os.path.join(model_dir, layout.INT8_RECORD)
+    record = json.load(open(record_path))
+    record["model_id"] = "0" * 16
+    json.dump(record, open(record_path, "w"))
+    assert int8.load(model_dir, meta) is None
+
+    json.dump({"model_id": meta.model_id}, open(record_path, "w"))
+    with pytest.raises(InsectError, match="not a valid insect int8 record"):
+        int8.load(model_dir, meta)
+
+
+def test_statistics_of_another_model_are_refused(tmp_path, labelled):
+    small, small_meta = small_model_dir(tmp_path / "a", data=labelled)
+    other, _ = small_model_dir(tmp_path / "b", arch="shufflenet_v2_x0_5", data=labelled)
+    stats = int8.calibrate(small, small_meta, None, 8, LIMITS).stats
+    model, _ = load_model(other)
+    with pytest.raises(InsectError, match="do not fit this model"):
+        int8.quantize(model, stats, SIZE, 8)
+
+
+def test_refusals_are_one_line(tmp_path, labelled):
+    (tmp_path / "a").mkdir()
+    resnet, meta = small_model_dir(tmp_path / "a", arch="resnet18", data=labelled)
+    with pytest.raises(InsectError, match="does not support this model.*bf16 or fp32"):
+        int8.calibrate(resnet, meta, None, 8, LIMITS)
+    (tmp_path / "b").mkdir()
+    nowhere, meta = small_model_dir(tmp_path / "b")
+    with pytest.raises(InsectError, match="give --calibration"):
+        int8.calibrate(nowhere, meta, None, 8, LIMITS)
+    few = tmp_path / "few"
+    few.mkdir()
+    shutil.copy(next(p for p in sample_files(labelled)), few / "one.jpg")
+    with pytest.raises(InsectError, match="needs at least"):
+        int8.calibrate(nowhere, meta, str(few), 8, LIMITS)
+    with pytest.raises(InsectError, match="runs on CPUs"):
+        ClassifyConfig(input="x", model="m", output="o", precision="int8", gpu=True).validate()
+    with pytest.raises(InsectError, match="--calibration is for --precision int8"):
+        ClassifyConfig(input="x", model="m", output="o", calibration="c").validate()
+
+
+def sample_files(root: str):
+    for r, _, fs in os.walk(root):
+        for f in sorted(fs):
+            yield os.path.join(r, f)
+
+
+def test_classify_int8_end_to_end(trained, unlabelled, tmp_path, capsys):
+    """The session's VGG-16: calibrated on its own validation images in the driver, run
+    int8 by the actors, rows that agree with fp32; auto picks int8 only with a record that
+    passed; a resume refuses rows of another precision's model."""
+    cfg, meta = trained
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(cfg.output, model_dir)  # the session's model must stay without int8
+    folder = os.path.dirname(next(iter(unlabelled)))
+
+    def run(name: str, **settings):
+        out = str(tmp_path / name)
+        # One actor: each int8 actor quantizes and compiles VGG-16 (tens of seconds here).
+        classify(
+            ClassifyConfig(input=folder, model=model_dir, output=out, max_actors=1, **settings)
+        )
+        return {r["path"]: r for r in pq.read_table(out).to_pylist()}
+
+    fp32 = run("fp32", precision="fp32")
+    rows = run("int8", precision="int8")
+    said = capsys.readouterr().out
+    assert "calibrating int8" in said and "top-1 agreement with fp32" in said
+    record = int8.load(model_dir, meta).record
+    assert set(rows) == set(fp32) == set(unlabelled)
+    assert {r["model"] for r in rows.values()} == {record.int8_model_id}
+    agree = np.mean([rows[p]["label"] == fp32[p]["label"] for p in rows])
+    assert agree >= 0.9, agree
+    diff = max(
+        np.abs(np.subtract(rows[p]["probabilities"], fp32[p]["probabilities"])).max() for p in rows
+    )
+    assert diff < 0.1, diff
+
+    # auto: int8 with the kept calibration (no second one) only while its record passed.
+    record_path = os.path.join(model_dir, layout.INT8_RECORD)
+    kept = json.load(open(record_path))
+    for agreement, expected in ((1.0, record.int8_model_id), (0.5, meta.model_id)):
+        json.dump({**kept, "top1_agreement": agreement}, open(record_path, "w"))
+        auto = run(f"auto-{agreement}")
+        assert {r["model"] for r in auto.values()} == {expected}
+    assert "calibrating int8" not in capsys.readouterr().out
+
+    with pytest.raises(InsectError, match="model"):
+        classify(
+            ClassifyConfig(
+                input=folder, model=model_dir, output=str(tmp_path / "fp32"), precision="int8",
+                resume=True,
+            )
+        )  # fmt: skip
