@@ -32,7 +32,7 @@ from insectlib.config import CALIBRATION_IMAGES, INT8_AGREEMENT_MIN, DecodeLimit
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import eval_transform, is_image_name, load_images, normalize, resize_size
 from insectlib.model import ModelMeta, load_model, versions
-from insectlib.precision import compile_frozen, cpu_name, speed_flags
+from insectlib.precision import cpu_name, speed_flags
 
 MIN_CALIBRATION_IMAGES = 8
 
@@ -231,10 +231,7 @@ def calibrate(
         for batch in fit.split(batch_size):
             prepared(normalize(batch))
     stats = activation_stats(prepared)
-    del prepared
-    reference = probabilities(model, held_out, batch_size)
-    int8_model = compile_frozen(quantize(model, stats, meta.image_size, batch_size))
-    agreeing = probabilities(int8_model, held_out, batch_size)
+    del prepared, model
     data = _tensor_bytes(stats)
     record = Int8Record(
         model_id=meta.model_id,
@@ -242,30 +239,32 @@ def calibrate(
         calibration=source,
         calibration_images=len(fit),
         agreement_images=len(held_out),
-        top1_agreement=float((reference.argmax(1) == agreeing.argmax(1)).mean()),
-        max_probability_difference=float(np.abs(reference - agreeing).max()),
+        top1_agreement=0.0,
+        max_probability_difference=0.0,
         cpu=f"{cpu_name()} ({' '.join(speed_flags())})",
         versions=versions(),
     )
+    # Measured through `Predictor`, exactly what each model actor runs (a function-level
+    # import: `predict` builds on this module).
+    from insectlib.predict import Predictor
+
+    reference = Predictor(model_uri, precision="fp32", s3=s3, batch_size=batch_size)
+    quantized = Predictor(
+        model_uri,
+        precision="int8",
+        s3=s3,
+        batch_size=batch_size,
+        int8_model=Int8Model(stats, record),
+    )
+    fp32, int8 = (p.probabilities(held_out.numpy()) for p in (reference, quantized))
+    record.top1_agreement = float((fp32.argmax(1) == int8.argmax(1)).mean())
+    record.max_probability_difference = float(np.abs(fp32 - int8).max())
     try:  # the statistics first: a record names only statistics that exist
         layout.write_file(model_uri, layout.INT8_STATS, data, s3)
         layout.write_file(model_uri, layout.INT8_RECORD, json.dumps(asdict(record), indent=2), s3)
     except (OSError, InsectError) as e:
         print(f"could not store the int8 statistics in {model_uri}: {e}", file=sys.stderr)
     return Int8Model(stats, record)
-
-
-def probabilities(model, images: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Softmax outputs of `model` for uint8 `images`, padded to whole batches (one shape for
-    a compiled graph)."""
-    out = []
-    with torch.no_grad():
-        for batch in images.split(batch_size):
-            n = len(batch)
-            if n < batch_size:
-                batch = torch.cat([batch, batch.new_zeros((batch_size - n, *batch.shape[1:]))])
-            out.append(torch.softmax(model(normalize(batch))[:n].float(), dim=1))
-    return torch.cat(out).numpy()
 
 
 def _decode(uris: list[str], image_size: int, limits: DecodeLimits, s3) -> torch.Tensor:
