@@ -191,6 +191,10 @@ def read_inputs(
             # Listing is I/O: it must not wait for the CPUs the model actors hold.
             num_cpus=0,
             concurrency=listing_tasks(len(parts)),
+            # One output stream per part. Without it Ray Data asks for at least 200 blocks
+            # and cuts each part's blocks into 200 / parts pieces (SplitBlocks): a single
+            # part's 32-path blocks became 200 blocks each, and a 10-part input's 20.
+            override_num_blocks=len(parts),
         )
 
 
@@ -200,8 +204,8 @@ def streaming_block_size(cfg: ClassifyConfig, meta: ModelMeta, seen: int) -> int
     Ray Data joins what a listing task yields into blocks of up to target_max_block_size
     (128 MiB by default), so the task's paths would come out only when it ends, in blocks
     too large to spread over the actors. The same size cuts every later stage's output, and
-    each block costs the driver memory and time: 50,000 rows in 8-row blocks took 135 s and
-    +72 MB of driver RSS, in 32-row blocks 43 s and +30 MB (bench note in the README). So a
+    each block costs the driver memory and time (bench/blocks.py: 30,000 rows in 8-row
+    blocks took 83.6 s and +46 MB of driver RSS, in 32-row blocks 28.6 s and +20 MB). So a
     large input gets blocks of one batch of predictions (listing blocks then hold 2-4
     batches of paths, filled in milliseconds); a small one (under SMALL_INPUT_BATCHES
     batches an actor) gets blocks of one batch of paths, which spread over every actor."""

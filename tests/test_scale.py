@@ -105,7 +105,7 @@ def streaming_blocks(seen: int, classes: int = 3) -> int:
 @pytest.mark.parametrize("classes", [3, 1000])
 def test_large_inputs_stream_blocks_of_one_batch_of_predictions(classes):
     """Ray Data cuts every stage's output at one block size: a large input's must hold one
-    batch of predictions whole (8-row blocks cost 3x the time and 2.4x the driver memory),
+    batch of predictions whole (8-row blocks: 2.9x the time, 2.3x the driver memory),
     and a listing block at least one batch of paths; a small input's blocks hold one batch
     of paths, so that they spread over the actors."""
     size = streaming_blocks(10_000, classes)
