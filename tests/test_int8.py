@@ -101,6 +101,15 @@ def test_kept_statistics_are_checked(tmp_path, labelled):
     json.dump({"model_id": meta.model_id}, open(record_path, "w"))
     with pytest.raises(InsectError, match="not a valid insect int8 record"):
         int8.load(model_dir, meta)
+    json.dump({**record, "top1_agreement": "1.0"}, open(record_path, "w"))
+    with pytest.raises(InsectError, match="not a valid insect int8 record"):
+        int8.load(model_dir, meta)
+
+    # A record whose statistics are gone (a calibration killed between its two writes, a
+    # half-cleaned directory) is no calibration: the next int8 run calibrates again.
+    json.dump({**record, "model_id": meta.model_id}, open(record_path, "w"))
+    os.remove(stats)
+    assert int8.load(model_dir, meta) is None
 
 
 def test_statistics_of_another_model_are_refused(tmp_path, labelled):
