@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -23,10 +23,18 @@ from insectlib import inputs, int8, outputs, storage
 from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig, DecodeLimits
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import eval_transform, load_images, resize_size
-from insectlib.model import ModelMeta, check_model_id, check_weights, read_meta, versions
+from insectlib.model import (
+    ModelMeta,
+    check_model_id,
+    check_weights,
+    embedding_size,
+    read_meta,
+    versions,
+)
 from insectlib.precision import cpu_runs_int8_fast
-from insectlib.predict import Predictor, prediction_table
+from insectlib.predict import Predictor, RowFormat, prediction_table
 from insectlib.runtime import init_ray, insect_error_in, live_nodes, local_path_warnings
+from insectlib.summary import summarize, write_summary
 
 # torch.compile costs each actor ~10 s (up to a minute on a cold cache) and saves ~25 ms
 # per VGG-16 image on a CPU core: worth it from about a thousand images per actor.
@@ -85,6 +93,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     cfg.validate()
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
+    row_format = row_format_for(cfg, meta)
     source = cfg.manifest or cfg.input
     outputs.check_location(cfg.output, {"the input": source, "the model": cfg.model})
     storage.check_bucket(cfg.output, cfg.s3)
@@ -110,14 +119,18 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     if removal:
         check_model_id(cfg.model, meta, cfg.s3)  # the actors would refuse it, too late
         outputs.remove(cfg.output, removal, cfg.s3)
-    done = outputs.resume_state(cfg.output, model_id, cfg.s3) if cfg.resume else None
+    done = None
+    if cfg.resume:
+        done = outputs.resume_state(
+            cfg.output, model_id, cfg.s3, asdict(row_format), asdict(RowFormat())
+        )
 
     # On the driver's node: the run outlives any other node (a lost worker node must not
     # take the counts, and with them the listing tasks that report to it, along).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     counter = Counter.options(scheduling_strategy=here).remote()
     resuming = done is not None and done.rows > 0
-    block_size = None if resuming else streaming_block_size(cfg, meta, seen)
+    block_size = None if resuming else streaming_block_size(cfg, meta, seen, row_format)
     listed = read_inputs(parts, cfg.batch_size, cfg.s3, counter, block_size)
     if resuming:
         print(f"resuming: {done.rows} inputs already done; finding those without a row")
@@ -126,13 +139,18 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     already = done.rows if done is not None else 0
     with progress_bar(counter, already), ray_task_errors():
-        predictions = prediction_dataset(listed, seen, cfg, meta.image_size, counter, int8_model)
+        predictions = prediction_dataset(
+            listed, seen, cfg, meta.image_size, row_format, counter, int8_model
+        )
         predictions.write_parquet(
             pa_path,
             filesystem=pa_fs,
             filename_provider=outputs.PartNames(),
-            # One file per write task, of --rows-per-file rows up to one batch more (blocks
-            # are batches; only the run's last file may hold fewer), whatever the cluster
+            # Every part gets this schema, with the row format in its metadata, whatever
+            # its blocks held (Ray Data would otherwise unify the blocks' own schemas).
+            schema=row_format.schema(),
+            # One file per write task, of --rows-per-file rows up to one block more (a block
+            # is a batch or a few; only the run's last file may hold fewer), whatever the cluster
             # size: bytes per file follow from it. A maximum as well cut each task's rows
             # into full files plus a remainder: at 1M inputs 44% of the files held 2-6 rows.
             min_rows_per_file=cfg.rows_per_file,
@@ -145,7 +163,8 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     if total is None:
         raise InsectError(f"the listing of {source} did not finish; run again with --resume")
 
-    rows, errors = outputs.count_rows(cfg.output, cfg.s3)
+    report = summarize(cfg.output, cfg.s3, meta.classes)
+    rows, errors = report["rows"], report["errors"]
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output)
     if rows != total:
         raise InsectError(
@@ -170,6 +189,17 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         json.dumps(manifest, indent=2).encode(),
         cfg.s3,
     )
+    classified = total - already
+    report.update(
+        inputs=total,
+        model=model_id,
+        input=source,
+        row_format=asdict(row_format),
+        seconds=seconds,
+        images_per_second=classified / seconds if seconds else None,
+        already_done=already,  # rows of the runs this one resumed
+    )
+    write_summary(cfg.output, report, cfg.s3)
     if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * total:
         raise InsectError(
             f"{errors} of {total} images ({errors / total:.1%}) could not be classified, more "
@@ -198,7 +228,9 @@ def read_inputs(
         )
 
 
-def streaming_block_size(cfg: ClassifyConfig, meta: ModelMeta, seen: int) -> int:
+def streaming_block_size(
+    cfg: ClassifyConfig, meta: ModelMeta, seen: int, row_format: RowFormat | None = None
+) -> int:
     """The block size in bytes that streams a listing into the model actors.
 
     Ray Data joins what a listing task yields into blocks of up to target_max_block_size
@@ -211,11 +243,30 @@ def streaming_block_size(cfg: ClassifyConfig, meta: ModelMeta, seen: int) -> int
     batches an actor) gets blocks of one batch of paths, which spread over every actor."""
     if seen < SMALL_INPUT_BATCHES * cfg.batch_size * max_actors(cfg):
         return cfg.batch_size * inputs.BLOCK_BYTES_PER_PATH
-    n = cfg.batch_size
+    n, row_format = cfg.batch_size, row_format or RowFormat()
     rows = prediction_table(
-        ["/" * PATH_CHARS] * n, np.zeros((n, len(meta.classes)), np.float32), [None] * n, meta
+        ["/" * PATH_CHARS] * n,
+        np.zeros((n, len(meta.classes)), np.float32),
+        [None] * n,
+        meta,
+        row_format,
+        np.zeros((n, row_format.embedding_size or 0), np.float32),
     )
     return rows.nbytes
+
+
+def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
+    """What each row of this run holds (see `predict.RowFormat`)."""
+    if cfg.top_k is not None and cfg.top_k > len(meta.classes):
+        raise InsectError(
+            f"--top-k {cfg.top_k} is more than the {len(meta.classes)} classes of {cfg.model}"
+        )
+    return RowFormat(
+        temperature=meta.temperature if cfg.calibration else None,
+        top_k=cfg.top_k,
+        min_score=cfg.min_score,
+        embedding_size=embedding_size(meta) if cfg.embeddings else None,
+    )
 
 
 def listing_tasks(parts: int) -> int:
@@ -345,12 +396,13 @@ def prediction_dataset(
     seen: int,
     cfg: ClassifyConfig,
     image_size: int,
+    row_format: RowFormat,
     counter=None,
     int8_model: int8.Int8Model | None = None,
 ) -> ray.data.Dataset:
-    """Path blocks -> rows of PREDICTION_SCHEMA. `seen`: inputs counted before the run (at
-    most the compile threshold), which sizes small jobs. `int8_model`: run int8 with it
-    (see `int8_for_run`)."""
+    """Path blocks -> rows of `row_format`. `seen`: inputs counted before the run (at most
+    the compile threshold), which sizes small jobs. `int8_model`: run int8 with it (see
+    `int8_for_run`)."""
     # No more actors than batches: one would idle, after loading the model for nothing.
     actors = min(max_actors(cfg), math.ceil(seen / cfg.batch_size))
     compile_model = cfg.compile == "on" or (
@@ -379,6 +431,7 @@ def prediction_dataset(
             "compile": compile_model,
             "batch_size": cfg.batch_size,
             "counter": counter,
+            "row_format": row_format,
         },
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(min_size=min_actors, max_size=actors),
@@ -401,9 +454,10 @@ def int8_for_run(cfg: ClassifyConfig, meta: ModelMeta) -> int8.Int8Model | None:
         if kept and kept.record.trusted and cpu_runs_int8_fast():
             return kept
         return None
-    if kept is None or (cfg.calibration and kept.record.calibration != cfg.calibration):
+    images = cfg.int8_calibration
+    if kept is None or (images and kept.record.calibration != images):
         print("calibrating int8 (once per model and calibration set)", flush=True)
-        kept = int8.calibrate(cfg.model, meta, cfg.calibration, cfg.batch_size, cfg.limits, cfg.s3)
+        kept = int8.calibrate(cfg.model, meta, images, cfg.batch_size, cfg.limits, cfg.s3)
     r = kept.record
     print(
         f"int8 model {r.int8_model_id}: top-1 agreement with fp32 {r.top1_agreement:.1%} on "

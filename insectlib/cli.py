@@ -26,7 +26,7 @@ def _int_list(text: str) -> list[int]:
 
 
 # Positional arguments; every other field is a --flag.
-POSITIONAL = ("data", "input", "image")
+POSITIONAL = ("data", "input", "image", "predictions")
 # The flags of a command: {group title: {field: help}}, in the order --help shows them.
 Groups = dict[str, dict[str, str]]
 # add_argument keywords beyond what the field gives.
@@ -170,6 +170,21 @@ CLASSIFY: Groups = (
                 "inputs cannot be classified"
             ),
         },
+        "what each row holds": {
+            "calibration": (
+                "probabilities from the raw softmax, not divided by the temperature that "
+                "training fitted on the validation split (meta.json 'temperature')"
+            ),
+            "top_k": "add top_labels and top_scores: the K most probable classes, best first",
+            "embeddings": (
+                "add 'embedding': the classifier head's input (4096 float16 values for VGG-16), "
+                "for near-duplicate search and clustering"
+            ),
+            "min_score": (
+                "rows whose top probability is below this are not decided: decided=false, "
+                "label and label_index null, probabilities kept"
+            ),
+        },
         "model actors": {
             **ACTORS["model actors"],
             "min_actors": (
@@ -187,7 +202,7 @@ CLASSIFY: Groups = (
                 f"{config.INT8_AGREEMENT_MIN * 100:.0f}%% of its held-out images, else bf16 "
                 "where the hardware runs it fast, else fp32"
             ),
-            "calibration": (
+            "int8_calibration": (
                 "int8: images like those to classify (a folder, glob or s3:// prefix; up to "
                 f"{config.CALIBRATION_IMAGES} are sampled, half to calibrate and half to measure "
                 "agreement with fp32); "
@@ -222,6 +237,10 @@ VISUALIZE: Groups = {
         "output": "directory or s3:// prefix",
         "max_maps": "channels drawn per layer",
     },
+} | S3
+
+SUMMARY: Groups = {
+    "output": {"predictions": "the --output of insect classify (a directory or s3:// prefix)"},
 } | S3
 
 DEMO: Groups = {
@@ -266,6 +285,14 @@ COMMANDS = {
         "order (containers such as Sequential do not count): for VGG-16, 0-30 are the indices "
         "of model.features (conv, ReLU, max-pool), 31 the average pool, 32-38 the classifier. "
         "Asking for a layer that does not exist lists them all.",
+    ),
+    "summary": (
+        config.SummaryConfig,
+        SUMMARY,
+        "what a classification output holds: rows per class, scores, errors, speed",
+        "Print the summary of a classification output: its _summary.json, or for an output "
+        "without one (written by an older insect, or interrupted) a summary computed from "
+        "its Parquet files.",
     ),
     "demo": (
         config.DemoConfig,
@@ -374,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
 
             for uri in visualize(cfg):
                 print(uri)
+        elif args.command == "summary":
+            from insectlib.summary import show
+
+            print(show(cfg))
         elif args.command == "demo":
             from insectlib.demo import run_demo
 

@@ -25,6 +25,9 @@ CLASSIFY_PRECISIONS = (*PRECISIONS, "int8")
 # held out to measure agreement with fp32 (128 of them: steps of 0.8%).
 CALIBRATION_IMAGES = 256
 INT8_AGREEMENT_MIN = 0.99  # top-1 agreement with fp32 that lets --precision auto pick int8
+# Temperatures training may fit (`confidence.fit_temperature`) and meta.json may hold: far
+# wider than real models need (0.5-5), and narrow enough that logits / T stay finite.
+TEMPERATURE_RANGE = (0.05, 20.0)
 FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: everything trains
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
@@ -185,7 +188,8 @@ class ClassifyConfig(ActorSettings):
 
     input: str = ""  # a folder, prefix, file or glob; "" with a manifest
     precision: str = setting("auto", choices=CLASSIFY_PRECISIONS)
-    calibration: str | None = None  # int8: images to calibrate with; None: the validation set
+    # int8: images to fit the quantization on; None: the model's validation images
+    int8_calibration: str | None = None
     manifest: str | None = None  # a list of the inputs instead of `input` (see inputs.py)
     model: str
     output: str
@@ -194,6 +198,11 @@ class ClassifyConfig(ActorSettings):
     rows_per_file: int = setting(1000, at_least=1)  # at least, per file (the last may hold fewer)
     resume: bool = False  # classify only the inputs that have no row in the output yet
     max_error_fraction: float | None = setting(None, at_least=0, at_most=1)
+    # What each row holds (see `predict.RowFormat`).
+    calibration: bool = True  # divide the logits by the model's fitted temperature
+    top_k: int | None = setting(None, at_least=1)  # add the K best labels and scores
+    embeddings: bool = False  # add the head's input
+    min_score: float | None = setting(None, at_least=0, at_most=1)  # below: not decided
 
     def validate(self) -> None:
         check_settings(self)
@@ -205,8 +214,8 @@ class ClassifyConfig(ActorSettings):
             raise InsectError("--overwrite and --resume exclude each other")
         if self.precision == "int8" and self.gpu:
             raise InsectError("--precision int8 runs on CPUs: drop --gpu or choose bf16/fp16")
-        if self.calibration and self.precision != "int8":
-            raise InsectError("--calibration is for --precision int8")
+        if self.int8_calibration and self.precision != "int8":
+            raise InsectError("--int8-calibration is for --precision int8")
 
 
 @dataclass(kw_only=True)
@@ -230,6 +239,17 @@ class VisualizeConfig:
     layers: list[int]
     output: str = "feature-maps"
     max_maps: int = setting(64, at_least=1)  # channels drawn per layer
+    s3: S3Options = field(default_factory=S3Options)
+
+    def validate(self) -> None:
+        check_settings(self)
+
+
+@dataclass(kw_only=True)
+class SummaryConfig:
+    """Every knob of `insect summary`."""
+
+    predictions: str  # a classification output
     s3: S3Options = field(default_factory=S3Options)
 
     def validate(self) -> None:

@@ -12,20 +12,34 @@ import pyarrow.parquet as pq
 
 from insectlib import outputs, storage
 from insectlib.classify import classify
+from insectlib.confidence import (
+    calibration_change,
+    coverage_accuracy,
+    top_k_accuracy,
+    uncalibrated,
+)
 from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
 from insectlib.errors import InsectError
 from insectlib.labels import discover
 from insectlib.layout import (
     CONFUSION_JSON,
     CONFUSION_PNG,
+    COVERAGE_PNG,
     EVALUATION_FILES,
     METRICS_FILE,
     MISCLASSIFIED_FILE,
     PREDICTIONS_DIR,
+    RELIABILITY_PNG,
     write_file,
 )
 from insectlib.model import check_weights, read_meta
-from insectlib.report import classification_metrics, confusion_png, format_number
+from insectlib.report import (
+    classification_metrics,
+    confusion_png,
+    coverage_png,
+    format_number,
+    reliability_png,
+)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -71,12 +85,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     table = table.append_column("true_label", pa.array(np.array(meta.classes)[true_index]))
     table = table.append_column("true_label_index", true_index)
     ok = table.filter(pc.field("error").is_null())
-    metrics = classification_metrics(
-        ok.column("true_label_index").to_numpy(), ok.column("label_index").to_numpy(), meta.classes
-    )
+    y_true = ok.column("true_label_index").to_numpy()
+    metrics = classification_metrics(y_true, ok.column("label_index").to_numpy(), meta.classes)
     metrics.update(
         {"model": meta.model_id, "data": cfg.data, "unreadable": table.num_rows - ok.num_rows}
     )
+    probs = ok.column("probabilities").combine_chunks().flatten().to_numpy()
+    probs = probs.reshape(len(y_true), len(meta.classes))
+    metrics.update(confidence_metrics(probs, y_true, meta.temperature))
     wrong = ok.filter(pc.field("label_index") != pc.field("true_label_index"))
     wrong = wrong.select(["path", "true_label", "label", "score", "probabilities", "model"])
 
@@ -84,9 +100,26 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     confusion = {"classes": meta.classes, "matrix": metrics["confusion_matrix"]}
     write_file(cfg.output, CONFUSION_JSON, json.dumps(confusion, indent=2), cfg.s3)
     write_file(cfg.output, CONFUSION_PNG, confusion_png(metrics), cfg.s3)
+    if len(y_true):
+        picture = reliability_png(metrics["calibration"], cfg.data)
+        write_file(cfg.output, RELIABILITY_PNG, picture, cfg.s3)
+        correct = probs.argmax(1) == y_true
+        picture = coverage_png(probs.max(1), correct, metrics["coverage"])
+        write_file(cfg.output, COVERAGE_PNG, picture, cfg.s3)
     out_fs, out_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     pq.write_table(wrong, f"{out_path.rstrip('/')}/{MISCLASSIFIED_FILE}", filesystem=out_fs)
     return metrics
+
+
+def confidence_metrics(probs: np.ndarray, y_true: np.ndarray, temperature: float | None) -> dict:
+    """Top-k accuracy, calibration (ECE and NLL of the classified probabilities and of the
+    raw softmax behind them) and coverage/accuracy by score threshold."""
+    raw = uncalibrated(probs, temperature) if temperature else probs
+    return {
+        "top_k_accuracy": top_k_accuracy(probs, y_true),
+        "calibration": calibration_change(raw, probs, y_true, temperature),
+        "coverage": coverage_accuracy(probs.max(1), probs.argmax(1) == y_true),
+    }
 
 
 def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
@@ -108,6 +141,26 @@ def print_metrics(metrics: dict, output: str) -> None:
         f"accuracy {accuracy} on {metrics['images']} images"
         + (f" ({metrics['unreadable']} unreadable)" if metrics["unreadable"] else "")
     )
+    if metrics.get("top_k_accuracy"):
+        print(", ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items()))
+        c = metrics["calibration"]
+        if c["temperature"]:
+            print(
+                f"ECE {c['ece_after']:.4f} (raw softmax {c['ece_before']:.4f}, temperature "
+                f"{c['temperature']:.3f}); NLL {c['nll_after']:.4f} (raw {c['nll_before']:.4f})"
+            )
+        else:
+            print(
+                f"ECE {c['ece_after']:.4f}, NLL {c['nll_after']:.4f} (raw softmax: the model "
+                "has no temperature)"
+            )
+        print(
+            "--min-score  coverage  accuracy: "
+            + ", ".join(
+                f"{r['min_score']:g} {r['coverage']:.3f} {format_number(r['accuracy'], '.3f')}"
+                for r in metrics["coverage"]
+            )
+        )
     print(f"{'class':<20} {'precision':>9} {'recall':>7} {'F1':>6} {'images':>7}")
     for name, m in metrics["per_class"].items():
         print(

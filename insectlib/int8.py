@@ -31,7 +31,7 @@ from insectlib import labels, layout, storage
 from insectlib.config import CALIBRATION_IMAGES, INT8_AGREEMENT_MIN, DecodeLimits
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import eval_transform, is_image_name, load_images, normalize, resize_size
-from insectlib.model import ModelMeta, load_model, versions
+from insectlib.model import ModelMeta, WithEmbedding, load_model, versions
 from insectlib.precision import cpu_name, speed_flags
 
 MIN_CALIBRATION_IMAGES = 8
@@ -190,14 +190,14 @@ def calibration_images(
         if not data.get("root") or "val_fraction" not in data:
             raise InsectError(
                 "this model directory does not say where its validation images are: give "
-                "--calibration with a few hundred images like those to classify"
+                "--int8-calibration with a few hundred images like those to classify"
             )
         source = f"validation images of {data['root']}"
         try:
             found = labels.discover(data["root"], data["val_fraction"], data.get("seed", 0), s3)
         except InsectError as e:
             raise InsectError(
-                f"the model's {source} cannot be read ({e}): give --calibration"
+                f"the model's {source} cannot be read ({e}): give --int8-calibration"
             ) from None
         uris = [u for u, _ in found.val]
     uris = sorted(uris)
@@ -225,8 +225,8 @@ def calibrate(
         )
     fit, held_out = images[: (len(images) + 1) // 2], images[(len(images) + 1) // 2 :]
     model, _ = load_model(model_uri, s3)
-    model.eval()
-    prepared = _prepare(model, meta.image_size, batch_size)
+    # The form `Predictor` quantizes: (logits, embedding), so that the observers match.
+    prepared = _prepare(WithEmbedding(model).eval(), meta.image_size, batch_size)
     with torch.no_grad():
         for batch in fit.split(batch_size):
             prepared(normalize(batch))

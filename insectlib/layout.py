@@ -16,10 +16,19 @@ from insectlib import storage
 METRICS_FILE = "metrics.json"  # epochs and validation metrics
 CURVES_FILE = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"  # only when there was a validation split
+RELIABILITY_PNG = "reliability.png"  # calibration before and after temperature scaling
 WEIGHTS_FILE = "model.safetensors"  # its SHA-256 is the model id
 REPORT_FILE = "report.md"  # shows CURVES_FILE and CONFUSION_PNG
 META_FILE = "meta.json"
-MODEL_FILES = (METRICS_FILE, CURVES_FILE, CONFUSION_PNG, WEIGHTS_FILE, REPORT_FILE, META_FILE)
+MODEL_FILES = (
+    METRICS_FILE,
+    CURVES_FILE,
+    CONFUSION_PNG,
+    RELIABILITY_PNG,
+    WEIGHTS_FILE,
+    REPORT_FILE,
+    META_FILE,
+)
 COMPLETE_MARKER = MODEL_FILES[-1]
 # Derived later by `classify --precision int8` (see `int8`), in this order: the calibration
 # statistics, then the record naming their hash, the model id and the measured agreement.
@@ -32,7 +41,19 @@ INT8_FILES = (INT8_STATS, INT8_RECORD)
 PREDICTIONS_DIR = "predictions"
 CONFUSION_JSON = "confusion_matrix.json"
 MISCLASSIFIED_FILE = "misclassified.parquet"
-EVALUATION_FILES = (METRICS_FILE, CONFUSION_JSON, CONFUSION_PNG, MISCLASSIFIED_FILE)
+COVERAGE_PNG = "coverage_accuracy.png"  # accuracy of the images kept at each --min-score
+EVALUATION_FILES = (
+    METRICS_FILE,
+    CONFUSION_JSON,
+    CONFUSION_PNG,
+    RELIABILITY_PNG,
+    COVERAGE_PNG,
+    MISCLASSIFIED_FILE,
+)
+
+# The Parquet schema metadata key of a classification output's parts: the run's
+# `predict.RowFormat` as JSON (temperature and optional columns), which --resume compares.
+ROW_FORMAT_KEY = "insect.rows"
 
 # A training run in Ray Train's run storage (`--storage`/`--name`).
 RUN_RECORD = "insect-run.json"  # beside the checkpoints: what `--resume` must find unchanged

@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from insectlib import __version__, storage
-from insectlib.config import FREEZE_POLICIES, IMAGE_SIZES
+from insectlib.config import FREEZE_POLICIES, IMAGE_SIZES, TEMPERATURE_RANGE
 from insectlib.errors import InsectError
 from insectlib.images import IMAGENET_MEAN, IMAGENET_STD
 from insectlib.layout import META_FILE, WEIGHTS_FILE, write_file
@@ -43,6 +43,9 @@ class ModelMeta:
     epochs: list[dict] = field(default_factory=list)  # metrics reported each epoch
     data: dict = field(default_factory=dict)  # split and counts per class
     versions: dict = field(default_factory=dict)
+    # Temperature scaling fitted on the validation split (see `confidence`): classify
+    # divides the logits by it. None: not calibrated (no validation split, an older model).
+    temperature: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -82,6 +85,11 @@ class ModelMeta:
                 problems.append(f"'{name}' must be {rule}")
         if not isinstance(self.model_id, str) or not isinstance(self.head, str):
             problems.append("'model_id' and 'head' must be strings")
+        t, (low, high) = self.temperature, TEMPERATURE_RANGE
+        if t is not None and not (
+            isinstance(t, (int, float)) and not isinstance(t, bool) and low <= t <= high
+        ):
+            problems.append(f"'temperature' must be between {low} and {high} or null, got {t!r}")
         if problems:
             raise InsectError(f"{where} is not a valid insect meta.json: {'; '.join(problems)}")
 
@@ -122,10 +130,33 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
     """Swap the final Linear layer for a fresh `num_classes` one; returns its module name."""
     name = head_name(model)
     old = model.get_submodule(name)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    model.set_submodule(name, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
     return name
+
+
+class WithEmbedding(nn.Module):
+    """A classifier that returns (logits, embedding): the embedding is what its head (the
+    final Linear layer) reads, 4,096 values for VGG-16. The head is moved out and run on
+    the rest's output, which is exact for torchvision's classifiers: their head is the last
+    thing they compute (tests/test_classify.py checks VGG, ResNet and MobileNet)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        name = head_name(model)
+        self.head = model.get_submodule(name)
+        model.set_submodule(name, nn.Identity())
+        self.trunk = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.trunk(x)
+        return self.head(embedding), embedding
+
+
+def embedding_size(meta: ModelMeta) -> int:
+    """Values in the embedding of a `meta` model (its head's input features)."""
+    with torch.device("meta"):  # shapes only
+        model = torchvision.models.get_model(meta.arch, weights=None)
+    return model.get_submodule(head_name(model)).in_features
 
 
 def apply_freeze(model: nn.Module, policy: str) -> None:

@@ -1,13 +1,15 @@
 """What insect writes into an output location, and the only code that removes anything.
 
 A classification output holds Parquet parts named by `PartNames` and, once every input
-has its row, `_SUCCESS`. `--overwrite` removes exactly those (recognised by name and by
-their Parquet schema) and nothing else; `--resume` trusts only those. Any other file is
-named in a refusal, never deleted, and no output may contain the input or the model.
+has its row, `_SUCCESS` and the run's summary (`RUN_FILES`). `--overwrite` removes exactly
+those (recognised by name, and the parts by their Parquet schema) and nothing else;
+`--resume` trusts only those. Any other file is named in a refusal, never deleted, and no
+output may contain the input or the model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -22,8 +24,15 @@ from ray.data.datasource import FilenameProvider
 
 from insectlib import storage
 from insectlib.errors import InsectError
+from insectlib.layout import ROW_FORMAT_KEY
 
 SUCCESS_FILE = "_SUCCESS"  # JSON manifest; pyarrow, pandas and DuckDB globs skip it
+# The run's summary (see `summary`). Named with a leading "_" like _SUCCESS: pyarrow's,
+# Spark's and Hadoop's dataset readers skip such files, so reading the output folder as a
+# dataset still finds only the parts.
+SUMMARY_JSON = "_summary.json"
+SUMMARY_PNG = "_summary.png"
+RUN_FILES = (SUCCESS_FILE, SUMMARY_JSON, SUMMARY_PNG)  # written once every input has its row
 # Ray Data adds "-<i>.parquet" to the name `PartNames` gives each write task.
 PART_NAME = re.compile(r"part-[0-9a-f]{32}-\d{6}-\d+\.parquet")
 # Parts written before insect named them: Ray Data's default names.
@@ -97,7 +106,7 @@ def part_entries(entries: Iterable[dict]) -> list[dict]:
 
 
 def refuse_foreign(
-    output: str, entries: list[dict], why: str, own_files=(SUCCESS_FILE,), own_dirs=()
+    output: str, entries: list[dict], why: str, own_files=RUN_FILES, own_dirs=()
 ) -> None:
     """Refuse, naming them, when `entries` hold anything but insect's parts, `own_files`
     and `own_dirs`."""
@@ -141,7 +150,7 @@ def _part_footer(fs, name: str) -> pq.FileMetaData | None:
         ) from None
 
 
-def _check_parts(fs, parts: list[dict]) -> dict[str, pq.FileMetaData | None]:
+def check_parts(fs, parts: list[dict]) -> dict[str, pq.FileMetaData | None]:
     """Each part's footer (None: half-written); refuses a part whose columns are not
     insect's (a foreign file that happens to have such a name). One footer read per part,
     16 at a time: the only cost of a resume that grows with the output (one part per
@@ -172,7 +181,7 @@ def entries_to_replace(
     return entries
 
 
-def overwrite_plan(output: str, s3: storage.S3Options, own_files=(SUCCESS_FILE,)) -> list[str]:
+def overwrite_plan(output: str, s3: storage.S3Options, own_files=RUN_FILES) -> list[str]:
     """What `--overwrite` will remove from `output`: insect's parts and `own_files`, checked
     by name and schema. Refuses, removing nothing, when anything else is there. Call
     `remove` with the plan once the new run is known to be able to start."""
@@ -180,7 +189,7 @@ def overwrite_plan(output: str, s3: storage.S3Options, own_files=(SUCCESS_FILE,)
     why = "--overwrite removes only what insect wrote: move them or choose another --output"
     refuse_foreign(output, entries, why, own_files)
     fs, _ = storage.filesystem(output, s3)
-    _check_parts(fs, part_entries(entries))
+    check_parts(fs, part_entries(entries))
     return [e["name"] for e in entries]
 
 
@@ -213,18 +222,35 @@ def _models(fs, name: str, footer: pq.FileMetaData) -> set[str]:
     return found
 
 
-def resume_state(output: str, model_id: str, s3: storage.S3Options) -> Done:
-    """The parts an interrupted run of `model_id` finished in `output`.
+def row_format_of(footer: pq.FileMetaData, legacy: dict) -> dict:
+    """The row format (`predict.RowFormat` as a dict) a part was written with; `legacy`
+    for a part written before insect stored it (raw softmax, no optional columns)."""
+    raw = (footer.metadata or {}).get(ROW_FORMAT_KEY.encode())
+    if raw is None:
+        return legacy
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = None
+    return found if isinstance(found, dict) else {"row format": raw.decode(errors="replace")}
 
-    Everything is checked before anything is removed: a file insect did not write, or rows
-    of another model, refuse the resume; only then are half-written parts (no Parquet
-    footer) and `_SUCCESS` removed. A part that cannot be read is retried, then stops the
-    run without removing anything. Only footers are read here, never the paths."""
+
+def resume_state(
+    output: str, model_id: str, s3: storage.S3Options, row_format: dict, legacy: dict
+) -> Done:
+    """The parts an interrupted run of `model_id` finished in `output`, whose rows were
+    made with `row_format` (`legacy`: the format of parts that do not say).
+
+    Everything is checked before anything is removed: a file insect did not write, rows
+    of another model or made another way refuse the resume; only then are half-written
+    parts (no Parquet footer), `_SUCCESS` and the summary removed. A part that cannot be
+    read is retried, then stops the run without removing anything. Only footers are read
+    here, never the paths."""
     entries = list_entries(output, s3)
     why = "--resume continues only insect's own output: move them or choose another --output"
     refuse_foreign(output, entries, why)
     fs, _ = storage.filesystem(output, s3)
-    footers = _check_parts(fs, part_entries(entries))
+    footers = check_parts(fs, part_entries(entries))
     complete = {name: f for name, f in footers.items() if f is not None}
     for name, footer in complete.items():
         others = {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
@@ -234,23 +260,23 @@ def resume_state(output: str, model_id: str, s3: storage.S3Options) -> Done:
                 f"{output} holds predictions of model {others.pop()}, not of "
                 f"{model_id}; resume with the same --model or write elsewhere"
             )
+        found = row_format_of(footer, legacy)
+        differ = sorted(k for k in {*found, *row_format} if found.get(k) != row_format.get(k))
+        if differ:
+            shown = ", ".join(
+                f"{k} {json.dumps(found.get(k))} then, {json.dumps(row_format.get(k))} now"
+                for k in differ
+            )
+            raise InsectError(
+                f"{output} holds rows made another way ({shown}); resume with the flags it "
+                "began with (--top-k, --embeddings, --min-score, --no-calibration) and the "
+                "same model, or write elsewhere"
+            )
     with storage.user_errors(output):
         for name in sorted(set(footers) - set(complete)):
             print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
             fs.rm_file(name)
         for entry in entries:
-            if _base(entry) == SUCCESS_FILE:
+            if _base(entry) in RUN_FILES:
                 fs.rm_file(entry["name"])
     return Done(sorted(complete), sum(f.num_rows for f in complete.values()))
-
-
-def count_rows(output: str, s3: storage.S3Options) -> tuple[int, int]:
-    """(rows, rows with an error) over insect's parts in `output`."""
-    fs, _ = storage.filesystem(output, s3)
-    names = [e["name"] for e in part_entries(list_entries(output, s3))]
-    if not names:
-        return 0, 0
-    pa_fs, _ = storage.pyarrow_filesystem(output, s3)
-    written = pyarrow.dataset.dataset(names, filesystem=pa_fs, format="parquet")
-    errors = written.count_rows(filter=pyarrow.dataset.field("error").is_valid())
-    return written.count_rows(), errors

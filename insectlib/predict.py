@@ -7,7 +7,9 @@ test or a GPU machine without Ray checks the model path directly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -15,10 +17,12 @@ import torch
 
 from insectlib import int8, storage
 from insectlib.images import normalize
-from insectlib.model import ModelMeta, load_model
+from insectlib.layout import ROW_FORMAT_KEY
+from insectlib.model import ModelMeta, WithEmbedding, load_model
 from insectlib.precision import compile_frozen, resolve_precision
 
-# The Parquet schema of `insect classify`: one row per input file.
+# The Parquet schema of `insect classify`: one row per input file. `RowFormat` adds the
+# optional columns.
 PREDICTION_SCHEMA = pa.schema(
     [
         pa.field("path", pa.string(), nullable=False),
@@ -30,10 +34,47 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),  # model id
     ]
 )
+# With --min-score: false where the top probability is below it (label and label_index are
+# then null, the probabilities kept), null on error rows. A column of its own: no class
+# name can collide with it.
+DECIDED = pa.field("decided", pa.bool_())
+TOP_LABELS = pa.field("top_labels", pa.list_(pa.string()))  # --top-k: best first
+TOP_SCORES = pa.field("top_scores", pa.list_(pa.float32()))
+# --embeddings: the head's input. float16: half the bytes of float32, and its 3 significant
+# digits keep cosine similarities to about 1e-3.
+EMBEDDING = pa.field("embedding", pa.list_(pa.float16()))
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """How a run makes its rows: the temperature dividing the logits, and the optional
+    columns. It is stored in every Parquet part (schema metadata ROW_FORMAT_KEY), so that
+    `--resume` continues only an output whose rows were made the same way."""
+
+    temperature: float | None = None  # None: the raw softmax
+    top_k: int | None = None
+    min_score: float | None = None
+    embedding_size: int | None = None  # None: no embedding column
+
+    def schema(self) -> pa.Schema:
+        """PREDICTION_SCHEMA, the columns this format adds, and the format as metadata."""
+        extra = [
+            field
+            for field, wanted in (
+                (DECIDED, self.min_score is not None),
+                (TOP_LABELS, self.top_k),
+                (TOP_SCORES, self.top_k),
+                (EMBEDDING, self.embedding_size),
+            )
+            if wanted
+        ]
+        metadata = {ROW_FORMAT_KEY: json.dumps(asdict(self), sort_keys=True)}
+        return pa.schema([*PREDICTION_SCHEMA, *extra], metadata=metadata)
 
 
 class Predictor:
-    """Class probabilities for uint8 NCHW image batches from a model directory."""
+    """Class probabilities (and embeddings) for uint8 NCHW image batches from a model
+    directory; `__call__` turns a Ray Data batch into rows of `row_format`."""
 
     def __init__(
         self,
@@ -46,13 +87,16 @@ class Predictor:
         batch_size: int = 32,
         counter=None,
         int8_model: int8.Int8Model | None = None,
+        row_format: RowFormat | None = None,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.counter = counter  # a Ray actor with add(n), for progress; None without Ray
+        self.row_format = row_format or RowFormat()
         model, self.meta = load_model(model_uri, s3)
+        model = WithEmbedding(model)  # (logits, embedding): the embedding costs nothing
         if precision == "int8":
             # Rebuilt from the fp32 weights and the calibration statistics (see `int8`);
             # only compiled does it run int8 kernels. Its rows carry the int8 model's id.
@@ -72,7 +116,7 @@ class Predictor:
             self.compiled = compile_frozen(self.model)
         self._compile_checked = False
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compiled is None:
             return self.model(x)
         if self._compile_checked:
@@ -91,55 +135,97 @@ class Predictor:
         return self.meta.classes
 
     @torch.inference_mode()
-    def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
-        """(N, C) float32 class probabilities for a uint8 (N, 3, H, W) batch."""
+    def predict(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, embeddings) for a uint8 (N, 3, H, W) batch: (N, C) float32
+        softmax of the logits divided by the row format's temperature, and (N, E) float32
+        inputs of the head."""
         x = torch.as_tensor(images)
         if self.device.type == "cuda":
             x = x.pin_memory()  # page-locked: the copy runs asynchronously
         x = x.to(self.device, non_blocking=True)
         x = normalize(x).to(self.dtype).contiguous(memory_format=torch.channels_last)
-        chunks = []
+        logits, embeddings = [], []
         for chunk in x.split(self.batch_size):
             n = len(chunk)
             if self.compiled is not None and n < self.batch_size:
                 # One shape for the compiled graph: a short last batch would recompile.
                 pad = chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))
                 chunk = torch.cat([chunk, pad]).contiguous(memory_format=torch.channels_last)
-            chunks.append(self._forward(chunk)[:n].float())
-        return torch.softmax(torch.cat(chunks), dim=1).cpu().numpy()
+            out, embedding = self._forward(chunk)
+            logits.append(out[:n].float())
+            embeddings.append(embedding[:n].float())
+        scaled = torch.cat(logits) / (self.row_format.temperature or 1.0)
+        return torch.softmax(scaled, dim=1).cpu().numpy(), torch.cat(embeddings).cpu().numpy()
+
+    def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """(N, C) float32 class probabilities for a uint8 (N, 3, H, W) batch."""
+        return self.predict(images)[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Ray Data batch {path, image, error} -> rows of PREDICTION_SCHEMA.
+        """Ray Data batch {path, image, error} -> rows of `row_format`.
 
         An empty or null `error` means the image decoded; other rows skip the model."""
         errors = [e or None for e in batch["error"]]
         ok = np.array([e is None for e in errors], dtype=bool)
         probs = np.zeros((len(errors), len(self.classes)), dtype=np.float32)
+        embeddings = None
+        if self.row_format.embedding_size:
+            embeddings = np.zeros((len(errors), self.row_format.embedding_size), np.float32)
         if ok.any():
-            probs[ok] = self.probabilities(np.stack(batch["image"][ok]))
+            found, found_embeddings = self.predict(np.stack(batch["image"][ok]))
+            probs[ok] = found
+            if embeddings is not None:
+                embeddings[ok] = found_embeddings
         if self.counter is not None:
             self.counter.add.remote(len(errors))
-        return prediction_table(batch["path"], probs, errors, self.meta)
+        return prediction_table(
+            batch["path"], probs, errors, self.meta, self.row_format, embeddings
+        )
 
 
-def prediction_table(paths, probs: np.ndarray, errors: list, meta: ModelMeta) -> pa.Table:
-    """Rows of PREDICTION_SCHEMA; a row with an error has nulls where predictions go."""
-    ok = np.array([e is None for e in errors], dtype=bool)
+def _lists(values: np.ndarray, value_type: pa.DataType, mask: np.ndarray) -> pa.ListArray:
+    """A (N, K) array as N lists of K values; null where `mask`."""
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    flat = pa.array(values.reshape(-1), type=value_type)
+    return pa.ListArray.from_arrays(offsets, flat, mask=pa.array(mask))
+
+
+def prediction_table(
+    paths,
+    probs: np.ndarray,
+    errors: list,
+    meta: ModelMeta,
+    row_format: RowFormat | None = None,
+    embeddings: np.ndarray | None = None,
+) -> pa.Table:
+    """Rows of `row_format.schema()`; a row with an error has nulls where predictions go,
+    and one below --min-score has no label (see DECIDED)."""
+    row_format = row_format or RowFormat()
+    failed = np.array([e is not None for e in errors], dtype=bool)
     index = probs.argmax(axis=1).astype(np.int32)
     score = probs[np.arange(len(index)), index].astype(np.float32)
+    undecided = np.zeros(len(index), dtype=bool)
+    if row_format.min_score is not None:
+        undecided = ~failed & (score < row_format.min_score)
     classes = np.array(meta.classes, dtype=object)
-    flat = pa.array(probs.reshape(-1), type=pa.float32())
-    offsets = pa.array(np.arange(0, probs.size + 1, probs.shape[1], dtype=np.int32))
-    mask = pa.array(~ok)
-    return pa.Table.from_arrays(
-        [
-            pa.array(list(paths), type=pa.string()),
-            pa.array(classes[index], type=pa.string(), mask=~ok),
-            pa.array(index, type=pa.int32(), mask=~ok),
-            pa.array(score, type=pa.float32(), mask=~ok),
-            pa.ListArray.from_arrays(offsets, flat, mask=mask),
-            pa.array(errors, type=pa.string()),
-            pa.array([meta.model_id] * len(index), type=pa.string()),
-        ],
-        schema=PREDICTION_SCHEMA,
-    )
+    columns = {
+        "path": pa.array(list(paths), type=pa.string()),
+        "label": pa.array(classes[index], type=pa.string(), mask=failed | undecided),
+        "label_index": pa.array(index, type=pa.int32(), mask=failed | undecided),
+        "score": pa.array(score, type=pa.float32(), mask=failed),
+        "probabilities": _lists(probs.astype(np.float32), pa.float32(), failed),
+        "error": pa.array(errors, type=pa.string()),
+        "model": pa.array([meta.model_id] * len(index), type=pa.string()),
+        "decided": pa.array(~undecided, type=pa.bool_(), mask=failed),
+    }
+    if row_format.top_k:
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : row_format.top_k]
+        columns["top_labels"] = _lists(classes[top], pa.string(), failed)
+        columns["top_scores"] = _lists(
+            np.take_along_axis(probs, top, axis=1).astype(np.float32), pa.float32(), failed
+        )
+    if row_format.embedding_size:
+        columns["embedding"] = _lists(embeddings.astype(np.float16), pa.float16(), failed)
+    schema = row_format.schema()
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)

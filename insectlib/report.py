@@ -17,7 +17,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from insectlib.layout import CONFUSION_PNG, CURVES_FILE
+from insectlib.layout import CONFUSION_PNG, CURVES_FILE, RELIABILITY_PNG
 
 
 def format_number(x: float | None, spec: str) -> str:
@@ -86,6 +86,97 @@ def curves_png(epochs: list[dict]) -> bytes:
     return _png(fig)
 
 
+def reliability_png(calibration: dict, title: str) -> bytes:
+    """Reliability diagram of a `confidence.calibration_report`: accuracy against mean
+    confidence per bin, before and after temperature scaling (the diagonal is perfect
+    calibration), with the share of images in each bin below."""
+    fig = Figure(figsize=(6, 6.5))
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    width = 1 / calibration["reliability_before"]["bins"]
+    curves = (("before", "o-", "raw softmax"), ("after", "s-", "calibrated"))
+    for key, style, name in curves[: 2 if calibration["temperature"] else 1]:
+        r = calibration[f"reliability_{key}"]
+        filled = [i for i, n in enumerate(r["counts"]) if n]
+        label = f"{name} (T={calibration['temperature']:.2f})" if key == "after" else name
+        top.plot(
+            [r["confidence"][i] for i in filled],
+            [r["accuracy"][i] for i in filled],
+            style,
+            label=f"{label}, ECE {calibration[f'ece_{key}']:.3f}",
+        )
+        centres = (np.arange(r["bins"]) + 0.5) * width
+        shift = -width / 4 if key == "before" else width / 4
+        bottom.bar(centres + shift, np.array(r["counts"]) / r["images"], width / 2, label=name)
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_xlabel("confidence (top probability)")
+    bottom.set_ylabel("share of images")
+    top.set_title(f"reliability, {title} ({calibration['images']} images)")
+    return _png(fig)
+
+
+def coverage_png(scores: np.ndarray, correct: np.ndarray, marked: list[dict]) -> bytes:
+    """Accuracy of the images kept against the share kept (coverage), as the score
+    threshold rises; the `confidence.coverage_accuracy` thresholds marked on the curve."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    kept = np.arange(1, len(order) + 1)
+    accuracy = np.cumsum(np.asarray(correct, float)[order]) / kept
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    ax.plot(kept / len(order), accuracy, "-")
+    for row in marked:
+        if row["images"]:
+            ax.plot(row["coverage"], row["accuracy"], "o", color="black")
+            ax.annotate(
+                f"{row['min_score']:g}",
+                (row["coverage"], row["accuracy"]),
+                fontsize=8,
+                xytext=(4, -10),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("coverage (share of images decided)")
+    ax.set_ylabel("accuracy of those decided")
+    ax.set_xlim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("coverage and accuracy by --min-score")
+    return _png(fig)
+
+
+def summary_png(summary: dict, shown: int = 30) -> bytes:
+    """A classification run's summary (`summary.summarize`): count per predicted class (the
+    `shown` largest), the distribution of scores and the errors by kind."""
+    fig = Figure(figsize=(15, 4.5))
+    classes_ax, scores_ax, errors_ax = fig.subplots(1, 3)
+    classes = sorted(summary["classes"].items(), key=lambda kv: -kv[1])[:shown]
+    if summary.get("undecided"):
+        classes.append(("(not decided)", summary["undecided"]))
+    _bars(classes_ax, classes, "images per predicted class")
+    edges, counts = summary["scores"]["edges"], summary["scores"]["counts"]
+    scores_ax.stairs(counts, edges, fill=True)
+    scores_ax.set_xlabel("score (top probability)")
+    scores_ax.set_ylabel("images")
+    scores_ax.set_title("scores")
+    _bars(errors_ax, sorted(summary["error_kinds"].items(), key=lambda kv: -kv[1]), "errors")
+    rate = summary.get("images_per_second")
+    fig.suptitle(
+        f"{summary['rows']} rows, {summary['errors']} errors"
+        + (f", {summary['seconds']:.1f} s, {rate:.1f} images/s" if rate else "")
+    )
+    return _png(fig)
+
+
+def _bars(ax, items: list[tuple[str, int]], title: str) -> None:
+    names = [name for name, _ in items]
+    ax.barh(range(len(items)), [n for _, n in items])
+    ax.set_yticks(range(len(items)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_title(title if items else f"{title}: none")
+
+
 def feature_maps_png(activation: np.ndarray, title: str, max_maps: int = 64) -> bytes:
     """The first `max_maps` channels of a (C, H, W) activation as a grid of images, each
     scaled to its own range (viridis: dark low, yellow high)."""
@@ -103,8 +194,11 @@ def feature_maps_png(activation: np.ndarray, title: str, max_maps: int = 64) -> 
     return _png(fig)
 
 
-def report_markdown(meta, config: dict, metrics: dict | None) -> str:
-    """report.md of a model directory: configuration, data, epochs, curves, confusion matrix."""
+def report_markdown(
+    meta, config: dict, metrics: dict | None, calibration: dict | None = None
+) -> str:
+    """report.md of a model directory: configuration, data, epochs, curves, confusion
+    matrix, calibration."""
     lines = [
         f"# Training report: model {meta.model_id}",
         "",
@@ -160,6 +254,34 @@ def report_markdown(meta, config: dict, metrics: dict | None) -> str:
             ],
             "",
             f"![confusion matrix]({CONFUSION_PNG})",
+            "",
+        ]
+    c = calibration
+    if c and not c["temperature"]:
+        lines += [
+            "## Calibration",
+            "",
+            f"No temperature: {c.get('note', '')}. ECE ({c['reliability_before']['bins']} "
+            f"bins) {c['ece_before']:.4f}, NLL {c['nll_before']:.4f} on the {c['images']} "
+            "validation images.",
+            "",
+            f"![reliability diagram]({RELIABILITY_PNG})",
+            "",
+        ]
+    elif c:
+        lines += [
+            "## Calibration",
+            "",
+            f"Temperature {c['temperature']:.4f}, fitted on the {c['images']} validation images "
+            "(classify divides the logits by it; `--no-calibration` gives the raw softmax).",
+            "",
+            "| | raw softmax | calibrated |",
+            "|---|---|---|",
+            f"| ECE ({c['reliability_before']['bins']} bins) | {c['ece_before']:.4f} | "
+            f"{c['ece_after']:.4f} |",
+            f"| NLL | {c['nll_before']:.4f} | {c['nll_after']:.4f} |",
+            "",
+            f"![reliability diagram]({RELIABILITY_PNG})",
             "",
         ]
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from insectlib import outputs, storage
+from insectlib.confidence import calibration_report
 from insectlib.config import TrainConfig
 from insectlib.errors import InsectError
 from insectlib.labels import LabelledSet, discover
@@ -29,6 +30,7 @@ from insectlib.layout import (
     META_FILE,
     METRICS_FILE,
     PROBLEM_FILE,
+    RELIABILITY_PNG,
     REPORT_FILE,
     RUN_RECORD,
     STATE_FILE,
@@ -47,6 +49,7 @@ from insectlib.report import (
     confusion_png,
     curves_png,
     format_number,
+    reliability_png,
     report_markdown,
 )
 from insectlib.runtime import (
@@ -104,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
     if state:
         say(f"worker {worker.rank}: resuming after epoch {state['epoch']}")
         worker.restore(state)
-    predictions: list = []  # the last epoch's validation (labels, predictions)
+    predictions: list = []  # the last epoch's validation (labels, logits)
     for epoch in range(worker.start_epoch, cfg.epochs):
         predictions = []
         metrics = worker.run_epoch(epoch, predictions if epoch == cfg.epochs - 1 else None)
@@ -125,12 +128,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     pairs = _gather(predictions, worker.world)
     if worker.rank == 0:
-        validation = None
+        validation = calibration = None
+        meta = worker.model_meta(config["data"])
         if pairs:
             y_true = torch.cat([t for t, _ in pairs]).numpy()
-            y_pred = torch.cat([p for _, p in pairs]).numpy()
-            validation = classification_metrics(y_true, y_pred, worker.classes)
-        write_model_dir(cfg, worker.model, worker.model_meta(config["data"]), validation)
+            logits = torch.cat([z for _, z in pairs]).numpy()
+            validation = classification_metrics(y_true, logits.argmax(1), worker.classes)
+            calibration = calibration_report(logits, y_true)
+            meta.temperature = calibration["temperature"]
+            say(_calibration_line(calibration))
+        write_model_dir(cfg, worker.model, meta, validation, calibration)
 
 
 def checkpoint_state(checkpoint: Checkpoint | None) -> dict | None:
@@ -173,21 +180,40 @@ def _gather(items: list, world: int) -> list:
 
 
 def write_model_dir(
-    cfg: TrainConfig, model: nn.Module, meta: ModelMeta, validation: dict | None
+    cfg: TrainConfig,
+    model: nn.Module,
+    meta: ModelMeta,
+    validation: dict | None,
+    calibration: dict | None = None,
 ) -> None:
     """Write the model directory `cfg.output` in the order `layout.MODEL_FILES` states:
-    meta.json (the completeness marker) is removed first and written last."""
+    meta.json (the completeness marker) is removed first and written last. `calibration`:
+    the temperature fitted on the validation split (`confidence.calibration_report`)."""
     remove_meta(cfg.output, cfg.s3)
-    metrics = {"epochs": meta.epochs, "validation": validation}
+    metrics = {"epochs": meta.epochs, "validation": validation, "calibration": calibration}
     write_file(cfg.output, METRICS_FILE, json.dumps(metrics, indent=2), cfg.s3)
     write_file(cfg.output, CURVES_FILE, curves_png(meta.epochs), cfg.s3)
     if validation:
         picture = confusion_png(validation, "validation, last epoch")
         write_file(cfg.output, CONFUSION_PNG, picture, cfg.s3)
+    if calibration:
+        picture = reliability_png(calibration, "validation, last epoch")
+        write_file(cfg.output, RELIABILITY_PNG, picture, cfg.s3)
     write_weights(cfg.output, model, meta, cfg.s3)  # sets the model id report.md names
     config = {k: v for k, v in asdict(cfg).items() if k not in ("s3", "address")}
-    write_file(cfg.output, REPORT_FILE, report_markdown(meta, config, validation), cfg.s3)
+    report = report_markdown(meta, config, validation, calibration)
+    write_file(cfg.output, REPORT_FILE, report, cfg.s3)
     write_meta(cfg.output, meta, cfg.s3)
+
+
+def _calibration_line(c: dict) -> str:
+    if not c["temperature"]:
+        return f"no temperature fitted: {c['note']}"
+    return (
+        f"temperature {c['temperature']:.3f} fitted on {c['images']} validation images: "
+        f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, "
+        f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}"
+    )
 
 
 def _epoch_line(m: dict, epochs: int) -> str:

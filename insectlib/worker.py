@@ -275,7 +275,7 @@ class TrainingWorker:
 
     def evaluate(self, batches: Iterable, predictions: list | None = None) -> torch.Tensor:
         """Sums of (loss, correct, seen, skipped) over this worker's validation shard;
-        appends (labels, predicted labels) to `predictions` when given."""
+        appends (labels, float32 logits) to `predictions` when given."""
         # Validation shards differ in length between workers: no DDP wrapper, no collectives.
         forward = self.head_module if self.cached else self.model
         sums = torch.zeros(4, dtype=torch.float64)
@@ -284,12 +284,12 @@ class TrainingWorker:
                 logits = forward(x)
                 sums += _batch_sums(self.loss_fn(logits.float(), labels), logits, labels, skipped)
                 if predictions is not None:
-                    predictions.append((labels.cpu(), logits.argmax(1).cpu()))
+                    predictions.append((labels.cpu(), logits.float().cpu()))
         return sums
 
     def run_epoch(self, epoch: int, predictions: list | None = None) -> dict:
         """Train and validate epoch `epoch` (from 0); its metrics over all workers.
-        Appends this worker's validation (labels, predictions) to `predictions` if given."""
+        Appends this worker's validation (labels, logits) to `predictions` if given."""
         started = time.perf_counter()
         train_batches, val_batches = self.epoch_batches(epoch)
         set_train_mode(self.model, self.cfg.freeze)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import ray
 
 from insectlib import sample, storage
 from insectlib.config import TrainConfig
+from insectlib.model import write_meta
 from insectlib.train import fit
 from tests.s3server import MotoServer
 
@@ -120,6 +123,18 @@ def trained(ray_local, labelled_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("trained")
     cfg = small_train_config(labelled_root, work, lr=0.003, workers=2, name="session")
     return cfg, fit(cfg)
+
+
+@pytest.fixture(scope="session")
+def calibrated(trained, tmp_path_factory):
+    """The session's model with a temperature of 1.7 in its meta.json (its own validation
+    images are all classified right: training fits none); returns (model dir, meta)."""
+    cfg, meta = trained
+    folder = str(tmp_path_factory.mktemp("calibrated") / "model")
+    shutil.copytree(cfg.output, folder)
+    meta = dataclasses.replace(meta, temperature=1.7)
+    write_meta(folder, meta)
+    return folder, meta
 
 
 def small_train_config(data: str, work, **overrides) -> TrainConfig:

@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -94,6 +95,44 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     manifest = json.loads((out / "_SUCCESS").read_text())
     assert (manifest["inputs"], manifest["rows"], manifest["errors"]) == (n, n, len(broken()))
     assert manifest["model"] == meta.model_id and manifest["started"] < manifest["finished"]
+    # The run's summary: errors by kind, rows per class; `insect summary` prints it, and
+    # computes the same from the parts for an output without one (an older insect's).
+    report = json.loads((out / "_summary.json").read_text())
+    assert report["error_kinds"] == {
+        "empty file": 1, "truncated image": 1, "not an image": 1, "image too large": 1
+    }  # fmt: skip
+    assert (report["rows"], report["errors"], report["inputs"]) == (n, len(broken()), n)
+    predicted = [r["label"] for r in rows.values() if r["label"]]
+    assert report["classes"] == {c: predicted.count(c) for c in meta.classes}
+    assert sum(report["scores"]["counts"]) == len(predicted) and report["images_per_second"] > 0
+    capsys.readouterr()
+    from insectlib.cli import main
+
+    assert main(["summary", str(out)]) == 0
+    written = capsys.readouterr().out
+    (out / "_summary.json").unlink()
+    (out / "_summary.png").unlink()
+    assert main(["summary", str(out)]) == 0
+    computed = capsys.readouterr().out
+    assert f"{out}: {n} rows for {n} inputs, 4 errors; model {meta.model_id}" in computed
+    for c in meta.classes:
+        assert f"\n{c} " in written
+    for c in set(predicted):
+        line = f"{c:<20} {predicted.count(c):>9} {predicted.count(c) / n:>7.1%}"
+        assert line in written and line in computed
+    assert "  not an image: 1" in computed and "truncated image: 1" in computed
+    # The same score histogram and errors.
+    assert written[written.index("\nscore") :] == computed[computed.index("\nscore") :]
+    err = expect_cli_error(capsys, ["summary", str(tmp_path / "nothing-here")])
+    assert "holds no insect classification output" in err
+    # Hostile or damaged files: one line each.
+    (out / "_summary.json").write_text('{"rows": "12", "errors": 0}')
+    err = expect_cli_error(capsys, ["summary", str(out)])
+    assert "_summary.json is not a valid insect summary (check: rows, classes" in err
+    (out / "_summary.json").unlink()
+    pq.write_table(pa.table({"x": [1]}), out / ("part-" + "c" * 32 + "-000000-0.parquet"))
+    err = expect_cli_error(capsys, ["summary", str(out)])
+    assert "is named like insect's output but has other columns (x)" in err
 
     # 4 of 12 failed: over a 0.25 limit the job fails, but only after writing every row
     err = expect_cli_error(

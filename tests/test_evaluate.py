@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from insectlib.confidence import expected_calibration_error
 from insectlib.config import EvaluateConfig
-from insectlib.evaluate import evaluate
+from insectlib.evaluate import evaluate, print_metrics
 from insectlib.images import decode, eval_transform, normalize
 from insectlib.model import load_model
 from insectlib.report import classification_metrics
@@ -47,10 +48,10 @@ def truth_of(path: str) -> str:
     return Path(path).parent.name
 
 
-def test_evaluate_end_to_end(trained, labelled_root, tmp_path, capsys):
-    cfg, meta = trained
+def test_evaluate_end_to_end(calibrated, labelled_root, tmp_path, capsys):
+    model_dir, meta = calibrated
     out = tmp_path / "eval"
-    m = evaluate(EvaluateConfig(data=labelled_root, model=cfg.output, output=str(out)))
+    m = evaluate(EvaluateConfig(data=labelled_root, model=model_dir, output=str(out)))
     predictions = pq.read_table(out / "predictions").to_pylist()
     assert len(predictions) == m["images"] == 90  # a plain tree: every image
     correct = sum(r["label"] == truth_of(r["path"]) for r in predictions)
@@ -68,8 +69,35 @@ def test_evaluate_end_to_end(trained, labelled_root, tmp_path, capsys):
     assert saved == {"classes": meta.classes, "matrix": m["confusion_matrix"]}
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == m["accuracy"]
     assert_picture(out / "confusion_matrix.png")
+    # Top-k, calibration and coverage, from the rows' (calibrated) probabilities.
+    probs = np.array([r["probabilities"] for r in predictions])
+    truth = np.array([meta.classes.index(truth_of(r["path"])) for r in predictions])
+    top2 = np.mean([t in np.argsort(-p)[:2] for p, t in zip(probs, truth, strict=True)])
+    assert m["top_k_accuracy"]["1"] == pytest.approx(m["accuracy"])
+    assert m["top_k_accuracy"]["3"] == 1.0 and "5" not in m["top_k_accuracy"]
+    assert m["accuracy"] <= top2 <= 1.0
+    c = m["calibration"]
+    assert c["temperature"] == meta.temperature == 1.7 and c["images"] == 90
+    assert c["ece_after"] == pytest.approx(expected_calibration_error(probs, truth), abs=1e-6)
+    model, _ = load_model(model_dir)  # the raw softmax, recovered from the rows
+    transform = eval_transform(meta.image_size)
+    x = torch.stack([transform(decode(open(r["path"], "rb").read())) for r in predictions])
+    with torch.no_grad():
+        raw = torch.softmax(model(normalize(x)), dim=1).numpy()
+    assert c["ece_before"] == pytest.approx(expected_calibration_error(raw, truth), abs=1e-4)
+    kept = probs.max(1) >= 0.5
+    row = next(r for r in m["coverage"] if r["min_score"] == 0.5)
+    assert row["coverage"] == pytest.approx(kept.mean())
+    assert row["accuracy"] == pytest.approx((probs.argmax(1) == truth)[kept].mean())
+    assert_picture(out / "reliability.png")
+    assert_picture(out / "coverage_accuracy.png")
+    capsys.readouterr()
+    print_metrics(m, str(out))
+    shown = capsys.readouterr().out
+    assert f"top-1 {m['accuracy']:.4f}, top-3 1.0000" in shown
+    assert f"ECE {c['ece_after']:.4f} (raw softmax {c['ece_before']:.4f}" in shown
 
-    err = expect_cli_error(capsys, ["evaluate", labelled_root, "--model", cfg.output,
+    err = expect_cli_error(capsys, ["evaluate", labelled_root, "--model", model_dir,
                                     "--output", str(out)])  # fmt: skip
     assert "not empty" in err
     other = tmp_path / "other" / "wasps"
@@ -77,7 +105,7 @@ def test_evaluate_end_to_end(trained, labelled_root, tmp_path, capsys):
     (other / "w.jpg").write_bytes(Path(predictions[0]["path"]).read_bytes())
     (tmp_path / "other" / "beetles").mkdir()
     (tmp_path / "other" / "beetles" / "b.jpg").write_bytes(other.joinpath("w.jpg").read_bytes())
-    err = expect_cli_error(capsys, ["evaluate", str(tmp_path / "other"), "--model", cfg.output])
+    err = expect_cli_error(capsys, ["evaluate", str(tmp_path / "other"), "--model", model_dir])
     assert "classes the model does not know: wasps" in err
 
 
@@ -97,6 +125,15 @@ def test_training_writes_metrics_curves_and_report(trained):
     for name in meta.classes:
         assert f"| {name} | " in report
     assert report.count("\n| 4 |") == 1  # one row per epoch
+    # Temperature scaling fitted on the validation split: recorded, drawn and reported.
+    c = metrics["calibration"]
+    assert c["temperature"] == meta.temperature and c["images"] == validation["images"]
+    assert "## Calibration" in report and "![reliability diagram](reliability.png)" in report
+    if validation["accuracy"] == 1.0:  # nothing to fit against: no temperature
+        assert meta.temperature is None and "No temperature: every validation image" in report
+    else:
+        assert meta.temperature and c["nll_after"] <= c["nll_before"] + 1e-9
+    assert_picture(model_dir / "reliability.png")
 
 
 def test_feature_map_shapes(trained, unlabelled):

@@ -128,7 +128,7 @@ def test_refusals_are_one_line(tmp_path, labelled):
         int8.calibrate(resnet, meta, None, 8, LIMITS)
     (tmp_path / "b").mkdir()
     nowhere, meta = small_model_dir(tmp_path / "b")
-    with pytest.raises(InsectError, match="give --calibration"):
+    with pytest.raises(InsectError, match="give --int8-calibration"):
         int8.calibrate(nowhere, meta, None, 8, LIMITS)
     few = tmp_path / "few"
     few.mkdir()
@@ -137,8 +137,8 @@ def test_refusals_are_one_line(tmp_path, labelled):
         int8.calibrate(nowhere, meta, str(few), 8, LIMITS)
     with pytest.raises(InsectError, match="runs on CPUs"):
         ClassifyConfig(input="x", model="m", output="o", precision="int8", gpu=True).validate()
-    with pytest.raises(InsectError, match="--calibration is for --precision int8"):
-        ClassifyConfig(input="x", model="m", output="o", calibration="c").validate()
+    with pytest.raises(InsectError, match="--int8-calibration is for --precision int8"):
+        ClassifyConfig(input="x", model="m", output="o", int8_calibration="c").validate()
 
 
 def sample_files(root: str):

@@ -94,3 +94,31 @@ def test_meta_is_validated_before_weights(tmp_path):
 def test_unknown_arch():
     with pytest.raises(InsectError, match="unknown --arch 'vgg17'"):
         M.build_model("vgg17", 3, "random")
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_embedding_is_what_the_head_reads(arch):
+    """WithEmbedding moves the head out of the model: the logits must be the model's own,
+    and the embedding exactly what the head was given."""
+    torch.manual_seed(0)
+    m = M.build_model(arch, 5, "random").eval()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    hook = m.get_submodule(M.head_name(m)).register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0])
+    )
+    with torch.no_grad():
+        expected = m(x)
+        hook.remove()
+        logits, embedding = M.WithEmbedding(m)(x)
+    assert torch.equal(logits, expected) and torch.equal(embedding, seen[0])
+    meta = M.ModelMeta(classes=list("abcde"), arch=arch, image_size=64)
+    assert embedding.shape == (2, M.embedding_size(meta))
+
+
+@pytest.mark.parametrize("bad", [0, -1.5, 1e-300, 1e6, float("nan"), float("inf"), "2", True])
+def test_meta_temperature_must_be_in_range(bad):
+    """A temperature that would turn logits into inf or NaN is refused with meta.json."""
+    meta = M.ModelMeta(classes=["a", "b"], arch="resnet18", image_size=32, temperature=bad)
+    with pytest.raises(InsectError, match="'temperature' must be between 0.05 and 20.0 or null"):
+        M.ModelMeta.from_json(meta.to_json(), "meta.json")

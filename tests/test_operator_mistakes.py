@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,8 +18,9 @@ from insectlib import outputs, storage
 from insectlib.classify import classify
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.errors import InsectError, StorageUnavailable
-from insectlib.layout import CONFUSION_PNG, META_FILE, MODEL_FILES, WEIGHTS_FILE
+from insectlib.layout import CONFUSION_PNG, META_FILE, MODEL_FILES, RELIABILITY_PNG, WEIGHTS_FILE
 from insectlib.model import load_model, read_meta
+from insectlib.predict import PREDICTION_SCHEMA, RowFormat
 from insectlib.train import preflight, write_model_dir
 from tests.conftest import expect_cli_error, run_cli
 
@@ -77,7 +79,7 @@ def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
     _classify(cfg.output, images, out)
     first = _tree(out)
     assert outputs.SUCCESS_FILE in first and all(
-        outputs.is_part_name(n) for n in first if n != outputs.SUCCESS_FILE
+        outputs.is_part_name(n) for n in first if n not in outputs.RUN_FILES
     )
     argv = ["classify", images, "--model", cfg.output, "--output", str(out), "--overwrite"]
     # A broken model directory or an input without images: refused, old output untouched.
@@ -112,24 +114,34 @@ def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
 
 
 def test_output_files_hold_rows_per_file_up_to_one_batch_more(trained, unlabelled, tmp_path):
-    """Batches of 3 do not fill files of 8 exactly: each file takes one batch more (9), never
-    a file of full rows plus a file of the remainder. Only the last may hold fewer."""
+    """Batches of 3 do not fill files of 8 exactly: a file takes the block that crosses 8
+    rows whole (a block of this small input holds one or two batches, depending on the
+    paths' length: 9 to 13 rows), never a file of full rows plus one of the remainder.
+    Only the last may hold fewer."""
     cfg, _ = trained
     images = os.path.dirname(next(iter(unlabelled)))
     out = tmp_path / "out"
     _classify(cfg.output, images, out, rows_per_file=8, batch_size=3)
     sizes = sorted(pq.read_metadata(f).num_rows for f in out.glob("*.parquet"))
     assert sum(sizes) == len(unlabelled)
-    assert all(8 <= n <= 8 + 3 - 1 for n in sizes[1:]), sizes
+    assert all(8 <= n <= 8 - 1 + 2 * 3 for n in sizes[1:]), sizes
     assert sizes[0] >= 1
 
 
-def test_resume_trusts_only_insects_own_files(trained, unlabelled, tmp_path, capsys):
-    cfg, _ = trained
+def test_resume_trusts_only_insects_own_files(calibrated, unlabelled, tmp_path, capsys):
+    model_dir, _ = calibrated
     images = os.path.dirname(next(iter(unlabelled)))
     out = tmp_path / "out"
-    _classify(cfg.output, images, out, rows_per_file=8, batch_size=4)
-    argv = ["classify", images, "--model", cfg.output, "--output", str(out), "--resume"]
+    _classify(model_dir, images, out, rows_per_file=8, batch_size=4, top_k=2)
+    argv = ["classify", images, "--model", model_dir, "--output", str(out), "--resume"]
+    # Rows made another way (other columns, other probabilities): refused, nothing removed.
+    before = _tree(out)
+    err = expect_cli_error(capsys, argv)
+    assert "holds rows made another way (top_k 2 then, null now)" in err
+    err = expect_cli_error(capsys, [*argv, "--top-k", "2", "--no-calibration"])
+    assert "(temperature 1.7 then, null now)" in err
+    assert _tree(out) == before
+    argv += ["--top-k", "2"]
     for name, write in (
         ("notes.txt", lambda p: p.write_text("mine")),
         ("other.parquet", lambda p: pq.write_table(pa.table({"a": [1]}), p)),
@@ -149,6 +161,26 @@ def test_resume_trusts_only_insects_own_files(trained, unlabelled, tmp_path, cap
     assert main(argv) == 0
     table = pq.read_table(out)
     assert sorted(table.column("path").to_pylist()) == sorted(unlabelled)
+    assert {outputs.SUMMARY_JSON, outputs.SUMMARY_PNG, outputs.SUCCESS_FILE} <= set(_tree(out))
+
+
+def test_parts_from_before_row_formats_resume_only_as_raw_softmax(trained, tmp_path):
+    """A part written before insect recorded how its rows were made holds raw softmax
+    probabilities and no optional column: only such a run may continue it."""
+    _, meta = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = {
+        "path": ["/x/a.jpg"], "label": ["a"], "label_index": [0], "score": [0.9],
+        "probabilities": [[0.9, 0.1]], "error": [None], "model": [meta.model_id],
+    }  # fmt: skip
+    part = out / ("part-" + "b" * 32 + "-000000-0.parquet")
+    pq.write_table(pa.table(rows, schema=PREDICTION_SCHEMA), part)
+    legacy, s3 = asdict(RowFormat()), storage.S3Options()
+    assert outputs.resume_state(str(out), meta.model_id, s3, legacy, legacy).rows == 1
+    calibrated = asdict(RowFormat(temperature=1.7))
+    with pytest.raises(InsectError, match="temperature null then, 1.7 now"):
+        outputs.resume_state(str(out), meta.model_id, s3, calibrated, legacy)
 
 
 def test_resume_read_errors_are_retried_then_fail_without_deleting(
@@ -168,7 +200,8 @@ def test_resume_read_errors_are_retried_then_fail_without_deleting(
 
     monkeypatch.setattr(outputs.pq, "ParquetFile", failing)
     with pytest.raises(StorageUnavailable, match="after 4 attempts"):
-        outputs.resume_state(str(out), meta.model_id, storage.S3Options())
+        legacy = asdict(RowFormat())
+        outputs.resume_state(str(out), meta.model_id, storage.S3Options(), legacy, legacy)
     assert len(calls) >= storage.READ_ATTEMPTS and _tree(out) == before
 
 
@@ -220,7 +253,7 @@ def test_model_dir_never_looks_complete_while_rewritten(trained, tmp_path, monke
     target = TrainConfig(data="d", output=str(copy))
     write_model_dir(target, model, meta, None)
     # In the order the layout states (no validation here: no confusion matrix).
-    assert written == [name for name in MODEL_FILES if name != CONFUSION_PNG]
+    assert written == [name for name in MODEL_FILES if name not in (CONFUSION_PNG, RELIABILITY_PNG)]
     assert read_meta(str(copy)).model_id == meta.model_id
 
     def crash(uri, data, s3=None):  # the run dies while writing the new weights

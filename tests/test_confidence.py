@@ -1,0 +1,84 @@
+"""Temperature scaling, calibration error, top-k and coverage: checked against hand-computed
+values, against a known temperature, and on a real over-confident model."""
+
+import numpy as np
+import pytest
+import torch
+
+from insectlib import confidence as C
+from insectlib.images import decode, eval_transform, normalize
+from insectlib.labels import discover
+from insectlib.model import load_model
+
+
+def test_ece_and_reliability_by_hand():
+    # confidences 0.9, 0.9 (one right), 0.65 (right), 0.45 (wrong) in 15 bins
+    probs = np.array([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0], [0.35, 0.65, 0.0], [0.45, 0.3, 0.25]])
+    labels = np.array([0, 1, 1, 2])
+    r = C.reliability(probs, labels)
+    # bins of 1/15: 0.9 -> bin 13 (0.867, 0.933]; 0.65 -> bin 9 (0.6, 0.667]; 0.45 -> bin 6
+    assert r["counts"][13] == 2 and r["counts"][9] == 1 and r["counts"][6] == 1
+    assert r["accuracy"][13] == 0.5 and r["accuracy"][9] == 1.0 and r["accuracy"][6] == 0.0
+    assert sum(r["counts"]) == 4 and r["accuracy"][0] is None
+    expected = (2 * abs(0.9 - 0.5) + abs(0.65 - 1.0) + abs(0.45 - 0.0)) / 4
+    assert r["ece"] == pytest.approx(expected)
+    assert C.top_k_accuracy(probs, labels) == {"1": 0.5, "3": 1.0}
+    rows = {r["min_score"]: r for r in C.coverage_accuracy(probs.max(1), probs.argmax(1) == labels)}
+    assert rows[0.5]["coverage"] == 0.75 and rows[0.5]["accuracy"] == pytest.approx(2 / 3)
+    assert rows[0.9]["images"] == 2 and rows[0.9]["accuracy"] == 0.5
+    assert rows[0.95] == {"min_score": 0.95, "images": 0, "coverage": 0.0, "accuracy": None}
+
+
+def test_fitted_temperature_recovers_the_true_one():
+    """Labels drawn from softmax(z / 3): the fit finds T near 3, the NLL and ECE of z / T
+    fall, and no prediction changes."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, size=(6000, 5))
+    truth = C.probabilities(logits, 3.0)
+    labels = np.array([rng.choice(5, p=p) for p in truth])
+    t = C.fit_temperature(logits, labels)
+    assert 2.7 < t < 3.3
+    report = C.calibration_report(logits, labels)
+    assert report["nll_after"] < report["nll_before"] and report["ece_after"] < 0.02
+    assert report["ece_after"] < report["ece_before"] / 5
+    assert (C.probabilities(logits, t).argmax(1) == logits.argmax(1)).all()
+    # The raw softmax is recovered from calibrated probabilities.
+    back = C.uncalibrated(C.probabilities(logits, t).astype(np.float32), t)
+    np.testing.assert_allclose(back, C.probabilities(logits), atol=1e-5)
+
+
+def test_an_over_confident_model_is_calibrated_without_changing_a_prediction(trained):
+    """The session's model with its head's weights replaced by large random ones: often
+    wrong, and sure of itself. The fitted temperature is large, ECE and NLL fall, and
+    every top-1 prediction stays."""
+    cfg, meta = trained
+    model, _ = load_model(cfg.output)
+    head = model.get_submodule(meta.head)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        head.weight.copy_(30 * head.weight.std() * torch.randn_like(head.weight))
+    found = discover(cfg.data, cfg.val_fraction, cfg.seed)
+    items = found.val + found.train[:40]  # a few more images than the validation split
+    transform = eval_transform(meta.image_size)
+    x = torch.stack([transform(decode(open(uri, "rb").read())) for uri, _ in items])
+    labels = np.array([y for _, y in items])
+    with torch.no_grad():
+        logits = model(normalize(x)).numpy()
+    accuracy = (logits.argmax(1) == labels).mean()
+    assert 0.3 < accuracy < 0.8 and C.probabilities(logits).max(1).mean() > accuracy + 0.3
+    report = C.calibration_report(logits, labels)
+    assert report["temperature"] > 3
+    assert report["ece_after"] < report["ece_before"] and report["nll_after"] < report["nll_before"]
+    calibrated = C.probabilities(logits, report["temperature"])
+    assert (calibrated.argmax(1) == logits.argmax(1)).all()
+
+
+def test_no_temperature_is_fitted_when_every_prediction_is_right():
+    """With no mistake the NLL keeps falling as T goes to 0: the fit would end at the bound
+    and make every later mistake near-certain. No temperature then."""
+    logits = np.array([[3.0, 0.0, -1.0], [0.0, 2.0, 1.0], [0.5, 0.0, 4.0]])
+    report = C.calibration_report(logits, np.array([0, 1, 2]))
+    assert report["temperature"] is None and "classified right" in report["note"]
+    assert report["ece_after"] == report["ece_before"]
+    one_wrong = C.calibration_report(logits, np.array([0, 1, 0]))
+    assert one_wrong["temperature"] is not None
