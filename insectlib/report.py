@@ -175,6 +175,8 @@ def _bars(ax, items: list[tuple[str, int]], title: str) -> None:
     ax.set_yticks(range(len(items)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_title(title if items else f"{title}: none")
+    if not items:
+        ax.axis("off")
 
 
 def feature_maps_png(activation: np.ndarray, title: str, max_maps: int = 64) -> bytes:
