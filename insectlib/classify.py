@@ -132,13 +132,14 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     resuming = done is not None and done.rows > 0
     block_size = None if resuming else streaming_block_size(cfg, meta, seen, row_format)
     listed = read_inputs(parts, cfg.batch_size, cfg.s3, counter, block_size)
-    if resuming:
-        print(f"resuming: {done.rows} inputs already done; finding those without a row")
-        listed = skip_done(listed, done, cfg)
-    elif row_format.embedding_size and is_small(cfg, seen):
-        # Blocks of a batch of embeddings hold a small input's every path in one block: cut
-        # them into batches here, before the model actors take the CPUs the cutting needs.
-        listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
+    with ray_task_errors():  # these run the listing now: its errors in one line
+        if resuming:
+            print(f"resuming: {done.rows} inputs already done; finding those without a row")
+            listed = skip_done(listed, done, cfg)
+        elif row_format.embedding_size and is_small(cfg, seen):
+            # Blocks of a batch of embeddings hold a small input's every path in one block:
+            # cut them into batches here, before the model actors take the CPUs it needs.
+            listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
     print(f"classifying {source} with model {model_id} ({len(parts)} listing parts)")
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     already = done.rows if done is not None else 0

@@ -20,7 +20,7 @@ from insectlib.config import TEMPERATURE_RANGE
 
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al.
 COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # reported by evaluate
-TOP_K = (1, 3, 5)  # top-k accuracies reported by evaluate (those up to the class count)
+TOP_K = (1, 2, 3, 5)  # top-k accuracies reported by evaluate (those up to the class count)
 
 
 def probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
@@ -101,7 +101,18 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray) -> dict:
     if (before.argmax(1) == labels).all():
         return {**calibration_change(before, before, labels, None), "note": ALL_RIGHT}
     temperature = fit_temperature(logits, labels)
-    return calibration_change(before, probabilities(logits, temperature), labels, temperature)
+    low, high = TEMPERATURE_RANGE
+    if not low * 1.01 < temperature < high / 1.01:
+        note = (
+            f"the fit ended at the bound of {low}-{high} (T={temperature:.3g}): too few or too "
+            "unrepresentative validation images to trust, so the probabilities stay the raw "
+            "softmax"
+        )
+        return {**calibration_change(before, before, labels, None), "note": note}
+    report = calibration_change(before, probabilities(logits, temperature), labels, temperature)
+    # From the logits: exact where a probability underflows in float32.
+    report.update(nll_before=nll(logits, labels), nll_after=nll(logits, labels, temperature))
+    return report
 
 
 def calibration_change(

@@ -35,6 +35,10 @@ from insectlib.model import ModelMeta, WithEmbedding, load_model, versions
 from insectlib.precision import cpu_name, speed_flags
 
 MIN_CALIBRATION_IMAGES = 8
+# The graph the statistics belong to. 2: the model returning (logits, embedding)
+# (`model.WithEmbedding`); records without it (1) were made on the logits-only graph and
+# count as absent: calibrate again.
+INT8_FORMAT = 2
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Int8Record:
     max_probability_difference: float
     cpu: str
     versions: dict = field(default_factory=dict)
+    format_version: int = 1  # INT8_FORMAT when made; 1 for records written before it
 
     @property
     def int8_model_id(self) -> str:
@@ -58,8 +63,13 @@ class Int8Record:
 
     def validate(self) -> None:
         numbers = ("top1_agreement", "max_probability_difference")
-        if not all(isinstance(getattr(self, k), (int, float)) for k in numbers) or not all(
-            isinstance(getattr(self, k), str) for k in ("model_id", "stats_sha256", "calibration")
+        if (
+            not all(isinstance(getattr(self, k), (int, float)) for k in numbers)
+            or not all(
+                isinstance(getattr(self, k), str)
+                for k in ("model_id", "stats_sha256", "calibration")
+            )
+            or not isinstance(self.format_version, int)
         ):
             raise ValueError("a field has the wrong type")
 
@@ -161,6 +171,8 @@ def load(model_uri: str, meta: ModelMeta, s3=None) -> Int8Model | None:
         record.validate()
     except (ValueError, TypeError) as e:
         raise InsectError(f"{record_uri} is not a valid insect int8 record: {e}") from None
+    if record.format_version != INT8_FORMAT:
+        return None  # made on another form of the model's graph
     if record.model_id != meta.model_id or not storage.exists(stats_uri, s3):
         return None  # made for weights this directory no longer holds, or half removed
     data = storage.read_bytes(stats_uri, s3)
@@ -243,6 +255,7 @@ def calibrate(
         max_probability_difference=0.0,
         cpu=f"{cpu_name()} ({' '.join(speed_flags())})",
         versions=versions(),
+        format_version=INT8_FORMAT,
     )
     # Measured through `Predictor`, exactly what each model actor runs (a function-level
     # import: `predict` builds on this module).

@@ -138,7 +138,7 @@ class WithEmbedding(nn.Module):
     """A classifier that returns (logits, embedding): the embedding is what its head (the
     final Linear layer) reads, 4,096 values for VGG-16. The head is moved out and run on
     the rest's output, which is exact for torchvision's classifiers: their head is the last
-    thing they compute (tests/test_classify.py checks VGG, ResNet and MobileNet)."""
+    thing they compute (tests/test_model.py checks VGG, ResNet, MobileNet, EfficientNet)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -276,7 +276,8 @@ def resume_state(
         for name in sorted(set(footers) - set(complete)):
             print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
             fs.rm_file(name)
-        for entry in entries:
+        # _SUCCESS last: a summary without it is stale (see `summary.read_summary`).
+        for entry in sorted(entries, key=lambda e: _base(e) == SUCCESS_FILE):
             if _base(entry) in RUN_FILES:
                 fs.rm_file(entry["name"])
     return Done(sorted(complete), sum(f.num_rows for f in complete.values()))

@@ -135,16 +135,19 @@ class Predictor:
         return self.meta.classes
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, images: torch.Tensor | np.ndarray, embeddings: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """(probabilities, embeddings) for a uint8 (N, 3, H, W) batch: (N, C) float32
-        softmax of the logits divided by the row format's temperature, and (N, E) float32
-        inputs of the head."""
+        softmax of the logits divided by the row format's temperature, and with
+        `embeddings` the (N, E) float32 inputs of the head (else None: not copied off the
+        device)."""
         x = torch.as_tensor(images)
         if self.device.type == "cuda":
             x = x.pin_memory()  # page-locked: the copy runs asynchronously
         x = x.to(self.device, non_blocking=True)
         x = normalize(x).to(self.dtype).contiguous(memory_format=torch.channels_last)
-        logits, embeddings = [], []
+        logits, features = [], []
         for chunk in x.split(self.batch_size):
             n = len(chunk)
             if self.compiled is not None and n < self.batch_size:
@@ -153,9 +156,11 @@ class Predictor:
                 chunk = torch.cat([chunk, pad]).contiguous(memory_format=torch.channels_last)
             out, embedding = self._forward(chunk)
             logits.append(out[:n].float())
-            embeddings.append(embedding[:n].float())
+            if embeddings:
+                features.append(embedding[:n].float())
         scaled = torch.cat(logits) / (self.row_format.temperature or 1.0)
-        return torch.softmax(scaled, dim=1).cpu().numpy(), torch.cat(embeddings).cpu().numpy()
+        found = torch.cat(features).cpu().numpy() if embeddings else None
+        return torch.softmax(scaled, dim=1).cpu().numpy(), found
 
     def probabilities(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """(N, C) float32 class probabilities for a uint8 (N, 3, H, W) batch."""
@@ -172,9 +177,10 @@ class Predictor:
         if self.row_format.embedding_size:
             embeddings = np.zeros((len(errors), self.row_format.embedding_size), np.float32)
         if ok.any():
-            found, found_embeddings = self.predict(np.stack(batch["image"][ok]))
+            wanted = embeddings is not None
+            found, found_embeddings = self.predict(np.stack(batch["image"][ok]), wanted)
             probs[ok] = found
-            if embeddings is not None:
+            if wanted:
                 embeddings[ok] = found_embeddings
         if self.counter is not None:
             self.counter.add.remote(len(errors))
@@ -207,7 +213,7 @@ def prediction_table(
     score = probs[np.arange(len(index)), index].astype(np.float32)
     undecided = np.zeros(len(index), dtype=bool)
     if row_format.min_score is not None:
-        undecided = ~failed & (score < row_format.min_score)
+        undecided = ~failed & ~(score >= row_format.min_score)  # NaN: not decided
     classes = np.array(meta.classes, dtype=object)
     columns = {
         "path": pa.array(list(paths), type=pa.string()),

@@ -61,20 +61,20 @@ def summarize(output: str, s3: storage.S3Options, classes: list[str] | None = No
                 rows += batch.num_rows
                 label, score, error = batch.columns
                 _add_counts(per_class, label)
-                _add_counts(errors, error)
+                texts: dict[str, int] = {}  # folded into kinds per batch: bounded memory
+                _add_counts(texts, error)
+                for text, n in texts.items():
+                    errors[error_kind(text)] = errors.get(error_kind(text), 0) + n
                 # No label and no error: below --min-score.
                 undecided += pc.sum(pc.and_(pc.is_null(label), pc.is_null(error))).as_py() or 0
                 values = score.drop_null().to_numpy(zero_copy_only=False)
                 scores += np.histogram(np.clip(values, 0, 1), bins=edges)[0]
-    kinds: dict[str, int] = {}
-    for text, n in errors.items():
-        kinds[error_kind(text)] = kinds.get(error_kind(text), 0) + n
     return {
         "rows": rows,
         "errors": sum(errors.values()),
         "undecided": undecided,
         "classes": per_class,
-        "error_kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "error_kinds": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
         "scores": {"edges": [round(float(e), 6) for e in edges], "counts": scores.tolist()},
     }
 
@@ -136,7 +136,8 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
     """The summary of any classification output: its `_summary.json`, or else one computed
     from its parts (and its `_SUCCESS` for the inputs and times, when it has one)."""
     found = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in outputs.list_entries(output, s3)}
-    if outputs.SUMMARY_JSON in found:
+    if outputs.SUMMARY_JSON in found and outputs.SUCCESS_FILE in found:
+        # Written after _SUCCESS; without it, it is a stale one from before a resume.
         uri = storage.join(output, outputs.SUMMARY_JSON)
         with storage.user_errors(uri):
             try:

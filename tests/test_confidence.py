@@ -8,7 +8,9 @@ import torch
 from insectlib import confidence as C
 from insectlib.images import decode, eval_transform, normalize
 from insectlib.labels import discover
-from insectlib.model import load_model
+from insectlib.model import ModelMeta, load_model
+from insectlib.predict import RowFormat, prediction_table
+from insectlib.report import reliability_png, report_markdown
 
 
 def test_ece_and_reliability_by_hand():
@@ -22,7 +24,7 @@ def test_ece_and_reliability_by_hand():
     assert sum(r["counts"]) == 4 and r["accuracy"][0] is None
     expected = (2 * abs(0.9 - 0.5) + abs(0.65 - 1.0) + abs(0.45 - 0.0)) / 4
     assert r["ece"] == pytest.approx(expected)
-    assert C.top_k_accuracy(probs, labels) == {"1": 0.5, "3": 1.0}
+    assert C.top_k_accuracy(probs, labels) == {"1": 0.5, "2": 0.75, "3": 1.0}
     rows = {r["min_score"]: r for r in C.coverage_accuracy(probs.max(1), probs.argmax(1) == labels)}
     assert rows[0.5]["coverage"] == 0.75 and rows[0.5]["accuracy"] == pytest.approx(2 / 3)
     assert rows[0.9]["images"] == 2 and rows[0.9]["accuracy"] == 0.5
@@ -82,3 +84,36 @@ def test_no_temperature_is_fitted_when_every_prediction_is_right():
     assert report["ece_after"] == report["ece_before"]
     one_wrong = C.calibration_report(logits, np.array([0, 1, 0]))
     assert one_wrong["temperature"] is not None
+
+
+def test_a_fitted_temperature_is_reported_and_drawn():
+    """The training report's calibration section and reliability diagram for a fitted T."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, size=(300, 3))
+    labels = np.where(rng.random(300) < 0.7, logits.argmax(1), rng.integers(0, 3, 300))
+    c = C.calibration_report(logits, labels)
+    assert c["temperature"] and c["nll_after"] <= c["nll_before"]
+    meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=32)
+    text = report_markdown(meta, {}, None, c)
+    assert f"Temperature {c['temperature']:.4f}, fitted on the 300 validation images" in text
+    assert f"| ECE (15 bins) | {c['ece_before']:.4f} | {c['ece_after']:.4f} |" in text
+    assert reliability_png(c, "validation").startswith(b"\x89PNG")
+
+
+def test_a_temperature_at_the_bound_is_not_applied():
+    """Labels unrelated to the logits: the fit runs to T = 20 (uniform probabilities);
+    such a temperature is not kept."""
+    rng = np.random.default_rng(2)
+    report = C.calibration_report(rng.normal(0, 3, (200, 3)), rng.integers(0, 3, 200))
+    assert report["temperature"] is None and "ended at the bound" in report["note"]
+
+
+def test_a_nan_score_is_not_decided():
+    """A row whose probabilities are NaN (an overflow) is not decided, whatever S."""
+    meta = ModelMeta(classes=["a", "b"], arch="vgg16", image_size=32, model_id="0" * 16)
+    probs = np.array([[0.9, 0.1], [np.nan, np.nan], [0.4, 0.6]], np.float32)
+    rows = prediction_table(
+        ["x", "y", "z"], probs, [None] * 3, meta, RowFormat(min_score=0.5)
+    ).to_pylist()
+    assert [r["decided"] for r in rows] == [True, False, True]
+    assert rows[1]["label"] is None and rows[2]["label"] == "b"

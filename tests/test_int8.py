@@ -78,6 +78,18 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled):
     assert np.abs(got - fp32).max() < 0.1
     again = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
     np.testing.assert_array_equal(again.probabilities(images), got)
+    # With --embeddings the int8 model gives the head's input too (the same graph).
+    probs, features = again.predict(images, embeddings=True)
+    np.testing.assert_array_equal(probs, got)
+    assert features.shape == (len(images), 1024) and np.isfinite(features).all()
+
+    # A record made on the logits-only graph (before format_version): calibrate again.
+    path = os.path.join(model_dir, layout.INT8_RECORD)
+    old = json.loads(open(path).read())
+    del old["format_version"]
+    with open(path, "w") as f:
+        json.dump(old, f)
+    assert int8.load(model_dir, meta) is None
 
 
 def test_kept_statistics_are_checked(tmp_path, labelled):
