@@ -154,9 +154,23 @@ class WithEmbedding(nn.Module):
 
 def embedding_size(meta: ModelMeta) -> int:
     """Values in the embedding of a `meta` model (its head's input features)."""
-    with torch.device("meta"):  # shapes only
-        model = torchvision.models.get_model(meta.arch, weights=None)
+    model = skeleton(meta.arch)
     return model.get_submodule(head_name(model)).in_features
+
+
+def skeleton(arch: str, num_classes: int | None = None) -> nn.Module:
+    """`arch` without weights (and with a `num_classes` head): on the meta device, which
+    costs no memory and no random init, or on the CPU for archs whose construction reads
+    tensor values (RegNet computes its widths with .tolist())."""
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None)
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        model = torchvision.models.get_model(arch, weights=None)
+    if num_classes is not None:
+        with torch.device(next(model.parameters()).device):
+            replace_head(model, num_classes)
+    return model
 
 
 def apply_freeze(model: nn.Module, policy: str) -> None:
@@ -274,9 +288,7 @@ def read_meta(uri: str, s3: storage.S3Options | None = None) -> ModelMeta:
 
 
 def _expected_shapes(meta: ModelMeta) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: no memory, no time on random init
-        model = torchvision.models.get_model(meta.arch, weights=None)
-        replace_head(model, len(meta.classes))
+    model = skeleton(meta.arch, len(meta.classes))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -343,9 +355,7 @@ def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module
     except Exception as e:
         raise InsectError(f"cannot read {weights_uri}: {e}") from None
     _check_shapes({k: tuple(v.shape) for k, v in state.items()}, meta, weights_uri)
-    with torch.device("meta"):
-        model = torchvision.models.get_model(meta.arch, weights=None)
-        replace_head(model, len(meta.classes))
+    model = skeleton(meta.arch, len(meta.classes))
     model.load_state_dict(state, assign=True)
     return model.eval(), meta
 
