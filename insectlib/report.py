@@ -11,11 +11,6 @@ import math
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.metrics import (
-    ConfusionMatrixDisplay,
-    confusion_matrix,
-    precision_recall_fscore_support,
-)
 
 from insectlib.layout import CONFUSION_PNG, CURVES_FILE, RELIABILITY_PNG
 
@@ -28,6 +23,10 @@ def format_number(x: float | None, spec: str) -> str:
 def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
     """Accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true
     class, columns: predicted class, both in `classes` order)."""
+    # scikit-learn here, not at the top: importing it takes 1.3 s, and every classification
+    # run imports this module for its summary picture.
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     labels = list(range(len(classes)))
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -58,6 +57,8 @@ def _png(fig: Figure) -> bytes:
 
 def confusion_png(metrics: dict, title: str = "confusion matrix") -> bytes:
     """The confusion matrix of `classification_metrics` as a PNG."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
     classes = metrics["classes"]
     size = max(4.0, 0.6 * len(classes) + 2)
     fig = Figure(figsize=(size, size))
