@@ -96,13 +96,14 @@ def list_entries(output: str, s3: storage.S3Options) -> list[dict]:
         return [e for e in fs.ls(path, detail=True) if e["name"].rstrip("/") != path]
 
 
-def _base(entry: dict) -> str:
+def entry_name(entry: dict) -> str:
+    """The file or folder name of a `list_entries` entry (no path)."""
     return entry["name"].rstrip("/").rsplit("/", 1)[-1]
 
 
 def part_entries(entries: Iterable[dict]) -> list[dict]:
     """The Parquet parts among `entries`, by name."""
-    return [e for e in entries if e["type"] == "file" and is_part_name(_base(e))]
+    return [e for e in entries if e["type"] == "file" and is_part_name(entry_name(e))]
 
 
 def refuse_foreign(
@@ -112,12 +113,12 @@ def refuse_foreign(
     and `own_dirs`."""
 
     def ours(entry: dict) -> bool:
-        name = _base(entry)
+        name = entry_name(entry)
         if entry["type"] == "directory":
             return name in own_dirs
         return is_part_name(name) or name in own_files
 
-    foreign = sorted(_base(e) for e in entries if not ours(e))
+    foreign = sorted(entry_name(e) for e in entries if not ours(e))
     if foreign:
         more = f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
         raise InsectError(
@@ -277,7 +278,7 @@ def resume_state(
             print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
             fs.rm_file(name)
         # _SUCCESS last: a summary without it is stale (see `summary.read_summary`).
-        for entry in sorted(entries, key=lambda e: _base(e) == SUCCESS_FILE):
-            if _base(entry) in RUN_FILES:
+        for entry in sorted(entries, key=lambda e: entry_name(e) == SUCCESS_FILE):
+            if entry_name(entry) in RUN_FILES:
                 fs.rm_file(entry["name"])
     return Done(sorted(complete), sum(f.num_rows for f in complete.values()))

@@ -135,7 +135,7 @@ def write_summary(output: str, summary: dict, s3: storage.S3Options) -> None:
 def read_summary(output: str, s3: storage.S3Options) -> dict:
     """The summary of any classification output: its `_summary.json`, or else one computed
     from its parts (and its `_SUCCESS` for the inputs and times, when it has one)."""
-    found = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in outputs.list_entries(output, s3)}
+    found = {outputs.entry_name(e) for e in outputs.list_entries(output, s3)}
     if outputs.SUMMARY_JSON in found and outputs.SUCCESS_FILE in found:
         # Written after _SUCCESS; without it, it is a stale one from before a resume.
         uri = storage.join(output, outputs.SUMMARY_JSON)
