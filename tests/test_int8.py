@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from insectlib import int8, layout, sample
-from insectlib.classify import classify
+from insectlib.classify import classify, int8_for_run
 from insectlib.config import ClassifyConfig, DecodeLimits
 from insectlib.errors import InsectError
 from insectlib.images import decode, eval_transform
@@ -190,13 +190,16 @@ def test_classify_int8_end_to_end(trained, unlabelled, tmp_path, capsys):
     )
     assert diff < 0.1, diff
 
-    # auto: int8 with the kept calibration (no second one) only while its record passed.
+    # auto: int8 with the kept calibration (no second one) only while its record passed;
+    # the run below it is the int8 run above (int8_for_run is what classify asks).
     record_path = os.path.join(model_dir, layout.INT8_RECORD)
     kept = json.load(open(record_path))
-    for agreement, expected in ((1.0, record.int8_model_id), (0.5, meta.model_id)):
-        json.dump({**kept, "top1_agreement": agreement}, open(record_path, "w"))
-        auto = run(f"auto-{agreement}")
-        assert {r["model"] for r in auto.values()} == {expected}
+    auto = ClassifyConfig(input=folder, model=model_dir, output=str(tmp_path / "auto"))
+    json.dump({**kept, "top1_agreement": 1.0}, open(record_path, "w"))
+    assert int8_for_run(auto, meta).record.int8_model_id == record.int8_model_id
+    json.dump({**kept, "top1_agreement": 0.5}, open(record_path, "w"))
+    assert int8_for_run(auto, meta) is None
+    assert {r["model"] for r in run("auto").values()} == {meta.model_id}
     assert "calibrating int8" not in capsys.readouterr().out
 
     with pytest.raises(InsectError, match="model"):
