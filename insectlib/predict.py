@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -113,22 +112,21 @@ class Predictor:
             self.model = model.to(self.device, self.dtype, memory_format=torch.channels_last)
         self.compiled = None
         if compile:
-            self.compiled = compile_frozen(self.model)
-        self._compile_checked = False
+            size = self.meta.image_size
+            with torch.inference_mode():  # as in `predict`: another tensor kind recompiles
+                example = self._model_input(
+                    torch.zeros((batch_size, 3, size, size), dtype=torch.uint8)
+                )
+            self.compiled = compile_frozen(self.model, example)
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compiled is None:
-            return self.model(x)
-        if self._compile_checked:
-            return self.compiled(x)
-        try:  # compilation happens on the first call; it needs a C++ compiler (Triton on GPU)
-            out = self.compiled(x)
-        except Exception as e:
-            print(f"torch.compile failed, running the model eagerly: {e}", file=sys.stderr)
-            self.compiled = None
-            return self.model(x)
-        self._compile_checked = True
-        return out
+    def _model_input(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """A uint8 (N, 3, H, W) batch as the model takes it: normalized, in its dtype,
+        channels-last, on its device."""
+        x = torch.as_tensor(images)
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # page-locked: the copy runs asynchronously
+        x = x.to(self.device, non_blocking=True)
+        return normalize(x).to(self.dtype).contiguous(memory_format=torch.channels_last)
 
     @property
     def classes(self) -> list[str]:
@@ -142,11 +140,7 @@ class Predictor:
         softmax of the logits divided by the row format's temperature, and with
         `embeddings` the (N, E) float32 inputs of the head (else None: not copied off the
         device)."""
-        x = torch.as_tensor(images)
-        if self.device.type == "cuda":
-            x = x.pin_memory()  # page-locked: the copy runs asynchronously
-        x = x.to(self.device, non_blocking=True)
-        x = normalize(x).to(self.dtype).contiguous(memory_format=torch.channels_last)
+        x = self._model_input(images)
         logits, features = [], []
         for chunk in x.split(self.batch_size):
             n = len(chunk)
@@ -154,7 +148,7 @@ class Predictor:
                 # One shape for the compiled graph: a short last batch would recompile.
                 pad = chunk.new_zeros((self.batch_size - n, *chunk.shape[1:]))
                 chunk = torch.cat([chunk, pad]).contiguous(memory_format=torch.channels_last)
-            out, embedding = self._forward(chunk)
+            out, embedding = (self.model if self.compiled is None else self.compiled)(chunk)
             logits.append(out[:n].float())
             if embeddings:
                 features.append(embedding[:n].float())
