@@ -12,9 +12,11 @@
 
 plus model-only rows (no decoding), single-core decode rates (full and draft), the start-up
 of one model actor (load, build, compile, first batch) with --compile on and with int8, and
-int8's agreement with fp32 on the shared insect test photos and on generated images.
+int8's agreement with fp32 on the shared insect test photos and on generated images (of a
+trained model with --agreement-model: near-ties of random weights flip under any rounding).
 
     .venv/bin/python bench/inference.py [--images 2048] [--device cpu|cuda] [--no-ray]
+        [--agreement-model DIR]
 
 Images: the insect photos of ../shared/data/insects scaled up to 1024x768 when present,
 else generated ones. Prints a table and writes bench/results/inference-<device>.json.
@@ -199,8 +201,11 @@ def agreement(model_dir: str, kept, paths: list[str]) -> dict:
     }
 
 
-def int8_rows(folder: str, model_dir: str, tmp: str, device: str, no_ray: bool) -> dict:
-    """Calibration, (c'), start-up and agreement of int8."""
+def int8_rows(
+    folder: str, model_dir: str, tmp: str, device: str, no_ray: bool, agreement_model: str | None
+) -> dict:
+    """Calibration, (c'), start-up and agreement of int8: of `agreement_model` where given
+    (random weights leave near-ties that any rounding flips)."""
     from insectlib import int8, sample
     from insectlib.config import ClassifyConfig
     from insectlib.model import read_meta
@@ -208,9 +213,8 @@ def int8_rows(folder: str, model_dir: str, tmp: str, device: str, no_ray: bool) 
     meta = read_meta(model_dir)
     calibration = os.path.join(SHARED, "train") if os.path.isdir(SHARED) else folder
     started = time.perf_counter()
-    kept = int8.calibrate(
-        model_dir, meta, calibration, 32, ClassifyConfig(input="", model="", output="").limits
-    )
+    limits = ClassifyConfig(input="", model="", output="").limits
+    kept = int8.calibrate(model_dir, meta, calibration, 32, limits)
     result = {"calibration_seconds": time.perf_counter() - started, "record": asdict(kept.record)}
     print(f"int8 calibration {result['calibration_seconds']:.0f} s: {kept.record}", flush=True)
     if not no_ray:
@@ -222,6 +226,17 @@ def int8_rows(folder: str, model_dir: str, tmp: str, device: str, no_ray: bool) 
     int8_ready, result["model_only_int8"] = start_up(model_dir, precision="int8", int8_model=kept)
     result["start_up_seconds"] = {"compile on (auto precision)": compiled_ready, "int8": int8_ready}
     print(f"start-up {result['start_up_seconds']}", flush=True)
+    if agreement_model:  # trained weights: calibrated on its own validation images
+        meta = read_meta(agreement_model)
+        kept = int8.calibrate(agreement_model, meta, None, 32, limits)
+        result["agreement_model"] = {
+            "model_id": meta.model_id,
+            "data": meta.data.get("root"),
+            "epochs": len(meta.epochs),
+            "validation_accuracy": meta.epochs[-1].get("val_accuracy") if meta.epochs else None,
+            "record": asdict(kept.record),
+        }
+        model_dir = agreement_model
     test = sorted(glob.glob(os.path.join(SHARED, "test", "*", "*.jpg")))
     generated = sorted(sample.make_unlabelled(os.path.join(tmp, "generated"), count=180))
     result["agreement"] = {"generated": agreement(model_dir, kept, generated)}
@@ -285,6 +300,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--loader-workers", type=int, default=os.cpu_count())
     ap.add_argument("--no-ray", action="store_true", help="skip (c): for machines without Ray")
+    ap.add_argument(
+        "--agreement-model",
+        help="a trained model directory whose meta.json names its data: int8 agreement with "
+        "fp32 is measured on it (default: the random-weights VGG-16 of the speed rows)",
+    )
     ap.add_argument("--out", help="JSON path (default bench/results/inference-<device>.json)")
     args = ap.parse_args()
     device = args.device
@@ -328,7 +348,7 @@ def main() -> None:
         rows["model_only_best"] = model_only(device, low)
         int8 = None
         if device == "cpu":
-            int8 = int8_rows(folder, model_dir, tmp, device, args.no_ray)
+            int8 = int8_rows(folder, model_dir, tmp, device, args.no_ray, args.agreement_model)
             for key in ("c_insect_int8", "model_only_compiled", "model_only_int8"):
                 if key in int8:
                     rows[key] = int8[key]
