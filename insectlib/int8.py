@@ -161,7 +161,12 @@ def _attribute(module: torch.nn.Module, dotted: str) -> torch.Tensor:
 
 def load(model_uri: str, meta: ModelMeta, s3=None) -> Int8Model | None:
     """The statistics stored beside the model, when they belong to this model; None when
-    there are none. Altered statistics (their hash differs from the record) are refused."""
+    there are none, or when they cannot be used: made for other weights or another graph
+    form, half removed, altered (their hash is not their record's), not insect's, or left
+    by two calibrations of this directory at once (one's statistics beside the other's
+    record, or a file read while it was written). The files are a cache: an int8 run then
+    calibrates again and replaces them, auto runs bf16 or fp32; a run never fails on them.
+    Why they were not used is said on stderr where it is not plain."""
     record_uri = storage.join(model_uri, layout.INT8_RECORD)
     stats_uri = storage.join(model_uri, layout.INT8_STATS)
     if not storage.exists(record_uri, s3):
@@ -170,22 +175,25 @@ def load(model_uri: str, meta: ModelMeta, s3=None) -> Int8Model | None:
         record = Int8Record(**json.loads(storage.read_bytes(record_uri, s3)))
         record.validate()
     except (ValueError, TypeError) as e:
-        raise InsectError(f"{record_uri} is not a valid insect int8 record: {e}") from None
+        return _unused(f"{record_uri} is not a valid insect int8 record: {e}")
     if record.format_version != INT8_FORMAT:
         return None  # made on another form of the model's graph
     if record.model_id != meta.model_id or not storage.exists(stats_uri, s3):
         return None  # made for weights this directory no longer holds, or half removed
     data = storage.read_bytes(stats_uri, s3)
     if hashlib.sha256(data).hexdigest() != record.stats_sha256:
-        raise InsectError(
-            f"{stats_uri} does not match {record_uri}: calibrate again (remove both files)"
-        )
+        return _unused(f"{stats_uri} does not match {record_uri}")
     from safetensors.torch import load as load_tensors
 
     try:
         return Int8Model(load_tensors(data), record)
     except Exception as e:  # safetensors' own error types vary by version
-        raise InsectError(f"{stats_uri} is not a valid safetensors file: {e}") from None
+        return _unused(f"{stats_uri} is not a valid safetensors file: {e}")
+
+
+def _unused(why: str) -> None:
+    print(f"int8 statistics not used: {why}", file=sys.stderr, flush=True)
+    return None
 
 
 def calibration_images(
