@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -91,6 +92,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     Nothing in the output is removed before the model directory is checked and the input
     is known to hold images, and then only insect's own files."""
     cfg.validate()
+    quiet_ray_data()
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
     row_format = row_format_for(cfg, meta)
@@ -372,13 +374,24 @@ class Counter:
         return sum(self.part_totals.values())
 
 
+def quiet_ray_data() -> None:
+    """Ray Data's progress and its INFO and WARNING lines go to its log file (the session's
+    logs/ray-data.log), not to the console, where insect's one bar and summary are. Its
+    progress bars count blocks and rows of each stage, which says little about images done;
+    where stderr is not a terminal (a job, a redirected run) it prints its progress as a
+    dozen INFO lines every 10 s instead. Before any dataset: each keeps the settings it was
+    made with."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; the file's is not one
+            handler.setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def progress_bar(counter, already: int = 0):
     """A tqdm bar on stderr (images classified of those listed so far, less the `already`
     done ones of a resumed run; images per second) that follows `counter` while the block
-    runs. Ray Data's own per-operator bars are turned off: they count blocks and rows of
-    each stage, which says little about images done."""
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    runs (Ray Data's own progress: `quiet_ray_data`)."""
     interactive = sys.stderr.isatty()
     bar = tqdm(total=0, unit="img", desc="classified", mininterval=0.5 if interactive else 10)
     stop = threading.Event()
