@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
 from insectlib import int8, layout, sample
@@ -155,20 +156,18 @@ def test_interleaved_calibrations_are_calibrated_again(tmp_path, labelled, capsy
     record and statistics are left, a later run never fails on them, and never uses
     statistics its record does not name."""
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
-    int8.calibrate(model_dir, meta, labelled, 8, LIMITS)
-    stats = os.path.join(model_dir, layout.INT8_STATS)
-    first = open(stats, "rb").read()
-    second = int8.calibrate(model_dir, meta, None, 8, LIMITS)  # other images, other stats
-    open(stats, "wb").write(first)  # the first run's statistics, the second's record
+    first = int8.calibrate(model_dir, meta, labelled, 8, LIMITS)
+    # The other run's statistics (as valid as these, other values) beside this record.
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in first.stats.items()}
+    save_file(other, os.path.join(model_dir, layout.INT8_STATS))
     assert int8.load(model_dir, meta) is None
     cfg = ClassifyConfig(input="x", model=model_dir, output="o", precision="int8")
     again = int8_for_run(cfg, meta)
     assert "calibrating int8" in capsys.readouterr().out
     assert int8.load(model_dir, meta).record == again.record
-    assert again.record.calibration == second.record.calibration
     assert sorted(os.listdir(model_dir)) == sorted(
         ["model.safetensors", "meta.json", *layout.INT8_FILES]
-    )  # no temporary files left
+    )
 
 
 def test_statistics_of_another_model_are_refused(tmp_path, labelled):
