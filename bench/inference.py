@@ -50,7 +50,7 @@ sys.path.insert(0, REPO)
 from common import write_result  # noqa: E402
 
 from insectlib.images import decode, eval_transform, resize_size  # noqa: E402
-from insectlib.model import ModelMeta, build_model, save_model  # noqa: E402
+from insectlib.model import ModelMeta, build_model, read_meta, save_model  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "insects")
 CLASSES = ["beetles", "cockroach", "dragonflies"]
@@ -188,9 +188,10 @@ def agreement(model_dir: str, kept, paths: list[str]) -> dict:
     """int8 against fp32 on `paths`: top-1 agreement and the largest probability difference."""
     from insectlib.predict import Predictor
 
-    transform = eval_transform(224)
+    size = read_meta(model_dir).image_size
+    transform = eval_transform(size)
     images = np.stack(
-        [transform(decode(open(p, "rb").read(), resize_size(224))).numpy() for p in paths]
+        [transform(decode(open(p, "rb").read(), resize_size(size))).numpy() for p in paths]
     )
     fp32 = Predictor(model_dir, precision="fp32").probabilities(images)
     int8 = Predictor(model_dir, precision="int8", int8_model=kept).probabilities(images)
@@ -208,7 +209,6 @@ def int8_rows(
     (random weights leave near-ties that any rounding flips)."""
     from insectlib import int8, sample
     from insectlib.config import ClassifyConfig
-    from insectlib.model import read_meta
 
     meta = read_meta(model_dir)
     calibration = os.path.join(SHARED, "train") if os.path.isdir(SHARED) else folder
@@ -303,7 +303,8 @@ def main() -> None:
     ap.add_argument(
         "--agreement-model",
         help="a trained model directory whose meta.json names its data: int8 agreement with "
-        "fp32 is measured on it (default: the random-weights VGG-16 of the speed rows)",
+        "fp32 is measured on it (calibrated on its own validation images; its int8 files are "
+        "written there; default: the random-weights VGG-16 of the speed rows)",
     )
     ap.add_argument("--out", help="JSON path (default bench/results/inference-<device>.json)")
     args = ap.parse_args()

@@ -375,16 +375,25 @@ class Counter:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's progress and its INFO and WARNING lines go to its log file (the session's
-    logs/ray-data.log), not to the console, where insect's one bar and summary are. Its
-    progress bars count blocks and rows of each stage, which says little about images done;
-    where stderr is not a terminal (a job, a redirected run) it prints its progress as a
-    dozen INFO lines every 10 s instead. Before any dataset: each keeps the settings it was
-    made with."""
+    """Ray Data's progress and INFO lines go to its log file (the session's
+    logs/ray-data/ray-data.log), not to the console, where insect's one bar and summary
+    are; its warnings (an operator without outputs for a minute, say) still reach it. Its
+    progress bars count blocks and rows of each stage, which says little about images
+    done, and where stdout is not a terminal (a job, a redirected run) it printed them as a
+    dozen INFO lines every 10 s instead. Before any dataset: each keeps the settings it
+    was made with."""
     ray.data.DataContext.get_current().enable_progress_bars = False
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):  # the console; the file's is not one
-            handler.setLevel(logging.ERROR)
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_bars_disabled)
+
+
+def _not_bars_disabled(record: logging.LogRecord) -> bool:
+    """False for Ray Data's warning that its progress bars are off (insect turned them off)."""
+    return not record.getMessage().startswith("Progress bars disabled")
 
 
 @contextlib.contextmanager

@@ -153,6 +153,14 @@ def quantize(
     return convert_pt2e(prepared)
 
 
+def inductor_settings() -> dict:
+    """The inductor settings that lower a converted graph to int8 kernels: torchao's x86
+    pre-grad pass, which its quantizer installs only in the thread that imports it."""
+    from torchao.quantization.pt2e.inductor_passes.x86 import quant_lift_up
+
+    return {"pre_grad_custom_pass": quant_lift_up}
+
+
 def _attribute(module: torch.nn.Module, dotted: str) -> torch.Tensor:
     for part in dotted.split("."):
         module = getattr(module, part)
@@ -165,8 +173,8 @@ def load(model_uri: str, meta: ModelMeta, s3=None) -> Int8Model | None:
     form, half removed, altered (their hash is not their record's), not insect's, or left
     by two calibrations of this directory at once (one's statistics beside the other's
     record, or a file read while it was written). The files are a cache: an int8 run then
-    calibrates again and replaces them, auto runs bf16 or fp32; a run never fails on them.
-    Why they were not used is said on stderr where it is not plain."""
+    calibrates again and replaces them, auto runs bf16 or fp32. Why they were not used is
+    said on stderr where it is not plain."""
     record_uri = storage.join(model_uri, layout.INT8_RECORD)
     stats_uri = storage.join(model_uri, layout.INT8_STATS)
     if not storage.exists(record_uri, s3):

@@ -65,26 +65,32 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def compile_frozen(model: torch.nn.Module, example: torch.Tensor):
-    """`torch.compile` for inference with freezing, compiled now on `example` (the one input
-    shape it will run): the weights are folded into the graph as constants, which lets
-    inductor pre-pack them for oneDNN (VGG-16 in bf16 runs about 1.6x faster than eager)
-    and lower int8 q/dq patterns to int8 kernels. None where compiling fails (it needs a
-    C++ compiler, Triton on GPU): run the model eagerly.
+def compile_frozen(model: torch.nn.Module, example: torch.Tensor, **settings):
+    """`model` compiled for inference with freezing, as a callable; None where compiling
+    fails (it needs a C++ compiler, Triton on GPU): run the model eagerly. Freezing folds
+    the weights into the graph as constants, which lets inductor pre-pack them for oneDNN
+    and lower int8 q/dq patterns to int8 kernels. `settings`: more inductor settings
+    (int8's pass, see `int8.inductor_settings`).
 
-    Now and in this thread, because torch 2.14's settings hold per thread: freezing, and
-    the pre-grad pass torchao's x86 quantizer sets where it is imported (int8 fails to
-    compile without it). Ray Data calls a model actor in a thread of its own; compiled
-    there at the first batch, VGG-16 int8 ran 12 images/s (no freezing: q/dq ops in fp32)
-    or 6 (eager), against 56 compiled in the actor's constructor (112 px, one core), and
-    bf16 lost 7%. (`options={"freezing": True}` is not enough: int8 fails to compile.)"""
+    It compiles now, on `example` (the shape, dtype and tensor kind, inference or not, of
+    every later input: another recompiles), and every call runs under the settings: torch
+    2.14 keeps them per thread, and Ray Data calls a model actor in a thread of its own.
+    Compiled lazily there, VGG-16 int8 lost freezing and torchao's pass and ran its q/dq
+    ops in fp32, 12 images/s against 56 (112 px, one core); bf16 lost 7%.
+    (`torch.compile(options=...)` is not enough: int8 then fails to compile.)"""
     from torch._inductor import config as inductor_config
 
+    settings = {"freezing": True, **settings}
     compiled = torch.compile(model, dynamic=False)
+
+    def run(x: torch.Tensor):
+        with inductor_config.patch(**settings):
+            return compiled(x)
+
     try:
-        with torch.inference_mode(), inductor_config.patch(freezing=True):
-            compiled(example)
+        with torch.inference_mode():
+            run(example)
     except Exception as e:
         print(f"torch.compile failed, running the model eagerly: {e}", file=sys.stderr)
         return None
-    return compiled
+    return run

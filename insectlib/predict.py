@@ -104,8 +104,9 @@ class Predictor:
             self.dtype = torch.float32
             self.meta = dataclasses.replace(self.meta, model_id=int8_model.record.int8_model_id)
             self.model = int8.quantize(model, int8_model.stats, self.meta.image_size, batch_size)
-            compile = True
+            compile, settings = True, int8.inductor_settings()
         else:
+            settings = {}
             self.dtype = resolve_precision(precision, self.device)
             # Weights stored in the compute dtype rather than autocast: no per-batch weight
             # casts (about 10% faster on CPU) and half the memory per actor in bf16/fp16.
@@ -117,7 +118,7 @@ class Predictor:
                 example = self._model_input(
                     torch.zeros((batch_size, 3, size, size), dtype=torch.uint8)
                 )
-            self.compiled = compile_frozen(self.model, example)
+            self.compiled = compile_frozen(self.model, example, **settings)
 
     def _model_input(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """A uint8 (N, 3, H, W) batch as the model takes it: normalized, in its dtype,
