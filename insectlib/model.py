@@ -95,6 +95,9 @@ class ModelMeta:
 
 
 def versions() -> dict[str, str]:
+    """The versions of what made a model, a calibration or a run's rows."""
+    import importlib.metadata
+
     import ray
 
     return {
@@ -103,6 +106,8 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "ray": ray.__version__,
+        # int8's graph and observers (not imported here: importing it takes about 0.5 s)
+        "torchao": importlib.metadata.version("torchao"),
     }
 
 

@@ -125,10 +125,21 @@ def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
     json.dump(record, open(record_path, "w"))
     assert int8.load(model_dir, meta) is None
 
+    # Statistics made with another torchao or torch (the venv was upgraded): they may have
+    # observed another graph, so they are not used.
+    for name in ("torchao", "torch"):
+        made = {**record["versions"], name: "0.0.1"}
+        json.dump({**record, "model_id": meta.model_id, "versions": made}, open(record_path, "w"))
+        assert int8.load(model_dir, meta) is None
+        assert f"made with torch {made['torch']}, torchao {made['torchao']}, this is" in (
+            capsys.readouterr().err
+        )
+
     # Records that are not insect's (or half written by a calibration running meanwhile).
     for text in (
         json.dumps({"model_id": meta.model_id}),
         json.dumps({**record, "top1_agreement": "1.0"}),
+        json.dumps({**record, "versions": "torch"}),
         json.dumps(record)[:40],
     ):
         open(record_path, "w").write(text)

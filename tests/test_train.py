@@ -33,7 +33,7 @@ def test_model_directory_is_self_describing(trained):
     assert meta.classes == ["beetles", "cockroach", "dragonflies"]
     assert meta.arch == "vgg16" and meta.image_size == 64 and meta.head == "classifier.6"
     assert meta.data["counts"]["train"] == {c: 24 for c in meta.classes}
-    assert {"torch", "torchvision", "ray", "insect"} <= set(meta.versions)
+    assert {"torch", "torchvision", "torchao", "ray", "insect"} <= set(meta.versions)
 
 
 def test_frozen_weights_are_bit_identical_after_training(trained):
