@@ -80,6 +80,18 @@ ACTORS: Groups = {
             "CPUs of the cluster)"
         ),
         "cpus_per_actor": "CPUs per model actor (also its torch threads on CPU)",
+        "precision": (
+            "compute precision; int8 (CPU): post-training quantization, calibrated once and "
+            "kept in the model directory; auto: int8 on an x86 CPU where the model "
+            "directory holds a calibration that agrees with fp32 on at least "
+            f"{config.INT8_AGREEMENT_MIN * 100:.0f}%% of its held-out images, else bf16 "
+            "where the hardware runs it fast, else fp32"
+        ),
+        "int8_calibration": (
+            "int8: images like those to classify (a folder, glob or s3:// prefix; up to "
+            f"{config.CALIBRATION_IMAGES} are sampled, half to calibrate and half to measure "
+            "agreement with fp32); default: the model's own validation images"
+        ),
     },
 }
 
@@ -196,19 +208,6 @@ CLASSIFY: Groups = (
                 "1.13x on Zen 4; seconds to a minute of compiling); auto: on from 1000 images "
                 "per actor"
             ),
-            "precision": (
-                "compute precision; int8 (CPU): post-training quantization, calibrated once and "
-                "kept in the model directory; auto: int8 on an x86 CPU where the model "
-                "directory holds a calibration that agrees with fp32 on at least "
-                f"{config.INT8_AGREEMENT_MIN * 100:.0f}%% of its held-out images, else bf16 "
-                "where the hardware runs it fast, else fp32"
-            ),
-            "int8_calibration": (
-                "int8: images like those to classify (a folder, glob or s3:// prefix; up to "
-                f"{config.CALIBRATION_IMAGES} are sampled, half to calibrate and half to measure "
-                "agreement with fp32); "
-                "default: the model's own validation images"
-            ),
         },
     }
     | LIMITS
@@ -226,7 +225,7 @@ EVALUATE: Groups = (
     }
     | ACTORS
     | LIMITS
-    | RAY
+    | without(RAY, "precision")
     | S3
 )
 

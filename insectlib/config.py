@@ -116,9 +116,19 @@ class RaySettings(InputLimits):
 class ActorSettings(RaySettings):
     """The model-actor pool of classify and evaluate."""
 
+    precision: str = setting("auto", choices=CLASSIFY_PRECISIONS)
+    # int8: images to fit the quantization on; None: the model's validation images
+    int8_calibration: str | None = None
     batch_size: int = setting(BATCH_SIZE, at_least=1)
     max_actors: int | None = setting(None, at_least=1)  # None: as the cluster allows
     cpus_per_actor: float = setting(1.0, above=0)
+
+    def validate(self) -> None:
+        check_settings(self)
+        if self.precision == "int8" and self.gpu:
+            raise InsectError("--precision int8 runs on CPUs: drop --gpu or choose bf16/fp16")
+        if self.int8_calibration and self.precision != "int8":
+            raise InsectError("--int8-calibration is for --precision int8")
 
 
 @dataclass(kw_only=True)
@@ -187,9 +197,6 @@ class ClassifyConfig(ActorSettings):
     """Every knob of `insect classify`."""
 
     input: str = ""  # a folder, prefix, file or glob; "" with a manifest
-    precision: str = setting("auto", choices=CLASSIFY_PRECISIONS)
-    # int8: images to fit the quantization on; None: the model's validation images
-    int8_calibration: str | None = None
     manifest: str | None = None  # a list of the inputs instead of `input` (see inputs.py)
     model: str
     output: str
@@ -205,17 +212,13 @@ class ClassifyConfig(ActorSettings):
     min_score: float | None = setting(None, at_least=0, at_most=1)  # below: not decided
 
     def validate(self) -> None:
-        check_settings(self)
+        super().validate()
         if self.max_actors is not None and not (self.min_actors or 1) <= self.max_actors:
             raise InsectError("need 1 <= --min-actors <= --max-actors")
         if bool(self.input) == bool(self.manifest):
             raise InsectError("give either INPUT or --manifest (one of them)")
         if self.overwrite and self.resume:
             raise InsectError("--overwrite and --resume exclude each other")
-        if self.precision == "int8" and self.gpu:
-            raise InsectError("--precision int8 runs on CPUs: drop --gpu or choose bf16/fp16")
-        if self.int8_calibration and self.precision != "int8":
-            raise InsectError("--int8-calibration is for --precision int8")
 
 
 @dataclass(kw_only=True)
@@ -225,9 +228,6 @@ class EvaluateConfig(ActorSettings):
     data: str
     model: str
     output: str = "evaluation"
-
-    def validate(self) -> None:
-        check_settings(self)
 
 
 @dataclass(kw_only=True)

@@ -87,8 +87,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     ok = table.filter(pc.field("error").is_null())
     y_true = ok.column("true_label_index").to_numpy()
     metrics = classification_metrics(y_true, ok.column("label_index").to_numpy(), meta.classes)
+    # The id of what classified: with int8 (asked for, or chosen by auto) not the fp32 one.
+    ran = set(table.column("model").to_pylist()) or {meta.model_id}
     metrics.update(
-        {"model": meta.model_id, "data": cfg.data, "unreadable": table.num_rows - ok.num_rows}
+        {
+            "model": ", ".join(sorted(ran)),
+            "data": cfg.data,
+            "unreadable": table.num_rows - ok.num_rows,
+        }
     )
     probs = ok.column("probabilities").combine_chunks().flatten().to_numpy()
     probs = probs.reshape(len(y_true), len(meta.classes))

@@ -32,7 +32,7 @@ from insectlib.config import CALIBRATION_IMAGES, INT8_AGREEMENT_MIN, DecodeLimit
 from insectlib.errors import ImageError, InsectError
 from insectlib.images import eval_transform, is_image_name, load_images, normalize, resize_size
 from insectlib.model import ModelMeta, WithEmbedding, load_model, versions
-from insectlib.precision import cpu_name, speed_flags
+from insectlib.precision import cpu_name, quiet_compile_chatter, speed_flags
 
 MIN_CALIBRATION_IMAGES = 8
 # The graph the statistics belong to. 2: the model returning (logits, embedding)
@@ -89,6 +89,7 @@ class Int8Model:
 
 def _prepare(model: torch.nn.Module, image_size: int, batch_size: int):
     """`model` exported (batch size dynamic) with the x86 quantizer's observers inserted."""
+    quiet_compile_chatter()  # before torchao's first import
     from torch.export import Dim, export
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -65,6 +67,23 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
+# What torch 2.14 and torchao 0.18 print in every model actor that compiles (a Ray actor's
+# lines reach the user's console) and that says nothing about their run: the logger, and
+# the start of the line.
+COMPILE_CHATTER = {
+    "torch.utils.cpp_extension": "No CUDA runtime is found",  # a CPU machine, as expected
+    # torchao registering its enums the way torch 2.14 deprecates
+    "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass",
+}
+
+
+@functools.cache
+def quiet_compile_chatter() -> None:
+    """Drop COMPILE_CHATTER from this process's console; everything else torch says stays."""
+    for name, start in COMPILE_CHATTER.items():
+        logging.getLogger(name).addFilter(lambda r, s=start: not r.getMessage().startswith(s))
+
+
 def compile_frozen(model: torch.nn.Module, example: torch.Tensor, **settings):
     """`model` compiled for inference with freezing, as a callable; None where compiling
     fails (it needs a C++ compiler, Triton on GPU): run the model eagerly. Freezing folds
@@ -80,6 +99,7 @@ def compile_frozen(model: torch.nn.Module, example: torch.Tensor, **settings):
     (`torch.compile(options=...)` is not enough: int8 then fails to compile.)"""
     from torch._inductor import config as inductor_config
 
+    quiet_compile_chatter()
     settings = {"freezing": True, **settings}
     compiled = torch.compile(model, dynamic=False)
 
@@ -88,7 +108,12 @@ def compile_frozen(model: torch.nn.Module, example: torch.Tensor, **settings):
             return compiled(x)
 
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # inductor's int8 lowering copies a tensor the way torch warns about, once per
+            # layer: not the user's to act on.
+            warnings.filterwarnings(
+                "ignore", "To copy construct from a tensor", UserWarning, r"torch\._inductor\."
+            )
             run(example)
     except Exception as e:
         print(f"torch.compile failed, running the model eagerly: {e}", file=sys.stderr)

@@ -54,6 +54,7 @@ def test_evaluate_end_to_end(calibrated, labelled_root, tmp_path, capsys):
     m = evaluate(EvaluateConfig(data=labelled_root, model=model_dir, output=str(out)))
     predictions = pq.read_table(out / "predictions").to_pylist()
     assert len(predictions) == m["images"] == 90  # a plain tree: every image
+    assert m["model"] == meta.model_id  # auto: bf16 or fp32 (no int8 calibration here)
     correct = sum(r["label"] == truth_of(r["path"]) for r in predictions)
     assert m["accuracy"] == pytest.approx(correct / 90)
     matrix = np.array(m["confusion_matrix"])

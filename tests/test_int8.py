@@ -16,8 +16,9 @@ from torch._dynamo.utils import counters
 
 from insectlib import int8, layout, sample
 from insectlib.classify import classify, int8_for_run
-from insectlib.config import ClassifyConfig, DecodeLimits
+from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig
 from insectlib.errors import InsectError
+from insectlib.evaluate import evaluate
 from insectlib.images import decode, eval_transform
 from insectlib.model import ModelMeta, build_model, load_model, save_model
 from insectlib.predict import Predictor
@@ -50,7 +51,7 @@ def batch_of(paths: list[str]) -> np.ndarray:
     return np.stack([transform(decode(open(p, "rb").read())).numpy() for p in paths])
 
 
-def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled):
+def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, recwarn):
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
     made = int8.calibrate(model_dir, meta, None, 8, LIMITS)
     # Half of the 18 validation images fit the statistics, the other half measure agreement.
@@ -80,6 +81,8 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled):
     agreement = (got.argmax(1) == fp32.argmax(1)).mean()
     assert agreement >= 0.9, agreement
     assert np.abs(got - fp32).max() < 0.1
+    # inductor's int8 lowering warns of its own tensor copies: not on the user's console.
+    assert not [w for w in recwarn if "To copy construct" in str(w.message)]
     compiles = counters["frames"]["ok"]
     again = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
     assert again.compiled is not None and counters["frames"]["ok"] > compiles
@@ -214,6 +217,26 @@ def sample_files(root: str):
     for r, _, fs in os.walk(root):
         for f in sorted(fs):
             yield os.path.join(r, f)
+
+
+def test_evaluate_int8(ray_local, tmp_path, labelled):
+    """`insect evaluate --precision int8`: the int8 model's accuracy, under its own id."""
+    model_dir, meta = small_model_dir(tmp_path, data=labelled)
+    out = tmp_path / "eval"
+    settings = {"max_actors": 1, "batch_size": 8}
+    m = evaluate(
+        EvaluateConfig(
+            data=labelled, model=model_dir, output=str(out), precision="int8", **settings
+        )
+    )
+    record = int8.load(model_dir, meta).record  # calibrated on the model's validation images
+    rows = pq.read_table(out / "predictions").to_pylist()
+    assert len(rows) == m["images"] == 36 and m["model"] == record.int8_model_id
+    assert {r["model"] for r in rows} == {record.int8_model_id}
+    correct = sum(r["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
+    assert m["accuracy"] == pytest.approx(correct / 36)
+    with pytest.raises(InsectError, match="--int8-calibration is for --precision int8"):
+        EvaluateConfig(data="d", model="m", int8_calibration="c").validate()
 
 
 def test_classify_int8_end_to_end(trained, unlabelled, tmp_path, capsys):

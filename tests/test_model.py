@@ -1,5 +1,6 @@
 import io
 import json
+import logging
 import pickle
 
 import pytest
@@ -127,3 +128,20 @@ def test_meta_temperature_must_be_in_range(bad):
     meta = M.ModelMeta(classes=["a", "b"], arch="resnet18", image_size=32, temperature=bad)
     with pytest.raises(InsectError, match="'temperature' must be between 0.05 and 20.0 or null"):
         M.ModelMeta.from_json(meta.to_json(), "meta.json")
+
+
+def test_compile_chatter_stays_off_the_console(capfd):
+    """What torch and torchao print in every compiling model actor and that says nothing
+    about the run is dropped; their other warnings stay."""
+    from torch.utils import cpp_extension
+
+    from insectlib.precision import COMPILE_CHATTER, quiet_compile_chatter
+
+    quiet_compile_chatter()
+    cpp_extension.logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+    cpp_extension.logger.warning("a warning that matters")
+    for name, start in COMPILE_CHATTER.items():
+        logging.getLogger(name).warning(start + " (the rest of the line)")
+    err = capfd.readouterr().err
+    assert "a warning that matters" in err
+    assert not any(start in err for start in COMPILE_CHATTER.values())
