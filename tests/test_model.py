@@ -133,11 +133,11 @@ def test_meta_temperature_must_be_in_range(bad):
 def test_compile_chatter_stays_off_the_console(capfd):
     """What torch and torchao print in every compiling model actor and that says nothing
     about the run is dropped; their other warnings stay."""
-    from torch.utils import cpp_extension
-
     from insectlib.precision import COMPILE_CHATTER, quiet_compile_chatter
 
     quiet_compile_chatter()
+    from torch.utils import cpp_extension  # says "No CUDA runtime" where first imported
+
     cpp_extension.logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
     cpp_extension.logger.warning("a warning that matters")
     for name, start in COMPILE_CHATTER.items():
