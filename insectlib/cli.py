@@ -205,7 +205,7 @@ CLASSIFY: Groups = (
             ),
             "compile": (
                 "torch.compile the model in each actor (bf16: 1.6x eager on Sapphire Rapids, "
-                "1.13x on Zen 4; seconds to a minute of compiling); auto: on from 1000 images "
+                "1.1x on Zen 4; seconds to a minute of compiling); auto: on from 1000 images "
                 "per actor"
             ),
         },

@@ -195,8 +195,8 @@ def load(model_uri: str, meta: ModelMeta, s3=None) -> Int8Model | None:
     if record.model_id != meta.model_id or not storage.exists(stats_uri, s3):
         return None  # made for weights this directory no longer holds, or half removed
     made, now = _graph_versions(record.versions), _graph_versions(versions())
-    if made != now:  # another torch or torchao may export and observe another graph
-        return _unused(f"they were made with {made}, this is {now}: calibrating again")
+    if any(made[name] != now[name] for name in made):  # another graph may be exported
+        return _unused(f"they were made with {_named(made)}, this is {_named(now)}")
     data = storage.read_bytes(stats_uri, s3)
     if hashlib.sha256(data).hexdigest() != record.stats_sha256:
         return _unused(f"{stats_uri} does not match {record_uri}")
@@ -208,13 +208,23 @@ def load(model_uri: str, meta: ModelMeta, s3=None) -> Int8Model | None:
         return _unused(f"{stats_uri} is not a valid safetensors file: {e}")
 
 
-def _graph_versions(found: dict) -> str:
-    """The versions that decide the quantized graph and its observers."""
-    return ", ".join(f"{name} {found.get(name, 'unknown')}" for name in ("torch", "torchao"))
+def _graph_versions(found: dict) -> dict[str, str]:
+    """The releases of the libraries that decide the exported graph and its observers,
+    among `found` (a record made before torchao was recorded names torch only): local
+    build tags (+cu130, +cpu) left out, as the graph does not depend on them."""
+    return {name: str(found[name]).split("+")[0] for name in ("torch", "torchao") if name in found}
+
+
+def _named(found: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version!r}" for name, version in found.items())
 
 
 def _unused(why: str) -> None:
-    print(f"int8 statistics not used: {why}", file=sys.stderr, flush=True)
+    print(
+        f"int8 statistics not used: {why} (an int8 run calibrates again)",
+        file=sys.stderr,
+        flush=True,
+    )
     return None
 
 

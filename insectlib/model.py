@@ -96,8 +96,6 @@ class ModelMeta:
 
 def versions() -> dict[str, str]:
     """The versions of what made a model, a calibration or a run's rows."""
-    import importlib.metadata
-
     import ray
 
     return {
@@ -106,9 +104,18 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "ray": ray.__version__,
-        # int8's graph and observers (not imported here: importing it takes about 0.5 s)
-        "torchao": importlib.metadata.version("torchao"),
+        "torchao": _installed("torchao"),  # int8's graph and observers
     }
+
+
+def _installed(package: str) -> str:
+    """The installed version of `package`, without importing it (torchao: about 0.5 s)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def available_archs() -> list[str]:

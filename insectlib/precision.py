@@ -69,19 +69,20 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 # What torch 2.14 and torchao 0.18 print in every model actor that compiles (a Ray actor's
 # lines reach the user's console) and that says nothing about their run: the logger, and
-# the start of the line.
+# the start of the line's format string.
 COMPILE_CHATTER = {
     "torch.utils.cpp_extension": "No CUDA runtime is found",  # a CPU machine, as expected
-    # torchao registering its enums the way torch 2.14 deprecates
-    "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass",
+    # a library (torchao, at import) registering an enum the way torch 2.14 deprecates
+    "torch.utils._pytree": "%s is an Enum subclass and is now natively supported",
 }
 
 
 @functools.cache
 def quiet_compile_chatter() -> None:
-    """Drop COMPILE_CHATTER from this process's console; everything else torch says stays."""
+    """Drop COMPILE_CHATTER from this process's console (call it before torchao is first
+    imported); everything else torch says stays."""
     for name, start in COMPILE_CHATTER.items():
-        logging.getLogger(name).addFilter(lambda r, s=start: not r.getMessage().startswith(s))
+        logging.getLogger(name).addFilter(lambda r, s=start: not str(r.msg).startswith(s))
 
 
 def compile_frozen(model: torch.nn.Module, example: torch.Tensor, **settings):
@@ -109,8 +110,9 @@ def compile_frozen(model: torch.nn.Module, example: torch.Tensor, **settings):
 
     try:
         with torch.inference_mode(), warnings.catch_warnings():
-            # inductor's int8 lowering copies a tensor the way torch warns about, once per
-            # layer: not the user's to act on.
+            # inductor's int8 lowering copies a tensor the way torch warns about: not the
+            # user's to act on. (Scoped to this compile: a process-wide filter would be
+            # dropped by any caller's own `catch_warnings`.)
             warnings.filterwarnings(
                 "ignore", "To copy construct from a tensor", UserWarning, r"torch\._inductor\."
             )

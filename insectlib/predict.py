@@ -18,7 +18,7 @@ from insectlib import int8, storage
 from insectlib.images import normalize
 from insectlib.layout import ROW_FORMAT_KEY
 from insectlib.model import ModelMeta, WithEmbedding, load_model
-from insectlib.precision import compile_frozen, resolve_precision
+from insectlib.precision import compile_frozen, quiet_compile_chatter, resolve_precision
 
 # The Parquet schema of `insect classify`: one row per input file. `RowFormat` adds the
 # optional columns.
@@ -88,6 +88,7 @@ class Predictor:
         int8_model: int8.Int8Model | None = None,
         row_format: RowFormat | None = None,
     ):
+        quiet_compile_chatter()  # first: int8 imports torchao, compiling imports more
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
