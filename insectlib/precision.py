@@ -100,7 +100,6 @@ def compile_frozen(model: torch.nn.Module, example: torch.Tensor, **settings):
     (`torch.compile(options=...)` is not enough: int8 then fails to compile.)"""
     from torch._inductor import config as inductor_config
 
-    quiet_compile_chatter()
     settings = {"freezing": True, **settings}
     compiled = torch.compile(model, dynamic=False)
 
