@@ -55,6 +55,7 @@ class ClassifySummary:
     errors: int
     seconds: float
     output: str
+    model: str  # the id in the rows' `model` column (with int8, the int8 model's)
 
     @property
     def images_per_second(self) -> float:
@@ -172,7 +173,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
 
     report = summarize(cfg.output, cfg.s3, meta.classes)
     rows, errors = report["rows"], report["errors"]
-    summary = ClassifySummary(total, rows, errors, seconds, cfg.output)
+    summary = ClassifySummary(total, rows, errors, seconds, cfg.output, model_id)
     if rows != total:
         raise InsectError(
             f"{cfg.output} has {rows} rows for {total} inputs, so no {outputs.SUCCESS_FILE} "

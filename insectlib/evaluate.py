@@ -68,7 +68,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     # Only now that the data is listed and the model checked: the old evaluation goes.
     outputs.remove(cfg.output, removal, cfg.s3)
     predictions = storage.join(cfg.output, PREDICTIONS_DIR)
-    classify(
+    classified = classify(
         ClassifyConfig(
             input=cfg.data,
             model=cfg.model,
@@ -87,14 +87,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     ok = table.filter(pc.field("error").is_null())
     y_true = ok.column("true_label_index").to_numpy()
     metrics = classification_metrics(y_true, ok.column("label_index").to_numpy(), meta.classes)
-    # The id of what classified: with int8 (asked for, or chosen by auto) not the fp32 one.
-    ran = set(table.column("model").to_pylist()) or {meta.model_id}
+    # What classified: with int8 (asked for, or chosen by auto) not the fp32 model.
     metrics.update(
-        {
-            "model": ", ".join(sorted(ran)),
-            "data": cfg.data,
-            "unreadable": table.num_rows - ok.num_rows,
-        }
+        {"model": classified.model, "data": cfg.data, "unreadable": table.num_rows - ok.num_rows}
     )
     probs = ok.column("probabilities").combine_chunks().flatten().to_numpy()
     probs = probs.reshape(len(y_true), len(meta.classes))
