@@ -1,6 +1,7 @@
 """int8 classification (`insectlib.int8`): calibration, what the model directory keeps, the
 agreement record, and the refusals. Ray-free but for the end-to-end runs at the bottom."""
 
+import gc
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig
 from insectlib.errors import InsectError
 from insectlib.evaluate import evaluate
 from insectlib.images import decode, eval_transform
-from insectlib.model import ModelMeta, build_model, load_model, save_model
+from insectlib.model import ModelMeta, WithEmbedding, build_model, load_model, save_model
 from insectlib.predict import Predictor
 
 LIMITS = DecodeLimits(2**26, 2**26)
@@ -86,8 +87,14 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     # inductor's int8 lowering warns of its own tensor copies: not on the user's console.
     assert not [w for w in recwarn if "To copy construct" in str(w.message)]
     compiles = counters["frames"]["ok"]
+    prepacked = counters["inductor"]["qconv_weight_prepack_matcher_count"]
     again = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
     assert again.compiled is not None and counters["frames"]["ok"] > compiles
+    # Its weights reach the compiler as int8 (no fp32 copy kept) and are lowered to
+    # oneDNN's int8 convolutions: every conv of the arch, not fp32 ones.
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in load_model(model_dir)[0].modules())
+    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] - prepacked == convs
+    assert {t.dtype for t in again.model.state_dict().values() if t.dim() > 1} == {torch.int8}
     # Compiled in the constructor: Ray Data calls the model in a thread of its own, where
     # torch's per-thread settings (freezing, torchao's int8 pass) are not; nothing compiles
     # there (it ran q/dq in fp32 at a fifth of the speed, or failed to compile).
@@ -100,6 +107,17 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     np.testing.assert_array_equal(probs, got)
     assert features.shape == (len(images), 1024) and np.isfinite(features).all()
 
+    # Nothing keeps the fp32 weights once quantized (torch and torchao cache every module
+    # quantization is given: the graphs holding them, 506 MiB in a VGG-16 actor).
+    model, _ = load_model(model_dir)
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() > 1}
+    quantized = int8.quantize(WithEmbedding(model), kept.stats, SIZE, 8)
+    del model
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)]
+    assert not [t for t in alive if _data_ptr(t) in weights]
+    assert {t.dtype for t in quantized.state_dict().values() if t.dim() > 1} == {torch.int8}
+
     # A record made on the logits-only graph (before format_version): calibrate again.
     path = os.path.join(model_dir, layout.INT8_RECORD)
     old = json.loads(open(path).read())
@@ -107,6 +125,74 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     with open(path, "w") as f:
         json.dump(old, f)
     assert int8.load(model_dir, meta) is None
+
+
+def _data_ptr(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.data_ptr()
+    except RuntimeError:  # the fake tensors torch.compile keeps have no storage
+        return None
+
+
+def _weight_graph(zero_points: torch.Tensor) -> torch.fx.GraphModule:
+    """x -> linear(x, dequantize(quantize(w))) with per-channel parameters, as
+    `convert_pt2e` leaves a weight before folding, and one activation quantized per
+    channel (not a weight: left alone)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 (registers the q/dq ops)
+
+    quantize = torch.ops.quantized_decomposed.quantize_per_channel.default
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    torch.manual_seed(0)
+    root = torch.nn.Module()
+    root.register_buffer("w", torch.randn(5, 3))
+    root.register_buffer("scale", torch.rand(5) / 50 + 0.01)
+    root.register_buffer("zero", zero_points)
+    root.register_buffer("x_scale", torch.full((3,), 0.05))
+    root.register_buffer("x_zero", torch.zeros(3, dtype=torch.int64))
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    w, scale, zero = g.get_attr("w"), g.get_attr("scale"), g.get_attr("zero")
+    x_scale, x_zero = g.get_attr("x_scale"), g.get_attr("x_zero")
+    limits = (-128, 127, torch.int8)
+    qx = g.call_function(quantize, (x, x_scale, x_zero, 1, *limits))
+    x = g.call_function(dequantize, (qx, x_scale, x_zero, 1, *limits))
+    qw = g.call_function(quantize, (w, scale, zero, 0, *limits))
+    dw = g.call_function(dequantize, (qw, scale, zero, 0, *limits))
+    g.output(g.call_function(torch.nn.functional.linear, (x, dw)))
+    return torch.fx.GraphModule(root, g)
+
+
+@pytest.mark.parametrize("zero_points", ["zero", "not zero"])
+def test_weights_are_folded_to_int8(zero_points):
+    zero = torch.zeros(5, dtype=torch.int64)
+    if zero_points == "not zero":
+        zero[1:3] = torch.tensor([3, -7])
+    x = torch.randn(4, 3)
+    graph = _weight_graph(zero)
+    want = graph(x)
+    folded = int8._fold_weight_quantize(_weight_graph(zero))
+    torch.testing.assert_close(folded(x), want, rtol=0, atol=0)
+    # The weight is kept as int8 only; the activation is still quantized per call.
+    assert not hasattr(folded, "w")
+    assert {t.dtype for t in folded.state_dict().values() if t.numel() == 15} == {torch.int8}
+    targets = [n.target for n in folded.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.quantized_decomposed.quantize_per_channel.default) == 1
+    # Zero points are dropped only where they are all zero (inductor's int8 lowering then
+    # takes zero), never where they shift the weights.
+    dequantize = folded.graph.find_nodes(
+        op="call_function", target=torch.ops.quantized_decomposed.dequantize_per_channel.default
+    )
+    weight = next(n for n in dequantize if n.args[0].op == "get_attr")
+    assert (weight.args[2] is None) == (zero_points == "zero")
+    assert hasattr(folded, "zero") == (zero_points == "not zero")
+    # Large weights are quantized in blocks of channels: the same int8 values.
+    w = torch.randn(3000, 700)
+    scale, zero = w.abs().amax(1) / 127, torch.zeros(3000, dtype=torch.int64)
+    whole = torch.ops.quantized_decomposed.quantize_per_channel(
+        w, scale, zero, 0, -128, 127, torch.int8
+    )
+    blocked = int8._quantize_in_blocks(w, scale, zero, 0, [-128, 127, torch.int8])
+    assert torch.equal(blocked, whole)
 
 
 def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
