@@ -19,6 +19,7 @@ nothing but tensors and JSON is ever read back, so no code runs from a model dir
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 import sys
@@ -140,8 +141,18 @@ def activation_stats(prepared) -> dict[str, torch.Tensor]:
 def quantize(
     model: torch.nn.Module, stats: dict[str, torch.Tensor], image_size: int, batch_size: int
 ):
-    """The int8 model (a converted PT2E graph, eager; compile it to run int8 kernels) of the
-    fp32 `model` with the activation statistics `stats`."""
+    """The int8 model (a converted PT2E graph with int8 weights, eager; compile it to run
+    int8 kernels) of the fp32 `model` with the activation statistics `stats`."""
+    try:
+        return _fold_weight_quantize(_converted(model, stats, image_size, batch_size))
+    finally:
+        _forget_graphs()  # where it fails too: they hold the fp32 weights
+
+
+def _converted(
+    model: torch.nn.Module, stats: dict[str, torch.Tensor], image_size: int, batch_size: int
+) -> torch.fx.GraphModule:
+    """`convert_pt2e`'s graph of `model` with the statistics `stats`, weights still fp32."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     prepared = _prepare(model, image_size, batch_size)
@@ -153,17 +164,17 @@ def quantize(
     with torch.no_grad():
         for observer, attribute in weights:
             prepared.get_submodule(observer)(_attribute(prepared, attribute))
-    converted = _fold_weight_quantize(convert_pt2e(prepared, fold_quantize=False))
-    _forget_graphs()
-    return converted
+    # `_fold_weight_quantize` folds the weights: torchao's own folding computes every
+    # dequantized weight too, only to drop it (3.0 s of a VGG-16 actor, one core).
+    return convert_pt2e(prepared, fold_quantize=False)
 
 
 def _forget_graphs() -> None:
     """Let go of the graphs that torchao 0.18 and torch 2.14 keep: both cache the device of
     every module quantization is given (`_assert_and_get_unique_device`,
     `assert_and_get_unique_device`) with functools, which holds the modules themselves
-    (the exported and prepared graphs, with the model's fp32 weights: 506 MiB in a
-    VGG-16 int8 actor, the whole model after a calibration)."""
+    (the exported and prepared graphs, with the model's fp32 weights: 506 MiB of them
+    measured alive in a VGG-16 int8 actor, the whole model after a calibration)."""
     import torch.ao.quantization.fx.utils as torch_utils
     import torchao.utils as torchao_utils
 
@@ -178,8 +189,8 @@ def _forget_graphs() -> None:
 def _fold_weight_quantize(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """`graph` with each weight's quantize op replaced by the int8 weight it computes, the
     dequantize ops of those weights given no zero points where theirs are all zero (the
-    x86 quantizer's weights are symmetric), and what no node uses any more dropped (the
-    fp32 weights).
+    x86 quantizer's weights are symmetric; inductor's int8 lowering takes None as zero),
+    and the attributes no node reads any more dropped (the fp32 weights).
 
     Why: inductor's freezing evaluates every weight's dequantize, twice, only to drop the
     result (it keeps q/dq to lower them to int8 kernels), and folds a weight's quantize
@@ -187,19 +198,18 @@ def _fold_weight_quantize(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     fp32 weights folded there 8.5 s; these int8 weights 6.3 s (after 0.1 s for this
     fold); with no zero points 5.3 s (the dequantize then multiplies int8 by the scales
     instead of subtracting int64 zero points first). Identical outputs, the same
-    qconv/qlinear lowering and speed. torchao's own folding (`fold_quantize=True`)
-    computes the dequantized weights too, only to drop them: 3.0 s of one core."""
+    qconv/qlinear lowering and speed."""
     quantize = torch.ops.quantized_decomposed.quantize_per_channel.default
     dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
-    for index, node in enumerate(graph.graph.find_nodes(op="call_function", target=quantize)):
-        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if any(a.op != "get_attr" for a in inputs):
-            continue  # an activation's: computed per batch
-        weight, scales, zero_points, axis, *rest = (
-            _attribute(graph, a.target) if a in inputs else a for a in node.args
+    for node in graph.graph.find_nodes(op="call_function", target=quantize):
+        maybe_unused = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if any(a.op != "get_attr" for a in maybe_unused):
+            continue  # not a constant: an activation, or a weight behind a view
+        weight, scales, zero_points, axis, *limits = (
+            _attribute(graph, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args
         )
-        name = f"_int8_weight{index}"
-        graph.register_buffer(name, _quantize_in_blocks(weight, scales, zero_points, axis, rest))
+        name = _new_attribute_name(graph, "_int8_weight")
+        graph.register_buffer(name, _quantize_in_blocks(weight, scales, zero_points, axis, *limits))
         with graph.graph.inserting_before(node):
             folded = graph.graph.get_attr(name)
         node.replace_all_uses_with(folded)
@@ -208,8 +218,8 @@ def _fold_weight_quantize(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
             zero = user.args[2] if user.target is dequantize else None
             if getattr(zero, "op", None) == "get_attr" and not _attribute(graph, zero.target).any():
                 user.update_arg(2, None)
-                inputs.append(zero)
-        for unused in {a for a in inputs if not a.users}:
+                maybe_unused.append(zero)
+        for unused in {a for a in maybe_unused if not a.users}:
             graph.graph.erase_node(unused)
             if not graph.graph.find_nodes(op="get_attr", target=unused.target):
                 _drop_attribute(graph, unused.target)
@@ -217,16 +227,29 @@ def _fold_weight_quantize(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return graph
 
 
-def _quantize_in_blocks(weight, scales, zero_points, axis: int, rest: list) -> torch.Tensor:
-    """`quantize_per_channel(weight, scales, zero_points, axis, *rest)` in blocks of
-    channels: the op's five steps each allocate a temporary as large as the weight, and
-    VGG-16's took 0.74 s whole against 0.10 s in blocks of 1M values (2 threads, identical
-    int8 weights)."""
+def _quantize_in_blocks(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """`quantize_per_channel` of `weight` in blocks of channels (FOLD_BLOCK values): the
+    op's five steps each allocate a temporary as large as the weight, and VGG-16's took
+    0.74 s whole against 0.10 s in these blocks (2 threads, identical int8 weights)."""
     quantize = torch.ops.quantized_decomposed.quantize_per_channel.default
     rows = max(1, FOLD_BLOCK * weight.shape[axis] // weight.numel())
     blocks = zip(weight.split(rows, axis), scales.split(rows), zero_points.split(rows), strict=True)
     with torch.no_grad():
-        return torch.cat([quantize(w, s, z, axis, *rest) for w, s, z in blocks], axis)
+        return torch.cat(
+            [quantize(w, s, z, axis, quant_min, quant_max, dtype) for w, s, z in blocks], axis
+        )
+
+
+def _new_attribute_name(module: torch.nn.Module, prefix: str) -> str:
+    return next(f"{prefix}{i}" for i in itertools.count() if not hasattr(module, f"{prefix}{i}"))
 
 
 def inductor_settings() -> dict:

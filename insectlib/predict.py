@@ -105,6 +105,7 @@ class Predictor:
             self.dtype = torch.float32
             self.meta = dataclasses.replace(self.meta, model_id=int8_model.record.int8_model_id)
             self.model = int8.quantize(model, int8_model.stats, self.meta.image_size, batch_size)
+            del model  # its fp32 weights: not held while compiling
             compile, settings = True, int8.inductor_settings()
         else:
             settings = {}

@@ -2,6 +2,7 @@
 agreement record, and the refusals. Ray-free but for the end-to-end runs at the bottom."""
 
 import gc
+import glob
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 (registers the q/dq ops used here)
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
@@ -27,14 +29,28 @@ from insectlib.model import ModelMeta, WithEmbedding, build_model, load_model, s
 from insectlib.predict import Predictor
 
 LIMITS = DecodeLimits(2**26, 2**26)
+# The layers inductor lowers to oneDNN's int8 kernels, by the name of its prepack pass.
+LOWERED = {"qconv": torch.nn.Conv2d, "qlinear": torch.nn.Linear}
 SIZE = 32
 
 
-def small_model_dir(root, arch="mobilenet_v3_small", data=None) -> tuple[str, ModelMeta]:
+def small_model_dir(
+    root, arch="mobilenet_v3_small", data=None, varied=False
+) -> tuple[str, ModelMeta]:
     """A model directory of a small arch (VGG-16's int8 path, in seconds) whose meta.json
-    points at `data`'s validation split."""
+    points at `data`'s validation split. Random weights give every image the same output
+    at 32 px (the batch norms' initial statistics shrink everything); `varied` estimates
+    them on random inputs first, so that the output depends on the image."""
     torch.manual_seed(0)
     model = build_model(arch, 3, "random")
+    if varied:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # a plain average over the batches seen
+        with torch.no_grad():
+            model.train()(torch.randn(32, 3, SIZE, SIZE))
+        model.eval()
     meta = ModelMeta(classes=list(sample.CLASSES), arch=arch, image_size=SIZE)
     if data:
         meta.data = {"root": data, "split": "stratified", "val_fraction": 0.5, "seed": 0}
@@ -87,14 +103,8 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     # inductor's int8 lowering warns of its own tensor copies: not on the user's console.
     assert not [w for w in recwarn if "To copy construct" in str(w.message)]
     compiles = counters["frames"]["ok"]
-    prepacked = counters["inductor"]["qconv_weight_prepack_matcher_count"]
     again = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
     assert again.compiled is not None and counters["frames"]["ok"] > compiles
-    # Its weights reach the compiler as int8 (no fp32 copy kept) and are lowered to
-    # oneDNN's int8 convolutions: every conv of the arch, not fp32 ones.
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in load_model(model_dir)[0].modules())
-    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] - prepacked == convs
-    assert {t.dtype for t in again.model.state_dict().values() if t.dim() > 1} == {torch.int8}
     # Compiled in the constructor: Ray Data calls the model in a thread of its own, where
     # torch's per-thread settings (freezing, torchao's int8 pass) are not; nothing compiles
     # there (it ran q/dq in fp32 at a fifth of the speed, or failed to compile).
@@ -107,10 +117,11 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     np.testing.assert_array_equal(probs, got)
     assert features.shape == (len(images), 1024) and np.isfinite(features).all()
 
-    # Nothing keeps the fp32 weights once quantized (torch and torchao cache every module
-    # quantization is given: the graphs holding them, 506 MiB in a VGG-16 actor).
+    # Nothing keeps the fp32 weights once quantized (`int8._forget_graphs`). Tracked by
+    # storage: the layers whose weights reach the graph as they are (not fused with a
+    # batch norm), among them the linear layers.
     model, _ = load_model(model_dir)
-    weights = {p.data_ptr() for p in model.parameters() if p.dim() > 1}
+    weights = {_data_ptr(p) for p in model.parameters() if p.dim() > 1}
     quantized = int8.quantize(WithEmbedding(model), kept.stats, SIZE, 8)
     del model
     gc.collect()
@@ -127,10 +138,35 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     assert int8.load(model_dir, meta) is None
 
 
+def test_int8_weights_compile_to_what_inductor_would_fold(tmp_path, labelled, monkeypatch):
+    model_dir, meta = small_model_dir(tmp_path, data=labelled, varied=True)
+    kept = int8.calibrate(model_dir, meta, None, 8, LIMITS)
+    images = batch_of(sorted(glob.glob(os.path.join(labelled, "*", "*.jpg"))))
+    prepacked = {k: counters["inductor"][f"{k}_weight_prepack_matcher_count"] for k in LOWERED}
+    folded = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
+    # Its weights reach the compiler as int8 (`int8._fold_weight_quantize`; no fp32 copy
+    # kept) and every conv and linear layer is lowered to oneDNN's int8 kernels.
+    assert {t.dtype for t in folded.model.state_dict().values() if t.dim() > 1} == {torch.int8}
+    layers = list(load_model(model_dir)[0].modules())
+    for name, kind in LOWERED.items():
+        lowered = counters["inductor"][f"{name}_weight_prepack_matcher_count"] - prepacked[name]
+        assert lowered == sum(isinstance(m, kind) for m in layers), name
+    # The same outputs, compiled, as the graph left for inductor to fold (fp32 weights
+    # quantized there, with their zero points); outputs that differ from image to image.
+    monkeypatch.setattr(int8, "_fold_weight_quantize", lambda graph: graph)
+    unfolded = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
+    assert {t.dtype for t in unfolded.model.state_dict().values() if t.dim() > 1} != {torch.int8}
+    got = folded.probabilities(images)
+    np.testing.assert_array_equal(got, unfolded.probabilities(images))
+    assert got.std(axis=0).max() > 1e-3 and len(set(got.argmax(1))) > 1
+
+
 def _data_ptr(tensor: torch.Tensor) -> int | None:
+    """Where the tensor's storage starts; None for tensors without one (the functional
+    and meta tensors torch.compile keeps)."""
     try:
-        return tensor.data_ptr()
-    except RuntimeError:  # the fake tensors torch.compile keeps have no storage
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
         return None
 
 
@@ -138,8 +174,6 @@ def _weight_graph(zero_points: torch.Tensor) -> torch.fx.GraphModule:
     """x -> linear(x, dequantize(quantize(w))) with per-channel parameters, as
     `convert_pt2e` leaves a weight before folding, and one activation quantized per
     channel (not a weight: left alone)."""
-    import torch.ao.quantization.fx._decomposed  # noqa: F401 (registers the q/dq ops)
-
     quantize = torch.ops.quantized_decomposed.quantize_per_channel.default
     dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
     torch.manual_seed(0)
@@ -185,14 +219,21 @@ def test_weights_are_folded_to_int8(zero_points):
     weight = next(n for n in dequantize if n.args[0].op == "get_attr")
     assert (weight.args[2] is None) == (zero_points == "zero")
     assert hasattr(folded, "zero") == (zero_points == "not zero")
-    # Large weights are quantized in blocks of channels: the same int8 values.
-    w = torch.randn(3000, 700)
-    scale, zero = w.abs().amax(1) / 127, torch.zeros(3000, dtype=torch.int64)
-    whole = torch.ops.quantized_decomposed.quantize_per_channel(
-        w, scale, zero, 0, -128, 127, torch.int8
-    )
-    blocked = int8._quantize_in_blocks(w, scale, zero, 0, [-128, 127, torch.int8])
-    assert torch.equal(blocked, whole)
+    activation = next(n for n in dequantize if n is not weight)
+    assert activation.args[2].target == "x_zero"  # all zero, but not a weight's
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_weights_are_quantized_in_blocks(monkeypatch, axis):
+    quantize = torch.ops.quantized_decomposed.quantize_per_channel
+    torch.manual_seed(0)
+    w = torch.randn(30, 70) if axis == 0 else torch.randn(70, 30)
+    scale = w.abs().amax(1 - axis) / 100
+    zero = torch.arange(30) % 7 - 3
+    whole = quantize(w, scale, zero, axis, -128, 127, torch.int8)
+    monkeypatch.setattr(int8, "FOLD_BLOCK", 300)  # blocks of 4 channels, the last of 2
+    blocked = int8._quantize_in_blocks(w, scale, zero, axis, -128, 127, torch.int8)
+    assert torch.equal(blocked, whole) and blocked.dtype == torch.int8
 
 
 def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
