@@ -1,10 +1,13 @@
-"""What every benchmark shares: naming the machine and writing the JSON result."""
+"""What every benchmark shares: naming the machine, running a row in a fresh process, and
+writing the JSON result."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,3 +27,24 @@ def write_result(path: str, report: dict) -> None:
     with open(path, "w") as f:
         json.dump({**report, "machine": machine()}, f, indent=2)
     print(f"wrote {path}")
+
+
+def in_fresh_process(fn, *args, env: dict[str, str | None] | None = None, **kwargs):
+    """`fn(*args, **kwargs)` in a new spawned process, as a model actor starts (nothing
+    imported or compiled before), whose environment has `env` added (None: the variable
+    unset; the libraries read it when they load)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    try:
+        _set_environment(env or {})
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+    finally:
+        _set_environment(saved)
+
+
+def _set_environment(env: dict[str, str | None]) -> None:
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import glob
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -49,7 +47,7 @@ from torchvision import transforms
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from common import write_result  # noqa: E402
+from common import in_fresh_process, write_result  # noqa: E402
 
 from insectlib.images import decode, eval_transform, resize_size  # noqa: E402
 from insectlib.model import ModelMeta, build_model, read_meta, save_model  # noqa: E402
@@ -227,14 +225,12 @@ def int8_rows(
         )
         print(f"(c') {result['c_insect_int8']:.1f} img/s", flush=True)
     ready = {"compile on (auto precision)": [], "int8": []}
-    spawn = multiprocessing.get_context("spawn")
     for _ in range(2):  # alternated, twice: one start-up varies by about a second
         for name, settings in (
             ("compile on (auto precision)", {}),
             ("int8", {"precision": "int8", "int8_model": kept}),
         ):
-            with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                seconds, rate = pool.submit(start_up, model_dir, **settings).result()
+            seconds, rate = in_fresh_process(start_up, model_dir, **settings)
             ready[name].append(seconds)
             result["model_only_int8" if settings else "model_only_compiled"] = rate
     result["start_up_seconds_each"] = ready

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import multiprocessing
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import torch
-from common import RESULTS, write_result
+from common import RESULTS, in_fresh_process, write_result
 from inference import SHARED, agreement, int8_matmul_peak, matmul_peak, start_up, vgg16_flops
 
 from insectlib import int8, sample
@@ -63,26 +61,6 @@ def peaks() -> dict:
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "inductor_vec_isa": str(pick_vec_isa()),
     }
-
-
-def in_fresh_process(env: dict[str, str | None], fn, *args, **kwargs):
-    """`fn(*args, **kwargs)` in a new spawned process whose environment has `env` (None:
-    the variable unset); the libraries read it when they load."""
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        _set(env)
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(fn, *args, **kwargs).result()
-    finally:
-        _set(saved)
-
-
-def _set(env: dict[str, str | None]) -> None:
-    for k, v in env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def main() -> None:
@@ -119,23 +97,25 @@ def main() -> None:
                 "int8": {"precision": "int8", "int8_model": speed_stats},
             }
             for settings in models.values():  # fill the kernel cache, as a node's first actor
-                in_fresh_process(env, start_up, model_dir, 1, **settings)
+                in_fresh_process(start_up, model_dir, 1, env=env, **settings)
             for _ in range(2):  # alternated, twice: one start-up varies by about a second
                 for precision, settings in models.items():
-                    ready, rate = in_fresh_process(env, start_up, model_dir, args.steps, **settings)
+                    ready, rate = in_fresh_process(
+                        start_up, model_dir, args.steps, env=env, **settings
+                    )
                     row.setdefault(f"{precision}_start_up_seconds", []).append(ready)
                     row.setdefault(f"{precision}_images_per_second", []).append(rate)
                     print(
                         f"{isa} {precision}: ready in {ready:.1f} s, {rate:.1f} img/s", flush=True
                     )
-            row.update(in_fresh_process(env, peaks))
+            row.update(in_fresh_process(peaks, env=env))
             row["fp32_limit"] = row["fp32_gflops"] * 1e9 / flops
             row["int8_limit"] = row["int8_gops"] * 1e9 / flops
             row["int8/fp32"] = max(row["int8_images_per_second"]) / max(
                 row["fp32_images_per_second"]
             )
             row["agreement"] = {
-                name: in_fresh_process(env, agreement, args.agreement_model, kept, paths)
+                name: in_fresh_process(agreement, args.agreement_model, kept, paths, env=env)
                 for name, paths in (("shared insect test photos", photos), ("generated", generated))
                 if paths
             }
