@@ -1,25 +1,41 @@
-# Quick start: `make demo` (install + demo), `make test` (install + the whole test suite).
+# Quick start: `make demo` (install + demo), `make test` (install + the whole test suite,
+# what CI runs), `make test-fast` (the tests that need no cluster, S3 or minutes of CPU).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+BROWSER := $(VENV)/.browser
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint browser bench-docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
-	$(VENV)/bin/python -c "import insectlib, ray, torch, torchvision, moto"
+	$(VENV)/bin/python -c "import insectlib, ray, torch, torchvision, moto, playwright"
 	touch $(STAMP)
+
+# Debian's chromium for the review page's browser tests (Playwright's own browser download
+# is not used); installed once, as root, where it is missing.
+$(BROWSER):
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the browser tests will be skipped"
+	touch $(BROWSER)
 
 demo: $(STAMP)
 	$(VENV)/bin/insect demo
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest
-
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-logo
+
+test: lint $(BROWSER)
+	$(VENV)/bin/python -m pytest
+
+test-fast: lint
+	$(VENV)/bin/python -m pytest -m "not ray and not s3 and not slow"
+
+# docs/performance.md from the measurements in bench/results/*.json
+bench-docs: $(STAMP)
+	$(VENV)/bin/python bench/performance_page.py
 
 clean:
 	rm -rf demo-output

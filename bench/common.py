@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from insectlib.precision import cpu_name, speed_flags  # noqa: E402
+from insectlib.model.precision import cpu_name, speed_flags  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -30,13 +30,13 @@ from common import write_result  # noqa: E402
 
 from insectlib import storage  # noqa: E402
 from insectlib.config import TrainConfig  # noqa: E402
-from insectlib.images import (  # noqa: E402
+from insectlib.data.images import (  # noqa: E402
     eval_transform,
     load_image,
     resize_size,
     train_transform,
 )
-from insectlib.worker import make_loaders  # noqa: E402
+from insectlib.training.worker import make_loaders  # noqa: E402
 
 BUCKET = "bench-feed"
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "insects", "train")

@@ -28,23 +28,23 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from insectlib import sample  # noqa: E402
 from insectlib.config import TrainConfig  # noqa: E402
-from insectlib.images import load_image, normalize, train_transform  # noqa: E402
-from insectlib.labels import discover  # noqa: E402
-from insectlib.model import apply_freeze, build_model  # noqa: E402
-from insectlib.precision import autocast, resolve_precision  # noqa: E402
-from insectlib.worker import TrainingWorker, make_loaders  # noqa: E402
+from insectlib.data import synthetic  # noqa: E402
+from insectlib.data.images import load_image, normalize, train_transform  # noqa: E402
+from insectlib.data.labels import discover  # noqa: E402
+from insectlib.model.network import apply_freeze, build_model  # noqa: E402
+from insectlib.model.precision import autocast, resolve_precision  # noqa: E402
+from insectlib.training.worker import TrainingWorker, make_loaders  # noqa: E402
 
 
 def _write(job: tuple[str, str, int, tuple[int, int]]) -> None:
     path, cls, seed, size = job
-    sample.make_image(cls, random.Random(seed), size).save(path, quality=90)
+    synthetic.make_image(cls, random.Random(seed), size).save(path, quality=90)
 
 
 def make_data(root: str, per_class: int, size: tuple[int, int]) -> str:
     jobs = []
-    for c, cls in enumerate(sample.CLASSES):
+    for c, cls in enumerate(synthetic.CLASSES):
         os.makedirs(os.path.join(root, cls), exist_ok=True)
         for i in range(per_class):
             jobs.append((os.path.join(root, cls, f"{i:05d}.jpg"), cls, c * 100_000 + i, size))

@@ -49,8 +49,9 @@ sys.path.insert(0, REPO)
 
 from common import in_fresh_process, write_result  # noqa: E402
 
-from insectlib.images import decode, eval_transform, resize_size  # noqa: E402
-from insectlib.model import ModelMeta, build_model, read_meta, save_model  # noqa: E402
+from insectlib.data.images import decode, eval_transform, resize_size  # noqa: E402
+from insectlib.model.meta import ModelMeta, read_meta  # noqa: E402
+from insectlib.model.network import build_model, save_model  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "insects")
 CLASSES = ["beetles", "cockroach", "dragonflies"]
@@ -173,7 +174,7 @@ def start_up(model_dir: str, steps: int = 4, **settings) -> tuple[float, float]:
     batch), then the model alone in images/s over `steps` batches of 32. Run it in a fresh
     process, as each actor is: in one process the second model compiled starts about 3 s
     faster (caches the first filled)."""
-    from insectlib.predict import Predictor
+    from insectlib.model.predictor import Predictor
 
     batch = np.random.default_rng(0).integers(0, 256, (32, 3, 224, 224), dtype=np.uint8)
     started = time.perf_counter()
@@ -188,7 +189,7 @@ def start_up(model_dir: str, steps: int = 4, **settings) -> tuple[float, float]:
 
 def agreement(model_dir: str, kept, paths: list[str]) -> dict:
     """int8 against fp32 on `paths`: top-1 agreement and the largest probability difference."""
-    from insectlib.predict import Predictor
+    from insectlib.model.predictor import Predictor
 
     size = read_meta(model_dir).image_size
     transform = eval_transform(size)
@@ -209,14 +210,15 @@ def int8_rows(
 ) -> dict:
     """Calibration, (c'), start-up and agreement of int8: of `agreement_model` where given
     (random weights leave near-ties that any rounding flips)."""
-    from insectlib import int8, sample
     from insectlib.config import ClassifyConfig
+    from insectlib.data import synthetic
+    from insectlib.model import int8_statistics
 
     meta = read_meta(model_dir)
     calibration = os.path.join(SHARED, "train") if os.path.isdir(SHARED) else folder
     started = time.perf_counter()
     limits = ClassifyConfig(input="", model="", output="").limits
-    kept = int8.calibrate(model_dir, meta, calibration, 32, limits)
+    kept = int8_statistics.measure(model_dir, meta, calibration, 32, limits)
     result = {"calibration_seconds": time.perf_counter() - started, "record": asdict(kept.record)}
     print(f"int8 calibration {result['calibration_seconds']:.0f} s: {kept.record}", flush=True)
     if not no_ray:
@@ -238,7 +240,7 @@ def int8_rows(
     print(f"start-up {ready}", flush=True)
     if agreement_model:  # trained weights: calibrated on its own validation images
         meta = read_meta(agreement_model)
-        kept = int8.calibrate(agreement_model, meta, None, 32, limits)
+        kept = int8_statistics.measure(agreement_model, meta, None, 32, limits)
         result["agreement_model"] = {
             "model_id": meta.model_id,
             "data": meta.data.get("root"),
@@ -248,7 +250,7 @@ def int8_rows(
         }
         model_dir = agreement_model
     test = sorted(glob.glob(os.path.join(SHARED, "test", "*", "*.jpg")))
-    generated = sorted(sample.make_unlabelled(os.path.join(tmp, "generated"), count=180))
+    generated = sorted(synthetic.make_unlabelled(os.path.join(tmp, "generated"), count=180))
     result["agreement"] = {"generated": agreement(model_dir, kept, generated)}
     if test:
         result["agreement"]["shared insect test photos"] = agreement(model_dir, kept, test)
@@ -283,7 +285,7 @@ def insect_classify(
 ) -> float:
     import ray
 
-    from insectlib.classify import classify
+    from insectlib.classify.pipeline import classify
     from insectlib.config import ClassifyConfig
 
     if not ray.is_initialized():

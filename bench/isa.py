@@ -36,9 +36,13 @@ import torch
 from common import RESULTS, in_fresh_process, write_result
 from inference import SHARED, agreement, int8_matmul_peak, matmul_peak, start_up, vgg16_flops
 
-from insectlib import int8, sample
 from insectlib.config import ClassifyConfig
-from insectlib.model import ModelMeta, build_model, read_meta, save_model
+from insectlib.data import synthetic
+from insectlib.model import int8, int8_statistics
+from insectlib.model.meta import ModelMeta, read_meta
+
+# What limits each library to an instruction set (see the module docstring); None: unset.
+from insectlib.model.network import build_model, save_model
 
 # What limits each library to an instruction set (see the module docstring); None: unset.
 AVX2 = {
@@ -79,12 +83,13 @@ def main() -> None:
         torch.manual_seed(0)
         meta = save_model(
             model_dir,
-            build_model("vgg16", len(sample.CLASSES), "random"),
-            ModelMeta(classes=list(sample.CLASSES), arch="vgg16", image_size=224),
+            build_model("vgg16", len(synthetic.CLASSES), "random"),
+            ModelMeta(classes=list(synthetic.CLASSES), arch="vgg16", image_size=224),
         )
-        generated = sorted(sample.make_unlabelled(os.path.join(tmp, "generated"), count=180))
-        speed_stats = int8.calibrate(model_dir, meta, os.path.join(tmp, "generated"), 32, limits)
-        kept = int8.load(args.agreement_model, trained) or int8.calibrate(
+        generated = sorted(synthetic.make_unlabelled(os.path.join(tmp, "generated"), count=180))
+        generated_dir = os.path.join(tmp, "generated")
+        speed_stats = int8_statistics.measure(model_dir, meta, generated_dir, 32, limits)
+        kept = int8.load(args.agreement_model, trained) or int8_statistics.measure(
             args.agreement_model, trained, None, 32, limits
         )
         photos = sorted(glob.glob(os.path.join(SHARED, "test", "*", "*.jpg")))

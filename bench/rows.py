@@ -42,9 +42,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "rows.json"))
     args = ap.parse_args()
 
-    from insectlib.classify import classify
+    from insectlib.classify.pipeline import classify
     from insectlib.config import ClassifyConfig
-    from insectlib.model import read_meta
+    from insectlib.model.meta import read_meta
 
     meta = read_meta(args.model)
     work = tempfile.mkdtemp(prefix="insect-rows-")

@@ -33,14 +33,15 @@ def read_all(parts: list[inputs.Part], s3) -> dict:
     import ray
     import ray.data
 
-    from insectlib.classify import Counter, read_inputs, streaming_block_size
+    from insectlib.classify.dataset import read_inputs, streaming_block_size
     from insectlib.config import ClassifyConfig
-    from insectlib.model import ModelMeta
+    from insectlib.model.meta import ModelMeta
+    from insectlib.runtime.progress import RunProgress
 
     # The block size classify streams a large input with, for a 3-class model.
     cfg = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
     meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=224, model_id="0" * 16)
-    counter = Counter.remote()
+    counter = RunProgress.remote()
     ds = read_inputs(parts, 32, s3, counter, streaming_block_size(cfg, meta, 10**9))
     started = time.perf_counter()
     first, rows = None, 0

@@ -65,7 +65,7 @@ def one_run(images: str, model: str, out: str, batch_size: int, resume: bool) ->
     """Classify `images` with a fresh local Ray; returns the measurements."""
     import ray
 
-    from insectlib.classify import classify
+    from insectlib.classify.pipeline import classify
     from insectlib.config import ClassifyConfig
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -121,8 +121,7 @@ def one_run(images: str, model: str, out: str, batch_size: int, resume: bool) ->
 def timed_phases() -> dict:
     """Seconds spent in the resume's two decisions, filled in as classify runs: checking
     the written parts (footers only) and the anti-join finding what is left."""
-    import insectlib.classify
-    import insectlib.outputs
+    from insectlib.classify import dataset, outputs
 
     phases: dict = {}
 
@@ -137,8 +136,8 @@ def timed_phases() -> dict:
 
         setattr(module, name, timed)
 
-    timing(insectlib.outputs, "resume_state", "resume_footers_seconds")
-    timing(insectlib.classify, "skip_done", "resume_anti_join_seconds")
+    timing(outputs, "resume_state", "resume_footers_seconds")
+    timing(dataset, "skip_done", "resume_anti_join_seconds")
     return phases
 
 
@@ -167,7 +166,8 @@ def hide(root: str, count: int) -> int:
 def make_model(path: str, arch: str, image_size: int) -> None:
     import torch
 
-    from insectlib.model import ModelMeta, build_model, save_model
+    from insectlib.model.meta import ModelMeta
+    from insectlib.model.network import build_model, save_model
 
     torch.manual_seed(0)
     model = build_model(arch, 3, "random")
@@ -190,7 +190,7 @@ def main() -> None:
         print(json.dumps(one_run(images, model, out, args.batch_size, resume == "1")))
         return
 
-    from insectlib import sample
+    from insectlib.data import synthetic
 
     def run(images, model, out, resume=False):
         result = subprocess.run(
@@ -209,7 +209,7 @@ def main() -> None:
         model = os.path.join(tmp, "model")
         make_model(model, args.arch, args.image_size)
         distinct = sorted(
-            sample.make_unlabelled(os.path.join(tmp, "distinct"), count=300, size=(48, 36))
+            synthetic.make_unlabelled(os.path.join(tmp, "distinct"), count=300, size=(48, 36))
         )
         for count in (int(n) for n in args.sizes.split(",")):
             images = os.path.join(tmp, f"images-{count}")

@@ -24,9 +24,9 @@ sys.path.insert(0, REPO)
 import ray  # noqa: E402
 from common import write_result  # noqa: E402
 
-from insectlib import sample  # noqa: E402
 from insectlib.config import TrainConfig  # noqa: E402
-from insectlib.train import fit  # noqa: E402
+from insectlib.data import synthetic  # noqa: E402
+from insectlib.training.trainer import fit  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "insects")
 
@@ -54,7 +54,7 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or sample.make_labelled(os.path.join(tmp, "data"), per_class=100)
+        data = args.data or synthetic.make_labelled(os.path.join(tmp, "data"), per_class=100)
         runs = {
             # name: (workers, cache_features, epochs)
             "full forward, 2 workers": (2, False, args.epochs),

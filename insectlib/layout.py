@@ -1,12 +1,8 @@
-"""What insect writes where: every file name of a model directory, an evaluation and a
-training run, written once, and the one helper that writes such a file.
-
-Classification outputs (Parquet parts and `_SUCCESS`) are described in `outputs`.
+"""What insect writes where: every file name of a model directory, an evaluation, a
+classification output and a training run, written once. (`storage.write_file` writes them.)
 """
 
 from __future__ import annotations
-
-from insectlib import storage
 
 # The model directory (`insect train --output`), in the order `train.write_model_dir`
 # writes it. META_FILE marks it complete: an old one is removed before anything else and
@@ -51,6 +47,22 @@ EVALUATION_FILES = (
     MISCLASSIFIED_FILE,
 )
 
+# A classification output (`insect classify --output`): Parquet parts (named by
+# `classify.outputs.PartNames`), then, once every input has exactly one row, these.
+# Names with a leading "_": pyarrow's, Spark's and Hadoop's dataset readers skip them, so
+# reading the folder as a dataset finds only the parts.
+SUCCESS_FILE = "_SUCCESS"  # JSON manifest of the complete run
+SUMMARY_JSON = "_summary.json"  # rows per class, scores, errors by kind, speed
+SUMMARY_PNG = "_summary.png"
+RUN_FILES = (SUCCESS_FILE, SUMMARY_JSON, SUMMARY_PNG)
+
+# In any output a run writes to (a classification, an evaluation, a model directory),
+# while the run holds it: the lock naming its holder (see `storage.locations`).
+LOCK_FILE = "_insect.lock"
+# The log of a command run from the CLI, in its output when that is local: Ray's and
+# torch's own messages (see `runtime.console`).
+LOG_DIR = "_logs"
+
 # The Parquet schema metadata key of a classification output's parts: the run's
 # `predict.RowFormat` as JSON (temperature and optional columns), which --resume compares.
 ROW_FORMAT_KEY = "insect.rows"
@@ -60,8 +72,3 @@ RUN_RECORD = "insect-run.json"  # beside the checkpoints: what `--resume` must f
 STATE_FILE = "state.pt"  # in each checkpoint: trainable weights, optimizer, history
 PROBLEM_FILE = "problem.txt"  # instead of STATE_FILE: the run stopped on this problem
 
-
-def write_file(directory: str, name: str, data: str | bytes, s3=None) -> None:
-    """Write file `name` of `directory` (local or s3://), replacing it."""
-    data = data.encode() if isinstance(data, str) else data
-    storage.write_bytes(storage.join(directory, name), data, s3)

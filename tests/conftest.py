@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from insectlib import sample, storage
+from insectlib import storage
 from insectlib.config import TrainConfig
-from insectlib.model import write_meta
-from insectlib.train import fit
+from insectlib.data import synthetic
+from insectlib.model.meta import write_meta
+from insectlib.training.trainer import fit
 from tests.s3server import MotoServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,16 @@ SHARED_INSECTS = REPO.parent / "shared" / "data" / "insects"
 
 # Small everything: the suite must stay well under CI's budget on 2 cores.
 TEST_IMAGE_SIZE = 64
+
+
+def pytest_collection_modifyitems(items):
+    """Mark each test by what it needs (see pyproject's markers): `make test-fast` leaves
+    out those on Ray or S3."""
+    for item in items:
+        if "ray_local" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+        if "s3_server" in item.fixturenames:
+            item.add_marker(pytest.mark.s3)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=REPO):
@@ -52,7 +63,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=REPO):
 def expect_cli_error(capsys, argv: list[str]) -> str:
     """Run `insect ARGV` in-process; it must fail within a minute with one error line, which
     is returned. (Other stderr lines may come from the test session's own Ray.)"""
-    from insectlib.cli import main
+    from insectlib.cli.main import main
 
     started = time.monotonic()
     assert main(argv) == 2
@@ -106,13 +117,13 @@ def ray_local(s3_server):
 @pytest.fixture(scope="session")
 def labelled_root(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("labelled")
-    return sample.make_labelled(str(root), per_class=30, size=(64, 48))
+    return synthetic.make_labelled(str(root), per_class=30, size=(64, 48))
 
 
 @pytest.fixture(scope="session")
 def unlabelled(tmp_path_factory) -> dict[str, str]:
     """{path: generating class} of a flat folder of JPEG and PNG files."""
-    return sample.make_unlabelled(
+    return synthetic.make_unlabelled(
         str(tmp_path_factory.mktemp("unlabelled")), count=24, size=(64, 48)
     )
 

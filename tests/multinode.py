@@ -39,7 +39,7 @@ def start_cluster(workers: int) -> tuple[Cluster, list]:
 
 def train(data: str, storage: str, output: str) -> dict:
     from insectlib.config import TrainConfig
-    from insectlib.train import fit
+    from insectlib.training.trainer import fit
 
     cluster, _ = start_cluster(2)
     meta = fit(
@@ -65,7 +65,7 @@ def train(data: str, storage: str, output: str) -> dict:
 
 
 def classify(images: str, model: str, output: str) -> dict:
-    from insectlib.classify import classify
+    from insectlib.classify.pipeline import classify
     from insectlib.config import ClassifyConfig
 
     cluster, nodes = start_cluster(2)

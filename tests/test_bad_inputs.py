@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from insectlib.classify import classify
+from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig
+from insectlib.data.images import decode
 from insectlib.errors import ImageError
-from insectlib.images import decode
 from tests.conftest import expect_cli_error, small_train_config
 
 
@@ -106,7 +106,7 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     assert report["classes"] == {c: predicted.count(c) for c in meta.classes}
     assert sum(report["scores"]["counts"]) == len(predicted) and report["images_per_second"] > 0
     capsys.readouterr()
-    from insectlib.cli import main
+    from insectlib.cli.main import main
 
     assert main(["summary", str(out)]) == 0
     written = capsys.readouterr().out
@@ -153,10 +153,10 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
 
 
 def test_training_skips_and_counts_unreadable_images(ray_local, tmp_path):
-    from insectlib import sample
-    from insectlib.train import fit
+    from insectlib.data import synthetic
+    from insectlib.training.trainer import fit
 
-    root = sample.make_labelled(str(tmp_path / "data"), per_class=6, size=(48, 36))
+    root = synthetic.make_labelled(str(tmp_path / "data"), per_class=6, size=(48, 36))
     (tmp_path / "data" / "beetles" / "text.jpg").write_bytes(b"not a picture")
     (tmp_path / "data" / "cockroach" / "empty.jpg").write_bytes(b"")
     (tmp_path / "data" / "cockroach" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")

@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from insectlib.classify import classify
+from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig
-from insectlib.images import decode, eval_transform, normalize
-from insectlib.model import load_model
-from insectlib.predict import PREDICTION_SCHEMA, RowFormat
+from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.model.network import load_model
+from insectlib.model.predictor import PREDICTION_SCHEMA, RowFormat
 
 
 def _plain_forward(model_dir: str, paths: list[str]):
@@ -30,7 +30,7 @@ def _plain_forward(model_dir: str, paths: list[str]):
 
 def test_classify_matches_plain_pytorch(calibrated, unlabelled, tmp_path):
     """Every column against a plain forward pass: probabilities are the softmax of the
-    logits divided by the model's temperature (raw with --no-calibration), the embedding
+    logits divided by the model's temperature (raw with --no-temperature), the embedding
     is the head's input, top-k and --min-score follow from the probabilities."""
     model_dir, meta = calibrated
     paths = sorted(unlabelled)
@@ -84,7 +84,7 @@ def test_classify_matches_plain_pytorch(calibrated, unlabelled, tmp_path):
     assert report["rows"] == len(paths) and report["undecided"] == len(paths) - decided
     assert sum(report["classes"].values()) == decided and sum(report["scores"]["counts"]) == 24
 
-    # --no-calibration: the raw softmax, the same predictions; the plain schema.
+    # --no-temperature: the raw softmax, the same predictions; the plain schema.
     raw = str(tmp_path / "raw")
     classify(
         ClassifyConfig(
@@ -92,7 +92,7 @@ def test_classify_matches_plain_pytorch(calibrated, unlabelled, tmp_path):
             model=model_dir,
             output=raw,
             precision="fp32",
-            calibration=False,
+            use_temperature=False,
         )
     )
     table = pq.read_table(raw)

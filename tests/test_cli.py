@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from insectlib import sample
-from insectlib.cli import COMMANDS
+from insectlib.cli.main import COMMANDS
 from insectlib.config import ClassifyConfig, TrainConfig
+from insectlib.data import synthetic
 from insectlib.errors import InsectError
 from insectlib.layout import META_FILE
 from insectlib.storage import S3Options
@@ -20,7 +20,7 @@ def test_train_input_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "no labelled images in" in expect_cli_error(capsys, ["train", str(tmp_path / "empty")])
     one = tmp_path / "one"
-    sample.make_labelled(str(one), per_class=2, size=(32, 24))
+    synthetic.make_labelled(str(one), per_class=2, size=(32, 24))
     for cls in ("cockroach", "dragonflies"):
         for f in (one / cls).iterdir():
             f.unlink()
@@ -86,7 +86,7 @@ def test_classify_empty_input(trained, tmp_path, capsys):
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from insectlib.cli import parser
+    from insectlib.cli.main import parser
 
     action = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices
@@ -115,7 +115,7 @@ def test_every_flag_is_a_config_field_with_its_default_and_choices(command):
 
 
 def test_parsed_defaults_equal_the_config_defaults():
-    from insectlib.cli import config_from, parser
+    from insectlib.cli.main import config_from, parser
 
     def parsed(argv):
         args = parser().parse_args(argv)
@@ -144,7 +144,7 @@ def test_settings_outside_their_rules_are_refused_by_the_config():
 
 
 def test_gpu_workers_get_the_cores_their_gpus_leave(monkeypatch):
-    from insectlib import runtime
+    from insectlib.runtime import connect
 
     gpu = TrainConfig(data="d", gpu=True)
     assert (gpu.sized(16.0).cpus_per_worker, gpu.sized(16.0).loader_workers) == (16.0, 15)
@@ -159,8 +159,8 @@ def test_gpu_workers_get_the_cores_their_gpus_leave(monkeypatch):
         {"Alive": True, "Resources": {"CPU": 64.0}},  # CPU-only: not a training node
         {"Alive": False, "Resources": {"CPU": 1.0, "GPU": 1.0}},
     ]
-    monkeypatch.setattr(runtime.ray, "nodes", lambda: nodes)
-    assert runtime.cpus_per_gpu() == 8.0  # the tightest GPU node decides
+    monkeypatch.setattr(connect.ray, "nodes", lambda: nodes)
+    assert connect.cpus_per_gpu() == 8.0  # the tightest GPU node decides
 
 
 def test_config_is_torch_free():

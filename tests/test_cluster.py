@@ -14,7 +14,7 @@ import pyarrow.dataset
 import pytest
 
 from insectlib import storage
-from insectlib.model import read_meta
+from insectlib.model.meta import read_meta
 from tests.conftest import BIN, REPO, run_cli, upload_tree
 
 SMALL = [

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from insectlib import confidence as C
-from insectlib.images import decode, eval_transform, normalize
-from insectlib.labels import discover
-from insectlib.model import ModelMeta, load_model
-from insectlib.predict import RowFormat, prediction_table
-from insectlib.report import reliability_png, report_markdown
+from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.data.labels import discover
+from insectlib.metrics import confidence as C
+from insectlib.metrics.charts import reliability_png
+from insectlib.model.meta import ModelMeta
+from insectlib.model.network import load_model
+from insectlib.model.predictor import RowFormat, prediction_table
+from insectlib.training.report import report_markdown
 
 
 def test_ece_and_reliability_by_hand():
@@ -40,12 +42,12 @@ def test_fitted_temperature_recovers_the_true_one():
     labels = np.array([rng.choice(5, p=p) for p in truth])
     t = C.fit_temperature(logits, labels)
     assert 2.7 < t < 3.3
-    report = C.calibration_report(logits, labels)
+    report = C.temperature_report(logits, labels)
     assert report["nll_after"] < report["nll_before"] and report["ece_after"] < 0.02
     assert report["ece_after"] < report["ece_before"] / 5
     assert (C.probabilities(logits, t).argmax(1) == logits.argmax(1)).all()
     # The raw softmax is recovered from calibrated probabilities.
-    back = C.uncalibrated(C.probabilities(logits, t).astype(np.float32), t)
+    back = C.raw_softmax(C.probabilities(logits, t).astype(np.float32), t)
     np.testing.assert_allclose(back, C.probabilities(logits), atol=1e-5)
 
 
@@ -68,7 +70,7 @@ def test_an_over_confident_model_is_calibrated_without_changing_a_prediction(tra
         logits = model(normalize(x)).numpy()
     accuracy = (logits.argmax(1) == labels).mean()
     assert 0.3 < accuracy < 0.8 and C.probabilities(logits).max(1).mean() > accuracy + 0.3
-    report = C.calibration_report(logits, labels)
+    report = C.temperature_report(logits, labels)
     assert report["temperature"] > 3
     assert report["ece_after"] < report["ece_before"] and report["nll_after"] < report["nll_before"]
     calibrated = C.probabilities(logits, report["temperature"])
@@ -79,10 +81,10 @@ def test_no_temperature_is_fitted_when_every_prediction_is_right():
     """With no mistake the NLL keeps falling as T goes to 0: the fit would end at the bound
     and make every later mistake near-certain. No temperature then."""
     logits = np.array([[3.0, 0.0, -1.0], [0.0, 2.0, 1.0], [0.5, 0.0, 4.0]])
-    report = C.calibration_report(logits, np.array([0, 1, 2]))
+    report = C.temperature_report(logits, np.array([0, 1, 2]))
     assert report["temperature"] is None and "classified right" in report["note"]
     assert report["ece_after"] == report["ece_before"]
-    one_wrong = C.calibration_report(logits, np.array([0, 1, 0]))
+    one_wrong = C.temperature_report(logits, np.array([0, 1, 0]))
     assert one_wrong["temperature"] is not None
 
 
@@ -91,7 +93,7 @@ def test_a_fitted_temperature_is_reported_and_drawn():
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 3, size=(300, 3))
     labels = np.where(rng.random(300) < 0.7, logits.argmax(1), rng.integers(0, 3, 300))
-    c = C.calibration_report(logits, labels)
+    c = C.temperature_report(logits, labels)
     assert c["temperature"] and c["nll_after"] <= c["nll_before"]
     meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=32)
     text = report_markdown(meta, {}, None, c)
@@ -104,7 +106,7 @@ def test_a_temperature_at_the_bound_is_not_applied():
     """Labels unrelated to the logits: the fit runs to T = 20 (uniform probabilities);
     such a temperature is not kept."""
     rng = np.random.default_rng(2)
-    report = C.calibration_report(rng.normal(0, 3, (200, 3)), rng.integers(0, 3, 200))
+    report = C.temperature_report(rng.normal(0, 3, (200, 3)), rng.integers(0, 3, 200))
     assert report["temperature"] is None and "ended at the bound" in report["note"]
 
 

@@ -12,7 +12,7 @@ import pytest
 import ray
 import yaml
 
-from insectlib.cli import parser
+from insectlib.cli.main import parser
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from insectlib.confidence import expected_calibration_error
+from insectlib.classify.evaluate import evaluate, print_metrics
 from insectlib.config import EvaluateConfig
-from insectlib.evaluate import evaluate, print_metrics
-from insectlib.images import decode, eval_transform, normalize
-from insectlib.model import load_model
-from insectlib.report import classification_metrics
-from insectlib.visualize import feature_maps
+from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.metrics.confidence import expected_calibration_error
+from insectlib.metrics.scores import classification_metrics
+from insectlib.model.network import load_model
+from insectlib.review.visualize import feature_maps
 from tests.conftest import expect_cli_error
 
 
@@ -129,7 +129,8 @@ def test_training_writes_metrics_curves_and_report(trained):
     # Temperature scaling fitted on the validation split: recorded, drawn and reported.
     c = metrics["calibration"]
     assert c["temperature"] == meta.temperature and c["images"] == validation["images"]
-    assert "## Calibration" in report and "![reliability diagram](reliability.png)" in report
+    assert "## Temperature scaling" in report
+    assert "![reliability diagram](reliability.png)" in report
     if validation["accuracy"] == 1.0:  # nothing to fit against: no temperature
         assert meta.temperature is None and "No temperature: every validation image" in report
     else:
@@ -154,7 +155,7 @@ def test_feature_map_shapes(trained, unlabelled):
 def test_visualize_cli(trained, unlabelled, tmp_path, capsys):
     """In-process (no Ray, one torch import: 3 subprocesses took 25 s); the installed
     `insect` entry point is run by test_cluster."""
-    from insectlib.cli import main
+    from insectlib.cli.main import main
 
     cfg, _ = trained
     image = sorted(unlabelled)[0]

@@ -15,12 +15,14 @@ import pytest
 import ray
 import torch
 
-from insectlib import sample
-from insectlib.classify import classify
+from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig, TrainConfig
+from insectlib.data import synthetic
 from insectlib.layout import STATE_FILE
-from insectlib.model import ModelMeta, build_model, save_model
-from insectlib.train import RUN_SNAPSHOT, fit
+from insectlib.model.meta import ModelMeta
+from insectlib.model.network import build_model, save_model
+from insectlib.training.run_storage import RUN_SNAPSHOT
+from insectlib.training.trainer import fit
 from tests.conftest import (
     BIN,
     expect_cli_error,
@@ -68,7 +70,7 @@ def sigkill(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> set[str]:
     root = tmp_path_factory.mktemp("many")
-    return set(sample.make_unlabelled(str(root), count=400, size=(64, 48)))
+    return set(synthetic.make_unlabelled(str(root), count=400, size=(64, 48)))
 
 
 def read_paths(out: Path) -> list[str]:
@@ -203,7 +205,7 @@ def test_file_names_are_data(trained, tmp_path, monkeypatch):
     cfg, _ = trained
     folder = tmp_path / "names"
     folder.mkdir()
-    sample_file = next(iter(sample.make_unlabelled(str(tmp_path / "src"), count=1)))
+    sample_file = next(iter(synthetic.make_unlabelled(str(tmp_path / "src"), count=1)))
     expected = set()
     for name in NAMES:
         (folder / name).write_bytes(Path(sample_file).read_bytes())
@@ -229,7 +231,7 @@ def test_unreadable_file_gets_an_error_row(trained, tmp_path):
     folder = tmp_path / "locked"
     folder.mkdir()
     locked = folder / "locked.jpg"
-    sample_file = next(iter(sample.make_unlabelled(str(tmp_path / "src"), count=1)))
+    sample_file = next(iter(synthetic.make_unlabelled(str(tmp_path / "src"), count=1)))
     locked.write_bytes(Path(sample_file).read_bytes())
     locked.chmod(0)
     classify(ClassifyConfig(input=str(folder), model=cfg.output, output=str(tmp_path / "out")))

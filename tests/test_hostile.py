@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from insectlib.cli import main
+from insectlib.cli.main import main
 from insectlib.config import DecodeLimits
-from insectlib.errors import ImageError
-from insectlib.images import (
+from insectlib.data.images import (
     eval_transform,
     load_image,
     resize_size,
     train_transform,
 )
-from insectlib.worker import ImageFiles
+from insectlib.errors import ImageError
+from insectlib.training.worker import ImageFiles
 from tests.fuzz import hostile_files
 
 FUZZ_COUNT = 2100  # 350 mutants of each of the six formats
@@ -101,7 +101,7 @@ MEMORY_PROBE = r"""
 import sys
 from insectlib.errors import ImageError
 from insectlib.config import DecodeLimits
-from insectlib.images import eval_transform, load_image, resize_size
+from insectlib.data.images import eval_transform, load_image, resize_size
 
 def peak_kb():
     for line in open("/proc/self/status"):

@@ -19,14 +19,17 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 (registers the q/dq op
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-from insectlib import int8, layout, sample
-from insectlib.classify import classify, int8_for_run
+from insectlib import layout
+from insectlib.classify.evaluate import evaluate
+from insectlib.classify.pipeline import classify, int8_for_run
 from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig
+from insectlib.data import synthetic
+from insectlib.data.images import decode, eval_transform
 from insectlib.errors import InsectError
-from insectlib.evaluate import evaluate
-from insectlib.images import decode, eval_transform
-from insectlib.model import ModelMeta, WithEmbedding, build_model, load_model, save_model
-from insectlib.predict import Predictor
+from insectlib.model import int8, int8_statistics
+from insectlib.model.meta import ModelMeta
+from insectlib.model.network import WithEmbedding, build_model, load_model, save_model
+from insectlib.model.predictor import Predictor
 
 LIMITS = DecodeLimits(2**26, 2**26)
 # The layers inductor lowers to oneDNN's int8 kernels, by the name of its prepack pass.
@@ -51,7 +54,7 @@ def small_model_dir(
         with torch.no_grad():
             model.train()(torch.randn(32, 3, SIZE, SIZE))
         model.eval()
-    meta = ModelMeta(classes=list(sample.CLASSES), arch=arch, image_size=SIZE)
+    meta = ModelMeta(classes=list(synthetic.CLASSES), arch=arch, image_size=SIZE)
     if data:
         meta.data = {"root": data, "split": "stratified", "val_fraction": 0.5, "seed": 0}
     path = str(root / "model")
@@ -60,7 +63,7 @@ def small_model_dir(
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> str:
-    return sample.make_labelled(
+    return synthetic.make_labelled(
         str(tmp_path_factory.mktemp("int8-data")), per_class=12, size=(48, 36)
     )
 
@@ -72,11 +75,11 @@ def batch_of(paths: list[str]) -> np.ndarray:
 
 def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, recwarn):
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
-    made = int8.calibrate(model_dir, meta, None, 8, LIMITS)
+    made = int8_statistics.measure(model_dir, meta, None, 8, LIMITS)
     # Half of the 18 validation images fit the statistics, the other half measure agreement.
     record = made.record
-    assert (record.calibration_images, record.agreement_images) == (9, 9)
-    assert record.model_id == meta.model_id and record.calibration.startswith("validation")
+    assert (record.fit_images, record.agreement_images) == (9, 9)
+    assert record.model_id == meta.model_id and record.images_from.startswith("validation")
     assert 0 <= record.top1_agreement <= 1 and record.max_probability_difference >= 0
     assert sorted(os.listdir(model_dir)) == sorted(
         ["model.safetensors", "meta.json", *layout.INT8_FILES]
@@ -117,7 +120,7 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     np.testing.assert_array_equal(probs, got)
     assert features.shape == (len(images), 1024) and np.isfinite(features).all()
 
-    # Nothing keeps the fp32 weights once quantized (`int8._forget_graphs`). Tracked by
+    # Nothing keeps the fp32 weights once quantized (`int8.forget_graphs`). Tracked by
     # storage: the layers whose weights reach the graph as they are (not fused with a
     # batch norm), among them the linear layers.
     model, _ = load_model(model_dir)
@@ -140,7 +143,7 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
 
 def test_int8_weights_compile_to_what_inductor_would_fold(tmp_path, labelled, monkeypatch):
     model_dir, meta = small_model_dir(tmp_path, data=labelled, varied=True)
-    kept = int8.calibrate(model_dir, meta, None, 8, LIMITS)
+    kept = int8_statistics.measure(model_dir, meta, None, 8, LIMITS)
     images = batch_of(sorted(glob.glob(os.path.join(labelled, "*", "*.jpg"))))
     prepacked = {k: counters["inductor"][f"{k}_weight_prepack_matcher_count"] for k in LOWERED}
     folded = Predictor(model_dir, precision="int8", batch_size=8, int8_model=kept)
@@ -239,12 +242,12 @@ def test_weights_are_quantized_in_blocks(monkeypatch, axis):
 def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
     assert int8.load(model_dir, meta) is None
-    int8.calibrate(model_dir, meta, labelled, 8, LIMITS)
+    int8_statistics.measure(model_dir, meta, labelled, 8, LIMITS)
     # In a fresh process, as in a model actor: building and compiling the int8 model prints
     # none of COMPILE_CHATTER (torchao is imported only once the filters are in).
     script = (
-        "from insectlib import int8; from insectlib.model import read_meta; "
-        "from insectlib.predict import Predictor; "
+        "from insectlib.model import int8; from insectlib.model.meta import read_meta; "
+        "from insectlib.model.predictor import Predictor; "
         f"d = {model_dir!r}; "
         "Predictor(d, precision='int8', batch_size=8, int8_model=int8.load(d, read_meta(d)))"
     )
@@ -286,7 +289,7 @@ def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
         err = capsys.readouterr().err
         assert (hash_checked in err) == same_graph, err
         if not same_graph:
-            assert f"{name} {version!r}" in err and "an int8 run calibrates again" in err
+            assert f"{name} {version!r}" in err and "an int8 run measures them again" in err
             assert "\x1b" not in err and err.count("\n") == 1
 
     # Records that are not insect's (or half written by a calibration running meanwhile).
@@ -321,14 +324,14 @@ def test_interleaved_calibrations_are_calibrated_again(tmp_path, labelled, capsy
     record and statistics are left, a later run never fails on them, and never uses
     statistics its record does not name."""
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
-    first = int8.calibrate(model_dir, meta, labelled, 8, LIMITS)
+    first = int8_statistics.measure(model_dir, meta, labelled, 8, LIMITS)
     # The other run's statistics (as valid as these, other values) beside this record.
     other = {k: v + 1 if v.is_floating_point() else v for k, v in first.stats.items()}
     save_file(other, os.path.join(model_dir, layout.INT8_STATS))
     assert int8.load(model_dir, meta) is None
     cfg = ClassifyConfig(input="x", model=model_dir, output="o", precision="int8")
     again = int8_for_run(cfg, meta)
-    assert "calibrating int8" in capsys.readouterr().out
+    assert "measuring int8 statistics" in capsys.readouterr().out
     assert int8.load(model_dir, meta).record == again.record
     assert sorted(os.listdir(model_dir)) == sorted(
         ["model.safetensors", "meta.json", *layout.INT8_FILES]
@@ -338,7 +341,7 @@ def test_interleaved_calibrations_are_calibrated_again(tmp_path, labelled, capsy
 def test_statistics_of_another_model_are_refused(tmp_path, labelled):
     small, small_meta = small_model_dir(tmp_path / "a", data=labelled)
     other, _ = small_model_dir(tmp_path / "b", arch="shufflenet_v2_x0_5", data=labelled)
-    stats = int8.calibrate(small, small_meta, None, 8, LIMITS).stats
+    stats = int8_statistics.measure(small, small_meta, None, 8, LIMITS).stats
     model, _ = load_model(other)
     with pytest.raises(InsectError, match="do not fit this model"):
         int8.quantize(model, stats, SIZE, 8)
@@ -348,20 +351,20 @@ def test_refusals_are_one_line(tmp_path, labelled):
     (tmp_path / "a").mkdir()
     resnet, meta = small_model_dir(tmp_path / "a", arch="resnet18", data=labelled)
     with pytest.raises(InsectError, match="does not support this model.*bf16 or fp32"):
-        int8.calibrate(resnet, meta, None, 8, LIMITS)
+        int8_statistics.measure(resnet, meta, None, 8, LIMITS)
     (tmp_path / "b").mkdir()
     nowhere, meta = small_model_dir(tmp_path / "b")
-    with pytest.raises(InsectError, match="give --int8-calibration"):
-        int8.calibrate(nowhere, meta, None, 8, LIMITS)
+    with pytest.raises(InsectError, match="give --int8-images"):
+        int8_statistics.measure(nowhere, meta, None, 8, LIMITS)
     few = tmp_path / "few"
     few.mkdir()
     shutil.copy(next(p for p in sample_files(labelled)), few / "one.jpg")
     with pytest.raises(InsectError, match="needs at least"):
-        int8.calibrate(nowhere, meta, str(few), 8, LIMITS)
+        int8_statistics.measure(nowhere, meta, str(few), 8, LIMITS)
     with pytest.raises(InsectError, match="runs on CPUs"):
         ClassifyConfig(input="x", model="m", output="o", precision="int8", gpu=True).validate()
-    with pytest.raises(InsectError, match="--int8-calibration is for --precision int8"):
-        ClassifyConfig(input="x", model="m", output="o", int8_calibration="c").validate()
+    with pytest.raises(InsectError, match="--int8-images is for --precision int8"):
+        ClassifyConfig(input="x", model="m", output="o", int8_images="c").validate()
 
 
 def sample_files(root: str):
@@ -386,8 +389,8 @@ def test_evaluate_int8(ray_local, tmp_path, labelled):
     assert {r["model"] for r in rows} == {record.int8_model_id}
     correct = sum(r["label"] == os.path.basename(os.path.dirname(r["path"])) for r in rows)
     assert m["accuracy"] == pytest.approx(correct / 36)
-    with pytest.raises(InsectError, match="--int8-calibration is for --precision int8"):
-        EvaluateConfig(data="d", model="m", int8_calibration="c").validate()
+    with pytest.raises(InsectError, match="--int8-images is for --precision int8"):
+        EvaluateConfig(data="d", model="m", int8_images="c").validate()
 
 
 def test_classify_int8_end_to_end(trained, unlabelled, tmp_path, capsys):
@@ -410,7 +413,7 @@ def test_classify_int8_end_to_end(trained, unlabelled, tmp_path, capsys):
     fp32 = run("fp32", precision="fp32")
     rows = run("int8", precision="int8")
     said = capsys.readouterr().out
-    assert "calibrating int8" in said and "top-1 agreement with fp32" in said
+    assert "measuring int8 statistics" in said and "top-1 agreement with fp32" in said
     record = int8.load(model_dir, meta).record
     assert set(rows) == set(fp32) == set(unlabelled)
     assert {r["model"] for r in rows.values()} == {record.int8_model_id}
@@ -431,7 +434,7 @@ def test_classify_int8_end_to_end(trained, unlabelled, tmp_path, capsys):
     json.dump({**kept, "top1_agreement": 0.5}, open(record_path, "w"))
     assert int8_for_run(auto, meta) is None
     assert {r["model"] for r in run("auto").values()} == {meta.model_id}
-    assert "calibrating int8" not in capsys.readouterr().out
+    assert "measuring int8 statistics" not in capsys.readouterr().out
 
     with pytest.raises(InsectError, match="model"):
         classify(

@@ -2,16 +2,16 @@ import os
 
 import pytest
 
-from insectlib import sample
+from insectlib.data import synthetic
+from insectlib.data.labels import discover
 from insectlib.errors import InsectError
-from insectlib.labels import discover
 
 
 def test_classes_sorted_and_stratified_split_is_deterministic(tmp_path):
-    root = sample.make_labelled(str(tmp_path), per_class=10, size=(32, 24))
+    root = synthetic.make_labelled(str(tmp_path), per_class=10, size=(32, 24))
     a = discover(root, val_fraction=0.2, seed=3)
     b = discover(root, val_fraction=0.2, seed=3)
-    assert a.classes == sorted(sample.CLASSES)
+    assert a.classes == sorted(synthetic.CLASSES)
     assert a.train == b.train and a.val == b.val
     assert a.counts() == {
         "train": {c: 8 for c in a.classes},
@@ -27,8 +27,8 @@ def test_classes_sorted_and_stratified_split_is_deterministic(tmp_path):
 
 @pytest.mark.parametrize("held_out", ["val", "test"])
 def test_existing_train_and_held_out_folders_are_used(tmp_path, held_out):
-    sample.make_labelled(str(tmp_path / "train"), per_class=4, size=(32, 24))
-    sample.make_labelled(str(tmp_path / held_out), per_class=2, size=(32, 24))
+    synthetic.make_labelled(str(tmp_path / "train"), per_class=4, size=(32, 24))
+    synthetic.make_labelled(str(tmp_path / held_out), per_class=2, size=(32, 24))
     s = discover(str(tmp_path))
     assert held_out in s.split
     assert len(s.train) == 12 and len(s.val) == 6
@@ -37,7 +37,7 @@ def test_existing_train_and_held_out_folders_are_used(tmp_path, held_out):
 
 
 def test_non_images_and_hidden_files_are_ignored(tmp_path):
-    root = sample.make_labelled(str(tmp_path), per_class=3, size=(32, 24))
+    root = synthetic.make_labelled(str(tmp_path), per_class=3, size=(32, 24))
     (tmp_path / "beetles" / "notes.txt").write_text("x")
     (tmp_path / "beetles" / ".DS_Store").write_text("x")
     (tmp_path / "beetles" / "UPPER.JPG").write_bytes(
@@ -54,8 +54,8 @@ def test_errors_name_the_culprit(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InsectError, match="no labelled images in .*empty"):
         discover(str(tmp_path / "empty"))
-    sample.make_labelled(str(tmp_path / "one"), per_class=2, size=(32, 24))
-    for cls in sample.CLASSES[1:]:
+    synthetic.make_labelled(str(tmp_path / "one"), per_class=2, size=(32, 24))
+    for cls in synthetic.CLASSES[1:]:
         for f in (tmp_path / "one" / cls).iterdir():
             f.unlink()
     with pytest.raises(InsectError, match=r"at least 2 classes, found 1 \(beetles\)"):

@@ -7,8 +7,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from insectlib import model as M
 from insectlib.errors import InsectError
+from insectlib.model import network as M
 
 
 @pytest.mark.parametrize(("arch", "head"), [("vgg16", "classifier.6"), ("resnet18", "fc")])
@@ -133,7 +133,7 @@ def test_meta_temperature_must_be_in_range(bad):
 def test_compile_chatter_stays_off_the_console(capfd):
     """What torch and torchao print in every compiling model actor and that says nothing
     about the run is dropped; their other warnings stay."""
-    from insectlib.precision import COMPILE_CHATTER, quiet_compile_chatter
+    from insectlib.model.precision import COMPILE_CHATTER, quiet_compile_chatter
 
     quiet_compile_chatter()
     from torch.utils import cpp_extension  # says "No CUDA runtime" where first imported

@@ -10,9 +10,10 @@ import sys
 
 import pyarrow.parquet as pq
 
-from insectlib import sample, storage
+from insectlib import storage
+from insectlib.data import synthetic
 from insectlib.layout import WEIGHTS_FILE
-from insectlib.model import read_meta
+from insectlib.model.meta import read_meta
 from tests.conftest import REPO
 
 
@@ -53,7 +54,7 @@ def test_training_spread_over_two_nodes_with_s3_storage(s3_server, labelled_root
 
 def test_classification_survives_losing_a_node(trained, tmp_path):
     cfg, _ = trained
-    images = set(sample.make_unlabelled(str(tmp_path / "images"), count=160, size=(64, 48)))
+    images = set(synthetic.make_unlabelled(str(tmp_path / "images"), count=160, size=(64, 48)))
     out = tmp_path / "out"
     result = run_multinode("classify", str(tmp_path / "images"), cfg.output, str(out))
     assert result["node_removed_before_the_end"], "the node must be lost mid-run"

@@ -14,14 +14,18 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 
-from insectlib import outputs, storage
-from insectlib.classify import classify
+from insectlib import layout, storage
+from insectlib.classify import outputs
+from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.errors import InsectError, StorageUnavailable
 from insectlib.layout import CONFUSION_PNG, META_FILE, MODEL_FILES, RELIABILITY_PNG, WEIGHTS_FILE
-from insectlib.model import load_model, read_meta
-from insectlib.predict import PREDICTION_SCHEMA, RowFormat
-from insectlib.train import preflight, write_model_dir
+from insectlib.model.meta import read_meta
+from insectlib.model.network import load_model
+from insectlib.model.predictor import PREDICTION_SCHEMA, RowFormat
+from insectlib.storage import files, retry
+from insectlib.training.model_dir import write_model_dir
+from insectlib.training.trainer import preflight
 from tests.conftest import expect_cli_error, run_cli
 
 
@@ -78,8 +82,8 @@ def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
     out = tmp_path / "out"
     _classify(cfg.output, images, out)
     first = _tree(out)
-    assert outputs.SUCCESS_FILE in first and all(
-        outputs.is_part_name(n) for n in first if n not in outputs.RUN_FILES
+    assert layout.SUCCESS_FILE in first and all(
+        outputs.is_part_name(n) for n in first if n not in layout.RUN_FILES
     )
     argv = ["classify", images, "--model", cfg.output, "--output", str(out), "--overwrite"]
     # A broken model directory or an input without images: refused, old output untouched.
@@ -105,11 +109,11 @@ def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
     assert "other columns" in expect_cli_error(capsys, argv)
     (out / fake).unlink()
     # Its own output: replaced.
-    from insectlib.cli import main
+    from insectlib.cli.main import main
 
     assert main(argv) == 0
     second = _tree(out)
-    assert set(second) != set(first) and outputs.SUCCESS_FILE in second
+    assert set(second) != set(first) and layout.SUCCESS_FILE in second
     assert pq.read_table(out).num_rows == len(unlabelled)
 
 
@@ -138,7 +142,7 @@ def test_resume_trusts_only_insects_own_files(calibrated, unlabelled, tmp_path, 
     before = _tree(out)
     err = expect_cli_error(capsys, argv)
     assert "holds rows made another way (top_k 2 then, null now)" in err
-    err = expect_cli_error(capsys, [*argv, "--top-k", "2", "--no-calibration"])
+    err = expect_cli_error(capsys, [*argv, "--top-k", "2", "--no-temperature"])
     assert "(temperature 1.7 then, null now)" in err
     assert _tree(out) == before
     argv += ["--top-k", "2"]
@@ -156,12 +160,12 @@ def test_resume_trusts_only_insects_own_files(calibrated, unlabelled, tmp_path, 
     part = sorted(p for p in out.iterdir() if outputs.is_part_name(p.name))[0]
     data = part.read_bytes()
     part.write_bytes(data[: len(data) // 2])
-    from insectlib.cli import main
+    from insectlib.cli.main import main
 
     assert main(argv) == 0
     table = pq.read_table(out)
     assert sorted(table.column("path").to_pylist()) == sorted(unlabelled)
-    assert {outputs.SUMMARY_JSON, outputs.SUMMARY_PNG, outputs.SUCCESS_FILE} <= set(_tree(out))
+    assert {layout.SUMMARY_JSON, layout.SUMMARY_PNG, layout.SUCCESS_FILE} <= set(_tree(out))
 
 
 def test_parts_from_before_row_formats_resume_only_as_raw_softmax(trained, tmp_path):
@@ -191,7 +195,7 @@ def test_resume_read_errors_are_retried_then_fail_without_deleting(
     out = tmp_path / "out"
     _classify(cfg.output, images, out, rows_per_file=8, batch_size=4)
     before = _tree(out)
-    monkeypatch.setattr(storage, "READ_BACKOFF_S", 0.01)
+    monkeypatch.setattr(retry, "READ_BACKOFF_S", 0.01)
     calls = []
 
     def failing(*args, **kwargs):
@@ -202,7 +206,7 @@ def test_resume_read_errors_are_retried_then_fail_without_deleting(
     with pytest.raises(StorageUnavailable, match="after 4 attempts"):
         legacy = asdict(RowFormat())
         outputs.resume_state(str(out), meta.model_id, storage.S3Options(), legacy, legacy)
-    assert len(calls) >= storage.READ_ATTEMPTS and _tree(out) == before
+    assert len(calls) >= retry.READ_ATTEMPTS and _tree(out) == before
 
 
 def test_rows_must_equal_inputs(trained, unlabelled, tmp_path):
@@ -212,11 +216,11 @@ def test_rows_must_equal_inputs(trained, unlabelled, tmp_path):
     shutil.copytree(os.path.dirname(next(iter(unlabelled))), folder)
     out = tmp_path / "out"
     _classify(cfg.output, folder, out)
-    (out / outputs.SUCCESS_FILE).unlink()
+    (out / layout.SUCCESS_FILE).unlink()
     sorted(folder.iterdir())[0].unlink()
     with pytest.raises(InsectError, match=r"has 24 rows for 23 inputs, so no _SUCCESS"):
         _classify(cfg.output, folder, out, resume=True)
-    assert not (out / outputs.SUCCESS_FILE).exists()
+    assert not (out / layout.SUCCESS_FILE).exists()
 
 
 def test_model_id_is_checked_against_the_weights(trained, tmp_path):
@@ -243,13 +247,13 @@ def test_model_dir_never_looks_complete_while_rewritten(trained, tmp_path, monke
     shutil.copytree(cfg.output, copy)
     model, meta = load_model(str(copy))
     written = []
-    real_write = storage.write_bytes
+    real_write = files.write_bytes
 
     def record(uri, data, s3=None):
         written.append(uri.rsplit("/", 1)[-1])
         real_write(uri, data, s3)
 
-    monkeypatch.setattr(storage, "write_bytes", record)
+    monkeypatch.setattr(files, "write_bytes", record)
     target = TrainConfig(data="d", output=str(copy))
     write_model_dir(target, model, meta, None)
     # In the order the layout states (no validation here: no confusion matrix).
@@ -261,7 +265,7 @@ def test_model_dir_never_looks_complete_while_rewritten(trained, tmp_path, monke
             raise OSError("disk full")
         real_write(uri, data, s3)
 
-    monkeypatch.setattr(storage, "write_bytes", crash)
+    monkeypatch.setattr(files, "write_bytes", crash)
     with pytest.raises(OSError):
         write_model_dir(target, model, meta, None)
     assert not (copy / META_FILE).exists()  # not a model: no old meta beside other weights
@@ -326,11 +330,11 @@ def test_bad_address_fails_fast_with_one_line(trained, unlabelled, tmp_path):
 
 
 def test_all_validation_images_unreadable(ray_local, tmp_path):
-    from insectlib import sample
-    from insectlib.train import fit
+    from insectlib.data import synthetic
+    from insectlib.training.trainer import fit
 
     root = tmp_path / "data"
-    sample.make_labelled(str(root / "train"), per_class=4, size=(32, 24))
+    synthetic.make_labelled(str(root / "train"), per_class=4, size=(32, 24))
     for cls in ("beetles", "cockroach", "dragonflies"):
         (root / "val" / cls).mkdir(parents=True)
         (root / "val" / cls / "bad.jpg").write_bytes(b"not a picture")

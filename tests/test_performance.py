@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from insectlib import sample
 from insectlib.config import TrainConfig
-from insectlib.images import decode, eval_transform, resize_size
-from insectlib.labels import discover
-from insectlib.predict import Predictor
-from insectlib.worker import TrainingWorker
+from insectlib.data import synthetic
+from insectlib.data.images import decode, eval_transform, resize_size
+from insectlib.data.labels import discover
+from insectlib.model.predictor import Predictor
+from insectlib.training.worker import TrainingWorker
 
 # bf16 keeps 8 bits of mantissa: probabilities move by a few thousandths at most here.
 BF16_PROBABILITY_TOLERANCE = 0.02
@@ -79,7 +79,7 @@ def test_cached_features_give_the_full_forward_results(tmp_path):
     """With a zero learning rate nothing changes between epochs, so the summed losses over
     the same images must match whether the trunk ran on them or its outputs were cached.
     (The worker without Ray: the `trained` fixture runs the cache through Ray Train.)"""
-    root = sample.make_labelled(str(tmp_path / "d"), per_class=12, size=(64, 48))
+    root = synthetic.make_labelled(str(tmp_path / "d"), per_class=12, size=(64, 48))
     data = discover(root)
     metrics = {}
     for cache in (True, False):

@@ -18,11 +18,13 @@ import torch
 import torchvision
 
 from insectlib import storage
-from insectlib.classify import classify
+from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig
 from insectlib.errors import ImageError, StorageUnavailable
-from insectlib.model import build_model, read_meta
-from insectlib.train import fit
+from insectlib.model.meta import read_meta
+from insectlib.model.network import build_model
+from insectlib.storage import retry
+from insectlib.training.trainer import fit
 from tests.conftest import expect_cli_error, run_cli, small_train_config, upload_tree
 from tests.s3server import free_port
 
@@ -202,7 +204,7 @@ def test_s3_reads_retry_transient_failures_and_keep_file_problems_as_rows(
 ):
     client = s3_server.client()
     client.put_object(Bucket=BUCKET, Key="odd/empty.jpg", Body=b"")
-    monkeypatch.setattr(storage, "READ_BACKOFF_S", 0.01)
+    monkeypatch.setattr(retry, "READ_BACKOFF_S", 0.01)
     uri = s3_data["images"][0]
     fs, _ = storage.filesystem(uri)  # fsspec caches it: read_input gets this instance
     real = fs.cat_file
@@ -267,7 +269,7 @@ def test_denied_reads_stop_the_run_and_resume_finishes_it(
     assert "--resume" in err
     fs, path = storage.filesystem(out)
     assert not fs.exists(f"{path}/_SUCCESS")
-    from insectlib.cli import main
+    from insectlib.cli.main import main
 
     assert main([*argv, "--resume"]) == 0
     table = pyarrow.dataset.dataset(path, filesystem=storage.pyarrow_filesystem(out)[0]).to_table()
@@ -280,7 +282,7 @@ def test_s3_overwrite_removes_only_insects_objects(s3_model, s3_data, s3_server,
     client = s3_server.client()
     out = f"s3://{BUCKET}/predictions-guarded"
     argv = ["classify", f"s3://{BUCKET}/images", "--model", cfg.output, "--output", out]
-    from insectlib.cli import main
+    from insectlib.cli.main import main
 
     assert main(argv) == 0
     client.put_object(Bucket=BUCKET, Key="predictions-guarded/README.md", Body=b"mine")

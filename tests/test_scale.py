@@ -20,12 +20,15 @@ import pytest
 import ray
 import ray.data
 
-from insectlib import inputs, outputs, storage
-from insectlib.classify import Counter, classify, read_inputs, streaming_block_size
-from insectlib.cli import main
+from insectlib import layout, storage
+from insectlib.classify.dataset import read_inputs, streaming_block_size
+from insectlib.classify.pipeline import classify
+from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig
-from insectlib.model import ModelMeta
-from insectlib.predict import prediction_table
+from insectlib.data import inputs
+from insectlib.model.meta import ModelMeta
+from insectlib.model.predictor import prediction_table
+from insectlib.runtime.progress import RunProgress
 from tests.conftest import expect_cli_error
 
 S3 = storage.S3Options()
@@ -134,7 +137,7 @@ def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda k: client.put_object(Bucket="insect-flat", Key=k, Body=b"x"), keys))
     parts = inputs.plan_listing("s3://insect-flat/flat", S3)
-    counter = Counter.remote()
+    counter = RunProgress.remote()
     ds = read_inputs(parts, 32, S3, counter, streaming_blocks(6000))
     sizes, listing_done_at_first = [], None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -289,7 +292,7 @@ def test_resume_with_a_large_done_set(trained, unlabelled, tmp_path):
     table = pq.read_table(out, columns=["path", "score"])
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 5000 + len(unlabelled)
-    manifest = json.loads((out / outputs.SUCCESS_FILE).read_text())
+    manifest = json.loads((out / layout.SUCCESS_FILE).read_text())
     assert manifest["inputs"] == manifest["rows"] == 5000 + len(unlabelled)
     new = [p for p in paths if "/new/" in p]
     assert len(new) == len(unlabelled)

@@ -1,6 +1,7 @@
 import pytest
 
-from insectlib import inputs, storage
+from insectlib import storage
+from insectlib.data import inputs
 from insectlib.errors import InsectError
 
 
@@ -60,7 +61,7 @@ def test_listing_blocks_are_bounded(tmp_path):
 
 
 def test_local_paths_warn_on_multi_node_clusters():
-    from insectlib.runtime import local_path_warnings
+    from insectlib.runtime.connect import local_path_warnings
 
     local = {"--storage": "/runs", "--output": "/models/m"}
     assert local_path_warnings(local, nodes=1) == []

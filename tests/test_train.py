@@ -5,12 +5,12 @@ from dataclasses import replace
 
 import torch
 
-from insectlib import sample
 from insectlib.config import TrainConfig
-from insectlib.labels import discover
+from insectlib.data import synthetic
+from insectlib.data.labels import discover
 from insectlib.layout import STATE_FILE
-from insectlib.model import build_model, head_name, load_model
-from insectlib.worker import TrainingWorker
+from insectlib.model.network import build_model, head_name, load_model
+from insectlib.training.worker import TrainingWorker
 
 
 def test_train_two_workers_reports_and_checkpoints_every_epoch(trained):
@@ -51,7 +51,7 @@ def test_frozen_weights_are_bit_identical_after_training(trained):
 
 def test_training_worker_runs_without_ray(tmp_path):
     """Each part of a worker's training (features cache, epoch, state) as plain PyTorch."""
-    root = sample.make_labelled(str(tmp_path / "d"), per_class=6, size=(48, 36))
+    root = synthetic.make_labelled(str(tmp_path / "d"), per_class=6, size=(48, 36))
     data = discover(root, val_fraction=0.25, seed=0)
     cfg = TrainConfig(
         data=root, arch="resnet18", weights="random", image_size=32, batch_size=4, augment=False
@@ -93,10 +93,11 @@ def test_training_reads_a_batch_from_s3_concurrently(monkeypatch, tmp_path):
     """A batch's S3 reads overlap (latency, not bandwidth, bounds a GET), as classify's do."""
     from insectlib import storage
     from insectlib.config import DecodeLimits
-    from insectlib.images import eval_transform
-    from insectlib.worker import ImageFiles
+    from insectlib.data.images import eval_transform
+    from insectlib.storage import files
+    from insectlib.training.worker import ImageFiles
 
-    photo = sample.make_labelled(str(tmp_path / "d"), per_class=1, size=(48, 36))
+    photo = synthetic.make_labelled(str(tmp_path / "d"), per_class=1, size=(48, 36))
     data = next((tmp_path / "d" / "beetles").iterdir()).read_bytes()
     in_flight, most, lock = [0], [0], threading.Lock()
 
@@ -110,7 +111,7 @@ def test_training_reads_a_batch_from_s3_concurrently(monkeypatch, tmp_path):
             in_flight[0] -= 1
         return data
 
-    monkeypatch.setattr(storage, "read_input", slow_get)
+    monkeypatch.setattr(files, "read_input", slow_get)
     items = [(f"s3://bucket/{i}.jpg", 0) for i in range(32)]
     files = ImageFiles(items, eval_transform(32), 37, DecodeLimits(), storage.S3Options())
     started = time.perf_counter()

@@ -1,0 +1,241 @@
+"""The Ray Data side of classification: the listing as a streaming source, decoding, the
+model-actor pool, and the block size that keeps it all streaming.
+
+list (`data.inputs.InputSource`) -> `image_batch` (read, decode, preprocess) -> `Predictor`
+in an actor pool -> Parquet (`pipeline`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+
+import numpy as np
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
+
+from insectlib import storage
+from insectlib.classify import outputs
+from insectlib.config import ClassifyConfig, DecodeLimits
+from insectlib.data import inputs
+from insectlib.data.images import eval_transform, load_images, resize_size
+from insectlib.errors import ImageError
+from insectlib.model.int8 import Int8Model
+from insectlib.model.meta import ModelMeta
+from insectlib.model.predictor import Predictor, RowFormat, prediction_table
+
+# torch.compile costs each actor seconds to a minute and saves time on every batch: worth
+# it from about a thousand images per actor (measured gains: docs/performance.md).
+COMPILE_MIN_IMAGES_PER_ACTOR = 1000
+# Listing parts read at once, at most: I/O-bound tasks that ask for no CPU, but each is a
+# Ray worker process to start, which on few cores holds the first paths back (measured:
+# docs/performance.md): no more than half the CPUs.
+LISTING_TASKS = 16
+SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as small
+PATH_CHARS = 128  # a long path: blocks sized with it hold one batch of predictions
+
+
+def image_batch(
+    batch: dict[str, np.ndarray], image_size: int, limits: DecodeLimits, s3
+) -> dict[str, np.ndarray]:
+    """Read and preprocess a Ray Data batch of files. A file that fails gets an error text,
+    never an exception: one bad file must not take the rest of its batch down. Only a
+    storage that keeps failing (StorageUnavailable) stops the run."""
+    paths = list(batch["path"])
+    raw = batch.get("raw_path")
+    if raw is not None:  # the OS's own bytes where the shown name had to be escaped
+        paths_read = [os.fsdecode(r) if r else p for p, r in zip(paths, raw, strict=True)]
+    else:
+        paths_read = paths
+    unlisted = batch.get("listing_error")
+    errors = [e or "" for e in unlisted] if unlisted is not None else [""] * len(paths)
+    todo = [i for i, e in enumerate(errors) if not e]  # folders that could not be listed: no read
+    transform, min_side = eval_transform(image_size), resize_size(image_size)
+    images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.uint8)
+    found = load_images([paths_read[i] for i in todo], transform, min_side, limits, s3)
+    for i, image in zip(todo, found, strict=True):
+        if isinstance(image, ImageError):
+            errors[i] = str(image)
+        else:
+            images[i] = image.numpy()
+    # "" = fine; Arrow keeps the column a string column
+    return {"path": np.array(paths, dtype=object), "image": images, "error": np.array(errors)}
+
+
+def read_inputs(
+    parts: list[inputs.Part], batch_size: int, s3, progress, block_size: int | None = None
+) -> ray.data.Dataset:
+    """The inputs' paths as a Ray Data dataset read by one task per part (see `inputs`).
+
+    `block_size`: Ray Data's target_max_block_size for this dataset and every dataset made
+    from it (None: Ray Data's own, 128 MiB); see `streaming_block_size`."""
+    with block_bytes(block_size):
+        return ray.data.read_datasource(
+            inputs.InputSource(parts, batch_size, s3, progress),
+            # Listing is I/O: it must not wait for the CPUs the model actors hold.
+            num_cpus=0,
+            concurrency=listing_tasks(len(parts)),
+            # One output stream per part. Without it Ray Data asks for at least 200 blocks
+            # and cuts each part's blocks into 200 / parts pieces (SplitBlocks): a single
+            # part's 32-path blocks became 200 blocks each, and a 10-part input's 20.
+            override_num_blocks=len(parts),
+        )
+
+
+def streaming_block_size(
+    cfg: ClassifyConfig, meta: ModelMeta, seen: int, row_format: RowFormat | None = None
+) -> int:
+    """The block size in bytes that streams a listing into the model actors.
+
+    Ray Data joins what a listing task yields into blocks of up to target_max_block_size
+    (128 MiB by default), so the task's paths would come out only when it ends, in blocks
+    too large to spread over the actors. The same size cuts every later stage's output, and
+    each block costs the driver memory and time (bench/blocks.py). So a large input gets
+    blocks of one batch of predictions (listing blocks then hold 2-4 batches of paths,
+    filled in milliseconds); a small one (under SMALL_INPUT_BATCHES batches an actor) gets
+    blocks of one batch of paths, which spread over every actor. Not with --embeddings:
+    its rows, 8 kB each for VGG-16, would leave the actors one row a block; such a small
+    input is cut into batches by `pipeline` instead."""
+    row_format = row_format or RowFormat()
+    if is_small(cfg, seen) and not row_format.embedding_size:
+        return cfg.batch_size * inputs.BLOCK_BYTES_PER_PATH
+    n = cfg.batch_size
+    rows = prediction_table(
+        ["/" * PATH_CHARS] * n,
+        np.zeros((n, len(meta.classes)), np.float32),
+        [None] * n,
+        meta,
+        row_format,
+        np.zeros((n, row_format.embedding_size or 0), np.float32),
+    )
+    return rows.nbytes
+
+
+def is_small(cfg: ClassifyConfig, seen: int) -> bool:
+    """Whether `seen` inputs make under SMALL_INPUT_BATCHES batches for each actor."""
+    return seen < SMALL_INPUT_BATCHES * cfg.batch_size * max_actors(cfg)
+
+
+def listing_tasks(parts: int) -> int:
+    """Listing tasks run at once: one per part, at most LISTING_TASKS and half the
+    cluster's CPUs (at least 2, so that a slow part does not hold the rest back)."""
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    return max(1, min(parts, LISTING_TASKS, max(2, cpus // 2)))
+
+
+@contextlib.contextmanager
+def block_bytes(size: int | None):
+    """Datasets created inside get Ray Data's target_max_block_size `size` (None: as is)."""
+    context = ray.data.DataContext.get_current()
+    before = context.target_max_block_size
+    if size:
+        context.target_max_block_size = size
+    try:
+        yield
+    finally:
+        context.target_max_block_size = before
+
+
+def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dataset:
+    """The listed inputs that have no row yet: an anti-join of the listing with the paths
+    already written, hash-partitioned over Ray actors (no process holds every path), cut
+    into blocks of one batch and kept in the object store. It runs before the model actors
+    start: the join's actors and the repartition tasks need CPUs the model actors would
+    hold."""
+    pa_fs, _ = storage.pyarrow_filesystem(cfg.output, cfg.s3)
+    written = ray.data.read_parquet(done.files, filesystem=pa_fs).select_columns(["path"])
+    partitions = max(2, min(200, done.rows // 250_000))
+    todo = listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
+    return todo.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress and INFO lines go to its log file (the session's
+    logs/ray-data/ray-data.log), not to the console, where insect's one bar and summary
+    are; its warnings (an operator without outputs for a minute, say) still reach it. Its
+    progress bars count blocks and rows of each stage, which says little about images
+    done, and where stdout is not a terminal (a job, a redirected run) it printed them as a
+    dozen INFO lines every 10 s instead. Before any dataset: each keeps the settings it
+    was made with."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_bars_disabled)
+
+
+def _not_bars_disabled(record: logging.LogRecord) -> bool:
+    """False for Ray Data's warning that its progress bars are off (insect turned them off)."""
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def pool_size(cfg: ClassifyConfig, seen: int) -> int:
+    """Model actors for a run that saw `seen` inputs (at most the compile threshold): no
+    more than batches, as one would idle after loading the model for nothing."""
+    return min(max_actors(cfg), math.ceil(seen / cfg.batch_size))
+
+
+def compiles(cfg: ClassifyConfig, seen: int) -> bool:
+    """Whether the actors compile the model (see ClassifyConfig.compile)."""
+    threshold = COMPILE_MIN_IMAGES_PER_ACTOR * pool_size(cfg, seen)
+    return cfg.compile == "on" or (cfg.compile == "auto" and seen >= threshold)
+
+
+def prediction_dataset(
+    listed: ray.data.Dataset,
+    seen: int,
+    cfg: ClassifyConfig,
+    image_size: int,
+    row_format: RowFormat,
+    progress=None,
+    int8_model: Int8Model | None = None,
+) -> ray.data.Dataset:
+    """Path blocks -> rows of `row_format`. `seen`: inputs counted before the run (at most
+    the compile threshold), which sizes small jobs. `int8_model`: run int8 with it."""
+    actors = pool_size(cfg, seen)
+    # A pool that starts at full size: growing it one actor at a time costs minutes of idle
+    # CPUs on short jobs; --min-actors lets it breathe on a shared cluster.
+    min_actors = min(cfg.min_actors or actors, actors)
+    ds = listed.map_batches(
+        image_batch,
+        fn_kwargs={"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3},
+        batch_size=cfg.batch_size,
+        # On CPU, as many CPUs as a model actor, so that Ray Data fuses decoding into the
+        # actor (no copy between processes); on GPU, decode tasks of their own on every core.
+        num_cpus=1 if cfg.gpu else cfg.cpus_per_actor,
+    )
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "model_uri": cfg.model,
+            "device": "cuda" if cfg.gpu else "cpu",
+            "precision": "int8" if int8_model else cfg.precision,
+            "int8_model": int8_model,
+            "s3": cfg.s3,
+            "threads": None if cfg.gpu else max(1, int(cfg.cpus_per_actor)),
+            "compile": compiles(cfg, seen),
+            "batch_size": cfg.batch_size,
+            "progress": progress,
+            "row_format": row_format,
+        },
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(min_size=min_actors, max_size=actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if cfg.gpu else 0,
+    )
+
+
+def max_actors(cfg: ClassifyConfig) -> int:
+    """--max-actors, or one per GPU (with --gpu) or per --cpus-per-actor CPUs of the
+    cluster."""
+    if cfg.max_actors:
+        return cfg.max_actors
+    resources = ray.cluster_resources()
+    if cfg.gpu:
+        return max(1, int(resources.get("GPU", 1)))
+    return max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor))

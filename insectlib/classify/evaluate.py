@@ -1,0 +1,200 @@
+"""`insect evaluate`: a model against a labelled tree, through the classification pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset
+import pyarrow.parquet as pq
+
+from insectlib import storage
+from insectlib.classify import outputs
+from insectlib.classify.pipeline import classify
+from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
+from insectlib.data.labels import discover
+from insectlib.errors import InsectError
+from insectlib.layout import (
+    CONFUSION_JSON,
+    CONFUSION_PNG,
+    COVERAGE_PNG,
+    EVALUATION_FILES,
+    METRICS_FILE,
+    MISCLASSIFIED_FILE,
+    PREDICTIONS_DIR,
+    RELIABILITY_PNG,
+)
+from insectlib.metrics.charts import confusion_png, coverage_png, reliability_png
+from insectlib.metrics.confidence import (
+    coverage_accuracy,
+    raw_softmax,
+    temperature_change,
+    top_k_accuracy,
+)
+from insectlib.metrics.scores import classification_metrics, format_number
+from insectlib.model.meta import ModelMeta, read_meta
+from insectlib.model.network import check_weights
+from insectlib.runtime import console
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
+    else every image) and write metrics, the confusion matrix and the misclassified rows."""
+    cfg.validate()
+    # Its pictures inside the labelled tree would be read as images by the next run.
+    storage.check_location(
+        cfg.output, {"the input": cfg.data, "the model": cfg.model}, apart=("the input",)
+    )
+    removal = plan_overwrite(cfg)
+    meta = read_meta(cfg.model, cfg.s3)
+    check_weights(cfg.model, meta, cfg.s3)
+    truth = labelled_images(cfg, meta)
+    # Only now that the data is listed and the model checked: the old evaluation goes.
+    outputs.remove(cfg.output, removal, cfg.s3)
+    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
+    classified = classify(
+        ClassifyConfig(
+            input=cfg.data,
+            model=cfg.model,
+            output=predictions,
+            # The old predictions are gone (above): this output starts empty.
+            **{**settings_of(cfg, ActorSettings), "overwrite": False},
+        ),
+        paths=sorted(truth),
+    )
+    table = with_truth(read_predictions(predictions, cfg.s3), truth, meta)
+    metrics, probs, y_true = evaluation_metrics(table, meta)
+    # What classified: with int8 (asked for, or chosen by auto) not the fp32 model.
+    metrics.update({"model": classified.model, "data": cfg.data})
+    write_evaluation(cfg, meta, table, metrics, probs, y_true)
+    return metrics
+
+
+def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
+    """{path as the rows name it: true label index in the model's classes} of the images
+    to evaluate: the held-out folder of `cfg.data` when it has one, else every image."""
+    labelled = discover(cfg.data, s3=cfg.s3)
+    unknown = sorted(set(labelled.classes) - set(meta.classes))
+    if unknown:
+        raise InsectError(
+            f"{cfg.data} has classes the model does not know: {', '.join(unknown)} "
+            f"(model classes: {', '.join(meta.classes)})"
+        )
+    items = labelled.val if labelled.held_out else labelled.train + labelled.val
+    index = {name: i for i, name in enumerate(meta.classes)}
+    where = f"its {labelled.held_out}/ folder" if labelled.held_out else "every image"
+    console.say(
+        f"evaluating model {meta.model_id} on {len(items)} images of {cfg.data} ({where})"
+    )
+    return {storage.printable(uri): index[labelled.classes[y]] for uri, y in items}
+
+
+def read_predictions(predictions: str, s3) -> pa.Table:
+    pa_fs, pa_path = storage.pyarrow_filesystem(predictions, s3)
+    return pyarrow.dataset.dataset(pa_path, filesystem=pa_fs, format="parquet").to_table()
+
+
+def with_truth(table: pa.Table, truth: dict[str, int], meta: ModelMeta) -> pa.Table:
+    """The predictions with their true label and its index."""
+    true_index = pa.array([truth[p] for p in table.column("path").to_pylist()], pa.int32())
+    table = table.append_column("true_label", pa.array(np.array(meta.classes)[true_index]))
+    return table.append_column("true_label_index", true_index)
+
+
+def evaluation_metrics(table: pa.Table, meta: ModelMeta) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The metrics of the classified rows, and their probabilities and true labels."""
+    ok = table.filter(pc.field("error").is_null())
+    y_true = ok.column("true_label_index").to_numpy()
+    metrics = classification_metrics(y_true, ok.column("label_index").to_numpy(), meta.classes)
+    metrics["unreadable"] = table.num_rows - ok.num_rows
+    probs = ok.column("probabilities").combine_chunks().flatten().to_numpy()
+    probs = probs.reshape(len(y_true), len(meta.classes))
+    metrics.update(confidence_metrics(probs, y_true, meta.temperature))
+    return metrics, probs, y_true
+
+
+def write_evaluation(
+    cfg: EvaluateConfig,
+    meta: ModelMeta,
+    table: pa.Table,
+    metrics: dict,
+    probs: np.ndarray,
+    y_true: np.ndarray,
+) -> None:
+    """metrics.json, the confusion matrix, the pictures and the misclassified rows."""
+    storage.write_file(cfg.output, METRICS_FILE, json.dumps(metrics, indent=2), cfg.s3)
+    confusion = {"classes": meta.classes, "matrix": metrics["confusion_matrix"]}
+    storage.write_file(cfg.output, CONFUSION_JSON, json.dumps(confusion, indent=2), cfg.s3)
+    storage.write_file(cfg.output, CONFUSION_PNG, confusion_png(metrics), cfg.s3)
+    if len(y_true):
+        picture = reliability_png(metrics["calibration"], cfg.data)
+        storage.write_file(cfg.output, RELIABILITY_PNG, picture, cfg.s3)
+        correct = probs.argmax(1) == y_true
+        picture = coverage_png(probs.max(1), correct, metrics["coverage"])
+        storage.write_file(cfg.output, COVERAGE_PNG, picture, cfg.s3)
+    ok = table.filter(pc.field("error").is_null())
+    wrong = ok.filter(pc.field("label_index") != pc.field("true_label_index"))
+    wrong = wrong.select(["path", "true_label", "label", "score", "probabilities", "model"])
+    out_fs, out_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
+    pq.write_table(wrong, f"{out_path.rstrip('/')}/{MISCLASSIFIED_FILE}", filesystem=out_fs)
+
+
+def confidence_metrics(probs: np.ndarray, y_true: np.ndarray, temperature: float | None) -> dict:
+    """Top-k accuracy, calibration (ECE and NLL of the classified probabilities and of the
+    raw softmax behind them) and coverage/accuracy by score threshold."""
+    raw = raw_softmax(probs, temperature) if temperature else probs
+    return {
+        "top_k_accuracy": top_k_accuracy(probs, y_true),
+        "calibration": temperature_change(raw, probs, y_true, temperature),
+        "coverage": coverage_accuracy(probs.max(1), probs.argmax(1) == y_true),
+    }
+
+
+def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
+    """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
+    output without it, or one holding anything else."""
+    entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite)
+    if not entries:
+        return []
+    why = "--overwrite removes only what insect wrote: move them or choose another --output"
+    outputs.refuse_foreign(cfg.output, entries, why, EVALUATION_FILES, (PREDICTIONS_DIR,))
+    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
+    own = [e["name"] for e in entries if e["type"] == "file"]
+    return own + outputs.overwrite_plan(predictions, cfg.s3)
+
+
+def print_metrics(metrics: dict, output: str) -> None:
+    accuracy = format_number(metrics["accuracy"], ".4f")
+    console.say(
+        f"accuracy {accuracy} on {metrics['images']} images"
+        + (f" ({metrics['unreadable']} unreadable)" if metrics["unreadable"] else "")
+    )
+    if metrics.get("top_k_accuracy"):
+        console.say(", ".join(f"top-{k} {v:.4f}" for k, v in metrics["top_k_accuracy"].items()))
+        c = metrics["calibration"]
+        if c["temperature"]:
+            console.say(
+                f"ECE {c['ece_after']:.4f} (raw softmax {c['ece_before']:.4f}, temperature "
+                f"{c['temperature']:.3f}); NLL {c['nll_after']:.4f} (raw {c['nll_before']:.4f})"
+            )
+        else:
+            console.say(
+                f"ECE {c['ece_after']:.4f}, NLL {c['nll_after']:.4f} (raw softmax: the model "
+                "has no temperature)"
+            )
+        console.say(
+            "--min-score  coverage  accuracy: "
+            + ", ".join(
+                f"{r['min_score']:g} {r['coverage']:.3f} {format_number(r['accuracy'], '.3f')}"
+                for r in metrics["coverage"]
+            )
+        )
+    console.say(f"{'class':<20} {'precision':>9} {'recall':>7} {'F1':>6} {'images':>7}")
+    for name, m in metrics["per_class"].items():
+        console.say(
+            f"{name:<20} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['f1']:>6.3f} "
+            f"{m['support']:>7}"
+        )
+    console.say(f"confusion matrix, metrics and misclassified images in {output}")

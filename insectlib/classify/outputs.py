@@ -1,0 +1,255 @@
+"""What insect writes into an output location, and the only code that removes anything.
+
+A classification output holds Parquet parts named by `PartNames` and, once every input
+has its row, `_SUCCESS` and the run's summary (`RUN_FILES`). `--overwrite` removes exactly
+those (recognised by name, and the parts by their Parquet schema) and nothing else;
+`--resume` trusts only those. Any other file is named in a refusal, never deleted, and no
+output may contain the input or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset
+import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
+
+from insectlib import storage
+from insectlib.errors import InsectError
+from insectlib.layout import (
+    LOCK_FILE,
+    LOG_DIR,
+    ROW_FORMAT_KEY,
+    RUN_FILES,
+    SUCCESS_FILE,
+)
+from insectlib.storage import retry
+
+# Ray Data adds "-<i>.parquet" to the name `PartNames` gives each write task.
+PART_NAME = re.compile(r"part-[0-9a-f]{32}-\d{6}-\d+\.parquet")
+# Parts written before insect named them: Ray Data's default names.
+LEGACY_PART_NAME = re.compile(r"[A-Za-z0-9]{16,32}_[0-9a-f]{32}_\d{6}-\d+\.parquet")
+# Columns every insect part has, whatever optional columns a run adds.
+PART_COLUMNS = frozenset({"path", "label", "error", "model"})
+SHOWN = 5  # foreign files named in a refusal
+BOOKKEEPING = frozenset({LOG_DIR, LOCK_FILE})
+
+
+class PartNames(FilenameProvider):
+    """Names of the Parquet parts insect writes: part-<write uuid>-<task>, which Ray Data
+    completes with -<i>.parquet (see PART_NAME)."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}-{task_index:06}"
+
+
+def is_part_name(name: str) -> bool:
+    """Whether a file name (no folder) is one insect gives its Parquet parts."""
+    return bool(PART_NAME.fullmatch(name) or LEGACY_PART_NAME.fullmatch(name))
+
+
+def list_entries(output: str, s3: storage.S3Options) -> list[dict]:
+    """The entries directly in `output` (fsspec `ls` details), [] when it does not exist;
+    a run's own bookkeeping (its log folder, the lock) left out: those are neither output
+    nor foreign, and never removed."""
+    fs, path = storage.filesystem(output, s3)
+    with storage.user_errors(output):
+        if not fs.exists(path):
+            return []
+        entries = [e for e in fs.ls(path, detail=True) if e["name"].rstrip("/") != path]
+    return [e for e in entries if entry_name(e) not in BOOKKEEPING]
+
+
+def entry_name(entry: dict) -> str:
+    """The file or folder name of a `list_entries` entry (no path)."""
+    return entry["name"].rstrip("/").rsplit("/", 1)[-1]
+
+
+def part_entries(entries: Iterable[dict]) -> list[dict]:
+    """The Parquet parts among `entries`, by name."""
+    return [e for e in entries if e["type"] == "file" and is_part_name(entry_name(e))]
+
+
+def refuse_foreign(
+    output: str, entries: list[dict], why: str, own_files=RUN_FILES, own_dirs=()
+) -> None:
+    """Refuse, naming them, when `entries` hold anything but insect's parts, `own_files`
+    and `own_dirs`."""
+
+    def ours(entry: dict) -> bool:
+        name = entry_name(entry)
+        if entry["type"] == "directory":
+            return name in own_dirs
+        return is_part_name(name) or name in own_files
+
+    foreign = sorted(entry_name(e) for e in entries if not ours(e))
+    if foreign:
+        more = f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
+        raise InsectError(
+            f"{output} holds files insect did not write ({', '.join(foreign[:SHOWN])}{more}); {why}"
+        )
+
+
+def _part_footer(fs, name: str) -> pq.FileMetaData | None:
+    """A part's Parquet footer, or None when it has none (a writer stopped before finishing
+    it). Storage failures are retried, then stop the run."""
+
+    def read():
+        with fs.open(name, "rb") as f:
+            size = f.size
+            if size < 12:
+                return None
+            f.seek(size - 4)
+            if f.read(4) != b"PAR1":
+                return None
+            f.seek(0)
+            return pq.ParquetFile(f).metadata
+
+    uri = storage.to_uri(fs, name)
+    try:
+        with storage.user_errors(uri):
+            return retry.retrying(read, uri)
+    except pa.ArrowInvalid as e:  # a Parquet tail but no valid footer: not half-written
+        raise InsectError(
+            f"{uri} is damaged ({e}); insect will not remove it: remove or move it yourself"
+        ) from None
+
+
+def check_parts(fs, parts: list[dict]) -> dict[str, pq.FileMetaData | None]:
+    """Each part's footer (None: half-written); refuses a part whose columns are not
+    insect's (a foreign file that happens to have such a name). One footer read per part,
+    16 at a time: the only cost of a resume that grows with the output (one part per
+    --rows-per-file rows)."""
+    names = [e["name"] for e in parts]
+    with ThreadPoolExecutor(16) as pool:
+        footers = dict(zip(names, pool.map(lambda n: _part_footer(fs, n), names), strict=True))
+    for name, footer in footers.items():
+        columns = footer.schema.names if footer is not None else None
+        if columns is not None and not PART_COLUMNS <= set(columns):
+            raise InsectError(
+                f"{storage.to_uri(fs, name)} is named like insect's output but has other "
+                f"columns ({', '.join(columns[:6])}); remove it yourself or write elsewhere"
+            )
+    return footers
+
+
+def entries_to_replace(
+    output: str, s3: storage.S3Options, overwrite: bool, alternative: str = ""
+) -> list[dict]:
+    """The entries of `output`, which must be empty unless `overwrite`: the refusal names
+    --overwrite and any `alternative` flag (" or --resume to ...")."""
+    entries = list_entries(output, s3)
+    if entries and not overwrite:
+        raise InsectError(
+            f"output {output} is not empty; pass --overwrite to replace it{alternative}"
+        )
+    return entries
+
+
+def overwrite_plan(output: str, s3: storage.S3Options, own_files=RUN_FILES) -> list[str]:
+    """What `--overwrite` will remove from `output`: insect's parts and `own_files`, checked
+    by name and schema. Refuses, removing nothing, when anything else is there. Call
+    `remove` with the plan once the new run is known to be able to start."""
+    entries = list_entries(output, s3)
+    why = "--overwrite removes only what insect wrote: move them or choose another --output"
+    refuse_foreign(output, entries, why, own_files)
+    fs, _ = storage.filesystem(output, s3)
+    check_parts(fs, part_entries(entries))
+    return [e["name"] for e in entries]
+
+
+def remove(output: str, names: list[str], s3: storage.S3Options) -> None:
+    """Remove the files of an `overwrite_plan` (one file at a time: never a folder)."""
+    fs, _ = storage.filesystem(output, s3)
+    with storage.user_errors(output):
+        for name in names:
+            fs.rm_file(name)
+
+
+@dataclass
+class Done:
+    """The complete parts of an interrupted run and how many rows they hold."""
+
+    files: list[str]
+    rows: int
+
+
+def _models(fs, name: str, footer: pq.FileMetaData) -> set[str]:
+    """The model ids in a part, from its column statistics (no data read) when it has them."""
+    index = footer.schema.names.index("model")
+    found: set[str] = set()
+    for g in range(footer.num_row_groups):
+        stats = footer.row_group(g).column(index).statistics
+        if stats is None or not stats.has_min_max:
+            with fs.open(name, "rb") as f:
+                return set(pc.unique(pq.read_table(f, columns=["model"])["model"]).to_pylist())
+        found |= {stats.min, stats.max}
+    return found
+
+
+def row_format_of(footer: pq.FileMetaData, legacy: dict) -> dict:
+    """The row format (`predict.RowFormat` as a dict) a part was written with; `legacy`
+    for a part written before insect stored it (raw softmax, no optional columns)."""
+    raw = (footer.metadata or {}).get(ROW_FORMAT_KEY.encode())
+    if raw is None:
+        return legacy
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = None
+    return found if isinstance(found, dict) else {"row format": raw.decode(errors="replace")}
+
+
+def resume_state(
+    output: str, model_id: str, s3: storage.S3Options, row_format: dict, legacy: dict
+) -> Done:
+    """The parts an interrupted run of `model_id` finished in `output`, whose rows were
+    made with `row_format` (`legacy`: the format of parts that do not say).
+
+    Everything is checked before anything is removed: a file insect did not write, rows
+    of another model or made another way refuse the resume; only then are half-written
+    parts (no Parquet footer), `_SUCCESS` and the summary removed. A part that cannot be
+    read is retried, then stops the run without removing anything. Only footers are read
+    here, never the paths."""
+    entries = list_entries(output, s3)
+    why = "--resume continues only insect's own output: move them or choose another --output"
+    refuse_foreign(output, entries, why)
+    fs, _ = storage.filesystem(output, s3)
+    footers = check_parts(fs, part_entries(entries))
+    complete = {name: f for name, f in footers.items() if f is not None}
+    for name, footer in complete.items():
+        others = {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
+        others -= {model_id}
+        if others:
+            raise InsectError(
+                f"{output} holds predictions of model {others.pop()}, not of "
+                f"{model_id}; resume with the same --model or write elsewhere"
+            )
+        found = row_format_of(footer, legacy)
+        differ = sorted(k for k in {*found, *row_format} if found.get(k) != row_format.get(k))
+        if differ:
+            shown = ", ".join(
+                f"{k} {json.dumps(found.get(k))} then, {json.dumps(row_format.get(k))} now"
+                for k in differ
+            )
+            raise InsectError(
+                f"{output} holds rows made another way ({shown}); resume with the flags it "
+                "began with (--top-k, --embeddings, --min-score, --no-calibration) and the "
+                "same model, or write elsewhere"
+            )
+    with storage.user_errors(output):
+        for name in sorted(set(footers) - set(complete)):
+            print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
+            fs.rm_file(name)
+        # _SUCCESS last: a summary without it is stale (see `summary.read_summary`).
+        for entry in sorted(entries, key=lambda e: entry_name(e) == SUCCESS_FILE):
+            if entry_name(entry) in RUN_FILES:
+                fs.rm_file(entry["name"])
+    return Done(sorted(complete), sum(f.num_rows for f in complete.values()))

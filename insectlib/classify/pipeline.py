@@ -1,0 +1,332 @@
+"""`insect classify`: one streaming Ray Data pipeline, list -> read+decode -> model -> Parquet,
+in three phases: `plan_run` (checks everything it can, writes nothing), `run_pipeline`
+(the rows), `finish` (verifies every input has exactly one row, then `_SUCCESS`, the summary
+and the error budget)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import ray
+from tqdm import tqdm
+
+from insectlib import storage
+from insectlib.classify import dataset, outputs
+from insectlib.classify.summary import summarize, write_summary
+from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig
+from insectlib.data import inputs
+from insectlib.errors import InsectError
+from insectlib.layout import SUCCESS_FILE
+from insectlib.model import int8, int8_statistics
+from insectlib.model.meta import ModelMeta, read_meta, versions
+from insectlib.model.network import check_model_id, check_weights, embedding_size
+from insectlib.model.precision import cpu_runs_int8_fast
+from insectlib.model.predictor import RowFormat
+from insectlib.runtime import console, progress
+from insectlib.runtime.connect import init_ray, insect_error_in, live_nodes, local_path_warnings
+
+
+@dataclass
+class ClassifySummary:
+    inputs: int
+    rows: int
+    errors: int
+    seconds: float
+    output: str
+    model: str  # the id in the rows' `model` column (with int8, the int8 model's)
+    already_done: int = 0  # rows of the interrupted runs this one resumed
+
+    @property
+    def images_per_second(self) -> float:
+        """Images classified by this run per second (a resumed run's earlier rows aside)."""
+        return (self.inputs - self.already_done) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before a run changes anything (`plan_run`)."""
+
+    cfg: ClassifyConfig
+    meta: ModelMeta
+    row_format: RowFormat
+    source: str  # the input or manifest, as the user named it
+    parts: list[inputs.Part]
+    removal: list[str]  # what --overwrite removes once the run can start
+    int8_model: int8.Int8Model | None
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    @property
+    def model_id(self) -> str:
+        return self.int8_model.record.int8_model_id if self.int8_model else self.meta.model_id
+
+
+def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySummary:
+    """Classify every image under `cfg.input` (or in `cfg.manifest`, or exactly `paths`,
+    when given) and write one Parquet row per file.
+
+    The input streams (see `data.inputs`): classification starts with the first listed
+    files. Nothing in the output is removed before the model directory is checked and the
+    input is known to hold images, and then only insect's own files."""
+    plan = plan_run(cfg, paths)
+    started = time.perf_counter()
+    init_ray(cfg.address)
+    for warning in local_path_warnings({"--output": cfg.output}, live_nodes()):
+        console.warn(warning)
+    seen, done = prepare_output(plan)
+    run = progress.start()
+    inputs_total = run_pipeline(plan, seen, done, run)
+    return finish(plan, inputs_total, done, time.perf_counter() - started)
+
+
+def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
+    """Check the settings, the model directory, the output location and the input's form,
+    and decide the row format and the int8 model; nothing is written (but int8 statistics
+    measured for the first time, kept beside the model)."""
+    cfg.validate()
+    dataset.quiet_ray_data()
+    meta = read_meta(cfg.model, cfg.s3)
+    check_weights(cfg.model, meta, cfg.s3)
+    row_format = row_format_for(cfg, meta)
+    source = cfg.manifest or cfg.input
+    storage.check_location(cfg.output, {"the input": source, "the model": cfg.model})
+    storage.check_bucket(cfg.output, cfg.s3)
+    removal = plan_output(cfg)
+    int8_model = int8_for_run(cfg, meta)
+    if paths is not None:
+        parts = inputs.plan_paths(paths)
+    elif cfg.manifest:
+        parts = inputs.plan_manifest(cfg.manifest, cfg.s3)
+    else:
+        parts = inputs.plan_listing(cfg.input, cfg.s3)
+    return RunPlan(cfg, meta, row_format, source, parts, removal, int8_model)
+
+
+def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
+    """A first, bounded look at the input (is there anything to classify; is it worth
+    compiling for), then the output made ready: the old run removed (--overwrite) or its
+    finished parts found (--resume). Returns the inputs seen and what is already done."""
+    cfg = plan.cfg
+    big = dataset.COMPILE_MIN_IMAGES_PER_ACTOR * dataset.max_actors(cfg)
+    seen = inputs.count_inputs(plan.parts, cfg.s3, big)
+    if not seen:
+        raise InsectError(f"no image files found in {plan.source}")
+    if plan.removal:
+        check_model_id(cfg.model, plan.meta, cfg.s3)  # the actors would refuse it, too late
+        outputs.remove(cfg.output, plan.removal, cfg.s3)
+    if not cfg.resume:
+        return seen, None
+    legacy = asdict(RowFormat())
+    done = outputs.resume_state(
+        cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy
+    )
+    return seen, done
+
+
+def run_pipeline(plan: RunPlan, seen: int, done: outputs.Done | None, run) -> int:
+    """Classify the inputs without a row into Parquet parts; returns how many inputs the
+    listing found (every part's total)."""
+    cfg, row_format = plan.cfg, plan.row_format
+    resuming = done is not None and done.rows > 0
+    block_size = None
+    if not resuming:
+        block_size = dataset.streaming_block_size(cfg, plan.meta, seen, row_format)
+    listed = dataset.read_inputs(plan.parts, cfg.batch_size, cfg.s3, run, block_size)
+    with ray_task_errors():  # these run the listing now: its errors in one line
+        if resuming:
+            console.say(f"resuming: {done.rows} inputs already done; finding those without a row")
+            listed = dataset.skip_done(listed, done, cfg)
+        elif row_format.embedding_size and dataset.is_small(cfg, seen):
+            # Blocks of a batch of embeddings hold a small input's every path in one block:
+            # cut them into batches here, before the model actors take the CPUs it needs.
+            listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
+    actors = dataset.pool_size(cfg, seen)
+    console.say(
+        f"classifying {plan.source} with model {plan.model_id} ({len(plan.parts)} listing "
+        f"parts); starting {actors} model actor{'s' if actors > 1 else ''}"
+        + (" (compiling the model)" if dataset.compiles(cfg, seen) else "")
+    )
+    pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
+    with progress_bar(run, done.rows if done else 0), ray_task_errors():
+        predictions = dataset.prediction_dataset(
+            listed, seen, cfg, plan.meta.image_size, row_format, run, plan.int8_model
+        )
+        predictions.write_parquet(
+            pa_path,
+            filesystem=pa_fs,
+            filename_provider=outputs.PartNames(),
+            # Every part gets this schema, with the row format in its metadata, whatever
+            # its blocks held (Ray Data would otherwise unify the blocks' own schemas).
+            schema=row_format.schema(),
+            # One file per write task, of --rows-per-file rows up to one block more (a
+            # block is a batch or a few; only the run's last file may hold fewer), whatever
+            # the cluster size. A maximum as well would cut each task's rows into full
+            # files plus a remainder of a few rows.
+            min_rows_per_file=cfg.rows_per_file,
+            # Writing is light I/O; asking for a CPU would hold it back until the actors,
+            # which take every CPU, are done, and nothing would be on disk before the end.
+            ray_remote_args={"num_cpus": 0},
+        )
+    total = ray.get(run.inputs.remote(len(plan.parts)))
+    if total is None:
+        raise InsectError(f"the listing of {plan.source} did not finish; run again with --resume")
+    return total
+
+
+def finish(
+    plan: RunPlan, total: int, done: outputs.Done | None, seconds: float
+) -> ClassifySummary:
+    """Count the rows on disk; only when every input has its row, write `_SUCCESS` (last:
+    readers can trust an output that has one) and the summary; then the error budget."""
+    cfg = plan.cfg
+    report = summarize(cfg.output, cfg.s3, plan.meta.classes)
+    rows, errors = report["rows"], report["errors"]
+    already = done.rows if done is not None else 0
+    summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
+    if rows != total:
+        raise InsectError(
+            f"{cfg.output} has {rows} rows for {total} inputs, so no {SUCCESS_FILE} was "
+            "written: inputs were added or removed since the run began, or rows are "
+            "missing; run again with --resume (or --overwrite to start over)"
+        )
+    manifest = {
+        "inputs": total,
+        "rows": rows,
+        "errors": errors,
+        "model": plan.model_id,
+        "input": plan.source,
+        "started": plan.started_at,
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "resumed": done is not None,
+        "versions": versions(),
+    }
+    storage.write_file(cfg.output, SUCCESS_FILE, json.dumps(manifest, indent=2), cfg.s3)
+    report.update(
+        inputs=total,
+        model=plan.model_id,
+        input=plan.source,
+        row_format=asdict(plan.row_format),
+        seconds=seconds,
+        images_per_second=summary.images_per_second,
+        already_done=already,
+    )
+    write_summary(cfg.output, report, cfg.s3)
+    if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * total:
+        raise InsectError(
+            f"{errors} of {total} images ({errors / total:.1%}) could not be classified, more "
+            f"than --max-error-fraction {cfg.max_error_fraction}; every row is in {cfg.output}"
+        )
+    return summary
+
+
+def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
+    """What each row of this run holds (see `model.predictor.RowFormat`)."""
+    if cfg.top_k is not None and cfg.top_k > len(meta.classes):
+        raise InsectError(
+            f"--top-k {cfg.top_k} is more than the {len(meta.classes)} classes of {cfg.model}"
+        )
+    return RowFormat(
+        temperature=meta.temperature if cfg.use_temperature else None,
+        top_k=cfg.top_k,
+        min_score=cfg.min_score,
+        embedding_size=embedding_size(meta) if cfg.embeddings else None,
+    )
+
+
+def plan_output(cfg: ClassifyConfig) -> list[str]:
+    """Check the output location before any work: it must be empty unless --overwrite or
+    --resume. Returns what --overwrite will remove once the run can start (see
+    `outputs.overwrite_plan`); refuses at once what it would not remove."""
+    if cfg.resume:
+        return []  # `outputs.resume_state` checks what is there
+    alternative = " or --resume to finish an interrupted run"
+    if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):
+        return []
+    return outputs.overwrite_plan(cfg.output, cfg.s3)
+
+
+@contextlib.contextmanager
+def ray_task_errors():
+    """An InsectError raised in a Ray task (StorageUnavailable from a reader) reaches the
+    driver wrapped in Ray's exceptions: re-raise it as itself, for the CLI to print."""
+    try:
+        yield
+    except InsectError:
+        raise
+    except Exception as e:
+        cause = insect_error_in(e)
+        if cause is None:
+            raise
+        raise cause from None
+
+
+@contextlib.contextmanager
+def progress_bar(run, already: int = 0):
+    """One tqdm bar on the console's error stream (images classified of those listed so
+    far, less the `already` done ones of a resumed run; images per second), following the
+    run's `RunProgress` while the block runs (Ray Data's own progress: `quiet_ray_data`)."""
+    interactive = console.is_terminal()
+    bar = tqdm(
+        total=0,
+        unit="img",
+        desc="classified",
+        mininterval=0.5 if interactive else 10,
+        file=console.err(),
+        ascii=not interactive,
+    )
+
+    def show(counts: dict[str, int]) -> None:
+        # A retried batch (after an actor died) counts twice: never show more than all.
+        bar.total = max(counts.get("listed", 0) - already, 0)
+        bar.update(min(bar.total, counts.get("classified", 0)) - bar.n)
+
+    try:
+        with progress.follow(run, show):
+            yield bar
+    finally:
+        bar.close()
+
+
+def int8_for_run(cfg: ClassifyConfig, meta: ModelMeta) -> int8.Int8Model | None:
+    """The int8 model the actors run; None: they run cfg.precision.
+
+    int8: the statistics kept in the model directory, or new ones (kept there for the next
+    run). auto: int8 only on a CPU that runs it fast with kept statistics whose agreement
+    with fp32 passed; otherwise the actors resolve auto themselves (bf16 or fp32 on CPU,
+    as the hardware allows)."""
+    if cfg.gpu or cfg.precision not in ("int8", "auto"):
+        return None
+    kept = int8.load(cfg.model, meta, cfg.s3)
+    if cfg.precision == "auto":
+        if kept and kept.record.trusted and cpu_runs_int8_fast():
+            return kept
+        return None
+    images = cfg.int8_images
+    if kept is None or (images and kept.record.images_from != images):
+        console.say("measuring int8 statistics (once per model and set of images)")
+        kept = int8_statistics.measure(
+            cfg.model, meta, images, cfg.batch_size, cfg.limits, cfg.s3
+        )
+    r = kept.record
+    console.say(
+        f"int8 model {r.int8_model_id}: top-1 agreement with fp32 {r.top1_agreement:.1%} on "
+        f"{r.agreement_images} held-out images of {r.images_from} (largest probability "
+        f"difference {r.max_probability_difference:.3f})"
+    )
+    if not r.trusted:
+        console.warn(
+            f"warning: agreement below {INT8_AGREEMENT_MIN:.0%}: --precision auto will not "
+            "choose this int8 model"
+        )
+    return kept
+
+
+def print_summary(s: ClassifySummary) -> None:
+    before = f" ({s.already_done} done before)" if s.already_done else ""
+    console.say(
+        f"{s.inputs} images -> {s.rows} rows ({s.errors} with errors) in {s.seconds:.1f} s, "
+        f"{s.images_per_second:.1f} images/s{before}; predictions in {s.output}"
+    )

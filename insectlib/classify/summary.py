@@ -1,0 +1,208 @@
+"""The report of a classification run: what was predicted, how sure, what failed, how fast.
+
+`classify` writes `_summary.json` and `_summary.png` (`layout.SUMMARY_JSON`/`SUMMARY_PNG`)
+after `_SUCCESS`; `insect summary OUTPUT` prints them, or computes them from the Parquet
+parts for an output that has none (one written before insect kept a summary, or an
+interrupted one). One pass over three columns of the parts (label, score, error), a batch
+at a time: the driver's memory does not grow with the output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset
+
+from insectlib import layout, storage
+from insectlib.classify import outputs
+from insectlib.config import SummaryConfig
+from insectlib.errors import InsectError
+
+SCORE_BINS = 20  # equal-width bins of the score histogram over [0, 1]
+
+
+def error_kind(text: str) -> str:
+    """The kind of an error row: its text up to the first colon or parenthesis
+    ("unreadable image", "not an image", "file too large", "not found", ...)."""
+    return re.split(r"[:(]", text, maxsplit=1)[0].strip() or "error"
+
+
+def _add_counts(into: dict[str, int], column) -> None:
+    """Add the counts of the non-null values of an Arrow column to `into`."""
+    for item in pc.value_counts(column).to_pylist():
+        if item["values"] is not None:
+            into[item["values"]] = into.get(item["values"], 0) + item["counts"]
+
+
+def summarize(output: str, s3: storage.S3Options, classes: list[str] | None = None) -> dict:
+    """Counts over insect's parts in `output`: rows, errors and errors by kind, rows not
+    decided (below --min-score), rows per predicted class (every one of `classes`, even
+    at 0) and the histogram of scores."""
+    fs, _ = storage.filesystem(output, s3)
+    parts = outputs.part_entries(outputs.list_entries(output, s3))
+    # Footers first: a file named like a part with other columns is refused, and a part an
+    # interrupted writer left without a footer holds no rows yet.
+    names = [name for name, footer in outputs.check_parts(fs, parts).items() if footer]
+    per_class = dict.fromkeys(classes or [], 0)
+    errors: dict[str, int] = {}
+    edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+    scores = np.zeros(SCORE_BINS, dtype=np.int64)
+    rows = undecided = 0
+    if names:
+        pa_fs, _ = storage.pyarrow_filesystem(output, s3)
+        parts = pyarrow.dataset.dataset(names, filesystem=pa_fs, format="parquet")
+        with storage.user_errors(output), _unreadable_parts(output):
+            for batch in parts.to_batches(columns=["label", "score", "error"]):
+                rows += batch.num_rows
+                label, score, error = batch.columns
+                _add_counts(per_class, label)
+                texts: dict[str, int] = {}  # folded into kinds per batch: bounded memory
+                _add_counts(texts, error)
+                for text, n in texts.items():
+                    errors[error_kind(text)] = errors.get(error_kind(text), 0) + n
+                # No label and no error: below --min-score.
+                undecided += pc.sum(pc.and_(pc.is_null(label), pc.is_null(error))).as_py() or 0
+                values = score.drop_null().to_numpy(zero_copy_only=False)
+                scores += np.histogram(np.clip(values, 0, 1), bins=edges)[0]
+    return {
+        "rows": rows,
+        "errors": sum(errors.values()),
+        "undecided": undecided,
+        "classes": per_class,
+        "error_kinds": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
+        "scores": {"edges": [round(float(e), 6) for e in edges], "counts": scores.tolist()},
+    }
+
+
+@contextlib.contextmanager
+def _unreadable_parts(output: str):
+    """A part that is not Parquet, or lacks a column: one line, not a traceback."""
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InsectError(f"{output} holds a part that cannot be summarized: {e}") from None
+
+
+# What `format_summary` reads from a `_summary.json`: required, and optional (may be null).
+SUMMARY_KEYS = {"rows": int, "errors": int, "classes": dict, "error_kinds": dict, "scores": dict}
+OPTIONAL_KEYS = {
+    "inputs": int,
+    "undecided": int,
+    "model": str,
+    "seconds": (int, float),
+    "images_per_second": (int, float),
+}
+
+
+def _checked(summary, uri: str) -> dict:
+    """A `_summary.json` as read, refused unless it holds what `format_summary` shows."""
+    if not isinstance(summary, dict):
+        raise InsectError(f"{uri} is not a valid insect summary (not an object)")
+    wrong = [k for k, kind in SUMMARY_KEYS.items() if not isinstance(summary.get(k), kind)]
+    wrong += [
+        k for k, kind in OPTIONAL_KEYS.items()
+        if summary.get(k) is not None and not isinstance(summary[k], kind)
+    ]  # fmt: skip
+    if not wrong:
+        scores = summary["scores"]
+        lists = [scores.get("edges"), scores.get("counts")]
+        numbers = [
+            *summary["classes"].values(),
+            *summary["error_kinds"].values(),
+            *(v for values in lists for v in (values if isinstance(values, list) else [None])),
+        ]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            wrong = ["classes", "error_kinds", "scores"]
+    if wrong:
+        raise InsectError(f"{uri} is not a valid insect summary (check: {', '.join(wrong)})")
+    return summary
+
+
+def write_summary(output: str, summary: dict, s3: storage.S3Options) -> None:
+    """Write `_summary.json` and its picture `_summary.png` into `output`."""
+    from insectlib.metrics.charts import summary_png  # matplotlib: only when a picture is drawn
+
+    text = json.dumps(summary, indent=2)
+    storage.write_bytes(storage.join(output, layout.SUMMARY_JSON), text.encode(), s3)
+    storage.write_bytes(storage.join(output, layout.SUMMARY_PNG), summary_png(summary), s3)
+
+
+def read_summary(output: str, s3: storage.S3Options) -> dict:
+    """The summary of any classification output: its `_summary.json`, or else one computed
+    from its parts (and its `_SUCCESS` for the inputs and times, when it has one)."""
+    found = {outputs.entry_name(e) for e in outputs.list_entries(output, s3)}
+    if layout.SUMMARY_JSON in found and layout.SUCCESS_FILE in found:
+        # Written after _SUCCESS; without it, it is a stale one from before a resume.
+        uri = storage.join(output, layout.SUMMARY_JSON)
+        with storage.user_errors(uri):
+            try:
+                summary = json.loads(storage.read_bytes(uri, s3))
+            except ValueError as e:
+                raise InsectError(f"{uri} is not a valid insect summary: {e}") from None
+        return {**_checked(summary, uri), "complete": True}
+    summary = summarize(output, s3)
+    if not summary["rows"] and layout.SUCCESS_FILE not in found:
+        raise InsectError(f"{output} holds no insect classification output")
+    summary["complete"] = layout.SUCCESS_FILE in found
+    if summary["complete"]:
+        uri = storage.join(output, layout.SUCCESS_FILE)
+        with storage.user_errors(uri):
+            try:
+                manifest = json.loads(storage.read_bytes(uri, s3))
+                seconds = (
+                    datetime.fromisoformat(manifest["finished"])
+                    - datetime.fromisoformat(manifest["started"])
+                ).total_seconds()
+            except (ValueError, KeyError, TypeError) as e:
+                raise InsectError(f"{uri} is not a valid insect manifest: {e}") from None
+        summary.update(
+            inputs=manifest.get("inputs"),
+            model=manifest.get("model"),
+            input=manifest.get("input"),
+            seconds=seconds,
+        )
+    return summary
+
+
+def format_summary(summary: dict, output: str) -> str:
+    """`insect summary`'s text: totals, rows per class, scores, errors by kind."""
+    rows = summary["rows"]
+    lines = [
+        f"{output}: {rows} rows"
+        + (f" for {summary['inputs']} inputs" if summary.get("inputs") is not None else "")
+        + ("" if summary.get("complete", True) else " (incomplete: no _SUCCESS)")
+        + f", {summary['errors']} errors"
+        + (f", {summary['undecided']} not decided" if summary.get("undecided") else "")
+        + (f"; model {summary['model']}" if summary.get("model") else "")
+    ]
+    if summary.get("seconds"):
+        rate = summary.get("images_per_second")
+        lines.append(f"{summary['seconds']:.1f} s" + (f", {rate:.1f} images/s" if rate else ""))
+    width = max([20, *(len(c) for c in summary["classes"])])
+    lines += ["", f"{'class':<{width}} {'rows':>9} {'share':>7}"]
+    for name, n in sorted(summary["classes"].items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"{name:<{width}} {n:>9} {n / max(rows, 1):>7.1%}")
+    counts = summary["scores"]["counts"]
+    edges = summary["scores"]["edges"]
+    if sum(counts):
+        lines += ["", "score        rows"]
+        top = max(counts)
+        for low, high, n in zip(edges, edges[1:], counts, strict=False):
+            if n:
+                lines.append(f"{low:.2f}-{high:.2f} {n:>9} {'#' * max(1, round(30 * n / top))}")
+    if summary["error_kinds"]:
+        lines += ["", "errors by kind"]
+        lines += [f"  {kind}: {n}" for kind, n in summary["error_kinds"].items()]
+    return "\n".join(lines)
+
+
+def show(cfg: SummaryConfig) -> str:
+    """`insect summary`: the text of the summary of `cfg.predictions`."""
+    cfg.validate()
+    return format_summary(read_summary(cfg.predictions, cfg.s3), cfg.predictions)

@@ -1,0 +1,66 @@
+"""What each `insect` command runs, once its flags are parsed and checked (`main`), with its
+log file when it starts Ray (`runtime.console`)."""
+
+from __future__ import annotations
+
+from insectlib.runtime import console
+from insectlib.runtime.connect import run_as_driver
+
+# Commands that start Ray, and the setting naming where each writes (its log goes there).
+LOGGED = {"train": "output", "classify": "output", "evaluate": "output", "demo": "workdir"}
+
+
+def run(command: str, cfg) -> None:
+    """Run `command` with the checked config `cfg`."""
+    path = None
+    if command in LOGGED and not cfg.verbose:
+        path = console.log_path(command, getattr(cfg, LOGGED[command]))
+    with console.command_log(path):
+        RUNNERS[command](cfg)
+
+
+def _train(cfg) -> None:
+    from insectlib.training.trainer import fit
+
+    run_as_driver(fit, cfg)
+
+
+def _classify(cfg) -> None:
+    from insectlib.classify.pipeline import classify, print_summary
+
+    print_summary(run_as_driver(classify, cfg))
+
+
+def _evaluate(cfg) -> None:
+    from insectlib.classify.evaluate import evaluate, print_metrics
+
+    print_metrics(run_as_driver(evaluate, cfg), cfg.output)
+
+
+def _visualize(cfg) -> None:
+    from insectlib.review.visualize import visualize
+
+    for uri in visualize(cfg):
+        console.say(uri)
+
+
+def _summary(cfg) -> None:
+    from insectlib.classify.summary import show
+
+    console.say(show(cfg))
+
+
+def _demo(cfg) -> None:
+    from insectlib.cli.demo import run_demo
+
+    run_demo(cfg)
+
+
+RUNNERS = {
+    "train": _train,
+    "classify": _classify,
+    "evaluate": _evaluate,
+    "visualize": _visualize,
+    "summary": _summary,
+    "demo": _demo,
+}

@@ -1,0 +1,116 @@
+"""Labelled folder trees: class names, label indices and the train/validation split."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from insectlib import storage
+from insectlib.data.images import is_image_name
+from insectlib.errors import InsectError
+
+# Sub-folders that mark an existing held-out split (ROOT/train + ROOT/val, the reference layout).
+TRAIN_DIR = "train"
+HELD_OUT_DIRS = ("val", "validation", "test")
+
+
+@dataclass
+class LabelledSet:
+    """Image URIs with label indices; `classes[i]` is the name of label i."""
+
+    classes: list[str]
+    train: list[tuple[str, int]]
+    val: list[tuple[str, int]]
+    split: str  # how the split was made, for logs and meta.json
+    held_out: str | None = None  # the held-out folder (val, validation, test) when there is one
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split, by class name."""
+        return {
+            name: {self.classes[i]: n for i, n in sorted(Counter(y for _, y in items).items())}
+            for name, items in (("train", self.train), ("val", self.val))
+        }
+
+
+def discover(
+    root: str,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    s3: storage.S3Options | None = None,
+) -> LabelledSet:
+    """Read a labelled tree `ROOT/<class>/<images>` (or `ROOT/train` + `ROOT/val`).
+
+    Classes are the sorted sub-folder names. Without a held-out folder, each class is split
+    with a fixed seed so that `val_fraction` of it is held out (stratified).
+    """
+    by_top = _images_by_folder(root, s3)
+    held_out = next((d for d in HELD_OUT_DIRS if d in by_top), None)
+    if TRAIN_DIR in by_top and held_out:
+        train_by_class = _by_class(by_top[TRAIN_DIR])
+        val_by_class = _by_class(by_top[held_out])
+        classes = _check_classes(sorted(train_by_class), storage.join(root, TRAIN_DIR))
+        unknown = sorted(set(val_by_class) - set(classes))
+        if unknown:
+            raise InsectError(
+                f"{storage.join(root, held_out)} has classes that are not in "
+                f"{storage.join(root, TRAIN_DIR)}: {', '.join(unknown)}"
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        train = [(u, index[c]) for c in classes for u in train_by_class[c]]
+        val = [(u, index[c]) for c in sorted(val_by_class) for u in val_by_class[c]]
+        return LabelledSet(
+            classes, train, val, f"folders {TRAIN_DIR}/ and {held_out}/", held_out=held_out
+        )
+
+    by_class = _by_class([(rel, uri) for items in by_top.values() for rel, uri in items], depth=0)
+    classes = _check_classes(sorted(by_class), root)
+    if not 0 < val_fraction < 1:
+        raise InsectError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    rng = random.Random(seed)
+    train, val = [], []
+    for label, name in enumerate(classes):
+        uris = sorted(by_class[name])
+        rng.shuffle(uris)
+        n_val = min(max(1, round(len(uris) * val_fraction)), len(uris) - 1) if len(uris) > 1 else 0
+        val += [(u, label) for u in uris[:n_val]]
+        train += [(u, label) for u in uris[n_val:]]
+    return LabelledSet(classes, train, val, f"stratified {val_fraction:g} held out, seed {seed}")
+
+
+def _images_by_folder(root: str, s3) -> dict[str, list[tuple[list[str], str]]]:
+    """Image files grouped by their top-level folder under root, with relative path parts."""
+    fs, path = storage.filesystem(root, s3)
+    prefix = storage.to_uri(fs, path) + "/"
+    by_top: dict[str, list[tuple[list[str], str]]] = {}
+    for uri in storage.iter_files(root, s3):
+        parts = uri[len(prefix) :].split("/") if uri.startswith(prefix) else []
+        if len(parts) >= 2 and is_image_name(parts[-1]):
+            by_top.setdefault(parts[0], []).append((parts, uri))
+    return by_top
+
+
+def _by_class(items: list[tuple[list[str], str]], depth: int = 1) -> dict[str, list[str]]:
+    # depth: index of the path part that names the class (1 below train/ or val/).
+    by_class: dict[str, list[str]] = {}
+    for parts, uri in items:
+        if len(parts) > depth + 1:
+            by_class.setdefault(parts[depth], []).append(uri)
+    return by_class
+
+
+def _check_classes(classes: list[str], root: str) -> list[str]:
+    if not classes:
+        raise InsectError(
+            f"no labelled images in {root}: expected image files in class folders, "
+            f"{root}/<class>/<image>"
+        )
+    if len(classes) < 2:
+        raise InsectError(f"training needs at least 2 classes, found 1 ({classes[0]}) in {root}")
+    odd = [storage.printable(c) for c in classes if storage.printable(c) != c]
+    if odd:
+        raise InsectError(
+            f"class folder names must be valid UTF-8 (they become the model's labels): "
+            f"rename {', '.join(odd)} in {root}"
+        )
+    return classes

@@ -1,0 +1,256 @@
+"""Building, freezing, saving and loading the classifier.
+
+A model directory holds `model.safetensors` (the full state dict) and `meta.json`
+(everything needed to rebuild and feed the model, see `meta`). `meta.json` is validated
+before any weights are read, and weights are only ever read as safetensors or
+`weights_only` pickles.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import safetensors.torch
+import torch
+import torchvision
+from torch import nn
+
+from insectlib import storage
+from insectlib.config import FREEZE_POLICIES
+from insectlib.errors import InsectError
+from insectlib.layout import WEIGHTS_FILE
+from insectlib.model.meta import (
+    ModelMeta,
+    available_archs,
+    model_id,
+    read_meta,
+    versions,
+    write_meta,
+)
+
+
+def check_arch(arch: str) -> None:
+    if arch not in available_archs():
+        raise InsectError(
+            f"unknown --arch {arch!r}: use a torchvision classification model such as "
+            "vgg16, resnet50 or efficientnet_b0 (see torchvision.models.list_models())"
+        )
+
+
+def head_name(model: nn.Module) -> str:
+    """Module name of the classifier's final Linear layer (the last Linear defined)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise InsectError(f"{type(model).__name__} has no Linear layer to replace")
+    return names[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the final Linear layer for a fresh `num_classes` one; returns its module name."""
+    name = head_name(model)
+    old = model.get_submodule(name)
+    model.set_submodule(name, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    return name
+
+
+class WithEmbedding(nn.Module):
+    """A classifier that returns (logits, embedding): the embedding is what its head (the
+    final Linear layer) reads, 4,096 values for VGG-16. The head is moved out and run on
+    the rest's output, which is exact for torchvision's classifiers: their head is the last
+    thing they compute (tests/test_model.py checks VGG, ResNet, MobileNet, EfficientNet)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        name = head_name(model)
+        self.head = model.get_submodule(name)
+        model.set_submodule(name, nn.Identity())
+        self.trunk = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.trunk(x)
+        return self.head(embedding), embedding
+
+
+def embedding_size(meta: ModelMeta) -> int:
+    """Values in the embedding of a `meta` model (its head's input features)."""
+    model = skeleton(meta.arch)
+    return model.get_submodule(head_name(model)).in_features
+
+
+def skeleton(arch: str, num_classes: int | None = None) -> nn.Module:
+    """`arch` without weights (and with a `num_classes` head): on the meta device, which
+    costs no memory and no random init, or on the CPU for archs whose construction reads
+    tensor values (RegNet computes its widths with .tolist())."""
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None)
+    except NotImplementedError:  # "Cannot copy out of meta tensor"
+        model = torchvision.models.get_model(arch, weights=None)
+    if num_classes is not None:
+        with torch.device(next(model.parameters()).device):
+            replace_head(model, num_classes)
+    return model
+
+
+def apply_freeze(model: nn.Module, policy: str) -> None:
+    """Set requires_grad per the freeze policy: "trunk" trains only the head."""
+    if policy not in FREEZE_POLICIES:
+        raise InsectError(
+            f"unknown --freeze {policy!r}: choose one of {', '.join(FREEZE_POLICIES)}"
+        )
+    head = head_name(model) + "."
+    for name, p in model.named_parameters():
+        p.requires_grad = policy == "none" or name.startswith(head)
+
+
+def set_train_mode(model: nn.Module, policy: str) -> None:
+    """Training mode for what trains. A frozen trunk stays in eval mode, so its dropout and
+    batch-norm statistics do not change: it is a fixed function of the image."""
+    if policy == "trunk":
+        model.eval()
+        model.get_submodule(head_name(model)).train()
+    else:
+        model.train()
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    weights: str = "imagenet",
+    s3: storage.S3Options | None = None,
+) -> nn.Module:
+    """A torchvision `arch` with `weights` (imagenet, random or a file) and an N-class head."""
+    check_arch(arch)
+    if weights == "imagenet":
+        try:
+            model = torchvision.models.get_model(arch, weights="IMAGENET1K_V1")
+        except Exception as e:  # no cache and no network, a corrupt download, ...
+            raise InsectError(
+                f"could not load ImageNet weights for {arch} (torch hub cache "
+                f"{torch.hub.get_dir()}/checkpoints): {e}. Pass --weights random or "
+                "--weights PATH to a state-dict file"
+            ) from None
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+        if weights != "random":
+            state = load_state_dict_file(weights, s3)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise InsectError(f"--weights {weights} does not fit {arch}: {e}") from None
+    replace_head(model, num_classes)
+    return model
+
+
+def load_state_dict_file(uri: str, s3: storage.S3Options | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a torch pickle (tensors only, `weights_only`)."""
+    with storage.user_errors(uri):
+        data = storage.read_bytes(uri, s3)
+    if uri.endswith(".safetensors"):
+        try:
+            return safetensors.torch.load(data)
+        except Exception as e:
+            raise InsectError(f"{uri} is not a valid safetensors file: {e}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InsectError(
+            f"refusing to load {uri}: not a plain weights file (only tensors are accepted, "
+            f"weights_only=True): {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InsectError(f"{uri} does not hold a state dict of tensors")
+    return state
+
+
+def save_model(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> ModelMeta:
+    """Write the model directory (weights, then meta.json); returns the meta with its
+    content-hash model id filled in."""
+    write_weights(uri, model, meta, s3)
+    write_meta(uri, meta, s3)
+    return meta
+
+
+def write_weights(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> None:
+    """Write the weights file and set `meta.model_id` (and versions) from it."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = safetensors.torch.save(state)
+    meta.model_id = model_id(data)
+    meta.versions = versions()
+    storage.write_file(uri, WEIGHTS_FILE, data, s3)
+
+
+def _expected_shapes(meta: ModelMeta) -> dict[str, tuple[int, ...]]:
+    model = skeleton(meta.arch, len(meta.classes))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_shapes(found: dict, meta: ModelMeta, weights_uri: str) -> None:
+    expected = _expected_shapes(meta)
+    if found != expected:
+        wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
+        raise InsectError(
+            f"{weights_uri} does not match {meta.arch} with {len(meta.classes)} classes "
+            f"(first differences: {wrong})"
+        )
+
+
+def check_weights(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None) -> None:
+    """Check, from its header alone, that the weights file is there and fits `meta`, so
+    that a broken model directory is refused before a run changes anything."""
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    fs, path = storage.filesystem(weights_uri, s3)
+    with storage.user_errors(weights_uri):
+        try:
+            with fs.open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > 100 * 2**20:
+                    raise ValueError(f"a header of {size} bytes")
+                header = json.loads(f.read(size))
+            found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        except FileNotFoundError:
+            raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
+        except (ValueError, TypeError, KeyError, AttributeError, struct.error) as e:
+            raise InsectError(f"{weights_uri} is not a valid safetensors file: {e}") from None
+    _check_shapes(found, meta, weights_uri)
+
+
+def check_model_id(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None) -> None:
+    """Hash the weights file (streamed) against meta.json's `model_id`."""
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    found = storage.sha256(weights_uri, s3)[:16]
+    if found != meta.model_id:
+        raise InsectError(_wrong_weights(weights_uri, found, meta))
+
+
+def _wrong_weights(weights_uri: str, found: str, meta: ModelMeta) -> str:
+    return (
+        f"{weights_uri} is not the model meta.json describes (its hash is {found}, "
+        f"meta.json says {meta.model_id}): the directory is incomplete or was changed; "
+        "train it again"
+    )
+
+
+def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module, ModelMeta]:
+    """Rebuild a trained model from its directory (on the CPU, in eval mode). The weights
+    must hash to meta.json's `model_id`: a directory whose files come from different runs
+    (an interrupted --overwrite, a copied file) is refused."""
+    meta = read_meta(uri, s3)
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    try:
+        data = storage.read_bytes(weights_uri, s3)
+    except FileNotFoundError:
+        raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
+    if model_id(data) != meta.model_id:
+        raise InsectError(_wrong_weights(weights_uri, model_id(data), meta))
+    try:
+        state = safetensors.torch.load(data)
+    except Exception as e:
+        raise InsectError(f"cannot read {weights_uri}: {e}") from None
+    _check_shapes({k: tuple(v.shape) for k, v in state.items()}, meta, weights_uri)
+    model = skeleton(meta.arch, len(meta.classes))
+    model.load_state_dict(state, assign=True)
+    return model.eval(), meta
+

@@ -1,0 +1,121 @@
+"""The console is the user's: insect's own lines (the plan, one line per epoch, one progress
+bar, the result, warnings that matter). Everything else a command's process prints (Ray's
+startup and worker lines, its C++ core's warnings, torch's and the libraries' warnings)
+goes to a log file, whose path is said once; `--verbose` keeps it all on the console.
+
+How: a command run from the CLI names its log (`command_log`); when Ray starts
+(`runtime.connect.init_ray` calls `start_log`), the process's file descriptors 1 and 2 are
+pointed at that file, which catches what Python, C++ and forwarded worker output write
+there, while insect writes through `say` and `warn` to copies of the original descriptors.
+Everything before Ray starts (the checks, their errors) stays on the console. Without a
+command log (a library call, a test) `say` and `warn` print to sys.stdout and sys.stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import TextIO
+
+from insectlib import layout, storage
+
+_streams: dict[str, TextIO] = {}  # "out", "err": the user's console while a log is open
+_commands: list[dict] = []  # the running command's log: {"path", "stack"}
+
+
+def out() -> TextIO:
+    """Where insect's own lines go."""
+    return _streams.get("out", sys.stdout)
+
+
+def err() -> TextIO:
+    """Where insect's warnings, errors and progress bar go."""
+    return _streams.get("err", sys.stderr)
+
+
+def say(text: str) -> None:
+    print(text, file=out(), flush=True)
+
+
+def warn(text: str) -> None:
+    print(text, file=err(), flush=True)
+
+
+def log_path(command: str, output: str | None) -> str:
+    """The log file of a `command` run writing to `output`: in the output's LOG_DIR when it
+    is local, else in the temporary directory (an s3:// output gets no log objects)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{command}-{stamp}-{os.getpid()}.log"
+    if output and not storage.is_s3(output):
+        return os.path.join(output, layout.LOG_DIR, name)
+    return os.path.join(os.environ.get("TMPDIR", "/tmp"), "insect-logs", name)
+
+
+@contextlib.contextmanager
+def command_log(path: str | None) -> Iterator[None]:
+    """Within the block, the log of a command: `path` (None: none, as with --verbose),
+    opened by `start_log` and closed at the end of the block."""
+    state = {"path": path, "stack": contextlib.ExitStack()}
+    _commands.append(state)
+    try:
+        yield
+    finally:
+        _commands.pop()
+        state["stack"].close()
+
+
+def start_log() -> None:
+    """Open the running command's log, if it has one that is not open yet: from now on,
+    what the process prints goes there, and insect's own lines to the console."""
+    if not _commands or not _commands[-1]["path"] or _streams:
+        return
+    path = _commands[-1]["path"]
+    say(f"log: {path} (Ray's and torch's own messages; --verbose shows them here)")
+    _commands[-1]["stack"].enter_context(log_to_file(path))
+
+
+@contextlib.contextmanager
+def log_to_file(path: str) -> Iterator[None]:
+    """Within the block, descriptors 1 and 2 write to `path` and `say`/`warn` to the
+    console they wrote to before."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for fd in (1, 2):
+        os.dup2(log, fd)
+    os.close(log)
+    # A stream that is not the descriptor's own (pytest's capture) stays the console.
+    _streams["out"] = _console(sys.stdout, saved[1], sys.__stdout__)
+    _streams["err"] = _console(sys.stderr, saved[2], sys.__stderr__)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr, *_streams.values()):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        for name in ("out", "err"):
+            stream = _streams.pop(name)
+            if stream not in (sys.stdout, sys.stderr):
+                stream.close()  # the copy of a descriptor (closes it)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _console(current: TextIO, saved_fd: int, original: TextIO | None) -> TextIO:
+    if current is not original:
+        return current
+    return os.fdopen(os.dup(saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
+
+
+def is_terminal() -> bool:
+    """Whether the console's error stream is a terminal (progress bars redraw there)."""
+    try:
+        return err().isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,93 @@
+"""What a run's Ray workers tell the driver while it runs: lines for the user's console
+(training's epoch lines come from rank 0 but are printed by the driver, so they reach the
+console and not the log) and counts (images listed and classified, each listing part's
+total). One `RunProgress` actor per run, on the driver's node; `follow` polls it from a
+thread of the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from insectlib.runtime import console
+
+POLL_S = 0.5
+
+
+@ray.remote(num_cpus=0)
+class RunProgress:
+    """Lines to print and counts by name; each listing part's total, set once per part
+    (a retried part sets it again, never twice)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.counts: dict[str, int] = {}
+        self.part_totals: dict[int, int] = {}
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+
+    def add(self, name: str, n: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def set_part_total(self, part: int, n: int) -> None:
+        self.part_totals[part] = n
+
+    def poll(self) -> tuple[list[str], dict[str, int]]:
+        """The lines said since the last poll, and every count."""
+        lines, self.lines = self.lines, []
+        return lines, dict(self.counts)
+
+    def inputs(self, parts: int) -> int | None:
+        """Every part's total, summed; None while a part has not finished."""
+        if len(self.part_totals) < parts:
+            return None
+        return sum(self.part_totals.values())
+
+
+def start() -> ray.actor.ActorHandle:
+    """A RunProgress on the driver's node: the run outlives any other node (a lost worker
+    node must not take the counts, and the listing tasks that report to it, along)."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return RunProgress.options(scheduling_strategy=here).remote()
+
+
+def tell(progress, line: str) -> None:
+    """Say `line` on the driver's console through `progress`, or here without one."""
+    if progress is None:
+        console.say(line)
+    else:
+        progress.say.remote(line)
+
+
+@contextlib.contextmanager
+def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) -> Iterator[None]:
+    """While the block runs, print the lines said to `progress` and pass its counts to
+    `on_counts`, every POLL_S; once more at the end."""
+    stop = threading.Event()
+
+    def poll_once():
+        lines, counts = ray.get(progress.poll.remote())
+        for line in lines:
+            console.say(line)
+        if on_counts is not None:
+            on_counts(counts)
+
+    def loop():
+        while not stop.wait(POLL_S):
+            poll_once()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):  # the cluster may be gone after a failure
+            poll_once()

@@ -1,0 +1,74 @@
+"""Storage: local paths and s3:// URIs alike. This package's API, by module:
+
+- `files`: reading and writing files through fsspec, the bounded reads of input files,
+  storage errors worded for the user;
+- `listing`: listing folders and prefixes as streams;
+- `buckets`: botocore's ListObjectsV2 pages (what `listing` uses for s3://);
+- `retry`: the one retry policy, with its budget;
+- `locations`: where outputs may go (never inside an input, never a file) and the lock
+  that keeps one run per output.
+"""
+
+from insectlib.config import S3Options
+from insectlib.storage.files import (
+    FILE_ERRNOS,
+    READ_AHEAD,
+    check_bucket,
+    exists,
+    filesystem,
+    is_s3,
+    join,
+    prefetch,
+    printable,
+    pyarrow_filesystem,
+    read_bytes,
+    read_input,
+    read_inputs,
+    sha256,
+    to_uri,
+    user_errors,
+    write_bytes,
+    write_file,
+)
+from insectlib.storage.listing import (
+    Level,
+    UnlistedFolder,
+    is_dir,
+    is_glob,
+    iter_files,
+    iter_level_files,
+    iter_tree,
+    list_level,
+)
+from insectlib.storage.locations import check_location
+
+__all__ = [
+    "FILE_ERRNOS",
+    "READ_AHEAD",
+    "Level",
+    "S3Options",
+    "UnlistedFolder",
+    "check_bucket",
+    "check_location",
+    "exists",
+    "filesystem",
+    "is_dir",
+    "is_glob",
+    "is_s3",
+    "iter_files",
+    "iter_level_files",
+    "iter_tree",
+    "join",
+    "list_level",
+    "prefetch",
+    "printable",
+    "pyarrow_filesystem",
+    "read_bytes",
+    "read_input",
+    "read_inputs",
+    "sha256",
+    "to_uri",
+    "user_errors",
+    "write_bytes",
+    "write_file",
+]

@@ -1,0 +1,264 @@
+"""Reading and writing files, local or s3://, behind one fsspec interface.
+
+Every read and write in insect goes through this package, so the rest of the code never
+asks whether a location is local or in a bucket.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import fsspec
+import pyarrow.fs
+
+from insectlib.config import S3Options
+from insectlib.errors import ImageError, InsectError, StorageUnavailable
+from insectlib.storage import buckets, retry
+
+# Local errors that say something about the file itself (and become its error row); any
+# other (EIO, ESTALE, EMFILE, ...) is the machine's and stops the run.
+FILE_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO, errno.EISDIR,
+     errno.ENOTDIR, errno.ENAMETOOLONG}
+)  # fmt: skip
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def filesystem(uri: str, s3: S3Options | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding `uri` and the path to use with it."""
+    if is_s3(uri):
+        import s3fs
+
+        options = s3 or S3Options()
+        fs = s3fs.S3FileSystem(
+            anon=options.anonymous,
+            endpoint_url=buckets.endpoint(options),
+            config_kwargs=retry.S3_CLIENT,  # bounded timeouts; `retry` is the only policy
+            use_listings_cache=False,  # listings can be millions of keys: keep none
+        )
+        fs.retries = retry.S3FS_RETRIES
+        return fs, uri[len("s3://") :].rstrip("/")
+    if "://" in uri:
+        raise InsectError(f"unsupported location {uri!r}: use a local path or an s3:// URI")
+    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(uri))
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The user-facing form of a path on `fs` (s3:// for buckets)."""
+    return f"s3://{path}" if _is_s3fs(fs) else path
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def pyarrow_filesystem(uri: str, s3: S3Options | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """The same filesystem wrapped for the Ray APIs that want a pyarrow one."""
+    fs, path = filesystem(uri, s3)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
+    fs, path = filesystem(uri, s3)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_input(uri: str, max_bytes: int, s3: S3Options | None = None) -> bytes:
+    """The bytes of one input file (an image to classify or train on).
+
+    Only regular files are read, and at most `max_bytes` of them: a FIFO would block a
+    reader forever, a link to /dev/zero would fill its memory. What is wrong with the file
+    itself (missing, not a regular file, too large, permission denied locally) raises
+    ImageError, which becomes the file's error row. On S3 every other failure (throttling,
+    timeouts, server errors, denied or expired credentials) is retried with back-off and
+    then raises StorageUnavailable: it says nothing about the image and must stop the run
+    rather than become its row."""
+    if not is_s3(uri):
+        return _read_local_input(uri, max_bytes)
+    fs, path = filesystem(uri, s3)
+
+    def get() -> bytes:
+        # One ranged GET: no HEAD request, and never more than the cap plus one byte.
+        try:
+            return fs.cat_file(path, start=0, end=max_bytes + 1)
+        except OSError as e:
+            text = str(e).lower()
+            if "range is not satisfiable" in text or "invalidrange" in text:
+                return b""  # S3 answers a ranged GET of an empty object with 416
+            raise
+
+    try:
+        data = retry.retrying(get, uri)
+    except FileNotFoundError:
+        raise ImageError("not found (removed after it was listed?)") from None
+    _check_input_size(len(data), max_bytes)
+    return data
+
+
+READ_AHEAD = 16  # S3 reads in flight per reading process (object-store latency)
+
+
+def read_inputs(
+    uris: list[str], max_bytes: int, s3: S3Options | None = None
+) -> Iterator[bytes | ImageError]:
+    """`read_input` of each of `uris`, in order, with the ImageError of a file that cannot
+    be read in place of its bytes. On S3, READ_AHEAD reads are in flight at once, so that
+    latency overlaps; at most READ_AHEAD files' bytes wait to be consumed."""
+
+    def read(uri: str) -> bytes | ImageError:
+        try:
+            return read_input(uri, max_bytes, s3)
+        except ImageError as e:
+            return e
+
+    window = READ_AHEAD if uris and is_s3(uris[0]) else 0
+    yield from prefetch(read, uris, window)
+
+
+def prefetch(fn: Callable[[U], T], items: Iterable[U], window: int) -> Iterator[T]:
+    """`fn(item)` for each item, in order, computed `window` at a time in threads (in this
+    thread when `window` is 0); at most `window` results wait to be consumed."""
+    if not window:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(window) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _read_local_input(path: str, max_bytes: int) -> bytes:
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer. The type is checked on the
+        # open descriptor, so a file swapped after listing cannot slip through.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError("unreadable file: not found (or a dangling link)") from None
+    except OSError as e:
+        if e.errno not in FILE_ERRNOS:  # EIO, ESTALE, EMFILE, ...: the machine, not the file
+            raise StorageUnavailable(
+                f"cannot read {printable(path)}: {e.strerror or e}. The rows written so far "
+                "are kept: fix the cause and rerun with --resume"
+            ) from None
+        raise ImageError(f"unreadable file: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # before open(), which refuses a directory's descriptor
+        os.close(fd)
+        raise ImageError(f"not a regular file ({_file_kind(mode)})")
+    with open(fd, "rb", closefd=True) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageError(f"unreadable file: {e.strerror or e}") from None
+    _check_input_size(len(data), max_bytes)
+    return data
+
+
+def _check_input_size(size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageError(f"file too large: more than --max-file-bytes {max_bytes:,}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def printable(path: str) -> str:
+    """`path` as valid UTF-8 text. Local names that are not UTF-8 arrive from the OS with
+    their undecodable bytes as surrogates; those bytes are written as backslash escapes
+    (`\\xff`), which Arrow, Parquet and terminals accept. Other names are unchanged."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def sha256(uri: str, s3: S3Options | None = None) -> str:
+    """The SHA-256 of a file's content, read in 8 MB pieces."""
+    fs, path = filesystem(uri, s3)
+    digest = hashlib.sha256()
+    with user_errors(uri), fs.open(path, "rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
+    fs, path = filesystem(uri, s3)
+    parent = path.rsplit("/", 1)[0]
+    if not is_s3(uri):
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def exists(uri: str, s3: S3Options | None = None) -> bool:
+    fs, path = filesystem(uri, s3)
+    with user_errors(uri):
+        return fs.exists(path)
+
+
+def check_bucket(uri: str, s3: S3Options | None = None) -> None:
+    """For an s3:// location, fail early and clearly when its bucket is missing or denied."""
+    if is_s3(uri):
+        bucket = uri[len("s3://") :].split("/", 1)[0]
+        with user_errors(uri):
+            buckets.has_objects(s3, bucket, "")
+
+
+@contextlib.contextmanager
+def user_errors(uri: str):
+    """Turn storage failures into an InsectError that names `uri` and the likely cause."""
+    try:
+        yield
+    except InsectError:
+        raise
+    except ImageError as e:  # the file itself: what its error row would say
+        raise InsectError(f"{printable(uri)}: {e}") from None
+    except PermissionError as e:
+        hint = "check the AWS credentials" if is_s3(uri) else "check its permissions"
+        raise InsectError(f"access denied to {uri}: {hint} ({e})") from None
+    except FileNotFoundError:
+        raise InsectError(f"not found: {uri}") from None
+    except Exception as e:  # botocore's connection and endpoint errors are not OSErrors
+        raise InsectError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
+
+
+
+
+def write_file(directory: str, name: str, data: str | bytes, s3: S3Options | None = None) -> None:
+    """Write file `name` of `directory` (local or s3://), replacing it."""
+    write_bytes(join(directory, name), data.encode() if isinstance(data, str) else data, s3)
+
+
+def _is_s3fs(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocol

@@ -1,0 +1,43 @@
+"""Where a run may write: never into (or as) one of its inputs, never over a file, never a
+bucket root. Checked before anything is written or removed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from insectlib.errors import InsectError
+from insectlib.storage.files import is_s3
+from insectlib.storage.listing import is_glob
+
+
+def _key(uri: str) -> str:
+    """A comparable form of a location: the real absolute path, or the s3:// URI."""
+    if is_s3(uri):
+        return uri.rstrip("/")
+    path = uri
+    # A glob selects files inside its fixed leading folder.
+    while is_glob(os.path.basename(path)) and path not in ("", "/"):
+        path = os.path.dirname(path)
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def check_location(output: str, protected: dict[str, str], apart: tuple[str, ...] = ()) -> None:
+    """Refuse an output location that is a bucket root or holds (or is) one of the
+    `protected` locations ({"the input": uri, "the model": uri}), before anything is written
+    or removed there; for those named in `apart`, also an output inside them."""
+    if is_s3(output) and "/" not in output[len("s3://") :].strip("/"):
+        raise InsectError(
+            f"--output {output} is a bucket root; write to a prefix such as "
+            f"{output.rstrip('/')}/predictions"
+        )
+    out = _key(output)
+    for what, uri in protected.items():
+        inside = _key(uri)
+        if inside == out or inside.startswith(out.rstrip("/") + "/"):
+            raise InsectError(f"--output {output} contains {what} ({uri}): choose another --output")
+        if what in apart and out.startswith(inside.rstrip("/") + "/"):
+            raise InsectError(
+                f"--output {output} is inside {what} ({uri}), where its files would be read "
+                "as inputs next time: choose another --output"
+            )

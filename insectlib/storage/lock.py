@@ -1,0 +1,227 @@
+"""One run per output at a time: a lock file in the output (`layout.LOCK_FILE`), held for the
+run's life and naming its holder (host, process, start), so that a second run on the same
+output is refused with one line instead of both writing rows.
+
+Local outputs: an OS lock (`fcntl.flock`) on the file, which the kernel drops when the
+holder dies, so a lock left by a killed run is taken over (and said). S3 outputs: the
+lock object is created with a conditional write (`If-None-Match: *`), refreshed every
+HEARTBEAT_S with `If-Match` on its ETag, and taken over once it is older than STALE_S
+(its holder stopped refreshing it: killed, or its machine gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+from insectlib.config import S3Options
+from insectlib.errors import InsectError
+from insectlib.layout import LOCK_FILE
+from insectlib.storage import buckets, retry
+from insectlib.storage.files import is_s3, join
+
+HEARTBEAT_S = 30.0
+STALE_S = 180.0  # six missed heartbeats
+
+
+def holder(command: str) -> dict:
+    """Who holds a lock: this process, now."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": command,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def describe(found: dict) -> str:
+    """A holder as the user reads it."""
+    if not isinstance(found, dict):
+        return "an unknown run"
+    return (
+        f"insect {found.get('command', '?')} (host {found.get('host', '?')}, pid "
+        f"{found.get('pid', '?')}, started {found.get('started', '?')})"
+    )
+
+
+@contextlib.contextmanager
+def output_lock(
+    output: str, command: str, s3: S3Options | None = None, say=print
+) -> Iterator[OutputLock]:
+    """Hold the lock of `output` for the block; refuse (InsectError) while another run
+    holds it. `say` tells the user when a dead run's lock is taken over."""
+    lock = S3Lock(output, s3) if is_s3(output) else LocalLock(output)
+    taken_over = lock.acquire(holder(command))
+    if taken_over:
+        say(f"taking over the lock of {output} from {describe(taken_over)}, which is gone")
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+class OutputLock:
+    """The interface of a held lock."""
+
+    def lost(self) -> str | None:
+        """Why the lock is no longer ours (another run took it over), or None."""
+        return None
+
+    def check(self) -> None:
+        """Refuse (InsectError) to go on writing when the lock was lost."""
+        why = self.lost()
+        if why:
+            raise InsectError(why)
+
+
+class LocalLock(OutputLock):
+    def __init__(self, output: str):
+        self.output = output
+        self.path = os.path.join(output, LOCK_FILE)
+        self.created = not os.path.exists(output)
+        self.fd: int | None = None
+
+    def acquire(self, me: dict) -> dict | None:
+        """Take the lock; the holder it was left by, when a gone run left one."""
+        try:
+            os.makedirs(self.output, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except NotADirectoryError:
+            raise InsectError(f"--output {self.output} is a file, not a folder") from None
+        except OSError as e:
+            raise InsectError(f"cannot write to {self.output}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            found = _read_json(os.pread(fd, 4096, 0))
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InsectError(_busy(self.output, found)) from None
+            raise
+        if not _same_file(fd, self.path):  # released (and removed) by its holder meanwhile
+            os.close(fd)
+            return self.acquire(me)
+        left = _read_json(os.pread(fd, 4096, 0)) or None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return left
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # still holding it: no one else can have it
+        os.close(self.fd)
+        self.fd = None
+        if self.created:  # a run that wrote nothing leaves no folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(self.output)
+
+
+class S3Lock(OutputLock):
+    def __init__(self, output: str, s3: S3Options | None):
+        self.output, self.s3 = output, s3
+        self.bucket, _, prefix = output[len("s3://") :].rstrip("/").partition("/")
+        self.key = f"{prefix}/{LOCK_FILE}" if prefix else LOCK_FILE
+        self.uri = join(output, LOCK_FILE)
+        self.etag: str | None = None
+        self.body = b""
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.why_lost: str | None = None
+
+    def acquire(self, me: dict) -> dict | None:
+        self.body = json.dumps(me).encode()
+        if self._put(IfNoneMatch="*"):
+            self._start_heartbeat()
+            return None
+        found, etag, age = self._read()
+        if age < STALE_S:
+            raise InsectError(_busy(self.output, found))
+        if not self._put(IfMatch=etag):  # another run took it over first
+            raise InsectError(_busy(self.output, self._read()[0]))
+        self._start_heartbeat()
+        return found
+
+    def _put(self, **condition) -> bool:
+        """Write the lock object under `condition`; False where the condition failed."""
+        from botocore.exceptions import ClientError
+
+        client = buckets.client(self.s3)
+        request = {"Bucket": self.bucket, "Key": self.key, "Body": self.body, **condition}
+        try:
+            answer = retry.retrying(lambda: client.put_object(**request), self.uri)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                return False
+            raise
+        self.etag = answer["ETag"]
+        return True
+
+    def _read(self) -> tuple[dict, str, float]:
+        """The lock object's holder, ETag and age in seconds."""
+        client = buckets.client(self.s3)
+        got = retry.retrying(
+            lambda: client.get_object(Bucket=self.bucket, Key=self.key), self.uri
+        )
+        age = time.time() - got["LastModified"].timestamp()
+        return _read_json(got["Body"].read()), got["ETag"], age
+
+    def _start_heartbeat(self) -> None:
+        def beat():
+            while not self.stop.wait(HEARTBEAT_S):
+                try:
+                    if not self._put(IfMatch=self.etag):
+                        self.why_lost = (
+                            f"another run took over {self.uri} while this one ran (its "
+                            "refreshes were late): nothing more is written; check both runs"
+                        )
+                        return
+                except Exception:  # a refresh that fails now may succeed at the next beat
+                    continue
+
+        self.thread = threading.Thread(target=beat, daemon=True)
+        self.thread.start()
+
+    def lost(self) -> str | None:
+        return self.why_lost
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.etag and not self.why_lost:
+            client = buckets.client(self.s3)
+            with contextlib.suppress(Exception):
+                client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _busy(output: str, found: dict) -> str:
+    return (
+        f"{output} is in use by {describe(found)}: wait for it to finish, or choose "
+        "another --output"
+    )
+
+
+def _read_json(data: bytes) -> dict:
+    try:
+        found = json.loads(data.decode(errors="replace") or "{}")
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}

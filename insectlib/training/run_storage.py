@@ -1,0 +1,107 @@
+"""A training run in Ray Train's run storage (`--storage`/`--name`): where it is, and the
+record of what it began with, which `--resume` must find unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from insectlib import storage
+from insectlib.config import TrainConfig
+from insectlib.data.labels import LabelledSet
+from insectlib.errors import InsectError
+from insectlib.layout import RUN_RECORD
+from insectlib.runtime import console
+
+DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
+try:
+    # Ray Train's record of a run's checkpoints: where it exists, a run of that name
+    # continues. A private name (Ray 2.50-2.60 write "checkpoint_manager_snapshot.json");
+    # the fallback keeps `--name`/`--resume` checks working should it move.
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+except ImportError:  # pragma: no cover - a Ray release that moved it
+    CHECKPOINT_MANAGER_SNAPSHOT_FILENAME = "checkpoint_manager_snapshot.json"
+RUN_SNAPSHOT = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+# The settings a resumed run must share with its start: they shape the model, its weights
+# and its training. Others (epochs, workers, precision, paths, ...) may change.
+RESUME_FIELDS = (
+    "arch",
+    "weights",
+    "freeze",
+    "image_size",
+    "seed",
+    "val_fraction",
+    "augment",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+)
+
+
+def run_location(cfg: TrainConfig) -> str:
+    """The folder of run `cfg.name` in the run storage."""
+    return storage.join(cfg.storage or DEFAULT_STORAGE, cfg.name)
+
+
+def check_run_name(cfg: TrainConfig) -> None:
+    """Ray Train continues a run whose folder it finds in storage: make that explicit."""
+    if not cfg.name:
+        return
+    run = run_location(cfg)
+    found = storage.exists(storage.join(run, RUN_SNAPSHOT), cfg.s3)
+    if cfg.resume and not found:
+        raise InsectError(f"no run to resume at {run}: check --storage and --name")
+    if found and not cfg.resume:
+        raise InsectError(
+            f"run {run} already exists; pass --resume to continue it or choose another --name"
+        )
+
+
+def run_record(cfg: TrainConfig, labelled: LabelledSet) -> dict:
+    """What a run must keep to be resumed: the settings that shape the model and its
+    training, the weights it started from and a fingerprint of its data."""
+    record = {name: getattr(cfg, name) for name in RESUME_FIELDS}
+    if cfg.weights not in ("imagenet", "random"):
+        record["weights_sha256"] = storage.sha256(cfg.weights, cfg.s3)
+    record["classes"] = labelled.classes
+    items = sorted(f"{storage.printable(u)}\t{y}" for u, y in labelled.train + labelled.val)
+    record["data_sha256"] = hashlib.sha256("\n".join(items).encode()).hexdigest()
+    record["images"] = len(items)
+    return record
+
+
+def write_run_record(cfg: TrainConfig, labelled: LabelledSet) -> None:
+    text = json.dumps(run_record(cfg, labelled), indent=2)
+    storage.write_file(run_location(cfg), RUN_RECORD, text, cfg.s3)
+
+
+def check_run_record(cfg: TrainConfig, labelled: LabelledSet) -> None:
+    """Refuse to resume run `cfg.name` with other settings, weights or data than it began
+    with, naming what differs."""
+    uri = storage.join(run_location(cfg), RUN_RECORD)
+    if not storage.exists(uri, cfg.s3):
+        console.warn(
+            f"warning: {uri} is missing (a run from an older insect): the configuration "
+            "of the resumed run cannot be checked"
+        )
+        return
+    with storage.user_errors(uri):
+        before = json.loads(storage.read_bytes(uri, cfg.s3))
+    now = run_record(cfg, labelled)
+    differ = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if differ:
+        shown = ", ".join(
+            f"{k}: {_short(before.get(k))} then, {_short(now.get(k))} now" for k in differ
+        )
+        raise InsectError(
+            f"cannot resume run {run_location(cfg)} with a different configuration ({shown}); "
+            "resume with the flags and data it began with, or start a new --name"
+        )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

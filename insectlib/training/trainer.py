@@ -1,0 +1,279 @@
+"""Fine-tuning with Ray Train: one TorchTrainer, one plain PyTorch loop per worker
+(`worker.TrainingWorker`). The driver's phases: `preflight` (every check that needs no
+cluster), `fit` (size the workers, run Ray Train, read the model back)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from dataclasses import asdict
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from insectlib import storage
+from insectlib.config import TrainConfig
+from insectlib.data.labels import LabelledSet, discover
+from insectlib.errors import InsectError
+from insectlib.layout import META_FILE, PROBLEM_FILE, STATE_FILE
+from insectlib.metrics.confidence import temperature_report
+from insectlib.metrics.scores import classification_metrics, format_number
+from insectlib.model.meta import ModelMeta, read_meta
+from insectlib.model.network import check_arch
+from insectlib.runtime import console, progress
+from insectlib.runtime.connect import (
+    cpus_per_gpu,
+    init_ray,
+    insect_error_in,
+    live_nodes,
+    local_path_warnings,
+)
+from insectlib.training.model_dir import write_model_dir
+from insectlib.training.run_storage import (
+    DEFAULT_STORAGE,
+    check_run_name,
+    check_run_record,
+    write_run_record,
+)
+from insectlib.training.worker import TrainingWorker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: set up, restore, then train and report each epoch;
+    rank 0 writes the model directory at the end."""
+    cfg = TrainConfig(**{**config["cfg"], "s3": storage.S3Options(**config["cfg"]["s3"])})
+    ctx = ray.train.get_context()
+    run = config["progress"]
+    worker = TrainingWorker(
+        cfg,
+        config["classes"],
+        config["train"],
+        config["val"],
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        device=ray.train.torch.get_device(),
+        prepare_model=ray.train.torch.prepare_model,
+        tell=lambda line: progress.tell(run, line),
+    )
+    state = checkpoint_state(ray.train.get_checkpoint())
+    if state:
+        if worker.rank == 0:
+            progress.tell(run, f"resuming after epoch {state['epoch']}")
+        worker.restore(state)
+    predictions = train_epochs(worker, config)
+    if predictions is not None:
+        finish_on_rank_0(worker, config, _gather(predictions, worker.world))
+
+
+def train_epochs(worker: TrainingWorker, config: dict) -> list | None:
+    """Every epoch left, each reported; the last epoch's validation (labels, logits), or
+    None when the run stopped on a problem (reported, for the driver to raise)."""
+    cfg, predictions = worker.cfg, []
+    for epoch in range(worker.start_epoch, cfg.epochs):
+        predictions = []
+        metrics = worker.run_epoch(epoch, predictions if epoch == cfg.epochs - 1 else None)
+        if config["val"] and not metrics["val_images"]:
+            # Every worker sees the same summed counts, so all stop here together; the
+            # driver turns the reported problem into its error (no retries, no model).
+            problem = (
+                f"none of the {len(config['val'])} validation images could be read "
+                f"({metrics['skipped_images']} unreadable images in epoch {epoch + 1}); no "
+                "model was written: fix or remove them (the workers' logs name the files)"
+            )
+            report_epoch({**metrics, "problem": problem}, {PROBLEM_FILE: problem}, worker.rank)
+            return None
+        worker.history.append(metrics)
+        report_epoch(metrics, {STATE_FILE: worker.training_state()}, worker.rank)
+        if worker.rank == 0:
+            worker.tell(_epoch_line(metrics, cfg.epochs))
+    return predictions
+
+
+def finish_on_rank_0(worker: TrainingWorker, config: dict, pairs: list) -> None:
+    """Rank 0: fit the temperature on the validation logits and write the model directory."""
+    if worker.rank != 0:
+        return
+    validation = calibration = None
+    meta = worker.model_meta(config["data"])
+    if pairs:
+        y_true = torch.cat([t for t, _ in pairs]).numpy()
+        logits = torch.cat([z for _, z in pairs]).numpy()
+        validation = classification_metrics(y_true, logits.argmax(1), worker.classes)
+        calibration = temperature_report(logits, y_true)
+        meta.temperature = calibration["temperature"]
+        worker.tell(_temperature_line(calibration))
+    write_model_dir(worker.cfg, worker.model, meta, validation, calibration)
+
+
+def checkpoint_state(checkpoint: Checkpoint | None) -> dict | None:
+    """The `training_state` in a checkpoint; None for no checkpoint, or for the checkpoint
+    of a run stopped by a problem (it holds only PROBLEM_FILE: start over)."""
+    if not checkpoint:
+        return None
+    # A private copy per worker: workers sharing a node would otherwise share one download
+    # folder, which a late worker downloads into again while another is reading it.
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.to_directory(d)
+        path = os.path.join(d, STATE_FILE)
+        return torch.load(path, weights_only=True) if os.path.exists(path) else None
+
+
+def report_epoch(metrics: dict, files: dict[str, object], rank: int) -> None:
+    """`ray.train.report` the metrics of every worker, with a checkpoint of `files` from
+    rank 0 (Ray Train keeps only the metrics of reports with a checkpoint for the driver).
+    A str is written as text, anything else with torch.save."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            for name, content in files.items():
+                if isinstance(content, str):
+                    with open(os.path.join(d, name), "w") as f:
+                        f.write(content)
+                else:
+                    torch.save(content, os.path.join(d, name))
+            checkpoint = Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _gather(items: list, world: int) -> list:
+    """Every worker's `items`, concatenated in rank order (on every worker)."""
+    if not torch.distributed.is_initialized():
+        return list(items)
+    shards = [None] * world
+    torch.distributed.all_gather_object(shards, items)
+    return [item for shard in shards for item in shard]
+
+
+def _temperature_line(c: dict) -> str:
+    if not c["temperature"]:
+        return f"no temperature fitted: {c['note']}"
+    return (
+        f"temperature {c['temperature']:.3f} fitted on {c['images']} validation images: "
+        f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, "
+        f"NLL {c['nll_before']:.4f} -> {c['nll_after']:.4f}"
+    )
+
+
+def _epoch_line(m: dict, epochs: int) -> str:
+    f = format_number
+    return (
+        f"epoch {m['epoch']}/{epochs}: train loss {f(m['train_loss'], '.4f')} "
+        f"acc {f(m['train_accuracy'], '.3f')} | val loss {f(m['val_loss'], '.4f')} "
+        f"acc {f(m['val_accuracy'], '.3f')} | {f(m['images_per_second'], '.1f')} img/s"
+        + (" (head on cached trunk features)" if m.get("cached_features") else "")
+        + (f" | {m['skipped_images']} unreadable images skipped" if m["skipped_images"] else "")
+    )
+
+
+def preflight(cfg: TrainConfig) -> LabelledSet:
+    """Check everything that can be checked before Ray starts; returns the labelled set."""
+    cfg.validate()
+    check_arch(cfg.arch)
+    if cfg.weights not in ("imagenet", "random") and not storage.exists(cfg.weights, cfg.s3):
+        raise InsectError(f"--weights file not found: {cfg.weights}")
+    # Its pictures inside the labelled tree would be read as images by the next run.
+    storage.check_location(cfg.output, {"the data": cfg.data}, apart=("the data",))
+    for location in (cfg.output, cfg.storage):
+        if location:
+            storage.check_bucket(location, cfg.s3)
+    if storage.exists(storage.join(cfg.output, META_FILE), cfg.s3) and not cfg.overwrite:
+        raise InsectError(f"{cfg.output} already holds a model; pass --overwrite to replace it")
+    check_run_name(cfg)
+    labelled = discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
+    if cfg.resume:
+        check_run_record(cfg, labelled)
+    return labelled
+
+
+def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
+    """Fine-tune per `cfg` with Ray Train and write the model directory; returns its meta."""
+    labelled = labelled or preflight(cfg)
+    console.say(
+        f"{len(labelled.classes)} classes ({', '.join(labelled.classes)}): "
+        f"{len(labelled.train)} training and {len(labelled.val)} validation images "
+        f"({labelled.split})"
+    )
+    init_ray(cfg.address)
+    cfg = sized_run(cfg, labelled)
+    run = progress.start()
+    with progress.follow(run):
+        result = run_trainer(cfg, labelled, run)
+    if (result.metrics or {}).get("problem"):
+        raise InsectError(result.metrics["problem"])
+    meta = read_meta(cfg.output, cfg.s3)
+    accuracy = meta.epochs[-1]["val_accuracy"]
+    console.say(
+        f"validation accuracy {format_number(accuracy, '.4f')}; "
+        f"model {meta.model_id} written to {cfg.output}"
+    )
+    return meta
+
+
+def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
+    """`cfg` sized for the connected cluster and named (a new run's record written)."""
+    locations = {"--storage": cfg.storage or DEFAULT_STORAGE, "--output": cfg.output}
+    for warning in local_path_warnings(locations, live_nodes()):
+        console.warn(warning)
+    cfg = cfg.sized(cpus_per_gpu())
+    if cfg.gpu:
+        console.say(
+            f"{cfg.workers} GPU workers, {cfg.cpus_per_worker:g} CPUs each: "
+            f"{cfg.loader_workers} decoding processes per worker"
+        )
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not cfg.resume:
+        write_run_record(cfg, labelled)
+    return cfg
+
+
+def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Result:
+    """Ray Train's run of `train_loop_per_worker`; an InsectError a worker raised is raised
+    here as itself."""
+    run_config = RunConfig(
+        name=cfg.name,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+    )
+    if cfg.storage:
+        run_config.storage_filesystem, run_config.storage_path = storage.pyarrow_filesystem(
+            cfg.storage, cfg.s3
+        )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": asdict(cfg),
+            "classes": labelled.classes,
+            "train": labelled.train,
+            "val": labelled.val,
+            "progress": run,
+            # root, val_fraction and seed find the validation images again (int8 statistics)
+            "data": {
+                "root": cfg.data,
+                "split": labelled.split,
+                "val_fraction": cfg.val_fraction,
+                "seed": cfg.seed,
+                "counts": labelled.counts(),
+            },
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement,
+        ),
+        run_config=run_config,
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        cause = insect_error_in(e)
+        if cause:
+            raise cause from None
+        raise
