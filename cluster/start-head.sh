@@ -11,6 +11,8 @@
 # ~/.ray/auth_token, which is created here (mode 600) when missing. Every node and every
 # submitter needs the same token and RAY_AUTH_MODE=token in its environment: see README.
 # Ports: RAY_PORT (default 6379), DASHBOARD_PORT (8265); NUM_CPUS limits the CPUs offered.
+# The head keeps its files (and its processes name it) in RAY_TEMP_DIR, default
+# /tmp/ray-insect-$RAY_PORT: cluster/stop.sh stops exactly the processes of this head.
 # Further arguments go to `ray start`. (--token, the former opt-in, is accepted.)
 set -euo pipefail
 RAY=${RAY:-ray}
@@ -36,6 +38,7 @@ else
   fi
 fi
 args=(--head --port "${RAY_PORT:-6379}" --dashboard-host 127.0.0.1
-      --dashboard-port "${DASHBOARD_PORT:-8265}" --disable-usage-stats)
+      --dashboard-port "${DASHBOARD_PORT:-8265}" --disable-usage-stats
+      --temp-dir "${RAY_TEMP_DIR:-/tmp/ray-insect-${RAY_PORT:-6379}}")
 if [ -n "${NUM_CPUS:-}" ]; then args+=(--num-cpus "$NUM_CPUS"); fi
 exec "$RAY" start "${args[@]}" "$@"

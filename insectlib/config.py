@@ -190,6 +190,14 @@ class RaySettings(InputLimits):
             "as set by `ray job submit`, else a new local Ray)"
         ),
     )
+    wait_for_nodes: float = setting(
+        0.0,
+        at_least=0,
+        help=(
+            "seconds an autoscaling cluster may take to add the nodes the run needs (0: a run "
+            "the cluster cannot hold now is refused at once)"
+        ),
+    )
     verbose: bool = setting(
         False,
         help="show Ray's and torch's own messages here rather than in the run's log file",

@@ -14,7 +14,7 @@ from insectlib import storage
 from insectlib.classify import outputs
 from insectlib.classify.pipeline import classify
 from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
-from insectlib.data.labels import discover
+from insectlib.data.labels import EVALUATION_DIRS, discover
 from insectlib.errors import InsectError
 from insectlib.layout import (
     CONFUSION_JSON,
@@ -37,6 +37,7 @@ from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
 from insectlib.model.network import check_weights
 from insectlib.runtime import console
+from insectlib.storage.lock import output_lock
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
@@ -45,37 +46,42 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     # Its pictures inside the labelled tree would be read as images by the next run.
     storage.check_location(
-        cfg.output, {"the input": cfg.data, "the model": cfg.model}, apart=("the input",)
+        cfg.output,
+        {"the input": cfg.data, "the model": cfg.model},
+        apart=("the input",),
+        s3=cfg.s3,
     )
     removal = plan_overwrite(cfg)
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
     truth = labelled_images(cfg, meta)
-    # Only now that the data is listed and the model checked: the old evaluation goes.
-    outputs.remove(cfg.output, removal, cfg.s3)
-    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
-    classified = classify(
-        ClassifyConfig(
-            input=cfg.data,
-            model=cfg.model,
-            output=predictions,
-            # The old predictions are gone (above): this output starts empty.
-            **{**settings_of(cfg, ActorSettings), "overwrite": False},
-        ),
-        paths=sorted(truth),
-    )
-    table = with_truth(read_predictions(predictions, cfg.s3), truth, meta)
-    metrics, probs, y_true = evaluation_metrics(table, meta)
-    # What classified: with int8 (asked for, or chosen by auto) not the fp32 model.
-    metrics.update({"model": classified.model, "data": cfg.data})
-    write_evaluation(cfg, meta, table, metrics, probs, y_true)
+    with output_lock(cfg.output, "evaluate", cfg.s3, console.say):
+        # Only now that the data is listed and the model checked: the old evaluation goes.
+        outputs.remove(cfg.output, removal, cfg.s3)
+        predictions = storage.join(cfg.output, PREDICTIONS_DIR)
+        classified = classify(
+            ClassifyConfig(
+                input=cfg.data,
+                model=cfg.model,
+                output=predictions,
+                # The old predictions are gone (above): this output starts empty.
+                **{**settings_of(cfg, ActorSettings), "overwrite": False},
+            ),
+            paths=sorted(truth),
+        )
+        table = with_truth(read_predictions(predictions, cfg.s3), truth, meta)
+        metrics, probs, y_true = evaluation_metrics(table, meta)
+        # What classified: with int8 (asked for, or chosen by auto) not the fp32 model.
+        metrics.update({"model": classified.model, "data": cfg.data})
+        write_evaluation(cfg, meta, table, metrics, probs, y_true)
     return metrics
 
 
 def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
     """{path as the rows name it: true label index in the model's classes} of the images
     to evaluate: the held-out folder of `cfg.data` when it has one, else every image."""
-    labelled = discover(cfg.data, s3=cfg.s3)
+    labelled = discover(cfg.data, s3=cfg.s3, held_out_dirs=EVALUATION_DIRS)
+    warn_if_not_held_out(cfg.data, labelled.held_out, meta)
     unknown = sorted(set(labelled.classes) - set(meta.classes))
     if unknown:
         raise InsectError(
@@ -89,6 +95,24 @@ def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
         f"evaluating model {meta.model_id} on {len(items)} images of {cfg.data} ({where})"
     )
     return {storage.printable(uri): index[labelled.classes[y]] for uri, y in items}
+
+
+def warn_if_not_held_out(data: str, held_out: str | None, meta: ModelMeta) -> None:
+    """Say so where the images evaluated are images training used: its validation folder
+    (where it fitted its temperature too), or, with no held-out folder, every image."""
+    trained = meta.data
+    if not trained.get("root") or storage.location_key(trained["root"]) != storage.location_key(
+        data
+    ):
+        return
+    if held_out and held_out != trained.get("held_out"):
+        return  # a folder training never read (test/ beside val/)
+    seen = f"its {held_out}/ folder" if held_out else "every image of it"
+    console.warn(
+        f"warning: training validated on {seen} (and fitted its temperature there): these "
+        "figures are not held out; evaluate on images training never saw (a test/ folder "
+        "beside train/ and val/)"
+    )
 
 
 def read_predictions(predictions: str, s3) -> pa.Table:

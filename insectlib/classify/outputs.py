@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FilenameProvider
 
 from insectlib import storage
+from insectlib.classify import duplicates
 from insectlib.errors import InsectError
 from insectlib.layout import (
     LOCK_FILE,
@@ -30,6 +31,7 @@ from insectlib.layout import (
     RUN_FILES,
     SUCCESS_FILE,
 )
+from insectlib.runtime import console
 from insectlib.storage import retry
 
 # Ray Data adds "-<i>.parquet" to the name `PartNames` gives each write task.
@@ -173,6 +175,13 @@ def remove(output: str, names: list[str], s3: storage.S3Options) -> None:
             fs.rm_file(name)
 
 
+def duplicated_paths(output: str, s3: storage.S3Options) -> dict[str, list[str]]:
+    """{path: parts} of the paths with more than one row among insect's complete parts."""
+    fs, _ = storage.filesystem(output, s3)
+    footers = check_parts(fs, part_entries(list_entries(output, s3)))
+    return duplicates.duplicates(fs, sorted(name for name, f in footers.items() if f))
+
+
 @dataclass
 class Done:
     """The complete parts of an interrupted run and how many rows they hold."""
@@ -214,10 +223,11 @@ def resume_state(
     made with `row_format` (`legacy`: the format of parts that do not say).
 
     Everything is checked before anything is removed: a file insect did not write, rows
-    of another model or made another way refuse the resume; only then are half-written
-    parts (no Parquet footer), `_SUCCESS` and the summary removed. A part that cannot be
-    read is retried, then stops the run without removing anything. Only footers are read
-    here, never the paths."""
+    of another model or made another way refuse the resume. Only then are removed the
+    half-written parts (no Parquet footer), the parts holding a second row for a path
+    (left by any earlier fault: their inputs are classified again), `_SUCCESS` and the
+    summary. A part that cannot be read is retried, then stops the run without removing
+    anything."""
     entries = list_entries(output, s3)
     why = "--resume continues only insect's own output: move them or choose another --output"
     refuse_foreign(output, entries, why)
@@ -225,31 +235,46 @@ def resume_state(
     footers = check_parts(fs, part_entries(entries))
     complete = {name: f for name, f in footers.items() if f is not None}
     for name, footer in complete.items():
-        others = {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
-        others -= {model_id}
-        if others:
-            raise InsectError(
-                f"{output} holds predictions of model {others.pop()}, not of "
-                f"{model_id}; resume with the same --model or write elsewhere"
-            )
-        found = row_format_of(footer, legacy)
-        differ = sorted(k for k in {*found, *row_format} if found.get(k) != row_format.get(k))
-        if differ:
-            shown = ", ".join(
-                f"{k} {json.dumps(found.get(k))} then, {json.dumps(row_format.get(k))} now"
-                for k in differ
-            )
-            raise InsectError(
-                f"{output} holds rows made another way ({shown}); resume with the flags it "
-                "began with (--top-k, --embeddings, --min-score, --no-calibration) and the "
-                "same model, or write elsewhere"
-            )
+        _check_resumable(output, fs, name, footer, model_id, row_format, legacy)
+    doubled = duplicates.parts_to_remove(duplicates.duplicates(fs, sorted(complete)))
     with storage.user_errors(output):
         for name in sorted(set(footers) - set(complete)):
-            print(f"removing incomplete output file {storage.to_uri(fs, name)}", flush=True)
+            console.say(f"removing incomplete output file {storage.to_uri(fs, name)}")
             fs.rm_file(name)
+        for name in doubled:
+            console.say(
+                f"removing {storage.to_uri(fs, name)}: it repeats rows of another part "
+                "(its inputs are classified again)"
+            )
+            fs.rm_file(name)
+            del complete[name]
         # _SUCCESS last: a summary without it is stale (see `summary.read_summary`).
         for entry in sorted(entries, key=lambda e: entry_name(e) == SUCCESS_FILE):
             if entry_name(entry) in RUN_FILES:
                 fs.rm_file(entry["name"])
     return Done(sorted(complete), sum(f.num_rows for f in complete.values()))
+
+
+def _check_resumable(
+    output: str, fs, name: str, footer, model_id: str, row_format: dict, legacy: dict
+) -> None:
+    """Refuse to resume over a part of another model, or made another way."""
+    others = {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
+    others -= {model_id}
+    if others:
+        raise InsectError(
+            f"{output} holds predictions of model {others.pop()}, not of "
+            f"{model_id}; resume with the same --model or write elsewhere"
+        )
+    found = row_format_of(footer, legacy)
+    differ = sorted(k for k in {*found, *row_format} if found.get(k) != row_format.get(k))
+    if differ:
+        shown = ", ".join(
+            f"{k} {json.dumps(found.get(k))} then, {json.dumps(row_format.get(k))} now"
+            for k in differ
+        )
+        raise InsectError(
+            f"{output} holds rows made another way ({shown}); resume with the flags it "
+            "began with (--top-k, --embeddings, --min-score, --no-temperature) and the "
+            "same model, or write elsewhere"
+        )

@@ -28,6 +28,8 @@ from insectlib.model.precision import cpu_runs_int8_fast
 from insectlib.model.predictor import RowFormat
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import init_ray, insect_error_in, live_nodes, local_path_warnings
+from insectlib.runtime.resources import check_resources
+from insectlib.storage.lock import output_lock
 
 
 @dataclass
@@ -72,14 +74,17 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     files. Nothing in the output is removed before the model directory is checked and the
     input is known to hold images, and then only insect's own files."""
     plan = plan_run(cfg, paths)
-    started = time.perf_counter()
-    init_ray(cfg.address)
-    for warning in local_path_warnings({"--output": cfg.output}, live_nodes()):
-        console.warn(warning)
-    seen, done = prepare_output(plan)
-    run = progress.start()
-    inputs_total = run_pipeline(plan, seen, done, run)
-    return finish(plan, inputs_total, done, time.perf_counter() - started)
+    with output_lock(cfg.output, "classify", cfg.s3, console.say) as lock:
+        started = time.perf_counter()
+        init_ray(cfg.address)
+        for warning in local_path_warnings({"--output": cfg.output}, cfg.address, live_nodes()):
+            console.warn(warning)
+        seen, done = prepare_output(plan)
+        check_capacity(cfg, seen)
+        run = progress.start()
+        inputs_total = run_pipeline(plan, seen, done, run)
+        lock.check()  # another run took the output over: write no _SUCCESS
+        return finish(plan, inputs_total, done, time.perf_counter() - started)
 
 
 def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
@@ -90,9 +95,12 @@ def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
     dataset.quiet_ray_data()
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
+    check_model_id(cfg.model, meta, cfg.s3)  # here, not in the actors: before anything starts
     row_format = row_format_for(cfg, meta)
     source = cfg.manifest or cfg.input
-    storage.check_location(cfg.output, {"the input": source, "the model": cfg.model})
+    storage.check_location(
+        cfg.output, {"the input": source, "the model": cfg.model}, apart=("the input",), s3=cfg.s3
+    )
     storage.check_bucket(cfg.output, cfg.s3)
     removal = plan_output(cfg)
     int8_model = int8_for_run(cfg, meta)
@@ -115,7 +123,6 @@ def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
     if not seen:
         raise InsectError(f"no image files found in {plan.source}")
     if plan.removal:
-        check_model_id(cfg.model, plan.meta, cfg.s3)  # the actors would refuse it, too late
         outputs.remove(cfg.output, plan.removal, cfg.s3)
     if not cfg.resume:
         return seen, None
@@ -186,11 +193,14 @@ def finish(
     rows, errors = report["rows"], report["errors"]
     already = done.rows if done is not None else 0
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
-    if rows != total:
+    doubled = outputs.duplicated_paths(cfg.output, cfg.s3)
+    if rows != total or doubled:
         raise InsectError(
-            f"{cfg.output} has {rows} rows for {total} inputs, so no {SUCCESS_FILE} was "
-            "written: inputs were added or removed since the run began, or rows are "
-            "missing; run again with --resume (or --overwrite to start over)"
+            f"{cfg.output} has {rows} rows for {total} inputs"
+            + (f", {len(doubled)} paths with more than one row" if doubled else "")
+            + f", so no {SUCCESS_FILE} was written: inputs were added or removed since the "
+            "run began, or rows are missing or repeated; run again with --resume (it removes "
+            "repeated rows and classifies what has no row), or --overwrite to start over"
         )
     manifest = {
         "inputs": total,
@@ -234,6 +244,16 @@ def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
         min_score=cfg.min_score,
         embedding_size=embedding_size(meta) if cfg.embeddings else None,
     )
+
+
+def check_capacity(cfg: ClassifyConfig, seen: int) -> None:
+    """Refuse, before the actors start, a pool the cluster cannot hold (Ray Data would wait
+    for it for ever); with --wait-for-nodes, wait that long for an autoscaler first."""
+    actors = min(cfg.min_actors or dataset.pool_size(cfg, seen), dataset.pool_size(cfg, seen))
+    what = f"{actors} model actor{'s' if actors > 1 else ''}"
+    per_actor = {"CPU": cfg.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
+    lower = "--max-actors or --cpus-per-actor"
+    check_resources(per_actor, actors, what, lower, cfg.wait_for_nodes)
 
 
 def plan_output(cfg: ClassifyConfig) -> list[str]:

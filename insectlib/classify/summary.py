@@ -134,10 +134,16 @@ def write_summary(output: str, summary: dict, s3: storage.S3Options) -> None:
 
 
 def read_summary(output: str, s3: storage.S3Options) -> dict:
-    """The summary of any classification output: its `_summary.json`, or else one computed
-    from its parts (and its `_SUCCESS` for the inputs and times, when it has one)."""
+    """The summary of any classification output: its `_summary.json` where `_SUCCESS` is
+    there and still true of the parts (as many rows as it says), or else one computed from
+    its parts (with `_SUCCESS`'s inputs and times, when it has a true one)."""
     found = {outputs.entry_name(e) for e in outputs.list_entries(output, s3)}
-    if layout.SUMMARY_JSON in found and layout.SUCCESS_FILE in found:
+    manifest = _manifest(output, s3) if layout.SUCCESS_FILE in found else None
+    if manifest is not None and manifest.get("rows") != _rows_on_disk(output, s3):
+        stale = f"{layout.SUCCESS_FILE} says {manifest.get('rows')} rows, the parts differ"
+        summary = summarize(output, s3)
+        return {**summary, "complete": False, "problem": stale}
+    if layout.SUMMARY_JSON in found and manifest is not None:
         # Written after _SUCCESS; without it, it is a stale one from before a resume.
         uri = storage.join(output, layout.SUMMARY_JSON)
         with storage.user_errors(uri):
@@ -147,27 +153,39 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
                 raise InsectError(f"{uri} is not a valid insect summary: {e}") from None
         return {**_checked(summary, uri), "complete": True}
     summary = summarize(output, s3)
-    if not summary["rows"] and layout.SUCCESS_FILE not in found:
+    if not summary["rows"] and manifest is None:
         raise InsectError(f"{output} holds no insect classification output")
-    summary["complete"] = layout.SUCCESS_FILE in found
-    if summary["complete"]:
-        uri = storage.join(output, layout.SUCCESS_FILE)
-        with storage.user_errors(uri):
-            try:
-                manifest = json.loads(storage.read_bytes(uri, s3))
-                seconds = (
-                    datetime.fromisoformat(manifest["finished"])
-                    - datetime.fromisoformat(manifest["started"])
-                ).total_seconds()
-            except (ValueError, KeyError, TypeError) as e:
-                raise InsectError(f"{uri} is not a valid insect manifest: {e}") from None
+    summary["complete"] = manifest is not None
+    if manifest is not None:
         summary.update(
             inputs=manifest.get("inputs"),
             model=manifest.get("model"),
             input=manifest.get("input"),
-            seconds=seconds,
+            seconds=manifest["seconds"],
         )
     return summary
+
+
+def _manifest(output: str, s3: storage.S3Options) -> dict:
+    """`_SUCCESS`, read and checked, with the run's `seconds`."""
+    uri = storage.join(output, layout.SUCCESS_FILE)
+    with storage.user_errors(uri):
+        try:
+            manifest = json.loads(storage.read_bytes(uri, s3))
+            seconds = (
+                datetime.fromisoformat(manifest["finished"])
+                - datetime.fromisoformat(manifest["started"])
+            ).total_seconds()
+        except (ValueError, KeyError, TypeError) as e:
+            raise InsectError(f"{uri} is not a valid insect manifest: {e}") from None
+    return {**manifest, "seconds": seconds}
+
+
+def _rows_on_disk(output: str, s3: storage.S3Options) -> int:
+    """Rows in insect's complete parts, from their footers."""
+    fs, _ = storage.filesystem(output, s3)
+    footers = outputs.check_parts(fs, outputs.part_entries(outputs.list_entries(output, s3)))
+    return sum(f.num_rows for f in footers.values() if f is not None)
 
 
 def format_summary(summary: dict, output: str) -> str:
@@ -176,7 +194,11 @@ def format_summary(summary: dict, output: str) -> str:
     lines = [
         f"{output}: {rows} rows"
         + (f" for {summary['inputs']} inputs" if summary.get("inputs") is not None else "")
-        + ("" if summary.get("complete", True) else " (incomplete: no _SUCCESS)")
+        + (
+            ""
+            if summary.get("complete", True)
+            else f" (incomplete: {summary.get('problem', 'no _SUCCESS')})"
+        )
         + f", {summary['errors']} errors"
         + (f", {summary['undecided']} not decided" if summary.get("undecided") else "")
         + (f"; model {summary['model']}" if summary.get("model") else "")

@@ -5,21 +5,19 @@ from __future__ import annotations
 import os
 
 import pyarrow.dataset
-import torch
-import torchvision
 
 from insectlib import storage
 from insectlib.classify.pipeline import classify, print_summary
 from insectlib.config import ClassifyConfig, DemoConfig, TrainConfig
 from insectlib.data import synthetic
+from insectlib.model.network import imagenet_weights_path
 from insectlib.runtime import console
 from insectlib.training.trainer import fit
 
 
 def imagenet_weights_cached(arch: str) -> bool:
     """Whether torchvision's IMAGENET1K_V1 weights for `arch` are in the torch hub cache."""
-    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
-    return os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))
+    return os.path.exists(imagenet_weights_path(arch))
 
 
 def run_demo(demo: DemoConfig) -> None:

@@ -28,7 +28,9 @@ RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8
 Groups = dict[str, tuple[str, ...]]
 S3: Groups = {"S3": ("endpoint_url", "anonymous")}
 LIMITS: Groups = {"limits on each input file": ("max_file_bytes", "max_pixels")}
-CLUSTER: Groups = {"cluster and output": ("address", "gpu", "overwrite", "verbose")}
+CLUSTER: Groups = {
+    "cluster and output": ("address", "gpu", "wait_for_nodes", "overwrite", "verbose")
+}
 ACTORS: Groups = {
     "model actors": ("precision", "int8_images", "batch_size", "max_actors", "cpus_per_actor")
 }

@@ -12,7 +12,10 @@ from insectlib.errors import InsectError
 
 # Sub-folders that mark an existing held-out split (ROOT/train + ROOT/val, the reference layout).
 TRAIN_DIR = "train"
+# Training validates on the first of these beside train/; evaluation holds out the first
+# of EVALUATION_DIRS, so that with val/ and test/ both, test/ is what training never saw.
 HELD_OUT_DIRS = ("val", "validation", "test")
+EVALUATION_DIRS = ("test", "val", "validation")
 
 
 @dataclass
@@ -38,14 +41,16 @@ def discover(
     val_fraction: float = 0.2,
     seed: int = 0,
     s3: storage.S3Options | None = None,
+    held_out_dirs: tuple[str, ...] = HELD_OUT_DIRS,
 ) -> LabelledSet:
-    """Read a labelled tree `ROOT/<class>/<images>` (or `ROOT/train` + `ROOT/val`).
+    """Read a labelled tree `ROOT/<class>/<images>` (or `ROOT/train` + one of
+    `held_out_dirs`, the first found).
 
     Classes are the sorted sub-folder names. Without a held-out folder, each class is split
     with a fixed seed so that `val_fraction` of it is held out (stratified).
     """
     by_top = _images_by_folder(root, s3)
-    held_out = next((d for d in HELD_OUT_DIRS if d in by_top), None)
+    held_out = next((d for d in held_out_dirs if d in by_top), None)
     if TRAIN_DIR in by_top and held_out:
         train_by_class = _by_class(by_top[TRAIN_DIR])
         val_by_class = _by_class(by_top[held_out])

@@ -21,6 +21,8 @@ from insectlib.config import TEMPERATURE_RANGE
 ECE_BINS = 15  # equal-width confidence bins, as in Guo et al.
 COVERAGE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # reported by evaluate
 TOP_K = (1, 2, 3, 5)  # top-k accuracies reported by evaluate (those up to the class count)
+MIN_TEMPERATURE_IMAGES = 50  # validation images a temperature is fitted on, at least
+TEMPERATURE_FOLDS = 5  # parts of the validation images the fit is cross-validated on
 
 
 def probabilities(logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
@@ -93,26 +95,59 @@ ALL_RIGHT = (
 
 
 def temperature_report(logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Fit the temperature on held-out `logits` and their `labels`; what it changes (see
-    `temperature_change`). Where every prediction is right there is nothing to fit (the
-    search would end at the bound, sharpening every later mistake): temperature None."""
+    """Fit the temperature on held-out `logits` and their `labels`, and what it changes (see
+    `temperature_change`). The temperature is kept only where it earns its place: with
+    MIN_TEMPERATURE_IMAGES or more, some of them misclassified (with none, the NLL falls as
+    T goes to 0 and every later mistake would be near-certain), a fit inside
+    TEMPERATURE_RANGE, and a cross-validated NLL below the raw softmax's (fitted on part of
+    the images, it must help on the rest). Otherwise temperature None and a note why."""
     labels = np.asarray(labels, int)
     before = probabilities(logits)
+
+    def raw(note: str, **more) -> dict:
+        return {**temperature_change(before, before, labels, None), "note": note, **more}
+
     if (before.argmax(1) == labels).all():
-        return {**temperature_change(before, before, labels, None), "note": ALL_RIGHT}
+        return raw(ALL_RIGHT)
+    if len(labels) < MIN_TEMPERATURE_IMAGES:
+        return raw(
+            f"{len(labels)} validation images are too few to fit a temperature on (at least "
+            f"{MIN_TEMPERATURE_IMAGES}), so the probabilities stay the raw softmax"
+        )
     temperature = fit_temperature(logits, labels)
     low, high = TEMPERATURE_RANGE
     if not low * 1.01 < temperature < high / 1.01:
-        note = (
+        return raw(
             f"the fit ended at the bound of {low}-{high} (T={temperature:.3g}): too few or too "
             "unrepresentative validation images to trust, so the probabilities stay the raw "
             "softmax"
         )
-        return {**temperature_change(before, before, labels, None), "note": note}
+    checked = cross_validated_nll(logits, labels)
+    if checked["with_temperature"] >= checked["raw"]:
+        return raw(
+            f"a temperature fitted on {TEMPERATURE_FOLDS - 1} of {TEMPERATURE_FOLDS} parts of "
+            "the validation images did not lower the NLL of the part left out (cross-validated "
+            f"NLL {checked['with_temperature']:.4f} against {checked['raw']:.4f} raw), so the "
+            "probabilities stay the raw softmax",
+            cross_validated=checked,
+        )
     report = temperature_change(before, probabilities(logits, temperature), labels, temperature)
     # From the logits: exact where a probability underflows in float32.
     report.update(nll_before=nll(logits, labels), nll_after=nll(logits, labels, temperature))
-    return report
+    return {**report, "cross_validated": checked}
+
+
+def cross_validated_nll(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict:
+    """The mean NLL of each of TEMPERATURE_FOLDS parts (a seeded split) under the
+    temperature fitted on the other parts, and under the raw softmax."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    fitted = raw = 0.0
+    for part in np.array_split(order, TEMPERATURE_FOLDS):
+        rest = np.setdiff1d(order, part)
+        t = fit_temperature(logits[rest], labels[rest])
+        fitted += nll(logits[part], labels[part], t) * len(part)
+        raw += nll(logits[part], labels[part]) * len(part)
+    return {"with_temperature": fitted / len(labels), "raw": raw / len(labels)}
 
 
 def temperature_change(

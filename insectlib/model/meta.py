@@ -18,6 +18,10 @@ from insectlib.data.images import IMAGENET_MEAN, IMAGENET_STD
 from insectlib.errors import InsectError
 from insectlib.layout import META_FILE
 
+# The fields of meta.json that decide a prediction: the model id covers them.
+ID_FIELDS = ("classes", "arch", "head", "image_size", "mean", "std", "temperature")
+ID_VERSION = 2
+
 
 @dataclass
 class ModelMeta:
@@ -28,7 +32,13 @@ class ModelMeta:
     image_size: int
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    model_id: str = ""  # sha256 prefix of the weights file
+    # What identifies the model (the `model` column of every row): a hash of the weights
+    # and of every field that decides a prediction (ID_FIELDS), so that an edited meta.json
+    # is refused, never a new model under an old id. `id_version` 1: meta.json written
+    # before that, whose id is the weights file's hash alone.
+    model_id: str = ""
+    weights_sha256: str = ""  # of the weights file
+    id_version: int = 1
     head: str = ""  # module name of the replaced final Linear layer
     base_weights: str = ""
     freeze: str = "trunk"
@@ -41,6 +51,19 @@ class ModelMeta:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def content_id(self) -> str:
+        """The model id this meta.json's content gives (ID_VERSION): the weights' hash and
+        the fields that decide a prediction."""
+        decisive = {name: getattr(self, name) for name in ID_FIELDS}
+        text = json.dumps({"weights_sha256": self.weights_sha256, **decisive}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def sealed(self, weights_sha256: str) -> ModelMeta:
+        """This meta with the weights' hash and the model id of its content set (in place)."""
+        self.weights_sha256, self.id_version = weights_sha256, ID_VERSION
+        self.model_id = self.content_id()
+        return self
 
     @classmethod
     def from_json(cls, text: str, where: str) -> ModelMeta:
@@ -84,6 +107,12 @@ class ModelMeta:
             problems.append(f"'temperature' must be between {low} and {high} or null, got {t!r}")
         if problems:
             raise InsectError(f"{where} is not a valid insect meta.json: {'; '.join(problems)}")
+        if self.id_version >= ID_VERSION and self.content_id() != self.model_id:
+            raise InsectError(
+                f"{where} was changed after training: its content is no longer model "
+                f"{self.model_id} (a model id covers the weights and {', '.join(ID_FIELDS)}); "
+                "restore the file or train again"
+            )
 
 
 def versions() -> dict[str, str]:
@@ -115,7 +144,10 @@ def available_archs() -> list[str]:
 
 
 def write_meta(uri: str, meta: ModelMeta, s3=None) -> None:
-    """Write meta.json: last of all, as a directory with a meta.json is complete."""
+    """Write meta.json (last of all: a directory with a meta.json is complete), with the
+    model id of its content."""
+    if meta.weights_sha256:
+        meta.sealed(meta.weights_sha256)
     storage.write_file(uri, META_FILE, meta.to_json(), s3)
 
 
@@ -141,5 +173,6 @@ def read_meta(uri: str, s3: storage.S3Options | None = None) -> ModelMeta:
 
 
 def model_id(weights: bytes) -> str:
-    """The id of a model: a prefix of its safetensors file's SHA-256."""
+    """The id of a model whose meta.json has id_version 1: a prefix of its weights file's
+    SHA-256."""
     return hashlib.sha256(weights).hexdigest()[:16]

@@ -8,8 +8,11 @@ before any weights are read, and weights are only ever read as safetensors or
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import socket
 import struct
 
 import safetensors.torch
@@ -24,7 +27,6 @@ from insectlib.layout import WEIGHTS_FILE
 from insectlib.model.meta import (
     ModelMeta,
     available_archs,
-    model_id,
     read_meta,
     versions,
     write_meta,
@@ -115,6 +117,37 @@ def set_train_mode(model: nn.Module, policy: str) -> None:
         model.train()
 
 
+def imagenet_weights_path(arch: str) -> str:
+    """Where torchvision keeps `arch`'s IMAGENET1K_V1 weights in the torch hub cache."""
+    url = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def ensure_imagenet_weights(arch: str, timeout_s: float = 20.0) -> None:
+    """`arch`'s ImageNet weights in this machine's torch hub cache, downloaded if they are
+    not there yet; one line naming the cache and the cause where they cannot be had (no
+    network, an air-gapped site), before any worker starts."""
+    try:
+        path = imagenet_weights_path(arch)
+    except (KeyError, ValueError):
+        problem = f"{arch} has no IMAGENET1K_V1 weights: pass --weights random or PATH"
+        raise InsectError(problem) from None
+    if os.path.exists(path):
+        return
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # torch.hub's download sets none of its own
+    try:
+        torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].get_state_dict(progress=False)
+    except Exception as e:
+        raise InsectError(
+            f"ImageNet weights for {arch} are not in the torch hub cache ({path}) and cannot "
+            f"be downloaded ({type(e).__name__}: {str(e)[:120]}): pass --weights random, or "
+            "--weights PATH to a state-dict file"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -174,11 +207,11 @@ def save_model(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> ModelMet
 
 
 def write_weights(uri: str, model: nn.Module, meta: ModelMeta, s3=None) -> None:
-    """Write the weights file and set `meta.model_id` (and versions) from it."""
+    """Write the weights file and seal `meta` with its hash (the model id), and versions."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = safetensors.torch.save(state)
-    meta.model_id = model_id(data)
     meta.versions = versions()
+    meta.sealed(hashlib.sha256(data).hexdigest())
     storage.write_file(uri, WEIGHTS_FILE, data, s3)
 
 
@@ -218,19 +251,22 @@ def check_weights(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None
 
 
 def check_model_id(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None) -> None:
-    """Hash the weights file (streamed) against meta.json's `model_id`."""
+    """Hash the weights file (streamed) against what meta.json says it is."""
     weights_uri = storage.join(uri, WEIGHTS_FILE)
-    found = storage.sha256(weights_uri, s3)[:16]
-    if found != meta.model_id:
-        raise InsectError(_wrong_weights(weights_uri, found, meta))
+    _check_hash(weights_uri, storage.sha256(weights_uri, s3), meta)
 
 
-def _wrong_weights(weights_uri: str, found: str, meta: ModelMeta) -> str:
-    return (
-        f"{weights_uri} is not the model meta.json describes (its hash is {found}, "
-        f"meta.json says {meta.model_id}): the directory is incomplete or was changed; "
-        "train it again"
-    )
+def _check_hash(weights_uri: str, found: str, meta: ModelMeta) -> None:
+    """Refuse weights whose SHA-256 `found` is not the one meta.json names (its model id,
+    for a meta.json of id_version 1)."""
+    expected = meta.weights_sha256 if meta.id_version >= 2 else meta.model_id
+    if found[: len(expected)] != expected or not expected:
+        raise InsectError(
+            f"{weights_uri} is not the model meta.json describes (the weights' SHA-256 "
+            f"begins {found[:16]}, meta.json says {meta.model_id or 'nothing'}"
+            + (f" made of {expected[:16]}" if meta.id_version >= 2 else "")
+            + "): the directory is incomplete or was changed; train it again"
+        )
 
 
 def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module, ModelMeta]:
@@ -243,8 +279,7 @@ def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module
         data = storage.read_bytes(weights_uri, s3)
     except FileNotFoundError:
         raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
-    if model_id(data) != meta.model_id:
-        raise InsectError(_wrong_weights(weights_uri, model_id(data), meta))
+    _check_hash(weights_uri, hashlib.sha256(data).hexdigest(), meta)
     try:
         state = safetensors.torch.load(data)
     except Exception as e:

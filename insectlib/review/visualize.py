@@ -76,6 +76,9 @@ def feature_maps(
 def visualize(cfg: VisualizeConfig) -> list[str]:
     """Write one PNG grid per requested layer; returns their URIs."""
     cfg.validate()
+    # Its pictures beside the image would be read as images by the next classification.
+    folder = cfg.image.rsplit("/", 1)[0] if "/" in cfg.image else "."
+    storage.check_not_inside(cfg.output, folder, "the image's folder")
     model, meta = load_model(cfg.model, cfg.s3)
     transform, min_side = eval_transform(meta.image_size), resize_size(meta.image_size)
     with storage.user_errors(cfg.image):

@@ -84,16 +84,34 @@ def cpus_per_gpu() -> float | None:
     return min(ratios) if ratios else None
 
 
-def local_path_warnings(locations: dict[str, str], nodes: int) -> list[str]:
-    """Warnings for the local paths among `locations` ({flag: location}) when the cluster
-    has several nodes: each node has its own disk, so they would not be shared."""
-    if nodes < 2:
+def is_remote(address: str | None) -> bool:
+    """Whether `address` names a cluster whose nodes may not see this machine's files: a
+    Ray Client address, or a HOST:PORT whose host is not this machine."""
+    if not address or address in ("auto", "local"):
+        return False
+    if address.startswith("ray://"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    return host not in ("", "localhost", "127.0.0.1", "::1", socket.gethostname())
+
+
+def local_path_warnings(
+    locations: dict[str, str], address: str | None = None, nodes: int = 1
+) -> list[str]:
+    """Warnings for the local paths among `locations` ({flag: location}) that the cluster's
+    nodes may not see: on a cluster of several nodes (each with its own disk) or at a
+    remote address."""
+    local = {flag: uri for flag, uri in locations.items() if uri and not storage.is_s3(uri)}
+    if nodes >= 2:
+        why = f"the cluster has {nodes} nodes, each with its own disk"
+    elif is_remote(address):
+        why = f"the cluster at {address} may run on other machines"
+    else:
         return []
     return [
-        f"warning: {flag} {uri} is a local path but the cluster has {nodes} nodes, each with "
-        "its own disk; use s3:// there"
-        for flag, uri in locations.items()
-        if not storage.is_s3(uri)
+        f"warning: {flag} {uri} is a local path but {why}; use s3:// (or a folder every node "
+        "mounts) there"
+        for flag, uri in local.items()
     ]
 
 

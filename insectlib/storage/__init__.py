@@ -40,7 +40,7 @@ from insectlib.storage.listing import (
     iter_tree,
     list_level,
 )
-from insectlib.storage.locations import check_location
+from insectlib.storage.locations import check_location, check_not_inside, location_key
 
 __all__ = [
     "FILE_ERRNOS",
@@ -50,6 +50,7 @@ __all__ = [
     "UnlistedFolder",
     "check_bucket",
     "check_location",
+    "check_not_inside",
     "exists",
     "filesystem",
     "is_dir",
@@ -60,6 +61,7 @@ __all__ = [
     "iter_tree",
     "join",
     "list_level",
+    "location_key",
     "prefetch",
     "printable",
     "pyarrow_filesystem",

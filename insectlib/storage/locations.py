@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import os
 
+from insectlib.config import S3Options
 from insectlib.errors import InsectError
-from insectlib.storage.files import is_s3
+from insectlib.storage.files import filesystem, is_s3, user_errors
 from insectlib.storage.listing import is_glob
 
 
-def _key(uri: str) -> str:
+def _is_file(uri: str, s3: S3Options | None) -> bool:
+    if not is_s3(uri):
+        path = os.path.expanduser(uri)
+        return os.path.lexists(path) and not os.path.isdir(path)
+    fs, path = filesystem(uri, s3)
+    with user_errors(uri):
+        return fs.isfile(path)
+
+
+def location_key(uri: str) -> str:
     """A comparable form of a location: the real absolute path, or the s3:// URI."""
     if is_s3(uri):
         return uri.rstrip("/")
@@ -22,8 +32,13 @@ def _key(uri: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
-def check_location(output: str, protected: dict[str, str], apart: tuple[str, ...] = ()) -> None:
-    """Refuse an output location that is a bucket root or holds (or is) one of the
+def check_location(
+    output: str,
+    protected: dict[str, str],
+    apart: tuple[str, ...] = (),
+    s3: S3Options | None = None,
+) -> None:
+    """Refuse an output location that is a file, a bucket root, or holds (or is) one of the
     `protected` locations ({"the input": uri, "the model": uri}), before anything is written
     or removed there; for those named in `apart`, also an output inside them."""
     if is_s3(output) and "/" not in output[len("s3://") :].strip("/"):
@@ -31,13 +46,23 @@ def check_location(output: str, protected: dict[str, str], apart: tuple[str, ...
             f"--output {output} is a bucket root; write to a prefix such as "
             f"{output.rstrip('/')}/predictions"
         )
-    out = _key(output)
+    if _is_file(output, s3):
+        raise InsectError(f"--output {output} is a file; give a folder (or s3:// prefix)")
+    out = location_key(output)
     for what, uri in protected.items():
-        inside = _key(uri)
+        inside = location_key(uri)
         if inside == out or inside.startswith(out.rstrip("/") + "/"):
             raise InsectError(f"--output {output} contains {what} ({uri}): choose another --output")
-        if what in apart and out.startswith(inside.rstrip("/") + "/"):
-            raise InsectError(
-                f"--output {output} is inside {what} ({uri}), where its files would be read "
-                "as inputs next time: choose another --output"
-            )
+        if what in apart:
+            check_not_inside(output, uri, what)
+
+
+def check_not_inside(output: str, location: str, what: str) -> None:
+    """Refuse an output in (or inside) `location`, where its files would be read as inputs
+    by the next run over it."""
+    out, inside = location_key(output), location_key(location)
+    if out == inside or out.startswith(inside.rstrip("/") + "/"):
+        raise InsectError(
+            f"--output {output} is inside {what} ({location}), where its files would be read "
+            "as inputs next time: choose another --output"
+        )

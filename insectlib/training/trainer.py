@@ -25,7 +25,7 @@ from insectlib.layout import META_FILE, PROBLEM_FILE, STATE_FILE
 from insectlib.metrics.confidence import temperature_report
 from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
-from insectlib.model.network import check_arch
+from insectlib.model.network import check_arch, ensure_imagenet_weights
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import (
     cpus_per_gpu,
@@ -34,6 +34,8 @@ from insectlib.runtime.connect import (
     live_nodes,
     local_path_warnings,
 )
+from insectlib.runtime.resources import check_resources
+from insectlib.storage.lock import output_lock
 from insectlib.training.model_dir import write_model_dir
 from insectlib.training.run_storage import (
     DEFAULT_STORAGE,
@@ -50,17 +52,21 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = TrainConfig(**{**config["cfg"], "s3": storage.S3Options(**config["cfg"]["s3"])})
     ctx = ray.train.get_context()
     run = config["progress"]
-    worker = TrainingWorker(
-        cfg,
-        config["classes"],
-        config["train"],
-        config["val"],
-        rank=ctx.get_world_rank(),
-        world=ctx.get_world_size(),
-        device=ray.train.torch.get_device(),
-        prepare_model=ray.train.torch.prepare_model,
-        tell=lambda line: progress.tell(run, line),
-    )
+    try:
+        worker = TrainingWorker(
+            cfg,
+            config["classes"],
+            config["train"],
+            config["val"],
+            rank=ctx.get_world_rank(),
+            world=ctx.get_world_size(),
+            device=ray.train.torch.get_device(),
+            prepare_model=ray.train.torch.prepare_model,
+            tell=lambda line: progress.tell(run, line),
+        )
+    except InsectError as e:  # the user's to fix (weights, an arch): no retries
+        report_epoch({"problem": str(e)}, {PROBLEM_FILE: str(e)}, ctx.get_world_rank())
+        return
     state = checkpoint_state(ray.train.get_checkpoint())
     if state:
         if worker.rank == 0:
@@ -178,7 +184,7 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     if cfg.weights not in ("imagenet", "random") and not storage.exists(cfg.weights, cfg.s3):
         raise InsectError(f"--weights file not found: {cfg.weights}")
     # Its pictures inside the labelled tree would be read as images by the next run.
-    storage.check_location(cfg.output, {"the data": cfg.data}, apart=("the data",))
+    storage.check_location(cfg.output, {"the data": cfg.data}, apart=("the data",), s3=cfg.s3)
     for location in (cfg.output, cfg.storage):
         if location:
             storage.check_bucket(location, cfg.s3)
@@ -188,6 +194,8 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     labelled = discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
     if cfg.resume:
         check_run_record(cfg, labelled)
+    if cfg.weights == "imagenet":
+        ensure_imagenet_weights(cfg.arch)  # here, once, rather than failing in every worker
     return labelled
 
 
@@ -199,14 +207,15 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         f"{len(labelled.train)} training and {len(labelled.val)} validation images "
         f"({labelled.split})"
     )
-    init_ray(cfg.address)
-    cfg = sized_run(cfg, labelled)
-    run = progress.start()
-    with progress.follow(run):
-        result = run_trainer(cfg, labelled, run)
-    if (result.metrics or {}).get("problem"):
-        raise InsectError(result.metrics["problem"])
-    meta = read_meta(cfg.output, cfg.s3)
+    with output_lock(cfg.output, "train", cfg.s3, console.say):
+        init_ray(cfg.address)
+        cfg = sized_run(cfg, labelled)
+        run = progress.start()
+        with progress.follow(run):
+            result = run_trainer(cfg, labelled, run)
+        if (result.metrics or {}).get("problem"):
+            raise InsectError(result.metrics["problem"])
+        meta = read_meta(cfg.output, cfg.s3)
     accuracy = meta.epochs[-1]["val_accuracy"]
     console.say(
         f"validation accuracy {format_number(accuracy, '.4f')}; "
@@ -218,9 +227,13 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
 def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
     """`cfg` sized for the connected cluster and named (a new run's record written)."""
     locations = {"--storage": cfg.storage or DEFAULT_STORAGE, "--output": cfg.output}
-    for warning in local_path_warnings(locations, live_nodes()):
+    for warning in local_path_warnings(locations, cfg.address, live_nodes()):
         console.warn(warning)
     cfg = cfg.sized(cpus_per_gpu())
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}
+    what = f"{cfg.workers} training worker{'s' if cfg.workers > 1 else ''}"
+    lower = "--workers or --cpus-per-worker"
+    check_resources(per_worker, cfg.workers, what, lower, cfg.wait_for_nodes, cfg.placement)
     if cfg.gpu:
         console.say(
             f"{cfg.workers} GPU workers, {cfg.cpus_per_worker:g} CPUs each: "
@@ -257,6 +270,7 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
             "data": {
                 "root": cfg.data,
                 "split": labelled.split,
+                "held_out": labelled.held_out,
                 "val_fraction": cfg.val_fraction,
                 "seed": cfg.seed,
                 "counts": labelled.counts(),

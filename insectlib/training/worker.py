@@ -31,6 +31,10 @@ from insectlib.model.network import apply_freeze, build_model, head_name, set_tr
 from insectlib.model.precision import autocast, resolve_precision
 from insectlib.runtime import console
 
+# The label of a sample repeated only to give every worker as many steps (`ShardSampler`):
+# the loss ignores it, and it counts as no image seen.
+PADDING = -100
+
 
 def log_line(text: str) -> None:
     """Write one line to this process's log (a Ray worker's log file; the console only with
@@ -64,30 +68,54 @@ class ImageFiles(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list:
         """The samples of one batch, read together (DataLoader asks for a batch at a time):
-        on S3 their reads overlap, as classify's do (`images.load_images`)."""
-        items = [self.items[i] for i in indices]
+        on S3 their reads overlap, as classify's do (`images.load_images`). An index past
+        the end is a `ShardSampler` padding: that image again, labelled PADDING."""
+        n = len(self.items)
+        items = [self.items[i] if i < n else (self.items[i - n][0], PADDING) for i in indices]
         uris = [uri for uri, _ in items]
         images = load_images(uris, self.transform, self.min_side, self.limits, self.s3)
         samples = []
         for (uri, label), image in zip(items, images, strict=True):
-            if isinstance(image, ImageError):
+            if not isinstance(image, ImageError):
+                samples.append((image, label))
+            elif label == PADDING:  # counted where it was not padding
+                samples.append(())
+            else:
                 log_line(f"skipping {storage.printable(uri)}: {image}")
                 samples.append(None)
-            else:
-                samples.append((image, label))
         return samples
 
 
+class ShardSampler(DistributedSampler):
+    """A DistributedSampler whose padding is marked. To give every worker as many steps,
+    DistributedSampler repeats the first indices of its order up to a multiple of the
+    workers; here a repeated index i comes as i + len(dataset), which `ImageFiles` labels
+    PADDING, so that it counts nowhere (loss, accuracy, images seen)."""
+
+    def __iter__(self):
+        n = len(self.dataset)
+        order = list(range(n))
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+        padding = self.total_size - n
+        repeated = (order * math.ceil(padding / n))[:padding] if n else []
+        marked = order + [n + i for i in repeated]
+        return iter(marked[self.rank : self.total_size : self.num_replicas])
+
+
 def collate(samples, image_size: int):
-    """Stack the decodable samples; also return how many were skipped. A batch whose files
-    all failed is an empty batch, not a missing one: every DDP worker must take every step."""
-    good = [s for s in samples if s is not None]
+    """Stack the decodable samples; also return how many were skipped (None: an unreadable
+    file; (): its padding repeat, not counted again). A batch whose files all failed is an
+    empty batch, not a missing one: every DDP worker must take every step."""
+    good = [s for s in samples if s]
+    skipped = sum(1 for s in samples if s is None)
     if not good:
         empty = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
-        return empty, torch.zeros(0, dtype=torch.long), len(samples)
+        return empty, torch.zeros(0, dtype=torch.long), skipped
     images = torch.stack([s[0] for s in good])
     labels = torch.tensor([s[1] for s in good])
-    return images, labels, len(samples) - len(good)
+    return images, labels, skipped
 
 
 def make_loaders(
@@ -118,7 +146,7 @@ def make_loaders(
         s3=cfg.s3,
     )
     val_set = ImageFiles(val_items[rank::world], *evaluation, limits=cfg.limits, s3=cfg.s3)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
+    sampler = ShardSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
     workers = cfg.loader_workers or 0
     loader_args = dict(
         batch_size=cfg.batch_size,
@@ -185,7 +213,7 @@ class TrainingWorker:
         self.ddp_model = prepare_model(self.head_module if self.cached else self.model)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = make_optimizer(cfg, self.trainable.values())
-        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        self.loss_fn = nn.CrossEntropyLoss(reduction="sum", ignore_index=PADDING)
         self.start_epoch, self.history = 0, []
         self.train_cache = self.val_cache = None
 
@@ -279,7 +307,8 @@ class TrainingWorker:
                 logits = self.ddp_model(x)
                 loss = self.loss_fn(logits.float(), labels)
             self.optimizer.zero_grad(set_to_none=True)
-            (loss / max(1, len(labels))).backward()  # an empty batch adds zero gradients
+            seen = int((labels != PADDING).sum())
+            (loss / max(1, seen)).backward()  # an empty batch adds zero gradients
             self.optimizer.step()
             sums += _batch_sums(loss, logits, labels, skipped)
         return sums
@@ -341,9 +370,10 @@ class TrainingWorker:
 
 
 def _batch_sums(loss, logits, labels, skipped: int) -> torch.Tensor:
-    """(loss, correct, seen, skipped) of one batch."""
-    correct = (logits.argmax(1) == labels).sum().item()
-    return torch.tensor([loss.item(), correct, len(labels), skipped], dtype=torch.float64)
+    """(loss, correct, seen, skipped) of one batch; PADDING samples are not seen."""
+    real = labels != PADDING
+    correct = ((logits.argmax(1) == labels) & real).sum().item()
+    return torch.tensor([loss.item(), correct, real.sum().item(), skipped], dtype=torch.float64)
 
 
 def _sum_over_workers(t: torch.Tensor) -> torch.Tensor:

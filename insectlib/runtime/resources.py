@@ -1,0 +1,87 @@
+"""Whether the connected cluster can hold a run at all, decided before the run starts: Ray
+would otherwise wait for ever for actors or workers it cannot place (and Ray Train retries,
+then dumps its state). With --wait-for-nodes, an autoscaling cluster is asked for the
+nodes (`ray.autoscaler.sdk.request_resources`) and given that long to add them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import ray
+
+from insectlib.errors import InsectError
+from insectlib.runtime import console
+
+POLL_S = 5.0
+
+
+def _nodes() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def bundles_that_fit(per_unit: dict[str, float], placement: str = "PACK") -> int:
+    """How many bundles of `per_unit` resources the alive nodes hold, placed as Ray places
+    them (STRICT_SPREAD: one a node; STRICT_PACK: all on one node)."""
+    per_node = [
+        min(math.floor(node.get(name, 0.0) / amount + 1e-9) for name, amount in per_unit.items())
+        for node in _nodes()
+    ]
+    if placement == "STRICT_SPREAD":
+        return sum(1 for n in per_node if n > 0)
+    if placement == "STRICT_PACK":
+        return max(per_node, default=0)
+    return sum(per_node)
+
+
+def describe_cluster() -> str:
+    nodes = _nodes()
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    plural = "s" if len(nodes) != 1 else ""
+    return f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node{plural}"
+
+
+def check_resources(
+    per_unit: dict[str, float],
+    units: int,
+    what: str,
+    lower: str,
+    wait_for_nodes: float = 0.0,
+    placement: str = "PACK",
+) -> None:
+    """Refuse (one line naming what the cluster has) a run of `units` bundles of `per_unit`
+    that the cluster cannot place; `what` names them ("2 model actors"), `lower` the flags
+    that ask for less. With `wait_for_nodes` seconds, ask an autoscaler and wait first."""
+    deadline = time.monotonic() + wait_for_nodes
+    asked = False
+    while bundles_that_fit(per_unit, placement) < units:
+        if time.monotonic() >= deadline:
+            raise InsectError(_refusal(per_unit, units, what, lower, wait_for_nodes))
+        if not asked:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[dict(per_unit)] * units)
+            console.say(
+                f"waiting up to {wait_for_nodes:g} s for the cluster to add nodes for {what} "
+                f"({describe_cluster()} now)"
+            )
+            asked = True
+        time.sleep(POLL_S)
+
+
+def _refusal(per_unit: dict, units: int, what: str, lower: str, waited: float) -> str:
+    if per_unit.get("GPU") and not any(n.get("GPU") for n in _nodes()):
+        return (
+            f"--gpu: the cluster has no GPU ({describe_cluster()}): drop --gpu, or connect "
+            "to a cluster with GPU nodes"
+            + ("" if waited else " (an autoscaling one: with --wait-for-nodes SECONDS)")
+        )
+    each = ", ".join(f"{amount:g} {name}" for name, amount in per_unit.items())
+    after = f" after waiting {waited:g} s" if waited else ""
+    return (
+        f"{what} ({each} each) do not fit the cluster{after}: it has {describe_cluster()}; "
+        f"ask for less with {lower}"
+        + ("" if waited else ", or give an autoscaling cluster --wait-for-nodes SECONDS")
+    )

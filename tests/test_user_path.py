@@ -1,0 +1,424 @@
+"""The paths users walk first: relative paths from their own folder, two runs at once, a
+killed run's leftovers, every entry of an input getting its row, settings checked before
+anything starts, and evaluation that is really held out. One test per way it failed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import time
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from insectlib import layout, storage
+from insectlib.classify.evaluate import evaluate
+from insectlib.classify.pipeline import classify
+from insectlib.config import ClassifyConfig, EvaluateConfig, TrainConfig
+from insectlib.data import synthetic
+from insectlib.data.labels import EVALUATION_DIRS, discover
+from insectlib.errors import InsectError
+from insectlib.metrics import confidence
+from insectlib.storage import lock
+from insectlib.training.trainer import fit
+from insectlib.training.worker import ShardSampler
+from tests.conftest import BIN, REPO, expect_cli_error, run_cli
+
+
+def _images(unlabelled) -> str:
+    return os.path.dirname(next(iter(unlabelled)))
+
+
+def _rows(out) -> list[dict]:
+    return pq.read_table(out).to_pylist()
+
+
+def _popen(*args: str, cwd, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "insect"), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _session_address() -> str:
+    return ray.get_runtime_context().gcs_address
+
+
+def test_two_runs_on_one_output_never_both_write(trained, unlabelled, tmp_path):
+    """Two processes classify into one output at once (fresh, then both with --overwrite,
+    then both with --resume): one holds the output's lock and the other is refused in one
+    line naming it; every input has exactly one row and _SUCCESS tells the truth."""
+    cfg, _ = trained
+    out = tmp_path / "out"
+    argv = [_images(unlabelled), "--model", cfg.output, "--output", str(out)]
+    argv += ["--address", _session_address()]
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        procs = [_popen("classify", *argv, *extra, cwd=tmp_path) for _ in range(2)]
+        results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+        codes = sorted(rc for rc, _, _ in results)
+        refusals = [err for rc, _, err in results if rc == 2]
+        assert codes == [0, 2], results
+        assert re.search(r"is in use by insect classify \(host \S+, pid \d+", refusals[0])
+        assert "Traceback" not in refusals[0]
+        paths = [r["path"] for r in _rows(out)]
+        assert sorted(paths) == sorted(set(paths)) and len(paths) == len(unlabelled)
+        manifest = json.loads((out / layout.SUCCESS_FILE).read_text())
+        assert manifest["rows"] == manifest["inputs"] == len(unlabelled)
+        assert not (out / layout.LOCK_FILE).exists()
+
+
+def test_a_killed_runs_lock_is_taken_over_with_a_message(trained, unlabelled, tmp_path, capsys):
+    cfg, _ = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = {"host": "elsewhere", "pid": 999999, "command": "classify", "started": "yesterday"}
+    (out / layout.LOCK_FILE).write_text(json.dumps(gone))
+    classify(ClassifyConfig(input=_images(unlabelled), model=cfg.output, output=str(out)))
+    said = capsys.readouterr().out
+    assert "taking over the lock of" in said and "pid 999999" in said and "which is gone" in said
+    assert len(_rows(out)) == len(unlabelled) and not (out / layout.LOCK_FILE).exists()
+
+
+@pytest.mark.s3
+def test_s3_locks_are_conditional_writes(s3_server, monkeypatch):
+    """On S3 the lock is an object created with If-None-Match: a second holder is refused,
+    a released lock is free again, and a lock nobody refreshed is taken over."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="locks")
+    out = "s3://locks/run/out"
+    said = []
+    with lock.output_lock(out, "classify", say=said.append):
+        with pytest.raises(InsectError, match=r"s3://locks/run/out is in use by insect classify"):
+            with lock.output_lock(out, "evaluate", say=said.append):
+                pass
+    with lock.output_lock(out, "evaluate", say=said.append):
+        pass
+    assert not said
+    held = lock.S3Lock(out, None)
+    held.acquire(lock.holder("train"))  # then dies: never refreshed, never released
+    held.stop.set()
+    monkeypatch.setattr(lock, "STALE_S", 0.0)
+    with lock.output_lock(out, "classify", say=said.append):
+        pass
+    assert len(said) == 1 and "insect train" in said[0] and "which is gone" in said[0]
+
+
+def test_repeated_rows_are_never_success_and_resume_repairs_them(
+    trained, unlabelled, tmp_path, capsys
+):
+    """An output holding a path twice (what two writers left before the lock): `insect
+    summary` does not trust its _SUCCESS, and --resume removes the repeated part and
+    finishes with exactly one row per input."""
+    cfg, _ = trained
+    out = tmp_path / "out"
+    base = ClassifyConfig(input=_images(unlabelled), model=cfg.output, output=str(out))
+    classify(base)
+    part = next(p for p in out.iterdir() if p.name.startswith("part-"))
+    shutil.copy(part, out / ("part-" + "f" * 32 + "-000000-0.parquet"))  # the same rows again
+    from insectlib.cli.main import main
+
+    assert main(["summary", str(out)]) == 0
+    assert "(incomplete: _SUCCESS says 24 rows, the parts differ)" in capsys.readouterr().out
+    classify(ClassifyConfig(**{**base.__dict__, "resume": True}))
+    said = capsys.readouterr().out
+    assert "repeats rows of another part" in said
+    paths = [r["path"] for r in _rows(out)]
+    assert len(paths) == len(set(paths)) == len(unlabelled)
+    assert json.loads((out / layout.SUCCESS_FILE).read_text())["rows"] == len(unlabelled)
+
+
+@pytest.mark.slow
+def test_the_readmes_commands_from_another_folder(trained, labelled_root, unlabelled, tmp_path):
+    """The README's `insect` commands, run from a folder of the user's own with the
+    relative paths they name (data/insects, models/m1, photos/, ...), against a running
+    cluster ($RAY_ADDRESS, as `ray job submit` sets it): everything lands where the
+    user's shell means it, and what is recorded names absolute paths. (Small settings
+    are added to each command so that it runs in seconds: random weights, 32 px.)"""
+    home = tmp_path / "user"
+    shutil.copytree(labelled_root, home / "data" / "insects")
+    shutil.copytree(_images(unlabelled), home / "photos")
+    readme = (REPO / "README.md").read_text()
+    commands = [
+        line.strip().split()
+        for block in re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+        for line in block.splitlines()
+        if line.strip().startswith("insect ")
+    ]
+    small = {"train": ["--weights", "random", "--image-size", "32", "--no-augment"]}
+    env = {"RAY_ADDRESS": _session_address()}
+    outputs = []
+    for words in commands:
+        command = words[1]
+        result = run_cli("insect", *words[1:], *small.get(command, []), env=env, cwd=home)
+        assert result.returncode == 0, (words, result.stdout[-2000:], result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+        outputs.append(result.stdout)
+    assert {"train", "classify", "summary", "evaluate"} <= {w[1] for w in commands}
+    meta = json.loads((home / "models" / "m1" / layout.META_FILE).read_text())
+    assert meta["data"]["root"] == str(home / "data" / "insects")
+    success = json.loads((home / "predictions" / layout.SUCCESS_FILE).read_text())
+    assert success["input"] == str(home / "photos")
+    assert f"`{home / 'data' / 'insects'}`" in (home / "models" / "m1" / "report.md").read_text()
+    assert (home / "evaluation" / layout.METRICS_FILE).exists()
+    assert any("starting" in o and "model actor" in o for o in outputs)
+
+
+def test_every_entry_of_a_manifest_or_a_tree_gets_its_row(trained, unlabelled, tmp_path):
+    """A directory in a manifest, a link loop among the images: rows, never a failed run."""
+    cfg, _ = trained
+    images = tmp_path / "in"
+    shutil.copytree(_images(unlabelled), images)
+    os.symlink("la", images / "lb")
+    os.symlink("lb", images / "la.jpg")
+    os.symlink("la.jpg", images / "la")
+    (images / "folder.jpg").mkdir()  # a folder named like an image: walked into
+    manifest = tmp_path / "list.txt"
+    first = sorted(images.glob("*.jpg"))[0]
+    manifest.write_text(f"{images / 'folder.jpg'}\n{first}\n{images / 'la.jpg'}\n")
+    by_path = {
+        r["path"]: r
+        for r in classify_rows(cfg, manifest=str(manifest), output=str(tmp_path / "m"))
+    }
+    assert by_path[str(images / "folder.jpg")]["error"] == "not a regular file (a directory)"
+    assert "symbolic links" in by_path[str(images / "la.jpg")]["error"]
+    assert by_path[str(first)]["error"] is None and len(by_path) == 3
+    tree = {r["path"]: r for r in classify_rows(cfg, input=str(images), output=str(tmp_path / "t"))}
+    assert len(tree) == len(unlabelled) + 1  # every image, and the loop named like one
+    assert "symbolic links" in tree[str(images / "la.jpg")]["error"]
+
+
+def classify_rows(cfg: TrainConfig, **where) -> list[dict]:
+    classify(ClassifyConfig(model=cfg.output, **where))
+    return _rows(where["output"])
+
+
+def test_an_unlistable_folder_becomes_a_row_naming_it(tmp_path, monkeypatch):
+    """A sub-folder that cannot be listed (permissions, which root ignores, so faked here)
+    is yielded as an entry of its own, whose row's error says why; only the input root
+    failing stops a run."""
+    from insectlib.classify.dataset import image_batch
+    from insectlib.config import DecodeLimits
+    from insectlib.data.inputs import path_table
+
+    root = tmp_path / "in"
+    (root / "open").mkdir(parents=True)
+    (root / "closed").mkdir()
+    synthetic.make_image("beetles", random.Random(0)).save(root / "open" / "a.jpg")
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("closed"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = list(storage.iter_tree(str(root)))
+    assert sorted(found) == [str(root / "closed"), str(root / "open" / "a.jpg")]
+    table = path_table(found)
+    batch = {k: np.array(v, dtype=object) for k, v in table.to_pydict().items()}
+    rows = image_batch(batch, 32, DecodeLimits(), None)
+    errors = dict(zip(rows["path"], rows["error"], strict=True))
+    assert errors[str(root / "closed")] == "unreadable folder: Permission denied"
+    assert errors[str(root / "open" / "a.jpg")] == ""
+    with pytest.raises(InsectError, match="cannot read .*closed: Permission denied"):
+        list(storage.iter_files(str(root / "closed")))
+
+
+def test_an_edited_meta_json_is_refused(trained, unlabelled, tmp_path, capsys):
+    """Classes reordered in meta.json would relabel every prediction under the same model
+    id: the id covers them, so the edit is refused in one line, also by --resume."""
+    cfg, meta = trained
+    copy = tmp_path / "m"
+    shutil.copytree(cfg.output, copy)
+    raw = json.loads((copy / layout.META_FILE).read_text())
+    raw["classes"] = raw["classes"][::-1]
+    (copy / layout.META_FILE).write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    argv = ["classify", _images(unlabelled), "--model", str(copy), "--output", str(out)]
+    err = expect_cli_error(capsys, argv)
+    assert "was changed after training" in err and meta.model_id in err
+    assert not out.exists()
+    err = expect_cli_error(capsys, [*argv, "--resume"])
+    assert "was changed after training" in err
+
+
+def test_another_models_weights_are_refused_before_any_actor(trained, unlabelled, tmp_path, capsys):
+    cfg, meta = trained
+    other = tmp_path / "other"
+    shutil.copytree(cfg.output, other)
+    from insectlib.model.network import build_model, save_model
+
+    save_model(str(other), build_model(meta.arch, len(meta.classes), "random"), meta.__class__(
+        classes=meta.classes, arch=meta.arch, image_size=meta.image_size, head=meta.head
+    ))  # fmt: skip
+    swapped = tmp_path / "swapped"
+    shutil.copytree(cfg.output, swapped)
+    shutil.copy(other / layout.WEIGHTS_FILE, swapped / layout.WEIGHTS_FILE)
+    started = time.monotonic()
+    argv = ["classify", _images(unlabelled), "--model", str(swapped)]
+    argv += ["--output", str(tmp_path / "o")]
+    err = expect_cli_error(capsys, argv)
+    assert "is not the model meta.json describes" in err
+    assert time.monotonic() - started < 15  # no actor started (each takes longer)
+    assert not (tmp_path / "o").exists()
+
+
+def test_outputs_are_never_inside_inputs_nor_files(trained, unlabelled, tmp_path, capsys):
+    cfg, _ = trained
+    images = tmp_path / "in"
+    shutil.copytree(_images(unlabelled), images)
+    inside = ["classify", str(images), "--model", cfg.output, "--output", str(images / "out")]
+    assert "is inside the input" in expect_cli_error(capsys, inside)
+    image = str(sorted(images.glob("*.jpg"))[0])
+    maps = ["visualize", image, "--model", cfg.output, "--layers", "1", "--output", str(images)]
+    assert "is inside the image's folder" in expect_cli_error(capsys, maps)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for argv in (
+        ["classify", str(images), "--model", cfg.output, "--output", str(a_file)],
+        ["evaluate", str(tmp_path), "--model", cfg.output, "--output", str(a_file)],
+        ["train", str(images), "--output", str(a_file)],
+    ):
+        assert f"--output {a_file} is a file" in expect_cli_error(capsys, argv)
+    assert a_file.read_text() == "mine" and sorted(os.listdir(images)) == sorted(
+        os.listdir(_images(unlabelled))
+    )
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["train", "d", "--lr", "nan"],
+        ["train", "d", "--val-fraction", "inf"],
+        ["classify", "d", "--model", "m", "--output", "o", "--min-score", "nan"],
+        ["classify", "d", "--model", "m", "--output", "o", "--batch-size", "-1"],
+        ["classify", "d", "--model", "m", "--output", "o", "--no-calibration"],
+    ],
+)
+def test_wrong_values_are_one_line_in_under_two_seconds(flags, tmp_path):
+    started = time.monotonic()
+    result = run_cli("insect", *flags, cwd=tmp_path, timeout=60)
+    assert time.monotonic() - started < 2.0, result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("insect: error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_imagenet_weights_without_network_are_one_line_before_ray(labelled_root, tmp_path):
+    """An air-gapped machine with an empty torch hub cache: the default --weights imagenet
+    is refused in one line naming the cache, before Ray starts."""
+    out = tmp_path / "model"
+    env = {"TORCH_HOME": str(tmp_path / "hub"), "RAY_ADDRESS": ""}
+    result = run_cli("insect", "train", labelled_root, "--output", str(out), env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "ImageNet weights for vgg16 are not in the torch hub cache" in lines[0]
+    assert str(tmp_path / "hub") in lines[0] and "--weights random" in lines[0]
+    assert "log:" not in result.stdout and not out.exists()
+
+
+def test_runs_the_cluster_cannot_hold_are_refused_in_one_line(trained, unlabelled, tmp_path):
+    cfg, _ = trained
+    data = cfg.data
+    big = TrainConfig(**{**cfg.__dict__, "workers": 1000, "output": str(tmp_path / "m")})
+    with pytest.raises(InsectError, match=r"1000 training workers \(1 CPU each\) do not fit"):
+        fit(big)
+    gpu = TrainConfig(**{**cfg.__dict__, "gpu": True, "output": str(tmp_path / "g")})
+    with pytest.raises(InsectError, match="--gpu: the cluster has no GPU"):
+        fit(gpu)
+    many = ClassifyConfig(
+        input=_images(unlabelled), model=cfg.output, output=str(tmp_path / "o"),
+        max_actors=50, min_actors=50,
+    )  # fmt: skip
+    with pytest.raises(InsectError, match=r"24 model actors|model actors \(1 CPU each\)"):
+        classify(many)
+    assert data and not (tmp_path / "o").exists()
+
+
+def test_training_counts_each_image_once():
+    """45 images over 2 workers: DistributedSampler repeats one to give both 23 steps; the
+    repeat is marked, so the images seen add up to 45."""
+    dataset = list(range(45))
+    shards = [list(ShardSampler(dataset, num_replicas=2, rank=r, seed=0)) for r in (0, 1)]
+    assert [len(s) for s in shards] == [23, 23]
+    real = [i for s in shards for i in s if i < 45]
+    assert sorted(real) == list(range(45))
+    padded = [i - 45 for s in shards for i in s if i >= 45]
+    assert len(padded) == 1 and 0 <= padded[0] < 45
+
+
+def test_a_pillow_bomb_gets_the_documented_text():
+    from PIL import Image
+
+    from insectlib.data.images import decode
+
+    header = Image.new("L", (1, 1))
+    buffer = io.BytesIO()
+    header.save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", 30000, 30000)  # width and height in IHDR
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    with pytest.raises(Exception, match=r"image too large: 30000x30000 = 900,000,000 pixels"):
+        decode(bytes(data))
+
+
+def test_the_summary_says_the_runs_own_rate_after_a_resume(trained, unlabelled, tmp_path):
+    cfg, _ = trained
+    out = tmp_path / "out"
+    base = ClassifyConfig(input=_images(unlabelled), model=cfg.output, output=str(out))
+    classify(base)
+    parts = sorted(p for p in out.iterdir() if p.name.startswith("part-"))
+    parts[-1].unlink()
+    (out / layout.SUCCESS_FILE).unlink()
+    resumed = classify(ClassifyConfig(**{**base.__dict__, "resume": True}))
+    summary = json.loads((out / layout.SUMMARY_JSON).read_text())
+    assert summary["images_per_second"] == pytest.approx(resumed.images_per_second)
+    done = resumed.already_done
+    assert 0 < done < len(unlabelled)
+    assert resumed.images_per_second == pytest.approx((len(unlabelled) - done) / resumed.seconds)
+
+
+def test_evaluation_says_when_it_is_not_held_out(trained, labelled_root, tmp_path, capsys):
+    """Evaluating on the images training validated on (and fitted its temperature on) is
+    said; with train/, val/ and test/, training validates on val/ and evaluation uses
+    test/, which it never saw."""
+    cfg, _ = trained
+    evaluate(EvaluateConfig(data=labelled_root, model=cfg.output, output=str(tmp_path / "e")))
+    assert "these figures are not held out" in capsys.readouterr().err
+    tree = tmp_path / "tree"
+    for split in ("train", "val", "test"):
+        synthetic.make_labelled(str(tree / split), per_class=2, size=(32, 24))
+    assert discover(str(tree)).held_out == "val"
+    assert discover(str(tree), held_out_dirs=EVALUATION_DIRS).held_out == "test"
+
+
+def test_a_temperature_is_kept_only_where_it_generalises():
+    rng = np.random.default_rng(0)
+    few = rng.normal(0, 3, (20, 3))
+    report = confidence.temperature_report(few, np.where(rng.random(20) < 0.5, few.argmax(1), 0))
+    assert report["temperature"] is None and "too few" in report["note"]
+    # Labels drawn from softmax(z): already calibrated, a fitted T only fits noise.
+    logits = rng.normal(0, 2, (400, 4))
+    labels = np.array([rng.choice(4, p=p) for p in confidence.probabilities(logits)])
+    calibrated = confidence.temperature_report(logits, labels)
+    checked = calibrated["cross_validated"]
+    assert calibrated["temperature"] is None and checked["with_temperature"] >= checked["raw"]
+    # Drawn from softmax(z / 3): the temperature helps out of sample and is kept.
+    labels = np.array([rng.choice(4, p=p) for p in confidence.probabilities(logits, 3.0)])
+    kept = confidence.temperature_report(logits, labels)
+    assert 2.5 < kept["temperature"] < 3.5
+    assert kept["cross_validated"]["with_temperature"] < kept["cross_validated"]["raw"]
