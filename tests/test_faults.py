@@ -18,7 +18,7 @@ import torch
 from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.data import synthetic
-from insectlib.layout import STATE_FILE
+from insectlib.layout import META_FILE, STATE_FILE
 from insectlib.model.meta import ModelMeta
 from insectlib.model.network import build_model, save_model
 from insectlib.training.run_storage import RUN_SNAPSHOT
@@ -180,7 +180,9 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     wait_while_running(driver, log, lambda: checkpoints(cfg), "the first checkpoint")
     sigkill(driver)
     done = checkpoints(cfg)
-    assert 1 <= len(done) < 3 and not Path(cfg.output).exists(), "the kill must land mid-run"
+    # The output folder exists (the run's log is in it), but holds no model.
+    model_written = (Path(cfg.output) / META_FILE).exists()
+    assert 1 <= len(done) < 3 and not model_written, "the kill must land mid-run"
 
     assert "pass --resume to continue it" in expect_cli_error(capsys, args)
     err = expect_cli_error(capsys, [*args[:-4], "--name", "nope", "--resume"])

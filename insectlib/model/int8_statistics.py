@@ -80,8 +80,8 @@ def measure(
     decoded = _decode(uris, meta.image_size, limits, s3)
     if len(decoded) < MIN_IMAGES:
         raise InsectError(
-            f"{source} holds {len(decoded)} readable images; int8 statistics need at least "
-            f"{MIN_IMAGES} (a few hundred is best)"
+            f"{source} holds {len(decoded)} readable images; measuring int8 statistics needs "
+            f"at least {MIN_IMAGES} (a few hundred is best)"
         )
     half = (len(decoded) + 1) // 2
     fit, held_out = decoded[:half], decoded[half:]
