@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import secrets
@@ -12,6 +13,7 @@ import time
 
 import pyarrow.dataset
 import pytest
+import ray
 
 from insectlib import storage
 from insectlib.model.meta import read_meta
@@ -282,7 +284,7 @@ def test_token_protected_head_s3_jobs_leak_no_secret(
                 .decode("latin-1")
             )
         with open(head.log.name) as f:
-            session = re.search(r"(/tmp/ray/session_[^/]+)/logs", f.read())
+            session = re.search(r"(/tmp/ray[^/]*/session_[^/]+)/logs", f.read())
         assert session, "head log names its session"
         for dirpath, _, files in os.walk(session.group(1) + "/logs"):
             for name in files:
@@ -293,6 +295,37 @@ def test_token_protected_head_s3_jobs_leak_no_secret(
         assert not [o[:200] for o in outputs if token in o]  # nor the Ray token
     finally:
         head.stop()
+
+
+def test_stop_stops_only_its_own_head(ray_local, tmp_path):
+    """cluster/stop.sh stops the head cluster/start-head.sh started (every process naming
+    its folder), and not the test session's own Ray beside it."""
+    head = Head(tmp_path, "--no-auth")
+    try:
+        temp_dir = f"/tmp/ray-insect-{head.port}"
+        assert _processes_naming(temp_dir), "the head's processes name its folder"
+        env = {**head.env, "RAY_PORT": str(head.port), "GRACE": "20"}
+        result = subprocess.run(
+            ["bash", str(REPO / "cluster" / "stop.sh")], env=env, capture_output=True, text=True
+        )
+        assert result.returncode == 0 and "stopping the Ray head" in result.stdout, result
+        assert not _processes_naming(temp_dir)
+        assert head.proc.wait(timeout=30) is not None
+        assert ray.is_initialized() and ray.get(ray.remote(lambda: 1).remote()) == 1
+    finally:
+        head.stop()
+
+
+def _processes_naming(folder: str) -> list[int]:
+    found = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            args = open(cmdline, "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(folder.encode() in arg for arg in args):
+            found.append(int(cmdline.split("/")[2]))
+    return found
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -44,6 +45,9 @@ TEXT_SUFFIXES = (".txt", ".lst", ".list")
 # A block of paths in Arrow takes 33 (s3://bucket/x/0000001.jpg) to 70 bytes (long local
 # paths) a row: blocks capped at this many bytes a path hold about one batch.
 BLOCK_BYTES_PER_PATH = 32
+# Parts that are lists a person may have written a path into twice; listings never repeat
+# one, and S3 Inventory reports list each key once.
+LISTS = ("text", "csv", "parquet", "paths")
 PATH_SCHEMA = pa.schema(
     [("path", pa.string()), ("raw_path", pa.binary()), ("listing_error", pa.string())]
 )
@@ -307,11 +311,13 @@ def count_inputs(parts: list[Part], s3, limit: int) -> int:
 
 
 def read_part(index: int, part: Part, rows: int, s3, progress) -> Iterator[pa.Table]:
-    """The read task of one part: its paths as tables of `rows`."""
+    """The read task of one part: its paths as tables of `rows`; a path a list names twice
+    (a manifest made by hand) is one input (see `_first_time`)."""
     block: list[str] = []
     total = 0
+    seen: set[bytes] | None = set() if part.kind in LISTS else None
     for path in _guarded(part_paths(part, s3), part.uri or "the given paths"):
-        if not is_input(part, path):
+        if not is_input(part, path) or not _first_time(path, seen):
             continue
         block.append(path)
         total += 1
@@ -326,6 +332,19 @@ def read_part(index: int, part: Part, rows: int, s3, progress) -> Iterator[pa.Ta
             progress.add.remote("listed", len(block))
     if progress is not None:
         ray.get(progress.set_part_total.remote(index, total))
+
+
+def _first_time(path: str, seen: set[bytes] | None) -> bool:
+    """Whether `path` is new to `seen` (None: a listing, where no path repeats), which keeps
+    a 16-byte digest per path (no two paths share one in practice: 2**-128), about 70
+    bytes of the listing task's memory per entry, not the path."""
+    if seen is None:
+        return True
+    digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+    if digest in seen:
+        return False
+    seen.add(digest)
+    return True
 
 
 def is_input(part: Part, path: str) -> bool:

@@ -30,6 +30,9 @@ from insectlib.storage.files import is_s3, join
 
 HEARTBEAT_S = 30.0
 STALE_S = 180.0  # six missed heartbeats
+# S3's answers to a conditional write whose condition does not hold (409: another
+# conditional write to the same key was in flight).
+CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
 def holder(command: str) -> dict:
@@ -158,12 +161,18 @@ class S3Lock(OutputLock):
 
         client = buckets.client(self.s3)
         request = {"Bucket": self.bucket, "Key": self.key, "Body": self.body, **condition}
-        try:
-            answer = retry.retrying(lambda: client.put_object(**request), self.uri)
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                return False
-            raise
+
+        def put():
+            try:
+                return client.put_object(**request)
+            except ClientError as e:  # the condition failed: an answer, not a fault to retry
+                if e.response.get("Error", {}).get("Code") in CONDITION_FAILED:
+                    return None
+                raise
+
+        answer = retry.retrying(put, self.uri)
+        if answer is None:
+            return False
         self.etag = answer["ETag"]
         return True
 

@@ -1,0 +1,56 @@
+"""The console is the user's: insect's own lines, one progress bar, no colour codes where the
+output is not a terminal; Ray's and torch's own lines go to the run's log file, or to the
+console with --verbose."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import ray
+
+from tests.conftest import run_cli
+
+ANSI = re.compile(r"\x1b\[")
+RAYS_OWN = re.compile(
+    r"^\(\w+ pid=|core_worker|TrainingReport|Checkpoint successfully|Moving model to device"
+    r"|Started a local Ray|raylet|Traceback"
+)
+
+
+def _lines(result) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_demo_prints_only_its_own_lines(tmp_path):
+    """`insect demo` (what `make demo` runs once installed): at most 25 lines, none of them
+    Ray's, no colour codes; Ray's lines are in the log file it names."""
+    result = run_cli("insect", "demo", "--workdir", str(tmp_path / "demo"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = _lines(result)
+    assert len(lines) <= 25, "\n".join(lines)
+    assert not [line for line in lines if RAYS_OWN.search(line) or ANSI.search(line)], lines
+    assert sum(line.startswith("epoch ") and "train loss" in line for line in lines) == 4
+    log = re.search(r"^log: (\S+) ", result.stdout, flags=re.M)
+    assert log and os.path.exists(log.group(1)), result.stdout
+    assert log.group(1).startswith(str(tmp_path / "demo" / "_logs"))
+    assert RAYS_OWN.search(open(log.group(1)).read()), "Ray's lines are in the log"
+
+
+def test_verbose_keeps_rays_lines_on_the_console(trained, unlabelled, tmp_path):
+    cfg, _ = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    env = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    runs = {}
+    for name, extra in (("quiet", []), ("verbose", ["--verbose"])):
+        out = tmp_path / name
+        argv = ["classify", images, "--model", cfg.output, "--output", str(out), *extra]
+        runs[name] = run_cli("insect", *argv, env=env, cwd=tmp_path)
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    quiet, verbose = _lines(runs["quiet"]), _lines(runs["verbose"])
+    assert len(quiet) <= 4, quiet  # the log line, the plan, the bar, the result
+    assert not [line for line in quiet if ANSI.search(line)], quiet
+    assert (tmp_path / "quiet" / "_logs").is_dir() and not (tmp_path / "verbose" / "_logs").exists()
+    assert len(verbose) > len(quiet) and any(line.startswith("(") for line in verbose), verbose
