@@ -984,6 +984,35 @@ def blocks(data: Result, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The review page: bench/review.py, `insect report` at a million rows (issue 28).
+
+
+def review(data: Result, name: str) -> str:
+    read, select = data["a_read_seconds"], data["b_select_seconds"]
+    thumbs, command_s = data["c_thumbnails_seconds"], data["d_report_command_seconds"]
+    rows = [
+        ["(a) read the columns the page needs", secs(read), clean(", ".join(data["columns_read"]))],
+        ["(b) the one-pass selection, reading included", secs(select),
+         f"{data['galleries']} galleries"],
+        ["(c) the thumbnails: Ray tasks, decode, re-encode, write", secs(thumbs),
+         f"{data['thumbnails']} thumbnails"],
+        ["(d) the whole `insect report` command", secs(command_s),
+         f"new process and local Ray ({secs(data['ray_start_seconds'])} s to start one here)"],
+    ]  # fmt: skip
+    rest = command_s - select - thumbs
+    return paragraphs(
+        f"What the review page costs ({clean(data['benchmark'])}).",
+        provenance(command("review.py", f"--rows {data['rows']}", name), name, data),
+        table(["step", "seconds", "what"], "lrl", rows),
+        f"The selection adds {secs(max(0.0, select - read))} s to reading "
+        f"{num(data['rows'], 0)} rows ({pct(read / select)} of it is the reading); the "
+        f"command spends {secs(rest)} s beyond (b) and (c): the process's imports, Ray's "
+        f"start and the page itself ({num(data['page_bytes'] / 1e3, 0)} kB of HTML and "
+        f"{num(data['thumbs_bytes'] / 1e3, 0)} kB of thumbnails).",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The page: which file feeds which section, in reading order.
 
 Render = Callable[..., str]
@@ -1008,6 +1037,7 @@ SECTIONS = [
     Section("Scale and memory", "scaling-1m.json", scaling, also="scaling.json"),
     Section("S3 listing", "s3_listing.json", s3_listing),
     Section("Blocks", "blocks.json", blocks),
+    Section("The review page", "review-cpu-amd-epyc.json", review),
 ]
 
 HEADER = """

@@ -22,22 +22,25 @@ def _key(uri: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
-def check_location(output: str, protected: dict[str, str], apart: tuple[str, ...] = ()) -> None:
-    """Refuse an output location that is a bucket root or holds (or is) one of the
-    `protected` locations ({"the input": uri, "the model": uri}), before anything is written
-    or removed there; for those named in `apart`, also an output inside them."""
+def check_location(
+    output: str, protected: dict[str, str], apart: tuple[str, ...] = (), flag: str = "--output"
+) -> None:
+    """Refuse an output location (given as `flag`) that is a bucket root or holds (or is)
+    one of the `protected` locations ({"the input": uri, "the model": uri}), before
+    anything is written or removed there; for those named in `apart`, also an output
+    inside them."""
     if is_s3(output) and "/" not in output[len("s3://") :].strip("/"):
         raise InsectError(
-            f"--output {output} is a bucket root; write to a prefix such as "
+            f"{flag} {output} is a bucket root; write to a prefix such as "
             f"{output.rstrip('/')}/predictions"
         )
     out = _key(output)
     for what, uri in protected.items():
         inside = _key(uri)
         if inside == out or inside.startswith(out.rstrip("/") + "/"):
-            raise InsectError(f"--output {output} contains {what} ({uri}): choose another --output")
+            raise InsectError(f"{flag} {output} contains {what} ({uri}): choose another {flag}")
         if what in apart and out.startswith(inside.rstrip("/") + "/"):
             raise InsectError(
-                f"--output {output} is inside {what} ({uri}), where its files would be read "
-                "as inputs next time: choose another --output"
+                f"{flag} {output} is inside {what} ({uri}), where its files would be read "
+                f"as inputs next time: choose another {flag}"
             )
