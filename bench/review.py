@@ -56,19 +56,23 @@ def part_table(paths: list[str], start: int, rows: int, rng: np.random.Generator
     order = np.argsort(-probs, axis=1)[:, :TOP_K]
     names = np.array(CLASSES)
     schema = RowFormat(top_k=TOP_K, min_score=MIN_SCORE).schema()
+    mask = pa.array(failed)
+
+    def lists(values: np.ndarray, kind: pa.DataType) -> pa.ListArray:
+        offsets = pa.array(np.arange(0, values.size + 1, values.shape[1], dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array(values.ravel(), kind), mask=mask)
+
     columns = {
-        "path": [paths[(start + i) % len(paths)] for i in range(rows)],
+        "path": pa.array(paths * (rows // len(paths) + 2))[start % len(paths) :][:rows],
         "label": pa.array(np.where(decided, names[best], None), pa.string()),
         "label_index": pa.array(np.where(decided, best, 0), pa.int32(), mask=~decided),
         "score": pa.array(score, pa.float32(), mask=failed),
-        "probabilities": pa.array(list(probs), pa.list_(pa.float32()), mask=failed),
+        "probabilities": lists(probs, pa.float32()),
         "error": pa.array(np.where(failed, "unreadable image: synthetic failure", None)),
         "model": ["bench"] * rows,
         "decided": pa.array(decided, mask=failed),
-        "top_labels": pa.array(list(names[order]), pa.list_(pa.string()), mask=failed),
-        "top_scores": pa.array(
-            list(np.take_along_axis(probs, order, 1)), pa.list_(pa.float32()), mask=failed
-        ),
+        "top_labels": lists(names[order], pa.string()),
+        "top_scores": lists(np.take_along_axis(probs, order, 1), pa.float32()),
     }
     return pa.Table.from_pydict({n: columns[n] for n in schema.names}, schema=schema)
 
@@ -112,7 +116,8 @@ def measure(output: str, folder: str, gallery_size: int) -> dict:
     )
     import ray
 
-    start_s, _ = timed(lambda: ray.init(num_cpus=os.cpu_count(), logging_level="ERROR"))
+    start = {"address": "local", "num_cpus": os.cpu_count(), "logging_level": "ERROR"}
+    start_s, _ = timed(lambda: ray.init(**start))
     paths = chosen.paths()
     thumbs_dir = os.path.join(folder, "thumbs-only")
     thumbs_s, made = timed(
@@ -125,6 +130,8 @@ def measure(output: str, folder: str, gallery_size: int) -> dict:
     report_s, done = timed(lambda: subprocess.run(command, capture_output=True, text=True))
     if done.returncode:
         raise SystemExit(done.stdout + done.stderr)
+    # The command's last line ends with its phases: "(select 3.1, ray 25.9, ...)".
+    phases = re.findall(r"(\w+) ([\d.]+)", done.stdout.strip().splitlines()[-1].rsplit("(", 1)[1])
     return {
         "rows": rows,
         "parts": len(parts.names),
@@ -136,7 +143,7 @@ def measure(output: str, folder: str, gallery_size: int) -> dict:
         "thumbnails": sum("thumb" in t for t in made.values()),
         "galleries": len(chosen.galleries),
         "d_report_command_seconds": round(report_s, 2),
-        "report_output": done.stdout.strip().splitlines()[-1].split(": ", 1)[-1],
+        "d_phases_seconds": {name: float(t) for name, t in phases},
         "page_bytes": os.path.getsize(os.path.join(html, "index.html")),
         "thumbs_bytes": sum(
             os.path.getsize(os.path.join(html, "thumbs", n))

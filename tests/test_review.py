@@ -228,6 +228,7 @@ def least_confident(rows: list[dict], size: int) -> list[str]:
     return [r["path"] for r in sorted(rows, key=lambda r: r["score"])][:size]
 
 
+@pytest.mark.slow  # a browser
 def test_classification_page_shows_galleries_errors_and_hostile_names_as_text(
     classified, browser
 ):
@@ -333,6 +334,7 @@ def corrections(classified, browser, tmp_path_factory) -> dict:
     return {"csv": target, "chosen": chosen, "images": images}
 
 
+@pytest.mark.slow  # a browser
 def test_corrections_download_as_the_csv_expected(corrections):
     expected = io.StringIO()
     writer = csv.writer(expected, lineterminator="\n")
@@ -342,6 +344,7 @@ def test_corrections_download_as_the_csv_expected(corrections):
     assert corrections["csv"].read_text() == expected.getvalue()  # quoted where needed
 
 
+@pytest.mark.slow  # a browser, then training
 def test_training_on_the_downloaded_corrections_counts_them(corrections, labelled_root,
                                                             tmp_path):  # fmt: skip
     out = tmp_path / "model"
@@ -361,6 +364,7 @@ def test_training_on_the_downloaded_corrections_counts_them(corrections, labelle
     assert counts["train"][one] + counts["val"][one] == 30 + 2
 
 
+@pytest.mark.slow  # a browser
 def test_evaluation_page_opens_the_images_of_each_cell(evaluated, browser):
     metrics = json.loads((evaluated["out"] / "metrics.json").read_text())
     matrix = json.loads((evaluated["out"] / "confusion_matrix.json").read_text())

@@ -155,39 +155,54 @@ def _is_thumb(entry: dict) -> bool:
     return bool(re.fullmatch(THUMB_NAME, outputs.entry_name(entry)))
 
 
-def build_report(cfg: ReportConfig) -> dict:
-    """Write the review page of `cfg.predictions` into `cfg.html`; returns what it shows."""
-    cfg.validate()
-    started = time.perf_counter()
-    source = read_source(cfg.predictions, cfg.s3)
-    removal = plan_page(cfg, source)
+def choose_rows(cfg: ReportConfig, source: Source) -> tuple[selection.Selection, dict]:
+    """The one pass over the parts (`selection`); also the run's facts for the page."""
     parts = selection.find_parts(source.predictions, cfg.s3)
     if not parts.names:
         raise InsectError(f"{source.predictions} holds no complete Parquet part to show")
     if not source.classes and "probabilities" in parts.columns:
         parts.columns.remove("probabilities")  # without the model's class order, no guess
-    run = {**source.run, "row_format": source.run.get("row_format") or parts.row_format}
     chosen = selection.select(
         source.predictions, parts, source.classes, cfg.gallery_size, MAX_ERROR_ROWS,
         cfg.s3, source.truth,
     )  # fmt: skip
     check_matrix(source, chosen)
+    row_format = source.run.get("row_format") or parts.row_format
+    return chosen, {**source.run, "row_format": row_format, "rows_read": chosen.rows}
+
+
+def build_report(cfg: ReportConfig) -> dict:
+    """Write the review page of `cfg.predictions` into `cfg.html`; returns what it shows
+    and the seconds of each phase."""
+    cfg.validate()
+    seconds, last = {}, [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        seconds[phase], last[0] = now - last[0], now
+
+    source = read_source(cfg.predictions, cfg.s3)
+    removal = plan_page(cfg, source)
+    chosen, run = choose_rows(cfg, source)
     paths = chosen.paths()
     console.say(
         f"{chosen.rows} rows read: {len(chosen.galleries)} galleries show {len(paths)} "
         f"images; making their thumbnails"
     )
+    lap("select")
     init_ray(cfg.address)
+    lap("ray")
     outputs.remove(cfg.html, removal, cfg.s3)
     with storage.user_errors(cfg.html):
         thumbs = thumbnails.write_thumbnails(cfg.html, paths, cfg.limits, cfg.s3)
-    run = {**run, "rows_read": chosen.rows}
+    lap("thumbnails")
     document = page.page_document(
         source.kind, source.output, run, chosen, thumbs, source.evaluation
     )
     for name in (REVIEW_SCRIPT, REVIEW_STYLE):
         storage.write_file(cfg.html, name, page.asset(name), cfg.s3)
     storage.write_file(cfg.html, REVIEW_PAGE, page.render(document), cfg.s3)
+    lap("page")
     missing = sum("problem" in t for t in thumbs.values())
     return {
         "page": storage.join(cfg.html, REVIEW_PAGE),
@@ -196,7 +211,8 @@ def build_report(cfg: ReportConfig) -> dict:
         "thumbnails": len(thumbs) - missing,
         "without_thumbnail": missing,
         "errors": chosen.error_total,
-        "seconds": time.perf_counter() - started,
+        "seconds": sum(seconds.values()),
+        "phases": seconds,
     }
 
 
@@ -218,10 +234,11 @@ def check_matrix(source: Source, chosen: selection.Selection) -> None:
 
 
 def print_report(result: dict) -> None:
+    phases = ", ".join(f"{name} {t:.1f}" for name, t in result["phases"].items())
     console.say(
         f"{result['page']}: {result['rows']} rows, {result['galleries']} galleries, "
         f"{result['thumbnails']} thumbnails"
         + (f" ({result['without_thumbnail']} images could not be read)"
            if result["without_thumbnail"] else "")
-        + f", {result['errors']} error rows; {result['seconds']:.1f} s"
+        + f", {result['errors']} error rows; {result['seconds']:.1f} s ({phases})"
     )  # fmt: skip
