@@ -984,6 +984,45 @@ def blocks(data: Result, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The review page: bench/review.py, `insect report` at a million rows (issue 28).
+
+
+REVIEW_PHASES = {
+    "select": "reading and choosing the rows",
+    "ray": "starting Ray",
+    "thumbnails": "the thumbnails",
+    "page": "writing the page",
+}
+
+
+def review(data: Result, name: str) -> str:
+    read, select = data["a_read_seconds"], data["b_select_seconds"]
+    thumbs, total = data["c_thumbnails_seconds"], data["d_report_command_seconds"]
+    phases = data["d_phases_seconds"]
+    rows = [
+        ["(a) read the columns the page needs", secs(read), clean(", ".join(data["columns_read"]))],
+        ["(b) the one-pass selection, reading included", secs(select),
+         f"{data['galleries']} galleries"],
+        ["(c) the thumbnails: Ray tasks, decode, re-encode, write", secs(thumbs),
+         f"{data['thumbnails']} thumbnails, Ray started ({secs(data['ray_start_seconds'])} s)"],
+        ["(d) the whole `insect report` command", secs(total), "a new process"],
+        *([f"(d) of which: {REVIEW_PHASES.get(p, p)}", secs(t), ""] for p, t in phases.items()),
+    ]  # fmt: skip
+    rest = total - sum(phases.values())
+    return paragraphs(
+        f"What the review page costs ({clean(data['benchmark'])}).",
+        provenance(command("review.py", f"--rows {data['rows']}", name), name, data),
+        table(["step", "seconds", "what"], "lrl", rows),
+        f"The selection adds {secs(max(0.0, select - read))} s to reading "
+        f"{num(data['rows'], 0)} rows; (b) and (c) together take {secs(select + thumbs)} s. "
+        f"Within the command, starting Ray takes {secs(phases['ray'])} s of "
+        f"{secs(sum(phases.values()))} s, and the process's imports and exit "
+        f"{secs(rest)} s more. The page holds {num(data['page_bytes'] / 1e3, 0)} kB of HTML "
+        f"and {num(data['thumbs_bytes'] / 1e3, 0)} kB of thumbnails.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The page: which file feeds which section, in reading order.
 
 Render = Callable[..., str]
@@ -1008,6 +1047,7 @@ SECTIONS = [
     Section("Scale and memory", "scaling-1m.json", scaling, also="scaling.json"),
     Section("S3 listing", "s3_listing.json", s3_listing),
     Section("Blocks", "blocks.json", blocks),
+    Section("The review page", "review-cpu-amd-epyc.json", review),
 ]
 
 HEADER = """

@@ -254,9 +254,26 @@ class ActorSettings(RaySettings):
 class TrainConfig(RaySettings):
     """Every knob of `insect train`."""
 
-    data: str = setting(
-        help="labelled root: ROOT/<class>/* or ROOT/{train,val}/<class>/*, local or s3://"
+    data: str | None = setting(
+        None,
+        help=(
+            "labelled root: ROOT/<class>/* or ROOT/{train,val}/<class>/*, local or s3:// "
+            "(optional with --labels)"
+        ),
     )
+    # --- training from a labels table (issue 28) ---
+    labels: str | None = setting(
+        None,
+        help=(
+            "a table of path,label rows (CSV or Parquet, local or s3://), such as the "
+            "corrections `insect report`'s page downloads: alone, or added to ROOT (a path in "
+            "both takes the table's label); the label 'skip' leaves the image out"
+        ),
+    )
+    new_classes: bool = setting(
+        False, help="--labels may name classes ROOT has no folder for (refused otherwise)"
+    )
+    # --- end of training from a labels table ---
     output: str = setting("insect-model", help="model directory to write (or s3://)")
     arch: str = setting("vgg16", help="torchvision classification model")
     weights: str = setting(
@@ -378,6 +395,10 @@ class TrainConfig(RaySettings):
         check_settings(self)
         if self.resume and not self.name:
             raise InsectError("--resume needs the --name of the run to continue")
+        if not self.data and not self.labels:
+            raise InsectError("give the labelled ROOT, a --labels table, or both")
+        if self.new_classes and not self.labels:
+            raise InsectError("--new-classes is for classes a --labels table adds")
 
 
 @dataclass(kw_only=True)
@@ -514,6 +535,50 @@ class SummaryConfig:
 
     def validate(self) -> None:
         check_settings(self)
+
+
+# --- insect report (issue 28) ---
+@dataclass(kw_only=True)
+class ReportConfig(InputLimits):
+    """Every knob of `insect report`."""
+
+    predictions: str = setting(
+        help="the --output of insect classify or insect evaluate (a directory or s3:// prefix)"
+    )
+    html: str = setting(
+        help=(
+            "folder to write the page into (index.html, its script, style and thumbs/), local "
+            "or s3://; open index.html in a browser, no server needed"
+        )
+    )
+    gallery_size: int = setting(
+        60,
+        at_least=1,
+        help=(
+            "images shown per gallery (each predicted class, the images below --min-score, "
+            "each cell of an evaluation's confusion matrix), the least confident first"
+        ),
+    )
+    overwrite: bool = setting(
+        False, help="replace the page in --html (only the files insect report writes there)"
+    )
+    address: str | None = setting(
+        None,
+        help=(
+            "Ray cluster to make the thumbnails on: auto, HOST:PORT or ray://HOST:PORT "
+            "(default: $RAY_ADDRESS, else a new local Ray)"
+        ),
+    )
+    verbose: bool = setting(
+        False, help="show Ray's own messages here rather than in the run's log file"
+    )
+    s3: S3Options = field(default_factory=S3Options)
+
+    def validate(self) -> None:
+        check_settings(self)
+
+
+# --- end of insect report ---
 
 
 @dataclass(kw_only=True)

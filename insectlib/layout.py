@@ -72,3 +72,13 @@ RUN_RECORD = "insect-run.json"  # beside the checkpoints: what `--resume` must f
 STATE_FILE = "state.pt"  # in each checkpoint: trainable weights, optimizer, history
 PROBLEM_FILE = "problem.txt"  # instead of STATE_FILE: the run stopped on this problem
 
+
+# --- The review page (`insect report OUT --html DIR`, issue 28) -------------------------------
+# The page and what it loads, all in DIR: `--overwrite` removes these and the thumbnails
+# (files named by THUMB_NAME in THUMBS_DIR), nothing else. REVIEW_PAGE is written last.
+REVIEW_SCRIPT = "review.js"  # the page's only script: the CSP allows no inline one
+REVIEW_STYLE = "review.css"
+REVIEW_PAGE = "index.html"
+REVIEW_FILES = (REVIEW_SCRIPT, REVIEW_STYLE, REVIEW_PAGE)
+THUMBS_DIR = "thumbs"  # small re-encoded JPEGs, named by a hash of the input's path
+THUMB_NAME = r"[0-9a-f]{32}\.jpg"

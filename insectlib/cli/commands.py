@@ -7,7 +7,13 @@ from insectlib.runtime import console
 from insectlib.runtime.connect import run_as_driver
 
 # Commands that start Ray, and the setting naming where each writes (its log goes there).
-LOGGED = {"train": "output", "classify": "output", "evaluate": "output", "demo": "workdir"}
+LOGGED = {
+    "train": "output",
+    "classify": "output",
+    "evaluate": "output",
+    "report": "html",  # issue 28
+    "demo": "workdir",
+}
 
 
 def run(command: str, cfg) -> None:
@@ -50,6 +56,12 @@ def _summary(cfg) -> None:
     console.say(show(cfg))
 
 
+def _report(cfg) -> None:  # issue 28
+    from insectlib.review.report import build_report, print_report
+
+    print_report(run_as_driver(build_report, cfg))
+
+
 def _demo(cfg) -> None:
     from insectlib.cli.demo import run_demo
 
@@ -62,5 +74,6 @@ RUNNERS = {
     "evaluate": _evaluate,
     "visualize": _visualize,
     "summary": _summary,
+    "report": _report,
     "demo": _demo,
 }

@@ -20,7 +20,7 @@ from insectlib.errors import InsectError
 
 # Positional arguments; every other field is a --flag.
 POSITIONAL = ("data", "input", "image", "predictions")
-OPTIONAL_POSITIONAL = ("input",)  # may be left out (classify --manifest)
+# A positional whose field has a default may be left out (classify --manifest, train --labels).
 # Flags renamed, refused with their new name.
 RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8-images"}
 
@@ -40,8 +40,8 @@ COMMANDS = {
         config.TrainConfig,
         {
             "data and model": (
-                "data", "output", "arch", "weights", "freeze", "image_size", "val_fraction",
-                "seed",
+                "data", "labels", "new_classes",  # labels, new_classes: issue 28
+                "output", "arch", "weights", "freeze", "image_size", "val_fraction", "seed",
             ),
             "optimisation": (
                 "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
@@ -57,9 +57,9 @@ COMMANDS = {
         | LIMITS
         | CLUSTER
         | S3,
-        "fine-tune a torchvision model on a labelled folder tree",
+        "fine-tune a torchvision model on a labelled folder tree or a labels table",
         "Fine-tune on ROOT/<class>/<images> (or ROOT/train + ROOT/val|test), local or s3://, "
-        "with Ray Train data-parallel workers.",
+        "and/or on a --labels table of path,label rows, with Ray Train data-parallel workers.",
     ),
     "classify": (
         config.ClassifyConfig,
@@ -107,6 +107,20 @@ COMMANDS = {
         "without one (written by an older insect, or interrupted) a summary computed from "
         "its Parquet files.",
     ),
+    # --- insect report (issue 28) ---
+    "report": (
+        config.ReportConfig,
+        {"input and output": ("predictions", "html", "gallery_size")}
+        | LIMITS
+        | {"cluster and output": ("address", "overwrite", "verbose")}
+        | S3,
+        "an HTML page to review a classification or evaluation and correct its labels",
+        "Write a page (DIR/index.html, opened from disk, nothing fetched from the network) "
+        "showing the run, a gallery of thumbnails per predicted class (the least confident "
+        "first), the images below --min-score, the files that failed and, for an evaluation, "
+        "the confusion matrix with the images in each cell. Each thumbnail can be given its "
+        "true class; the page downloads the corrections as a CSV for `insect train --labels`.",
+    ),
     "demo": (
         config.DemoConfig,
         {"demo": ("workdir", "image_size", "verbose")},
@@ -153,7 +167,7 @@ def add_setting(group, cls: type, name: str) -> None:
     elif f.default_factory is not dataclasses.MISSING:
         kwargs["default"] = f.default_factory()
     if name in POSITIONAL:
-        group.add_argument(name, nargs="?" if name in OPTIONAL_POSITIONAL else None, **kwargs)
+        group.add_argument(name, nargs="?" if "default" in kwargs else None, **kwargs)
     else:
         required = "default" not in kwargs
         group.add_argument(config.flag_name(f), dest=name, required=required, **kwargs)

@@ -14,15 +14,19 @@ import io
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from insectlib import storage
 from insectlib.config import MAX_PIXELS, DecodeLimits
 from insectlib.errors import ImageError
+
+if TYPE_CHECKING:
+    import torch
+# torch and torchvision are imported where a transform is built: decoding alone (the review
+# page's thumbnail tasks) starts without them, seconds sooner.
 
 # The accepted extensions and the Pillow plugin behind each. Only these plugins may open a
 # file, whatever its name says: Pillow would otherwise open PostScript, PDF, ICNS and a
@@ -193,6 +197,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Validation and classification: resize, centre crop, uint8 CHW tensor. Pair it with
     `decode(data, min_side=resize_size(image_size))`."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             limit_aspect,
@@ -206,6 +212,8 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 
 def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """Training augmentation: random resized crop and horizontal flip, uint8 CHW tensor."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, antialias=True),
@@ -215,8 +223,12 @@ def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     )
 
 
-def normalize(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NCHW batch -> float batch normalised with the ImageNet statistics."""
+def normalize(batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 NCHW batch -> float batch (float32 unless `dtype`) normalised with the
+    ImageNet statistics."""
+    import torch
+
+    dtype = dtype or torch.float32
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=dtype).view(1, 3, 1, 1)
     return (batch.to(dtype) / 255 - mean) / std

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from insectlib import storage
 from insectlib.data.images import is_image_name
 from insectlib.errors import InsectError
+from insectlib.runtime import console
 
 # Sub-folders that mark an existing held-out split (ROOT/train + ROOT/val, the reference layout).
 TRAIN_DIR = "train"
@@ -27,6 +28,7 @@ class LabelledSet:
     val: list[tuple[str, int]]
     split: str  # how the split was made, for logs and meta.json
     held_out: str | None = None  # the held-out folder (val, validation, test) when there is one
+    table: dict | None = None  # with `train --labels`: what the table did (`label_table`)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split, by class name."""
@@ -49,6 +51,36 @@ def discover(
     Classes are the sorted sub-folder names. Without a held-out folder, each class is split
     with a fixed seed so that `val_fraction` of it is held out (stratified).
     """
+    tree = read_tree(root, s3, held_out_dirs)
+    if tree.held_out:
+        index = {c: i for i, c in enumerate(tree.classes)}
+        train = [(u, index[c]) for c in tree.classes for u in tree.train[c]]
+        val = [(u, index[c]) for c in sorted(tree.val) for u in tree.val[c]]
+        split = f"folders {TRAIN_DIR}/ and {tree.held_out}/"
+        return LabelledSet(tree.classes, train, val, split, held_out=tree.held_out)
+    train, val = split_by_class(tree.classes, tree.train, val_fraction, seed)
+    return LabelledSet(
+        tree.classes, train, val, f"stratified {val_fraction:g} held out, seed {seed}"
+    )
+
+
+@dataclass
+class FolderTree:
+    """A labelled tree as listed, before any split: image URIs by class folder."""
+
+    classes: list[str]  # sorted
+    train: dict[str, list[str]]  # every image, or those under ROOT/train with a held-out folder
+    held_out: str | None = None  # val, validation or test, when ROOT/train has one beside it
+    val: dict[str, list[str]] = field(default_factory=dict)  # the held-out folder's
+
+
+def read_tree(
+    root: str,
+    s3: storage.S3Options | None = None,
+    held_out_dirs: tuple[str, ...] = HELD_OUT_DIRS,
+) -> FolderTree:
+    """List `ROOT/<class>/<images>` (or `ROOT/train` + the first of `held_out_dirs`),
+    classes checked."""
     by_top = _images_by_folder(root, s3)
     held_out = next((d for d in held_out_dirs if d in by_top), None)
     if TRAIN_DIR in by_top and held_out:
@@ -61,26 +93,27 @@ def discover(
                 f"{storage.join(root, held_out)} has classes that are not in "
                 f"{storage.join(root, TRAIN_DIR)}: {', '.join(unknown)}"
             )
-        index = {c: i for i, c in enumerate(classes)}
-        train = [(u, index[c]) for c in classes for u in train_by_class[c]]
-        val = [(u, index[c]) for c in sorted(val_by_class) for u in val_by_class[c]]
-        return LabelledSet(
-            classes, train, val, f"folders {TRAIN_DIR}/ and {held_out}/", held_out=held_out
-        )
-
+        return FolderTree(classes, train_by_class, held_out, val_by_class)
     by_class = _by_class([(rel, uri) for items in by_top.values() for rel, uri in items], depth=0)
-    classes = _check_classes(sorted(by_class), root)
+    return FolderTree(_check_classes(sorted(by_class), root), by_class)
+
+
+def split_by_class(
+    classes: list[str], by_class: dict[str, list[str]], val_fraction: float, seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, val) items: `val_fraction` of each class held out (at least one image of a
+    class that has two), chosen with `seed` whatever order the URIs came in."""
     if not 0 < val_fraction < 1:
         raise InsectError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     rng = random.Random(seed)
     train, val = [], []
     for label, name in enumerate(classes):
-        uris = sorted(by_class[name])
+        uris = sorted(by_class.get(name, []))
         rng.shuffle(uris)
         n_val = min(max(1, round(len(uris) * val_fraction)), len(uris) - 1) if len(uris) > 1 else 0
         val += [(u, label) for u in uris[:n_val]]
         train += [(u, label) for u in uris[n_val:]]
-    return LabelledSet(classes, train, val, f"stratified {val_fraction:g} held out, seed {seed}")
+    return train, val
 
 
 def _images_by_folder(root: str, s3) -> dict[str, list[tuple[list[str], str]]]:
@@ -89,6 +122,9 @@ def _images_by_folder(root: str, s3) -> dict[str, list[tuple[list[str], str]]]:
     prefix = storage.to_uri(fs, path) + "/"
     by_top: dict[str, list[tuple[list[str], str]]] = {}
     for uri in storage.iter_files(root, s3):
+        if isinstance(uri, storage.UnlistedFolder):
+            console.warn(f"warning: {storage.printable(uri)} left out: {uri.reason}")
+            continue
         parts = uri[len(prefix) :].split("/") if uri.startswith(prefix) else []
         if len(parts) >= 2 and is_image_name(parts[-1]):
             by_top.setdefault(parts[0], []).append((parts, uri))

@@ -16,7 +16,7 @@ import torch
 
 from insectlib import layout, storage
 from insectlib.config import INT8_IMAGES, DecodeLimits
-from insectlib.data import labels
+from insectlib.data import label_table
 from insectlib.data.images import eval_transform, is_image_name, load_images, normalize, resize_size
 from insectlib.errors import ImageError, InsectError
 from insectlib.model.int8 import (
@@ -47,14 +47,17 @@ def statistics_images(
         uris = [u for u in storage.iter_files(images, s3) if is_image_name(u)]
     else:
         data = meta.data
-        if not data.get("root") or "val_fraction" not in data:
+        table = (data.get("labels") or {}).get("table")  # trained with --labels
+        if not (data.get("root") or table) or "val_fraction" not in data:
             raise InsectError(
                 "this model directory does not say where its validation images are: give "
                 "--int8-images with a few hundred images like those to classify"
             )
-        source = f"validation images of {data['root']}"
+        source = f"validation images of {data.get('root') or table}"
         try:
-            found = labels.discover(data["root"], data["val_fraction"], data.get("seed", 0), s3)
+            found = label_table.training_set(
+                data.get("root"), table, data["val_fraction"], data.get("seed", 0), True, s3
+            )
         except InsectError as e:
             raise InsectError(
                 f"the model's {source} cannot be read ({e}): give --int8-images"

@@ -37,32 +37,35 @@ def check_location(
     protected: dict[str, str],
     apart: tuple[str, ...] = (),
     s3: S3Options | None = None,
+    flag: str = "--output",
 ) -> None:
-    """Refuse an output location that is a file, a bucket root, or holds (or is) one of the
-    `protected` locations ({"the input": uri, "the model": uri}), before anything is written
-    or removed there; for those named in `apart`, also an output inside them."""
+    """Refuse an output location (given as `flag`) that is a file, a bucket root, or holds
+    (or is) one of the `protected` locations ({"the input": uri, "the model": uri}), before
+    anything is written or removed there; for those named in `apart`, also an output
+    inside them."""
     if is_s3(output) and "/" not in output[len("s3://") :].strip("/"):
         raise InsectError(
-            f"--output {output} is a bucket root; write to a prefix such as "
+            f"{flag} {output} is a bucket root; write to a prefix such as "
             f"{output.rstrip('/')}/predictions"
         )
     if _is_file(output, s3):
-        raise InsectError(f"--output {output} is a file; give a folder (or s3:// prefix)")
+        raise InsectError(f"{flag} {output} is a file; give a folder (or s3:// prefix)")
     out = location_key(output)
     for what, uri in protected.items():
         inside = location_key(uri)
         if inside == out or inside.startswith(out.rstrip("/") + "/"):
-            raise InsectError(f"--output {output} contains {what} ({uri}): choose another --output")
+            raise InsectError(f"{flag} {output} contains {what} ({uri}): choose another {flag}")
         if what in apart:
-            check_not_inside(output, uri, what)
+            check_not_inside(output, uri, what, flag)
 
 
-def check_not_inside(output: str, location: str, what: str) -> None:
+def check_not_inside(output: str, location: str, what: str, flag: str = "--output") -> None:
     """Refuse an output in (or inside) `location`, where its files would be read as inputs
     by the next run over it."""
     out, inside = location_key(output), location_key(location)
     if out == inside or out.startswith(inside.rstrip("/") + "/"):
         raise InsectError(
-            f"--output {output} is inside {what} ({location}), where its files would be read "
-            "as inputs next time: choose another --output"
+            f"{flag} {output} is inside {what} ({location}), where its files would be read "
+            f"as inputs next time: choose another {flag}"
         )
+

@@ -19,7 +19,8 @@ from ray.train.torch import TorchTrainer
 
 from insectlib import storage
 from insectlib.config import TrainConfig
-from insectlib.data.labels import LabelledSet, discover
+from insectlib.data import label_table
+from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
 from insectlib.layout import META_FILE, PROBLEM_FILE, STATE_FILE
 from insectlib.metrics.confidence import temperature_report
@@ -184,14 +185,18 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     if cfg.weights not in ("imagenet", "random") and not storage.exists(cfg.weights, cfg.s3):
         raise InsectError(f"--weights file not found: {cfg.weights}")
     # Its pictures inside the labelled tree would be read as images by the next run.
-    storage.check_location(cfg.output, {"the data": cfg.data}, apart=("the data",), s3=cfg.s3)
+    inputs = {"the data": cfg.data, "the labels table": cfg.labels}
+    protected = {what: uri for what, uri in inputs.items() if uri}
+    storage.check_location(cfg.output, protected, apart=("the data",), s3=cfg.s3)
     for location in (cfg.output, cfg.storage):
         if location:
             storage.check_bucket(location, cfg.s3)
     if storage.exists(storage.join(cfg.output, META_FILE), cfg.s3) and not cfg.overwrite:
         raise InsectError(f"{cfg.output} already holds a model; pass --overwrite to replace it")
     check_run_name(cfg)
-    labelled = discover(cfg.data, cfg.val_fraction, cfg.seed, cfg.s3)
+    labelled = label_table.training_set(
+        cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
+    )
     if cfg.resume:
         check_run_record(cfg, labelled)
     if cfg.weights == "imagenet":
@@ -207,6 +212,8 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         f"{len(labelled.train)} training and {len(labelled.val)} validation images "
         f"({labelled.split})"
     )
+    if labelled.table:
+        console.say(label_table.describe(labelled.table))
     with output_lock(cfg.output, "train", cfg.s3, console.say):
         init_ray(cfg.address)
         cfg = sized_run(cfg, labelled)
@@ -274,6 +281,8 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
                 "val_fraction": cfg.val_fraction,
                 "seed": cfg.seed,
                 "counts": labelled.counts(),
+                # --labels (issue 28): the table and what it did, which int8 reads back
+                **({"labels": labelled.table} if labelled.table else {}),
             },
         },
         scaling_config=ScalingConfig(
