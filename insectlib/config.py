@@ -34,6 +34,8 @@ FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: ev
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 COMPILE_CHOICES = ("auto", "on", "off")
+# Where the model actors' JPEGs are decoded (see `insectlib.data.device_decode`).
+DECODE_CHOICES = ("auto", "cpu", "device")
 IMAGE_SIZES = range(16, 4097)  # model input sizes, in pixels, that a model directory may hold
 BATCH_SIZE = 32  # images per training worker step and per model-actor call
 # Pillow's own threshold (89.5M pixels; it warns above it and refuses above twice it).
@@ -233,6 +235,21 @@ class ActorSettings(RaySettings):
     cpus_per_actor: float = setting(
         1.0, above=0, help="CPUs per model actor (also its torch threads on CPU)"
     )
+    decode: str = setting(
+        "auto",
+        choices=DECODE_CHOICES,
+        help=(
+            "where JPEGs are decoded: cpu (Pillow, in tasks on every core), device (in "
+            "the model actors, on their device: nvJPEG on a GPU; every file the device "
+            "cannot decode exactly as Pillow would goes the cpu way); auto: device with "
+            "--gpu, else cpu"
+        ),
+    )
+
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether the model actors decode the JPEGs (see --decode)."""
+        return self.decode == "device" or (self.decode == "auto" and self.gpu)
 
     def validate(self) -> None:
         check_settings(self)

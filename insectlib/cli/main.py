@@ -30,7 +30,9 @@ S3: Groups = {"S3": ("endpoint_url", "anonymous")}
 LIMITS: Groups = {"limits on each input file": ("max_file_bytes", "max_pixels")}
 CLUSTER: Groups = {"cluster and output": ("address", "gpu", "overwrite", "verbose")}
 ACTORS: Groups = {
-    "model actors": ("precision", "int8_images", "batch_size", "max_actors", "cpus_per_actor")
+    "model actors": (
+        "precision", "int8_images", "batch_size", "max_actors", "cpus_per_actor", "decode"
+    )
 }
 
 COMMANDS = {
