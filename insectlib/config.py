@@ -343,6 +343,17 @@ class TrainConfig(RaySettings):
             "--cpus-per-worker - 1; on CPU 0, as the model is the bottleneck there)"
         ),
     )
+    decode: str = setting(
+        "auto",
+        choices=DECODE_CHOICES,
+        help=(
+            "where the training JPEGs are decoded: cpu (Pillow, in the DataLoader "
+            "processes), device (on the worker's device, with random crops and flips there: "
+            "nvJPEG on a GPU; the processes only read and check, and decode what the device "
+            "cannot decode exactly as Pillow would); auto: cpu until the GPU check's "
+            "figures show the device feed faster (docs/training.md)"
+        ),
+    )
     storage: str | None = setting(
         None, help="Ray Train run storage, local or s3:// (default ~/ray_results)"
     )
@@ -361,6 +372,11 @@ class TrainConfig(RaySettings):
     keep_checkpoints: int = setting(
         2, at_least=0, help="checkpoints kept in the run storage (0: all)"
     )
+
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether the worker decodes the JPEGs on its device (see --decode)."""
+        return self.decode == "device"
 
     @property
     def caches_features(self) -> bool:

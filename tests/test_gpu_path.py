@@ -18,11 +18,13 @@ import torch
 from PIL import Image
 
 from insectlib.cli.main import main, parser
-from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig
+from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig, TrainConfig
 from insectlib.data import device_decode, synthetic
 from insectlib.data.images import eval_transform, load_images, resize_size
+from insectlib.data.labels import discover
 from insectlib.errors import ImageError
 from insectlib.model.predictor import Predictor
+from insectlib.training.worker import TrainingWorker, make_loaders
 from tests.fuzz import hostile_files
 
 # Pillow decodes a JPEG at reduced DCT scale (1/2 for 1024x768 at 224 px) and resizes in
@@ -246,6 +248,56 @@ def test_classify_with_device_decoding_gives_the_same_rows(trained, tmp_path, ca
         if row["error"] is None:
             assert np.allclose(row["probabilities"], other["probabilities"], atol=0.02), path
     assert sum(r["error"] is None for r in cpu.values()) >= len(kinds) - 6  # six are broken
+
+
+def _labelled_with_odd_files(root) -> str:
+    """A labelled tree of 8 photos a class, plus in each class one file the device decodes
+    (a rotated JPEG), one the CPU path decodes (progressive, PNG) and one nobody can."""
+    synthetic.make_labelled(str(root), per_class=8, size=(160, 120))
+    photo = synthetic.make_image("beetles", random.Random(5), (200, 150))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    odd = {
+        "rotated.jpg": _jpeg(photo, exif=exif.tobytes()),
+        "progressive.jpg": _jpeg(photo, progressive=True),
+        "truncated.jpg": _jpeg(photo)[:500],
+        "text.jpg": b"not an image",
+    }
+    for i, cls in enumerate(synthetic.CLASSES):
+        for name, data in list(odd.items())[i : i + 2]:
+            (root / cls / name).write_bytes(data)
+    return str(root)
+
+
+def _feed(worker: TrainingWorker, loader, epoch: int) -> list:
+    """(batch shape, labels, skipped) of each batch `worker` takes from `loader`."""
+    worker.sampler.set_epoch(epoch)
+    return [(tuple(x.shape), y.tolist(), n) for x, y, n in worker.device_batches(loader)]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_the_training_feed_on_the_device_keeps_its_guarantees(tmp_path, augment):
+    """--decode device in training: on each of two workers' shards, the same steps, labels
+    (so the same images, each once an epoch) and skipped files as the CPU feed, batch by
+    batch; and an epoch counts every image once, trained, validated or skipped."""
+    data = discover(_labelled_with_odd_files(tmp_path), val_fraction=0.25, seed=0)
+    feeds, workers = {}, {}
+    for decode in ("cpu", "device"):
+        cfg = TrainConfig(
+            data=str(tmp_path), weights="random", image_size=32, batch_size=4,
+            augment=augment, decode=decode, workers=2,
+        )  # fmt: skip
+        workers[decode] = worker = TrainingWorker(cfg, data.classes, data.train, data.val)
+        for rank in (0, 1):
+            _, train, val = make_loaders(cfg, data.train, data.val, rank, 2)
+            feeds[decode, rank] = _feed(worker, train, 1) + _feed(worker, val, 1)
+    for rank in (0, 1):
+        assert feeds["cpu", rank] == feeds["device", rank]
+    skipped = sum(n for rank in (0, 1) for _, _, n in feeds["device", rank])
+    assert skipped == 3  # two truncated files and the text, wherever they fell
+    metrics = workers["device"].run_epoch(0)
+    total = metrics["train_images"] + metrics["val_images"] + metrics["skipped_images"]
+    assert total == len(data.train) + len(data.val) and metrics["skipped_images"] == 3
 
 
 @needs_cuda

@@ -49,6 +49,7 @@ COMMANDS = {
             ),
             "workers": (
                 "workers", "cpus_per_worker", "placement", "loader_workers", "progress_every",
+                "decode",
             ),
             "run storage and recovery": (
                 "storage", "name", "resume", "max_failures", "keep_checkpoints",

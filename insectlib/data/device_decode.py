@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as F
 
 from insectlib import storage
@@ -37,6 +38,7 @@ from insectlib.data.images import (
     eval_transform,
     preprocess,
     resize_size,
+    train_transform,
 )
 from insectlib.errors import ImageError
 
@@ -50,6 +52,7 @@ LUMA_SAMPLING = {(1, 1), (2, 1), (1, 2), (2, 2)}
 BASELINE_SOF = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded
 DQT, DHT, DRI, SOS, EOI = 0xDB, 0xC4, 0xDD, 0xDA, 0xD9
 ORIENTATION = 0x0112  # the EXIF tag
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
 # Pillow's exif_transpose as tensor operations on (C, H, W), by EXIF orientation.
 ORIENT = {
     2: lambda x: x.flip(-1),
@@ -64,12 +67,24 @@ ORIENT = {
 
 @dataclass(frozen=True)
 class DeviceJpeg:
-    """A JPEG for the device decoder: its bytes, full size and EXIF orientation."""
+    """A JPEG for the device decoder: its bytes (or a uint8 tensor of them), full size and
+    EXIF orientation."""
 
-    data: bytes
+    data: bytes | torch.Tensor
     width: int
     height: int
     orientation: int = 1
+
+    def as_bytes(self) -> bytes:
+        return self.data if isinstance(self.data, bytes) else self.data.numpy().tobytes()
+
+    def tensor(self) -> torch.Tensor:
+        """The bytes as a 1-D uint8 tensor on the host (no copy of bytes: never written)."""
+        if isinstance(self.data, torch.Tensor):
+            return self.data
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given buffer is not writable")
+            return torch.frombuffer(self.data, dtype=torch.uint8)
 
     @property
     def pixels(self) -> int:
@@ -81,20 +96,30 @@ class DeviceJpeg:
 Prepared = DeviceJpeg | torch.Tensor | str
 
 
-def prepare(data: bytes | ImageError, image_size: int, limits: DecodeLimits) -> Prepared:
-    """One read file as the device half needs it (see the module's docstring)."""
+def prepare(
+    data: bytes | ImageError, image_size: int, limits: DecodeLimits, augment: bool = False
+) -> Prepared:
+    """One read file as the device half needs it (see the module's docstring); `augment`:
+    the training transform for a file decoded here."""
     if isinstance(data, ImageError):
         return str(data)
     jpeg = device_jpeg(data, limits)
     if jpeg is not None:
         return jpeg
-    return host_decode(data, image_size, limits)
+    return host_decode(data, image_size, limits, augment)
 
 
-def host_decode(data: bytes, image_size: int, limits: DecodeLimits) -> torch.Tensor | str:
-    """The CPU path's uint8 CHW tensor for `data`, or its error text."""
+def host_decode(
+    data: bytes, image_size: int, limits: DecodeLimits, augment: bool = False
+) -> torch.Tensor | str:
+    """The CPU path's uint8 CHW tensor for `data` (`images.eval_transform`, or with
+    `augment` `images.train_transform`), or its error text."""
+    if augment:
+        transform, min_side = train_transform(image_size), None
+    else:
+        transform, min_side = eval_transform(image_size), resize_size(image_size)
     try:
-        return preprocess(data, eval_transform(image_size), resize_size(image_size), limits)
+        return preprocess(data, transform, min_side, limits)
     except ImageError as e:
         return str(e)
 
@@ -258,10 +283,12 @@ def finish(
     image_size: int,
     device: torch.device | str,
     limits: DecodeLimits,
+    augment: bool = False,
 ) -> tuple[torch.Tensor, list[str | None]]:
     """(uint8 (N, 3, S, S) images on `device`, errors) for `prepared` files: the JPEGs
     decoded there in batched calls, the host-decoded ones copied there; a row with an
-    error holds zeros. A JPEG the device decoder refuses gets the CPU path's result."""
+    error holds zeros. A JPEG the device decoder refuses gets the CPU path's result.
+    `augment`: random resized crops and flips (`random_crops`) rather than the centre."""
     device, prepared = torch.device(device), list(prepared)
     out = torch.zeros((len(prepared), 3, image_size, image_size), dtype=torch.uint8, device=device)
     errors: list[str | None] = [p if isinstance(p, str) else None for p in prepared]
@@ -270,12 +297,13 @@ def finish(
     done = {}
     for i, image in zip(jpegs, decoded, strict=True):
         if image is None:  # refused on the device: the CPU path's answer
-            prepared[i] = host_decode(prepared[i].data, image_size, limits)
+            prepared[i] = host_decode(prepared[i].as_bytes(), image_size, limits, augment)
             errors[i] = prepared[i] if isinstance(prepared[i], str) else None
         else:
             done[i] = image
     if done:
-        out[list(done)] = to_model_size(list(done.values()), image_size)
+        resize = random_crops if augment else to_model_size
+        out[list(done)] = resize(list(done.values()), image_size)
     for i, p in enumerate(prepared):
         if isinstance(p, torch.Tensor):
             out[i] = p.to(device, non_blocking=True)
@@ -288,9 +316,7 @@ def decode_jpegs(jpegs: list[DeviceJpeg], device: torch.device) -> list[torch.Te
     fails is retried one image at a time, to find the one that failed it."""
     found: list[torch.Tensor | None] = []
     for call in _calls(jpegs):
-        with warnings.catch_warnings():  # the bytes are never written: no copy needed
-            warnings.filterwarnings("ignore", "The given buffer is not writable")
-            inputs = [torch.frombuffer(j.data, dtype=torch.uint8) for j in call]
+        inputs = [j.tensor() for j in call]
         try:
             images = decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:
@@ -336,6 +362,18 @@ def to_model_size(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
     return out
 
 
+def random_crops(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
+    """`images.train_transform` on uint8 (3, H, W) tensors, on their device: a random
+    resized crop (torchvision's scale and ratio ranges) and a random horizontal flip each,
+    from torch's random generator."""
+    out = images[0].new_empty((len(images), 3, image_size, image_size))
+    for i, image in enumerate(images):
+        top, left, height, width = RandomResizedCrop.get_params(image, CROP_SCALE, CROP_RATIO)
+        crop = F.resized_crop(image, top, left, height, width, [image_size] * 2, antialias=True)
+        out[i] = crop.flip(-1) if torch.rand(1).item() < 0.5 else crop
+    return out
+
+
 def limit_aspect(image: torch.Tensor) -> torch.Tensor:
     """`images.limit_aspect` for a (C, H, W) tensor."""
     height, width = image.shape[-2:]
@@ -358,7 +396,8 @@ def load_batch(
     """`images.load_images` of `uris` as one batch on `device`: (uint8 (N, 3, S, S)
     images, the error text of each file or None), both halves in this process."""
     reads = storage.read_inputs(uris, limits.max_file_bytes, s3)
-    return finish([prepare(r, image_size, limits) for r in reads], image_size, device, limits)
+    prepared = [prepare(r, image_size, limits) for r in reads]
+    return finish(prepared, image_size, device, limits)
 
 
 def to_columns(prepared: list[Prepared]) -> dict[str, np.ndarray]:
