@@ -111,7 +111,10 @@ def model_alone(args) -> None:
         rates[key] = batch / seconds
         print(key, round(rates[key]), flush=True)
         del predictor
-    cfg = TrainConfig(data="-", weights="random", gpu=DEVICE == "cuda", image_size=args.image_size)
+    cfg = TrainConfig(
+        data="-", weights="random", gpu=DEVICE == "cuda", image_size=args.image_size,
+        arch=args.arch,
+    )  # fmt: skip
     for freeze, key in (("none", "train_model_only_full"), ("trunk", "train_model_only_frozen")):
         rates[key] = train_alone(cfg, torch.device(DEVICE), freeze, args.steps)
         print(key, round(rates[key]), flush=True)
@@ -375,6 +378,7 @@ def main() -> None:
     sub.choices["model"].add_argument("--steps", type=int, default=30)
     sub.choices["model"].add_argument("--image-size", type=int, default=224)
     sub.choices["model"].add_argument("--no-compile", action="store_true")
+    sub.choices["model"].add_argument("--arch", default="vgg16")
     sub.choices["decode"].add_argument("--model", required=True)
     sub.choices["decode"].add_argument("--photos")
     sub.choices["decode"].add_argument("--agreement-images", type=int, default=1500)
