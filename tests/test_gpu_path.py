@@ -156,7 +156,8 @@ def test_the_hostile_corpus_gets_the_same_errors(tmp_path):
 
 def test_a_refusal_of_the_device_decoder_takes_the_cpu_path(tmp_path, monkeypatch):
     """A JPEG the device decoder refuses fails its batched call: each is retried alone,
-    and the refused one gets the CPU path's pixels; calls hold at most CALL_PIXELS."""
+    and the refused one gets the CPU path's pixels; calls hold at most CALL_PIXELS, and
+    resizes at most RESIZE_PIXELS."""
     photo = synthetic.make_image("beetles", random.Random(1), (320, 240))
     names = [f"{i}.jpg" for i in range(5)]
     paths = _write(tmp_path, {n: _jpeg(photo.rotate(i * 30)) for i, n in enumerate(names)})
@@ -172,10 +173,13 @@ def test_a_refusal_of_the_device_decoder_takes_the_cpu_path(tmp_path, monkeypatc
 
     monkeypatch.setattr(device_decode, "decode_jpeg", flaky)
     monkeypatch.setattr(device_decode, "CALL_PIXELS", 3 * 320 * 240)
+    monkeypatch.setattr(device_decode, "RESIZE_PIXELS", 2 * 320 * 240)  # resized 2 at a time
     cpu, images, errors = _both_paths(paths, 64)
     assert errors == [None] * 5
     assert calls == [3, 1, 1, 1, 2]  # 3 + 2 per call; the first failed and was retried
     assert torch.equal(images[2], cpu[2])  # the CPU path's exact pixels
+    for image, expected in zip(images, cpu, strict=True):  # each in its own place
+        assert (image.int() - expected.int()).abs().float().mean() <= MEAN_LEVELS
 
 
 def test_columns_carry_every_kind_of_row():

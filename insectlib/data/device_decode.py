@@ -47,6 +47,8 @@ from insectlib.errors import ImageError
 DEVICE_MAX_PIXELS = 50_000_000
 # Full-size pixels one decode call holds at most (3 bytes each on the device).
 CALL_PIXELS = 400_000_000
+# Pixels one resize call takes at most: it works in float32, 12 bytes a pixel.
+RESIZE_PIXELS = 64_000_000
 # Luma sampling factors the device decoders take (chroma at 1x1: 4:4:4, 4:2:2, 4:4:0, 4:2:0).
 LUMA_SAMPLING = {(1, 1), (2, 1), (1, 2), (2, 2)}
 BASELINE_SOF = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded
@@ -349,16 +351,20 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
 def to_model_size(images: list[torch.Tensor], image_size: int) -> torch.Tensor:
     """`images.eval_transform` on uint8 (3, H, W) tensors, on their device: the centre cut to
     MAX_ASPECT:1, the shorter side resized to `resize_size` (antialiased bilinear, as
-    Pillow resizes), the centre crop; images of one size in one call."""
+    Pillow resizes), the centre crop; images of one size in one call (of at most
+    RESIZE_PIXELS)."""
     images = [limit_aspect(x) for x in images]
     by_size = defaultdict(list)
     for i, image in enumerate(images):
         by_size[tuple(image.shape)].append(i)
     out = images[0].new_empty((len(images), 3, image_size, image_size))
-    for indices in by_size.values():
-        batch = torch.stack([images[i] for i in indices])
-        batch = F.resize(batch, [resize_size(image_size)], antialias=True)
-        out[indices] = F.center_crop(batch, [image_size, image_size])
+    for (_, height, width), same in by_size.items():
+        per_call = max(1, RESIZE_PIXELS // (height * width))
+        for start in range(0, len(same), per_call):
+            indices = same[start : start + per_call]
+            batch = torch.stack([images[i] for i in indices])
+            batch = F.resize(batch, [resize_size(image_size)], antialias=True)
+            out[indices] = F.center_crop(batch, [image_size, image_size])
     return out
 
 
