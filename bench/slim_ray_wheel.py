@@ -42,6 +42,8 @@ EXTRA = (
     "pydantic-core",
     "annotated-types",
     "typing-inspection",
+    # pydantic 2.14 needs typing-extensions 4.16 or newer; the machine's may be older.
+    "typing-extensions",
 )
 PLATFORMS = [
     f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)
