@@ -53,9 +53,10 @@ if [ -n "${INSECT_GPU_CHECK_CPU:-}" ]; then  # a dry run: tiny, on the CPU
   GPU=() DECODE=(--decode device) DATA=(--distinct 90 --size 320x240 --inputs 600)
   TRAIN=(--image-size 32 --batch-size 9 --arch resnet18)  # 81 training images: no batch of 1
   MODEL=(--steps 1 --image-size 32 --arch resnet18 --no-compile) AGREE=30
+  PARTS=(--rows-per-file 50)  # the steady-state rate needs 3 Parquet parts or more
 else
   GPU=(--gpu) DECODE=() DATA=(--distinct 3000 --size 1024x768 --inputs 20000)
-  TRAIN=() MODEL=() AGREE=1500
+  TRAIN=() MODEL=() AGREE=1500 PARTS=()
 fi
 
 step() {  # step NAME TIMEOUT [optional] -- COMMAND...: run, time and record one step
@@ -92,20 +93,21 @@ if [ "${RAY_HEAD:-1}" = 1 ] && step ray_start 90 required -- bash cluster/start-
   ADDRESS=(--address auto)
 fi
 COMMON=(--overwrite "${GPU[@]}" "${ADDRESS[@]}")
+CLASSIFY=(classify "$WORK/inputs" "${PARTS[@]}")
 RUNS=$WORK/runs LABELLED=$WORK/labelled
 TRAIN_ARGS=(train "$LABELLED" --workers 1 --epochs 2 --weights random --storage "$WORK/ray_results" "${TRAIN[@]}" "${COMMON[@]}")
 
 step train_full 150 required -- "${INSECT[@]}" "${TRAIN_ARGS[@]}" --freeze none --output "$RUNS/train_full"
 step train_full_gpu_decode 150 required -- "${INSECT[@]}" "${TRAIN_ARGS[@]}" --freeze none --decode device --output "$RUNS/train_full_gpu_decode"
 MODEL_DIR=$RUNS/train_full
-step classify_gpu_decode 120 required -- "${INSECT[@]}" classify "$WORK/inputs" --model "$MODEL_DIR" --output "$RUNS/classify_gpu_decode" --decode device "${COMMON[@]}"
-step classify_cpu_decode 120 required -- "${INSECT[@]}" classify "$WORK/inputs" --model "$MODEL_DIR" --output "$RUNS/classify_cpu_decode" --decode cpu "${COMMON[@]}"
+step classify_gpu_decode 120 required -- "${INSECT[@]}" "${CLASSIFY[@]}" --model "$MODEL_DIR" --output "$RUNS/classify_gpu_decode" --decode device "${COMMON[@]}"
+step classify_cpu_decode 120 required -- "${INSECT[@]}" "${CLASSIFY[@]}" --model "$MODEL_DIR" --output "$RUNS/classify_cpu_decode" --decode cpu "${COMMON[@]}"
 step model_alone 120 required -- "${BENCH[@]}" model --work "$WORK" --model "$MODEL_DIR" "${MODEL[@]}"
 step decode_check 120 required -- "${BENCH[@]}" decode --work "$WORK" --model "$MODEL_DIR" --photos "$PHOTOS" --agreement-images "$AGREE"
 step train_frozen 120 optional -- "${INSECT[@]}" "${TRAIN_ARGS[@]}" --freeze trunk --output "$RUNS/train_frozen"
 step train_frozen_gpu_decode 120 optional -- "${INSECT[@]}" "${TRAIN_ARGS[@]}" --freeze trunk --decode device --output "$RUNS/train_frozen_gpu_decode"
 step evaluate_gpu 90 optional -- "${INSECT[@]}" evaluate "$LABELLED" --model "$MODEL_DIR" --output "$RUNS/evaluate_gpu" "${DECODE[@]}" "${COMMON[@]}"
-step classify_gpu_decode_batch_128 100 optional -- "${INSECT[@]}" classify "$WORK/inputs" --model "$MODEL_DIR" --output "$RUNS/classify_gpu_decode_batch_128" --decode device --batch-size 128 "${COMMON[@]}"
+step classify_gpu_decode_batch_128 100 optional -- "${INSECT[@]}" "${CLASSIFY[@]}" --model "$MODEL_DIR" --output "$RUNS/classify_gpu_decode_batch_128" --decode device --batch-size 128 "${COMMON[@]}"
 
 kill "$SAMPLER" 2>/dev/null
 # `ray stop` ends every Ray process of this user: right on the lent machine, not on a shared one.
