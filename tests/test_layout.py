@@ -21,7 +21,7 @@ def test_readme_layout_table_matches_the_tree():
     table, and everything the table names exists."""
     readme = (REPO / "README.md").read_text()
     table = readme[readme.index("## Layout") :]
-    named = {m[0].rstrip("/") for m in re.findall(r"^\| `([^`]+)`", table, flags=re.M)}
+    named = {m.rstrip("/") for m in re.findall(r"^\| `([^`]+)`", table, flags=re.M)}
     package = REPO / "insectlib"
     parts = {
         f"insectlib/{n}"
