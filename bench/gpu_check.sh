@@ -25,7 +25,7 @@ WHEELS=${WHEELS-.whl}
 SITE=${SITE:-/tmp/site}
 OUT=${OUT:-/tmp/gpu-check-out}
 WORK=${WORK:-/tmp/gpu-check-work}
-BUDGET=${BUDGET:-540}  # seconds; optional steps are skipped past it
+BUDGET=${BUDGET:-420}  # seconds; optional steps are skipped past it
 SLOW=${SLOW:-1}  # a factor on every step's time limit (a dry run on a small machine: 5)
 PHOTOS=.gpu-check/insects
 
@@ -75,6 +75,8 @@ step() {  # step NAME TIMEOUT [optional] -- COMMAND...: run, time and record one
   echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $seconds}" >>"$WORK/steps.jsonl"
   echo "[$(($(date +%s) - STARTED)) s] $name: rc $rc in $seconds s"
   [ "$rc" = 0 ] || tail -n 5 "$LOG" | cut -c1-300
+  # The result so far, so that a call stopped at its time limit still brings one back.
+  "${BENCH[@]}" report --work "$WORK" --out "$OUT/gpu-check.json" >/dev/null 2>>"$LOG"
   return "$rc"
 }
 
