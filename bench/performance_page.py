@@ -756,6 +756,83 @@ def gpu_train(data: Result, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The GPU path through Ray: bench/gpu_check.sh (insect train/classify/evaluate --gpu).
+
+GPU_CHECK_ROWS = [
+    ("model_only", "the model alone on batches already on the GPU (eager, batches of 32)"),
+    ("model_only_batch_128", "the same, batches of 128"),
+    ("model_only_compiled", "the same, compiled (the ceiling of `classify --gpu`)"),
+    ("classify_cpu_decode", "`insect classify --gpu --decode cpu` (JPEGs decoded on the CPUs)"),
+    ("classify_gpu_decode", "`insect classify --gpu` (JPEGs decoded on the GPU)"),
+    ("classify_gpu_decode_batch_128", "the same, `--batch-size 128`"),
+    ("train_model_only_full", "training steps alone, `--freeze none` (bench/gpu_train.py's)"),
+    ("train_full", "`insect train --gpu --freeze none`, epoch 2 (CPU decoding)"),
+    ("train_full_gpu_decode", "the same, `--decode device`"),
+    ("train_model_only_frozen", "training steps alone, `--freeze trunk`"),
+    ("train_frozen", "`insect train --gpu --freeze trunk`, epoch 2 (CPU decoding)"),
+    ("train_frozen_gpu_decode", "the same, `--decode device`"),
+]
+GPU_CHECK_OF = {"classify": "model_only_compiled", "train_full": "train_model_only_full",
+                "train_frozen": "train_model_only_frozen"}  # fmt: skip
+
+
+def gpu_check_rows(d: Result) -> list[list[str]]:
+    rates = d["images_per_second"]
+    rows = []
+    for key, label in GPU_CHECK_ROWS:
+        if key not in rates:
+            continue
+        ceiling = next((rates.get(c) for k, c in GPU_CHECK_OF.items() if key.startswith(k)), None)
+        share = pct(rates[key] / ceiling) if ceiling else ""
+        rows.append([label, rate(rates[key]), share])
+    return rows
+
+
+def gpu_check_decode(d: Result) -> str:
+    parts = []
+    for name, what in (("generated", "generated photos"), ("insect_photos", "insect photos"),
+                       ("hostile_and_kinds", "hostile corpus and every kind of file")):  # fmt: skip
+        c = (d.get("decode_check") or {}).get(name)
+        if c:
+            parts.append(
+                f"{what}: {c['rows_equal']:,} of {c['files']:,} rows equal to the CPU path's, "
+                f"{pct(c['device_decoded_share'])} decoded on the GPU, top-1 agreement "
+                f"{pct(c['top1_agreement'], 1)}, mean pixel difference "
+                f"{num(c['mean_pixel_difference'], 2)} levels"
+            )
+    return "GPU against CPU decoding: " + "; ".join(parts) + "." if parts else ""
+
+
+def gpu_check_loads(d: Result) -> str:
+    rows = [
+        [f"`{name}`", secs(v["seconds"]), num(v["cpu_cores"]),
+         "" if v.get("gpu_util_percent") is None else pct(v["gpu_util_percent"] / 100),
+         "" if v.get("gpu_memory_gib_peak") is None else num(v["gpu_memory_gib_peak"])]
+        for name, v in d.get("loads", {}).items() if "seconds" in v
+    ]  # fmt: skip
+    header = ["step", "s", "CPU cores busy", "GPU utilisation", "GPU memory, GiB"]
+    return table(header, "lrrrr", rows) if rows else ""
+
+
+def gpu_check(data: Result, name: str) -> str:
+    v = data["versions"]
+    what = (
+        f"insect itself through Ray {v['ray']} (torch {v['torch']}, driver {v['driver']}) on "
+        f"one GPU: {data['data']['distinct_images']:,} generated "
+        f"{data['data']['image_size_on_disk']} JPEGs, {data['data']['classify_inputs']:,} "
+        "classify inputs, VGG-16 at 224 px in bf16, one training worker."
+    )
+    how = " (prepared with `bash bench/gpu_check.sh --stage`)"
+    return paragraphs(
+        what,
+        provenance("bash bench/gpu_check.sh", name, data, how),
+        table(["", "images/s", "of the model alone"], "lrr", gpu_check_rows(data)),
+        gpu_check_decode(data),
+        gpu_check_loads(data),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Scale and memory: bench/scaling.py at 10k to 1M inputs, and an earlier run.
 
 SCALING_CHANGES = """
@@ -1044,6 +1121,7 @@ SECTIONS = [
     Section("Training", "train.json", training, also="train-before-after.json"),
     Section("The training feed", "feed.json", feed),
     Section("The training feed on a GPU", "gpu_train.json", gpu_train),
+    Section("The GPU path through Ray", "gpu_check.json", gpu_check),
     Section("Scale and memory", "scaling-1m.json", scaling, also="scaling.json"),
     Section("S3 listing", "s3_listing.json", s3_listing),
     Section("Blocks", "blocks.json", blocks),

@@ -34,6 +34,8 @@ FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: ev
 OPTIMIZERS = ("adam", "sgd")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 COMPILE_CHOICES = ("auto", "on", "off")
+# Where the model actors' JPEGs are decoded (see `insectlib.data.device_decode`).
+DECODE_CHOICES = ("auto", "cpu", "device")
 IMAGE_SIZES = range(16, 4097)  # model input sizes, in pixels, that a model directory may hold
 BATCH_SIZE = 32  # images per training worker step and per model-actor call
 # Pillow's own threshold (89.5M pixels; it warns above it and refuses above twice it).
@@ -241,6 +243,21 @@ class ActorSettings(RaySettings):
     cpus_per_actor: float = setting(
         1.0, above=0, help="CPUs per model actor (also its torch threads on CPU)"
     )
+    decode: str = setting(
+        "auto",
+        choices=DECODE_CHOICES,
+        help=(
+            "where JPEGs are decoded: cpu (Pillow, in tasks on every core), device (in "
+            "the model actors, on their device: nvJPEG on a GPU; every file the device "
+            "cannot decode exactly as Pillow would goes the cpu way); auto: device with "
+            "--gpu, else cpu"
+        ),
+    )
+
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether the model actors decode the JPEGs (see --decode)."""
+        return self.decode == "device" or (self.decode == "auto" and self.gpu)
 
     def validate(self) -> None:
         check_settings(self)
@@ -351,6 +368,17 @@ class TrainConfig(RaySettings):
             "--cpus-per-worker - 1; on CPU 0, as the model is the bottleneck there)"
         ),
     )
+    decode: str = setting(
+        "auto",
+        choices=DECODE_CHOICES,
+        help=(
+            "where the training JPEGs are decoded: cpu (Pillow, in the DataLoader "
+            "processes), device (on the worker's device, with random crops and flips there: "
+            "nvJPEG on a GPU; the processes only read and check, and decode what the device "
+            "cannot decode exactly as Pillow would); auto: cpu until the GPU check's "
+            "figures show the device feed faster (docs/training.md)"
+        ),
+    )
     storage: str | None = setting(
         None, help="Ray Train run storage, local or s3:// (default ~/ray_results)"
     )
@@ -369,6 +397,11 @@ class TrainConfig(RaySettings):
     keep_checkpoints: int = setting(
         2, at_least=0, help="checkpoints kept in the run storage (0: all)"
     )
+
+    @property
+    def decodes_on_device(self) -> bool:
+        """Whether the worker decodes the JPEGs on its device (see --decode)."""
+        return self.decode == "device"
 
     @property
     def caches_features(self) -> bool:

@@ -2,7 +2,8 @@
 model-actor pool, and the block size that keeps it all streaming.
 
 list (`data.inputs.InputSource`) -> `image_batch` (read, decode, preprocess) -> `Predictor`
-in an actor pool -> Parquet (`pipeline`).
+in an actor pool -> Parquet (`pipeline`). With --decode device, `encoded_batch` reads and
+checks instead, and the actors decode the JPEGs on their device (`data.device_decode`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ray.data import ActorPoolStrategy
 from insectlib import storage
 from insectlib.classify import outputs
 from insectlib.config import ClassifyConfig, DecodeLimits
-from insectlib.data import inputs
+from insectlib.data import device_decode, inputs
 from insectlib.data.images import eval_transform, load_images, resize_size
 from insectlib.errors import ImageError
 from insectlib.model.int8 import Int8Model
@@ -44,14 +45,7 @@ def image_batch(
     """Read and preprocess a Ray Data batch of files. A file that fails gets an error text,
     never an exception: one bad file must not take the rest of its batch down. Only a
     storage that keeps failing (StorageUnavailable) stops the run."""
-    paths = list(batch["path"])
-    raw = batch.get("raw_path")
-    if raw is not None:  # the OS's own bytes where the shown name had to be escaped
-        paths_read = [os.fsdecode(r) if r else p for p, r in zip(paths, raw, strict=True)]
-    else:
-        paths_read = paths
-    unlisted = batch.get("listing_error")
-    errors = [e or "" for e in unlisted] if unlisted is not None else [""] * len(paths)
+    paths, paths_read, errors = batch_inputs(batch)
     todo = [i for i, e in enumerate(errors) if not e]  # folders that could not be listed: no read
     transform, min_side = eval_transform(image_size), resize_size(image_size)
     images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.uint8)
@@ -63,6 +57,34 @@ def image_batch(
             images[i] = image.numpy()
     # "" = fine; Arrow keeps the column a string column
     return {"path": np.array(paths, dtype=object), "image": images, "error": np.array(errors)}
+
+
+def encoded_batch(
+    batch: dict[str, np.ndarray], image_size: int, limits: DecodeLimits, s3
+) -> dict[str, np.ndarray]:
+    """`image_batch` for --decode device: read the files and check their headers here; the
+    JPEGs the model actors' device decodes travel as their bytes, every other file is
+    decoded here as `image_batch` does (`data.device_decode`, its host half)."""
+    paths, paths_read, errors = batch_inputs(batch)
+    prepared: list = list(errors)  # a listing error stays the row's error
+    todo = [i for i, e in enumerate(errors) if not e]
+    found = storage.read_inputs([paths_read[i] for i in todo], limits.max_file_bytes, s3)
+    for i, data in zip(todo, found, strict=True):
+        prepared[i] = device_decode.prepare(data, image_size, limits)
+    return {"path": np.array(paths, dtype=object), **device_decode.to_columns(prepared)}
+
+
+def batch_inputs(batch: dict[str, np.ndarray]) -> tuple[list[str], list[str], list[str]]:
+    """(paths as the rows show them, paths to read, listing errors: "" where none)."""
+    paths = list(batch["path"])
+    raw = batch.get("raw_path")
+    if raw is not None:  # the OS's own bytes where the shown name had to be escaped
+        paths_read = [os.fsdecode(r) if r else p for p, r in zip(paths, raw, strict=True)]
+    else:
+        paths_read = paths
+    unlisted = batch.get("listing_error")
+    errors = [e or "" for e in unlisted] if unlisted is not None else [""] * len(paths)
+    return paths, paths_read, errors
 
 
 def read_inputs(
@@ -202,11 +224,12 @@ def prediction_dataset(
     # CPUs on short jobs; --min-actors lets it breathe on a shared cluster.
     min_actors = min(cfg.min_actors or actors, actors)
     ds = listed.map_batches(
-        image_batch,
+        encoded_batch if cfg.decodes_on_device else image_batch,
         fn_kwargs={"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3},
         batch_size=cfg.batch_size,
         # On CPU, as many CPUs as a model actor, so that Ray Data fuses decoding into the
-        # actor (no copy between processes); on GPU, decode tasks of their own on every core.
+        # actor (no copy between processes); on GPU, tasks of their own on every core, which
+        # decode (or with --decode device read, check and decode what the GPU will not).
         num_cpus=1 if cfg.gpu else cfg.cpus_per_actor,
     )
     return ds.map_batches(
@@ -222,6 +245,7 @@ def prediction_dataset(
             "batch_size": cfg.batch_size,
             "progress": progress,
             "row_format": row_format,
+            "limits": cfg.limits,
         },
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(min_size=min_actors, max_size=actors),

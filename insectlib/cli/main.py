@@ -32,7 +32,9 @@ CLUSTER: Groups = {
     "cluster and output": ("address", "gpu", "wait_for_nodes", "overwrite", "verbose")
 }
 ACTORS: Groups = {
-    "model actors": ("precision", "int8_images", "batch_size", "max_actors", "cpus_per_actor")
+    "model actors": (
+        "precision", "int8_images", "batch_size", "max_actors", "cpus_per_actor", "decode"
+    )
 }
 
 COMMANDS = {
@@ -49,6 +51,7 @@ COMMANDS = {
             ),
             "workers": (
                 "workers", "cpus_per_worker", "placement", "loader_workers", "progress_every",
+                "decode",
             ),
             "run storage and recovery": (
                 "storage", "name", "resume", "max_failures", "keep_checkpoints",

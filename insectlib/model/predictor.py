@@ -15,6 +15,8 @@ import pyarrow as pa
 import torch
 
 from insectlib import storage
+from insectlib.config import DecodeLimits
+from insectlib.data import device_decode
 from insectlib.data.images import normalize
 from insectlib.layout import ROW_FORMAT_KEY
 from insectlib.model import int8
@@ -89,6 +91,7 @@ class Predictor:
         progress=None,
         int8_model: int8.Int8Model | None = None,
         row_format: RowFormat | None = None,
+        limits: DecodeLimits | None = None,
     ):
         quiet_compile_chatter()  # first: int8 imports torchao, compiling imports more
         if threads:
@@ -97,6 +100,7 @@ class Predictor:
         self.batch_size = batch_size
         self.progress = progress  # a `runtime.progress.RunProgress`; None without Ray
         self.row_format = row_format or RowFormat()
+        self.limits = limits or DecodeLimits()  # for the JPEGs this device cannot decode
         model, self.meta = load_model(model_uri, s3)
         model = WithEmbedding(model)  # (logits, embedding): the embedding costs nothing
         if precision == "int8":
@@ -128,7 +132,7 @@ class Predictor:
         """A uint8 (N, 3, H, W) batch as the model takes it: normalized, in its dtype,
         channels-last, on its device."""
         x = torch.as_tensor(images)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory()  # page-locked: the copy runs asynchronously
         x = x.to(self.device, non_blocking=True)
         return normalize(x).to(self.dtype).contiguous(memory_format=torch.channels_last)
@@ -165,11 +169,25 @@ class Predictor:
         """(N, C) float32 class probabilities for a uint8 (N, 3, H, W) batch."""
         return self.predict(images)[0]
 
+    def images(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor | np.ndarray, list]:
+        """(uint8 images of the rows without an error, every row's error or None) of a Ray
+        Data batch: {path, image, error}, or the columns of `device_decode.to_columns`,
+        whose JPEGs are decoded here, on this predictor's device."""
+        if "data" not in batch:
+            errors = [e or None for e in batch["error"]]
+            ok = [e is None for e in errors]
+            return (np.stack(batch["image"][ok]) if any(ok) else np.zeros(0)), errors
+        size = self.meta.image_size
+        prepared = device_decode.from_columns(batch, size)
+        images, errors = device_decode.finish(prepared, size, self.device, self.limits)
+        ok = torch.tensor([e is None for e in errors], device=images.device)
+        return images[ok], errors
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Ray Data batch {path, image, error} -> rows of `row_format`.
+        """Ray Data batch (see `images`) -> rows of `row_format`.
 
         An empty or null `error` means the image decoded; other rows skip the model."""
-        errors = [e or None for e in batch["error"]]
+        images, errors = self.images(batch)
         ok = np.array([e is None for e in errors], dtype=bool)
         probs = np.zeros((len(errors), len(self.classes)), dtype=np.float32)
         embeddings = None
@@ -177,7 +195,7 @@ class Predictor:
             embeddings = np.zeros((len(errors), self.row_format.embedding_size), np.float32)
         if ok.any():
             wanted = embeddings is not None
-            found, found_embeddings = self.predict(np.stack(batch["image"][ok]), wanted)
+            found, found_embeddings = self.predict(images, wanted)
             probs[ok] = found
             if wanted:
                 embeddings[ok] = found_embeddings

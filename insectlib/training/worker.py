@@ -6,6 +6,7 @@ wraps it in Ray Train.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from insectlib import storage
 from insectlib.config import DecodeLimits, TrainConfig
+from insectlib.data import device_decode
 from insectlib.data.images import (
     eval_transform,
     load_images,
@@ -47,7 +49,12 @@ def log_line(text: str) -> None:
 class ImageFiles(Dataset):
     """(uint8 image, label) pairs read through `images.load_images`, as classify reads them;
     None for a file that cannot be used (skipped and counted). `min_side`: decode JPEGs at
-    reduced scale (see `decode`), for the evaluation transform."""
+    reduced scale (see `decode`), for the evaluation transform.
+
+    With `device_half` (--decode device) a sample's image is what
+    `device_decode.prepare` makes of the file instead: a JPEG for the worker's device to
+    decode (its bytes as a tensor, which DataLoader passes through shared memory) or an
+    image decoded here; `augment` says which transform either side applies."""
 
     def __init__(
         self,
@@ -56,9 +63,10 @@ class ImageFiles(Dataset):
         min_side: int | None,
         limits: DecodeLimits,
         s3: storage.S3Options,
+        device_half: tuple[int, bool] | None = None,  # (image size, augment)
     ):
         self.items, self.transform, self.min_side = items, transform, min_side
-        self.limits, self.s3 = limits, s3
+        self.limits, self.s3, self.device_half = limits, s3, device_half
 
     def __len__(self) -> int:
         return len(self.items)
@@ -73,10 +81,14 @@ class ImageFiles(Dataset):
         n = len(self.items)
         items = [self.items[i] if i < n else (self.items[i - n][0], PADDING) for i in indices]
         uris = [uri for uri, _ in items]
-        images = load_images(uris, self.transform, self.min_side, self.limits, self.s3)
+        if self.device_half:
+            reads = storage.read_inputs(uris, self.limits.max_file_bytes, self.s3)
+            images = map(self._prepare, reads)
+        else:
+            images = load_images(uris, self.transform, self.min_side, self.limits, self.s3)
         samples = []
         for (uri, label), image in zip(items, images, strict=True):
-            if not isinstance(image, ImageError):
+            if not isinstance(image, (ImageError, str)):
                 samples.append((image, label))
             elif label == PADDING:  # counted where it was not padding
                 samples.append(())
@@ -85,6 +97,14 @@ class ImageFiles(Dataset):
                 samples.append(None)
         return samples
 
+    def _prepare(self, data: bytes | ImageError):
+        """`device_decode.prepare` of one read file, a JPEG's bytes as a tensor."""
+        size, augment = self.device_half
+        found = device_decode.prepare(data, size, self.limits, augment)
+        if isinstance(found, device_decode.DeviceJpeg):
+            data = torch.frombuffer(bytearray(found.data), dtype=torch.uint8)
+            found = dataclasses.replace(found, data=data)
+        return found
 
 class ShardSampler(DistributedSampler):
     """A DistributedSampler whose padding is marked. To give every worker as many steps,
@@ -104,12 +124,16 @@ class ShardSampler(DistributedSampler):
         return iter(marked[self.rank : self.total_size : self.num_replicas])
 
 
-def collate(samples, image_size: int):
+def collate(samples, image_size: int, device_half: bool = False):
     """Stack the decodable samples; also return how many were skipped (None: an unreadable
     file; (): its padding repeat, not counted again). A batch whose files all failed is an
-    empty batch, not a missing one: every DDP worker must take every step."""
+    empty batch, not a missing one: every DDP worker must take every step. `device_half`:
+    the images stay a list, for `TrainingWorker.device_batches` to decode."""
     good = [s for s in samples if s]
     skipped = sum(1 for s in samples if s is None)
+    if device_half:
+        labels = torch.tensor([s[1] for s in good], dtype=torch.long)
+        return [s[0] for s in good], labels, skipped
     if not good:
         empty = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
         return empty, torch.zeros(0, dtype=torch.long), skipped
@@ -139,18 +163,26 @@ def make_loaders(
     would trade for dropped rows. Ray Data would pay on GPU nodes with too few cores."""
     # Evaluation-style preprocessing decodes exactly as `insect classify` does (JPEG draft).
     evaluation = (eval_transform(cfg.image_size), resize_size(cfg.image_size))
+    device = cfg.decodes_on_device  # --decode device: the worker decodes (`device_batches`)
     train_set = ImageFiles(
         train_items,
         *((train_transform(cfg.image_size), None) if cfg.augment else evaluation),
         limits=cfg.limits,
         s3=cfg.s3,
+        device_half=(cfg.image_size, cfg.augment) if device else None,
     )
-    val_set = ImageFiles(val_items[rank::world], *evaluation, limits=cfg.limits, s3=cfg.s3)
+    val_set = ImageFiles(
+        val_items[rank::world],
+        *evaluation,
+        limits=cfg.limits,
+        s3=cfg.s3,
+        device_half=(cfg.image_size, False) if device else None,
+    )
     sampler = ShardSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
     workers = cfg.loader_workers or 0
     loader_args = dict(
         batch_size=cfg.batch_size,
-        collate_fn=functools.partial(collate, image_size=cfg.image_size),
+        collate_fn=functools.partial(collate, image_size=cfg.image_size, device_half=device),
         num_workers=workers,
         pin_memory=pin_memory,
         # Batches in flight per process: enough to hide one slow S3 batch.
@@ -240,8 +272,23 @@ class TrainingWorker:
     def device_batches(self, loader: DataLoader) -> Iterator:
         """(normalised images, labels, skipped files) batches on the device."""
         for batch, labels, skipped in loader:
+            if isinstance(batch, list):  # --decode device: files to decode here
+                batch, labels, skipped = self.decoded(batch, labels, skipped, loader.dataset)
             batch, labels = batch.to(self.device, non_blocking=True), labels.to(self.device)
             yield normalize(batch).contiguous(memory_format=torch.channels_last), labels, skipped
+
+    def decoded(self, prepared: list, labels: torch.Tensor, skipped: int, files: ImageFiles):
+        """A batch of `device_decode.prepare`d files decoded on this worker's device with
+        its dataset's transform; a file that fails there too is skipped and counted."""
+        size, augment = files.device_half
+        images, errors = device_decode.finish(
+            prepared, size, self.device, self.cfg.limits, augment
+        )
+        for error in filter(None, errors):
+            log_line(f"skipping a file the device could not decode: {error}")
+        keep = torch.tensor([e is None for e in errors], dtype=torch.bool)
+        lost = int((~keep & (labels != PADDING)).sum())  # a padding repeat counts nowhere
+        return images[keep.to(images.device)], labels[keep], skipped + lost
 
     def with_progress(self, batches: Iterable, what: str, total: int) -> Iterator:
         """The batches; meanwhile rank 0 says "WHAT: step i/TOTAL, x img/s" (all workers'
