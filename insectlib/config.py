@@ -240,8 +240,13 @@ class ActorSettings(RaySettings):
             "--cpus-per-actor CPUs of the cluster)"
         ),
     )
-    cpus_per_actor: float = setting(
-        1.0, above=0, help="CPUs per model actor (also its torch threads on CPU)"
+    cpus_per_actor: float | None = setting(
+        None,
+        above=0,
+        help=(
+            "CPUs per model actor, also its torch threads on CPU (default: 1 with --gpu; on "
+            "CPU the actor shape this CPU and precision run best, see docs/performance.md)"
+        ),
     )
     decode: str = setting(
         "auto",

@@ -28,7 +28,14 @@ from insectlib.data.images import decode, eval_transform
 from insectlib.errors import InsectError
 from insectlib.model import int8, int8_statistics
 from insectlib.model.meta import ModelMeta
-from insectlib.model.network import WithEmbedding, build_model, load_model, save_model
+from insectlib.model.network import (
+    WithEmbedding,
+    build_model,
+    embedding_size,
+    head_name,
+    load_model,
+    save_model,
+)
 from insectlib.model.predictor import Predictor
 
 LIMITS = DecodeLimits(2**26, 2**26)
@@ -43,9 +50,9 @@ def small_model_dir(
     """A model directory of a small arch (VGG-16's int8 path, in seconds: AlexNet's graph
     is 5 convolutions and 3 Linear layers, where MobileNet's took several times longer to
     quantize and compile) whose meta.json points at `data`'s validation split. For an arch
-    with batch norms, random weights give every image about the same output at small
-    sizes (their initial statistics shrink everything); `varied` estimates them on random
-    inputs first, so that the output depends on the image."""
+    random weights give every image about the same output at small sizes (the layers shrink
+    what they pass on); `varied` estimates batch norms' statistics on random inputs, then
+    scales and centres the head's logits on them, so that outputs depend on the image."""
     torch.manual_seed(0)
     model = build_model(arch, 3, "random")
     if varied:
@@ -56,6 +63,12 @@ def small_model_dir(
         with torch.no_grad():
             model.train()(torch.randn(32, 3, SIZE, SIZE))
         model.eval()
+        with torch.no_grad():
+            logits = model(torch.randn(32, 3, SIZE, SIZE))
+            mean, std = logits.mean(0), logits.std(0)
+            head = model.get_submodule(head_name(model))
+            head.weight /= std[:, None]
+            head.bias.copy_((head.bias - mean) / std)
     meta = ModelMeta(classes=list(synthetic.CLASSES), arch=arch, image_size=SIZE)
     if data:
         meta.data = {"root": data, "split": "stratified", "val_fraction": 0.5, "seed": 0}
@@ -120,7 +133,7 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     # With --embeddings the int8 model gives the head's input too (the same graph).
     probs, features = again.predict(images, embeddings=True)
     np.testing.assert_array_equal(probs, got)
-    assert features.shape == (len(images), 1024) and np.isfinite(features).all()
+    assert features.shape == (len(images), embedding_size(meta)) and np.isfinite(features).all()
 
     # Nothing keeps the fp32 weights once quantized (`int8.forget_graphs`). Tracked by
     # storage: the layers whose weights reach the graph as they are (not fused with a

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 
 import numpy as np
@@ -20,6 +19,7 @@ from ray.data import ActorPoolStrategy
 
 from insectlib import storage
 from insectlib.classify import outputs
+from insectlib.classify.shape import ActorShape
 from insectlib.config import ClassifyConfig, DecodeLimits
 from insectlib.data import device_decode, inputs
 from insectlib.data.images import eval_transform, load_images, resize_size
@@ -28,9 +28,6 @@ from insectlib.model.int8 import Int8Model
 from insectlib.model.meta import ModelMeta
 from insectlib.model.predictor import Predictor, RowFormat, prediction_table
 
-# torch.compile costs each actor seconds to a minute and saves time on every batch: worth
-# it from about a thousand images per actor (measured gains: docs/performance.md).
-COMPILE_MIN_IMAGES_PER_ACTOR = 1000
 # Listing parts read at once, at most: I/O-bound tasks that ask for no CPU, but each is a
 # Ray worker process to start, which on few cores holds the first paths back (measured:
 # docs/performance.md): no more than half the CPUs.
@@ -196,30 +193,18 @@ def _not_bars_disabled(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
-def pool_size(cfg: ClassifyConfig, seen: int) -> int:
-    """Model actors for a run that saw `seen` inputs (at most the compile threshold): no
-    more than batches, as one would idle after loading the model for nothing."""
-    return min(max_actors(cfg), math.ceil(seen / cfg.batch_size))
-
-
-def compiles(cfg: ClassifyConfig, seen: int) -> bool:
-    """Whether the actors compile the model (see ClassifyConfig.compile)."""
-    threshold = COMPILE_MIN_IMAGES_PER_ACTOR * pool_size(cfg, seen)
-    return cfg.compile == "on" or (cfg.compile == "auto" and seen >= threshold)
-
-
 def prediction_dataset(
     listed: ray.data.Dataset,
-    seen: int,
+    shape: ActorShape,
     cfg: ClassifyConfig,
     image_size: int,
     row_format: RowFormat,
     progress=None,
     int8_model: Int8Model | None = None,
 ) -> ray.data.Dataset:
-    """Path blocks -> rows of `row_format`. `seen`: inputs counted before the run (at most
-    the compile threshold), which sizes small jobs. `int8_model`: run int8 with it."""
-    actors = pool_size(cfg, seen)
+    """Path blocks -> rows of `row_format`, in a pool of `shape`. `int8_model`: run int8
+    with it."""
+    actors = shape.actors
     # A pool that starts at full size: growing it one actor at a time costs minutes of idle
     # CPUs on short jobs; --min-actors lets it breathe on a shared cluster.
     min_actors = min(cfg.min_actors or actors, actors)
@@ -230,7 +215,7 @@ def prediction_dataset(
         # On CPU, as many CPUs as a model actor, so that Ray Data fuses decoding into the
         # actor (no copy between processes); on GPU, tasks of their own on every core, which
         # decode (or with --decode device read, check and decode what the GPU will not).
-        num_cpus=1 if cfg.gpu else cfg.cpus_per_actor,
+        num_cpus=1 if cfg.gpu else shape.cpus_per_actor,
     )
     return ds.map_batches(
         Predictor,
@@ -240,8 +225,8 @@ def prediction_dataset(
             "precision": "int8" if int8_model else cfg.precision,
             "int8_model": int8_model,
             "s3": cfg.s3,
-            "threads": None if cfg.gpu else max(1, int(cfg.cpus_per_actor)),
-            "compile": compiles(cfg, seen),
+            "threads": None if cfg.gpu else max(1, int(shape.cpus_per_actor)),
+            "compile": shape.compile,
             "batch_size": cfg.batch_size,
             "progress": progress,
             "row_format": row_format,
@@ -249,17 +234,17 @@ def prediction_dataset(
         },
         batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(min_size=min_actors, max_size=actors),
-        num_cpus=cfg.cpus_per_actor,
+        num_cpus=shape.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )
 
 
 def max_actors(cfg: ClassifyConfig) -> int:
-    """--max-actors, or one per GPU (with --gpu) or per --cpus-per-actor CPUs of the
-    cluster."""
+    """The most actors a run may have: --max-actors, or one per GPU (with --gpu) or per
+    --cpus-per-actor CPUs of the cluster (one CPU each where the shape is not set yet)."""
     if cfg.max_actors:
         return cfg.max_actors
     resources = ray.cluster_resources()
     if cfg.gpu:
         return max(1, int(resources.get("GPU", 1)))
-    return max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor))
+    return max(1, int(resources.get("CPU", 1) // (cfg.cpus_per_actor or 1.0)))

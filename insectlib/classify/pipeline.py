@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import ray
+import torch
 from tqdm import tqdm
 
 from insectlib import storage
-from insectlib.classify import dataset, outputs
+from insectlib.classify import dataset, outputs, shape
 from insectlib.classify.summary import summarize, write_summary
 from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig
 from insectlib.data import inputs
@@ -24,7 +25,7 @@ from insectlib.layout import SUCCESS_FILE
 from insectlib.model import int8, int8_statistics
 from insectlib.model.meta import ModelMeta, read_meta, versions
 from insectlib.model.network import check_model_id, check_weights, embedding_size
-from insectlib.model.precision import cpu_runs_int8_fast
+from insectlib.model.precision import cpu_runs_int8_fast, resolve_precision
 from insectlib.model.predictor import RowFormat
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import init_ray, insect_error_in, live_nodes, local_path_warnings
@@ -41,6 +42,7 @@ class ClassifySummary:
     output: str
     model: str  # the id in the rows' `model` column (with int8, the int8 model's)
     already_done: int = 0  # rows of the interrupted runs this one resumed
+    shape: dict | None = None  # the model-actor pool (`shape.ActorShape`)
 
     @property
     def images_per_second(self) -> float:
@@ -80,11 +82,12 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         for warning in local_path_warnings({"--output": cfg.output}, cfg.address, live_nodes()):
             console.warn(warning)
         seen, done = prepare_output(plan)
-        check_capacity(cfg, seen)
+        pool = actor_shape(plan, seen)
+        check_capacity(cfg, pool)
         run = progress.start()
-        inputs_total = run_pipeline(plan, seen, done, run)
+        inputs_total = run_pipeline(plan, seen, done, run, pool)
         lock.check()  # another run took the output over: write no _SUCCESS
-        return finish(plan, inputs_total, done, time.perf_counter() - started)
+        return finish(plan, inputs_total, done, time.perf_counter() - started, pool)
 
 
 def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
@@ -118,7 +121,7 @@ def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
     compiling for), then the output made ready: the old run removed (--overwrite) or its
     finished parts found (--resume). Returns the inputs seen and what is already done."""
     cfg = plan.cfg
-    big = dataset.COMPILE_MIN_IMAGES_PER_ACTOR * dataset.max_actors(cfg)
+    big = max(shape.COMPILE_FROM.values()) * dataset.max_actors(cfg)
     seen = inputs.count_inputs(plan.parts, cfg.s3, big)
     if not seen:
         raise InsectError(f"no image files found in {plan.source}")
@@ -133,7 +136,9 @@ def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
     return seen, done
 
 
-def run_pipeline(plan: RunPlan, seen: int, done: outputs.Done | None, run) -> int:
+def run_pipeline(
+    plan: RunPlan, seen: int, done: outputs.Done | None, run, pool: shape.ActorShape
+) -> int:
     """Classify the inputs without a row into Parquet parts; returns how many inputs the
     listing found (every part's total)."""
     cfg, row_format = plan.cfg, plan.row_format
@@ -150,16 +155,14 @@ def run_pipeline(plan: RunPlan, seen: int, done: outputs.Done | None, run) -> in
             # Blocks of a batch of embeddings hold a small input's every path in one block:
             # cut them into batches here, before the model actors take the CPUs it needs.
             listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-    actors = dataset.pool_size(cfg, seen)
     console.say(
         f"classifying {plan.source} with model {plan.model_id} ({len(plan.parts)} listing "
-        f"parts); starting {actors} model actor{'s' if actors > 1 else ''}"
-        + (" (compiling the model)" if dataset.compiles(cfg, seen) else "")
+        f"parts); starting {pool.line()}"
     )
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     with progress_bar(run, done.rows if done else 0), ray_task_errors():
         predictions = dataset.prediction_dataset(
-            listed, seen, cfg, plan.meta.image_size, row_format, run, plan.int8_model
+            listed, pool, cfg, plan.meta.image_size, row_format, run, plan.int8_model
         )
         predictions.write_parquet(
             pa_path,
@@ -184,7 +187,11 @@ def run_pipeline(plan: RunPlan, seen: int, done: outputs.Done | None, run) -> in
 
 
 def finish(
-    plan: RunPlan, total: int, done: outputs.Done | None, seconds: float
+    plan: RunPlan,
+    total: int,
+    done: outputs.Done | None,
+    seconds: float,
+    pool: shape.ActorShape | None = None,
 ) -> ClassifySummary:
     """Count the rows on disk; only when every input has its row, write `_SUCCESS` (last:
     readers can trust an output that has one) and the summary; then the error budget."""
@@ -193,6 +200,7 @@ def finish(
     rows, errors = report["rows"], report["errors"]
     already = done.rows if done is not None else 0
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
+    summary.shape = pool.record() if pool else None
     doubled = outputs.duplicated_paths(cfg.output, cfg.s3)
     if rows != total or doubled:
         raise InsectError(
@@ -222,6 +230,7 @@ def finish(
         seconds=seconds,
         images_per_second=summary.images_per_second,
         already_done=already,
+        actor_shape=summary.shape,
     )
     write_summary(cfg.output, report, cfg.s3)
     if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * total:
@@ -246,12 +255,30 @@ def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
     )
 
 
-def check_capacity(cfg: ClassifyConfig, seen: int) -> None:
+def actor_shape(plan: RunPlan, seen: int) -> shape.ActorShape:
+    """The model-actor pool for this run on the connected cluster (see `shape`)."""
+    cfg = plan.cfg
+    if plan.int8_model:
+        precision = "int8"
+    else:
+        dtype = resolve_precision(cfg.precision, torch.device("cuda" if cfg.gpu else "cpu"))
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return shape.choose(cfg, precision, cluster_size(), seen)
+
+
+def cluster_size() -> shape.Cluster:
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    with_cpus = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    return shape.Cluster(cpus, sum(n.get("GPU", 0) for n in nodes), min(with_cpus, default=1))
+
+
+def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:
     """Refuse, before the actors start, a pool the cluster cannot hold (Ray Data would wait
     for it for ever); with --wait-for-nodes, wait that long for an autoscaler first."""
-    actors = min(cfg.min_actors or dataset.pool_size(cfg, seen), dataset.pool_size(cfg, seen))
+    actors = min(cfg.min_actors or pool.actors, pool.actors)
     what = f"{actors} model actor{'s' if actors > 1 else ''}"
-    per_actor = {"CPU": cfg.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
+    per_actor = {"CPU": pool.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
     lower = "--max-actors or --cpus-per-actor"
     check_resources(per_actor, actors, what, lower, cfg.wait_for_nodes)
 

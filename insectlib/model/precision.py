@@ -22,6 +22,11 @@ def _cpu_flags() -> set[str]:
         return set()
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
+    return frozenset(_cpu_flags())
+
+
 def cpu_name() -> str:
     """The CPU model name, for records and benchmark results."""
     try:

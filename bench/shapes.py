@@ -1,0 +1,256 @@
+"""The shape of classification's model actors on this CPU, measured side by side in one run:
+how many actors, how many torch threads each, for every precision this CPU runs (fp32,
+bf16 where it is fast, int8 on x86 with AVX2).
+
+  model alone   `Predictor` (the product's model path: normalisation, precision, compile)
+                on batches already decoded, steady state after a warm-up batch: one
+                process with every thread, and one single-thread process per core at once
+  plain loop    a DataLoader decoding in worker processes and the model with every thread,
+                the way a user would write it (fp32, and bf16 where fast)
+  classify      `insect classify` at steady state (rows between the first and the last
+                Parquet part over the time between them: start-up and drain left out), in
+                each shape tried and with the default settings, on high-entropy camera
+                JPEGs (1024x768, quality 92, about 500 kB: the decoder's worst case) and on
+                the shared insect photos scaled up to 1024x768
+
+    .venv/bin/python bench/shapes.py [--images 256] [--precisions fp32,int8]
+
+VGG-16 at 224 px, random weights (the int8 statistics measured on generated images).
+Writes bench/results/shapes-<cpu>.json; docs/performance.md renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from common import RESULTS, machine, write_result  # noqa: E402
+
+from insectlib.model.precision import cpu_name, cpu_runs_int8_fast, resolve_precision  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "data", "insects")
+CLASSES = ["beetles", "cockroach", "dragonflies"]
+SIZE = 224
+BATCH = 32
+
+
+def camera_jpegs(folder: str, count: int) -> str:
+    """High-entropy 1024x768 JPEGs at quality 92: sensor-like noise over smooth colour."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(base).resize((1024, 768), Image.BICUBIC), np.int16)
+        noisy = np.clip(smooth + rng.normal(0, 24, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(os.path.join(folder, f"{i:05d}.jpg"), quality=92)
+    return folder
+
+
+def insect_photos(folder: str, count: int) -> str | None:
+    """The shared insect photos scaled up to 1024x768 (None where shared/ is absent)."""
+    import glob
+
+    sources = sorted(glob.glob(os.path.join(SHARED, "*", "*", "*.jpg")))
+    if not sources:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        image = Image.open(sources[i * 7 % len(sources)]).convert("RGB")
+        image.resize((1024, 768), Image.LANCZOS).save(
+            os.path.join(folder, f"{i:05d}.jpg"), quality=90
+        )
+    return folder
+
+
+def make_model(folder: str) -> str:
+    import torch
+
+    from insectlib.model.meta import ModelMeta
+    from insectlib.model.network import build_model, save_model
+
+    torch.manual_seed(0)
+    model = build_model("vgg16", len(CLASSES), "random")
+    save_model(folder, model, ModelMeta(classes=CLASSES, arch="vgg16", image_size=SIZE))
+    return folder
+
+
+def precisions() -> list[str]:
+    """The precisions this CPU runs: fp32, bf16 where it is fast, int8 with AVX2."""
+    import torch
+
+    found = ["fp32"]
+    if resolve_precision("auto", torch.device("cpu")) == torch.bfloat16:
+        found.append("bf16")
+    if cpu_runs_int8_fast():
+        found.append("int8")
+    return found
+
+
+def _model_rate(model_dir: str, precision: str, int8_model, threads: int, compile: bool,
+                batches: int, start=None) -> tuple[float, float]:  # fmt: skip
+    """(images per second, seconds to build) of `Predictor` on decoded batches."""
+    from insectlib.model.predictor import Predictor
+
+    began = time.perf_counter()
+    predictor = Predictor(
+        model_dir, precision=precision, threads=threads, compile=compile,
+        batch_size=BATCH, int8_model=int8_model,
+    )  # fmt: skip
+    images = np.random.default_rng(0).integers(0, 255, (BATCH, 3, SIZE, SIZE), dtype=np.uint8)
+    predictor.probabilities(images)  # warm-up
+    built = time.perf_counter() - began
+    if start is not None:
+        start.wait()
+    began = time.perf_counter()
+    for _ in range(batches):
+        predictor.probabilities(images)
+    return BATCH * batches / (time.perf_counter() - began), built
+
+
+def model_alone(model_dir: str, precision: str, int8_model, compile: bool, batches: int) -> dict:
+    """The model alone in both shapes: one process with every thread, and one single-thread
+    process per core running at once (their rates added up)."""
+    cores = os.cpu_count() or 1
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        one, built = pool.submit(
+            _model_rate, model_dir, precision, int8_model, cores, compile, batches
+        ).result()
+    manager = spawn.Manager()
+    start = manager.Barrier(cores)
+    with ProcessPoolExecutor(cores, mp_context=spawn) as pool:
+        runs = [
+            pool.submit(_model_rate, model_dir, precision, int8_model, 1, compile, batches, start)
+            for _ in range(cores)
+        ]
+        rates = [r.result()[0] for r in runs]
+    return {
+        f"1x{cores}": one,
+        f"{cores}x1": sum(rates),
+        "build_seconds": built,
+    }
+
+
+def steady_rate(output: str) -> float:
+    """Rows per second between the first and the last Parquet part of `output` (the first
+    part's rows left out: they came before the first timestamp)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(
+        (os.path.getmtime(os.path.join(output, n)), pq.ParquetFile(os.path.join(output, n)))
+        for n in os.listdir(output)
+        if n.endswith(".parquet")
+    )
+    if len(parts) < 3:
+        return float("nan")
+    rows = sum(f.metadata.num_rows for _, f in parts[1:])
+    return rows / (parts[-1][0] - parts[0][0])
+
+
+def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
+    """`insect classify` of `folder`: steady-state and whole-run images per second."""
+    from insectlib.classify.pipeline import classify
+    from insectlib.config import ClassifyConfig
+
+    began = time.perf_counter()
+    summary = classify(
+        ClassifyConfig(
+            input=folder, model=model_dir, output=output, rows_per_file=BATCH // 2, **settings
+        )
+    )
+    seconds = time.perf_counter() - began
+    assert summary.rows == summary.inputs
+    return {
+        "steady": steady_rate(output),
+        "whole": summary.inputs / seconds,
+        "seconds": seconds,
+        "shape": summary.shape,
+    }
+
+
+def plain_loop(folder: str, dtype_name: str) -> float:
+    """A user's loop: DataLoader decoding in worker processes, the model on every thread."""
+    import torch
+    from inference import plain_pytorch  # the same (a)/(b) loop as bench/inference.py
+
+    paths = sorted(os.path.join(folder, n) for n in os.listdir(folder))
+    dtype = None if dtype_name == "fp32" else torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        return plain_pytorch(paths, os.path.join(tmp, "p.parquet"), "cpu", dtype, os.cpu_count())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batches", type=int, default=3, help="model-alone batches per shape")
+    ap.add_argument("--precisions", default="", help="default: what this CPU runs")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import ray
+
+    from insectlib.config import DecodeLimits
+    from insectlib.model import int8_statistics
+    from insectlib.model.meta import read_meta
+
+    chosen = args.precisions.split(",") if args.precisions else precisions()
+    cores = os.cpu_count() or 1
+    report: dict = {"benchmark": "shapes", "images": args.images, "model": "vgg16 224 px",
+                    "cpu": cpu_name(), "precisions": chosen, "model_alone": {},
+                    "plain_loop": {}, "classify": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        data = {"camera": camera_jpegs(os.path.join(tmp, "camera"), args.images)}
+        photos = insect_photos(os.path.join(tmp, "photos"), args.images)
+        if photos:
+            data["photos"] = photos
+        model_dir = make_model(os.path.join(tmp, "model"))
+        int8_model = None
+        if "int8" in chosen:
+            started = time.perf_counter()
+            meta = read_meta(model_dir)
+            int8_model = int8_statistics.measure(
+                model_dir, meta, data["camera"], BATCH, DecodeLimits()
+            )
+            report["int8_statistics_seconds"] = time.perf_counter() - started
+        for precision in chosen:
+            kept = int8_model if precision == "int8" else None
+            for compile in (True,) if precision == "int8" else (False, True):
+                key = f"{precision} {'compiled' if compile else 'eager'}"
+                report["model_alone"][key] = model_alone(
+                    model_dir, precision, kept, compile, args.batches
+                )
+                print(key, report["model_alone"][key], flush=True)
+            if precision in ("fp32", "bf16"):
+                report["plain_loop"][precision] = plain_loop(data["camera"], precision)
+                print("plain", precision, report["plain_loop"][precision], flush=True)
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+        shapes = {"default": {}, f"{cores}x1": {"max_actors": cores, "cpus_per_actor": 1.0},
+                  f"1x{cores}": {"max_actors": 1, "cpus_per_actor": float(cores)}}  # fmt: skip
+        for precision in chosen:
+            for name, folder in data.items():
+                for shape, settings in shapes.items():
+                    if name != "camera" and shape != "default":
+                        continue  # the shapes are compared on the decoder's worst case
+                    out = os.path.join(tmp, f"out-{precision}-{name}-{shape}")
+                    key = f"{precision} {name} {shape}"
+                    report["classify"][key] = classify_rate(
+                        folder, model_dir, out, precision=precision, **settings
+                    )
+                    print(key, report["classify"][key], flush=True)
+    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")
+    write_result(args.out or os.path.join(RESULTS, f"shapes-{name[:40]}.json"), report)
+    print(machine())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The shape of the model-actor pool: how many actors, and how many torch threads (CPUs)
+each, chosen for the CPU and precision at hand by a rule the benchmark validates on every
+CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
+compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
+
+The rule: where the model's arithmetic is fast (bf16 on CPUs with bf16 units, int8 with
+VNNI or AMX), a node's cores go to few actors with several threads each, so that the
+weights are read once per batch for all of them; where it is slow (fp32, int8 on AVX2 only),
+one thread per actor, so that each core works on its own batch without waiting on the
+others. Decoding stays fused into each actor either way (its own thread, nothing copied
+between processes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from insectlib.config import ClassifyConfig
+from insectlib.model.precision import cpu_flags
+
+# Threads per actor where the arithmetic is fast, at most: beyond it, a batch of 32 does
+# not keep more threads busy, and another actor does.
+FAST_THREADS = 4
+FAST_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
+FAST_INT8 = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@dataclass(frozen=True)
+class ActorShape:
+    """What the pool of a run looks like, and why (said in one line, kept in the summary)."""
+
+    actors: int
+    cpus_per_actor: float  # also the actor's torch threads on CPU
+    compile: bool
+    why: str
+
+    def line(self) -> str:
+        plural = "s" if self.actors > 1 else ""
+        compiled = ", compiled" if self.compile else ""
+        each = f"{self.cpus_per_actor:g} CPU{'s' if self.cpus_per_actor != 1 else ''} each"
+        return f"{self.actors} model actor{plural}, {each}{compiled} ({self.why})"
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU runs the model's arithmetic in `precision` (the resolved one: fp32,
+    bf16, int8) on units that make it memory-bound rather than compute-bound."""
+    flags = cpu_flags() if flags is None else flags
+    if precision == "bf16":
+        return bool(FAST_BF16 & flags)
+    if precision == "int8":
+        return bool(FAST_INT8 & flags)
+    return False
+
+
+def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
+    """The rule (see the module's docstring) for a node of `node_cpus` CPUs."""
+    if not fast_arithmetic(precision, flags):
+        return 1
+    return max(1, min(FAST_THREADS, node_cpus))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the shape is chosen for: the cluster's CPUs and GPUs, and the CPUs of its
+    smallest node with CPUs (an actor's threads must fit on one node)."""
+
+    cpus: float
+    gpus: float
+    node_cpus: int
+
+
+def choose(
+    cfg: ClassifyConfig,
+    precision: str,
+    cluster: Cluster,
+    seen: int,
+    flags: frozenset[str] | None = None,
+) -> ActorShape:
+    """The shape of a run of `seen` inputs (at most the compile threshold) in the resolved
+    `precision` (fp32, bf16, fp16, int8) on `cluster`."""
+    if cfg.gpu:
+        actors = min(cfg.max_actors or max(1, int(cluster.gpus)), _batches(cfg, seen))
+        compile = compiles(cfg, precision, seen, actors, frozenset())
+        return ActorShape(actors, cfg.cpus_per_actor or 1.0, compile, "one actor per GPU")
+    node_cpus = cluster.node_cpus
+    if cfg.cpus_per_actor is not None:
+        cpus, why = cfg.cpus_per_actor, "--cpus-per-actor"
+    else:
+        cpus = float(threads_per_actor(precision, node_cpus, flags))
+        kind = "fast" if cpus > 1 else "compute-bound"
+        why = f"{precision} is {kind} on this CPU"
+    actors = cfg.max_actors or max(1, int(cluster.cpus // cpus))
+    if cfg.max_actors:
+        why += ", --max-actors"
+    actors = min(actors, _batches(cfg, seen))
+    compile = compiles(cfg, precision, seen, actors, flags)
+    return ActorShape(actors, cpus, compile, why)
+
+
+def _batches(cfg: ClassifyConfig, seen: int) -> int:
+    """Batches of `seen` inputs: no more actors than that, one would idle after loading the
+    model for nothing."""
+    return max(1, -(-seen // cfg.batch_size))
+
+
+# Images per actor from which compiling pays, by whether the arithmetic is fast: compiling
+# costs each actor seconds to a minute and saves a share of each batch (measured per CPU
+# and precision: docs/performance.md).
+COMPILE_FROM = {True: 1000, False: 1000}
+
+
+def compiles(
+    cfg: ClassifyConfig, precision: str, seen: int, actors: int, flags: frozenset[str] | None
+) -> bool:
+    """Whether the actors compile the model: --compile on, or auto where the run is long
+    enough for the measured gain to repay the compile (int8 always compiles)."""
+    if precision == "int8" or cfg.compile == "on":
+        return True
+    if cfg.compile == "off":
+        return False
+    return seen >= COMPILE_FROM[fast_arithmetic(precision, flags)] * actors

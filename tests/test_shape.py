@@ -1,0 +1,63 @@
+"""The model-actor pool's shape: the rule for each CPU and precision (docs/performance.md
+holds the measurements it follows), and what overrides it."""
+
+from __future__ import annotations
+
+import pytest
+
+from insectlib.classify import shape
+from insectlib.config import ClassifyConfig
+
+ZEN3 = frozenset({"avx2", "fma"})  # AVX2 only: fp32, and int8 on vpmaddubsw
+ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
+SAPPHIRE_RAPIDS = ZEN4 | {"amx_bf16", "amx_int8"}
+TWO_CORES = shape.Cluster(cpus=2, gpus=0, node_cpus=2)
+BIG = 32 * 1000  # enough inputs for any pool
+
+
+def _cfg(**settings) -> ClassifyConfig:
+    return ClassifyConfig(input="in", model="m", output="o", **settings)
+
+
+@pytest.mark.parametrize(
+    ("flags", "precision", "threads"),
+    [
+        (ZEN3, "fp32", 1),
+        (ZEN3, "int8", 1),
+        (ZEN4, "fp32", 1),
+        (ZEN4, "bf16", 2),
+        (ZEN4, "int8", 2),
+        (SAPPHIRE_RAPIDS, "bf16", 2),
+    ],
+)
+def test_threads_follow_how_fast_the_arithmetic_is(flags, precision, threads):
+    pool = shape.choose(_cfg(), precision, TWO_CORES, BIG, flags)
+    assert (pool.actors, pool.cpus_per_actor) == (2 // threads, threads)
+    assert precision in pool.why and str(pool.actors) in pool.line()
+
+
+def test_many_cores_get_several_actors_of_at_most_fast_threads():
+    node = shape.Cluster(cpus=64, gpus=0, node_cpus=16)
+    pool = shape.choose(_cfg(), "bf16", node, BIG, ZEN4)
+    assert pool.cpus_per_actor == shape.FAST_THREADS and pool.actors == 64 // shape.FAST_THREADS
+    assert shape.choose(_cfg(), "fp32", node, BIG, ZEN4).actors == 64
+
+
+def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():
+    pool = shape.choose(_cfg(max_actors=1, cpus_per_actor=2.0), "fp32", TWO_CORES, BIG, ZEN3)
+    assert (pool.actors, pool.cpus_per_actor) == (1, 2.0)
+    assert "--cpus-per-actor" in pool.why and "--max-actors" in pool.why
+    assert shape.choose(_cfg(), "fp32", TWO_CORES, 20, ZEN3).actors == 1  # one batch
+    gpu = shape.choose(_cfg(gpu=True), "bf16", shape.Cluster(32, 4, 8), BIG, ZEN4)
+    assert (gpu.actors, gpu.cpus_per_actor, gpu.why) == (4, 1.0, "one actor per GPU")
+
+
+def test_compile_auto_pays_only_on_long_enough_runs():
+    for precision, flags in (("fp32", ZEN3), ("bf16", ZEN4)):
+        threshold = shape.COMPILE_FROM[shape.fast_arithmetic(precision, flags)]
+        actors = shape.choose(_cfg(), precision, TWO_CORES, BIG, flags).actors
+        short = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors - 1, flags)
+        long = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors, flags)
+        assert not short.compile and long.compile
+    assert shape.choose(_cfg(compile="on"), "fp32", TWO_CORES, 32, ZEN3).compile
+    assert shape.choose(_cfg(), "int8", TWO_CORES, 32, ZEN3).compile  # int8 runs compiled
