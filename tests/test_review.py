@@ -26,11 +26,13 @@ from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig, ReportConfig
 from insectlib.data import synthetic
 from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.layout import LOCK_FILE
 from insectlib.model.network import load_model
 from insectlib.review import page
 from insectlib.review.report import build_report
 from insectlib.review.selection import Selector
 from insectlib.review.thumbnails import THUMB_SIDE, thumb_name, write_thumbnails
+from insectlib.storage.lock import output_lock
 from tests.conftest import expect_cli_error
 
 HOSTILE_FILE = '"><img src=x onerror=alert(1)>.jpg'
@@ -429,6 +431,12 @@ def test_report_refuses_unsafe_folders_and_overwrites_only_its_own(classified, t
     assert (Path(html) / "thumbs" / "mine.jpg").exists() and (Path(html) / "index.html").exists()
     assert "holds no insect classification" in expect_cli_error(
         capsys, ["report", str(tmp_path), "--html", str(tmp_path / "page")])  # fmt: skip
+    # Two reports into one folder: the second is refused while the first holds it.
+    with output_lock(html, "report"):
+        err = expect_cli_error(capsys, ["report", out, "--html", html, "--overwrite"])
+    assert f"{html} is in use by insect report (host" in err
+    assert main(["report", out, "--html", html, "--overwrite"]) == 0
+    assert not (Path(html) / LOCK_FILE).exists()
 
 
 def test_thumbnail_names_are_hashes_of_paths():

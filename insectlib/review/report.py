@@ -36,6 +36,7 @@ from insectlib.layout import (
 from insectlib.review import page, selection, thumbnails
 from insectlib.runtime import console
 from insectlib.runtime.connect import init_ray
+from insectlib.storage.lock import output_lock
 
 MAX_ERROR_ROWS = 1000  # error rows listed on the page (all are counted by kind)
 RUN_FACTS = ("inputs", "rows", "errors", "undecided", "model", "input", "started", "finished")
@@ -182,6 +183,12 @@ def build_report(cfg: ReportConfig) -> dict:
         seconds[phase], last[0] = now - last[0], now
 
     source = read_source(cfg.predictions, cfg.s3)
+    with output_lock(cfg.html, "report", cfg.s3, console.say):
+        return _write_report(cfg, source, seconds, lap)
+
+
+def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict:
+    """build_report's phases once the page folder is this run's alone."""
     removal = plan_page(cfg, source)
     chosen, run = choose_rows(cfg, source)
     paths = chosen.paths()

@@ -98,7 +98,7 @@ class LocalLock(OutputLock):
             os.makedirs(self.output, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except NotADirectoryError:
-            raise InsectError(f"--output {self.output} is a file, not a folder") from None
+            raise InsectError(f"{self.output} is a file, not a folder") from None
         except OSError as e:
             raise InsectError(f"cannot write to {self.output}: {e.strerror or e}") from None
         try:
@@ -224,7 +224,7 @@ def _same_file(fd: int, path: str) -> bool:
 def _busy(output: str, found: dict) -> str:
     return (
         f"{output} is in use by {describe(found)}: wait for it to finish, or choose "
-        "another --output"
+        "another folder"
     )
 
 
