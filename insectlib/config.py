@@ -86,6 +86,8 @@ def check_settings(cfg: Any) -> None:
             raise InsectError(
                 f"unknown {flag} {value!r}: choose one of {', '.join(rules['choices'])}"
             )
+        if f.name in PATH_FIELDS and value == "" and f.default != "":
+            raise InsectError(f"{flag} is empty: name a folder, a file or an s3:// location")
         if isinstance(value, float) and not math.isfinite(value):
             raise InsectError(f"{flag} must be a finite number, got {value}")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -322,7 +324,12 @@ class TrainConfig(RaySettings):
         at_most=1,
         help="held out per class when ROOT has no train/ + val/ folders",
     )
-    seed: int = setting(0, help="seed of the split, the new layer's weights and the shuffling")
+    seed: int = setting(
+        0,
+        at_least=0,
+        at_most=2**32 - 1,  # what every generator it seeds (numpy's too) accepts
+        help="seed of the split, the new layer's weights and the shuffling",
+    )
     epochs: int = setting(4, at_least=1, help="passes over the training images")
     batch_size: int = setting(
         BATCH_SIZE,
@@ -560,6 +567,8 @@ class VisualizeConfig:
 
     def validate(self) -> None:
         check_settings(self)
+        if not self.layers:
+            raise InsectError("--layers names no layer; give numbers such as 5,30")
 
 
 @dataclass(kw_only=True)

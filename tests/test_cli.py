@@ -24,7 +24,8 @@ def test_train_input_errors(tmp_path, capsys):
     for cls in ("cockroach", "dragonflies"):
         for f in (one / cls).iterdir():
             f.unlink()
-    assert "at least 2 classes, found 1 (beetles)" in expect_cli_error(capsys, ["train", str(one)])
+    err = expect_cli_error(capsys, ["train", str(one)])
+    assert "at least 2 class folders, found 1 (beetles)" in err
     assert "unknown --arch 'vgg99'" in expect_cli_error(
         capsys, ["train", str(one), "--arch", "vgg99"]
     )

@@ -84,8 +84,13 @@ def test_no_temperature_is_fitted_when_every_prediction_is_right():
     report = C.temperature_report(logits, np.array([0, 1, 2]))
     assert report["temperature"] is None and "classified right" in report["note"]
     assert report["ece_after"] == report["ece_before"]
-    one_wrong = C.temperature_report(logits, np.array([0, 1, 0]))
-    assert one_wrong["temperature"] is not None
+    # One mistake in three, too sure of it: too few images to fit on, then enough.
+    one_wrong = np.array([0, 1, 0])
+    few = C.temperature_report(logits, one_wrong)
+    assert few["temperature"] is None and "too few" in few["note"]
+    n = C.MIN_TEMPERATURE_IMAGES // 3 + 1
+    enough = C.temperature_report(np.tile(logits * 2, (n, 1)), np.tile(one_wrong, n))
+    assert enough["temperature"] > 1 and enough["nll_after"] < enough["nll_before"]
 
 
 def test_a_fitted_temperature_is_reported_and_drawn():

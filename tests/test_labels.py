@@ -58,5 +58,5 @@ def test_errors_name_the_culprit(tmp_path):
     for cls in synthetic.CLASSES[1:]:
         for f in (tmp_path / "one" / cls).iterdir():
             f.unlink()
-    with pytest.raises(InsectError, match=r"at least 2 classes, found 1 \(beetles\)"):
+    with pytest.raises(InsectError, match=r"at least 2 class folders, found 1 \(beetles\)"):
         discover(str(tmp_path / "one"))

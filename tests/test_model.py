@@ -9,6 +9,7 @@ import torch
 
 from insectlib.errors import InsectError
 from insectlib.model import network as M
+from insectlib.model.meta import model_id
 
 
 @pytest.mark.parametrize(("arch", "head"), [("vgg16", "classifier.6"), ("resnet18", "fc")])
@@ -85,7 +86,7 @@ def test_meta_is_validated_before_weights(tmp_path):
     safetensors.torch.save_file({"fc.weight": torch.zeros(3, 512)}, tmp_path / "model.safetensors")
     with pytest.raises(InsectError, match="is not the model meta.json describes"):
         M.load_model(str(tmp_path))  # no model_id: the weights are not those meta.json names
-    weights_id = M.model_id((tmp_path / "model.safetensors").read_bytes())
+    weights_id = model_id((tmp_path / "model.safetensors").read_bytes())  # id_version 1
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "model_id": weights_id}))
     for check in (M.load_model, lambda uri: M.check_weights(uri, M.read_meta(uri))):
         with pytest.raises(InsectError, match="does not match resnet18 with 2 classes"):

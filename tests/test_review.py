@@ -6,6 +6,7 @@ train a model (`insect train --labels`)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig, Repor
 from insectlib.data import synthetic
 from insectlib.data.images import decode, eval_transform, normalize
 from insectlib.layout import LOCK_FILE
+from insectlib.model.meta import write_meta
 from insectlib.model.network import load_model
 from insectlib.review import page
 from insectlib.review.report import build_report
@@ -118,9 +120,8 @@ def hostile_model(trained, unlabelled, tmp_path_factory) -> dict:
     widest = max(range(3, 9), key=lambda i: ordered[i + 1] - ordered[i])
     folder = tmp_path_factory.mktemp("hostile") / "model"
     shutil.copytree(cfg.output, folder)
-    saved = json.loads((folder / "meta.json").read_text())
-    saved["classes"] = [HOSTILE_CLASS if c == renamed else c for c in meta.classes]
-    (folder / "meta.json").write_text(json.dumps(saved))
+    classes = [HOSTILE_CLASS if c == renamed else c for c in meta.classes]
+    write_meta(str(folder), dataclasses.replace(meta, classes=classes))  # a new model id
     return {
         "model": str(folder),
         "min_score": float(ordered[widest] + ordered[widest + 1]) / 2,
@@ -431,6 +432,7 @@ def test_report_refuses_unsafe_folders_and_overwrites_only_its_own(classified, t
     assert (Path(html) / "thumbs" / "mine.jpg").exists() and (Path(html) / "index.html").exists()
     assert "holds no insect classification" in expect_cli_error(
         capsys, ["report", str(tmp_path), "--html", str(tmp_path / "page")])  # fmt: skip
+    (Path(html) / "thumbs" / "mine.jpg").unlink()
     # Two reports into one folder: the second is refused while the first holds it.
     with output_lock(html, "report"):
         err = expect_cli_error(capsys, ["report", out, "--html", html, "--overwrite"])

@@ -14,8 +14,10 @@ import struct
 import subprocess
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -29,7 +31,7 @@ from insectlib.data.labels import EVALUATION_DIRS, discover
 from insectlib.errors import InsectError
 from insectlib.metrics import confidence
 from insectlib.storage import lock
-from insectlib.training.trainer import fit
+from insectlib.training.trainer import fit, unreadable_split
 from insectlib.training.worker import ShardSampler
 from tests.conftest import BIN, REPO, expect_cli_error, run_cli
 
@@ -127,9 +129,18 @@ def test_repeated_rows_are_never_success_and_resume_repairs_them(
     base = ClassifyConfig(input=_images(unlabelled), model=cfg.output, output=str(out))
     classify(base)
     part = next(p for p in out.iterdir() if p.name.startswith("part-"))
-    shutil.copy(part, out / ("part-" + "f" * 32 + "-000000-0.parquet"))  # the same rows again
     from insectlib.cli.main import main
 
+    # As many rows as _SUCCESS says, one path twice (a part copied over another of its size).
+    table = pq.read_table(part)
+    paths = table.column("path").to_pylist()
+    column = table.schema.get_field_index("path")
+    twice = table.set_column(column, "path", pa.array([paths[0], *paths[:-1]]))
+    pq.write_table(twice.replace_schema_metadata(table.schema.metadata), part)
+    assert main(["summary", str(out)]) == 0
+    assert "(incomplete: paths with more than one row: 1;" in capsys.readouterr().out
+    pq.write_table(table, part)
+    shutil.copy(part, out / ("part-" + "f" * 32 + "-000000-0.parquet"))  # the same rows again
     assert main(["summary", str(out)]) == 0
     assert "(incomplete: _SUCCESS says 24 rows, the parts differ)" in capsys.readouterr().out
     classify(ClassifyConfig(**{**base.__dict__, "resume": True}))
@@ -138,6 +149,12 @@ def test_repeated_rows_are_never_success_and_resume_repairs_them(
     paths = [r["path"] for r in _rows(out)]
     assert len(paths) == len(set(paths)) == len(unlabelled)
     assert json.loads((out / layout.SUCCESS_FILE).read_text())["rows"] == len(unlabelled)
+    # `insect summary OUT | head -1`: the reader leaves early; no traceback.
+    reader = subprocess.Popen(
+        [str(BIN / "insect"), "summary", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    reader.stdout.close()
+    assert reader.wait(timeout=60) in (0, 1) and b"Traceback" not in reader.stderr.read()
 
 
 @pytest.mark.slow
@@ -298,6 +315,68 @@ def test_outputs_are_never_inside_inputs_nor_files(trained, unlabelled, tmp_path
     )
 
 
+def test_training_writes_only_where_it_may(labelled_root, tmp_path, capsys):
+    """A folder of the user's own files (whatever their names), a --storage that is a file or
+    inside the data, a folder as --weights, a model among a label table's images: each one
+    line before Ray, nothing changed."""
+    data, train = str(labelled_root), ["train", str(labelled_root), "--weights", "random"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    err = expect_cli_error(capsys, [*train, "--output", str(mine)])
+    assert "holds files insect did not write (notes.txt)" in err
+    named = tmp_path / "named"
+    named.mkdir()
+    for name in (layout.REPORT_FILE, layout.METRICS_FILE):
+        (named / name).write_text("mine")
+    err = expect_cli_error(capsys, [*train, "--output", str(named)])
+    assert "already holds an unfinished model (no meta.json); pass --overwrite" in err
+    assert (named / layout.REPORT_FILE).read_text() == "mine"
+    out = ["--output", str(tmp_path / "m")]
+    err = expect_cli_error(capsys, [*train, *out, "--storage", str(mine / "notes.txt")])
+    assert "--storage" in err and "is a file" in err
+    err = expect_cli_error(capsys, [*train, *out, "--storage", os.path.join(data, "runs")])
+    assert "--storage" in err and "is inside the data" in err
+    err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(mine)])
+    assert "is a folder; give a state-dict file" in err
+    folder = os.path.join(data, "beetles")
+    table = tmp_path / "t.csv"
+    rows = [f"{os.path.join(folder, n)},beetles" for n in sorted(os.listdir(folder))[:3]]
+    rows += [f"{os.path.join(data, 'cockroach', n)},cockroach" for n in sorted(
+        os.listdir(os.path.join(data, "cockroach")))[:3]]  # fmt: skip
+    table.write_text("path,label\n" + "\n".join(rows) + "\n")
+    err = expect_cli_error(capsys, ["train", "--labels", str(table), "--output", folder + "/m"])
+    assert "is inside a folder of the table's images" in err
+    assert sorted(os.listdir(mine)) == ["notes.txt"] and not (tmp_path / "m").exists()
+
+
+def test_classify_evaluate_visualize_refusals_before_ray(trained, tmp_path, capsys):
+    cfg, _ = trained
+    started = time.monotonic()
+    missing = ["classify", str(tmp_path / "nope"), "--model", cfg.output]
+    err = expect_cli_error(capsys, [*missing, "--output", str(tmp_path / "o")])
+    assert str(tmp_path / "nope") in err and not (tmp_path / "o").exists()
+    assert time.monotonic() - started < 15  # no Ray started
+    inside = ["evaluate", cfg.data, "--model", cfg.output, "--output", cfg.output + "/ev"]
+    assert "is inside the model" in expect_cli_error(capsys, inside)
+    a_file = tmp_path / "maps"
+    a_file.write_text("mine")
+    image = next(str(p) for p in Path(cfg.data).rglob("*.jpg"))
+    maps = ["visualize", image, "--model", cfg.output, "--layers", "1", "--output", str(a_file)]
+    assert "is a file" in expect_cli_error(capsys, maps)
+    assert a_file.read_text() == "mine"
+
+
+def test_a_split_without_one_readable_image_stops_training():
+    config = {"train": ["a", "b"], "val": ["c"]}
+    metrics = {"train_images": 0, "val_images": 1, "skipped_images": 2}
+    assert "none of the 2 training images could be read" in unreadable_split(config, metrics, 0)
+    metrics.update(train_images=2, val_images=0)
+    assert "none of the 1 validation images" in unreadable_split(config, metrics, 0)
+    assert unreadable_split(config, {**metrics, "val_images": 1}, 0) is None
+    assert unreadable_split({**config, "val": []}, metrics, 0) is None
+
+
 @pytest.mark.parametrize(
     "flags",
     [
@@ -306,6 +385,10 @@ def test_outputs_are_never_inside_inputs_nor_files(trained, unlabelled, tmp_path
         ["classify", "d", "--model", "m", "--output", "o", "--min-score", "nan"],
         ["classify", "d", "--model", "m", "--output", "o", "--batch-size", "-1"],
         ["classify", "d", "--model", "m", "--output", "o", "--no-calibration"],
+        ["classify", "d", "--model", "m", "--output", ""],
+        ["train", "d", "--epochs", "1e3"],
+        ["train", "d", "--seed", "99999999999999999999"],
+        ["visualize", "x.jpg", "--model", "m", "--layers", ",,"],
     ],
 )
 def test_wrong_values_are_one_line_in_under_two_seconds(flags, tmp_path):

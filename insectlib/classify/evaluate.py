@@ -48,7 +48,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     storage.check_location(
         cfg.output,
         {"the input": cfg.data, "the model": cfg.model},
-        apart=("the input",),
+        apart=("the input", "the model"),
         s3=cfg.s3,
     )
     removal = plan_overwrite(cfg)

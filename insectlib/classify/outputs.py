@@ -25,14 +25,12 @@ from insectlib import storage
 from insectlib.classify import duplicates
 from insectlib.errors import InsectError
 from insectlib.layout import (
-    LOCK_FILE,
-    LOG_DIR,
     ROW_FORMAT_KEY,
     RUN_FILES,
     SUCCESS_FILE,
 )
 from insectlib.runtime import console
-from insectlib.storage import retry
+from insectlib.storage import entry_name, list_entries, retry
 
 # Ray Data adds "-<i>.parquet" to the name `PartNames` gives each write task.
 PART_NAME = re.compile(r"part-[0-9a-f]{32}-\d{6}-\d+\.parquet")
@@ -41,7 +39,6 @@ LEGACY_PART_NAME = re.compile(r"[A-Za-z0-9]{16,32}_[0-9a-f]{32}_\d{6}-\d+\.parqu
 # Columns every insect part has, whatever optional columns a run adds.
 PART_COLUMNS = frozenset({"path", "label", "error", "model"})
 SHOWN = 5  # foreign files named in a refusal
-BOOKKEEPING = frozenset({LOG_DIR, LOCK_FILE})
 
 
 class PartNames(FilenameProvider):
@@ -55,23 +52,6 @@ class PartNames(FilenameProvider):
 def is_part_name(name: str) -> bool:
     """Whether a file name (no folder) is one insect gives its Parquet parts."""
     return bool(PART_NAME.fullmatch(name) or LEGACY_PART_NAME.fullmatch(name))
-
-
-def list_entries(output: str, s3: storage.S3Options) -> list[dict]:
-    """The entries directly in `output` (fsspec `ls` details), [] when it does not exist;
-    a run's own bookkeeping (its log folder, the lock) left out: those are neither output
-    nor foreign, and never removed."""
-    fs, path = storage.filesystem(output, s3)
-    with storage.user_errors(output):
-        if not fs.exists(path):
-            return []
-        entries = [e for e in fs.ls(path, detail=True) if e["name"].rstrip("/") != path]
-    return [e for e in entries if entry_name(e) not in BOOKKEEPING]
-
-
-def entry_name(entry: dict) -> str:
-    """The file or folder name of a `list_entries` entry (no path)."""
-    return entry["name"].rstrip("/").rsplit("/", 1)[-1]
 
 
 def part_entries(entries: Iterable[dict]) -> list[dict]:

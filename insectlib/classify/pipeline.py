@@ -59,7 +59,6 @@ class RunPlan:
     row_format: RowFormat
     source: str  # the input or manifest, as the user named it
     parts: list[inputs.Part]
-    removal: list[str]  # what --overwrite removes once the run can start
     int8_model: int8.Int8Model | None
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
 
@@ -101,11 +100,10 @@ def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
     check_model_id(cfg.model, meta, cfg.s3)  # here, not in the actors: before anything starts
     row_format = row_format_for(cfg, meta)
     source = cfg.manifest or cfg.input
-    storage.check_location(
-        cfg.output, {"the input": source, "the model": cfg.model}, apart=("the input",), s3=cfg.s3
-    )
+    protected = {"the input": source, "the model": cfg.model}
+    storage.check_location(cfg.output, protected, tuple(protected), cfg.s3)
     storage.check_bucket(cfg.output, cfg.s3)
-    removal = plan_output(cfg)
+    plan_output(cfg)  # refusals before anything starts (planned again under the lock)
     int8_model = int8_for_run(cfg, meta)
     if paths is not None:
         parts = inputs.plan_paths(paths)
@@ -113,7 +111,9 @@ def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
         parts = inputs.plan_manifest(cfg.manifest, cfg.s3)
     else:
         parts = inputs.plan_listing(cfg.input, cfg.s3)
-    return RunPlan(cfg, meta, row_format, source, parts, removal, int8_model)
+    if not inputs.count_inputs(parts, cfg.s3, 1):  # a missing or empty input, before Ray
+        raise InsectError(f"no image files found in {source}")
+    return RunPlan(cfg, meta, row_format, source, parts, int8_model)
 
 
 def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
@@ -123,10 +123,9 @@ def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
     cfg = plan.cfg
     big = max(shape.COMPILE_FROM.values()) * dataset.max_actors(cfg)
     seen = inputs.count_inputs(plan.parts, cfg.s3, big)
-    if not seen:
-        raise InsectError(f"no image files found in {plan.source}")
-    if plan.removal:
-        outputs.remove(cfg.output, plan.removal, cfg.s3)
+    removal = plan_output(cfg)  # again, under the lock: another run may have ended since
+    if removal:
+        outputs.remove(cfg.output, removal, cfg.s3)
     if not cfg.resume:
         return seen, None
     legacy = asdict(RowFormat())

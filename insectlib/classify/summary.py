@@ -139,10 +139,9 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
     its parts (with `_SUCCESS`'s inputs and times, when it has a true one)."""
     found = {outputs.entry_name(e) for e in outputs.list_entries(output, s3)}
     manifest = _manifest(output, s3) if layout.SUCCESS_FILE in found else None
-    if manifest is not None and manifest.get("rows") != _rows_on_disk(output, s3):
-        stale = f"{layout.SUCCESS_FILE} says {manifest.get('rows')} rows, the parts differ"
-        summary = summarize(output, s3)
-        return {**summary, "complete": False, "problem": stale}
+    stale = _stale_success(output, manifest, s3) if manifest is not None else None
+    if stale:
+        return {**summarize(output, s3), "complete": False, "problem": stale}
     if layout.SUMMARY_JSON in found and manifest is not None:
         # Written after _SUCCESS; without it, it is a stale one from before a resume.
         uri = storage.join(output, layout.SUMMARY_JSON)
@@ -164,6 +163,17 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
             seconds=manifest["seconds"],
         )
     return summary
+
+
+def _stale_success(output: str, manifest: dict, s3: storage.S3Options) -> str | None:
+    """Why `_SUCCESS` is no longer true of the parts (the rows it counts, each path once:
+    what it was written for), or None."""
+    if manifest.get("rows") != _rows_on_disk(output, s3):
+        return f"{layout.SUCCESS_FILE} says {manifest.get('rows')} rows, the parts differ"
+    repeated = outputs.duplicated_paths(output, s3)
+    if repeated:
+        return f"paths with more than one row: {len(repeated)}; run again with --resume"
+    return None
 
 
 def _manifest(output: str, s3: storage.S3Options) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 import types
@@ -185,10 +186,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, its refusals as insect's own: one line, exit 2 (its subcommands'
+    parsers are of this class too)."""
+
+    def error(self, message: str):
+        print(f"insect: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="insect", description="Fine-tune and run image classifiers on Ray."
-    )
+    ap = Parser(prog="insect", description="Fine-tune and run image classifiers on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
     for command, (cls, groups, summary, description) in COMMANDS.items():
         p = sub.add_parser(
@@ -236,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("insect: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `insect summary OUT | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception:  # a bug in insect: the whole traceback, on the console
         traceback.print_exc()
         return 1

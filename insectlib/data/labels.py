@@ -147,7 +147,9 @@ def _check_classes(classes: list[str], root: str) -> list[str]:
             f"{root}/<class>/<image>"
         )
     if len(classes) < 2:
-        raise InsectError(f"training needs at least 2 classes, found 1 ({classes[0]}) in {root}")
+        raise InsectError(
+            f"labelled images need at least 2 class folders, found 1 ({classes[0]}) in {root}"
+        )
     odd = [storage.printable(c) for c in classes if storage.printable(c) != c]
     if odd:
         raise InsectError(

@@ -8,6 +8,7 @@ before any weights are read, and weights are only ever read as safetensors or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ from insectlib.model.meta import (
     versions,
     write_meta,
 )
+from insectlib.runtime import console
 
 
 def check_arch(arch: str) -> None:
@@ -134,10 +136,13 @@ def ensure_imagenet_weights(arch: str, timeout_s: float = 20.0) -> None:
         raise InsectError(problem) from None
     if os.path.exists(path):
         return
+    console.say(f"downloading the ImageNet weights of {arch} into {path}")
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)  # torch.hub's download sets none of its own
     try:
-        torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"].get_state_dict(progress=False)
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own line: said above
+            weights = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"]
+            weights.get_state_dict(progress=False)
     except Exception as e:
         raise InsectError(
             f"ImageNet weights for {arch} are not in the torch hub cache ({path}) and cannot "

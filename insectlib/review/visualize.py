@@ -78,6 +78,7 @@ def visualize(cfg: VisualizeConfig) -> list[str]:
     cfg.validate()
     # Its pictures beside the image would be read as images by the next classification.
     folder = cfg.image.rsplit("/", 1)[0] if "/" in cfg.image else "."
+    storage.check_location(cfg.output, {"the model": cfg.model}, s3=cfg.s3)
     storage.check_not_inside(cfg.output, folder, "the image's folder")
     model, meta = load_model(cfg.model, cfg.s3)
     transform, min_side = eval_transform(meta.image_size), resize_size(meta.image_size)

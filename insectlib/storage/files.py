@@ -21,6 +21,7 @@ import pyarrow.fs
 
 from insectlib.config import S3Options
 from insectlib.errors import ImageError, InsectError, StorageUnavailable
+from insectlib.layout import LOCK_FILE, LOG_DIR
 from insectlib.storage import buckets, retry
 
 # Local errors that say something about the file itself (and become its error row); any
@@ -29,6 +30,8 @@ FILE_ERRNOS = frozenset(
     {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO, errno.EISDIR,
      errno.ENOTDIR, errno.ENAMETOOLONG}
 )  # fmt: skip
+# A run's own bookkeeping in an output: neither output nor foreign, never removed.
+BOOKKEEPING = frozenset({LOG_DIR, LOCK_FILE})
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -262,3 +265,20 @@ def write_file(directory: str, name: str, data: str | bytes, s3: S3Options | Non
 def _is_s3fs(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "s3" in protocol
+
+
+def list_entries(output: str, s3: S3Options | None) -> list[dict]:
+    """The entries directly in `output` (fsspec `ls` details), [] when it does not exist;
+    a run's own bookkeeping (its log folder, the lock) left out: those are neither output
+    nor foreign, and never removed."""
+    fs, path = filesystem(output, s3)
+    with user_errors(output):
+        if not fs.exists(path):
+            return []
+        entries = [e for e in fs.ls(path, detail=True) if e["name"].rstrip("/") != path]
+    return [e for e in entries if entry_name(e) not in BOOKKEEPING]
+
+
+def entry_name(entry: dict) -> str:
+    """The file or folder name of a `list_entries` entry (no path)."""
+    return entry["name"].rstrip("/").rsplit("/", 1)[-1]

@@ -65,7 +65,7 @@ def check_not_inside(output: str, location: str, what: str, flag: str = "--outpu
     out, inside = location_key(output), location_key(location)
     if out == inside or out.startswith(inside.rstrip("/") + "/"):
         raise InsectError(
-            f"{flag} {output} is inside {what} ({location}), where its files would be read "
-            f"as inputs next time: choose another {flag}"
+            f"{flag} {output} is inside {what} ({location}), where its files would be taken "
+            f"for that one's own next time: choose another {flag}"
         )
 

@@ -94,11 +94,13 @@ class LocalLock(OutputLock):
 
     def acquire(self, me: dict) -> dict | None:
         """Take the lock; the holder it was left by, when a gone run left one."""
+        if os.path.lexists(self.output) and not os.path.isdir(self.output):
+            raise InsectError(f"{self.output} is a file; give a folder")
         try:
             os.makedirs(self.output, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except NotADirectoryError:
-            raise InsectError(f"{self.output} is a file, not a folder") from None
+        except NotADirectoryError:  # a file above it
+            raise InsectError(f"{self.output} lies under a file, not a folder") from None
         except OSError as e:
             raise InsectError(f"cannot write to {self.output}: {e.strerror or e}") from None
         try:

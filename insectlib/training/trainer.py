@@ -22,7 +22,7 @@ from insectlib.config import TrainConfig
 from insectlib.data import label_table
 from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
-from insectlib.layout import META_FILE, PROBLEM_FILE, STATE_FILE
+from insectlib.layout import INT8_FILES, META_FILE, MODEL_FILES, PROBLEM_FILE, STATE_FILE
 from insectlib.metrics.confidence import temperature_report
 from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
@@ -85,14 +85,10 @@ def train_epochs(worker: TrainingWorker, config: dict) -> list | None:
     for epoch in range(worker.start_epoch, cfg.epochs):
         predictions = []
         metrics = worker.run_epoch(epoch, predictions if epoch == cfg.epochs - 1 else None)
-        if config["val"] and not metrics["val_images"]:
+        problem = unreadable_split(config, metrics, epoch)
+        if problem:
             # Every worker sees the same summed counts, so all stop here together; the
             # driver turns the reported problem into its error (no retries, no model).
-            problem = (
-                f"none of the {len(config['val'])} validation images could be read "
-                f"({metrics['skipped_images']} unreadable images in epoch {epoch + 1}); no "
-                "model was written: fix or remove them (the workers' logs name the files)"
-            )
             report_epoch({**metrics, "problem": problem}, {PROBLEM_FILE: problem}, worker.rank)
             return None
         worker.history.append(metrics)
@@ -100,6 +96,19 @@ def train_epochs(worker: TrainingWorker, config: dict) -> list | None:
         if worker.rank == 0:
             worker.tell(_epoch_line(metrics, cfg.epochs))
     return predictions
+
+
+def unreadable_split(config: dict, metrics: dict, epoch: int) -> str | None:
+    """The problem when not one image of a split could be read, else None."""
+    for split in ("train", "val"):
+        if config[split] and not metrics[f"{split}_images"]:
+            what = "training" if split == "train" else "validation"
+            return (
+                f"none of the {len(config[split])} {what} images could be read "
+                f"({metrics['skipped_images']} unreadable images in epoch {epoch + 1}); no "
+                "model was written: fix or remove them (the workers' logs name the files)"
+            )
+    return None
 
 
 def finish_on_rank_0(worker: TrainingWorker, config: dict, pairs: list) -> None:
@@ -182,26 +191,52 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     """Check everything that can be checked before Ray starts; returns the labelled set."""
     cfg.validate()
     check_arch(cfg.arch)
-    if cfg.weights not in ("imagenet", "random") and not storage.exists(cfg.weights, cfg.s3):
-        raise InsectError(f"--weights file not found: {cfg.weights}")
+    if cfg.weights not in ("imagenet", "random"):
+        if not storage.exists(cfg.weights, cfg.s3):
+            raise InsectError(f"--weights file not found: {cfg.weights}")
+        if storage.is_dir(cfg.weights, cfg.s3):
+            raise InsectError(
+                f"--weights {cfg.weights} is a folder; give a state-dict file of {cfg.arch} "
+                "(.safetensors or a torch pickle)"
+            )
     # Its pictures inside the labelled tree would be read as images by the next run.
     inputs = {"the data": cfg.data, "the labels table": cfg.labels}
     protected = {what: uri for what, uri in inputs.items() if uri}
-    storage.check_location(cfg.output, protected, apart=("the data",), s3=cfg.s3)
-    for location in (cfg.output, cfg.storage):
+    for flag in ("--output", "--storage"):
+        location = getattr(cfg, flag[2:])
         if location:
+            storage.check_location(location, protected, ("the data",), cfg.s3, flag)
             storage.check_bucket(location, cfg.s3)
-    if storage.exists(storage.join(cfg.output, META_FILE), cfg.s3) and not cfg.overwrite:
-        raise InsectError(f"{cfg.output} already holds a model; pass --overwrite to replace it")
+    check_model_output(cfg)
     check_run_name(cfg)
     labelled = label_table.training_set(
         cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
     )
+    if labelled.table:  # the table's images may lie anywhere: never among them
+        for folder in {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}:
+            storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
     if cfg.resume:
         check_run_record(cfg, labelled)
     if cfg.weights == "imagenet":
         ensure_imagenet_weights(cfg.arch)  # here, once, rather than failing in every worker
     return labelled
+
+
+def check_model_output(cfg: TrainConfig) -> None:
+    """`--output` is absent or empty, or holds only what insect writes into a model
+    directory, and a model (or an unfinished one) only with --overwrite: never a user's
+    own files, whatever their names."""
+    names = {storage.entry_name(e) for e in storage.list_entries(cfg.output, cfg.s3)}
+    foreign = sorted(names - set(MODEL_FILES) - set(INT8_FILES))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise InsectError(
+            f"--output {cfg.output} holds files insect did not write ({shown}); choose an "
+            "empty or new folder for the model"
+        )
+    if names and not cfg.overwrite:
+        what = "a model" if META_FILE in names else "an unfinished model (no meta.json)"
+        raise InsectError(f"{cfg.output} already holds {what}; pass --overwrite to replace it")
 
 
 def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
@@ -215,6 +250,7 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
     if labelled.table:
         console.say(label_table.describe(labelled.table))
     with output_lock(cfg.output, "train", cfg.s3, console.say):
+        check_model_output(cfg)  # again, now that no other run can write there
         init_ray(cfg.address)
         cfg = sized_run(cfg, labelled)
         run = progress.start()
