@@ -103,6 +103,9 @@ def upload_tree(client, local_root: str, bucket: str, prefix: str) -> list[str]:
 def ray_local(s3_server):
     """A local Ray cluster for in-process library calls, started once (after the S3
     credentials are in the environment, so that its workers inherit them)."""
+    # Ray Train's controller polls its workers every 2 s: every training run here ends up
+    # to 2 s after its last epoch, dozens of times a session.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(
         address="local",
         num_cpus=2,

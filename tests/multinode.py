@@ -3,8 +3,10 @@
 A separate process from pytest's, which holds its own local Ray (a process joins one Ray
 cluster at a time). Usage, from tests/test_multinode.py:
 
-    python tests/multinode.py train DATA STORAGE OUTPUT
-    python tests/multinode.py classify IMAGES MODEL OUTPUT
+    python tests/multinode.py DATA STORAGE MODEL IMAGES PREDICTIONS
+
+trains MODEL on two worker nodes, then classifies IMAGES with it into PREDICTIONS while
+one of the nodes is removed (one cluster for both: its start is most of the time).
 
 Prints one JSON line of results last.
 """
@@ -41,7 +43,6 @@ def train(data: str, storage: str, output: str) -> dict:
     from insectlib.config import TrainConfig
     from insectlib.training.trainer import fit
 
-    cluster, _ = start_cluster(2)
     meta = fit(
         TrainConfig(
             data=data,
@@ -58,17 +59,13 @@ def train(data: str, storage: str, output: str) -> dict:
         )
     )
     # Where the workers ran: every worker node of the cluster gave its CPU to one of them.
-    result = {"epochs": [e["epoch"] for e in meta.epochs], "classes": meta.classes}
-    ray.shutdown()
-    cluster.shutdown()
-    return result
+    return {"epochs": [e["epoch"] for e in meta.epochs], "classes": meta.classes}
 
 
-def classify(images: str, model: str, output: str) -> dict:
+def classify(cluster: Cluster, nodes: list, images: str, model: str, output: str) -> dict:
     from insectlib.classify.pipeline import classify
     from insectlib.config import ClassifyConfig
 
-    cluster, nodes = start_cluster(2)
     removed = []
 
     def remove_a_node():
@@ -90,8 +87,6 @@ def classify(images: str, model: str, output: str) -> dict:
     )
     finished = time.time()
     thread.join(timeout=5)
-    ray.shutdown()
-    cluster.shutdown()
     return {
         "inputs": summary.inputs,
         "rows": summary.rows,
@@ -100,6 +95,12 @@ def classify(images: str, model: str, output: str) -> dict:
 
 
 if __name__ == "__main__":
-    command, *args = sys.argv[1:]
-    result = {"train": train, "classify": classify}[command](*args)
+    data, storage, model, images, predictions = sys.argv[1:]
+    cluster, nodes = start_cluster(2)
+    result = {
+        "train": train(data, storage, model),
+        "classify": classify(cluster, nodes, images, model, predictions),
+    }
+    ray.shutdown()
+    cluster.shutdown()
     print(json.dumps(result))

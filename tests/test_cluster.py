@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -135,45 +134,6 @@ def _check_outputs(predictions: str, inputs: int):
     assert pyarrow.dataset.dataset(path, filesystem=fs).count_rows() == inputs
 
 
-def test_no_cluster_cli_starts_local_ray(labelled_root, unlabelled, tmp_path):
-    train = run_cli(
-        "insect",
-        "train",
-        labelled_root,
-        "--output",
-        str(tmp_path / "m"),
-        "--storage",
-        str(tmp_path / "runs"),
-        "--progress-every",
-        "0",
-        *SMALL,
-        env=_env(),
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert re.search(r"epoch 1/1: step 1/\d+, [\d.]+ img/s", train.stdout), train.stdout
-    assert "epoch 1/1: train loss" in train.stdout
-    assert "validation accuracy" in train.stdout
-    images = os.path.dirname(next(iter(unlabelled)))
-    classify = run_cli(
-        "insect",
-        "classify",
-        images,
-        "--model",
-        str(tmp_path / "m"),
-        "--output",
-        str(tmp_path / "p"),
-        env=_env(),
-    )
-    assert classify.returncode == 0, classify.stderr[-3000:]
-    assert f"{len(unlabelled)} images -> {len(unlabelled)} rows (0 with errors)" in classify.stdout
-    n = len(unlabelled)
-    assert re.search(rf"classified: 100%.*\b{n}/{n} \[.*img/s\]", classify.stderr), classify.stderr
-    # Ray Data's own progress (INFO lines where stderr is not a terminal) stays off it.
-    assert "Execution plan" not in classify.stderr and "logging_progress" not in classify.stderr
-    _check_model(str(tmp_path / "m"))
-    _check_outputs(str(tmp_path / "p"), len(unlabelled))
-
-
 def test_start_head_script_authentication_switch(tmp_path):
     """Token authentication unless --no-auth, which warns; no Ray started (a stub `ray`)."""
     stub = tmp_path / "ray"
@@ -187,133 +147,107 @@ def test_start_head_script_authentication_switch(tmp_path):
     assert "mode=disabled" in opt_out.stdout and "WITHOUT authentication" in opt_out.stderr
 
 
-def test_local_head_address_auto_and_job_submission(calibrated, unlabelled, tmp_path):
-    """A head started with no flags requires a token: start-head.sh creates one (mode 600)
-    in the HOME it runs with; drivers with that HOME and RAY_AUTH_MODE=token get in (by
-    --address auto, ray:// and `ray job submit`), a driver without the token gets one clear
-    error. (Training on a running cluster: the S3 job below and the multi-node tests.)"""
+def test_token_head_serves_every_way_to_run_and_stop_sh_stops_only_it(
+    ray_local, s3_server, calibrated, labelled_root, unlabelled, tmp_path
+):
+    """One head started with no flags (token authentication: start-head.sh creates the token,
+    mode 600, in the HOME it runs with). Drivers with that HOME and RAY_AUTH_MODE=token get
+    in by --address HOST:PORT and ray://; a stranger without the token gets one clear error; a
+    job with a wrong token is denied; training and classification jobs through S3 succeed,
+    and the S3 secret and the token appear in no output, object or log. Then
+    cluster/stop.sh stops this head (every process naming its folder), and not the test
+    session's own Ray beside it."""
     model, _ = calibrated
     home = tmp_path / "home"
     home.mkdir()
     head = Head(tmp_path, HOME=str(home), RAY_AUTH_MODE="token")
     try:
-        assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
-        images = os.path.dirname(next(iter(unlabelled)))
-        auto = run_cli(
-            "insect", "classify", images, "--model", model, "--output", str(tmp_path / "p"),
-            "--address", "auto", env=head.env,
-        )  # fmt: skip
-        assert auto.returncode == 0, auto.stderr[-3000:]
-        _check_outputs(str(tmp_path / "p"), len(unlabelled))
-        job = head.submit("classify.py", images, "--model", model, "--output", str(tmp_path / "p2"))
-        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:]
-        _check_outputs(str(tmp_path / "p2"), len(unlabelled))
-        # Ray Client's ray:// works as well as auto (HOST:PORT: the stranger below).
-        result = run_cli(
-            "insect", "classify", images, "--model", model, "--output", str(tmp_path / "p3"),
-            "--address", f"ray://127.0.0.1:{head.client_port}",
-            env=head.env,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        _check_outputs(str(tmp_path / "p3"), len(unlabelled))
-        stranger = run_cli(
-            "insect", "classify", images, "--model", model, "--output", str(tmp_path / "p4"),
-            "--address", f"127.0.0.1:{head.port}",
-            env=_env(HOME=str(tmp_path)),
-        )  # fmt: skip
-        assert stranger.returncode == 2, stranger.stderr[-3000:]
-        assert "token authentication" in stranger.stderr and "Traceback" not in stranger.stderr
+        token_file = home / ".ray" / "auth_token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        _drivers_with_and_without_the_token(head, model, unlabelled, tmp_path)
+        outputs = _s3_jobs(head, s3_server, labelled_root, unlabelled, token)
+        assert len(outputs) > 20
+        assert not [o[:200] for o in outputs if s3_server.secret in o]
+        assert not [o[:200] for o in outputs if token in o]  # nor the Ray token
+        _stop_sh_stops_only(head)
     finally:
         head.stop()
 
 
-def test_token_protected_head_s3_jobs_leak_no_secret(
-    s3_server, labelled_root, unlabelled, tmp_path
-):
-    """Both jobs through S3 on a token-protected head; the S3 secret reaches the jobs only
-    through the environment and appears in no output."""
+def _drivers_with_and_without_the_token(head: Head, model: str, unlabelled, tmp_path) -> None:
+    images = os.path.dirname(next(iter(unlabelled)))
+    # HOST:PORT, not auto: with the session's own Ray beside the head, auto may pick either
+    # (Ray takes any running cluster when the head's address file is not in /tmp/ray).
+    gcs, client = f"127.0.0.1:{head.port}", f"ray://127.0.0.1:{head.client_port}"
+    for name, address in (("gcs", gcs), ("client", client)):
+        out = str(tmp_path / name)
+        result = run_cli(
+            "insect", "classify", images, "--model", model, "--output", out,
+            "--address", address, env=head.env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        _check_outputs(out, len(unlabelled))
+    stranger = run_cli(
+        "insect", "classify", images, "--model", model, "--output", str(tmp_path / "p4"),
+        "--address", f"127.0.0.1:{head.port}",
+        env=_env(HOME=str(tmp_path)),
+    )  # fmt: skip
+    assert stranger.returncode == 2, stranger.stderr[-3000:]
+    assert "token authentication" in stranger.stderr and "Traceback" not in stranger.stderr
+
+
+def _s3_jobs(head: Head, s3_server, labelled_root, unlabelled, token: str) -> list[str]:
+    """Both jobs through S3, their S3 secret only in the environment; returns every output,
+    object and log the secret must not appear in."""
     client = s3_server.client()
     client.create_bucket(Bucket="insect-jobs")
     upload_tree(client, labelled_root, "insect-jobs", "labelled")
     upload_tree(client, os.path.dirname(next(iter(unlabelled))), "insect-jobs", "images")
-    token = secrets.token_hex(16)
-    head = Head(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # the default mode
-    try:
-        denied = head.submit("train.py", "--help", RAY_AUTH_TOKEN="wrong-" + token)
-        assert denied.returncode != 0
-        assert "AuthenticationError" in denied.stderr and "token is invalid" in denied.stderr
-        train = head.submit(
-            "train.py",
-            "s3://insect-jobs/labelled",
-            "--output",
-            "s3://insect-jobs/model",
-            "--storage",
-            "s3://insect-jobs/runs",
-            *SMALL,
-        )
-        assert train.returncode == 0 and "succeeded" in train.stdout, train.stdout[-3000:]
-        assert "epoch 1/1" in train.stdout
-        job = head.submit(
-            "classify.py",
-            "s3://insect-jobs/images",
-            "--model",
-            "s3://insect-jobs/model",
-            "--output",
-            "s3://insect-jobs/predictions",
-        )
-        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:]
-        _check_model("s3://insect-jobs/model")
-        _check_outputs("s3://insect-jobs/predictions", len(unlabelled))
-        listing = run_cli("ray", "job", "list", "--address", head.url, env=head.env)
-        assert "jobs/classify.py" in listing.stdout  # the entrypoints as the dashboard shows them
-
-        outputs = [
-            denied.stdout,
-            denied.stderr,
-            train.stdout,
-            train.stderr,
-            job.stdout,
-            job.stderr,
-            listing.stdout,
-            listing.stderr,
-        ]
-        for obj in client.list_objects_v2(Bucket="insect-jobs")["Contents"]:
-            outputs.append(
-                client.get_object(Bucket="insect-jobs", Key=obj["Key"])["Body"]
-                .read()
-                .decode("latin-1")
-            )
-        with open(head.log.name) as f:
-            session = re.search(r"(/tmp/ray[^/]*/session_[^/]+)/logs", f.read())
-        assert session, "head log names its session"
-        for dirpath, _, files in os.walk(session.group(1) + "/logs"):
-            for name in files:
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    outputs.append(f.read().decode("latin-1"))
-        assert len(outputs) > 20
-        assert not [o[:200] for o in outputs if s3_server.secret in o]
-        assert not [o[:200] for o in outputs if token in o]  # nor the Ray token
-    finally:
-        head.stop()
+    denied = head.submit("train.py", "--help", RAY_AUTH_TOKEN="wrong-" + token)
+    assert denied.returncode != 0
+    assert "AuthenticationError" in denied.stderr and "token is invalid" in denied.stderr
+    train = head.submit(
+        "train.py", "s3://insect-jobs/labelled", "--output", "s3://insect-jobs/model",
+        "--storage", "s3://insect-jobs/runs", *SMALL,
+    )  # fmt: skip
+    assert train.returncode == 0 and "succeeded" in train.stdout, train.stdout[-3000:]
+    assert "epoch 1/1" in train.stdout
+    job = head.submit(
+        "classify.py", "s3://insect-jobs/images", "--model", "s3://insect-jobs/model",
+        "--output", "s3://insect-jobs/predictions",
+    )  # fmt: skip
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:]
+    _check_model("s3://insect-jobs/model")
+    _check_outputs("s3://insect-jobs/predictions", len(unlabelled))
+    listing = run_cli("ray", "job", "list", "--address", head.url, env=head.env)
+    assert "jobs/classify.py" in listing.stdout  # the entrypoints as the dashboard shows them
+    outputs = [r.stdout for r in (denied, train, job, listing)]
+    outputs += [r.stderr for r in (denied, train, job, listing)]
+    for obj in client.list_objects_v2(Bucket="insect-jobs")["Contents"]:
+        body = client.get_object(Bucket="insect-jobs", Key=obj["Key"])["Body"].read()
+        outputs.append(body.decode("latin-1"))
+    with open(head.log.name) as f:
+        session = re.search(r"(/tmp/ray[^/]*/session_[^/]+)/logs", f.read())
+    assert session, "head log names its session"
+    for dirpath, _, files in os.walk(session.group(1) + "/logs"):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                outputs.append(f.read().decode("latin-1"))
+    return outputs
 
 
-def test_stop_stops_only_its_own_head(ray_local, tmp_path):
-    """cluster/stop.sh stops the head cluster/start-head.sh started (every process naming
-    its folder), and not the test session's own Ray beside it."""
-    head = Head(tmp_path, "--no-auth")
-    try:
-        temp_dir = f"/tmp/ray-insect-{head.port}"
-        assert _processes_naming(temp_dir), "the head's processes name its folder"
-        env = {**head.env, "RAY_PORT": str(head.port), "GRACE": "20"}
-        result = subprocess.run(
-            ["bash", str(REPO / "cluster" / "stop.sh")], env=env, capture_output=True, text=True
-        )
-        assert result.returncode == 0 and "stopping the Ray head" in result.stdout, result
-        assert not _processes_naming(temp_dir)
-        assert head.proc.wait(timeout=30) is not None
-        assert ray.is_initialized() and ray.get(ray.remote(lambda: 1).remote()) == 1
-    finally:
-        head.stop()
+def _stop_sh_stops_only(head: Head) -> None:
+    temp_dir = f"/tmp/ray-insect-{head.port}"
+    assert _processes_naming(temp_dir), "the head's processes name its folder"
+    env = {**head.env, "RAY_PORT": str(head.port), "GRACE": "20"}
+    result = subprocess.run(
+        ["bash", str(REPO / "cluster" / "stop.sh")], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "stopping the Ray head" in result.stdout, result
+    assert not _processes_naming(temp_dir)
+    assert head.proc.wait(timeout=30) is not None
+    assert ray.is_initialized() and ray.get(ray.remote(lambda: 1).remote()) == 1
 
 
 def _processes_naming(folder: str) -> list[int]:

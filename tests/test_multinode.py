@@ -17,7 +17,7 @@ from insectlib.model.meta import read_meta
 from tests.conftest import REPO
 
 
-def run_multinode(*args: str, timeout: int = 400) -> dict:
+def run_multinode(*args: str, timeout: int = 600) -> dict:
     r = subprocess.run(
         [sys.executable, str(REPO / "tests" / "multinode.py"), *args],
         capture_output=True,
@@ -36,29 +36,30 @@ def shapes(model_uri: str) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
-def test_training_spread_over_two_nodes_with_s3_storage(s3_server, labelled_root, trained):
-    _, single_node = trained
+def test_training_over_two_nodes_then_classification_losing_one(
+    s3_server, labelled_root, trained, tmp_path
+):
+    """Training on two worker nodes (one worker each) with S3 run storage; then
+    classification with the model it wrote, one node removed mid-run: every input once."""
+    trained_cfg, single_node = trained
     s3_server.client().create_bucket(Bucket="multinode")
-    output = "s3://multinode/models/m1"
-    result = run_multinode("train", labelled_root, "s3://multinode/runs", output)
-    assert result["epochs"] == [1, 2]
-    meta = read_meta(output)
+    model = "s3://multinode/models/m1"
+    images = set(synthetic.make_unlabelled(str(tmp_path / "images"), count=160, size=(64, 48)))
+    out = tmp_path / "out"
+    result = run_multinode(labelled_root, "s3://multinode/runs", model, str(tmp_path / "images"),
+                           str(out))  # fmt: skip
+    assert result["train"]["epochs"] == [1, 2]
+    meta = read_meta(model)
     assert meta.classes == single_node.classes and meta.arch == single_node.arch
-    trained_cfg, _ = trained
-    assert shapes(output) == shapes(trained_cfg.output)
+    assert shapes(model) == shapes(trained_cfg.output)
     checkpoints = storage.filesystem("s3://multinode/runs/multinode")[0].ls(
         "multinode/runs/multinode"
     )
     assert sum("checkpoint_" in c and not c.endswith(".json") for c in checkpoints) >= 1
 
-
-def test_classification_survives_losing_a_node(trained, tmp_path):
-    cfg, _ = trained
-    images = set(synthetic.make_unlabelled(str(tmp_path / "images"), count=160, size=(64, 48)))
-    out = tmp_path / "out"
-    result = run_multinode("classify", str(tmp_path / "images"), cfg.output, str(out))
-    assert result["node_removed_before_the_end"], "the node must be lost mid-run"
+    classified = result["classify"]
+    assert classified["node_removed_before_the_end"], "the node must be lost mid-run"
     paths = pq.read_table(out, columns=["path"]).column("path").to_pylist()
-    assert result["rows"] == result["inputs"] == len(paths) == len(set(paths)) == len(images)
+    assert classified["rows"] == classified["inputs"] == len(paths) == len(set(paths))
     assert set(paths) == images
     assert os.path.exists(out / "_SUCCESS")

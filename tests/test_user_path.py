@@ -174,15 +174,28 @@ def test_the_readmes_commands_from_another_folder(trained, labelled_root, unlabe
             words = line.split("#")[0].split()
             if words[:1] == ["insect"]:
                 commands.setdefault(words[1], words)
-    small = {"train": ["--weights", "random", "--image-size", "32", "--no-augment"]}
+    small = {
+        "train": ["--weights", "random", "--image-size", "32", "--no-augment", "--epochs", "1"]
+        + ["--progress-every", "0"]  # a line per step
+    }
     env = {"RAY_ADDRESS": _session_address()}
-    outputs = []
+    outputs, results = [], {}
     for command, words in commands.items():
         result = run_cli("insect", *words[1:], *small.get(command, []), env=env, cwd=home)
         assert result.returncode == 0, (words, result.stdout[-2000:], result.stderr[-2000:])
         assert "Traceback" not in result.stderr
         outputs.append(result.stdout)
+        results[command] = result
     assert ["train", "classify", "summary", "evaluate"] == list(commands)[:4]
+    train, classified, n = results["train"].stdout, results["classify"], len(unlabelled)
+    assert re.search(r"epoch 1/1: step 1/\d+, [\d.]+ img/s", train), train
+    assert "epoch 1/1: train loss" in train and "validation accuracy" in train
+    assert f"{n} images -> {n} rows (0 with errors)" in classified.stdout
+    bar = rf"classified: 100%.*\b{n}/{n} \[.*img/s\]"
+    assert re.search(bar, classified.stderr), classified.stderr
+    # Ray Data's own progress (INFO lines where stderr is not a terminal) stays off it.
+    assert "Execution plan" not in classified.stderr
+    assert "logging_progress" not in classified.stderr
     meta = json.loads((home / "models" / "m1" / layout.META_FILE).read_text())
     assert meta["data"]["root"] == str(home / "data" / "insects")
     success = json.loads((home / "predictions" / layout.SUCCESS_FILE).read_text())
