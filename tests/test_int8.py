@@ -88,6 +88,7 @@ def batch_of(paths: list[str]) -> np.ndarray:
     return np.stack([transform(decode(open(p, "rb").read())).numpy() for p in paths])
 
 
+@pytest.mark.slow  # quantizes and compiles: tens of seconds
 def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, recwarn):
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
     made = int8_statistics.measure(model_dir, meta, None, 8, LIMITS)
@@ -156,6 +157,7 @@ def test_calibration_is_kept_and_rebuilds_the_same_model(tmp_path, labelled, rec
     assert int8.load(model_dir, meta) is None
 
 
+@pytest.mark.slow  # quantizes and compiles: tens of seconds
 def test_int8_weights_compile_to_what_inductor_would_fold(tmp_path, labelled, monkeypatch):
     model_dir, meta = small_model_dir(tmp_path, data=labelled, varied=True)
     kept = int8_statistics.measure(model_dir, meta, None, 8, LIMITS)
@@ -254,6 +256,7 @@ def test_weights_are_quantized_in_blocks(monkeypatch, axis):
     assert torch.equal(blocked, whole) and blocked.dtype == torch.int8
 
 
+@pytest.mark.slow  # quantizes and compiles: tens of seconds
 def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
     assert int8.load(model_dir, meta) is None
@@ -334,6 +337,7 @@ def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
     assert int8.load(model_dir, meta) is None
 
 
+@pytest.mark.slow  # quantizes and compiles: tens of seconds
 def test_interleaved_calibrations_are_calibrated_again(tmp_path, labelled, capsys):
     """Two runs calibrating one model directory at once write two files each: whichever
     record and statistics are left, a later run never fails on them, and never uses
@@ -353,6 +357,7 @@ def test_interleaved_calibrations_are_calibrated_again(tmp_path, labelled, capsy
     )
 
 
+@pytest.mark.slow  # quantizes and compiles: tens of seconds
 def test_statistics_of_another_model_are_refused(tmp_path, labelled):
     small, small_meta = small_model_dir(tmp_path / "a", data=labelled)
     other, _ = small_model_dir(tmp_path / "b", arch="shufflenet_v2_x0_5", data=labelled)
