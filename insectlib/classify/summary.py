@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 
 from insectlib import layout, storage
-from insectlib.classify import outputs
+from insectlib.classify import duplicates, outputs
 from insectlib.config import SummaryConfig
 from insectlib.errors import InsectError
 
@@ -167,10 +167,13 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
 
 def _stale_success(output: str, manifest: dict, s3: storage.S3Options) -> str | None:
     """Why `_SUCCESS` is no longer true of the parts (the rows it counts, each path once:
-    what it was written for), or None."""
-    if manifest.get("rows") != _rows_on_disk(output, s3):
+    what it was written for), or None. The parts' footers are read once for both."""
+    fs, _ = storage.filesystem(output, s3)
+    footers = outputs.check_parts(fs, outputs.part_entries(outputs.list_entries(output, s3)))
+    complete = sorted(name for name, footer in footers.items() if footer is not None)
+    if manifest.get("rows") != sum(footers[name].num_rows for name in complete):
         return f"{layout.SUCCESS_FILE} says {manifest.get('rows')} rows, the parts differ"
-    repeated = outputs.duplicated_paths(output, s3)
+    repeated = duplicates.duplicates(fs, complete)
     if repeated:
         return f"paths with more than one row: {len(repeated)}; run again with --resume"
     return None
@@ -189,13 +192,6 @@ def _manifest(output: str, s3: storage.S3Options) -> dict:
         except (ValueError, KeyError, TypeError) as e:
             raise InsectError(f"{uri} is not a valid insect manifest: {e}") from None
     return {**manifest, "seconds": seconds}
-
-
-def _rows_on_disk(output: str, s3: storage.S3Options) -> int:
-    """Rows in insect's complete parts, from their footers."""
-    fs, _ = storage.filesystem(output, s3)
-    footers = outputs.check_parts(fs, outputs.part_entries(outputs.list_entries(output, s3)))
-    return sum(f.num_rows for f in footers.values() if f is not None)
 
 
 def format_summary(summary: dict, output: str) -> str:
