@@ -12,6 +12,8 @@ from what the results give (a test runs it). A result file no section knows is l
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fnmatch
 import json
 import math
 import re
@@ -1100,6 +1102,140 @@ def review(data: Result, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Actor shapes: bench/shapes.py, one file per CPU.
+
+SHAPES_WHY = """
+Model alone: `Predictor` on batches already decoded, as one process with {cores} threads
+(1x{cores}) and as {cores} one-thread processes at once ({cores}x1), the better of the two.
+Classify: `insect classify` at steady state (rows between its first and last Parquet part
+over the time between them), on {images} high-entropy 1024x768 camera JPEGs, in its default
+shape and in the shapes tried; photos: the shared insect photos scaled to 1024x768. The
+goal is a default at 90% of the model alone or more, and never below the plain loop.
+"""
+
+
+def best_alone(data: Result, precision: str) -> tuple[float, str]:
+    """The fastest model-alone figure of `precision`, and how it ran (eager 2x1, ...)."""
+    found = [
+        (rate_, f"{kind.split(' ', 1)[1]} {shape}")
+        for kind, shapes in data["model_alone"].items()
+        if kind.split(" ", 1)[0] == precision
+        for shape, rate_ in shapes.items()
+        if shape != "build_seconds"
+    ]
+    return max(found)
+
+
+def shape_name(shape: Result) -> str:
+    compiled = ", compiled" if shape["compile"] else ""
+    return f"{shape['actors']}x{shape['cpus_per_actor']:g}{compiled}"
+
+
+def shapes_rows(data: Result) -> list[list[str]]:
+    rows = []
+    for precision in data["precisions"]:
+        alone, how = best_alone(data, precision)
+        runs = data["classify"]
+        default = runs[f"{precision} camera default"]
+        tried = [
+            f"{key.rsplit(' ', 1)[1]}: {rate(r['steady'])}"
+            for key, r in runs.items()
+            if key.startswith(f"{precision} camera ") and not key.endswith(" default")
+        ]
+        photos = runs.get(f"{precision} photos default")
+        plain = data["plain_loop"].get(precision)
+        rows.append([
+            precision, f"{rate(alone)} ({how})", rate(plain) if plain else "not measured",
+            f"{rate(default['steady'])} ({shape_name(default['shape'])})",
+            pct(default["steady"] / alone), ", ".join(tried),
+            rate(photos["steady"]) if photos else "no photos",
+        ])  # fmt: skip
+    return rows
+
+
+def compile_break_even(data: Result, precision: str) -> tuple[float, float, str] | None:
+    """(extra build seconds, seconds saved per image per actor, shape) of compiling in the
+    default's shape; None where `precision` was not measured both ways."""
+    eager, compiled = (data["model_alone"].get(f"{precision} {k}") for k in ("eager", "compiled"))
+    if not eager or not compiled:
+        return None
+    shape = data["classify"][f"{precision} camera default"]["shape"]
+    key = f"{shape['actors']}x{shape['cpus_per_actor']:g}"
+    per_actor = [v[key] / shape["actors"] for v in (eager, compiled)]
+    return (
+        compiled["build_seconds"] - eager["build_seconds"],
+        1 / per_actor[0] - 1 / per_actor[1],
+        key,
+    )
+
+
+def compile_pays_from(data: Result, precision: str) -> str | None:
+    """Images per actor from which compiling repays its start-up, in words."""
+    found = compile_break_even(data, precision)
+    if found is None:
+        return None
+    extra, saved, key = found
+    if saved <= 0:
+        return f"for {precision}, compiling saved nothing per image ({key})"
+    return (
+        f"for {precision}, {secs(extra)} s more to build, {secs(saved)} s less per image per "
+        f"actor ({key}), so compiling pays from {num(extra / saved, 0)} images per actor"
+    )
+
+
+def shapes(data: Result, name: str) -> str:
+    cores = next(k[2:] for v in data["model_alone"].values() for k in v if k.startswith("1x"))
+    builds = ", ".join(
+        f"{kind} {secs(v['build_seconds'])} s" for kind, v in data["model_alone"].items()
+    )
+    statistics = data.get("int8_statistics_seconds")
+    pays = [p for p in (compile_pays_from(data, x) for x in data["precisions"]) if p]
+    return paragraphs(
+        f"{clean(data['model'])}, images per second on {machine_of(data)}.",
+        provenance(command("shapes.py", f"--images {data['images']}", name), name, data),
+        table(
+            [
+                "precision",
+                "model alone",
+                "plain loop",
+                "classify, default shape",
+                "of the model alone",
+                "classify, shapes tried",
+                "photos, default",
+            ],
+            "lrrrrlr",
+            shapes_rows(data),
+        ),  # fmt: skip
+        SHAPES_WHY.format(cores=cores, images=data["images"]),
+        f"Building the model in an actor took {builds}"
+        + (f"; the int8 statistics, {secs(statistics)} s." if statistics else "."),
+        sentence("; ".join(pays) + ".") if pays else "",
+    )
+
+
+def cpu_split(data: Result, name: str) -> str:
+    used, cores = data["cpu_seconds_by_kind"], data["core_seconds"]
+    idle = max(0.0, cores - sum(used.values()))
+    rows = [
+        [kind, secs(t), pct(t / cores)] for kind, t in sorted(used.items(), key=lambda x: -x[1])
+    ]
+    rows.append(["idle", secs(idle), pct(idle / cores)])
+    decode, model = (data["per_image_seconds"][k] for k in ("decode", "model, one thread"))
+    run = data["classify"]
+    return paragraphs(
+        f"Where the CPUs go while `insect classify` runs at steady state ({clean(data['model'])}, "
+        f"{data['precision']}, {data['images']} camera JPEGs, default shape "
+        f"{shape_name(run['shape'])}: {rate(run['steady'])} images/s).",
+        provenance(command("cpu_split.py", f"--images {data['images']}", name), name, data),
+        table(["process", "CPU seconds", "of the cores"], "lrr", rows),
+        f"Over the {secs(data['window_seconds'])} s between the first and the last Parquet "
+        f"part. In an actor, one image costs {secs(decode)} s to read, decode and resize and "
+        f"{secs(model)} s in the model on one thread: decoding is {pct(decode / (decode + model))} "
+        "of an actor's work.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The page: which file feeds which section, in reading order.
 
 Render = Callable[..., str]
@@ -1108,7 +1244,7 @@ Render = Callable[..., str]
 @dataclass(frozen=True)
 class Section:
     title: str
-    file: str  # the section is rendered where this file exists
+    file: str  # the section is rendered where this file exists; a pattern: once per file
     render: Render
     also: str | None = None  # a second file the section uses where it exists
 
@@ -1125,6 +1261,8 @@ SECTIONS = [
     Section("Scale and memory", "scaling-1m.json", scaling, also="scaling.json"),
     Section("S3 listing", "s3_listing.json", s3_listing),
     Section("Blocks", "blocks.json", blocks),
+    Section("Actor shapes", "shapes-*.json", shapes),
+    Section("Where the CPUs go", "cpu-split-*.json", cpu_split),
     Section("The review page", "review-cpu-amd-epyc.json", review),
 ]
 
@@ -1152,6 +1290,17 @@ def load(folder: Path) -> dict[str, Result | None]:
             data = None
         results[path.name] = data if isinstance(data, dict) else None
     return results
+
+
+def expand(section: Section, results: dict[str, Result | None]) -> list[Section]:
+    """`section`, or one per result file its pattern matches, titled by the file's machine."""
+    if "*" not in section.file:
+        return [section]
+    return [
+        dataclasses.replace(section, file=name, title=f"{section.title}: {machine_of(data or {})}")
+        for name, data in results.items()
+        if fnmatch.fnmatch(name, section.file)
+    ]
 
 
 def render_section(section: Section, results: dict[str, Result | None]) -> str:
@@ -1182,7 +1331,7 @@ def page(folder: Path = RESULTS) -> str:
     """The whole page from the result files in `folder`."""
     results = load(folder)
     parts, used, notes = [HEADER.strip()], set(), {}
-    for section in SECTIONS:
+    for section in (one for each in SECTIONS for one in expand(each, results)):
         if section.file not in results:
             continue
         try:

@@ -31,6 +31,7 @@ SHARED_INSECTS = REPO.parent / "shared" / "data" / "insects"
 
 # Small everything: the suite must stay well under CI's budget on 2 cores.
 TEST_IMAGE_SIZE = 64
+SESSION_ARCH = "resnet18"  # the session's model (`trained`), and what compares with it
 
 
 def pytest_collection_modifyitems(items):
@@ -133,9 +134,22 @@ def unlabelled(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def trained(ray_local, labelled_root, tmp_path_factory):
-    """VGG-16 (random trunk) fine-tuned once with 2 workers; returns (config, meta)."""
+    """A ResNet-18 (random trunk) fine-tuned once with 2 workers; returns (config, meta).
+    Not VGG-16: a tenth of its compute and weights, in every run that uses this model (the
+    README's commands train and classify the default VGG-16)."""
     work = tmp_path_factory.mktemp("trained")
-    cfg = small_train_config(labelled_root, work, lr=0.003, workers=2, name="session")
+    cfg = small_train_config(
+        labelled_root, work, arch=SESSION_ARCH, lr=0.003, workers=2, name="session"
+    )
+    return cfg, fit(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_vgg(ray_local, labelled_root, tmp_path_factory):
+    """VGG-16, the product's default (random trunk), fine-tuned once with one worker, for
+    the tests about VGG-16 itself (its feature maps, its int8 path); returns (config, meta)."""
+    work = tmp_path_factory.mktemp("trained-vgg")
+    cfg = small_train_config(labelled_root, work, lr=0.003, name="vgg")
     return cfg, fit(cfg)
 
 
@@ -153,11 +167,12 @@ def calibrated(trained, tmp_path_factory):
 
 def small_train_config(data: str, work, **overrides) -> TrainConfig:
     """The tests' training run: random weights, TEST_IMAGE_SIZE, no augmentation, batches
-    of 8 (more steps: a random trunk's features need them), every checkpoint kept, the
-    model and run storage under `work` (a folder or s3:// prefix); `overrides` for what a
-    test is about."""
+    of 8 (more steps: a random trunk's features need them), one worker (each costs a
+    process start: seconds here), every checkpoint kept, the model and run storage under
+    `work` (a folder or s3:// prefix); `overrides` for what a test is about."""
     settings = dict(
         data=data,
+        workers=1,
         output=storage.join(str(work), "model"),
         weights="random",
         image_size=TEST_IMAGE_SIZE,

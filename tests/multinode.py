@@ -3,10 +3,11 @@
 A separate process from pytest's, which holds its own local Ray (a process joins one Ray
 cluster at a time). Usage, from tests/test_multinode.py:
 
-    python tests/multinode.py DATA STORAGE MODEL IMAGES PREDICTIONS
+    python tests/multinode.py ARCH DATA STORAGE MODEL IMAGES PREDICTIONS
 
-trains MODEL on two worker nodes, then classifies IMAGES with it into PREDICTIONS while
-one of the nodes is removed (one cluster for both: its start is most of the time).
+trains MODEL (a torchvision ARCH) on two worker nodes, then classifies IMAGES with it into
+PREDICTIONS while one of the nodes is removed (one cluster for both: its start is most of
+the time).
 
 Prints one JSON line of results last.
 """
@@ -39,7 +40,7 @@ def start_cluster(workers: int) -> tuple[Cluster, list]:
     return cluster, nodes
 
 
-def train(data: str, storage: str, output: str) -> dict:
+def train(arch: str, data: str, storage: str, output: str) -> dict:
     from insectlib.config import TrainConfig
     from insectlib.training.trainer import fit
 
@@ -47,6 +48,7 @@ def train(data: str, storage: str, output: str) -> dict:
         TrainConfig(
             data=data,
             output=output,
+            arch=arch,
             weights="random",
             image_size=64,
             augment=False,
@@ -95,10 +97,10 @@ def classify(cluster: Cluster, nodes: list, images: str, model: str, output: str
 
 
 if __name__ == "__main__":
-    data, storage, model, images, predictions = sys.argv[1:]
+    arch, data, storage, model, images, predictions = sys.argv[1:]
     cluster, nodes = start_cluster(2)
     result = {
-        "train": train(data, storage, model),
+        "train": train(arch, data, storage, model),
         "classify": classify(cluster, nodes, images, model, predictions),
     }
     ray.shutdown()

@@ -51,11 +51,11 @@ def test_fitted_temperature_recovers_the_true_one():
     np.testing.assert_allclose(back, C.probabilities(logits), atol=1e-5)
 
 
-def test_an_over_confident_model_is_calibrated_without_changing_a_prediction(trained):
+def test_an_over_confident_model_is_calibrated_without_changing_a_prediction(trained_vgg):
     """The session's model with its head's weights replaced by large random ones: often
     wrong, and sure of itself. The fitted temperature is large, ECE and NLL fall, and
     every top-1 prediction stays."""
-    cfg, meta = trained
+    cfg, meta = trained_vgg
     model, _ = load_model(cfg.output)
     head = model.get_submodule(meta.head)
     torch.manual_seed(0)

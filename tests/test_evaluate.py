@@ -15,7 +15,7 @@ from PIL import Image
 from insectlib.classify.evaluate import evaluate, print_metrics
 from insectlib.config import EvaluateConfig
 from insectlib.data.images import decode, eval_transform, normalize
-from insectlib.metrics.confidence import expected_calibration_error
+from insectlib.metrics.confidence import MIN_TEMPERATURE_IMAGES, expected_calibration_error
 from insectlib.metrics.scores import classification_metrics
 from insectlib.model.network import load_model
 from insectlib.review.visualize import feature_maps
@@ -133,13 +133,15 @@ def test_training_writes_metrics_curves_and_report(trained):
     assert "![reliability diagram](reliability.png)" in report
     if validation["accuracy"] == 1.0:  # nothing to fit against: no temperature
         assert meta.temperature is None and "No temperature: every validation image" in report
+    elif validation["images"] < MIN_TEMPERATURE_IMAGES:  # too few to trust a fit
+        assert meta.temperature is None and "too few to fit a temperature on" in report
     else:
         assert meta.temperature and c["nll_after"] <= c["nll_before"] + 1e-9
     assert_picture(model_dir / "reliability.png")
 
 
-def test_feature_map_shapes(trained, unlabelled):
-    cfg, meta = trained  # VGG-16 at 64 px
+def test_feature_map_shapes(trained_vgg, unlabelled):
+    cfg, meta = trained_vgg  # VGG-16 at 64 px
     model, _ = load_model(cfg.output)
     image = decode(open(sorted(unlabelled)[0], "rb").read())
     x = normalize(eval_transform(meta.image_size)(image).unsqueeze(0))[0]
@@ -152,12 +154,12 @@ def test_feature_map_shapes(trained, unlabelled):
     assert (maps[0][2] < 0).any() and (maps[1][2] >= 0).all()
 
 
-def test_visualize_cli(trained, unlabelled, tmp_path, capsys):
+def test_visualize_cli(trained_vgg, unlabelled, tmp_path, capsys):
     """In-process (no Ray, one torch import: 3 subprocesses took 25 s); the installed
     `insect` entry point is run by test_cluster."""
     from insectlib.cli.main import main
 
-    cfg, _ = trained
+    cfg, _ = trained_vgg
     image = sorted(unlabelled)[0]
     out = tmp_path / "maps"
     assert main(["visualize", image, "--model", cfg.output, "--layers", "1,28",

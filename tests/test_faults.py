@@ -139,6 +139,7 @@ def train_config(data: str, tmp_path: Path, **kw) -> TrainConfig:
         data,
         tmp_path,
         epochs=3,
+        workers=2,  # as the CLI's default in the resume test
         name="run",
         cache_features=False,  # every epoch takes its time: room for a kill mid-run
         **kw,

@@ -413,11 +413,11 @@ def test_evaluate_int8(ray_local, tmp_path, labelled):
         EvaluateConfig(data="d", model="m", int8_images="c").validate()
 
 
-def test_classify_int8_end_to_end(trained, unlabelled, tmp_path, capsys):
+def test_classify_int8_end_to_end(trained_vgg, unlabelled, tmp_path, capsys):
     """The session's VGG-16: calibrated on its own validation images in the driver, run
     int8 by the actors, rows that agree with fp32; auto picks int8 only with a record that
     passed; a resume refuses rows of another precision's model."""
-    cfg, meta = trained
+    cfg, meta = trained_vgg
     model_dir = str(tmp_path / "model")
     shutil.copytree(cfg.output, model_dir)  # the session's model must stay without int8
     folder = os.path.dirname(next(iter(unlabelled)))

@@ -46,8 +46,10 @@ def test_training_over_two_nodes_then_classification_losing_one(
     model = "s3://multinode/models/m1"
     images = set(synthetic.make_unlabelled(str(tmp_path / "images"), count=160, size=(64, 48)))
     out = tmp_path / "out"
-    result = run_multinode(labelled_root, "s3://multinode/runs", model, str(tmp_path / "images"),
-                           str(out))  # fmt: skip
+    result = run_multinode(
+        single_node.arch, labelled_root, "s3://multinode/runs", model,
+        str(tmp_path / "images"), str(out),
+    )  # fmt: skip
     assert result["train"]["epochs"] == [1, 2]
     meta = read_meta(model)
     assert meta.classes == single_node.classes and meta.arch == single_node.arch

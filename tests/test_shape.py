@@ -3,10 +3,15 @@ holds the measurements it follows), and what overrides it."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+
 import pytest
 
 from insectlib.classify import shape
 from insectlib.config import ClassifyConfig
+from tests.conftest import REPO
 
 ZEN3 = frozenset({"avx2", "fma"})  # AVX2 only: fp32, and int8 on vpmaddubsw
 ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
@@ -61,3 +66,28 @@ def test_compile_auto_pays_only_on_long_enough_runs():
         assert not short.compile and long.compile
     assert shape.choose(_cfg(compile="on"), "fp32", TWO_CORES, 32, ZEN3).compile
     assert shape.choose(_cfg(), "int8", TWO_CORES, 32, ZEN3).compile  # int8 runs compiled
+
+
+def _performance_page():
+    path = REPO / "bench" / "performance_page.py"
+    spec = importlib.util.spec_from_file_location("performance_page", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_compile_threshold_follows_the_measured_break_even():
+    """For compute-bound precisions, COMPILE_FROM is within 25% of where compiling repaid
+    its start-up in each committed bench/shapes.py result that measured both ways."""
+    page, measured = _performance_page(), []
+    for path in sorted((REPO / "bench" / "results").glob("shapes-*.json")):
+        data = json.loads(path.read_text())
+        for precision in data["precisions"]:
+            found = page.compile_break_even(data, precision)
+            if found and not shape.fast_arithmetic(precision, frozenset()):
+                extra, saved, _ = found
+                measured.append(extra / saved)
+    assert measured, "no shapes result measures compiling both ways"
+    for break_even in measured:
+        assert 0.75 < shape.COMPILE_FROM[False] / break_even < 1.25, break_even

@@ -31,7 +31,7 @@ def test_train_two_workers_reports_and_checkpoints_every_epoch(trained):
 def test_model_directory_is_self_describing(trained):
     cfg, meta = trained
     assert meta.classes == ["beetles", "cockroach", "dragonflies"]
-    assert meta.arch == "vgg16" and meta.image_size == 64 and meta.head == "classifier.6"
+    assert meta.arch == "resnet18" and meta.image_size == 64 and meta.head == "fc"
     assert meta.data["counts"]["train"] == {c: 24 for c in meta.classes}
     assert {"torch", "torchvision", "torchao", "ray", "insect"} <= set(meta.versions)
 

@@ -176,7 +176,7 @@ def test_the_readmes_commands_from_another_folder(trained, labelled_root, unlabe
                 commands.setdefault(words[1], words)
     small = {
         "train": ["--weights", "random", "--image-size", "32", "--no-augment", "--epochs", "1"]
-        + ["--progress-every", "0"]  # a line per step
+        + ["--progress-every", "0", "--workers", "1"]  # a line per step
     }
     env = {"RAY_ADDRESS": _session_address()}
     outputs, results = [], {}
@@ -198,6 +198,7 @@ def test_the_readmes_commands_from_another_folder(trained, labelled_root, unlabe
     assert "logging_progress" not in classified.stderr
     meta = json.loads((home / "models" / "m1" / layout.META_FILE).read_text())
     assert meta["data"]["root"] == str(home / "data" / "insects")
+    assert meta["arch"] == "vgg16" and meta["head"] == "classifier.6"  # the product's default
     success = json.loads((home / "predictions" / layout.SUCCESS_FILE).read_text())
     assert success["input"] == str(home / "photos")
     assert f"`{home / 'data' / 'insects'}`" in (home / "models" / "m1" / "report.md").read_text()

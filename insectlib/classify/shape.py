@@ -107,9 +107,10 @@ def _batches(cfg: ClassifyConfig, seen: int) -> int:
 
 
 # Images per actor from which compiling pays, by whether the arithmetic is fast: compiling
-# costs each actor seconds to a minute and saves a share of each batch (measured per CPU
-# and precision: docs/performance.md).
-COMPILE_FROM = {True: 1000, False: 1000}
+# costs each actor seconds to a minute and saves a share of each batch. Compute-bound: the
+# break-even bench/shapes.py measured (docs/performance.md, "Actor shapes"; a test holds
+# this to it); fast: the start-up and gain bench/inference.py measured on a Zen 4.
+COMPILE_FROM = {True: 1000, False: 640}
 
 
 def compiles(

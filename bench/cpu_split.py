@@ -1,0 +1,156 @@
+"""Where the CPUs go while `insect classify` runs at steady state: a profile of the run by
+process, measured from /proc, beside the decode and model cost of one image in an actor.
+
+  by process    every process's CPU seconds (utime + stime, sampled every 0.25 s) between
+                the run's first and last Parquet part, grouped by what the process is:
+                the model actors (decoding fused in), the driver (this process: Ray Data's
+                scheduling loop, and this sampler), Ray's own daemons (raylet, GCS, agents),
+                other Ray workers (the Parquet writes, the progress actor, listing)
+  per image     decoding and preprocessing one camera JPEG on one core (`image_batch`), and
+                the model on one image in a one-thread actor (`Predictor`, decoded batches)
+
+    .venv/bin/python bench/cpu_split.py [--images 256] [--precision fp32]
+
+VGG-16 at 224 px, random weights, high-entropy 1024x768 camera JPEGs (bench/shapes.py's).
+Writes bench/results/cpu-split-<cpu>.json; docs/performance.md renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import tempfile
+import threading
+import time
+
+from common import RESULTS, write_result
+from shapes import BATCH, SIZE, _model_rate, camera_jpegs, classify_rate, make_model
+
+from insectlib.model.precision import cpu_name
+
+TICK = os.sysconf("SC_CLK_TCK")
+DAEMONS = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
+
+
+def kind_of(pid: int, cmdline: str) -> str:
+    """What a process is, by its command line (Ray names its workers `ray::<what>`)."""
+    if pid == os.getpid():
+        return "driver"
+    if "Predictor" in cmdline:
+        return "model actors"
+    if cmdline.startswith("ray::"):
+        return "other Ray workers"
+    if any(
+        d in cmdline for d in ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor")
+    ):
+        return "Ray daemons"
+    return "other"
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """{pid: (kind, CPU seconds so far)} of every process."""
+    found = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        pid = int(stat.split("/")[2])
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile
+            continue
+        found[pid] = (kind_of(pid, cmdline), (int(fields[11]) + int(fields[12])) / TICK)
+    return found
+
+
+class Sampler(threading.Thread):
+    """Samples `cpu_seconds` until stopped: [(time, sample)]."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, dict]] = []
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.samples.append((time.time(), cpu_seconds()))
+            self.done.wait(0.25)
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds by kind spent from `start` to `end` (by the nearest samples); a
+        process born or gone in the window counts from or to its own samples."""
+        inside = [s for t, s in self.samples if start <= t <= end]
+        used: dict[str, float] = {}
+        for pid in {p for s in inside for p in s}:
+            seen = [s[pid] for s in inside if pid in s]
+            kind, before = inside[0].get(pid, (seen[0][0], 0.0))
+            used[kind] = used.get(kind, 0.0) + seen[-1][1] - before
+        return used
+
+
+def parts_window(output: str) -> tuple[float, float]:
+    times = sorted(os.path.getmtime(p) for p in glob.glob(os.path.join(output, "*.parquet")))
+    return times[0], times[-1]
+
+
+def decode_seconds(folder: str) -> float:
+    """Seconds to read, decode and preprocess one camera JPEG on one core."""
+    import numpy as np
+    import torch
+
+    from insectlib.classify.dataset import image_batch
+    from insectlib.config import DecodeLimits
+
+    torch.set_num_threads(1)
+    paths = sorted(glob.glob(os.path.join(folder, "*.jpg")))[:64]
+    batch = {"path": np.array(paths, dtype=object)}
+    image_batch(batch, SIZE, DecodeLimits(), None)  # warm-up
+    began = time.perf_counter()
+    image_batch(batch, SIZE, DecodeLimits(), None)
+    return (time.perf_counter() - began) / len(paths)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import ray
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        images = camera_jpegs(os.path.join(tmp, "camera"), args.images)
+        model = make_model(os.path.join(tmp, "model"))
+        per_image = {
+            "decode": decode_seconds(images),
+            "model, one thread": 1 / _model_rate(model, args.precision, None, 1, False, 2)[0],
+        }
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+        sampler = Sampler()
+        sampler.start()
+        out = os.path.join(tmp, "out")
+        run = classify_rate(images, model, out, precision=args.precision)
+        sampler.done.set()
+        sampler.join()
+        start, end = parts_window(out)
+        used = sampler.between(start, end)
+    report = {
+        "benchmark": "cpu split",
+        "images": args.images,
+        "model": f"vgg16 {SIZE} px",
+        "precision": args.precision,
+        "batch": BATCH,
+        "cpu": cpu_name(),
+        "classify": run,
+        "window_seconds": end - start,
+        "core_seconds": cores * (end - start),
+        "cpu_seconds_by_kind": used,
+        "per_image_seconds": per_image,
+    }
+    print(report)
+    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")
+    write_result(args.out or os.path.join(RESULTS, f"cpu-split-{name[:40]}.json"), report)
+
+
+if __name__ == "__main__":
+    main()
