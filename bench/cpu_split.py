@@ -4,8 +4,9 @@ process, measured from /proc, beside the decode and model cost of one image in a
   by process    every process's CPU seconds (utime + stime, sampled every 0.25 s) between
                 the run's first and last Parquet part, grouped by what the process is:
                 the model actors (decoding fused in), the driver (this process: Ray Data's
-                scheduling loop, and this sampler), Ray's own daemons (raylet, GCS, agents),
-                other Ray workers (the Parquet writes, the progress actor, listing)
+                scheduling loop, and this sampler), Ray's own daemons (raylet, GCS, agents)
+                with worker processes still starting (default_worker.py, importing), other
+                Ray workers (the Parquet writes, the progress actor, listing)
   per image     decoding and preprocessing one camera JPEG on one core (`image_batch`), and
                 the model on one image in a one-thread actor (`Predictor`, decoded batches)
 
@@ -30,6 +31,7 @@ from shapes import BATCH, SIZE, _model_rate, camera_jpegs, classify_rate, make_m
 from insectlib.model.precision import cpu_name
 
 TICK = os.sysconf("SC_CLK_TCK")
+# Ray's daemons, and worker processes before they take a task's name (their imports).
 DAEMONS = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
 
 
@@ -44,7 +46,7 @@ def kind_of(pid: int, cmdline: str) -> str:
     if any(
         d in cmdline for d in ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor")
     ):
-        return "Ray daemons"
+        return "Ray daemons, workers starting"
     return "other"
 
 
@@ -113,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--label", default="", help="what this run measures, for the page")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import ray
@@ -136,6 +139,7 @@ def main() -> None:
         used = sampler.between(start, end)
     report = {
         "benchmark": "cpu split",
+        "label": args.label,
         "images": args.images,
         "model": f"vgg16 {SIZE} px",
         "precision": args.precision,

@@ -1222,8 +1222,11 @@ def cpu_split(data: Result, name: str) -> str:
     rows.append(["idle", secs(idle), pct(idle / cores)])
     decode, model = (data["per_image_seconds"][k] for k in ("decode", "model, one thread"))
     run = data["classify"]
+    alone = run["shape"]["actors"] / model
+    label = f" ({clean(data['label'])})" if data.get("label") else ""
     return paragraphs(
-        f"Where the CPUs go while `insect classify` runs at steady state ({clean(data['model'])}, "
+        f"Where the CPUs go while `insect classify`{label} runs at steady state "
+        f"({clean(data['model'])}, "
         f"{data['precision']}, {data['images']} camera JPEGs, default shape "
         f"{shape_name(run['shape'])}: {rate(run['steady'])} images/s).",
         provenance(command("cpu_split.py", f"--images {data['images']}", name), name, data),
@@ -1231,7 +1234,8 @@ def cpu_split(data: Result, name: str) -> str:
         f"Over the {secs(data['window_seconds'])} s between the first and the last Parquet "
         f"part. In an actor, one image costs {secs(decode)} s to read, decode and resize and "
         f"{secs(model)} s in the model on one thread: decoding is {pct(decode / (decode + model))} "
-        "of an actor's work.",
+        f"of an actor's work. {run['shape']['actors']} such actors alone would classify "
+        f"{rate(alone)} images/s: the run's steady state is {pct(run['steady'] / alone)} of it.",
     )
 
 

@@ -32,7 +32,10 @@ from insectlib.model.predictor import Predictor, RowFormat, prediction_table
 # Ray worker process to start, which on few cores holds the first paths back (measured:
 # docs/performance.md): no more than half the CPUs.
 LISTING_TASKS = 16
-SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as small
+SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as small, on GPU
+# On CPU, where a batch takes seconds, blocks of one batch cost the driver under 1% of a run
+# this size and keep every actor busy to its end (docs/performance.md, "Where the CPUs go").
+CPU_SMALL_INPUT_BATCHES = 64
 PATH_CHARS = 128  # a long path: blocks sized with it hold one batch of predictions
 
 
@@ -113,9 +116,9 @@ def streaming_block_size(
     (128 MiB by default), so the task's paths would come out only when it ends, in blocks
     too large to spread over the actors. The same size cuts every later stage's output, and
     each block costs the driver memory and time (bench/blocks.py). So a large input gets
-    blocks of one batch of predictions (listing blocks then hold 2-4 batches of paths,
-    filled in milliseconds); a small one (under SMALL_INPUT_BATCHES batches an actor) gets
-    blocks of one batch of paths, which spread over every actor. Not with --embeddings:
+    blocks of one batch of predictions (listing blocks then hold 2-6 batches of paths,
+    filled in milliseconds); a small one (see `is_small`) gets blocks of one batch of
+    paths, which spread over every actor to the run's last batch. Not with --embeddings:
     its rows, 8 kB each for VGG-16, would leave the actors one row a block; such a small
     input is cut into batches by `pipeline` instead."""
     row_format = row_format or RowFormat()
@@ -133,9 +136,14 @@ def streaming_block_size(
     return rows.nbytes
 
 
+def small_input_batches(cfg: ClassifyConfig) -> int:
+    """Batches per actor below which an input counts as small on this run's device."""
+    return SMALL_INPUT_BATCHES if cfg.gpu else CPU_SMALL_INPUT_BATCHES
+
+
 def is_small(cfg: ClassifyConfig, seen: int) -> bool:
-    """Whether `seen` inputs make under SMALL_INPUT_BATCHES batches for each actor."""
-    return seen < SMALL_INPUT_BATCHES * cfg.batch_size * max_actors(cfg)
+    """Whether `seen` inputs make under `small_input_batches` batches for each actor."""
+    return seen < small_input_batches(cfg) * cfg.batch_size * max_actors(cfg)
 
 
 def listing_tasks(parts: int) -> int:
@@ -233,7 +241,15 @@ def prediction_dataset(
             "limits": cfg.limits,
         },
         batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(min_size=min_actors, max_size=actors),
+        compute=ActorPoolStrategy(
+            min_size=min_actors,
+            max_size=actors,
+            # On CPU, a block at a time: a block is a few batches of seconds each, and with
+            # more in flight the first actor to start took every block there was, leaving
+            # the others idle (docs/performance.md, "Where the CPUs go"). A GPU's batches
+            # take milliseconds: Ray Data's default keeps its next input on the way.
+            max_tasks_in_flight_per_actor=None if cfg.gpu else 1,
+        ),
         num_cpus=shape.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )

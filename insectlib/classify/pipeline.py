@@ -121,7 +121,9 @@ def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
     compiling for), then the output made ready: the old run removed (--overwrite) or its
     finished parts found (--resume). Returns the inputs seen and what is already done."""
     cfg = plan.cfg
-    big = max(shape.COMPILE_FROM.values()) * dataset.max_actors(cfg)
+    # Counted as far as a choice depends on it: compiling, and small-input blocks.
+    per_actor = max(*shape.COMPILE_FROM.values(), dataset.small_input_batches(cfg) * cfg.batch_size)
+    big = per_actor * dataset.max_actors(cfg)
     seen = inputs.count_inputs(plan.parts, cfg.s3, big)
     removal = plan_output(cfg)  # again, under the lock: another run may have ended since
     if removal:
