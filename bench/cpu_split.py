@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import os
 import tempfile
 import threading
 import time
 
 from common import RESULTS, write_result
-from shapes import BATCH, SIZE, _model_rate, camera_jpegs, classify_rate, make_model
+from shapes import BATCH, SIZE, camera_jpegs, classify_rate, make_model, model_rate
 
 from insectlib.model.precision import cpu_name
 
@@ -43,9 +44,7 @@ def kind_of(pid: int, cmdline: str) -> str:
         return "model actors"
     if cmdline.startswith("ray::"):
         return "other Ray workers"
-    if any(
-        d in cmdline for d in ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor")
-    ):
+    if any(d in cmdline for d in DAEMONS):
         return "Ray daemons, workers starting"
     return "other"
 
@@ -78,14 +77,15 @@ class Sampler(threading.Thread):
             self.done.wait(0.25)
 
     def between(self, start: float, end: float) -> dict[str, float]:
-        """CPU seconds by kind spent from `start` to `end` (by the nearest samples); a
-        process born or gone in the window counts from or to its own samples."""
+        """CPU seconds by kind spent from `start` to `end` (by the nearest samples), each
+        sample's increase counted under the kind the process had then (a worker is "starting"
+        until it takes a task's name); a process born in the window counts from zero."""
         inside = [s for t, s in self.samples if start <= t <= end]
         used: dict[str, float] = {}
-        for pid in {p for s in inside for p in s}:
-            seen = [s[pid] for s in inside if pid in s]
-            kind, before = inside[0].get(pid, (seen[0][0], 0.0))
-            used[kind] = used.get(kind, 0.0) + seen[-1][1] - before
+        for before, after in itertools.pairwise(inside):
+            for pid, (kind, seconds) in after.items():
+                earlier = before[pid][1] if pid in before else 0.0
+                used[kind] = used.get(kind, 0.0) + seconds - earlier
         return used
 
 
@@ -115,7 +115,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--label", default="", help="what this run measures, for the page")
+    ap.add_argument("--label", default="", help="a word for the page's title: before, after")
+    ap.add_argument("--change", default="", help="what the label means, for the page")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import ray
@@ -126,7 +127,7 @@ def main() -> None:
         model = make_model(os.path.join(tmp, "model"))
         per_image = {
             "decode": decode_seconds(images),
-            "model, one thread": 1 / _model_rate(model, args.precision, None, 1, False, 2)[0],
+            "model, one thread": 1 / model_rate(model, args.precision, None, 1, False, 2)[0],
         }
         ray.init(address="local", include_dashboard=False, logging_level="ERROR")
         sampler = Sampler()
@@ -140,6 +141,7 @@ def main() -> None:
     report = {
         "benchmark": "cpu split",
         "label": args.label,
+        "change": args.change,
         "images": args.images,
         "model": f"vgg16 {SIZE} px",
         "precision": args.precision,

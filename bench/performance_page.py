@@ -1207,7 +1207,8 @@ def shapes(data: Result, name: str) -> str:
             shapes_rows(data),
         ),  # fmt: skip
         SHAPES_WHY.format(cores=cores, images=data["images"]),
-        f"Building the model in an actor took {builds}"
+        sentence(clean(data["note"])) + "." if data.get("note") else "",
+        f"Building the model in one process took {builds}"
         + (f"; the int8 statistics, {secs(statistics)} s." if statistics else "."),
         sentence("; ".join(pays) + ".") if pays else "",
     )
@@ -1221,21 +1222,23 @@ def cpu_split(data: Result, name: str) -> str:
     ]
     rows.append(["idle", secs(idle), pct(idle / cores)])
     decode, model = (data["per_image_seconds"][k] for k in ("decode", "model, one thread"))
-    run = data["classify"]
-    alone = run["shape"]["actors"] / model
-    label = f" ({clean(data['label'])})" if data.get("label") else ""
+    run, window = data["classify"], data["window_seconds"]
+    actors = run["shape"]["actors"]
+    # The images the actors' CPU seconds pay for, at the measured cost of one.
+    done = used.get("model actors", 0.0) / (decode + model) / window
+    change = f" ({clean(data['change'])})" if data.get("change") else ""
     return paragraphs(
-        f"Where the CPUs go while `insect classify`{label} runs at steady state "
-        f"({clean(data['model'])}, "
-        f"{data['precision']}, {data['images']} camera JPEGs, default shape "
-        f"{shape_name(run['shape'])}: {rate(run['steady'])} images/s).",
+        f"Where the CPUs go while `insect classify`{change} runs {data['images']} camera "
+        f"JPEGs ({clean(data['model'])}, {data['precision']}, default shape "
+        f"{shape_name(run['shape'])}; the whole run {secs(run['seconds'])} s).",
         provenance(command("cpu_split.py", f"--images {data['images']}", name), name, data),
         table(["process", "CPU seconds", "of the cores"], "lrr", rows),
-        f"Over the {secs(data['window_seconds'])} s between the first and the last Parquet "
-        f"part. In an actor, one image costs {secs(decode)} s to read, decode and resize and "
-        f"{secs(model)} s in the model on one thread: decoding is {pct(decode / (decode + model))} "
-        f"of an actor's work. {run['shape']['actors']} such actors alone would classify "
-        f"{rate(alone)} images/s: the run's steady state is {pct(run['steady'] / alone)} of it.",
+        f"Over the {secs(window)} s between the first and the last Parquet part. In an actor, "
+        f"one image costs {secs(decode)} s to read, decode and resize and {secs(model)} s in "
+        f"the model on one thread: decoding is {pct(decode / (decode + model))} of an "
+        f"actor's work. The actors' CPU seconds pay for {rate(done)} images/s, "
+        f"{pct(done * (decode + model) / actors)} of what {actors} actors busy all the time "
+        f"would classify.",
     )
 
 
@@ -1296,12 +1299,18 @@ def load(folder: Path) -> dict[str, Result | None]:
     return results
 
 
+def pattern_title(title: str, data: Result) -> str:
+    """A pattern section's title: the machine, and the file's label where it has one."""
+    label = f", {clean(data['label'])}" if data.get("label") else ""
+    return f"{title}: {machine_of(data)}{label}"
+
+
 def expand(section: Section, results: dict[str, Result | None]) -> list[Section]:
     """`section`, or one per result file its pattern matches, titled by the file's machine."""
     if "*" not in section.file:
         return [section]
     return [
-        dataclasses.replace(section, file=name, title=f"{section.title}: {machine_of(data or {})}")
+        dataclasses.replace(section, file=name, title=pattern_title(section.title, data or {}))
         for name, data in results.items()
         if fnmatch.fnmatch(name, section.file)
     ]

@@ -97,7 +97,7 @@ def precisions() -> list[str]:
     return found
 
 
-def _model_rate(model_dir: str, precision: str, int8_model, threads: int, compile: bool,
+def model_rate(model_dir: str, precision: str, int8_model, threads: int, compile: bool,
                 batches: int, start=None) -> tuple[float, float]:  # fmt: skip
     """(images per second, seconds to build) of `Predictor` on decoded batches."""
     from insectlib.model.predictor import Predictor
@@ -125,13 +125,13 @@ def model_alone(model_dir: str, precision: str, int8_model, compile: bool, batch
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         one, built = pool.submit(
-            _model_rate, model_dir, precision, int8_model, cores, compile, batches
+            model_rate, model_dir, precision, int8_model, cores, compile, batches
         ).result()
     manager = spawn.Manager()
     start = manager.Barrier(cores)
     with ProcessPoolExecutor(cores, mp_context=spawn) as pool:
         runs = [
-            pool.submit(_model_rate, model_dir, precision, int8_model, 1, compile, batches, start)
+            pool.submit(model_rate, model_dir, precision, int8_model, 1, compile, batches, start)
             for _ in range(cores)
         ]
         rates = [r.result()[0] for r in runs]
@@ -142,9 +142,10 @@ def model_alone(model_dir: str, precision: str, int8_model, compile: bool, batch
     }
 
 
-def steady_rate(output: str) -> float:
-    """Rows per second between the first and the last Parquet part of `output` (the first
-    part's rows left out: they came before the first timestamp)."""
+def steady_rate(output: str, actors: int = 1) -> float:
+    """Rows per second between the `actors`-th and the last Parquet part of `output`: the
+    first parts (one an actor, written at about the same time) are left out, their rows came
+    before the first timestamp."""
     import pyarrow.parquet as pq
 
     parts = sorted(
@@ -152,10 +153,10 @@ def steady_rate(output: str) -> float:
         for n in os.listdir(output)
         if n.endswith(".parquet")
     )
-    if len(parts) < 3:
+    if len(parts) < actors + 2:
         return float("nan")
-    rows = sum(f.metadata.num_rows for _, f in parts[1:])
-    return rows / (parts[-1][0] - parts[0][0])
+    rows = sum(f.metadata.num_rows for _, f in parts[actors:])
+    return rows / (parts[-1][0] - parts[actors - 1][0])
 
 
 def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
@@ -172,7 +173,7 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
     seconds = time.perf_counter() - began
     assert summary.rows == summary.inputs
     return {
-        "steady": steady_rate(output),
+        "steady": steady_rate(output, summary.shape["actors"]),
         "whole": summary.inputs / seconds,
         "seconds": seconds,
         "shape": summary.shape,

@@ -510,8 +510,8 @@ class ClassifyConfig(ActorSettings, RowSettings):
         choices=COMPILE_CHOICES,
         help=(
             "torch.compile the model in each actor (bf16: 1.6x eager on Sapphire Rapids, "
-            "1.1x on Zen 4; seconds to a minute of compiling); auto: on from 1000 images "
-            "per actor"
+            "1.1x on Zen 4; seconds to a minute of compiling); auto: on where a run has "
+            "enough images an actor to repay it (docs/performance.md)"
         ),
     )
     rows_per_file: int = setting(

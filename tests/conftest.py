@@ -147,7 +147,8 @@ def trained(ray_local, labelled_root, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_vgg(ray_local, labelled_root, tmp_path_factory):
     """VGG-16, the product's default (random trunk), fine-tuned once with one worker, for
-    the tests about VGG-16 itself (its feature maps, its int8 path); returns (config, meta)."""
+    the tests about VGG-16 itself (feature maps, int8, bf16 and compiled against fp32
+    eager, temperature scaling of an over-confident head); returns (config, meta)."""
     work = tmp_path_factory.mktemp("trained-vgg")
     cfg = small_train_config(labelled_root, work, lr=0.003, name="vgg")
     return cfg, fit(cfg)
@@ -155,8 +156,8 @@ def trained_vgg(ray_local, labelled_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def calibrated(trained, tmp_path_factory):
-    """The session's model with a temperature of 1.7 in its meta.json (its own validation
-    images are all classified right: training fits none); returns (model dir, meta)."""
+    """The session's model with a temperature of 1.7 in its meta.json (training fits none
+    on its 18 validation images: too few); returns (model dir, meta)."""
     cfg, meta = trained
     folder = str(tmp_path_factory.mktemp("calibrated") / "model")
     shutil.copytree(cfg.output, folder)

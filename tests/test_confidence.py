@@ -52,7 +52,7 @@ def test_fitted_temperature_recovers_the_true_one():
 
 
 def test_an_over_confident_model_is_calibrated_without_changing_a_prediction(trained_vgg):
-    """The session's model with its head's weights replaced by large random ones: often
+    """The session's VGG-16 with its head's weights replaced by large random ones: often
     wrong, and sure of itself. The fitted temperature is large, ECE and NLL fall, and
     every top-1 prediction stays."""
     cfg, meta = trained_vgg

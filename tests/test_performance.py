@@ -61,8 +61,8 @@ def test_draft_decoding_never_goes_below_the_resize_size():
     assert decode(data, resize_size(224)).size == (300, 200)  # 1/2 would give 100 px
 
 
-def test_bf16_agrees_with_fp32(trained, labelled_root, unlabelled):
-    cfg, meta = trained
+def test_bf16_agrees_with_fp32(trained_vgg, labelled_root, unlabelled):
+    cfg, meta = trained_vgg
     paths = sorted(unlabelled) + sorted(
         os.path.join(d, f) for d, _, fs in os.walk(labelled_root) for f in fs
     )
@@ -104,8 +104,8 @@ def test_cached_features_give_the_full_forward_results(tmp_path):
             assert cached[key] == pytest.approx(full[key], rel=1e-4), key
 
 
-def test_compiled_model_matches_eager(trained, unlabelled):
-    cfg, meta = trained
+def test_compiled_model_matches_eager(trained_vgg, unlabelled):
+    cfg, meta = trained_vgg
     transform = eval_transform(meta.image_size)
     batch = np.stack([transform(decode(open(p, "rb").read())).numpy() for p in sorted(unlabelled)])
     eager = Predictor(cfg.output, precision="fp32").probabilities(batch)

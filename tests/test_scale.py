@@ -21,14 +21,13 @@ import ray
 import ray.data
 
 from insectlib import layout, storage
-from insectlib.classify import shape
-from insectlib.classify.dataset import prediction_dataset, read_inputs, streaming_block_size
+from insectlib.classify.dataset import actor_pool, read_inputs, streaming_block_size
 from insectlib.classify.pipeline import classify
 from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig
 from insectlib.data import inputs
 from insectlib.model.meta import ModelMeta
-from insectlib.model.predictor import RowFormat, prediction_table
+from insectlib.model.predictor import prediction_table
 from insectlib.runtime.progress import RunProgress
 from tests.conftest import expect_cli_error
 
@@ -128,23 +127,22 @@ def test_large_inputs_stream_blocks_of_one_batch_of_predictions(classes):
         assert n / 2 <= small / per_path <= 2 * n, (path, small / per_path)
 
 
-def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor(ray_local):
+def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor():
     """On CPU a batch takes seconds: a run of 8 batches on 2 actors streams blocks of one
     batch of paths (larger ones left one actor idle while the other took every block), and
-    each actor takes one block at a time. On GPU the same run gets blocks of predictions."""
+    a full pool takes one block an actor at a time; a growing pool keeps Ray's default
+    (with one in flight it would never grow). On GPU the same run gets blocks of
+    predictions."""
     meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=32)
     meta.model_id = "0" * 16
     cpu = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
     gpu = ClassifyConfig(input="in", model="m", output="o", max_actors=2, gpu=True)
     assert streaming_block_size(cpu, meta, 256) == 32 * inputs.BLOCK_BYTES_PER_PATH
     assert streaming_block_size(gpu, meta, 256) > 32 * inputs.BLOCK_BYTES_PER_PATH
-    assert streaming_block_size(cpu, meta, 64 * 32 * 2) > 32 * inputs.BLOCK_BYTES_PER_PATH
-    listed = ray.data.from_items([{"path": "x"}])
-    pool = shape.ActorShape(actors=2, cpus_per_actor=1.0, compile=False, why="test")
-    for cfg, in_flight in ((cpu, 1), (gpu, None)):
-        ds = prediction_dataset(listed, pool, cfg, 32, RowFormat())
-        compute = ds._logical_plan.dag.compute
-        assert compute.max_tasks_in_flight_per_actor == in_flight
+    assert streaming_block_size(cpu, meta, 1000 * 2) > 32 * inputs.BLOCK_BYTES_PER_PATH
+    assert actor_pool(cpu, 2, 2).max_tasks_in_flight_per_actor == 1
+    assert actor_pool(cpu, 1, 2).max_tasks_in_flight_per_actor is None  # --min-actors 1
+    assert actor_pool(gpu, 2, 2).max_tasks_in_flight_per_actor is None
 
 
 def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):

@@ -85,7 +85,8 @@ def test_the_compile_threshold_follows_the_measured_break_even():
         data = json.loads(path.read_text())
         for precision in data["precisions"]:
             found = page.compile_break_even(data, precision)
-            if found and not shape.fast_arithmetic(precision, frozenset()):
+            why = data["classify"][f"{precision} camera default"]["shape"]["why"]
+            if found and "compute-bound" in why:  # as this CPU ran it
                 extra, saved, _ = found
                 measured.append(extra / saved)
     assert measured, "no shapes result measures compiling both ways"

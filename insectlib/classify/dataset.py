@@ -32,10 +32,10 @@ from insectlib.model.predictor import Predictor, RowFormat, prediction_table
 # Ray worker process to start, which on few cores holds the first paths back (measured:
 # docs/performance.md): no more than half the CPUs.
 LISTING_TASKS = 16
-SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as small, on GPU
-# On CPU, where a batch takes seconds, blocks of one batch cost the driver under 1% of a run
-# this size and keep every actor busy to its end (docs/performance.md, "Where the CPUs go").
-CPU_SMALL_INPUT_BATCHES = 64
+SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as small
+# On CPU, inputs per actor below which blocks hold one batch: each costs the driver
+# milliseconds against seconds of model, and keeps every actor busy to the run's end.
+CPU_SMALL_INPUTS = 1000
 PATH_CHARS = 128  # a long path: blocks sized with it hold one batch of predictions
 
 
@@ -136,14 +136,20 @@ def streaming_block_size(
     return rows.nbytes
 
 
-def small_input_batches(cfg: ClassifyConfig) -> int:
-    """Batches per actor below which an input counts as small on this run's device."""
-    return SMALL_INPUT_BATCHES if cfg.gpu else CPU_SMALL_INPUT_BATCHES
+def few_batches(cfg: ClassifyConfig, seen: int) -> bool:
+    """Whether `seen` inputs make under SMALL_INPUT_BATCHES batches for each actor."""
+    return seen < SMALL_INPUT_BATCHES * cfg.batch_size * max_actors(cfg)
+
+
+def small_input(cfg: ClassifyConfig) -> int:
+    """Inputs per actor below which a run streams blocks of one batch of paths."""
+    few = SMALL_INPUT_BATCHES * cfg.batch_size
+    return few if cfg.gpu else max(few, CPU_SMALL_INPUTS)
 
 
 def is_small(cfg: ClassifyConfig, seen: int) -> bool:
-    """Whether `seen` inputs make under `small_input_batches` batches for each actor."""
-    return seen < small_input_batches(cfg) * cfg.batch_size * max_actors(cfg)
+    """Whether `seen` inputs are under `small_input` for each actor."""
+    return seen < small_input(cfg) * max_actors(cfg)
 
 
 def listing_tasks(parts: int) -> int:
@@ -241,17 +247,22 @@ def prediction_dataset(
             "limits": cfg.limits,
         },
         batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(
-            min_size=min_actors,
-            max_size=actors,
-            # On CPU, a block at a time: a block is a few batches of seconds each, and with
-            # more in flight the first actor to start took every block there was, leaving
-            # the others idle (docs/performance.md, "Where the CPUs go"). A GPU's batches
-            # take milliseconds: Ray Data's default keeps its next input on the way.
-            max_tasks_in_flight_per_actor=None if cfg.gpu else 1,
-        ),
+        compute=actor_pool(cfg, min_actors, actors),
         num_cpus=shape.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
+    )
+
+
+def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolStrategy:
+    """The model actors' pool. On CPU, with a full pool, one block in flight per actor: the
+    first actor to start took every block otherwise (docs/performance.md, "Where the CPUs
+    go"). A growing pool (--min-actors) keeps Ray's default: it grows only while more than
+    one task an actor waits. On GPU, batches take milliseconds: the next one on its way."""
+    full_cpu_pool = not cfg.gpu and min_actors == actors
+    return ActorPoolStrategy(
+        min_size=min_actors,
+        max_size=actors,
+        max_tasks_in_flight_per_actor=1 if full_cpu_pool else None,
     )
 
 

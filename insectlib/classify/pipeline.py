@@ -122,7 +122,7 @@ def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
     finished parts found (--resume). Returns the inputs seen and what is already done."""
     cfg = plan.cfg
     # Counted as far as a choice depends on it: compiling, and small-input blocks.
-    per_actor = max(*shape.COMPILE_FROM.values(), dataset.small_input_batches(cfg) * cfg.batch_size)
+    per_actor = max(*shape.COMPILE_FROM.values(), shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
     big = per_actor * dataset.max_actors(cfg)
     seen = inputs.count_inputs(plan.parts, cfg.s3, big)
     removal = plan_output(cfg)  # again, under the lock: another run may have ended since
@@ -152,7 +152,7 @@ def run_pipeline(
         if resuming:
             console.say(f"resuming: {done.rows} inputs already done; finding those without a row")
             listed = dataset.skip_done(listed, done, cfg)
-        elif row_format.embedding_size and dataset.is_small(cfg, seen):
+        elif row_format.embedding_size and dataset.few_batches(cfg, seen):
             # Blocks of a batch of embeddings hold a small input's every path in one block:
             # cut them into batches here, before the model actors take the CPUs it needs.
             listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()

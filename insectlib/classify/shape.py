@@ -83,7 +83,7 @@ def choose(
     `precision` (fp32, bf16, fp16, int8) on `cluster`."""
     if cfg.gpu:
         actors = min(cfg.max_actors or max(1, int(cluster.gpus)), _batches(cfg, seen))
-        compile = compiles(cfg, precision, seen, actors, frozenset())
+        compile = compiles(cfg, precision, seen, GPU_COMPILE_FROM * actors)
         return ActorShape(actors, cfg.cpus_per_actor or 1.0, compile, "one actor per GPU")
     node_cpus = cluster.node_cpus
     if cfg.cpus_per_actor is not None:
@@ -96,8 +96,8 @@ def choose(
     if cfg.max_actors:
         why += ", --max-actors"
     actors = min(actors, _batches(cfg, seen))
-    compile = compiles(cfg, precision, seen, actors, flags)
-    return ActorShape(actors, cpus, compile, why)
+    threshold = COMPILE_FROM[fast_arithmetic(precision, flags)] * actors
+    return ActorShape(actors, cpus, compiles(cfg, precision, seen, threshold), why)
 
 
 def _batches(cfg: ClassifyConfig, seen: int) -> int:
@@ -106,20 +106,17 @@ def _batches(cfg: ClassifyConfig, seen: int) -> int:
     return max(1, -(-seen // cfg.batch_size))
 
 
-# Images per actor from which compiling pays, by whether the arithmetic is fast: compiling
-# costs each actor seconds to a minute and saves a share of each batch. Compute-bound: the
-# break-even bench/shapes.py measured (docs/performance.md, "Actor shapes"; a test holds
-# this to it); fast: the start-up and gain bench/inference.py measured on a Zen 4.
+# Images per CPU actor from which compiling repays its start-up, by whether the arithmetic
+# is fast (measured: docs/performance.md, "Actor shapes"; a test holds it to the results).
 COMPILE_FROM = {True: 1000, False: 640}
+GPU_COMPILE_FROM = 1000  # images per GPU actor: not measured apart, as CPUs were at first
 
 
-def compiles(
-    cfg: ClassifyConfig, precision: str, seen: int, actors: int, flags: frozenset[str] | None
-) -> bool:
-    """Whether the actors compile the model: --compile on, or auto where the run is long
-    enough for the measured gain to repay the compile (int8 always compiles)."""
+def compiles(cfg: ClassifyConfig, precision: str, seen: int, threshold: int) -> bool:
+    """Whether the actors compile the model: --compile on, or auto from `threshold` inputs,
+    where the measured gain repays the compile (int8 always compiles)."""
     if precision == "int8" or cfg.compile == "on":
         return True
     if cfg.compile == "off":
         return False
-    return seen >= COMPILE_FROM[fast_arithmetic(precision, flags)] * actors
+    return seen >= threshold
