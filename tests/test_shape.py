@@ -64,6 +64,10 @@ def test_compile_auto_pays_only_on_long_enough_runs():
         short = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors - 1, flags)
         long = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors, flags)
         assert not short.compile and long.compile
+    gpus = shape.Cluster(cpus=8, gpus=2, node_cpus=8)
+    limit = shape.GPU_COMPILE_FROM * 2
+    assert not shape.choose(_cfg(gpu=True), "bf16", gpus, limit - 1, ZEN3).compile
+    assert shape.choose(_cfg(gpu=True), "bf16", gpus, limit, ZEN3).compile
     assert shape.choose(_cfg(compile="on"), "fp32", TWO_CORES, 32, ZEN3).compile
     assert shape.choose(_cfg(), "int8", TWO_CORES, 32, ZEN3).compile  # int8 runs compiled
 
