@@ -4,9 +4,10 @@ process, measured from /proc, beside the decode and model cost of one image in a
   by process    every process's CPU seconds (utime + stime, sampled every 0.25 s) between
                 the run's first and last Parquet part, grouped by what the process is:
                 the model actors (decoding fused in), the driver (this process: Ray Data's
-                scheduling loop, and this sampler), Ray's own daemons (raylet, GCS, agents)
-                with worker processes still starting (default_worker.py, importing), other
-                Ray workers (the Parquet writes, the progress actor, listing)
+                scheduling loop, and this sampler), Ray's own daemons (raylet, GCS, agents),
+                Ray worker processes still starting (default_worker.py, importing), other
+                Ray workers (the Parquet writes, the progress actor, listing), and how many
+                Ray worker processes were born in the window
   per image     decoding and preprocessing one camera JPEG on one core (`image_batch`), and
                 the model on one image in a one-thread actor (`Predictor`, decoded batches)
 
@@ -27,13 +28,13 @@ import threading
 import time
 
 from common import RESULTS, write_result
-from shapes import BATCH, SIZE, camera_jpegs, classify_rate, make_model, model_rate
+from shapes import BATCH, SIZE, camera_jpegs, classify_once, make_model, model_rate
 
 from insectlib.model.precision import cpu_name
 
 TICK = os.sysconf("SC_CLK_TCK")
-# Ray's daemons, and worker processes before they take a task's name (their imports).
 DAEMONS = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
+STARTING = "default_worker.py"  # a Ray worker process before it takes a task's name
 
 
 def kind_of(pid: int, cmdline: str) -> str:
@@ -44,13 +45,20 @@ def kind_of(pid: int, cmdline: str) -> str:
         return "model actors"
     if cmdline.startswith("ray::"):
         return "other Ray workers"
+    if STARTING in cmdline:
+        return "Ray workers starting"
     if any(d in cmdline for d in DAEMONS):
-        return "Ray daemons, workers starting"
+        return "Ray daemons"
     return "other"
 
 
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    """{pid: (kind, CPU seconds so far)} of every process."""
+def worker_name(cmdline: str) -> str | None:
+    """What a Ray worker is running (`ray::Write`, `ray::IDLE`, ...), else None."""
+    return cmdline.split()[0] if cmdline.startswith("ray::") else None
+
+
+def cpu_seconds() -> dict[int, tuple[str, str | None, float]]:
+    """{pid: (kind, Ray worker's name or None, CPU seconds so far)} of every process."""
     found = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         pid = int(stat.split("/")[2])
@@ -59,7 +67,8 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
         except OSError:  # gone meanwhile
             continue
-        found[pid] = (kind_of(pid, cmdline), (int(fields[11]) + int(fields[12])) / TICK)
+        seconds = (int(fields[11]) + int(fields[12])) / TICK
+        found[pid] = (kind_of(pid, cmdline), worker_name(cmdline), seconds)
     return found
 
 
@@ -76,17 +85,34 @@ class Sampler(threading.Thread):
             self.samples.append((time.time(), cpu_seconds()))
             self.done.wait(0.25)
 
-    def between(self, start: float, end: float) -> dict[str, float]:
-        """CPU seconds by kind spent from `start` to `end` (by the nearest samples), each
-        sample's increase counted under the kind the process had then (a worker is "starting"
-        until it takes a task's name); a process born in the window counts from zero."""
+    def workers_born(self, start: float, end: float) -> int:
+        """Ray worker processes that appeared between `start` and `end`."""
+        inside = [s for t, s in self.samples if start <= t <= end]
+        if not inside:
+            return 0
+        first = set(inside[0])
+        return len({
+            pid
+            for sample in inside[1:]
+            for pid, (kind, _, _) in sample.items()
+            if pid not in first and kind not in ("driver", "Ray daemons", "other")
+        })  # fmt: skip
+
+    def between(self, start: float, end: float) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU seconds spent from `start` to `end` (by the nearest samples) by kind, and by
+        Ray worker name; each sample's increase counted under the kind and name the process
+        had then (a worker is "starting" until it takes a task's name); a process born in
+        the window counts from zero."""
         inside = [s for t, s in self.samples if start <= t <= end]
         used: dict[str, float] = {}
+        workers: dict[str, float] = {}
         for before, after in itertools.pairwise(inside):
-            for pid, (kind, seconds) in after.items():
-                earlier = before[pid][1] if pid in before else 0.0
-                used[kind] = used.get(kind, 0.0) + seconds - earlier
-        return used
+            for pid, (kind, name, seconds) in after.items():
+                spent = seconds - (before[pid][2] if pid in before else 0.0)
+                used[kind] = used.get(kind, 0.0) + spent
+                if name:
+                    workers[name] = workers.get(name, 0.0) + spent
+        return used, workers
 
 
 def parts_window(output: str) -> tuple[float, float]:
@@ -133,11 +159,17 @@ def main() -> None:
         sampler = Sampler()
         sampler.start()
         out = os.path.join(tmp, "out")
-        run = classify_rate(images, model, out, precision=args.precision)
+        # Four parts: a window between the first and the last, and a write task each (one
+        # a block would start a worker process each, which the default's 1,000 do not).
+        summary, seconds = classify_once(
+            images, model, out, precision=args.precision, rows_per_file=args.images // 4
+        )
+        run = {"whole": summary.inputs / seconds, "seconds": seconds, "shape": summary.shape}
         sampler.done.set()
         sampler.join()
         start, end = parts_window(out)
-        used = sampler.between(start, end)
+        used, workers = sampler.between(start, end)
+        born = sampler.workers_born(start, end)
     report = {
         "benchmark": "cpu split",
         "label": args.label,
@@ -151,6 +183,8 @@ def main() -> None:
         "window_seconds": end - start,
         "core_seconds": cores * (end - start),
         "cpu_seconds_by_kind": used,
+        "cpu_seconds_by_ray_worker": workers,
+        "ray_workers_born": born,
         "per_image_seconds": per_image,
     }
     print(report)

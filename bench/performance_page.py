@@ -1107,11 +1107,20 @@ def review(data: Result, name: str) -> str:
 SHAPES_WHY = """
 Model alone: `Predictor` on batches already decoded, as one process with {cores} threads
 (1x{cores}) and as {cores} one-thread processes at once ({cores}x1), the better of the two.
-Classify: `insect classify` at steady state (rows between its first and last Parquet part
-over the time between them), on {images} high-entropy 1024x768 camera JPEGs, in its default
-shape and in the shapes tried; photos: the shared insect photos scaled to 1024x768. The
-goal is a default at 90% of the model alone or more, and never below the plain loop.
+Classify: `insect classify` at steady state ({method}), on {images} high-entropy 1024x768
+camera JPEGs, in its default
+shape and in the shapes tried; photos: the shared insect photos scaled to 1024x768. "Of it
+in that shape": of the model alone in the default's shape and compilation. The goal is a
+default at 90% of the model alone or more, and never below the plain loop.
 """
+
+
+def steady_method(data: Result) -> str:
+    """How the result measured classify's steady state (the first results: by its parts)."""
+    return data.get("steady_method") or (
+        "rows between its first and last Parquet part over the time between them, with a part "
+        "a block"
+    )
 
 
 def best_alone(data: Result, precision: str) -> tuple[float, str]:
@@ -1144,13 +1153,23 @@ def shapes_rows(data: Result) -> list[list[str]]:
         ]
         photos = runs.get(f"{precision} photos default")
         plain = data["plain_loop"].get(precision)
+        steady = default["steady"]
         rows.append([
             precision, f"{rate(alone)} ({how})", rate(plain) if plain else "not measured",
-            f"{rate(default['steady'])} ({shape_name(default['shape'])})",
-            pct(default["steady"] / alone), ", ".join(tried),
-            rate(photos["steady"]) if photos else "no photos",
+            f"{rate(steady)} ({shape_name(default['shape'])})",
+            pct(steady / alone), share_of_alone_as(data, precision, default),
+            ", ".join(tried), rate(photos["steady"]) if photos else "no photos",
         ])  # fmt: skip
     return rows
+
+
+def share_of_alone_as(data: Result, precision: str, run: Result) -> str:
+    """`run`'s steady rate as a share of the model alone in `precision` in its shape and
+    compilation, where that was measured."""
+    shape = run["shape"]
+    kind = f"{precision} {'compiled' if shape['compile'] else 'eager'}"
+    alone = data["model_alone"].get(kind, {}).get(f"{shape['actors']}x{shape['cpus_per_actor']:g}")
+    return pct(run["steady"] / alone) if alone else "not measured"
 
 
 def compile_break_even(data: Result, precision: str) -> tuple[float, float, str] | None:
@@ -1200,13 +1219,14 @@ def shapes(data: Result, name: str) -> str:
                 "plain loop",
                 "classify, default shape",
                 "of the model alone",
+                "of it in that shape",
                 "classify, shapes tried",
                 "photos, default",
             ],
-            "lrrrrlr",
+            "lrrrrrlr",
             shapes_rows(data),
         ),  # fmt: skip
-        SHAPES_WHY.format(cores=cores, images=data["images"]),
+        SHAPES_WHY.format(cores=cores, images=data["images"], method=steady_method(data)),
         sentence(clean(data["note"])) + "." if data.get("note") else "",
         f"Building the model in one process took {builds}"
         + (f"; the int8 statistics, {secs(statistics)} s." if statistics else "."),
@@ -1239,7 +1259,24 @@ def cpu_split(data: Result, name: str) -> str:
         f"actor's work. The actors' CPU seconds pay for {rate(done)} images/s, "
         f"{pct(done * (decode + model) / actors)} of what {actors} actors busy all the time "
         f"would classify.",
+        other_workers(data),
     )
+
+
+def other_workers(data: Result) -> str:
+    """The other Ray workers' CPU seconds by what they ran, where the result has them."""
+    workers = data.get("cpu_seconds_by_ray_worker")
+    if not workers:
+        return ""
+    ran = sorted(
+        ((name, t) for name, t in workers.items() if "Predictor" not in name), key=lambda x: -x[1]
+    )
+    listed = ", ".join(f"`{name}` {secs(t)} s" for name, t in ran if t >= 0.05)
+    born = data.get("ray_workers_born")
+    return (
+        (f"The other Ray workers, by what they ran: {listed}. " if listed else "")
+        + (f"Ray worker processes born in the window: {born}." if born is not None else "")
+    ).strip()
 
 
 # ---------------------------------------------------------------------------------------------

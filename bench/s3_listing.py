@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import write_result  # noqa: E402
 
-from insectlib import inputs, storage  # noqa: E402
+from insectlib import storage  # noqa: E402
+from insectlib.data import inputs  # noqa: E402
 from tests.s3server import MotoServer  # noqa: E402
 
 BUCKET = "bench-listing"
@@ -42,7 +43,8 @@ def read_all(parts: list[inputs.Part], s3) -> dict:
     cfg = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
     meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=224, model_id="0" * 16)
     counter = RunProgress.remote()
-    ds = read_inputs(parts, 32, s3, counter, streaming_block_size(cfg, meta, 10**9))
+    large = inputs.Count(10**9, len("s3://bucket/x/0000001.jpg"))
+    ds = read_inputs(parts, 32, s3, counter, streaming_block_size(cfg, meta, large))
     started = time.perf_counter()
     first, rows = None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

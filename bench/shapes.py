@@ -7,9 +7,9 @@ bf16 where it is fast, int8 on x86 with AVX2).
                 process with every thread, and one single-thread process per core at once
   plain loop    a DataLoader decoding in worker processes and the model with every thread,
                 the way a user would write it (fp32, and bf16 where fast)
-  classify      `insect classify` at steady state (rows between the first and the last
-                Parquet part over the time between them: start-up and drain left out), in
-                each shape tried and with the default settings, on high-entropy camera
+  classify      `insect classify` with the default settings at steady state (the
+                difference of a run and one of a quarter of its images in the same shape:
+                start-up and drain cancel), in each shape tried, on high-entropy camera
                 JPEGs (1024x768, quality 92, about 500 kB: the decoder's worst case) and on
                 the shared insect photos scaled up to 1024x768
 
@@ -142,42 +142,49 @@ def model_alone(model_dir: str, precision: str, int8_model, compile: bool, batch
     }
 
 
-def steady_rate(output: str, actors: int = 1) -> float:
-    """Rows per second between the `actors`-th and the last Parquet part of `output`: the
-    first parts (one an actor, written at about the same time) are left out, their rows came
-    before the first timestamp."""
-    import pyarrow.parquet as pq
-
-    parts = sorted(
-        (os.path.getmtime(os.path.join(output, n)), pq.ParquetFile(os.path.join(output, n)))
-        for n in os.listdir(output)
-        if n.endswith(".parquet")
-    )
-    if len(parts) < actors + 2:
-        return float("nan")
-    rows = sum(f.metadata.num_rows for _, f in parts[actors:])
-    return rows / (parts[-1][0] - parts[actors - 1][0])
-
-
-def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
-    """`insect classify` of `folder`: steady-state and whole-run images per second."""
+def classify_once(folder: str, model_dir: str, output: str, **settings):
+    """`insect classify` of `folder` with the default settings but `settings`: (its
+    summary, seconds)."""
     from insectlib.classify.pipeline import classify
     from insectlib.config import ClassifyConfig
 
     began = time.perf_counter()
-    summary = classify(
-        ClassifyConfig(
-            input=folder, model=model_dir, output=output, rows_per_file=BATCH // 2, **settings
-        )
-    )
-    seconds = time.perf_counter() - began
+    summary = classify(ClassifyConfig(input=folder, model=model_dir, output=output, **settings))
     assert summary.rows == summary.inputs
+    return summary, time.perf_counter() - began
+
+
+def first_of(folder: str, count: int, where: str) -> str:
+    """A folder at `where` of links to the first `count` files of `folder`."""
+    os.makedirs(where)
+    for name in sorted(os.listdir(folder))[:count]:
+        os.symlink(os.path.join(folder, name), os.path.join(where, name))
+    return where
+
+
+def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
+    """`insect classify` of `folder`: images per second at steady state (the difference of
+    this run and one of a quarter of the images in the same shape and compilation: start-up
+    and the last batches' drain cancel), and of the whole run."""
+    summary, seconds = classify_once(folder, model_dir, output, **settings)
+    shape = summary.shape
+    same = {**settings, "max_actors": shape["actors"], "cpus_per_actor": shape["cpus_per_actor"]}
+    same["compile"] = "on" if shape["compile"] else "off"
+    quarter = first_of(folder, summary.inputs // 4, output + "-input")
+    short, short_seconds = classify_once(quarter, model_dir, output + "-quarter", **same)
+    assert short.shape["actors"] == shape["actors"], "a quarter too small for the shape"
+    longer = seconds - short_seconds
     return {
-        "steady": steady_rate(output, summary.shape["actors"]),
+        "steady": (summary.inputs - short.inputs) / longer if longer > 0 else float("nan"),
         "whole": summary.inputs / seconds,
         "seconds": seconds,
-        "shape": summary.shape,
+        "shape": shape,
     }
+
+
+def shape_of(run: dict | None) -> str | None:
+    """"2x1" for a run of 2 actors of 1 CPU each."""
+    return run and f"{run['shape']['actors']}x{run['shape']['cpus_per_actor']:g}"
 
 
 def plain_loop(folder: str, dtype_name: str) -> float:
@@ -208,7 +215,9 @@ def main() -> None:
     cores = os.cpu_count() or 1
     report: dict = {"benchmark": "shapes", "images": args.images, "model": "vgg16 224 px",
                     "cpu": cpu_name(), "precisions": chosen, "model_alone": {},
-                    "plain_loop": {}, "classify": {}}  # fmt: skip
+                    "plain_loop": {}, "classify": {},
+                    "steady_method": "the difference of a run with the default settings and "
+                    "one of a quarter of its images in the same shape"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         data = {"camera": camera_jpegs(os.path.join(tmp, "camera"), args.images)}
         photos = insect_photos(os.path.join(tmp, "photos"), args.images)
@@ -242,8 +251,10 @@ def main() -> None:
                 for shape, settings in shapes.items():
                     if name != "camera" and shape != "default":
                         continue  # the shapes are compared on the decoder's worst case
-                    out = os.path.join(tmp, f"out-{precision}-{name}-{shape}")
                     key = f"{precision} {name} {shape}"
+                    if shape_of(report["classify"].get(f"{precision} {name} default")) == shape:
+                        continue  # the default's own shape: measured as the default
+                    out = os.path.join(tmp, f"out-{precision}-{name}-{shape}")
                     report["classify"][key] = classify_rate(
                         folder, model_dir, out, precision=precision, **settings
                     )

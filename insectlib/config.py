@@ -511,7 +511,8 @@ class ClassifyConfig(ActorSettings, RowSettings):
         help=(
             "torch.compile the model in each actor (bf16: 1.6x eager on Sapphire Rapids, "
             "1.1x on Zen 4; seconds to a minute of compiling); auto: on where a run has "
-            "enough images an actor to repay it (docs/performance.md)"
+            "enough images an actor to repay it, never where compiling gained nothing "
+            "(fp32 on AVX-512 CPUs; docs/performance.md)"
         ),
     )
     rows_per_file: int = setting(

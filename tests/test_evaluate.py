@@ -18,6 +18,7 @@ from insectlib.data.images import decode, eval_transform, normalize
 from insectlib.metrics.confidence import MIN_TEMPERATURE_IMAGES, expected_calibration_error
 from insectlib.metrics.scores import classification_metrics
 from insectlib.model.network import load_model
+from insectlib.model.precision import resolve_precision
 from insectlib.review.visualize import feature_maps
 from tests.conftest import expect_cli_error
 
@@ -85,7 +86,10 @@ def test_evaluate_end_to_end(calibrated, labelled_root, tmp_path, capsys):
     x = torch.stack([transform(decode(open(r["path"], "rb").read())) for r in predictions])
     with torch.no_grad():
         raw = torch.softmax(model(normalize(x)), dim=1).numpy()
-    assert c["ece_before"] == pytest.approx(expected_calibration_error(raw, truth), abs=1e-4)
+    # The rows ran in bf16 where this CPU runs it fast: the fp32 softmax differs in 1e-3s.
+    bf16 = resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    raw_ece = expected_calibration_error(raw, truth)
+    assert c["ece_before"] == pytest.approx(raw_ece, abs=5e-3 if bf16 else 1e-4)
     kept = probs.max(1) >= 0.5
     row = next(r for r in m["coverage"] if r["min_score"] == 0.5)
     assert row["coverage"] == pytest.approx(kept.mean())

@@ -11,10 +11,12 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from insectlib.classify.dataset import image_batch
 from insectlib.cli.main import main
 from insectlib.config import DecodeLimits
 from insectlib.data.images import (
@@ -23,7 +25,8 @@ from insectlib.data.images import (
     resize_size,
     train_transform,
 )
-from insectlib.errors import ImageError
+from insectlib.errors import ImageError, StorageUnavailable
+from insectlib.storage import files
 from insectlib.training.worker import ImageFiles
 from tests.fuzz import hostile_files
 
@@ -73,6 +76,35 @@ def test_fuzzed_files_never_escape_the_training_dataset(fuzz_dir):
         # The mutations leave some files decodable and break most: both paths are exercised.
         assert 0.2 * FUZZ_COUNT < len(good) < 0.8 * FUZZ_COUNT
         assert all(r[0].shape == (3, 64, 64) for r in good)
+
+
+def test_decoding_on_threads_keeps_every_file_in_its_place(fuzz_dir):
+    """A batch of fuzzed files decoded on 4 threads, as a model actor with 4 CPUs does,
+    gives the rows one thread gives, in order: the same pixels, the same errors."""
+    paths = sorted(str(p) for p in fuzz_dir.iterdir())
+    batch = {"path": np.array(paths, dtype=object)}
+    one = image_batch(batch, 64, DecodeLimits(), None)
+    four = image_batch(batch, 64, DecodeLimits(), None, threads=4)
+    assert list(four["error"]) == list(one["error"])
+    assert np.array_equal(four["image"], one["image"])
+    assert 0 < sum(e == "" for e in one["error"]) < len(paths)  # both kinds of file
+
+
+def test_a_storage_failure_on_a_decoding_thread_stops_the_batch(fuzz_dir, monkeypatch):
+    """Storage that keeps failing stops the run also when threads decode: the error
+    reaches the caller, not a row."""
+    paths = sorted(str(p) for p in fuzz_dir.iterdir())[:12]
+    real = files.read_input
+
+    def read_input(uri, *args, **kwargs):
+        if uri == paths[7]:
+            raise StorageUnavailable("the storage keeps failing")
+        return real(uri, *args, **kwargs)
+
+    monkeypatch.setattr(files, "read_input", read_input)
+    batch = {"path": np.array(paths, dtype=object)}
+    with pytest.raises(StorageUnavailable, match="keeps failing"):
+        image_batch(batch, 64, DecodeLimits(), None, threads=4)
 
 
 def test_decoder_failures_name_the_exception_type(tmp_path):

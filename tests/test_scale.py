@@ -21,8 +21,14 @@ import ray
 import ray.data
 
 from insectlib import layout, storage
-from insectlib.classify.dataset import actor_pool, read_inputs, streaming_block_size
+from insectlib.classify.dataset import (
+    actor_pool,
+    cpu_threads,
+    read_inputs,
+    streaming_block_size,
+)
 from insectlib.classify.pipeline import classify
+from insectlib.classify.shape import ActorShape
 from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig
 from insectlib.data import inputs
@@ -97,12 +103,25 @@ def test_parallel_listing_on_s3_exactly_once(s3_server):
     assert sorted(listed) == sorted(f"s3://insect-prefixed/{k}" for k in keys)
 
 
-def streaming_blocks(seen: int, classes: int = 3) -> int:
-    """The block size classify streams `seen` inputs with (two actors)."""
+SHORT_PATH = "s3://bucket/x/0000001.jpg"
+LONG_PATH = "s3://a-bucket-with-a-long-name/" + "x" * 90 + ".jpg"  # 124 characters
+
+
+def streaming_blocks(seen: int, classes: int = 3, path_bytes: float = len(SHORT_PATH)) -> int:
+    """The block size classify streams `seen` inputs with (two actors), their paths
+    `path_bytes` long on average."""
     cfg = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
     meta = ModelMeta(classes=[f"c{i}" for i in range(classes)], arch="vgg16", image_size=32)
     meta.model_id = "0" * 16
-    return streaming_block_size(cfg, meta, seen)
+    return streaming_block_size(cfg, meta, inputs.Count(seen, path_bytes))
+
+
+def whole_batches_of(path: str, block_size: int) -> bool:
+    """Whether Ray Data, with `block_size`, keeps a listing's tables of 32 such paths whole
+    (it ends a block once it holds more than the size, and cuts one of 1.5 times it): each a
+    block of its own, or several to a block."""
+    table = inputs.path_table([path] * 32).nbytes
+    return block_size < table < 1.5 * block_size or 2 * table < block_size
 
 
 @pytest.mark.parametrize("classes", [3, 1000])
@@ -114,17 +133,19 @@ def test_large_inputs_stream_blocks_of_one_batch_of_predictions(classes):
     size = streaming_blocks(10_000, classes)
     meta = ModelMeta(classes=[f"c{i}" for i in range(classes)], arch="vgg16", image_size=32)
     meta.model_id = "0" * 16
-    long_path = "s3://a-bucket-with-a-long-name/" + "x" * 90 + ".jpg"  # 124 characters
     n = 32
-    batch = prediction_table([long_path] * n, np.zeros((n, classes), np.float32), [None] * n, meta)
+    batch = prediction_table([LONG_PATH] * n, np.zeros((n, classes), np.float32), [None] * n, meta)
     assert batch.nbytes <= size < 2 * batch.nbytes
-    assert inputs.path_table(["/a/0000001.jpg"] * n).nbytes < size
-    small = streaming_blocks(100)
-    assert small == 32 * inputs.BLOCK_BYTES_PER_PATH
-    # About one batch of paths a block, for short and long names.
-    for path in ("s3://bucket/x/0000001.jpg", "/home/someone/photos/2024/camera-07/IMG_0123.jpg"):
-        per_path = inputs.path_table([path] * n).nbytes / n
-        assert n / 2 <= small / per_path <= 2 * n, (path, small / per_path)
+    assert whole_batches_of(SHORT_PATH, size)
+    # Long names: larger blocks, still whole batches of paths.
+    assert whole_batches_of(LONG_PATH, streaming_blocks(10_000, classes, len(LONG_PATH)))
+    # A small input's block is one batch of paths, whole, for short and long names, and
+    # for names 15% shorter or 20% longer than the counted mean.
+    for path in (SHORT_PATH, "/home/someone/photos/2024/camera-07/IMG_0123.jpg", LONG_PATH):
+        small = streaming_blocks(100, path_bytes=len(path))
+        for chars in (0.85 * len(path), len(path), 1.2 * len(path)):
+            table = inputs.path_table(["x" * round(chars)] * n).nbytes
+            assert small < table < 1.5 * small, (path, chars)
 
 
 def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor():
@@ -137,12 +158,17 @@ def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor():
     meta.model_id = "0" * 16
     cpu = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
     gpu = ClassifyConfig(input="in", model="m", output="o", max_actors=2, gpu=True)
-    assert streaming_block_size(cpu, meta, 256) == 32 * inputs.BLOCK_BYTES_PER_PATH
-    assert streaming_block_size(gpu, meta, 256) > 32 * inputs.BLOCK_BYTES_PER_PATH
-    assert streaming_block_size(cpu, meta, 1000 * 2) > 32 * inputs.BLOCK_BYTES_PER_PATH
+    paths = inputs.path_table([SHORT_PATH] * 32).nbytes
+    small, large = inputs.Count(256, len(SHORT_PATH)), inputs.Count(1000 * 2, len(SHORT_PATH))
+    assert streaming_block_size(cpu, meta, small) < paths  # one batch of paths a block
+    assert streaming_block_size(gpu, meta, small) > 2 * paths
+    assert streaming_block_size(cpu, meta, large) > 2 * paths
     assert actor_pool(cpu, 2, 2).max_tasks_in_flight_per_actor == 1
     assert actor_pool(cpu, 1, 2).max_tasks_in_flight_per_actor is None  # --min-actors 1
     assert actor_pool(gpu, 2, 2).max_tasks_in_flight_per_actor is None
+    # An actor decodes on each of its CPUs.
+    assert cpu_threads(cpu, ActorShape(1, 2.0, False, "")) == 2
+    assert cpu_threads(gpu, ActorShape(1, 2.0, False, "")) is None
 
 
 def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
@@ -165,6 +191,31 @@ def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
     assert sum(sizes) == 6000 and ray.get(counter.inputs.remote(len(parts))) == 6000
     assert listing_done_at_first is False
     assert max(sizes) <= 256  # blocks of a few batches: they spread over the model actors
+    assert all(s % 32 == 0 for s in sizes[:-1])  # whole batches: none run as two
+
+
+def test_the_count_weighs_paths_as_their_blocks_hold_them(tmp_path):
+    """A path's weight is its bytes in a block of paths: UTF-8, and a name that is not
+    UTF-8 twice (escaped to show, and as it is to read)."""
+    for name in ("plain.jpg", "日本語の名前.jpg", os.fsdecode(b"caf\xe9.jpg")):
+        path = os.path.join(str(tmp_path), name)
+        weight = inputs.path_table([path] * 32).nbytes - inputs.path_table([""] * 32).nbytes
+        assert abs(inputs.path_bytes(path) * 32 - weight) <= 8, name  # 8: a validity bitmap
+
+
+def test_a_small_input_streams_blocks_of_one_whole_batch(ray_local, tmp_path):
+    """Every block of a small listing is one batch of 32 paths (a part's last one
+    shorter), for names of mixed lengths: none is cut inside a batch, which the model
+    actors would run as two, the short one padded to a full batch when compiled."""
+    for i in range(200):
+        _touch(tmp_path / "in" / (f"{i:04d}.jpg" if i % 3 else f"IMG_{i:04d}_camera.jpg"))
+    parts = inputs.plan_listing(str(tmp_path / "in"), S3)
+    count = inputs.count_inputs(parts, S3, 10_000)
+    cfg = ClassifyConfig(input=str(tmp_path / "in"), model="m", output="o", max_actors=2)
+    meta = ModelMeta(classes=["a", "b"], arch="vgg16", image_size=32, model_id="0" * 16)
+    ds = read_inputs(parts, 32, S3, None, streaming_block_size(cfg, meta, count))
+    sizes = [len(b["path"]) for b in ds.iter_batches(batch_size=None)]
+    assert sum(sizes) == 200 and sum(s != 32 for s in sizes) <= len(parts), sizes
 
 
 @pytest.fixture(scope="module")

@@ -58,8 +58,8 @@ def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():
 
 
 def test_compile_auto_pays_only_on_long_enough_runs():
-    for precision, flags in (("fp32", ZEN3), ("bf16", ZEN4)):
-        threshold = shape.COMPILE_FROM[shape.fast_arithmetic(precision, flags)]
+    for precision, flags in (("fp32", ZEN3), ("bf16", ZEN4), ("bf16", SAPPHIRE_RAPIDS)):
+        threshold = shape.COMPILE_FROM[shape.compile_kind(precision, flags)]
         actors = shape.choose(_cfg(), precision, TWO_CORES, BIG, flags).actors
         short = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors - 1, flags)
         long = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors, flags)
@@ -68,6 +68,9 @@ def test_compile_auto_pays_only_on_long_enough_runs():
     limit = shape.GPU_COMPILE_FROM * 2
     assert not shape.choose(_cfg(gpu=True), "bf16", gpus, limit - 1, ZEN3).compile
     assert shape.choose(_cfg(gpu=True), "bf16", gpus, limit, ZEN3).compile
+    # fp32 with AVX-512 gained nothing compiled: never on its own, still on request.
+    assert not shape.choose(_cfg(), "fp32", TWO_CORES, BIG * 100, SAPPHIRE_RAPIDS).compile
+    assert shape.choose(_cfg(compile="on"), "fp32", TWO_CORES, 32, SAPPHIRE_RAPIDS).compile
     assert shape.choose(_cfg(compile="on"), "fp32", TWO_CORES, 32, ZEN3).compile
     assert shape.choose(_cfg(), "int8", TWO_CORES, 32, ZEN3).compile  # int8 runs compiled
 
@@ -82,17 +85,23 @@ def _performance_page():
 
 
 def test_the_compile_threshold_follows_the_measured_break_even():
-    """For compute-bound precisions, COMPILE_FROM is within 25% of where compiling repaid
-    its start-up in each committed bench/shapes.py result that measured both ways."""
+    """COMPILE_FROM is within 25% of where compiling repaid its start-up, for the kind of
+    CPU and precision, in each committed bench/shapes.py result that measured both ways;
+    None where compiling gained nothing."""
     page, measured = _performance_page(), []
     for path in sorted((REPO / "bench" / "results").glob("shapes-*.json")):
         data = json.loads(path.read_text())
+        flags = frozenset(data["machine"].rsplit("(", 1)[1].rstrip(")").split())
         for precision in data["precisions"]:
             found = page.compile_break_even(data, precision)
-            why = data["classify"][f"{precision} camera default"]["shape"]["why"]
-            if found and "compute-bound" in why:  # as this CPU ran it
+            if found:
                 extra, saved, _ = found
-                measured.append(extra / saved)
-    assert measured, "no shapes result measures compiling both ways"
-    for break_even in measured:
-        assert 0.75 < shape.COMPILE_FROM[False] / break_even < 1.25, break_even
+                kind = shape.compile_kind(precision, flags)
+                measured.append((path.name, kind, extra / saved if saved > 0 else None))
+    assert {kind for _, kind, _ in measured} >= {"compute-bound", "fast arithmetic, AMX"}
+    for name, kind, break_even in measured:
+        threshold = shape.COMPILE_FROM[kind]
+        if break_even is None or threshold is None:
+            assert break_even is threshold, (name, kind, break_even)
+        else:
+            assert 0.75 < threshold / break_even < 1.25, (name, kind, break_even)

@@ -37,19 +37,27 @@ SMALL_INPUT_BATCHES = 4  # batches per actor below which an input counts as smal
 # milliseconds against seconds of model, and keeps every actor busy to the run's end.
 CPU_SMALL_INPUTS = 1000
 PATH_CHARS = 128  # a long path: blocks sized with it hold one batch of predictions
+# Ray Data ends a block once it holds more than the block size and cuts one of 1.5 times it
+# or more. A batch of paths weighing this many block sizes is a block of its own, whole,
+# from 0.83 to 1.25 times the weight it was sized for:
+ONE_BATCH_A_BLOCK = 1.2
+# and blocks this many batches of paths large take several whole (a batch added to one under
+# the size leaves it under 1.5 times the size) up to 1.25 times the weight sized for.
+WHOLE_BATCHES_A_BLOCK = 2.5
 
 
 def image_batch(
-    batch: dict[str, np.ndarray], image_size: int, limits: DecodeLimits, s3
+    batch: dict[str, np.ndarray], image_size: int, limits: DecodeLimits, s3, threads: int = 1
 ) -> dict[str, np.ndarray]:
-    """Read and preprocess a Ray Data batch of files. A file that fails gets an error text,
-    never an exception: one bad file must not take the rest of its batch down. Only a
+    """Read and preprocess a Ray Data batch of files, decoding on `threads` threads (the
+    CPUs of the actor it runs in: its model waits meanwhile). A file that fails gets an error
+    text, never an exception: one bad file must not take the rest of its batch down. Only a
     storage that keeps failing (StorageUnavailable) stops the run."""
     paths, paths_read, errors = batch_inputs(batch)
     todo = [i for i, e in enumerate(errors) if not e]  # folders that could not be listed: no read
     transform, min_side = eval_transform(image_size), resize_size(image_size)
     images = np.zeros((len(paths), 3, image_size, image_size), dtype=np.uint8)
-    found = load_images([paths_read[i] for i in todo], transform, min_side, limits, s3)
+    found = load_images([paths_read[i] for i in todo], transform, min_side, limits, s3, threads)
     for i, image in zip(todo, found, strict=True):
         if isinstance(image, ImageError):
             errors[i] = str(image)
@@ -108,23 +116,30 @@ def read_inputs(
 
 
 def streaming_block_size(
-    cfg: ClassifyConfig, meta: ModelMeta, seen: int, row_format: RowFormat | None = None
+    cfg: ClassifyConfig,
+    meta: ModelMeta,
+    count: inputs.Count,
+    row_format: RowFormat | None = None,
 ) -> int:
-    """The block size in bytes that streams a listing into the model actors.
+    """The block size in bytes that streams a listing into the model actors in blocks of
+    whole batches.
 
-    Ray Data joins what a listing task yields into blocks of up to target_max_block_size
-    (128 MiB by default), so the task's paths would come out only when it ends, in blocks
-    too large to spread over the actors. The same size cuts every later stage's output, and
-    each block costs the driver memory and time (bench/blocks.py). So a large input gets
-    blocks of one batch of predictions (listing blocks then hold 2-6 batches of paths,
-    filled in milliseconds); a small one (see `is_small`) gets blocks of one batch of
-    paths, which spread over every actor to the run's last batch. Not with --embeddings:
+    Ray Data joins what a listing task yields (tables of one batch of paths) into blocks
+    of up to target_max_block_size (128 MiB by default), so the task's paths would come out
+    only when it ends, in blocks too large to spread over the actors. The same size cuts
+    every later stage's output, and each block costs the driver memory and time
+    (bench/blocks.py). A block cut inside a batch (see ONE_BATCH_A_BLOCK) ran as two
+    batches, the short one padded to a full one when compiled. So a large input gets
+    blocks of one batch of predictions and of whole batches of paths of the counted weight;
+    a small one (see `is_small`) gets blocks of one batch of paths, which spread over
+    every actor to the run's last batch. Not with --embeddings:
     its rows, 8 kB each for VGG-16, would leave the actors one row a block; such a small
     input is cut into batches by `pipeline` instead."""
     row_format = row_format or RowFormat()
-    if is_small(cfg, seen) and not row_format.embedding_size:
-        return cfg.batch_size * inputs.BLOCK_BYTES_PER_PATH
     n = cfg.batch_size
+    paths = inputs.path_table(["/" * round(count.path_bytes)] * n).nbytes
+    if is_small(cfg, count.inputs) and not row_format.embedding_size:
+        return int(paths / ONE_BATCH_A_BLOCK)
     rows = prediction_table(
         ["/" * PATH_CHARS] * n,
         np.zeros((n, len(meta.classes)), np.float32),
@@ -133,7 +148,7 @@ def streaming_block_size(
         row_format,
         np.zeros((n, row_format.embedding_size or 0), np.float32),
     )
-    return rows.nbytes
+    return max(rows.nbytes, int(WHOLE_BATCHES_A_BLOCK * paths))
 
 
 def few_batches(cfg: ClassifyConfig, seen: int) -> bool:
@@ -222,9 +237,12 @@ def prediction_dataset(
     # A pool that starts at full size: growing it one actor at a time costs minutes of idle
     # CPUs on short jobs; --min-actors lets it breathe on a shared cluster.
     min_actors = min(cfg.min_actors or actors, actors)
+    decode_kwargs = {"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3}
+    if not cfg.decodes_on_device:
+        decode_kwargs["threads"] = cpu_threads(cfg, shape) or 1
     ds = listed.map_batches(
         encoded_batch if cfg.decodes_on_device else image_batch,
-        fn_kwargs={"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3},
+        fn_kwargs=decode_kwargs,
         batch_size=cfg.batch_size,
         # On CPU, as many CPUs as a model actor, so that Ray Data fuses decoding into the
         # actor (no copy between processes); on GPU, tasks of their own on every core, which
@@ -239,7 +257,7 @@ def prediction_dataset(
             "precision": "int8" if int8_model else cfg.precision,
             "int8_model": int8_model,
             "s3": cfg.s3,
-            "threads": None if cfg.gpu else max(1, int(shape.cpus_per_actor)),
+            "threads": cpu_threads(cfg, shape),
             "compile": shape.compile,
             "batch_size": cfg.batch_size,
             "progress": progress,
@@ -253,16 +271,22 @@ def prediction_dataset(
     )
 
 
+def cpu_threads(cfg: ClassifyConfig, shape: ActorShape) -> int | None:
+    """A CPU model actor's threads, one per CPU: its model's, and its decoding's (fused in
+    it, while its model waits). None on GPU, where tasks of one CPU decode."""
+    return None if cfg.gpu else max(1, int(shape.cpus_per_actor))
+
+
 def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolStrategy:
     """The model actors' pool. On CPU, with a full pool, one block in flight per actor: the
     first actor to start took every block otherwise (docs/performance.md, "Where the CPUs
     go"). A growing pool (--min-actors) keeps Ray's default: it grows only while more than
     one task an actor waits. On GPU, batches take milliseconds: the next one on its way."""
-    full_cpu_pool = not cfg.gpu and min_actors == actors
+    one_at_a_time = not cfg.gpu and min_actors == actors
     return ActorPoolStrategy(
         min_size=min_actors,
         max_size=actors,
-        max_tasks_in_flight_per_actor=1 if full_cpu_pool else None,
+        max_tasks_in_flight_per_actor=1 if one_at_a_time else None,
     )
 
 

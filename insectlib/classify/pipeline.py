@@ -80,11 +80,11 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         init_ray(cfg.address)
         for warning in local_path_warnings({"--output": cfg.output}, cfg.address, live_nodes()):
             console.warn(warning)
-        seen, done = prepare_output(plan)
-        pool = actor_shape(plan, seen)
+        count, done = prepare_output(plan)
+        pool = actor_shape(plan, count.inputs)
         check_capacity(cfg, pool)
         run = progress.start()
-        inputs_total = run_pipeline(plan, seen, done, run, pool)
+        inputs_total = run_pipeline(plan, count, done, run, pool)
         lock.check()  # another run took the output over: write no _SUCCESS
         return finish(plan, inputs_total, done, time.perf_counter() - started, pool)
 
@@ -111,34 +111,35 @@ def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
         parts = inputs.plan_manifest(cfg.manifest, cfg.s3)
     else:
         parts = inputs.plan_listing(cfg.input, cfg.s3)
-    if not inputs.count_inputs(parts, cfg.s3, 1):  # a missing or empty input, before Ray
+    if not inputs.count_inputs(parts, cfg.s3, 1).inputs:  # a missing or empty input, before Ray
         raise InsectError(f"no image files found in {source}")
     return RunPlan(cfg, meta, row_format, source, parts, int8_model)
 
 
-def prepare_output(plan: RunPlan) -> tuple[int, outputs.Done | None]:
+def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
     """A first, bounded look at the input (is there anything to classify; is it worth
     compiling for), then the output made ready: the old run removed (--overwrite) or its
-    finished parts found (--resume). Returns the inputs seen and what is already done."""
+    finished parts found (--resume). Returns the count and what is already done."""
     cfg = plan.cfg
     # Counted as far as a choice depends on it: compiling, and small-input blocks.
-    per_actor = max(*shape.COMPILE_FROM.values(), shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
+    thresholds = [n for n in shape.COMPILE_FROM.values() if n]
+    per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
     big = per_actor * dataset.max_actors(cfg)
-    seen = inputs.count_inputs(plan.parts, cfg.s3, big)
+    count = inputs.count_inputs(plan.parts, cfg.s3, big)
     removal = plan_output(cfg)  # again, under the lock: another run may have ended since
     if removal:
         outputs.remove(cfg.output, removal, cfg.s3)
     if not cfg.resume:
-        return seen, None
+        return count, None
     legacy = asdict(RowFormat())
     done = outputs.resume_state(
         cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy
     )
-    return seen, done
+    return count, done
 
 
 def run_pipeline(
-    plan: RunPlan, seen: int, done: outputs.Done | None, run, pool: shape.ActorShape
+    plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run, pool: shape.ActorShape
 ) -> int:
     """Classify the inputs without a row into Parquet parts; returns how many inputs the
     listing found (every part's total)."""
@@ -146,13 +147,13 @@ def run_pipeline(
     resuming = done is not None and done.rows > 0
     block_size = None
     if not resuming:
-        block_size = dataset.streaming_block_size(cfg, plan.meta, seen, row_format)
+        block_size = dataset.streaming_block_size(cfg, plan.meta, count, row_format)
     listed = dataset.read_inputs(plan.parts, cfg.batch_size, cfg.s3, run, block_size)
     with ray_task_errors():  # these run the listing now: its errors in one line
         if resuming:
             console.say(f"resuming: {done.rows} inputs already done; finding those without a row")
             listed = dataset.skip_done(listed, done, cfg)
-        elif row_format.embedding_size and dataset.few_batches(cfg, seen):
+        elif row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
             # Blocks of a batch of embeddings hold a small input's every path in one block:
             # cut them into batches here, before the model actors take the CPUs it needs.
             listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()

@@ -7,8 +7,8 @@ The rule: where the model's arithmetic is fast (bf16 on CPUs with bf16 units, in
 VNNI or AMX), a node's cores go to few actors with several threads each, so that the
 weights are read once per batch for all of them; where it is slow (fp32, int8 on AVX2 only),
 one thread per actor, so that each core works on its own batch without waiting on the
-others. Decoding stays fused into each actor either way (its own thread, nothing copied
-between processes).
+others. Decoding stays fused into each actor either way (on the actor's threads, nothing
+copied between processes).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def choose(
     if cfg.max_actors:
         why += ", --max-actors"
     actors = min(actors, _batches(cfg, seen))
-    threshold = COMPILE_FROM[fast_arithmetic(precision, flags)] * actors
+    per_actor = COMPILE_FROM[compile_kind(precision, flags)]
+    threshold = None if per_actor is None else per_actor * actors
     return ActorShape(actors, cpus, compiles(cfg, precision, seen, threshold), why)
 
 
@@ -106,17 +107,34 @@ def _batches(cfg: ClassifyConfig, seen: int) -> int:
     return max(1, -(-seen // cfg.batch_size))
 
 
-# Images per CPU actor from which compiling repays its start-up, by whether the arithmetic
-# is fast (measured: docs/performance.md, "Actor shapes"; a test holds it to the results).
-COMPILE_FROM = {True: 1000, False: 640}
+# Images per CPU actor from which compiling repays its start-up (None: it gained nothing),
+# by `compile_kind` (measured: docs/performance.md, "Actor shapes"; a test holds these to
+# the results).
+COMPILE_FROM = {
+    "fast arithmetic, AMX": 480,
+    "fast arithmetic": 1000,  # Zen 4: from bench/inference.py's start-up and gain only
+    "compute-bound": 640,
+    "compute-bound, AVX-512": None,
+}
 GPU_COMPILE_FROM = 1000  # images per GPU actor: not measured apart, as CPUs were at first
 
 
-def compiles(cfg: ClassifyConfig, precision: str, seen: int, threshold: int) -> bool:
-    """Whether the actors compile the model: --compile on, or auto from `threshold` inputs,
-    where the measured gain repays the compile (int8 always compiles)."""
+def compile_kind(precision: str, flags: frozenset[str] | None = None) -> str:
+    """How this CPU runs `precision`, as far as compiling gains: fast arithmetic on AMX
+    tiles or vector units, or compute-bound with or without AVX-512 (where oneDNN's own
+    kernels left inductor nothing to gain)."""
+    flags = cpu_flags() if flags is None else flags
+    if fast_arithmetic(precision, flags):
+        amx = "amx_bf16" if precision == "bf16" else "amx_int8"
+        return "fast arithmetic, AMX" if amx in flags else "fast arithmetic"
+    return "compute-bound, AVX-512" if "avx512f" in flags else "compute-bound"
+
+
+def compiles(cfg: ClassifyConfig, precision: str, seen: int, threshold: int | None) -> bool:
+    """Whether the actors compile the model: --compile on, or auto from `threshold` inputs
+    (None: never), where the measured gain repays the compile (int8 always compiles)."""
     if precision == "int8" or cfg.compile == "on":
         return True
-    if cfg.compile == "off":
+    if cfg.compile == "off" or threshold is None:
         return False
     return seen >= threshold

@@ -92,17 +92,23 @@ def load_images(
     min_side: int | None,
     limits: DecodeLimits,
     s3: storage.S3Options | None = None,
+    threads: int = 1,
 ) -> Iterator[torch.Tensor | ImageError]:
     """`load_image` of each of `uris`, in order, with the ImageError of a file that cannot
-    be used in its place. On S3 the reads overlap (`storage.read_inputs`), but decoding
-    stays one image at a time: at most READ_AHEAD files' bytes and one decoded image."""
-    for data in storage.read_inputs(uris, limits.max_file_bytes, s3):
+    be used in its place. On S3 the reads overlap (`storage.read_inputs`); with `threads`
+    above 1 so do the decodes (Pillow lets go of the GIL while it decodes and resizes). At
+    most READ_AHEAD files' bytes and `threads` decoded images wait at once."""
+
+    def load(data: bytes | ImageError) -> torch.Tensor | ImageError:
         try:
             if isinstance(data, ImageError):
                 raise data
-            yield preprocess(data, transform, min_side, limits)
+            return preprocess(data, transform, min_side, limits)
         except ImageError as e:
-            yield e
+            return e
+
+    read = storage.read_inputs(uris, limits.max_file_bytes, s3)
+    yield from storage.prefetch(load, read, threads if threads > 1 else 0)
 
 
 def preprocess(

@@ -42,9 +42,6 @@ MAX_PARTS = 1_024
 PATHS_PER_PART = 10_000  # given paths (evaluate) per read task
 MANIFEST_COLUMN = "path"  # CSV and Parquet manifests: the column holding the paths
 TEXT_SUFFIXES = (".txt", ".lst", ".list")
-# A block of paths in Arrow takes 33 (s3://bucket/x/0000001.jpg) to 70 bytes (long local
-# paths) a row: blocks capped at this many bytes a path hold about one batch.
-BLOCK_BYTES_PER_PATH = 32
 # Parts that are lists a person may have written a path into twice; listings never repeat
 # one, and S3 Inventory reports list each key once.
 LISTS = ("text", "csv", "parquet", "paths")
@@ -297,17 +294,34 @@ class InputSource(Datasource):
         return read_listing_part
 
 
-def count_inputs(parts: list[Part], s3, limit: int) -> int:
-    """How many inputs the parts hold, counting no further than `limit`: the driver's quick
-    look before a run (is there anything at all; is the job big enough to compile for)."""
-    count = 0
+@dataclass(frozen=True)
+class Count:
+    """The driver's quick look at an input: how many inputs it holds, no more than the
+    limit it was counted to, and the bytes a path of them takes in a block, on average."""
+
+    inputs: int
+    path_bytes: float
+
+
+def count_inputs(parts: list[Part], s3, limit: int) -> Count:
+    """The parts' inputs, counted no further than `limit`: the driver's quick look before
+    a run (is there anything at all; is the job big enough to compile for)."""
+    count = size = 0
     for part in parts:
         for path in part_paths(part, s3):
             if is_input(part, path):
                 count += 1
+                size += path_bytes(path)
                 if count >= limit:
-                    return count
-    return count
+                    return Count(count, size / count)
+    return Count(count, size / count if count else 0.0)
+
+
+def path_bytes(path: str) -> int:
+    """The bytes `path` takes in `path_table`'s columns (shown, and raw where they differ)."""
+    shown = storage.printable(path)
+    raw = 0 if shown == path else len(os.fsencode(path))
+    return len(shown.encode()) + raw + len(getattr(path, "reason", ""))
 
 
 def read_part(index: int, part: Part, rows: int, s3, progress) -> Iterator[pa.Table]:
