@@ -282,11 +282,11 @@ def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolSt
     first actor to start took every block otherwise (docs/performance.md, "Where the CPUs
     go"). A growing pool (--min-actors) keeps Ray's default: it grows only while more than
     one task an actor waits. On GPU, batches take milliseconds: the next one on its way."""
-    one_at_a_time = not cfg.gpu and min_actors == actors
+    full_cpu_pool = not cfg.gpu and min_actors == actors
     return ActorPoolStrategy(
         min_size=min_actors,
         max_size=actors,
-        max_tasks_in_flight_per_actor=1 if one_at_a_time else None,
+        max_tasks_in_flight_per_actor=1 if full_cpu_pool else None,
     )
 
 

@@ -97,7 +97,7 @@ def load_images(
     """`load_image` of each of `uris`, in order, with the ImageError of a file that cannot
     be used in its place. On S3 the reads overlap (`storage.read_inputs`); with `threads`
     above 1 so do the decodes (Pillow lets go of the GIL while it decodes and resizes). At
-    most READ_AHEAD files' bytes and `threads` decoded images wait at once."""
+    most READ_AHEAD + `threads` files' bytes and `threads` decoded images are held at once."""
 
     def load(data: bytes | ImageError) -> torch.Tensor | ImageError:
         try:
