@@ -208,23 +208,26 @@ def test_decode_setting():
 
 
 def test_the_model_agrees_on_both_decodings(trained, tmp_path):
-    """Top-1 agreement of the session model on CPU-decoded and device-decoded batches of
-    generated photos of three sizes (640x480 decodes at 1/8 scale on the CPU path at the
-    model's 64 px, so its pixels differ most): at least 99%."""
+    """The session model on CPU-decoded and device-decoded batches of generated photos of
+    three sizes (640x480 decodes at 1/8 scale on the CPU path at the model's 64 px, so its
+    pixels differ most): probabilities within 0.005 on average (0.001 measured; a transposed
+    or 20% darker decoding: 0.02 and 0.07) and the top-1 label kept for at least 98% of 300
+    (the weak session model has near ties; those decodings agree on 93%)."""
     cfg, meta = trained
     rng = random.Random(7)
     files = {}
-    for i in range(90):
+    for i in range(300):
         size = ((640, 480), (1024, 768), (300, 200))[i % 3]
         files[f"{i}.jpg"] = _jpeg(synthetic.make_image(synthetic.CLASSES[i % 3], rng, size))
     paths = _write(tmp_path, files)
     cpu, images, errors = _both_paths(paths, meta.image_size)
     assert errors == [None] * len(paths)
     predictor = Predictor(cfg.output, precision="fp32")
-    top_cpu = predictor.probabilities(torch.stack(cpu)).argmax(1)
-    top_device = predictor.probabilities(images).argmax(1)
-    agreement = float(np.mean(top_cpu == top_device))
-    assert agreement >= 0.99, agreement
+    on_cpu = predictor.probabilities(torch.stack(cpu))
+    on_device = predictor.probabilities(images)
+    assert float(np.abs(on_cpu - on_device).mean()) <= 0.005
+    agreement = float(np.mean(on_cpu.argmax(1) == on_device.argmax(1)))
+    assert agreement >= 0.98, agreement
 
 
 def test_classify_with_device_decoding_gives_the_same_rows(trained, tmp_path, capsys):

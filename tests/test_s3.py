@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.compute
 import pyarrow.dataset
 import pytest
+import ray
 import s3fs
 import safetensors.torch
 import torch
@@ -25,7 +26,7 @@ from insectlib.model.meta import read_meta
 from insectlib.model.network import build_model
 from insectlib.storage import retry
 from insectlib.training.trainer import fit
-from tests.conftest import expect_cli_error, run_cli, small_train_config, upload_tree
+from tests.conftest import expect_cli_error, run_cli, small_train_config, upload_tree, wait_for
 from tests.s3server import free_port
 
 BUCKET = "insect-e2e"
@@ -269,9 +270,14 @@ def test_denied_reads_stop_the_run_and_resume_finishes_it(
     assert "--resume" in err
     fs, path = storage.filesystem(out)
     assert not fs.exists(f"{path}/_SUCCESS")
+    # The failed run's model actors are gone: none waits on, holding its CPUs, for a
+    # consumer that is gone (the --resume below, in this process, would wait forever).
+    every_cpu = ray.cluster_resources()["CPU"]
+    wait_for(lambda: ray.available_resources().get("CPU") == every_cpu, 30, "the CPUs freed")
     from insectlib.cli.main import main
 
     assert main([*argv, "--resume"]) == 0
+    wait_for(lambda: ray.available_resources().get("CPU") == every_cpu, 30, "the CPUs freed")
     table = pyarrow.dataset.dataset(path, filesystem=storage.pyarrow_filesystem(out)[0]).to_table()
     assert sorted(table.column("path").to_pylist()) == s3_data["images"]
     assert table.filter(pyarrow.compute.field("error").is_valid()).num_rows == 0

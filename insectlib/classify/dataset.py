@@ -27,6 +27,7 @@ from insectlib.errors import ImageError
 from insectlib.model.int8 import Int8Model
 from insectlib.model.meta import ModelMeta
 from insectlib.model.predictor import Predictor, RowFormat, prediction_table
+from insectlib.runtime.progress import join_run
 
 # Listing parts read at once, at most: I/O-bound tasks that ask for no CPU, but each is a
 # Ray worker process to start, which on few cores holds the first paths back (measured:
@@ -250,7 +251,7 @@ def prediction_dataset(
         num_cpus=1 if cfg.gpu else shape.cpus_per_actor,
     )
     return ds.map_batches(
-        Predictor,
+        ModelActor,
         fn_constructor_kwargs={
             "model_uri": cfg.model,
             "device": "cuda" if cfg.gpu else "cpu",
@@ -269,6 +270,16 @@ def prediction_dataset(
         num_cpus=shape.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )
+
+
+class ModelActor(Predictor):
+    """A Predictor as a model actor of Ray Data's pool: it joins the run's progress, for
+    the driver to stop it when the run ends (`progress.stop_actors`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.progress is not None:
+            join_run(self.progress)
 
 
 def cpu_threads(cfg: ClassifyConfig, shape: ActorShape) -> int | None:

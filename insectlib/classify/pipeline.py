@@ -162,7 +162,7 @@ def run_pipeline(
         f"parts); starting {pool.line()}"
     )
     pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
-    with progress_bar(run, done.rows if done else 0), ray_task_errors():
+    with stopping_actors(run), progress_bar(run, done.rows if done else 0), ray_task_errors():
         predictions = dataset.prediction_dataset(
             listed, pool, cfg, plan.meta.image_size, row_format, run, plan.int8_model
         )
@@ -310,6 +310,15 @@ def ray_task_errors():
         if cause is None:
             raise
         raise cause from None
+
+
+@contextlib.contextmanager
+def stopping_actors(run):
+    """The run's model actors stopped when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        progress.stop_actors(run)
 
 
 @contextlib.contextmanager

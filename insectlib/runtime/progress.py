@@ -28,6 +28,16 @@ class RunProgress:
         self.lines: list[str] = []
         self.counts: dict[str, int] = {}
         self.part_totals: dict[int, int] = {}
+        self.actors: list = []
+
+    def joined(self, actor) -> None:
+        """`actor` works for this run, until `stop_actors`."""
+        self.actors.append(actor)
+
+    def leave_all(self) -> list:
+        """The actors that joined, forgotten here (this actor no longer keeps them alive)."""
+        actors, self.actors = self.actors, []
+        return actors
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -55,6 +65,20 @@ def start() -> ray.actor.ActorHandle:
     node must not take the counts, and the listing tasks that report to it, along)."""
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return RunProgress.options(scheduling_strategy=here).remote()
+
+
+def join_run(progress) -> None:
+    """Tell `progress` that the calling Ray actor works for its run."""
+    progress.joined.remote(ray.get_runtime_context().current_actor)
+
+
+def stop_actors(progress) -> None:
+    """Stop the actors that joined the run. Ray Data's failed execution leaves a model actor
+    waiting, holding its CPUs, for the consumer of its block, which is gone: a second run
+    in the same process would wait for those CPUs forever."""
+    with contextlib.suppress(Exception):  # the cluster may be gone after a failure
+        for actor in ray.get(progress.leave_all.remote()):
+            ray.kill(actor)
 
 
 def tell(progress, line: str) -> None:
