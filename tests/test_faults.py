@@ -21,6 +21,7 @@ from insectlib.data import synthetic
 from insectlib.layout import META_FILE, STATE_FILE
 from insectlib.model.meta import ModelMeta
 from insectlib.model.network import build_model, save_model
+from insectlib.runtime import progress
 from insectlib.training.run_storage import RUN_SNAPSHOT
 from insectlib.training.trainer import fit
 from tests.conftest import (
@@ -240,3 +241,29 @@ def test_unreadable_file_gets_an_error_row(trained, tmp_path):
     classify(ClassifyConfig(input=str(folder), model=cfg.output, output=str(tmp_path / "out")))
     (row,) = pq.read_table(tmp_path / "out").to_pylist()
     assert row["label"] is None and "unreadable file: Permission denied" in row["error"]
+
+
+@ray.remote(num_cpus=1)
+class _Joiner:
+    """An actor of a run, as a model actor joins it: first thing in its constructor."""
+
+    def __init__(self, run):
+        progress.join_run(run)
+
+    def ping(self) -> bool:
+        return True
+
+
+def test_a_runs_actors_are_stopped_at_its_end_late_ones_too(ray_local):
+    """The actors that joined a run are stopped when it ends (Ray Data may leave one
+    waiting, holding its CPUs); one joining after the end, still building when the run
+    failed, is stopped as it joins."""
+    run = progress.start()
+    early = _Joiner.remote(run)
+    assert ray.get(early.ping.remote())
+    progress.stop_actors(run)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(early.ping.remote(), timeout=60)
+    late = _Joiner.remote(run)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(late.ping.remote(), timeout=60)

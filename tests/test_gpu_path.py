@@ -211,8 +211,8 @@ def test_the_model_agrees_on_both_decodings(trained, tmp_path):
     """The session model on CPU-decoded and device-decoded batches of generated photos of
     three sizes (640x480 decodes at 1/8 scale on the CPU path at the model's 64 px, so its
     pixels differ most): probabilities within 0.005 on average (0.001 measured; a transposed
-    or 20% darker decoding: 0.02 and 0.07) and the top-1 label kept for at least 98% of 300
-    (the weak session model has near ties; those decodings agree on 93%)."""
+    or 20% darker decoding: 0.02 and 0.07), and the top-1 label kept wherever the CPU path's
+    top two are 0.05 apart (the weak session model has near ties, which may flip)."""
     cfg, meta = trained
     rng = random.Random(7)
     files = {}
@@ -225,9 +225,13 @@ def test_the_model_agrees_on_both_decodings(trained, tmp_path):
     predictor = Predictor(cfg.output, precision="fp32")
     on_cpu = predictor.probabilities(torch.stack(cpu))
     on_device = predictor.probabilities(images)
-    assert float(np.abs(on_cpu - on_device).mean()) <= 0.005
-    agreement = float(np.mean(on_cpu.argmax(1) == on_device.argmax(1)))
-    assert agreement >= 0.98, agreement
+    apart = float(np.abs(on_cpu - on_device).mean())
+    assert apart <= 0.005, apart
+    top_two = np.sort(on_cpu, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] >= 0.05
+    assert clear.sum() >= len(paths) // 2  # the check below holds for most images
+    kept = on_cpu.argmax(1) == on_device.argmax(1)
+    assert kept[clear].all(), np.array(paths)[clear & ~kept].tolist()
 
 
 def test_classify_with_device_decoding_gives_the_same_rows(trained, tmp_path, capsys):

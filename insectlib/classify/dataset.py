@@ -2,8 +2,9 @@
 model-actor pool, and the block size that keeps it all streaming.
 
 list (`data.inputs.InputSource`) -> `image_batch` (read, decode, preprocess) -> `Predictor`
-in an actor pool -> Parquet (`pipeline`). With --decode device, `encoded_batch` reads and
-checks instead, and the actors decode the JPEGs on their device (`data.device_decode`).
+(as `PoolPredictor`) in an actor pool -> Parquet (`pipeline`). With --decode device,
+`encoded_batch` reads and checks instead, and the actors decode the JPEGs on their device
+(`data.device_decode`).
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def prediction_dataset(
         num_cpus=1 if cfg.gpu else shape.cpus_per_actor,
     )
     return ds.map_batches(
-        ModelActor,
+        PoolPredictor,
         fn_constructor_kwargs={
             "model_uri": cfg.model,
             "device": "cuda" if cfg.gpu else "cpu",
@@ -272,14 +273,14 @@ def prediction_dataset(
     )
 
 
-class ModelActor(Predictor):
-    """A Predictor as a model actor of Ray Data's pool: it joins the run's progress, for
-    the driver to stop it when the run ends (`progress.stop_actors`)."""
+class PoolPredictor(Predictor):
+    """A Predictor as a model actor of Ray Data's pool: it joins the run's progress first,
+    for the driver to stop it when the run ends (`progress.stop_actors`), built or not."""
 
     def __init__(self, **kwargs):
+        if kwargs.get("progress") is not None:
+            join_run(kwargs["progress"])
         super().__init__(**kwargs)
-        if self.progress is not None:
-            join_run(self.progress)
 
 
 def cpu_threads(cfg: ClassifyConfig, shape: ActorShape) -> int | None:

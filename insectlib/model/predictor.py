@@ -1,7 +1,7 @@
 """Running a trained model on batches: a plain class, usable with or without Ray.
 
-`Predictor` is what the Ray Data actor pool instantiates in `classify`; it is also how a
-test or a GPU machine without Ray checks the model path directly.
+`Predictor` is what the Ray Data actor pool runs in `classify` (as `PoolPredictor`); it is
+also how a test or a GPU machine without Ray checks the model path directly.
 """
 
 from __future__ import annotations

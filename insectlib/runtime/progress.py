@@ -1,13 +1,14 @@
 """What a run's Ray workers tell the driver while it runs: lines for the user's console
 (training's epoch lines come from rank 0 but are printed by the driver, so they reach the
 console and not the log) and counts (images listed and classified, each listing part's
-total). One `RunProgress` actor per run, on the driver's node; `follow` polls it from a
-thread of the driver.
+total), and which actors work for the run. One `RunProgress` actor per run, on the
+driver's node; `follow` polls it from a thread of the driver.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -17,25 +18,32 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from insectlib.runtime import console
 
 POLL_S = 0.5
+logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
 class RunProgress:
     """Lines to print and counts by name; each listing part's total, set once per part
-    (a retried part sets it again, never twice)."""
+    (a retried part sets it again, never twice); the run's model actors, for the driver
+    to stop at the end (an actor the pool lets go of mid-run lives on until then)."""
 
     def __init__(self):
         self.lines: list[str] = []
         self.counts: dict[str, int] = {}
         self.part_totals: dict[int, int] = {}
-        self.actors: list = []
+        self.actors: list = []  # handles: kept alive until `leave_all`, however idle
+        self.ended = False
 
     def joined(self, actor) -> None:
-        """`actor` works for this run, until `stop_actors`."""
-        self.actors.append(actor)
+        """`actor` works for this run; one that joins after the run's end is stopped."""
+        if self.ended:
+            ray.kill(actor)
+        else:
+            self.actors.append(actor)
 
     def leave_all(self) -> list:
-        """The actors that joined, forgotten here (this actor no longer keeps them alive)."""
+        """The run has ended: the actors that joined, forgotten here."""
+        self.ended = True
         actors, self.actors = self.actors, []
         return actors
 
@@ -68,17 +76,25 @@ def start() -> ray.actor.ActorHandle:
 
 
 def join_run(progress) -> None:
-    """Tell `progress` that the calling Ray actor works for its run."""
-    progress.joined.remote(ray.get_runtime_context().current_actor)
+    """Tell `progress` that the calling Ray actor works for its run; waits for the answer,
+    so that an actor still building its model can be stopped."""
+    ray.get(progress.joined.remote(ray.get_runtime_context().current_actor))
 
 
-def stop_actors(progress) -> None:
+def stop_actors(progress, timeout_s: float = 30) -> None:
     """Stop the actors that joined the run. Ray Data's failed execution leaves a model actor
     waiting, holding its CPUs, for the consumer of its block, which is gone: a second run
     in the same process would wait for those CPUs forever."""
-    with contextlib.suppress(Exception):  # the cluster may be gone after a failure
-        for actor in ray.get(progress.leave_all.remote()):
+    try:
+        actors = ray.get(progress.leave_all.remote(), timeout=timeout_s)
+    except ray.exceptions.RayError as e:  # the cluster may be gone after a failure
+        logger.warning("could not stop the run's actors: %s", e)
+        return
+    for actor in actors:
+        try:
             ray.kill(actor)
+        except ray.exceptions.RayError as e:
+            logger.warning("could not stop actor %s: %s", actor, e)
 
 
 def tell(progress, line: str) -> None:
