@@ -273,11 +273,15 @@ def test_denied_reads_stop_the_run_and_resume_finishes_it(
     # The failed run's model actors are gone: none waits on, holding its CPUs, for a
     # consumer that is gone (the --resume below, in this process, would wait forever).
     every_cpu = ray.cluster_resources()["CPU"]
-    wait_for(lambda: ray.available_resources().get("CPU") == every_cpu, 30, "the CPUs freed")
+
+    def every_cpu_free():
+        wait_for(lambda: ray.available_resources().get("CPU") == every_cpu, 30, "the CPUs freed")
+
+    every_cpu_free()
     from insectlib.cli.main import main
 
     assert main([*argv, "--resume"]) == 0
-    wait_for(lambda: ray.available_resources().get("CPU") == every_cpu, 30, "the CPUs freed")
+    every_cpu_free()
     err = capsys.readouterr().err  # the stopped actors' ends are not the user's business
     assert "Unhandled" not in err and "ActorDied" not in err and "Traceback" not in err, err
     table = pyarrow.dataset.dataset(path, filesystem=storage.pyarrow_filesystem(out)[0]).to_table()
