@@ -48,7 +48,7 @@ EVALUATION_FILES = (
 )
 
 # A classification output (`insect classify --output`): Parquet parts (named by
-# `classify.outputs.PartNames`), then, once every input has exactly one row, these.
+# `classify.outputs.PART_NAME`), then, once every input has exactly one row, these.
 # Names with a leading "_": pyarrow's, Spark's and Hadoop's dataset readers skip them, so
 # reading the folder as a dataset finds only the parts.
 SUCCESS_FILE = "_SUCCESS"  # JSON manifest of the complete run

@@ -261,9 +261,38 @@ def test_a_runs_actors_are_stopped_at_its_end_late_ones_too(ray_local):
     run = progress.start()
     early = _Joiner.remote(run)
     assert ray.get(early.ping.remote())
-    progress.stop_actors(run)
+    progress.end(run)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(early.ping.remote(), timeout=60)
     late = _Joiner.remote(run)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(late.ping.remote(), timeout=60)
+
+
+@ray.remote(num_cpus=0)
+def _fenced_write(run, path: str, seconds: float):
+    """A write task of `run`, as a classify run writes its parts."""
+
+    def write() -> str:
+        time.sleep(seconds)
+        Path(path).write_text("written")
+        return "written"
+
+    return progress.fenced(run, Path(path).name, write)
+
+
+def test_a_runs_end_waits_for_its_writes_and_refuses_later_ones(ray_local, tmp_path):
+    """Nothing of a run is written after its end: a write under way is waited for, even
+    when Ray cancels its task (as Ray Data does to a failed run's: the write went on in a
+    library's thread and its part landed under a --resume's rows), and one that would
+    begin after the end writes nothing."""
+    run = progress.start()
+    under_way = _fenced_write.remote(run, str(tmp_path / "under-way"), 3)
+    wait_for(lambda: ray.get(run.writes.remote()) == 1, 60, "the write begun")
+    ray.cancel(under_way)
+    progress.end(run)
+    assert (tmp_path / "under-way").read_text() == "written"
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(under_way, timeout=60)
+    assert ray.get(_fenced_write.remote(run, str(tmp_path / "late"), 0), timeout=60) is None
+    assert not (tmp_path / "late").exists()

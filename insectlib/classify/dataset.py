@@ -275,7 +275,7 @@ def prediction_dataset(
 
 class PoolPredictor(Predictor):
     """A Predictor as a model actor of Ray Data's pool: it joins the run's progress first,
-    for the driver to stop it when the run ends (`progress.stop_actors`), built or not."""
+    for the driver to stop it when the run ends (`progress.end`), built or not."""
 
     def __init__(self, **kwargs):
         if kwargs.get("progress") is not None:

@@ -1,6 +1,6 @@
 """What insect writes into an output location, and the only code that removes anything.
 
-A classification output holds Parquet parts named by `PartNames` and, once every input
+A classification output holds Parquet parts written by `PartsDatasink` and, once every input
 has its row, `_SUCCESS` and the run's summary (`RUN_FILES`). `--overwrite` removes exactly
 those (recognised by name, and the parts by their Parquet schema) and nothing else;
 `--resume` trusts only those. Any other file is named in a refusal, never deleted, and no
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset
 import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
 
 from insectlib import storage
 from insectlib.classify import duplicates
@@ -29,11 +31,12 @@ from insectlib.layout import (
     RUN_FILES,
     SUCCESS_FILE,
 )
-from insectlib.runtime import console
+from insectlib.runtime import console, progress
 from insectlib.storage import entry_name, list_entries, retry
 
-# Ray Data adds "-<i>.parquet" to the name `PartNames` gives each write task.
-PART_NAME = re.compile(r"part-[0-9a-f]{32}-\d{6}-\d+\.parquet")
+# part-<write id>-<task>.parquet (`PartsDatasink`); "-<i>" before ".parquet": parts that
+# Ray Data's Parquet writer wrote, up to insect 2026-12.
+PART_NAME = re.compile(r"part-[0-9a-f]{32}-\d{6}(-\d+)?\.parquet")
 # Parts written before insect named them: Ray Data's default names.
 LEGACY_PART_NAME = re.compile(r"[A-Za-z0-9]{16,32}_[0-9a-f]{32}_\d{6}-\d+\.parquet")
 # Columns every insect part has, whatever optional columns a run adds.
@@ -41,12 +44,39 @@ PART_COLUMNS = frozenset({"path", "label", "error", "model"})
 SHOWN = 5  # foreign files named in a refusal
 
 
-class PartNames(FilenameProvider):
-    """Names of the Parquet parts insect writes: part-<write uuid>-<task>, which Ray Data
-    completes with -<i>.parquet (see PART_NAME)."""
+class PartsDatasink(Datasink[int]):
+    """Each write task's rows as one Parquet part, with `schema` (the run's row format in
+    its metadata), fenced by the run's `RunProgress` (`progress.fenced`): no part begins
+    after the run's end, and the end waits for those under way. Ray Data's own Parquet
+    writer, cancelled by a failed run, left one going, and it landed after the failure
+    had been reported, under the rows a --resume was writing again."""
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{write_uuid}-{task_index:06}"
+    def __init__(self, output: str, s3, schema: pa.Schema, rows_per_file: int, run):
+        self.output, self.s3, self.schema, self.rows_per_file = output, s3, schema, rows_per_file
+        self.run = run
+        self.write_id = uuid.uuid4().hex
+
+    @property
+    def min_rows_per_write(self) -> int:
+        # Ray Data joins blocks into writes of at least this many rows: one file each.
+        return self.rows_per_file
+
+    def write(self, blocks, ctx) -> int:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t.select(self.schema.names).cast(self.schema) for t in tables if t.num_rows]
+        if not tables:
+            return 0
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.concat_tables(tables), buffer)
+        data = buffer.getvalue()
+        name = f"part-{self.write_id}-{ctx.task_idx:06}.parquet"
+        uri = storage.join(self.output, name)
+
+        def write_part() -> None:
+            storage.write_file(self.output, name, data, self.s3)
+
+        progress.fenced(self.run, name, lambda: retry.retrying(write_part, uri, "write"))
+        return sum(t.num_rows for t in tables)
 
 
 def is_part_name(name: str) -> bool:

@@ -132,9 +132,7 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
     if not cfg.resume:
         return count, None
     legacy = asdict(RowFormat())
-    done = outputs.resume_state(
-        cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy
-    )
+    done = outputs.resume_state(cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy)
     return count, done
 
 
@@ -161,27 +159,16 @@ def run_pipeline(
         f"classifying {plan.source} with model {plan.model_id} ({len(plan.parts)} listing "
         f"parts); starting {pool.line()}"
     )
-    pa_fs, pa_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
-    with stopping_actors(run), progress_bar(run, done.rows if done else 0), ray_task_errors():
+    # Files written as they fill, each of one write task: --rows-per-file rows up to one
+    # block more (a block is a batch or a few; only the run's last may hold fewer).
+    parts = outputs.PartsDatasink(cfg.output, cfg.s3, row_format.schema(), cfg.rows_per_file, run)
+    with ending(run), progress_bar(run, done.rows if done else 0), ray_task_errors():
         predictions = dataset.prediction_dataset(
             listed, pool, cfg, plan.meta.image_size, row_format, run, plan.int8_model
         )
-        predictions.write_parquet(
-            pa_path,
-            filesystem=pa_fs,
-            filename_provider=outputs.PartNames(),
-            # Every part gets this schema, with the row format in its metadata, whatever
-            # its blocks held (Ray Data would otherwise unify the blocks' own schemas).
-            schema=row_format.schema(),
-            # One file per write task, of --rows-per-file rows up to one block more (a
-            # block is a batch or a few; only the run's last file may hold fewer), whatever
-            # the cluster size. A maximum as well would cut each task's rows into full
-            # files plus a remainder of a few rows.
-            min_rows_per_file=cfg.rows_per_file,
-            # Writing is light I/O; asking for a CPU would hold it back until the actors,
-            # which take every CPU, are done, and nothing would be on disk before the end.
-            ray_remote_args={"num_cpus": 0},
-        )
+        # Writing is light I/O; asking for a CPU would hold it back until the actors,
+        # which take every CPU, are done, and nothing would be on disk before the end.
+        predictions.write_datasink(parts, ray_remote_args={"num_cpus": 0})
     total = ray.get(run.inputs.remote(len(plan.parts)))
     if total is None:
         raise InsectError(f"the listing of {plan.source} did not finish; run again with --resume")
@@ -313,12 +300,13 @@ def ray_task_errors():
 
 
 @contextlib.contextmanager
-def stopping_actors(run):
-    """The run's model actors stopped when the block ends, however it ends."""
+def ending(run):
+    """The run ended when the block ends, however it ends (`progress.end`): its model actors
+    stopped, its writes over."""
     try:
         yield
     finally:
-        progress.stop_actors(run)
+        progress.end(run)
 
 
 @contextlib.contextmanager
@@ -365,9 +353,7 @@ def int8_for_run(cfg: ClassifyConfig, meta: ModelMeta) -> int8.Int8Model | None:
     images = cfg.int8_images
     if kept is None or (images and kept.record.images_from != images):
         console.say("measuring int8 statistics (once per model and set of images)")
-        kept = int8_statistics.measure(
-            cfg.model, meta, images, cfg.batch_size, cfg.limits, cfg.s3
-        )
+        kept = int8_statistics.measure(cfg.model, meta, images, cfg.batch_size, cfg.limits, cfg.s3)
     r = kept.record
     console.say(
         f"int8 model {r.int8_model_id}: top-1 agreement with fp32 {r.top1_agreement:.1%} on "

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -18,6 +21,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from insectlib.runtime import console
 
 POLL_S = 0.5
+# How long `end` waits for the writes under way (a part is written, with retries, in
+# seconds; one whose writer died never ends, and the driver must not wait for it for good).
+WRITES_WAIT_S = 120
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
@@ -25,14 +32,16 @@ logger = logging.getLogger(__name__)
 class RunProgress:
     """Lines to print and counts by name; each listing part's total, set once per part
     (a retried part sets it again, never twice); the run's model actors, for the driver
-    to stop at the end (an actor the pool lets go of mid-run lives on until then)."""
+    to stop at the end (an actor the pool lets go of mid-run lives on until then); the
+    writes under way, none begun after the end (see `fenced`)."""
 
     def __init__(self):
         self.lines: list[str] = []
         self.counts: dict[str, int] = {}
         self.part_totals: dict[int, int] = {}
-        self.actors: list = []  # handles: kept alive until `leave_all`, however idle
+        self.actors: list = []  # handles: kept alive until `end`, however idle
         self.ended = False
+        self.writing: set[str] = set()  # by name: a retried write is the same write
 
     def joined(self, actor) -> None:
         """`actor` works for this run; one that joins after the run's end is stopped."""
@@ -41,11 +50,26 @@ class RunProgress:
         else:
             self.actors.append(actor)
 
-    def leave_all(self) -> list:
-        """The run has ended: the actors that joined, forgotten here."""
+    def end(self) -> list:
+        """The run has ended: no write begins from now on. The actors that joined,
+        forgotten here."""
         self.ended = True
         actors, self.actors = self.actors, []
         return actors
+
+    def begin_write(self, name: str) -> bool:
+        """Whether write `name` of the run may begin: not after its end."""
+        if self.ended:
+            return False
+        self.writing.add(name)
+        return True
+
+    def end_write(self, name: str) -> None:
+        self.writing.discard(name)
+
+    def writes(self) -> int:
+        """The writes under way."""
+        return len(self.writing)
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -81,20 +105,75 @@ def join_run(progress) -> None:
     ray.get(progress.joined.remote(ray.get_runtime_context().current_actor))
 
 
-def stop_actors(progress, timeout_s: float = 30) -> None:
-    """Stop the actors that joined the run. Ray Data's failed execution leaves a model actor
-    waiting, holding its CPUs, for the consumer of its block, which is gone: a second run
-    in the same process would wait for those CPUs forever."""
+def end(progress, timeout_s: float = 30, writes_wait_s: float = WRITES_WAIT_S) -> None:
+    """End the run, finished or failed: no write of it begins any more, its actors are
+    stopped, and the writes under way are waited for. Ray Data's failed execution leaves a
+    model actor waiting, holding its CPUs, for the consumer of its block, which is gone (a
+    second run in the same process would wait for those CPUs forever), and a write task
+    going: its part could land after the driver had reported the failure, under the rows
+    a --resume writes again."""
     try:
-        actors = ray.get(progress.leave_all.remote(), timeout=timeout_s)
+        actors = ray.get(progress.end.remote(), timeout=timeout_s)
     except ray.exceptions.RayError as e:  # the cluster may be gone after a failure
-        logger.warning("could not stop the run's actors: %s", e)
+        logger.warning("could not end the run: %s", e)
         return
     for actor in actors:
         try:
             ray.kill(actor)
         except ray.exceptions.RayError as e:
             logger.warning("could not stop actor %s: %s", actor, e)
+    wait_for_writes(progress, writes_wait_s)
+
+
+def wait_for_writes(progress, timeout_s: float) -> None:
+    """Wait until no write of the run is under way; after `timeout_s`, warn and go on."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while (writing := ray.get(progress.writes.remote(), timeout=timeout_s)) > 0:
+            if time.monotonic() > deadline:
+                console.warn(
+                    f"warning: {writing} write(s) of this run had not ended after "
+                    f"{timeout_s:.0f} s; a --resume that finds rows repeated removes them"
+                )
+                return
+            time.sleep(POLL_S / 5)
+    except ray.exceptions.RayError as e:
+        logger.warning("could not wait for the run's writes: %s", e)
+
+
+def fenced(progress, name: str, write: Callable[[], T]) -> T | None:
+    """`write()` as write `name` of `progress`'s run, from a Ray task: None, not begun, once
+    the run has ended; once begun, waited for to its end even when Ray cancels the task
+    meanwhile (a cancelled wait would leave it going in a library's I/O thread, to land
+    after `end` had returned). A task retried after its process died writes the same name:
+    its write ends the one that never did."""
+
+    def fenced_write() -> T | None:
+        if not ray.get(progress.begin_write.remote(name)):
+            return None
+        try:
+            return write()
+        finally:
+            ray.get(progress.end_write.remote(name))
+
+    return uninterrupted(fenced_write)
+
+
+def uninterrupted(fn: Callable[[], T]) -> T:
+    """`fn()` on a thread of its own, waited for to its end through KeyboardInterrupts (Ray's
+    way to cancel a running task), which are raised again once it has ended."""
+    interrupted = False
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(fn)
+        while True:
+            try:
+                result = future.result()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
 
 
 def tell(progress, line: str) -> None:

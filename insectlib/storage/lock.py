@@ -172,7 +172,7 @@ class S3Lock(OutputLock):
                     return None
                 raise
 
-        answer = retry.retrying(put, self.uri)
+        answer = retry.retrying(put, self.uri, "write")
         if answer is None:
             return False
         self.etag = answer["ETag"]

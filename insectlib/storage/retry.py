@@ -1,5 +1,6 @@
 """The one retry policy for storage: every S3 request insect makes (reads, listings, part
-footers) and every read of a classification part goes through `retrying`.
+footers, the lock) and every read or write of a classification part goes through
+`retrying`.
 
 Budget: READ_ATTEMPTS (4) attempts with back-offs of 1, 2 and 4 s, each times a jitter of
 0.5-1.5: at most 10.5 s of waiting, plus each attempt's own timeouts (`S3_CLIENT`: 5 s to
@@ -31,11 +32,11 @@ S3_CLIENT = {
 S3FS_RETRIES = 1  # s3fs's own loop (SlowDown, timeouts): one attempt, no retry
 
 
-def retrying(fn: Callable[[], T], uri: str) -> T:
+def retrying(fn: Callable[[], T], uri: str, action: str = "read") -> T:
     """`fn()`, retried with exponential back-off on any failure but the file's own state
     (FileNotFoundError, ImageError, bad content: ValueError) or a problem already worded
     for the user (InsectError); after READ_ATTEMPTS it raises StorageUnavailable naming
-    `uri`."""
+    `uri` and what `fn` did to it (`action`)."""
     for attempt in range(READ_ATTEMPTS):
         try:
             return fn()
@@ -44,7 +45,7 @@ def retrying(fn: Callable[[], T], uri: str) -> T:
         except Exception as e:
             if attempt == READ_ATTEMPTS - 1:
                 raise StorageUnavailable(
-                    f"cannot read {uri} after {READ_ATTEMPTS} attempts: {type(e).__name__}: "
+                    f"cannot {action} {uri} after {READ_ATTEMPTS} attempts: {type(e).__name__}: "
                     f"{e}. The rows written so far are kept: fix the cause and rerun with "
                     "--resume"
                 ) from None
