@@ -282,16 +282,20 @@ def _fenced_write(run, path: str, seconds: float):
 
 
 def test_a_runs_end_waits_for_its_writes_and_refuses_later_ones(ray_local, tmp_path):
-    """Nothing of a run is written after its end: a write under way is waited for, even
-    when Ray cancels its task (as Ray Data does to a failed run's: the write went on in a
-    library's thread and its part landed under a --resume's rows), and one that would
-    begin after the end writes nothing."""
+    """Nothing of a run is written after its end: a write under way is waited for, however
+    long it renews its lease and even when Ray cancels its task (as Ray Data does to a
+    failed run's: the write went on in a library's thread and its part landed under a
+    --resume's rows); one that would begin after the end writes nothing; a writer that
+    died holds the end back only until its lease runs out."""
     run = progress.start()
-    under_way = _fenced_write.remote(run, str(tmp_path / "under-way"), 3)
-    wait_for(lambda: ray.get(run.writes.remote()) == 1, 60, "the write begun")
+    ray.get(run.begin_write.remote("died"))  # begun by a writer that is gone
+    under_way = _fenced_write.remote(run, str(tmp_path / "under-way"), 12)
+    wait_for(lambda: ray.get(run.writes.remote()) == 2, 60, "the write begun")
     ray.cancel(under_way)
-    progress.end(run)
+    started = time.monotonic()
+    progress.end(run, lease_s=7)  # shorter than the write: renewed, it is waited for
     assert (tmp_path / "under-way").read_text() == "written"
+    assert time.monotonic() - started < 45
     with pytest.raises(ray.exceptions.TaskCancelledError):
         ray.get(under_way, timeout=60)
     assert ray.get(_fenced_write.remote(run, str(tmp_path / "late"), 0), timeout=60) is None

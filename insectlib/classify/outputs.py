@@ -63,7 +63,7 @@ class PartsDatasink(Datasink[int]):
 
     def write(self, blocks, ctx) -> int:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t.select(self.schema.names).cast(self.schema) for t in tables if t.num_rows]
+        tables = [self._conform(t) for t in tables if t.num_rows]
         if not tables:
             return 0
         buffer = pa.BufferOutputStream()
@@ -72,11 +72,21 @@ class PartsDatasink(Datasink[int]):
         name = f"part-{self.write_id}-{ctx.task_idx:06}.parquet"
         uri = storage.join(self.output, name)
 
-        def write_part() -> None:
+        def write_part() -> bool:
             storage.write_file(self.output, name, data, self.s3)
+            return True
 
-        progress.fenced(self.run, name, lambda: retry.retrying(write_part, uri, "write"))
+        if not progress.fenced(self.run, name, lambda: retry.retrying(write_part, uri, "write")):
+            return 0  # the run had ended
         return sum(t.num_rows for t in tables)
+
+    def _conform(self, table: pa.Table) -> pa.Table:
+        """`table` with the schema's columns, order and types; other columns are a bug."""
+        if set(table.column_names) != set(self.schema.names):
+            raise ValueError(
+                f"rows with columns {table.column_names}, not the row format's {self.schema.names}"
+            )
+        return table.select(self.schema.names).cast(self.schema)
 
 
 def is_part_name(name: str) -> bool:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 import ray
@@ -21,9 +22,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from insectlib.runtime import console
 
 POLL_S = 0.5
-# How long `end` waits for the writes under way (a part is written, with retries, in
-# seconds; one whose writer died never ends, and the driver must not wait for it for good).
-WRITES_WAIT_S = 120
+# A write under way renews its lease every WRITE_RENEW_S; `end` waits while any lease is
+# younger than WRITE_LEASE_S. A writer that died (or whose end was cancelled with its task)
+# stops renewing: the run's end waits for it that long, not for good, and one that is alive
+# is waited for however long its retries take.
+WRITE_RENEW_S = 5.0
+WRITE_LEASE_S = 30.0
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -41,7 +45,7 @@ class RunProgress:
         self.part_totals: dict[int, int] = {}
         self.actors: list = []  # handles: kept alive until `end`, however idle
         self.ended = False
-        self.writing: set[str] = set()  # by name: a retried write is the same write
+        self.writing: dict[str, float] = {}  # name: when its lease was last renewed
 
     def joined(self, actor) -> None:
         """`actor` works for this run; one that joins after the run's end is stopped."""
@@ -58,18 +62,24 @@ class RunProgress:
         return actors
 
     def begin_write(self, name: str) -> bool:
-        """Whether write `name` of the run may begin: not after its end."""
+        """Whether write `name` of the run may begin: not after its end. A retried write
+        has the same name: it takes the lease of the one that died."""
         if self.ended:
             return False
-        self.writing.add(name)
+        self.writing[name] = time.monotonic()
         return True
 
-    def end_write(self, name: str) -> None:
-        self.writing.discard(name)
+    def renew_write(self, name: str) -> None:
+        if name in self.writing:
+            self.writing[name] = time.monotonic()
 
-    def writes(self) -> int:
-        """The writes under way."""
-        return len(self.writing)
+    def end_write(self, name: str) -> None:
+        self.writing.pop(name, None)
+
+    def writes(self, lease_s: float = WRITE_LEASE_S) -> int:
+        """The writes under way: begun, not ended, renewed within `lease_s`."""
+        now = time.monotonic()
+        return sum(now - renewed < lease_s for renewed in self.writing.values())
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -105,7 +115,7 @@ def join_run(progress) -> None:
     ray.get(progress.joined.remote(ray.get_runtime_context().current_actor))
 
 
-def end(progress, timeout_s: float = 30, writes_wait_s: float = WRITES_WAIT_S) -> None:
+def end(progress, timeout_s: float = 30, lease_s: float = WRITE_LEASE_S) -> None:
     """End the run, finished or failed: no write of it begins any more, its actors are
     stopped, and the writes under way are waited for. Ray Data's failed execution leaves a
     model actor waiting, holding its CPUs, for the consumer of its block, which is gone (a
@@ -116,37 +126,29 @@ def end(progress, timeout_s: float = 30, writes_wait_s: float = WRITES_WAIT_S) -
         actors = ray.get(progress.end.remote(), timeout=timeout_s)
     except ray.exceptions.RayError as e:  # the cluster may be gone after a failure
         logger.warning("could not end the run: %s", e)
-        return
+        actors = []
     for actor in actors:
         try:
             ray.kill(actor)
         except ray.exceptions.RayError as e:
             logger.warning("could not stop actor %s: %s", actor, e)
-    wait_for_writes(progress, writes_wait_s)
+    wait_for_writes(progress, lease_s)
 
 
-def wait_for_writes(progress, timeout_s: float) -> None:
-    """Wait until no write of the run is under way; after `timeout_s`, warn and go on."""
-    deadline = time.monotonic() + timeout_s
+def wait_for_writes(progress, lease_s: float = WRITE_LEASE_S) -> None:
+    """Wait while a write of the run holds a lease renewed within `lease_s`."""
     try:
-        while (writing := ray.get(progress.writes.remote(), timeout=timeout_s)) > 0:
-            if time.monotonic() > deadline:
-                console.warn(
-                    f"warning: {writing} write(s) of this run had not ended after "
-                    f"{timeout_s:.0f} s; a --resume that finds rows repeated removes them"
-                )
-                return
-            time.sleep(POLL_S / 5)
-    except ray.exceptions.RayError as e:
+        while ray.get(progress.writes.remote(lease_s)) > 0:
+            time.sleep(POLL_S)
+    except ray.exceptions.RayError as e:  # no RunProgress: no write can begin or renew
         logger.warning("could not wait for the run's writes: %s", e)
 
 
 def fenced(progress, name: str, write: Callable[[], T]) -> T | None:
     """`write()` as write `name` of `progress`'s run, from a Ray task: None, not begun, once
-    the run has ended; once begun, waited for to its end even when Ray cancels the task
-    meanwhile (a cancelled wait would leave it going in a library's I/O thread, to land
-    after `end` had returned). A task retried after its process died writes the same name:
-    its write ends the one that never did."""
+    the run has ended; once begun, its lease renewed until it ends, even when Ray cancels
+    the task meanwhile (a cancelled wait would leave it going in a library's I/O thread, to
+    land after `end` had returned)."""
 
     def fenced_write() -> T | None:
         if not ray.get(progress.begin_write.remote(name)):
@@ -154,23 +156,28 @@ def fenced(progress, name: str, write: Callable[[], T]) -> T | None:
         try:
             return write()
         finally:
-            ray.get(progress.end_write.remote(name))
+            progress.end_write.remote(name)
 
-    return uninterrupted(fenced_write)
+    return uninterrupted(fenced_write, lambda: progress.renew_write.remote(name))
 
 
-def uninterrupted(fn: Callable[[], T]) -> T:
+def uninterrupted(fn: Callable[[], T], every: Callable[[], object] | None = None) -> T:
     """`fn()` on a thread of its own, waited for to its end through KeyboardInterrupts (Ray's
-    way to cancel a running task), which are raised again once it has ended."""
+    way to cancel a running task), which are raised again once it has ended; `every()`
+    each WRITE_RENEW_S meanwhile."""
     interrupted = False
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(fn)
         while True:
             try:
-                result = future.result()
+                result = future.result(timeout=WRITE_RENEW_S)
                 break
-            except KeyboardInterrupt:
+            except FutureTimeout:
+                pass
+            except KeyboardInterrupt:  # raised as the wait ends, in place of its timeout
                 interrupted = True
+            if every is not None:
+                every()
     if interrupted:
         raise KeyboardInterrupt
     return result
