@@ -72,12 +72,16 @@ class PartsDatasink(Datasink[int]):
         name = f"part-{self.write_id}-{ctx.task_idx:06}.parquet"
         uri = storage.join(self.output, name)
 
-        def write_part() -> bool:
+        def put() -> None:
             storage.write_file(self.output, name, data, self.s3)
+
+        def write_part() -> bool:
+            retry.retrying(put, uri, "write")
             return True
 
-        if not progress.fenced(self.run, name, lambda: retry.retrying(write_part, uri, "write")):
-            return 0  # the run had ended
+        with storage.user_errors(uri, "write"):
+            if not progress.fenced(self.run, name, write_part):
+                return 0  # the run had ended
         return sum(t.num_rows for t in tables)
 
     def _conform(self, table: pa.Table) -> pa.Table:

@@ -12,8 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import ray
@@ -28,6 +27,7 @@ POLL_S = 0.5
 # is waited for however long its retries take.
 WRITE_RENEW_S = 5.0
 WRITE_LEASE_S = 30.0
+WAIT_SAID_S = 10.0  # a wait for the writes this long is said on the console
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ class RunProgress:
         self.part_totals: dict[int, int] = {}
         self.actors: list = []  # handles: kept alive until `end`, however idle
         self.ended = False
-        self.writing: dict[str, float] = {}  # name: when its lease was last renewed
+        self.writing: dict[str, float] = {}  # a write's lease: when it was last renewed
+        self.began = 0
 
     def joined(self, actor) -> None:
         """`actor` works for this run; one that joins after the run's end is stopped."""
@@ -61,25 +62,29 @@ class RunProgress:
         actors, self.actors = self.actors, []
         return actors
 
-    def begin_write(self, name: str) -> bool:
-        """Whether write `name` of the run may begin: not after its end. A retried write
-        has the same name: it takes the lease of the one that died."""
+    def begin_write(self, name: str) -> str | None:
+        """The lease of a write of `name` (each attempt its own: a retried task's and a
+        lost one's are two), or None once the run has ended: the write must not begin."""
         if self.ended:
-            return False
-        self.writing[name] = time.monotonic()
-        return True
+            return None
+        self.began += 1
+        lease = f"{name} #{self.began}"
+        self.writing[lease] = time.monotonic()
+        return lease
 
-    def renew_write(self, name: str) -> None:
-        if name in self.writing:
-            self.writing[name] = time.monotonic()
+    def renew_write(self, lease: str) -> None:
+        if lease in self.writing:
+            self.writing[lease] = time.monotonic()
 
-    def end_write(self, name: str) -> None:
-        self.writing.pop(name, None)
+    def end_write(self, lease: str) -> None:
+        self.writing.pop(lease, None)
 
-    def writes(self, lease_s: float = WRITE_LEASE_S) -> int:
-        """The writes under way: begun, not ended, renewed within `lease_s`."""
+    def writes(self, lease_s: float = WRITE_LEASE_S) -> tuple[int, list[str]]:
+        """The writes under way (begun, not ended, renewed within `lease_s`), and the
+        leases of those that stopped renewing without ending."""
         now = time.monotonic()
-        return sum(now - renewed < lease_s for renewed in self.writing.values())
+        lost = [lease for lease, renewed in self.writing.items() if now - renewed >= lease_s]
+        return len(self.writing) - len(lost), lost
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -135,52 +140,72 @@ def end(progress, timeout_s: float = 30, lease_s: float = WRITE_LEASE_S) -> None
     wait_for_writes(progress, lease_s)
 
 
-def wait_for_writes(progress, lease_s: float = WRITE_LEASE_S) -> None:
-    """Wait while a write of the run holds a lease renewed within `lease_s`."""
+def wait_for_writes(progress, lease_s: float = WRITE_LEASE_S, timeout_s: float = 60) -> None:
+    """Wait while a write of the run holds a lease renewed within `lease_s` (said on the
+    console once it takes WAIT_SAID_S); `timeout_s`: for each answer of the run's actor."""
+    started, said = time.monotonic(), False
     try:
-        while ray.get(progress.writes.remote(lease_s)) > 0:
+        while True:
+            under_way, lost = ray.get(progress.writes.remote(lease_s), timeout=timeout_s)
+            if not under_way:
+                break
+            if not said and time.monotonic() - started > WAIT_SAID_S:
+                console.warn(f"waiting for {under_way} part(s) under way to be written")
+                said = True
             time.sleep(POLL_S)
     except ray.exceptions.RayError as e:  # no RunProgress: no write can begin or renew
         logger.warning("could not wait for the run's writes: %s", e)
+        return
+    if lost:  # a writer that died, or was cut off: what it wrote, if anything, may land late
+        logger.warning("writes that stopped renewing their lease: %s", ", ".join(lost))
 
 
 def fenced(progress, name: str, write: Callable[[], T]) -> T | None:
-    """`write()` as write `name` of `progress`'s run, from a Ray task: None, not begun, once
-    the run has ended; once begun, its lease renewed until it ends, even when Ray cancels
-    the task meanwhile (a cancelled wait would leave it going in a library's I/O thread, to
-    land after `end` had returned)."""
+    """`write()` as a write of `name` by `progress`'s run, from a Ray task: None, not begun,
+    once the run has ended; once begun, its lease renewed until it ends, even when Ray
+    cancels the task meanwhile (a cancelled wait would leave it going in a library's I/O
+    thread, to land after `end` had returned)."""
+    held: list[str] = []
 
     def fenced_write() -> T | None:
-        if not ray.get(progress.begin_write.remote(name)):
+        lease = ray.get(progress.begin_write.remote(name))
+        if lease is None:
             return None
+        held.append(lease)
         try:
             return write()
         finally:
-            progress.end_write.remote(name)
+            progress.end_write.remote(lease)
 
-    return uninterrupted(fenced_write, lambda: progress.renew_write.remote(name))
+    def renew() -> None:
+        for lease in held:
+            progress.renew_write.remote(lease)
+
+    return uninterrupted(fenced_write, renew)
 
 
 def uninterrupted(fn: Callable[[], T], every: Callable[[], object] | None = None) -> T:
     """`fn()` on a thread of its own, waited for to its end through KeyboardInterrupts (Ray's
-    way to cancel a running task), which are raised again once it has ended; `every()`
-    each WRITE_RENEW_S meanwhile."""
+    way to cancel a running task; it arrives as a wait ends), which are raised again once
+    it has ended; `every()` each WRITE_RENEW_S meanwhile."""
     interrupted = False
+
+    def step(do: Callable[[], object]) -> None:
+        nonlocal interrupted
+        try:
+            do()
+        except KeyboardInterrupt:
+            interrupted = True
+
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(fn)
-        while True:
-            try:
-                result = future.result(timeout=WRITE_RENEW_S)
-                break
-            except FutureTimeout:
-                pass
-            except KeyboardInterrupt:  # raised as the wait ends, in place of its timeout
-                interrupted = True
-            if every is not None:
-                every()
-    if interrupted:
+        while not future.done():
+            step(lambda: wait([future], timeout=WRITE_RENEW_S))
+            if every is not None and not future.done():
+                step(every)
+    if interrupted and future.exception() is None:
         raise KeyboardInterrupt
-    return result
+    return future.result()
 
 
 def tell(progress, line: str) -> None:

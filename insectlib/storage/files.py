@@ -238,8 +238,9 @@ def check_bucket(uri: str, s3: S3Options | None = None) -> None:
 
 
 @contextlib.contextmanager
-def user_errors(uri: str):
-    """Turn storage failures into an InsectError that names `uri` and the likely cause."""
+def user_errors(uri: str, action: str = "read"):
+    """Turn storage failures into an InsectError that names `uri`, what was done to it
+    (`action`) and the likely cause."""
     try:
         yield
     except InsectError:
@@ -252,7 +253,7 @@ def user_errors(uri: str):
     except FileNotFoundError:
         raise InsectError(f"not found: {uri}") from None
     except Exception as e:  # botocore's connection and endpoint errors are not OSErrors
-        raise InsectError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
+        raise InsectError(f"cannot {action} {uri}: {type(e).__name__}: {e}") from None
 
 
 
