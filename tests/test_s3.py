@@ -310,3 +310,33 @@ def test_s3_overwrite_removes_only_insects_objects(s3_model, s3_data, s3_server,
     )  # the model m1 lives under it
     assert "contains the model" in err
     assert read_meta(cfg.output).model_id  # still there
+
+
+def test_denied_part_writes_stop_the_run_in_one_line_and_resume_finishes_it(
+    s3_model, s3_data, s3_server, capsys
+):
+    """A part that cannot be written (a policy refusing it) is retried, then stops the run
+    with one line naming the part, no _SUCCESS; --resume finishes once writing works."""
+    cfg, _ = s3_model
+    out = f"s3://{BUCKET}/predictions-unwritable"
+    allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+    deny = {
+        "Effect": "Deny",
+        "Action": "s3:PutObject",
+        "Resource": f"arn:aws:s3:::{BUCKET}/predictions-unwritable/part-*",
+    }
+    argv = ["classify", f"s3://{BUCKET}/images", "--model", cfg.output, "--output", out]
+    _set_policy(s3_server, [allow, deny])
+    try:
+        err = expect_cli_error(capsys, argv)
+    finally:
+        _set_policy(s3_server, [allow])
+    assert f"cannot write s3://{BUCKET}/predictions-unwritable/part-" in err
+    assert "after 4 attempts" in err and "--resume" in err
+    fs, path = storage.filesystem(out)
+    assert not fs.exists(f"{path}/_SUCCESS")
+    from insectlib.cli.main import main
+
+    assert main([*argv, "--resume"]) == 0
+    table = pyarrow.dataset.dataset(path, filesystem=storage.pyarrow_filesystem(out)[0]).to_table()
+    assert sorted(table.column("path").to_pylist()) == s3_data["images"]

@@ -290,11 +290,9 @@ def ray_task_errors():
     driver wrapped in Ray's exceptions: re-raise it as itself, for the CLI to print."""
     try:
         yield
-    except InsectError:
-        raise
     except Exception as e:
         cause = insect_error_in(e)
-        if cause is None:
+        if cause is None or cause is e:
             raise
         raise cause from None
 

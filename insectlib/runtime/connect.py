@@ -123,7 +123,8 @@ def insect_error_in(error: BaseException) -> InsectError | None:
         if id(e) in seen or e is None:
             continue
         seen.add(id(e))
-        if isinstance(e, InsectError):
+        # Ray re-raises a task's InsectError as a class of both, whose text is Ray's header.
+        if isinstance(e, InsectError) and not isinstance(e, ray.exceptions.RayError):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list(getattr(e, "worker_failures", {}).values())
