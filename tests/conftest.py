@@ -196,17 +196,33 @@ def wait_for(condition, timeout: float = 180, what: str = "condition"):
     pytest.fail(f"timed out waiting for {what}")
 
 
+def _descends_from_this_session(pid: int) -> bool:
+    """Whether process `pid` was started (through any chain) by this pytest process: a Ray
+    worker of the session's own cluster, not one of another session's on this machine."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
+
+
 def kill_ray_worker(title: str) -> int:
-    """SIGKILL the first Ray worker process whose title holds `title`; returns its pid."""
+    """SIGKILL the first Ray worker process of this session whose title holds `title`;
+    returns its pid."""
 
     def find():
         for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+            pid = int(cmdline.split("/")[2])
             try:
                 text = Path(cmdline).read_bytes().decode(errors="replace")
             except OSError:  # gone meanwhile
                 continue
-            if text.startswith("ray::") and title in text:
-                return int(cmdline.split("/")[2])
+            if text.startswith("ray::") and title in text and _descends_from_this_session(pid):
+                return pid
 
     pid = wait_for(find, what=f"a Ray worker {title}")
     os.kill(pid, signal.SIGKILL)

@@ -327,7 +327,8 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
 
 def test_resume_with_a_large_done_set(trained, unlabelled, tmp_path):
     """5,000 inputs already have rows (in parts written as an interrupted run would have),
-    24 do not: resume classifies exactly the 24, and the output then holds one row each."""
+    24 do not: resume classifies exactly the 24, with the pool sized for them (one actor for
+    one batch, nothing compiled for 24 images), and the output then holds one row each."""
     cfg, meta = trained
     folder = tmp_path / "in"
     first = sorted(unlabelled)[0]
@@ -365,3 +366,5 @@ def test_resume_with_a_large_done_set(trained, unlabelled, tmp_path):
     assert manifest["inputs"] == manifest["rows"] == 5000 + len(unlabelled)
     new = [p for p in paths if "/new/" in p]
     assert len(new) == len(unlabelled)
+    pool = json.loads((out / layout.SUMMARY_JSON).read_text())["actor_shape"]
+    assert pool["actors"] == 1 and not pool["compile"], pool

@@ -81,7 +81,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         for warning in local_path_warnings({"--output": cfg.output}, cfg.address, live_nodes()):
             console.warn(warning)
         count, done = prepare_output(plan)
-        pool = actor_shape(plan, count.inputs)
+        pool = actor_shape(plan, inputs_left(count, done))
         check_capacity(cfg, pool)
         run = progress.start()
         inputs_total = run_pipeline(plan, count, done, run, pool)
@@ -133,7 +133,15 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
         return count, None
     legacy = asdict(RowFormat())
     done = outputs.resume_state(cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy)
+    if count.inputs >= big and done.rows:  # counted on past the inputs already done
+        count = inputs.count_inputs(plan.parts, cfg.s3, big + done.rows)
     return count, done
+
+
+def inputs_left(count: inputs.Count, done: outputs.Done | None) -> int:
+    """The inputs a run has left to classify, as far as they were counted: a resume's
+    actors and compiling are sized for these, not for the inputs already done."""
+    return max(0, count.inputs - (done.rows if done else 0))
 
 
 def run_pipeline(
