@@ -1,7 +1,7 @@
 """`insect classify`: one streaming Ray Data pipeline, list -> read+decode -> model -> Parquet,
-in three phases: `plan_run` (checks everything it can, writes nothing), `run_pipeline`
-(the rows), `finish` (verifies every input has exactly one row, then `_SUCCESS`, the summary
-and the error budget)."""
+in three phases: `plan_run` (checks everything it can, writes nothing), `list_inputs` and
+`run_pipeline` (the rows), `finish` (verifies every input has exactly one row, then
+`_SUCCESS`, the summary and the error budget)."""
 
 from __future__ import annotations
 
@@ -81,10 +81,11 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         for warning in local_path_warnings({"--output": cfg.output}, cfg.address, live_nodes()):
             console.warn(warning)
         count, done = prepare_output(plan)
-        pool = actor_shape(plan, inputs_left(count, done))
-        check_capacity(cfg, pool)
         run = progress.start()
-        inputs_total = run_pipeline(plan, count, done, run, pool)
+        listed, todo = list_inputs(plan, count, done, run)
+        pool = actor_shape(plan, todo)
+        check_capacity(cfg, pool)
+        inputs_total = run_pipeline(plan, listed, done, run, pool)
         lock.check()  # another run took the output over: write no _SUCCESS
         return finish(plan, inputs_total, done, time.perf_counter() - started, pool)
 
@@ -133,22 +134,15 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
         return count, None
     legacy = asdict(RowFormat())
     done = outputs.resume_state(cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy)
-    if count.inputs >= big and done.rows:  # counted on past the inputs already done
-        count = inputs.count_inputs(plan.parts, cfg.s3, big + done.rows)
     return count, done
 
 
-def inputs_left(count: inputs.Count, done: outputs.Done | None) -> int:
-    """The inputs a run has left to classify, as far as they were counted: a resume's
-    actors and compiling are sized for these, not for the inputs already done."""
-    return max(0, count.inputs - (done.rows if done else 0))
-
-
-def run_pipeline(
-    plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run, pool: shape.ActorShape
-) -> int:
-    """Classify the inputs without a row into Parquet parts; returns how many inputs the
-    listing found (every part's total)."""
+def list_inputs(
+    plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run
+) -> tuple[ray.data.Dataset, int]:
+    """The inputs to classify as blocks of paths, and how many there are to size the pool
+    for: as counted, or on a resume exactly those without a row (its anti-join runs here,
+    before any model actor starts), not the inputs already done."""
     cfg, row_format = plan.cfg, plan.row_format
     resuming = done is not None and done.rows > 0
     block_size = None
@@ -158,11 +152,21 @@ def run_pipeline(
     with ray_task_errors():  # these run the listing now: its errors in one line
         if resuming:
             console.say(f"resuming: {done.rows} inputs already done; finding those without a row")
-            listed = dataset.skip_done(listed, done, cfg)
-        elif row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
+            todo = dataset.skip_done(listed, done, cfg)
+            return todo, todo.count()
+        if row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
             # Blocks of a batch of embeddings hold a small input's every path in one block:
             # cut them into batches here, before the model actors take the CPUs it needs.
             listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
+    return listed, count.inputs
+
+
+def run_pipeline(
+    plan: RunPlan, listed: ray.data.Dataset, done: outputs.Done | None, run, pool: shape.ActorShape
+) -> int:
+    """Classify the listed inputs into Parquet parts; returns how many inputs the listing
+    found (every part's total)."""
+    cfg, row_format = plan.cfg, plan.row_format
     console.say(
         f"classifying {plan.source} with model {plan.model_id} ({len(plan.parts)} listing "
         f"parts); starting {pool.line()}"
