@@ -198,8 +198,9 @@ def wait_for(condition, timeout: float = 180, what: str = "condition"):
 
 def _descends_from_this_session(pid: int) -> bool:
     """Whether process `pid` was started (through any chain) by this pytest process: a Ray
-    worker of the session's own cluster, not one of another session's on this machine."""
-    while pid > 1:
+    worker of the session's own cluster or of a CLI run's, not one of another session's on
+    this machine (nor of a `ray start` head: init adopts its processes)."""
+    while pid > 0:  # pytest may itself be PID 1 (a container without an init)
         if pid == os.getpid():
             return True
         try:
