@@ -1110,8 +1110,11 @@ Model alone: `Predictor` on batches already decoded, as one process with {cores}
 Classify: `insect classify` at steady state ({method}), on {images} high-entropy 1024x768
 camera JPEGs, in its default
 shape and in the shapes tried; photos: the shared insect photos scaled to 1024x768. "Of it
-in that shape": of the model alone in the default's shape and compilation. The goal is a
-default at 90% of the model alone or more, and never below the plain loop.
+in that shape": of the model alone in the default's shape and compilation. "Of that with
+decoding": of the same with each actor also reading, decoding and resizing its images on its
+own threads ({decode}), which the model alone leaves out and classify cannot: the most
+classify could reach in that shape. The goal is a default at 90% of the model alone or more,
+and never below the plain loop.
 """
 
 
@@ -1158,18 +1161,38 @@ def shapes_rows(data: Result) -> list[list[str]]:
             precision, f"{rate(alone)} ({how})", rate(plain) if plain else "not measured",
             f"{rate(steady)} ({shape_name(default['shape'])})",
             pct(steady / alone), share_of_alone_as(data, precision, default),
-            ", ".join(tried), rate(photos["steady"]) if photos else "no photos",
+            share_of_ceiling(data, precision, default), ", ".join(tried),
+            rate(photos["steady"]) if photos else "no photos",
         ])  # fmt: skip
     return rows
 
 
-def share_of_alone_as(data: Result, precision: str, run: Result) -> str:
-    """`run`'s steady rate as a share of the model alone in `precision` in its shape and
-    compilation, where that was measured."""
-    shape = run["shape"]
+def alone_as(data: Result, precision: str, shape: Result) -> float | None:
+    """The model alone in `precision` in `shape` and its compilation, where measured."""
     kind = f"{precision} {'compiled' if shape['compile'] else 'eager'}"
-    alone = data["model_alone"].get(kind, {}).get(f"{shape['actors']}x{shape['cpus_per_actor']:g}")
+    return data["model_alone"].get(kind, {}).get(f"{shape['actors']}x{shape['cpus_per_actor']:g}")
+
+
+def share_of_alone_as(data: Result, precision: str, run: Result) -> str:
+    """`run`'s steady rate as a share of the model alone in its shape and compilation."""
+    alone = alone_as(data, precision, run["shape"])
     return pct(run["steady"] / alone) if alone else "not measured"
+
+
+def share_of_ceiling(data: Result, precision: str, run: Result) -> str:
+    """`run`'s steady rate as a share of its ceiling: the model alone in its shape, each
+    actor also decoding its images on its own threads at the measured one-thread rate."""
+    alone, decode = alone_as(data, precision, run["shape"]), data.get("decode_per_core")
+    if not alone or not decode:
+        return "not measured"
+    actors, threads = run["shape"]["actors"], run["shape"]["cpus_per_actor"]
+    per_actor = 1 / (actors / alone + 1 / (threads * decode))
+    return pct(run["steady"] / (actors * per_actor))
+
+
+# Compiling moved fp32's model-alone rate by -5% to +1% on Zen 4 and Sapphire Rapids, noise
+# around no gain: a gain under 5% counts as none.
+COMPILE_NOISE = 0.05
 
 
 def compile_break_even(data: Result, precision: str) -> tuple[float, float, str] | None:
@@ -1181,11 +1204,10 @@ def compile_break_even(data: Result, precision: str) -> tuple[float, float, str]
     shape = data["classify"][f"{precision} camera default"]["shape"]
     key = f"{shape['actors']}x{shape['cpus_per_actor']:g}"
     per_actor = [v[key] / shape["actors"] for v in (eager, compiled)]
-    return (
-        compiled["build_seconds"] - eager["build_seconds"],
-        1 / per_actor[0] - 1 / per_actor[1],
-        key,
-    )
+    saved = 1 / per_actor[0] - 1 / per_actor[1]
+    if saved < COMPILE_NOISE / per_actor[0]:
+        saved = 0.0  # within the spread of repeated model-alone runs: no gain measured
+    return compiled["build_seconds"] - eager["build_seconds"], saved, key
 
 
 def compile_pays_from(data: Result, precision: str) -> str | None:
@@ -1220,13 +1242,18 @@ def shapes(data: Result, name: str) -> str:
                 "classify, default shape",
                 "of the model alone",
                 "of it in that shape",
+                "of that with decoding",
                 "classify, shapes tried",
                 "photos, default",
             ],
-            "lrrrrrlr",
+            "lrrrrrrlr",
             shapes_rows(data),
         ),  # fmt: skip
-        SHAPES_WHY.format(cores=cores, images=data["images"], method=steady_method(data)),
+        SHAPES_WHY.format(
+            cores=cores, images=data["images"], method=steady_method(data),
+            decode=f"{rate(data['decode_per_core'])} images/s on one thread here"
+            if data.get("decode_per_core") else "not measured in this result",
+        ),  # fmt: skip
         sentence(clean(data["note"])) + "." if data.get("note") else "",
         f"Building the model in one process took {builds}"
         + (f"; the int8 statistics, {secs(statistics)} s." if statistics else "."),

@@ -5,6 +5,8 @@ bf16 where it is fast, int8 on x86 with AVX2).
   model alone   `Predictor` (the product's model path: normalisation, precision, compile)
                 on batches already decoded, steady state after a warm-up batch: one
                 process with every thread, and one single-thread process per core at once
+  decoding      the actors' read, decode and resize alone, on one thread (the ceiling
+                of classify is the model alone with this on the same cores)
   plain loop    a DataLoader decoding in worker processes and the model with every thread,
                 the way a user would write it (fp32, and bf16 where fast)
   classify      `insect classify` with the default settings at steady state (the
@@ -187,6 +189,22 @@ def shape_of(run: dict | None) -> str | None:
     return run and f"{run['shape']['actors']}x{run['shape']['cpus_per_actor']:g}"
 
 
+def decode_rate(folder: str, rounds: int = 3) -> float:
+    """Images per second of the product's read, decode and resize (`image_batch`, what a
+    model actor does before its model) on one thread, over batches of `folder`."""
+    from insectlib.classify.dataset import image_batch
+    from insectlib.config import DecodeLimits
+
+    paths = np.array(sorted(os.path.join(folder, n) for n in os.listdir(folder)), dtype=object)
+    batches = [paths[i : i + BATCH] for i in range(0, min(len(paths), 4 * BATCH), BATCH)]
+    image_batch({"path": batches[0]}, SIZE, DecodeLimits(), None)  # warm-up
+    began = time.perf_counter()
+    for _ in range(rounds):
+        for batch in batches:
+            image_batch({"path": batch}, SIZE, DecodeLimits(), None)
+    return rounds * sum(map(len, batches)) / (time.perf_counter() - began)
+
+
 def plain_loop(folder: str, dtype_name: str) -> float:
     """A user's loop: DataLoader decoding in worker processes, the model on every thread."""
     import torch
@@ -223,6 +241,8 @@ def main() -> None:
         photos = insect_photos(os.path.join(tmp, "photos"), args.images)
         if photos:
             data["photos"] = photos
+        report["decode_per_core"] = decode_rate(data["camera"])
+        print("decode, one thread", report["decode_per_core"], flush=True)
         model_dir = make_model(os.path.join(tmp, "model"))
         int8_model = None
         if "int8" in chosen:

@@ -31,8 +31,9 @@ def _cfg(**settings) -> ClassifyConfig:
         (ZEN3, "int8", 1),
         (ZEN4, "fp32", 1),
         (ZEN4, "bf16", 2),
-        (ZEN4, "int8", 2),
+        (ZEN4, "int8", 1),
         (SAPPHIRE_RAPIDS, "bf16", 2),
+        (SAPPHIRE_RAPIDS, "int8", 1),
     ],
 )
 def test_threads_follow_how_fast_the_arithmetic_is(flags, precision, threads):
@@ -105,3 +106,31 @@ def test_the_compile_threshold_follows_the_measured_break_even():
             assert break_even is threshold, (name, kind, break_even)
         else:
             assert 0.75 < threshold / break_even < 1.25, (name, kind, break_even)
+
+
+def _measured_shapes(data: dict, precision: str) -> dict[str, float]:
+    """{"AxT": classify's best steady rate in that shape} on the camera JPEGs of one result."""
+    rates: dict[str, float] = {}
+    for key, run in data["classify"].items():
+        if key.startswith(f"{precision} camera "):
+            tried = f"{run['shape']['actors']}x{run['shape']['cpus_per_actor']:g}"
+            rates[tried] = max(rates.get(tried, 0.0), run["steady"])
+    return rates
+
+
+def test_the_rule_picks_a_shape_that_classified_fastest():
+    """On every CPU with a committed bench/shapes.py result, the shape the rule picks for
+    each precision classified within 10% of the fastest shape tried there."""
+    checked = []
+    for path in sorted((REPO / "bench" / "results").glob("shapes-*.json")):
+        data = json.loads(path.read_text())
+        flags = frozenset(data["machine"].rsplit("(", 1)[1].rstrip(")").split())
+        cores = int(data["machine"].split(", ")[-1].split()[0])
+        cluster = shape.Cluster(cpus=cores, gpus=0, node_cpus=cores)
+        for precision in data["precisions"]:
+            rates = _measured_shapes(data, precision)
+            pool = shape.choose(_cfg(), precision, cluster, BIG, flags)
+            picked = rates[f"{pool.actors}x{pool.cpus_per_actor:g}"]
+            assert picked >= 0.9 * max(rates.values()), (path.name, precision, rates)
+            checked.append((path.name, precision))
+    assert len({name for name, _ in checked}) >= 3 and len(checked) >= 7

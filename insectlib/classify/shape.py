@@ -3,12 +3,13 @@ each, chosen for the CPU and precision at hand by a rule the benchmark validates
 CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
-The rule: where the model's arithmetic is fast (bf16 on CPUs with bf16 units, int8 with
-VNNI or AMX), a node's cores go to few actors with several threads each, so that the
-weights are read once per batch for all of them; where it is slow (fp32, int8 on AVX2 only),
-one thread per actor, so that each core works on its own batch without waiting on the
-others. Decoding stays fused into each actor either way (on the actor's threads, nothing
-copied between processes).
+The rule: where the model's arithmetic is fast in bf16 (CPUs with bf16 units), a node's
+cores go to few actors with several threads each, so that the weights are read once per
+batch for all of them; elsewhere (fp32, and int8 whatever the CPU: its weights are a quarter
+of fp32's), one thread per actor, so that each core works on its own batch and one actor's
+decoding overlaps another's model. Decoding stays fused into each actor either way (on the
+actor's threads, nothing copied between processes). A test holds the rule to the shapes
+measured on each CPU.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool
 
 def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
     """The rule (see the module's docstring) for a node of `node_cpus` CPUs."""
-    if not fast_arithmetic(precision, flags):
+    if precision != "bf16" or not fast_arithmetic(precision, flags):
         return 1
     return max(1, min(FAST_THREADS, node_cpus))
 
@@ -90,8 +91,11 @@ def choose(
         cpus, why = cfg.cpus_per_actor, "--cpus-per-actor"
     else:
         cpus = float(threads_per_actor(precision, node_cpus, flags))
-        kind = "fast" if cpus > 1 else "compute-bound"
-        why = f"{precision} is {kind} on this CPU"
+        why = (
+            f"{precision} is fast on this CPU: threads share the weights"
+            if cpus > 1
+            else f"{precision}: one thread per actor, a batch per core"
+        )
     actors = cfg.max_actors or max(1, int(cluster.cpus // cpus))
     if cfg.max_actors:
         why += ", --max-actors"
