@@ -171,7 +171,7 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
     summary, seconds = classify_once(folder, model_dir, output, **settings)
     shape = summary.shape
     same = {**settings, "max_actors": shape["actors"], "cpus_per_actor": shape["cpus_per_actor"]}
-    same["compile"] = "on" if shape["compile"] else "off"
+    same["compile"] = compiled(shape)
     quarter = first_of(folder, summary.inputs // 4, output + "-input")
     short, short_seconds = classify_once(quarter, model_dir, output + "-quarter", **same)
     assert short.shape["actors"] == shape["actors"], "a quarter too small for the shape"
@@ -182,6 +182,11 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
         "seconds": seconds,
         "shape": shape,
     }
+
+
+def compiled(shape: dict) -> str:
+    """The --compile setting that runs as a run of `shape` (its summary's) ran."""
+    return "on" if shape["compile"] else "off"
 
 
 def shape_of(run: dict | None) -> str | None:
@@ -275,6 +280,9 @@ def main() -> None:
                     if shape_of(report["classify"].get(f"{precision} {name} default")) == shape:
                         continue  # the default's own shape: measured as the default
                     out = os.path.join(tmp, f"out-{precision}-{name}-{shape}")
+                    default = report["classify"].get(f"{precision} camera default")
+                    if default and shape != "default":  # compiled as the default, not auto
+                        settings = {**settings, "compile": compiled(default["shape"])}
                     report["classify"][key] = classify_rate(
                         folder, model_dir, out, precision=precision, **settings
                     )
