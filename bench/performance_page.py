@@ -1190,11 +1190,6 @@ def share_of_ceiling(data: Result, precision: str, run: Result) -> str:
     return pct(run["steady"] / (actors * per_actor))
 
 
-# Compiling moved fp32's model-alone rate by -5% to +1% on Zen 4 and Sapphire Rapids, noise
-# around no gain: a gain under 5% counts as none.
-COMPILE_NOISE = 0.05
-
-
 def compile_break_even(data: Result, precision: str) -> tuple[float, float, str] | None:
     """(extra build seconds, seconds saved per image per actor, shape) of compiling in the
     default's shape; None where `precision` was not measured both ways."""
@@ -1205,8 +1200,6 @@ def compile_break_even(data: Result, precision: str) -> tuple[float, float, str]
     key = f"{shape['actors']}x{shape['cpus_per_actor']:g}"
     per_actor = [v[key] / shape["actors"] for v in (eager, compiled)]
     saved = 1 / per_actor[0] - 1 / per_actor[1]
-    if saved < COMPILE_NOISE / per_actor[0]:
-        saved = 0.0  # within the spread of repeated model-alone runs: no gain measured
     return compiled["build_seconds"] - eager["build_seconds"], saved, key
 
 

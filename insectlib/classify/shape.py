@@ -3,13 +3,13 @@ each, chosen for the CPU and precision at hand by a rule the benchmark validates
 CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
-The rule: where the model's arithmetic is fast in bf16 (CPUs with bf16 units), a node's
-cores go to few actors with several threads each, so that the weights are read once per
-batch for all of them; elsewhere (fp32, and int8 whatever the CPU: its weights are a quarter
-of fp32's), one thread per actor, so that each core works on its own batch and one actor's
-decoding overlaps another's model. Decoding stays fused into each actor either way (on the
-actor's threads, nothing copied between processes). A test holds the rule to the shapes
-measured on each CPU.
+The rule: bf16 on a CPU with bf16 units gets actors of several threads (one copy of the
+weights for them all, and the compile threshold reached with fewer images in all; on the CPUs
+measured it classified as fast as one thread per actor). Everything else (fp32, and int8
+whatever the CPU) gets one thread per actor: each core works on its own batch and one actor's
+decoding overlaps another's model, which int8 measured faster on every CPU. Decoding stays
+fused into each actor either way (on the actor's threads, nothing copied between processes).
+A test holds the rule to the shapes measured on each CPU.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from insectlib.config import ClassifyConfig
 from insectlib.model.precision import cpu_flags
 
-# Threads per actor where the arithmetic is fast, at most: beyond it, a batch of 32 does
-# not keep more threads busy, and another actor does.
+# Threads per bf16 actor, at most: beyond it, a batch of 32 does not keep more threads
+# busy, and another actor does.
 FAST_THREADS = 4
 FAST_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
 FAST_INT8 = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -47,7 +47,7 @@ class ActorShape:
 
 def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool:
     """Whether this CPU runs the model's arithmetic in `precision` (the resolved one: fp32,
-    bf16, int8) on units that make it memory-bound rather than compute-bound."""
+    bf16, int8) on units made for it: bf16 units, or VNNI or AMX for int8."""
     flags = cpu_flags() if flags is None else flags
     if precision == "bf16":
         return bool(FAST_BF16 & flags)
@@ -58,9 +58,9 @@ def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool
 
 def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
     """The rule (see the module's docstring) for a node of `node_cpus` CPUs."""
-    if precision != "bf16" or not fast_arithmetic(precision, flags):
-        return 1
-    return max(1, min(FAST_THREADS, node_cpus))
+    if precision == "bf16" and fast_arithmetic(precision, flags):
+        return max(1, min(FAST_THREADS, node_cpus))
+    return 1
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _batches(cfg: ClassifyConfig, seen: int) -> int:
 # the results).
 COMPILE_FROM = {
     "fast arithmetic, AMX": 480,
-    "fast arithmetic": 1000,  # Zen 4: from bench/inference.py's start-up and gain only
+    "fast arithmetic": 1000,  # Zen 4, bf16
     "compute-bound": 640,
     "compute-bound, AVX-512": None,
 }
