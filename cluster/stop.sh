@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stop the head that cluster/start-head.sh started on this machine (same RAY_PORT, or
-# RAY_TEMP_DIR), and only it: every process naming its temporary directory (GCS, raylet,
-# dashboard, workers) gets SIGTERM, then SIGKILL after GRACE seconds (default 10). Other
-# Ray clusters of this user on the machine keep running (`ray stop` would stop them all).
+# RAY_TEMP_DIR), and only it: the processes naming its temporary directory (raylet,
+# dashboard, workers, `ray start --block`; the GCS once they are gone, as `ray stop`
+# orders them) get SIGTERM, and what is left after GRACE seconds (default 10) SIGKILL.
+# Other Ray clusters of this user on the machine keep running (`ray stop` stops them all).
 set -euo pipefail
 temp_dir=${RAY_TEMP_DIR:-/tmp/ray-insect-${RAY_PORT:-6379}}
 grace=${GRACE:-10}
@@ -13,7 +14,7 @@ head_pids() {
     pid=${cmdline#/proc/}; pid=${pid%/cmdline}
     [ "$pid" = "$$" ] && continue
     # Arguments are NUL-separated: match the directory as a whole path component.
-    if tr '\0' '\n' <"$cmdline" 2>/dev/null | grep -qE "(^|=)${temp_dir}(/|$)"; then
+    if tr '\0' '\n' 2>/dev/null <"$cmdline" | grep -qE "(^|=)${temp_dir}(/|$)"; then
       echo "$pid"
     fi
   done
@@ -25,10 +26,18 @@ if [ -z "$pids" ]; then
   exit 0
 fi
 echo "stopping the Ray head of $temp_dir: $(echo $pids | wc -w) processes"
-kill -TERM $pids 2>/dev/null || true
+# The GCS goes last: stopped with the rest, a token-authenticated head's `ray start --block`
+# drained the node against a GCS that was gone, until the SIGKILL.
+first=() gcs=()
+for pid in $pids; do
+  args=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" || true)
+  if [[ ${args%%$'\n'*} == */gcs_server ]]; then gcs+=("$pid"); else first+=("$pid"); fi
+done
+kill -TERM "${first[@]}" 2>/dev/null || true
 for _ in $(seq "$grace"); do
   pids=$(head_pids)
   [ -z "$pids" ] && exit 0
+  if [ "$(echo $pids)" = "${gcs[*]}" ]; then kill -TERM "${gcs[@]}" 2>/dev/null || true; fi
   sleep 1
 done
 kill -KILL $pids 2>/dev/null || true

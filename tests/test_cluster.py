@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pyarrow.dataset
@@ -147,6 +148,48 @@ def test_start_head_script_authentication_switch(tmp_path):
     assert "mode=disabled" in opt_out.stdout and "WITHOUT authentication" in opt_out.stderr
 
 
+# A stand-in for one of a head's processes: on SIGTERM it notes its name and when, and the
+# raylet takes a second to stop (as a real one drains).
+STAND_IN = """
+import signal, sys, time
+def stop(*_):
+    time.sleep(1 if sys.argv[2] == "raylet" else 0)
+    open(sys.argv[1], "a").write(f"{sys.argv[2]} {time.time()}\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("up", flush=True)
+time.sleep(120)
+"""
+
+
+def test_stop_sh_stops_the_gcs_after_the_rest(tmp_path):
+    """Without a `ray start --block` process (the head started without --block), stop.sh
+    sends SIGTERM to the GCS only once the head's other processes are gone, as `ray stop`
+    orders them (stopped together, a token-authenticated head's raylet waited on the GCS
+    until the SIGKILL); all stop on SIGTERM, not after the grace period."""
+    temp_dir, log = tmp_path / "ray-head", tmp_path / "stopped"
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    procs = []
+    for name in ("gcs_server", "raylet", "dashboard.py"):
+        run = f'exec -a "$0" {sys.executable} {script} {log} {name} --dir={temp_dir}/x'
+        argv = ["bash", "-c", run]  # argv[0] a path ending in the process's name
+        procs.append(subprocess.Popen([*argv, str(tmp_path / name)], stdout=subprocess.PIPE))
+    for proc in procs:
+        assert proc.stdout.readline() == b"up\n"
+    started = time.monotonic()
+    env = {**os.environ, "RAY_TEMP_DIR": str(temp_dir), "GRACE": "20"}
+    stop = subprocess.run(["bash", str(REPO / "cluster" / "stop.sh")], env=env, text=True,
+                          capture_output=True)  # fmt: skip
+    assert stop.returncode == 0 and "3 processes" in stop.stdout and not stop.stderr, stop
+    assert time.monotonic() - started < 10
+    assert [p.wait(timeout=10) for p in procs] == [0, 0, 0]  # each on its SIGTERM
+    order = sorted(line.split() for line in log.read_text().splitlines())
+    assert max(float(t) for name, t in order if name != "gcs_server") < float(
+        next(t for name, t in order if name == "gcs_server")
+    ), order
+
+
 def test_token_head_serves_every_way_to_run_and_stop_sh_stops_only_it(
     ray_local, s3_server, calibrated, labelled_root, unlabelled, tmp_path
 ):
@@ -241,10 +284,12 @@ def _stop_sh_stops_only(head: Head) -> None:
     temp_dir = f"/tmp/ray-insect-{head.port}"
     assert _processes_naming(temp_dir), "the head's processes name its folder"
     env = {**head.env, "RAY_PORT": str(head.port), "GRACE": "20"}
+    started = time.monotonic()
     result = subprocess.run(
         ["bash", str(REPO / "cluster" / "stop.sh")], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0 and "stopping the Ray head" in result.stdout, result
+    assert time.monotonic() - started < 15, "stopped by SIGTERM, not by the SIGKILL after GRACE"
     assert not _processes_naming(temp_dir)
     assert head.proc.wait(timeout=30) is not None
     assert ray.is_initialized() and ray.get(ray.remote(lambda: 1).remote()) == 1

@@ -160,8 +160,9 @@ def test_listing_3000_objects_uses_paginated_requests(s3_server, tmp_path):
     assert 3 <= len(list_calls) <= 4 and len(requests) <= 5, requests[:20]
 
 
-def test_s3_errors_name_the_uri(s3_data, trained, capsys):
+def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
     model = trained[0].output
+    monkeypatch.setattr(retry, "READ_BACKOFF_S", 0.01)  # the dead endpoint's 4 attempts
     err = expect_cli_error(capsys, ["train", "s3://insect-no-such-bucket/labelled"])
     assert "bucket 'insect-no-such-bucket' does not exist" in err
     assert "no objects under s3://insect-e2e/empty" in expect_cli_error(
