@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stop the head that cluster/start-head.sh started on this machine (same RAY_PORT, or
-# RAY_TEMP_DIR), and only it: the processes naming its temporary directory (raylet,
-# dashboard, workers, `ray start --block`; the GCS once they are gone, as `ray stop`
-# orders them) get SIGTERM, and what is left after GRACE seconds (default 10) SIGKILL.
+# RAY_TEMP_DIR), and only it: the processes naming its temporary directory get SIGTERM
+# (raylet, dashboard, workers, `ray start --block`; the GCS once they are gone or two thirds
+# into GRACE), and what is left after GRACE seconds (default 10) SIGKILL.
 # Other Ray clusters of this user on the machine keep running (`ray stop` stops them all).
 set -euo pipefail
 temp_dir=${RAY_TEMP_DIR:-/tmp/ray-insect-${RAY_PORT:-6379}}
@@ -14,7 +14,8 @@ head_pids() {
     pid=${cmdline#/proc/}; pid=${pid%/cmdline}
     [ "$pid" = "$$" ] && continue
     # Arguments are NUL-separated: match the directory as a whole path component.
-    if tr '\0' '\n' 2>/dev/null <"$cmdline" | grep -qE "(^|=)${temp_dir}(/|$)"; then
+    # grep without -q: its early exit would fail the pipeline (pipefail) on a long cmdline
+    if tr '\0' '\n' 2>/dev/null <"$cmdline" | grep -E "(^|=)${temp_dir}(/|$)" >/dev/null; then
       echo "$pid"
     fi
   done
@@ -26,18 +27,25 @@ if [ -z "$pids" ]; then
   exit 0
 fi
 echo "stopping the Ray head of $temp_dir: $(echo $pids | wc -w) processes"
-# The GCS goes last: stopped with the rest, a token-authenticated head's `ray start --block`
-# drained the node against a GCS that was gone, until the SIGKILL.
-first=() gcs=()
-for pid in $pids; do
-  args=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" || true)
-  if [[ ${args%%$'\n'*} == */gcs_server ]]; then gcs+=("$pid"); else first+=("$pid"); fi
-done
-kill -TERM "${first[@]}" 2>/dev/null || true
-for _ in $(seq "$grace"); do
+# The GCS last, as `ray stop` leaves it: stopped with the rest, a token-authenticated head's
+# `ray start --block` drained the node against a GCS that was gone, until the SIGKILL.
+signalled=" "
+for second in $(seq 0 "$grace"); do
   pids=$(head_pids)
   [ -z "$pids" ] && exit 0
-  if [ "$(echo $pids)" = "${gcs[*]}" ]; then kill -TERM "${gcs[@]}" 2>/dev/null || true; fi
+  [ "$second" -eq "$grace" ] && break
+  others=() gcs=()
+  for pid in $pids; do
+    args=$(tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" || true)
+    if [[ ${args%%$'\n'*} == */gcs_server ]]; then gcs+=("$pid"); else others+=("$pid"); fi
+  done
+  # The GCS once the rest are gone, or two thirds into GRACE: it always gets its SIGTERM.
+  if [ ${#others[@]} -eq 0 ] || [ $((3 * second)) -ge $((2 * grace)) ]; then
+    others+=("${gcs[@]}")
+  fi
+  for pid in "${others[@]}"; do  # each once, those that appeared meanwhile too
+    case $signalled in *" $pid "*) ;; *) kill -TERM "$pid" 2>/dev/null || true; signalled+="$pid " ;; esac
+  done
   sleep 1
 done
 kill -KILL $pids 2>/dev/null || true

@@ -148,46 +148,62 @@ def test_start_head_script_authentication_switch(tmp_path):
     assert "mode=disabled" in opt_out.stdout and "WITHOUT authentication" in opt_out.stderr
 
 
-# A stand-in for one of a head's processes: on SIGTERM it notes its name and when, and the
-# raylet takes a second to stop (as a real one drains).
+# A stand-in for one of a head's processes: on SIGTERM it notes its name and when (the
+# raylet a second later, as a real one drains); "stubborn" ignores SIGTERM.
 STAND_IN = """
 import signal, sys, time
 def stop(*_):
     time.sleep(1 if sys.argv[2] == "raylet" else 0)
     open(sys.argv[1], "a").write(f"{sys.argv[2]} {time.time()}\\n")
     sys.exit(0)
-signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[2] == "stubborn" else stop)
 print("up", flush=True)
 time.sleep(120)
 """
 
 
-def test_stop_sh_stops_the_gcs_after_the_rest(tmp_path):
-    """Without a `ray start --block` process (the head started without --block), stop.sh
-    sends SIGTERM to the GCS only once the head's other processes are gone, as `ray stop`
-    orders them (stopped together, a token-authenticated head's raylet waited on the GCS
-    until the SIGKILL); all stop on SIGTERM, not after the grace period."""
+def _stop_stand_ins(tmp_path, names: list[str], grace: int) -> tuple[list[int], dict, float]:
+    """Start a stand-in per name (its argv[0] a path ending in the name, its arguments
+    naming a head's temporary directory), run stop.sh on them: (exit codes, {name: time
+    of its SIGTERM}, seconds stop.sh took)."""
+    tmp_path.mkdir()
     temp_dir, log = tmp_path / "ray-head", tmp_path / "stopped"
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
     procs = []
-    for name in ("gcs_server", "raylet", "dashboard.py"):
-        run = f'exec -a "$0" {sys.executable} {script} {log} {name} --dir={temp_dir}/x'
-        argv = ["bash", "-c", run]  # argv[0] a path ending in the process's name
-        procs.append(subprocess.Popen([*argv, str(tmp_path / name)], stdout=subprocess.PIPE))
-    for proc in procs:
-        assert proc.stdout.readline() == b"up\n"
-    started = time.monotonic()
-    env = {**os.environ, "RAY_TEMP_DIR": str(temp_dir), "GRACE": "20"}
-    stop = subprocess.run(["bash", str(REPO / "cluster" / "stop.sh")], env=env, text=True,
-                          capture_output=True)  # fmt: skip
-    assert stop.returncode == 0 and "3 processes" in stop.stdout and not stop.stderr, stop
-    assert time.monotonic() - started < 10
-    assert [p.wait(timeout=10) for p in procs] == [0, 0, 0]  # each on its SIGTERM
-    order = sorted(line.split() for line in log.read_text().splitlines())
-    assert max(float(t) for name, t in order if name != "gcs_server") < float(
-        next(t for name, t in order if name == "gcs_server")
-    ), order
+    try:
+        for name in names:
+            run = f'exec -a "$0" {sys.executable} {script} {log} {name} --dir={temp_dir}/x'
+            argv = ["bash", "-c", run, str(tmp_path / name)]
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE))
+        for proc in procs:
+            assert proc.stdout.readline() == b"up\n"
+        started = time.monotonic()
+        env = {**os.environ, "RAY_TEMP_DIR": str(temp_dir), "GRACE": str(grace)}
+        stop = subprocess.run(["bash", str(REPO / "cluster" / "stop.sh")], env=env, text=True,
+                              capture_output=True, timeout=60)  # fmt: skip
+        took = time.monotonic() - started
+        assert stop.returncode == 0 and f"{len(names)} processes" in stop.stdout, stop
+        assert not stop.stderr, stop.stderr
+        codes = [p.wait(timeout=10) for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    lines = [line.split() for line in log.read_text().splitlines()]
+    return codes, {name: float(t) for name, t in lines}, took
+
+
+def test_stop_sh_stops_the_gcs_after_the_rest(tmp_path):
+    """stop.sh sends SIGTERM to the GCS only once the head's other processes are gone (a
+    head started without --block has no `ray start` to order them; stopped together, a
+    token-authenticated head's processes waited on the GCS until the SIGKILL), and all stop
+    on SIGTERM, not after the grace period. A process that ignores SIGTERM gets SIGKILL at
+    the end of GRACE, and does not keep the GCS from its SIGTERM."""
+    codes, stopped, took = _stop_stand_ins(tmp_path / "a", ["gcs_server", "raylet", "dash"], 20)
+    assert codes == [0, 0, 0] and took < 10, (codes, took)
+    assert max(stopped["raylet"], stopped["dash"]) < stopped["gcs_server"], stopped
+    codes, stopped, took = _stop_stand_ins(tmp_path / "b", ["gcs_server", "stubborn"], 3)
+    assert codes == [0, -signal.SIGKILL] and list(stopped) == ["gcs_server"], (codes, stopped)
 
 
 def test_token_head_serves_every_way_to_run_and_stop_sh_stops_only_it(
