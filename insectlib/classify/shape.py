@@ -23,7 +23,6 @@ from insectlib.model.precision import cpu_flags
 # busy, and another actor does.
 FAST_THREADS = 4
 FAST_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
-FAST_INT8 = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @dataclass(frozen=True)
@@ -46,19 +45,16 @@ class ActorShape:
 
 
 def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool:
-    """Whether this CPU runs the model's arithmetic in `precision` (the resolved one: fp32,
-    bf16, int8) on units made for it: bf16 units, or VNNI or AMX for int8."""
+    """Whether `precision` (the resolved one: fp32, bf16, int8) is bf16 on a CPU with bf16
+    units, the one case the shape and the compile threshold treat apart (int8 runs one
+    thread per actor and always compiles, whatever the CPU)."""
     flags = cpu_flags() if flags is None else flags
-    if precision == "bf16":
-        return bool(FAST_BF16 & flags)
-    if precision == "int8":
-        return bool(FAST_INT8 & flags)
-    return False
+    return precision == "bf16" and bool(FAST_BF16 & flags)
 
 
 def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
     """The rule (see the module's docstring) for a node of `node_cpus` CPUs."""
-    if precision == "bf16" and fast_arithmetic(precision, flags):
+    if fast_arithmetic(precision, flags):
         return max(1, min(FAST_THREADS, node_cpus))
     return 1
 
@@ -129,8 +125,7 @@ def compile_kind(precision: str, flags: frozenset[str] | None = None) -> str:
     kernels left inductor nothing to gain)."""
     flags = cpu_flags() if flags is None else flags
     if fast_arithmetic(precision, flags):
-        amx = "amx_bf16" if precision == "bf16" else "amx_int8"
-        return "fast arithmetic, AMX" if amx in flags else "fast arithmetic"
+        return "fast arithmetic, AMX" if "amx_bf16" in flags else "fast arithmetic"
     return "compute-bound, AVX-512" if "avx512f" in flags else "compute-bound"
 
 
