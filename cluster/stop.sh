@@ -7,6 +7,9 @@
 set -euo pipefail
 temp_dir=${RAY_TEMP_DIR:-/tmp/ray-insect-${RAY_PORT:-6379}}
 grace=${GRACE:-10}
+case $grace in
+  '' | *[!0-9]*) echo "stop.sh: GRACE must be a whole number of seconds, not '$grace'" >&2; exit 2 ;;
+esac
 
 head_pids() {
   local cmdline pid
@@ -44,7 +47,9 @@ for second in $(seq 0 "$grace"); do
     others+=("${gcs[@]}")
   fi
   for pid in "${others[@]}"; do  # each once, those that appeared meanwhile too
-    case $signalled in *" $pid "*) ;; *) kill -TERM "$pid" 2>/dev/null || true; signalled+="$pid " ;; esac
+    [[ $signalled == *" $pid "* ]] && continue
+    kill -TERM "$pid" 2>/dev/null || true
+    signalled+="$pid "
   done
   sleep 1
 done

@@ -206,6 +206,16 @@ def test_stop_sh_stops_the_gcs_after_the_rest(tmp_path):
     assert codes == [0, -signal.SIGKILL] and list(stopped) == ["gcs_server"], (codes, stopped)
 
 
+@pytest.mark.parametrize("grace", ["nan", "2.5", "-1", "1e9x"])
+def test_stop_sh_refuses_a_grace_that_is_not_whole_seconds(grace, tmp_path):
+    """One line naming GRACE and exit 2, before it looks for a head to signal."""
+    env = {**os.environ, "RAY_TEMP_DIR": str(tmp_path / "ray-head"), "GRACE": grace}
+    stop = subprocess.run(["bash", str(REPO / "cluster" / "stop.sh")], env=env, text=True,
+                          capture_output=True, timeout=30)  # fmt: skip
+    assert stop.returncode == 2 and not stop.stdout, stop
+    assert stop.stderr == f"stop.sh: GRACE must be a whole number of seconds, not '{grace}'\n"
+
+
 def test_token_head_serves_every_way_to_run_and_stop_sh_stops_only_it(
     ray_local, s3_server, calibrated, labelled_root, unlabelled, tmp_path
 ):
