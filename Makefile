@@ -27,11 +27,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-logo
 
+# Two pytest workers, each with its own Ray cluster and S3 server: one worker's process
+# starts and waits run while the other computes (figures in the README's Development).
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+
 test: lint $(BROWSER)
-	$(VENV)/bin/python -m pytest
+	$(PYTEST)
 
 test-fast: lint
-	$(VENV)/bin/python -m pytest -m "not ray and not s3 and not slow"
+	$(PYTEST) -m "not ray and not s3 and not slow"
 
 # docs/performance.md from the measurements in bench/results/*.json
 bench-docs: $(STAMP)
