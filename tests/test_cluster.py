@@ -148,6 +148,41 @@ def test_start_head_script_authentication_switch(tmp_path):
     assert "mode=disabled" in opt_out.stdout and "WITHOUT authentication" in opt_out.stderr
 
 
+# insect's own Ray, as a command with no --address and no $RAY_ADDRESS starts it: the
+# command lines of its processes (Ray names the dashboard's by its script).
+OWN_RAY = """
+import os, ray
+from insectlib.runtime.connect import init_ray
+def parent(pid):
+    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+init_ray()
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        ancestor = parent(pid)
+        while ancestor > 1 and ancestor != os.getpid():
+            ancestor = parent(ancestor)
+        if ancestor == os.getpid():
+            print(open(f"/proc/{pid}/cmdline").read().replace("\\0", " "))
+    except OSError:  # ended while looked at
+        pass
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_without_a_cluster_starts_no_dashboard(tmp_path):
+    """Nobody is told of a dashboard there (Ray's lines go to the command's log), and it
+    took start-up seconds and CPU from the run; the rest of Ray starts as before."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    own = subprocess.run([sys.executable, "-c", OWN_RAY], env=env, cwd=tmp_path, text=True,
+                         capture_output=True, timeout=120)  # fmt: skip
+    assert own.returncode == 0, own.stderr[-3000:]
+    assert "gcs_server" in own.stdout and "raylet" in own.stdout, own.stdout
+    # Without its dashboard, Ray keeps the dashboard's process for usage statistics only.
+    heads = [line for line in own.stdout.splitlines() if "dashboard/dashboard.py" in line]
+    assert all("--disable-frontend" in line for line in heads), heads
+
+
 # A stand-in for one of a head's processes: on SIGTERM it notes its name and when (the
 # raylet a second later, as a real one drains); "stubborn" ignores SIGTERM.
 STAND_IN = """

@@ -31,8 +31,11 @@ def init_ray(address: str | None = None) -> None:
         address = "local"
     check_reachable(address)
     console.start_log()  # Ray's own lines from here on go to the command's log
+    # A Ray of its own runs no dashboard: nobody is told of it (Ray's lines go to the log),
+    # and it took start-up seconds and CPU from the run (docs/performance.md).
+    own = {"include_dashboard": False} if address == "local" else {}
     try:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
         raise InsectError(connection_problem(address or os.environ["RAY_ADDRESS"], e)) from None
 
