@@ -10,7 +10,7 @@ BROWSER := $(VENV)/.browser
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
-	$(VENV)/bin/python -c "import insectlib, ray, torch, torchvision, moto, playwright"
+	$(VENV)/bin/python -c "import insectlib, ray, torch, torchvision, moto, playwright, xdist"
 	touch $(STAMP)
 
 # Debian's chromium for the review page's browser tests (Playwright's own browser download
@@ -28,9 +28,10 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-logo
 
 # Two pytest workers, each with its own Ray cluster and S3 server: one worker's process
-# starts and waits run while the other computes (figures in the README's Development).
+# starts and waits run while the other computes. A test module runs whole in one worker
+# (loadscope): its module fixtures are set up once.
 TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist worksteal
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 test: lint $(BROWSER)
 	$(PYTEST)

@@ -11,7 +11,10 @@ process, measured from /proc, beside the decode and model cost of one image in a
   per image     decoding and preprocessing one camera JPEG on one core (`image_batch`), and
                 the model on one image in a one-thread actor (`Predictor`, decoded batches)
 
-    .venv/bin/python bench/cpu_split.py [--images 256] [--precision fp32]
+    .venv/bin/python bench/cpu_split.py [--images 256] [--precision fp32] [--dashboard]
+
+Ray starts as `insect classify` starts it (`init_ray`); --dashboard starts its dashboard
+too, as it did before.
 
 VGG-16 at 224 px, random weights, high-entropy 1024x768 camera JPEGs (bench/shapes.py's).
 Writes bench/results/cpu-split-<cpu>.json; docs/performance.md renders it.
@@ -31,6 +34,7 @@ from common import RESULTS, write_result
 from shapes import BATCH, SIZE, camera_jpegs, classify_once, make_model, model_rate
 
 from insectlib.model.precision import cpu_name
+from insectlib.runtime.connect import init_ray
 
 TICK = os.sysconf("SC_CLK_TCK")
 DAEMONS = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
@@ -47,6 +51,8 @@ def kind_of(pid: int, cmdline: str) -> str:
         return "other Ray workers"
     if STARTING in cmdline:
         return "Ray workers starting"
+    if "dashboard/dashboard.py" in cmdline or cmdline.startswith("ray-dashboard-"):
+        return "Ray dashboard"
     if any(d in cmdline for d in DAEMONS):
         return "Ray daemons"
     return "other"
@@ -143,6 +149,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--label", default="", help="a word for the page's title: before, after")
     ap.add_argument("--change", default="", help="what the label means, for the page")
+    ap.add_argument("--dashboard", action="store_true", help="Ray's dashboard on, as before")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import ray
@@ -155,7 +162,10 @@ def main() -> None:
             "decode": decode_seconds(images),
             "model, one thread": 1 / model_rate(model, args.precision, None, 1, False, 2)[0],
         }
-        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+        if args.dashboard:  # as init_ray started a local Ray before
+            ray.init(address="local", logging_level="WARNING")
+        else:
+            init_ray("local")
         sampler = Sampler()
         sampler.start()
         out = os.path.join(tmp, "out")
@@ -177,6 +187,7 @@ def main() -> None:
         "images": args.images,
         "model": f"vgg16 {SIZE} px",
         "precision": args.precision,
+        "dashboard": args.dashboard,
         "batch": BATCH,
         "cpu": cpu_name(),
         "classify": run,

@@ -1263,7 +1263,7 @@ def cpu_split(data: Result, name: str) -> str:
     rows.append(["idle", secs(idle), pct(idle / cores)])
     decode, model = (data["per_image_seconds"][k] for k in ("decode", "model, one thread"))
     run, window = data["classify"], data["window_seconds"]
-    actors = run["shape"]["actors"]
+    cpus = round(run["shape"]["actors"] * run["shape"].get("cpus_per_actor", 1))
     # The images the actors' CPU seconds pay for, at the measured cost of one.
     done = used.get("model actors", 0.0) / (decode + model) / window
     change = f" ({clean(data['change'])})" if data.get("change") else ""
@@ -1271,16 +1271,26 @@ def cpu_split(data: Result, name: str) -> str:
         f"Where the CPUs go while `insect classify`{change} runs {data['images']} camera "
         f"JPEGs ({clean(data['model'])}, {data['precision']}, default shape "
         f"{shape_name(run['shape'])}; the whole run {secs(run['seconds'])} s).",
-        provenance(command("cpu_split.py", f"--images {data['images']}", name), name, data),
+        provenance(command("cpu_split.py", cpu_split_args(data), name), name, data),
         table(["process", "CPU seconds", "of the cores"], "lrr", rows),
         f"Over the {secs(window)} s between the first and the last Parquet part. In an actor, "
         f"one image costs {secs(decode)} s to read, decode and resize and {secs(model)} s in "
         f"the model on one thread: decoding is {pct(decode / (decode + model))} of an "
         f"actor's work. The actors' CPU seconds pay for {rate(done)} images/s, "
-        f"{pct(done * (decode + model) / actors)} of what {actors} actors busy all the time "
+        f"{pct(done * (decode + model) / cpus)} of what their {cpus} CPUs busy all the time "
         f"would classify.",
         other_workers(data),
     )
+
+
+def cpu_split_args(data: Result) -> str:
+    """The arguments that shaped the run that wrote `data` (not --out, --label, --change)."""
+    args = [f"--images {data['images']}"]
+    if data["precision"] != "fp32":
+        args.append(f"--precision {data['precision']}")
+    if data.get("dashboard"):
+        args.append("--dashboard")
+    return " ".join(args)
 
 
 def other_workers(data: Result) -> str:

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import struct
 import subprocess
@@ -406,9 +407,13 @@ def test_a_split_without_one_readable_image_stops_training():
     ],
 )
 def test_wrong_values_are_one_line_in_under_two_seconds(flags, tmp_path):
-    started = time.monotonic()
+    started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = run_cli("insect", *flags, cwd=tmp_path, timeout=60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert time.monotonic() - started < 2.0, result.stderr
+    # Before torch or Ray: importing torch alone takes over 1.5 CPU-seconds here.
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    assert cpu < 0.5, (cpu, result.stderr)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("insect: error: ") and "Traceback" not in result.stderr
 

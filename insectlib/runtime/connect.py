@@ -19,11 +19,12 @@ T = TypeVar("T")
 INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     """Connect to the cluster at `address` ("auto", "ray://host:port", "host:port").
 
     With no address and no $RAY_ADDRESS (which `ray job submit` sets), start a local Ray
-    rather than attaching to whatever cluster happens to run on this machine.
+    rather than attaching to whatever cluster happens to run on this machine; with its
+    dashboard only where asked (`dashboard`: Ray Train asks its State API about the run).
     """
     if ray.is_initialized():
         return
@@ -31,9 +32,10 @@ def init_ray(address: str | None = None) -> None:
         address = "local"
     check_reachable(address)
     console.start_log()  # Ray's own lines from here on go to the command's log
-    # A Ray of its own runs no dashboard: nobody is told of it (Ray's lines go to the log),
-    # and it took start-up seconds and CPU from the run (docs/performance.md).
-    own = {"include_dashboard": False} if address == "local" else {}
+    # A Ray of its own runs no dashboard unless asked: nobody is told of it (Ray's lines go
+    # to the log), and it took start-up time and CPU from the run (docs/performance.md).
+    starts = (address or os.environ.get("RAY_ADDRESS")) == "local"
+    own = {"include_dashboard": dashboard} if starts else {}
     try:
         ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...

@@ -251,7 +251,9 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         console.say(label_table.describe(labelled.table))
     with output_lock(cfg.output, "train", cfg.s3, console.say):
         check_model_output(cfg)  # again, now that no other run can write there
-        init_ray(cfg.address)
+        # Ray Train asks the dashboard's State API each second whether the run's controller
+        # lives (its placement group cleaner): without one, a warning each time.
+        init_ray(cfg.address, dashboard=True)
         cfg = sized_run(cfg, labelled)
         run = progress.start()
         with progress.follow(run):
