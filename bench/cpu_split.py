@@ -101,7 +101,8 @@ class Sampler(threading.Thread):
             pid
             for sample in inside[1:]
             for pid, (kind, _, _) in sample.items()
-            if pid not in first and kind not in ("driver", "Ray daemons", "other")
+            if pid not in first
+            and kind not in ("driver", "Ray daemons", "Ray dashboard", "other")
         })  # fmt: skip
 
     def between(self, start: float, end: float) -> tuple[dict[str, float], dict[str, float]]:

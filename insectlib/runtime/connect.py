@@ -28,14 +28,16 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     """
     if ray.is_initialized():
         return
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    env = os.environ.get("RAY_ADDRESS")
+    if address is None and not env:
         address = "local"
     check_reachable(address)
     console.start_log()  # Ray's own lines from here on go to the command's log
     # A Ray of its own runs no dashboard unless asked: nobody is told of it (Ray's lines go
     # to the log), and it took start-up time and CPU from the run (docs/performance.md).
-    starts = (address or os.environ.get("RAY_ADDRESS")) == "local"
-    own = {"include_dashboard": dashboard} if starts else {}
+    # Asked, Ray's default: one that fails to start is logged, not fatal.
+    starts = (env if env and address in (None, "auto") else address) == "local"
+    own = {"include_dashboard": False} if starts and not dashboard else {}
     try:
         ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
