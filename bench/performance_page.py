@@ -1263,7 +1263,7 @@ def cpu_split(data: Result, name: str) -> str:
     rows.append(["idle", secs(idle), pct(idle / cores)])
     decode, model = (data["per_image_seconds"][k] for k in ("decode", "model, one thread"))
     run, window = data["classify"], data["window_seconds"]
-    cpus = round(run["shape"]["actors"] * run["shape"].get("cpus_per_actor", 1))
+    cpus = run["shape"]["actors"] * run["shape"].get("cpus_per_actor", 1)
     # The images the actors' CPU seconds pay for, at the measured cost of one.
     done = used.get("model actors", 0.0) / (decode + model) / window
     change = f" ({clean(data['change'])})" if data.get("change") else ""
@@ -1277,7 +1277,7 @@ def cpu_split(data: Result, name: str) -> str:
         f"one image costs {secs(decode)} s to read, decode and resize and {secs(model)} s in "
         f"the model on one thread: decoding is {pct(decode / (decode + model))} of an "
         f"actor's work. The actors' CPU seconds pay for {rate(done)} images/s, "
-        f"{pct(done * (decode + model) / cpus)} of what their {cpus} CPUs busy all the time "
+        f"{pct(done * (decode + model) / cpus)} of what their {cpus:g} CPUs busy all the time "
         f"would classify.",
         other_workers(data),
     )

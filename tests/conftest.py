@@ -196,12 +196,10 @@ def wait_for(condition, timeout: float = 180, what: str = "condition"):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def _descends_from_this_session(pid: int) -> bool:
-    """Whether process `pid` was started (through any chain) by this pytest process: a Ray
-    worker of the session's own cluster or of a CLI run's, not one of another session's on
-    this machine (nor of a `ray start` head: init adopts its processes)."""
-    while pid > 0:  # pytest may itself be PID 1 (a container without an init)
-        if pid == os.getpid():
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` was started (through any chain) by process `ancestor`."""
+    while pid > 0:  # the ancestor may be PID 1 (pytest in a container without an init)
+        if pid == ancestor:
             return True
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -222,7 +220,9 @@ def kill_ray_worker(title: str) -> int:
                 text = Path(cmdline).read_bytes().decode(errors="replace")
             except OSError:  # gone meanwhile
                 continue
-            if text.startswith("ray::") and title in text and _descends_from_this_session(pid):
+            # Of this pytest process: the session's own cluster's or a CLI run's worker, not
+            # one of another session's (nor of a `ray start` head: init adopts its processes).
+            if text.startswith("ray::") and title in text and descends_from(pid, os.getpid()):
                 return pid
 
     pid = wait_for(find, what=f"a Ray worker {title}")

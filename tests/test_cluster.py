@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.dataset
 import pytest
@@ -17,7 +18,7 @@ import ray
 
 from insectlib import storage
 from insectlib.model.meta import read_meta
-from tests.conftest import BIN, REPO, run_cli, upload_tree
+from tests.conftest import BIN, REPO, descends_from, run_cli, upload_tree
 
 SMALL = [
     "--arch",
@@ -148,24 +149,14 @@ def test_start_head_script_authentication_switch(tmp_path):
     assert "mode=disabled" in opt_out.stdout and "WITHOUT authentication" in opt_out.stderr
 
 
-# insect's own Ray, as a command with no --address and no $RAY_ADDRESS starts it: the
-# command lines of its processes (Ray names the dashboard's by its script).
+# insect's own Ray, as a command with no --address and no $RAY_ADDRESS starts it, up until
+# the test has looked at its processes.
 OWN_RAY = """
-import os, ray
+import sys
 from insectlib.runtime.connect import init_ray
-def parent(pid):
-    return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
 init_ray()
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        ancestor = parent(pid)
-        while ancestor > 1 and ancestor != os.getpid():
-            ancestor = parent(ancestor)
-        if ancestor == os.getpid():
-            print(open(f"/proc/{pid}/cmdline").read().replace("\\0", " "))
-    except OSError:  # ended while looked at
-        pass
-ray.shutdown()
+print("up", flush=True)
+sys.stdin.readline()
 """
 
 
@@ -175,16 +166,64 @@ def test_a_run_without_a_cluster_starts_no_dashboard(tmp_path):
     took start-up time and CPU from the run; the rest of Ray starts as before. (Training
     asks for it: Ray Train's State API calls need it.)"""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    own = subprocess.run([sys.executable, "-c", OWN_RAY], env=env, cwd=tmp_path, text=True,
-                         capture_output=True, timeout=120)  # fmt: skip
-    assert own.returncode == 0, own.stderr[-3000:]
-    assert "gcs_server" in own.stdout and "raylet" in own.stdout, own.stdout
+    own = subprocess.Popen([sys.executable, "-c", OWN_RAY], env=env, cwd=tmp_path, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        up = own.stdout.readline()
+        lines = _command_lines_under(own.pid)
+    finally:
+        _, err = own.communicate("\n", timeout=120)
+    assert up == "up\n" and own.returncode == 0, err[-3000:]
+    assert any("gcs_server" in line for line in lines), lines
+    assert any("raylet" in line for line in lines), lines
     # Without its dashboard, Ray keeps the dashboard's process for usage statistics only,
     # and starts none of its modules' processes (ray-dashboard-<module>).
-    lines = own.stdout.splitlines()
     heads = [line for line in lines if "dashboard/dashboard.py" in line]
     assert len(heads) == 1 and "--disable-frontend" in heads[0], heads
     assert not [line for line in lines if line.startswith("ray-dashboard-")], lines
+
+
+@pytest.mark.parametrize(
+    "address, environment, dashboard, started_with",
+    [
+        (None, None, False, {"include_dashboard": False}),  # a Ray of the command's own
+        (None, None, True, {}),  # training's: Ray's default, a dashboard
+        (None, "local", False, {"include_dashboard": False}),
+        ("auto", "local", False, {"include_dashboard": False}),  # Ray reads $RAY_ADDRESS
+        ("local", "127.0.0.1:1", False, {"include_dashboard": False}),
+        ("auto", None, False, {}),  # a cluster's, as it is
+        (None, "auto", False, {}),
+        ("ray://127.0.0.1:1", None, False, {}),
+    ],
+)
+def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard(
+    address, environment, dashboard, started_with, monkeypatch
+):
+    from insectlib.runtime import connect
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    if environment:
+        monkeypatch.setenv("RAY_ADDRESS", environment)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    connect.init_ray(address, dashboard=dashboard)
+    (kwargs,) = calls
+    assert {k: v for k, v in kwargs.items() if k == "include_dashboard"} == started_with
+
+
+def _command_lines_under(ancestor: int) -> list[str]:
+    """The command lines of the processes `ancestor` started, through any chain."""
+    lines = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if descends_from(int(name), ancestor):
+                lines.append(Path(f"/proc/{name}/cmdline").read_text(errors="replace"))
+        except OSError:  # ended while looked at
+            continue
+    return [line.replace("\0", " ") for line in lines]
 
 
 # A stand-in for one of a head's processes: on SIGTERM it notes its name and when (the

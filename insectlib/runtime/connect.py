@@ -41,7 +41,7 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     try:
         ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
-        raise InsectError(connection_problem(address or os.environ["RAY_ADDRESS"], e)) from None
+        raise InsectError(connection_problem(address or env, e)) from None
 
 
 def check_reachable(address: str | None) -> None:
