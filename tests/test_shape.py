@@ -16,7 +16,7 @@ from tests.conftest import REPO
 ZEN3 = frozenset({"avx2", "fma"})  # AVX2 only: fp32, and int8 on vpmaddubsw
 ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 SAPPHIRE_RAPIDS = ZEN4 | {"amx_bf16", "amx_int8"}
-TWO_CORES = shape.Cluster(cpus=2, gpus=0, node_cpus=2)
+TWO_CORES = shape.Cluster(cpus=2, gpus=0, node_cpus=(2,))
 BIG = 32 * 1000  # enough inputs for any pool
 
 
@@ -43,10 +43,41 @@ def test_threads_follow_how_fast_the_arithmetic_is(flags, precision, threads):
 
 
 def test_many_cores_get_several_actors_of_at_most_fast_threads():
-    node = shape.Cluster(cpus=64, gpus=0, node_cpus=16)
+    node = shape.Cluster(cpus=64, gpus=0, node_cpus=(16,) * 4)
     pool = shape.choose(_cfg(), "bf16", node, BIG, ZEN4)
     assert pool.cpus_per_actor == shape.FAST_THREADS and pool.actors == 64 // shape.FAST_THREADS
     assert shape.choose(_cfg(), "fp32", node, BIG, ZEN4).actors == 64
+
+
+@pytest.mark.parametrize(
+    ("nodes", "batches", "actors", "threads"),
+    [
+        ((2,), 1, 1, 2),  # one batch: one actor, every core its thread
+        ((16,) * 4, 2, 2, 16),  # an actor's threads stay on one node
+        ((16,) * 4, 5, 5, 8),
+        ((5, 5), 3, 3, 2),  # 3 threads each: only 2 such actors fit on these nodes
+        ((3, 10), 4, 4, 3),
+        ((1, 8), 2, 2, 4),  # both on the larger node
+    ],
+)
+def test_fewer_batches_than_cpus_spread_the_cpus_over_their_actors(nodes, batches, actors, threads):
+    cluster = shape.Cluster(sum(nodes), 0, nodes)
+    pool = shape.choose(_cfg(), "fp32", cluster, 32 * batches - 5, ZEN3)
+    assert (pool.actors, pool.cpus_per_actor) == (actors, threads)
+    assert cluster.holds(threads) >= actors
+    if threads > 1:
+        assert pool.why == "fp32: fewer batches than CPUs: their actors share the CPUs as threads"
+
+
+def test_max_actors_below_the_cpus_gives_each_actor_more_threads():
+    pool = shape.choose(_cfg(max_actors=1), "fp32", TWO_CORES, BIG, ZEN3)
+    assert (pool.actors, pool.cpus_per_actor) == (1, 2.0)
+    assert pool.why == "fp32: the actors share the CPUs as threads, --max-actors"
+    bf16 = shape.choose(_cfg(max_actors=2), "bf16", shape.Cluster(8, 0, (8,)), BIG, ZEN4)
+    assert (bf16.actors, bf16.cpus_per_actor) == (2, 4.0)  # FAST_THREADS already
+    # More actors than CPUs: one thread each, and the capacity check refuses or waits.
+    pool = shape.choose(_cfg(max_actors=3), "fp32", TWO_CORES, BIG, ZEN3)
+    assert (pool.actors, pool.cpus_per_actor) == (3, 1.0)
 
 
 def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():
@@ -54,7 +85,7 @@ def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():
     assert (pool.actors, pool.cpus_per_actor) == (1, 2.0)
     assert "--cpus-per-actor" in pool.why and "--max-actors" in pool.why
     assert shape.choose(_cfg(), "fp32", TWO_CORES, 20, ZEN3).actors == 1  # one batch
-    gpu = shape.choose(_cfg(gpu=True), "bf16", shape.Cluster(32, 4, 8), BIG, ZEN4)
+    gpu = shape.choose(_cfg(gpu=True), "bf16", shape.Cluster(32, 4, (8,) * 4), BIG, ZEN4)
     assert (gpu.actors, gpu.cpus_per_actor, gpu.why) == (4, 1.0, "one actor per GPU")
 
 
@@ -65,7 +96,7 @@ def test_compile_auto_pays_only_on_long_enough_runs():
         short = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors - 1, flags)
         long = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors, flags)
         assert not short.compile and long.compile
-    gpus = shape.Cluster(cpus=8, gpus=2, node_cpus=8)
+    gpus = shape.Cluster(cpus=8, gpus=2, node_cpus=(8,))
     limit = shape.GPU_COMPILE_FROM * 2
     assert not shape.choose(_cfg(gpu=True), "bf16", gpus, limit - 1, ZEN3).compile
     assert shape.choose(_cfg(gpu=True), "bf16", gpus, limit, ZEN3).compile
@@ -130,7 +161,7 @@ def test_the_rule_picks_a_shape_that_classified_fastest():
         data = json.loads(path.read_text())
         flags = frozenset(data["machine"].rsplit("(", 1)[1].rstrip(")").split())
         cores = int(data["machine"].split(", ")[-1].split()[0])
-        cluster = shape.Cluster(cpus=cores, gpus=0, node_cpus=cores)
+        cluster = shape.Cluster(cpus=cores, gpus=0, node_cpus=(cores,))
         for precision in data["precisions"]:
             pool = shape.choose(_cfg(), precision, cluster, BIG, flags)
             picked = f"{pool.actors}x{pool.cpus_per_actor:g}"

@@ -271,7 +271,7 @@ def cluster_size() -> shape.Cluster:
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     with_cpus = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
     cpus = sum(n.get("CPU", 0) for n in nodes)
-    return shape.Cluster(cpus, sum(n.get("GPU", 0) for n in nodes), min(with_cpus, default=1))
+    return shape.Cluster(cpus, sum(n.get("GPU", 0) for n in nodes), tuple(with_cpus))
 
 
 def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:

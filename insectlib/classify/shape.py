@@ -1,15 +1,17 @@
 """The shape of the model-actor pool: how many actors, and how many torch threads (CPUs)
-each, chosen for the CPU and precision at hand by a rule the benchmark validates on every
-CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
+each, chosen for the CPU, precision and input at hand by a rule the benchmark validates on
+every CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
 The rule: bf16 on a CPU with bf16 units gets actors of several threads (one copy of the
 weights for them all, and the compile threshold reached with fewer images in all; on the CPUs
 measured it classified as fast as one thread per actor). Everything else (fp32, and int8
 whatever the CPU) gets one thread per actor: each core works on its own batch and one actor's
-decoding overlaps another's model, which int8 measured faster on every CPU. Decoding stays
-fused into each actor either way (on the actor's threads, nothing copied between processes).
-A test holds the rule to the shapes measured on each CPU.
+decoding overlaps another's model, which int8 measured faster on every CPU. Where fewer
+actors run than the CPUs hold (an input of fewer batches, or `--max-actors`), they share
+the CPUs out as more threads each, so that no core idles. Decoding stays fused into each
+actor either way (on the actor's threads, nothing copied between processes). A test holds
+the rule to the shapes measured on each CPU.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool
 
 
 def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
-    """The rule (see the module's docstring) for a node of `node_cpus` CPUs."""
+    """The rule's threads (see the module's docstring) for nodes of at least `node_cpus`
+    CPUs, before a small input shares out the CPUs."""
     if fast_arithmetic(precision, flags):
         return max(1, min(FAST_THREADS, node_cpus))
     return 1
@@ -61,12 +64,16 @@ def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | No
 
 @dataclass(frozen=True)
 class Cluster:
-    """What the shape is chosen for: the cluster's CPUs and GPUs, and the CPUs of its
-    smallest node with CPUs (an actor's threads must fit on one node)."""
+    """What the shape is chosen for: the cluster's CPUs and GPUs, and the whole CPUs of each
+    node with any (an actor's threads must fit on one node)."""
 
     cpus: float
     gpus: float
-    node_cpus: int
+    node_cpus: tuple[int, ...]
+
+    def holds(self, threads: int) -> int:
+        """How many actors of `threads` CPUs each the nodes hold."""
+        return sum(cpus // threads for cpus in self.node_cpus)
 
 
 def choose(
@@ -82,23 +89,37 @@ def choose(
         actors = min(cfg.max_actors or max(1, int(cluster.gpus)), _batches(cfg, seen))
         compile = compiles(cfg, precision, seen, GPU_COMPILE_FROM * actors)
         return ActorShape(actors, cfg.cpus_per_actor or 1.0, compile, "one actor per GPU")
-    node_cpus = cluster.node_cpus
     if cfg.cpus_per_actor is not None:
         cpus, why = cfg.cpus_per_actor, "--cpus-per-actor"
+        actors = min(cfg.max_actors or max(1, int(cluster.cpus // cpus)), _batches(cfg, seen))
     else:
-        cpus = float(threads_per_actor(precision, node_cpus, flags))
-        why = (
-            f"{precision} is fast on this CPU: threads share the weights"
-            if cpus > 1
-            else f"{precision}: one thread per actor, a batch per core"
-        )
-    actors = cfg.max_actors or max(1, int(cluster.cpus // cpus))
+        cpus, actors, why = cpu_shape(cfg, precision, cluster, seen, flags)
     if cfg.max_actors:
         why += ", --max-actors"
-    actors = min(actors, _batches(cfg, seen))
     per_actor = COMPILE_FROM[compile_kind(precision, flags)]
     threshold = None if per_actor is None else per_actor * actors
     return ActorShape(actors, cpus, compiles(cfg, precision, seen, threshold), why)
+
+
+def cpu_shape(
+    cfg: ClassifyConfig,
+    precision: str,
+    cluster: Cluster,
+    seen: int,
+    flags: frozenset[str] | None = None,
+) -> tuple[float, int, str]:
+    """(threads per actor, actors, why) by the rule (see the module's docstring): fewer
+    actors than the nodes hold take the most threads each with which they still hold all."""
+    base = threads_per_actor(precision, min(cluster.node_cpus, default=1), flags)
+    actors = min(cfg.max_actors or max(1, cluster.holds(base)), _batches(cfg, seen))
+    most = max(cluster.node_cpus, default=1)
+    threads = max((t for t in range(base, most + 1) if cluster.holds(t) >= actors), default=base)
+    if threads > base:
+        fewer = "the actors" if cfg.max_actors else "fewer batches than CPUs: their actors"
+        return float(threads), actors, f"{precision}: {fewer} share the CPUs as threads"
+    if base > 1:
+        return float(base), actors, f"{precision} is fast on this CPU: threads share the weights"
+    return 1.0, actors, f"{precision}: one thread per actor, a batch per core"
 
 
 def _batches(cfg: ClassifyConfig, seen: int) -> int:
