@@ -247,8 +247,8 @@ class ActorSettings(RaySettings):
         above=0,
         help=(
             "CPUs per model actor, also its torch threads on CPU (default: 1 with --gpu; on "
-            "CPU the actor shape this CPU and precision run best, the CPUs shared out where "
-            "fewer actors run (a small input, --max-actors); see docs/classification.md)"
+            "CPU the actor shape this CPU and precision run best, a small input's actors "
+            "sharing out a single node's free CPUs; see docs/classification.md)"
         ),
     )
     decode: str = setting(

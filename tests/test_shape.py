@@ -50,34 +50,39 @@ def test_many_cores_get_several_actors_of_at_most_fast_threads():
 
 
 @pytest.mark.parametrize(
-    ("nodes", "batches", "actors", "threads"),
+    ("cluster", "batches", "actors", "threads"),
     [
-        ((2,), 1, 1, 2),  # one batch: one actor, every core its thread
-        ((16,) * 4, 2, 2, 16),  # an actor's threads stay on one node
-        ((16,) * 4, 5, 5, 8),
-        ((5, 5), 3, 3, 2),  # 3 threads each: only 2 such actors fit on these nodes
-        ((3, 10), 4, 4, 3),
-        ((1, 8), 2, 2, 4),  # both on the larger node
+        (TWO_CORES, 1, 1, 2),  # one batch: one actor, both cores its threads
+        (TWO_CORES, 2, 2, 1),
+        (shape.Cluster(16, 0, (16,)), 5, 5, 3),
+        (shape.Cluster(16, 0, (16,), free_cpus=4.5), 1, 1, 4),  # CPUs other runs hold
+        (shape.Cluster(16, 0, (16,), free_cpus=0), 1, 1, 1),
+        # Several nodes: an actor restarted after losing a node must fit on the others.
+        (shape.Cluster(20, 0, (16, 4)), 2, 2, 1),
     ],
 )
-def test_fewer_batches_than_cpus_spread_the_cpus_over_their_actors(nodes, batches, actors, threads):
-    cluster = shape.Cluster(sum(nodes), 0, nodes)
+def test_fewer_batches_than_cpus_share_a_nodes_free_cpus_out(cluster, batches, actors, threads):
     pool = shape.choose(_cfg(), "fp32", cluster, 32 * batches - 5, ZEN3)
     assert (pool.actors, pool.cpus_per_actor) == (actors, threads)
-    assert cluster.holds(threads) >= actors
-    if threads > 1:
-        assert pool.why == "fp32: fewer batches than CPUs: their actors share the CPUs as threads"
+    shared = "fp32: fewer batches than CPUs, their actors share them as threads"
+    assert (pool.why == shared) == (threads > 1)
+    big = shape.choose(_cfg(), "fp32", cluster, BIG, ZEN3)
+    assert (big.actors, big.cpus_per_actor) == (sum(cluster.node_cpus), 1.0)
 
 
-def test_max_actors_below_the_cpus_gives_each_actor_more_threads():
+def test_only_a_small_input_shares_the_cpus_out():
+    """--max-actors keeps one thread an actor (it bounds what a run takes of a shared
+    cluster); a full bf16 pool keeps FAST_THREADS even where CPUs are left over."""
     pool = shape.choose(_cfg(max_actors=1), "fp32", TWO_CORES, BIG, ZEN3)
-    assert (pool.actors, pool.cpus_per_actor) == (1, 2.0)
-    assert pool.why == "fp32: the actors share the CPUs as threads, --max-actors"
-    bf16 = shape.choose(_cfg(max_actors=2), "bf16", shape.Cluster(8, 0, (8,)), BIG, ZEN4)
-    assert (bf16.actors, bf16.cpus_per_actor) == (2, 4.0)  # FAST_THREADS already
-    # More actors than CPUs: one thread each, and the capacity check refuses or waits.
-    pool = shape.choose(_cfg(max_actors=3), "fp32", TWO_CORES, BIG, ZEN3)
-    assert (pool.actors, pool.cpus_per_actor) == (3, 1.0)
+    assert (pool.actors, pool.cpus_per_actor) == (1, 1.0)
+    six = shape.Cluster(6, 0, (6,))
+    bf16 = shape.choose(_cfg(), "bf16", six, BIG, ZEN4)
+    assert (bf16.actors, bf16.cpus_per_actor) == (1, 4.0)
+    assert bf16.why == "bf16 is fast on this CPU: threads share the weights"
+    nodes = shape.Cluster(18, 0, (6, 6, 6))  # 4 actors of 4 would not fit on them
+    assert shape.choose(_cfg(), "bf16", nodes, BIG, ZEN4).actors == 3
+    one = shape.choose(_cfg(), "bf16", shape.Cluster(8, 0, (8,)), 20, ZEN4)
+    assert (one.actors, one.cpus_per_actor) == (1, 8.0)
 
 
 def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():

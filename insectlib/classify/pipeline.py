@@ -268,10 +268,11 @@ def actor_shape(plan: RunPlan, seen: int) -> shape.ActorShape:
 
 
 def cluster_size() -> shape.Cluster:
+    """The connected cluster's CPUs, GPUs, CPUs of each node, and CPUs free now."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    with_cpus = [int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1]
-    cpus = sum(n.get("CPU", 0) for n in nodes)
-    return shape.Cluster(cpus, sum(n.get("GPU", 0) for n in nodes), tuple(with_cpus))
+    with_cpus = tuple(int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1)
+    cpus, gpus = (sum(n.get(name, 0) for n in nodes) for name in ("CPU", "GPU"))
+    return shape.Cluster(cpus, gpus, with_cpus, ray.available_resources().get("CPU", 0.0))
 
 
 def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:

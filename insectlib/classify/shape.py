@@ -7,11 +7,11 @@ The rule: bf16 on a CPU with bf16 units gets actors of several threads (one copy
 weights for them all, and the compile threshold reached with fewer images in all; on the CPUs
 measured it classified as fast as one thread per actor). Everything else (fp32, and int8
 whatever the CPU) gets one thread per actor: each core works on its own batch and one actor's
-decoding overlaps another's model, which int8 measured faster on every CPU. Where fewer
-actors run than the CPUs hold (an input of fewer batches, or `--max-actors`), they share
-the CPUs out as more threads each, so that no core idles. Decoding stays fused into each
-actor either way (on the actor's threads, nothing copied between processes). A test holds
-the rule to the shapes measured on each CPU.
+decoding overlaps another's model, which int8 measured faster on every CPU. An input of fewer
+batches than that on one node shares the node's free CPUs out over its actors as threads
+(one batch on 2 CPUs runs on both). Decoding stays fused into each actor either way (on the
+actor's threads, nothing copied between processes). A test holds the rule to the shapes
+measured on each CPU.
 """
 
 from __future__ import annotations
@@ -64,12 +64,13 @@ def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | No
 
 @dataclass(frozen=True)
 class Cluster:
-    """What the shape is chosen for: the cluster's CPUs and GPUs, and the whole CPUs of each
-    node with any (an actor's threads must fit on one node)."""
+    """What the shape is chosen for: the cluster's CPUs and GPUs, the whole CPUs of each
+    node with any (an actor's threads must fit on one node), and the CPUs free now."""
 
     cpus: float
     gpus: float
     node_cpus: tuple[int, ...]
+    free_cpus: float | None = None  # None: every CPU
 
     def holds(self, threads: int) -> int:
         """How many actors of `threads` CPUs each the nodes hold."""
@@ -108,18 +109,26 @@ def cpu_shape(
     seen: int,
     flags: frozenset[str] | None = None,
 ) -> tuple[float, int, str]:
-    """(threads per actor, actors, why) by the rule (see the module's docstring): fewer
-    actors than the nodes hold take the most threads each with which they still hold all."""
+    """(threads per actor, actors, why) by the rule (see the module's docstring)."""
     base = threads_per_actor(precision, min(cluster.node_cpus, default=1), flags)
-    actors = min(cfg.max_actors or max(1, cluster.holds(base)), _batches(cfg, seen))
-    most = max(cluster.node_cpus, default=1)
-    threads = max((t for t in range(base, most + 1) if cluster.holds(t) >= actors), default=base)
-    if threads > base:
-        fewer = "the actors" if cfg.max_actors else "fewer batches than CPUs: their actors"
-        return float(threads), actors, f"{precision}: {fewer} share the CPUs as threads"
+    room = max(1, cluster.holds(base))
+    actors = min(cfg.max_actors or room, _batches(cfg, seen))
+    if not cfg.max_actors and actors < room and shared_threads(cluster, actors) > base:
+        why = f"{precision}: fewer batches than CPUs, their actors share them as threads"
+        return float(shared_threads(cluster, actors)), actors, why
     if base > 1:
         return float(base), actors, f"{precision} is fast on this CPU: threads share the weights"
     return 1.0, actors, f"{precision}: one thread per actor, a batch per core"
+
+
+def shared_threads(cluster: Cluster, actors: int) -> int:
+    """Threads each for `actors` actors sharing out the CPUs free now, on a cluster of one
+    node only: on several, an actor restarted after a node is lost must still fit on the
+    others, and which node's CPUs are free is not known here (0: none to share)."""
+    if len(cluster.node_cpus) != 1:
+        return 0
+    free = cluster.cpus if cluster.free_cpus is None else cluster.free_cpus
+    return min(cluster.node_cpus[0], int(free)) // actors
 
 
 def _batches(cfg: ClassifyConfig, seen: int) -> int:
