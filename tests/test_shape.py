@@ -45,7 +45,7 @@ def test_threads_follow_how_fast_the_arithmetic_is(flags, precision, threads):
 def test_many_cores_get_several_actors_of_at_most_fast_threads():
     node = shape.Cluster(cpus=64, gpus=0, node_cpus=(16,) * 4)
     pool = shape.choose(_cfg(), "bf16", node, BIG, ZEN4)
-    assert pool.cpus_per_actor == shape.FAST_THREADS and pool.actors == 64 // shape.FAST_THREADS
+    assert pool.cpus_per_actor == shape.MOST_THREADS and pool.actors == 64 // shape.MOST_THREADS
     assert shape.choose(_cfg(), "fp32", node, BIG, ZEN4).actors == 64
 
 
@@ -55,8 +55,10 @@ def test_many_cores_get_several_actors_of_at_most_fast_threads():
         (TWO_CORES, 1, 1, 2),  # one batch: one actor, both cores its threads
         (TWO_CORES, 2, 2, 1),
         (shape.Cluster(16, 0, (16,)), 5, 5, 3),
-        (shape.Cluster(16, 0, (16,), free_cpus=4.5), 1, 1, 4),  # CPUs other runs hold
-        (shape.Cluster(16, 0, (16,), free_cpus=0), 1, 1, 1),
+        (shape.Cluster(16, 0, (16,)), 1, 1, 4),  # MOST_THREADS
+        (shape.Cluster(2, 0, (2,), free_cpus=1.9), 1, 1, 1),  # a CPU other runs hold
+        (shape.Cluster(16, 0, (16,), free_cpus=3.9), 1, 1, 3),
+        (shape.Cluster(2.5, 0, (2,)), 1, 1, 1),  # and a node of half a CPU
         # Several nodes: an actor restarted after losing a node must fit on the others.
         (shape.Cluster(20, 0, (16, 4)), 2, 2, 1),
     ],
@@ -71,8 +73,8 @@ def test_fewer_batches_than_cpus_share_a_nodes_free_cpus_out(cluster, batches, a
 
 
 def test_only_a_small_input_shares_the_cpus_out():
-    """--max-actors keeps one thread an actor (it bounds what a run takes of a shared
-    cluster); a full bf16 pool keeps FAST_THREADS even where CPUs are left over."""
+    """--max-actors keeps the rule's threads (it bounds what a run takes of a shared
+    cluster); a full bf16 pool keeps MOST_THREADS even where CPUs are left over."""
     pool = shape.choose(_cfg(max_actors=1), "fp32", TWO_CORES, BIG, ZEN3)
     assert (pool.actors, pool.cpus_per_actor) == (1, 1.0)
     six = shape.Cluster(6, 0, (6,))
@@ -82,7 +84,7 @@ def test_only_a_small_input_shares_the_cpus_out():
     nodes = shape.Cluster(18, 0, (6, 6, 6))  # 4 actors of 4 would not fit on them
     assert shape.choose(_cfg(), "bf16", nodes, BIG, ZEN4).actors == 3
     one = shape.choose(_cfg(), "bf16", shape.Cluster(8, 0, (8,)), 20, ZEN4)
-    assert (one.actors, one.cpus_per_actor) == (1, 8.0)
+    assert (one.actors, one.cpus_per_actor) == (1, 4.0)
 
 
 def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():
@@ -177,3 +179,17 @@ def test_the_rule_picks_a_shape_that_classified_fastest():
                     assert rate >= 0.9 * max(alike), (path.name, precision, rates)
                     compared.append((path.name, precision))
     assert len({name for name, _ in compared}) >= 3 and len(compared) >= 6
+
+
+def test_the_free_cpus_are_read_again_until_ray_counts_those_given_back(monkeypatch):
+    """Ray's count of free CPUs lags CPUs just given back (a resume's anti-join): a
+    reading under the total is taken again, for at most the time allowed."""
+    import ray
+
+    from insectlib.classify import pipeline
+
+    readings = iter([{"CPU": 1.0}, {}, {"CPU": 1.99}, {"CPU": 2.0}, {"CPU": 0.0}])
+    monkeypatch.setattr(ray, "available_resources", lambda: next(readings))
+    assert pipeline.free_cpus(2.0) == 2.0
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
+    assert pipeline.free_cpus(2.0, settle_s=0.3) == 1.0  # another run holds one

@@ -272,7 +272,19 @@ def cluster_size() -> shape.Cluster:
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     with_cpus = tuple(int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1)
     cpus, gpus = (sum(n.get(name, 0) for n in nodes) for name in ("CPU", "GPU"))
-    return shape.Cluster(cpus, gpus, with_cpus, ray.available_resources().get("CPU", 0.0))
+    return shape.Cluster(cpus, gpus, with_cpus, free_cpus(cpus))
+
+
+def free_cpus(cpus: float, settle_s: float = 1.0) -> float:
+    """The cluster's free CPUs. Ray's count lags CPUs just given back (the tasks and actors
+    of a resume's anti-join, a previous run's actors): while under `cpus`, it is read again
+    for up to `settle_s`."""
+    deadline = time.monotonic() + settle_s
+    free = ray.available_resources().get("CPU", 0.0)
+    while free < cpus and time.monotonic() < deadline:
+        time.sleep(0.1)
+        free = ray.available_resources().get("CPU", 0.0)
+    return free
 
 
 def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:

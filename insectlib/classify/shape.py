@@ -8,10 +8,10 @@ weights for them all, and the compile threshold reached with fewer images in all
 measured it classified as fast as one thread per actor). Everything else (fp32, and int8
 whatever the CPU) gets one thread per actor: each core works on its own batch and one actor's
 decoding overlaps another's model, which int8 measured faster on every CPU. An input of fewer
-batches than that on one node shares the node's free CPUs out over its actors as threads
-(one batch on 2 CPUs runs on both). Decoding stays fused into each actor either way (on the
-actor's threads, nothing copied between processes). A test holds the rule to the shapes
-measured on each CPU.
+batches than that on one node shares the node's free CPUs out over its actors as threads,
+up to MOST_THREADS each (one batch on 2 CPUs runs on both). Decoding stays fused into each
+actor either way (on the actor's threads, nothing copied between processes). A test holds
+the rule to the shapes measured on each CPU.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from insectlib.config import ClassifyConfig
 from insectlib.model.precision import cpu_flags
 
-# Threads per bf16 actor, at most: beyond it, a batch of 32 does not keep more threads
-# busy, and another actor does.
-FAST_THREADS = 4
+# Threads per actor where the rule gives it several (bf16's, a small input's), at most:
+# beyond it, a batch of 32 does not keep more threads busy, and another actor does.
+MOST_THREADS = 4
 FAST_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
 
 
@@ -58,7 +58,7 @@ def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | No
     """The rule's threads (see the module's docstring) for nodes of at least `node_cpus`
     CPUs, before a small input shares out the CPUs."""
     if fast_arithmetic(precision, flags):
-        return max(1, min(FAST_THREADS, node_cpus))
+        return max(1, min(MOST_THREADS, node_cpus))
     return 1
 
 
@@ -113,22 +113,23 @@ def cpu_shape(
     base = threads_per_actor(precision, min(cluster.node_cpus, default=1), flags)
     room = max(1, cluster.holds(base))
     actors = min(cfg.max_actors or room, _batches(cfg, seen))
-    if not cfg.max_actors and actors < room and shared_threads(cluster, actors) > base:
+    shared = shared_threads(cluster, actors) if not cfg.max_actors and actors < room else 0
+    if shared > base:
         why = f"{precision}: fewer batches than CPUs, their actors share them as threads"
-        return float(shared_threads(cluster, actors)), actors, why
+        return float(shared), actors, why
     if base > 1:
         return float(base), actors, f"{precision} is fast on this CPU: threads share the weights"
     return 1.0, actors, f"{precision}: one thread per actor, a batch per core"
 
 
 def shared_threads(cluster: Cluster, actors: int) -> int:
-    """Threads each for `actors` actors sharing out the CPUs free now, on a cluster of one
-    node only: on several, an actor restarted after a node is lost must still fit on the
-    others, and which node's CPUs are free is not known here (0: none to share)."""
-    if len(cluster.node_cpus) != 1:
+    """Threads each (up to MOST_THREADS) for `actors` actors sharing out the CPUs free now,
+    on a cluster of one node with CPUs only: on several, an actor restarted after a node is
+    lost must still fit on the others, and which node's CPUs are free is not known here."""
+    if len(cluster.node_cpus) != 1 or cluster.cpus != cluster.node_cpus[0]:
         return 0
     free = cluster.cpus if cluster.free_cpus is None else cluster.free_cpus
-    return min(cluster.node_cpus[0], int(free)) // actors
+    return min(MOST_THREADS, cluster.node_cpus[0], int(free) // actors)
 
 
 def _batches(cfg: ClassifyConfig, seen: int) -> int:
