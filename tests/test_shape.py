@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 
 import pytest
 
@@ -193,3 +194,21 @@ def test_the_free_cpus_are_read_again_until_ray_counts_those_given_back(monkeypa
     assert pipeline.free_cpus(2.0) == 2.0
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
     assert pipeline.free_cpus(2.0, settle_s=0.3) == 1.0  # another run holds one
+
+
+def test_only_a_cluster_of_one_node_waits_for_its_free_cpus(monkeypatch):
+    """The free CPUs are shared out on one node only: elsewhere nothing waits to read them."""
+    import ray
+
+    from insectlib.classify import pipeline
+
+    def node(cpus):
+        return {"Alive": True, "Resources": {"CPU": cpus}}
+
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [node(2.0)])
+    assert pipeline.cluster_size() == shape.Cluster(2.0, 0, (2,), 1.0)
+    monkeypatch.setattr(ray, "nodes", lambda: [node(2.0), node(2.0)])
+    began = time.monotonic()
+    assert pipeline.cluster_size() == shape.Cluster(4.0, 0, (2, 2))
+    assert time.monotonic() - began < 0.5

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import ray
@@ -268,11 +268,13 @@ def actor_shape(plan: RunPlan, seen: int) -> shape.ActorShape:
 
 
 def cluster_size() -> shape.Cluster:
-    """The connected cluster's CPUs, GPUs, CPUs of each node, and CPUs free now."""
+    """The connected cluster's CPUs, GPUs, CPUs of each node, and on a cluster of one node
+    (where only they are shared out) its CPUs free now."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     with_cpus = tuple(int(n["CPU"]) for n in nodes if n.get("CPU", 0) >= 1)
     cpus, gpus = (sum(n.get(name, 0) for n in nodes) for name in ("CPU", "GPU"))
-    return shape.Cluster(cpus, gpus, with_cpus, free_cpus(cpus))
+    cluster = shape.Cluster(cpus, gpus, with_cpus)
+    return replace(cluster, free_cpus=free_cpus(cpus)) if cluster.one_node else cluster
 
 
 def free_cpus(cpus: float, settle_s: float = 1.0) -> float:

@@ -76,6 +76,11 @@ class Cluster:
         """How many actors of `threads` CPUs each the nodes hold."""
         return sum(cpus // threads for cpus in self.node_cpus)
 
+    @property
+    def one_node(self) -> bool:
+        """Whether every CPU is on one node: only such a node's free CPUs are shared out."""
+        return len(self.node_cpus) == 1 and self.cpus == self.node_cpus[0]
+
 
 def choose(
     cfg: ClassifyConfig,
@@ -126,7 +131,7 @@ def shared_threads(cluster: Cluster, actors: int) -> int:
     """Threads each (up to MOST_THREADS) for `actors` actors sharing out the CPUs free now,
     on a cluster of one node with CPUs only: on several, an actor restarted after a node is
     lost must still fit on the others, and which node's CPUs are free is not known here."""
-    if len(cluster.node_cpus) != 1 or cluster.cpus != cluster.node_cpus[0]:
+    if not cluster.one_node:
         return 0
     free = cluster.cpus if cluster.free_cpus is None else cluster.free_cpus
     return min(MOST_THREADS, cluster.node_cpus[0], int(free) // actors)
