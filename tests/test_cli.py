@@ -172,3 +172,13 @@ def test_config_is_torch_free():
     code = "import sys, insectlib.config; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_the_docs_name_no_renamed_flag():
+    """A renamed flag is refused with its new name; the README and docs/ name only the new."""
+    from insectlib.cli.main import RENAMED
+    from tests.conftest import REPO
+
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = page.read_text()
+        assert not [old for old in RENAMED if old in text], page.name
