@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict
 
 import pyarrow as pa
@@ -317,15 +318,20 @@ def test_clear_errors_instead_of_tracebacks(trained, unlabelled, tmp_path, capsy
     assert "is a bucket root" in expect_cli_error(capsys, s3_root)
 
 
-def test_bad_address_fails_fast_with_one_line(trained, unlabelled, tmp_path):
+@pytest.mark.parametrize("given", ["--address", "$RAY_ADDRESS"])
+def test_bad_address_fails_fast_with_one_line(given, trained, unlabelled, tmp_path):
+    """A cluster address that does not answer, as the flag or as `ray job submit` would set
+    it: one line naming where it came from, in seconds (Ray itself retries for minutes)."""
     cfg, _ = trained
     images = os.path.dirname(next(iter(unlabelled)))
-    result = run_cli(
-        "insect", "classify", images, "--model", cfg.output, "--output", str(tmp_path / "o"),
-        "--address", "127.0.0.1:1", timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 2
+    argv = ["classify", images, "--model", cfg.output, "--output", str(tmp_path / "o")]
+    flag = ["--address", "127.0.0.1:1"] if given == "--address" else []
+    env = {"RAY_ADDRESS": "127.0.0.1:1" if given == "$RAY_ADDRESS" else ""}
+    started = time.monotonic()
+    result = run_cli("insect", *argv, *flag, env=env, timeout=120)
+    assert result.returncode == 2 and time.monotonic() - started < 30, result.stderr
     assert "insect: error: cannot connect to Ray at 127.0.0.1:1" in result.stderr
+    assert f"check {given} (" in result.stderr
     assert "Traceback" not in result.stderr
 
 

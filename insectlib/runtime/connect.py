@@ -31,7 +31,7 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     env = os.environ.get("RAY_ADDRESS")
     if address is None and not env:
         address = "local"
-    check_reachable(address)
+    check_reachable(address or env, "--address" if address else "$RAY_ADDRESS")
     console.start_log()  # Ray's own lines from here on go to the command's log
     # A Ray of its own runs no dashboard unless asked: nobody is told of it (Ray's lines go
     # to the log), and it took start-up time and CPU from the run (docs/performance.md).
@@ -44,9 +44,9 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
         raise InsectError(connection_problem(address or env, e)) from None
 
 
-def check_reachable(address: str | None) -> None:
-    """Fail within seconds when a HOST:PORT address does not answer: ray.init would retry
-    for about 14 minutes (20 attempts of ~41 s each, measured on Ray 2.60)."""
+def check_reachable(address: str | None, source: str = "--address") -> None:
+    """Fail within seconds when a HOST:PORT address (given as `source`) does not answer:
+    ray.init would retry for about 14 minutes (20 attempts of ~41 s each, on Ray 2.60)."""
     if not address or address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
@@ -54,7 +54,7 @@ def check_reachable(address: str | None) -> None:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError) as e:
         raise InsectError(
-            f"cannot connect to Ray at {address}: {e}; check --address (auto, HOST:PORT or "
+            f"cannot connect to Ray at {address}: {e}; check {source} (auto, HOST:PORT or "
             "ray://HOST:10001) and that the head is running"
         ) from None
 
