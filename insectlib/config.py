@@ -338,9 +338,10 @@ class TrainConfig(RaySettings):
         help="images per worker per step; the global batch is workers x this",
     )
     optimizer: str = setting("adam", choices=OPTIMIZERS, help="optimisation algorithm")
-    lr: float = setting(0.001, at_least=0, help="learning rate")
-    momentum: float = setting(0.9, at_least=0, help="SGD momentum")
-    weight_decay: float = setting(0.0, at_least=0, help="L2 penalty")
+    # Upper bounds: larger values only diverge, and past float32's range torch fails mid-run.
+    lr: float = setting(0.001, at_least=0, at_most=10, help="learning rate")
+    momentum: float = setting(0.9, at_least=0, at_most=1, help="SGD momentum")
+    weight_decay: float = setting(0.0, at_least=0, at_most=1, help="L2 penalty")
     augment: bool = setting(
         True,
         help=(
@@ -441,6 +442,8 @@ class TrainConfig(RaySettings):
         check_settings(self)
         if self.resume and not self.name:
             raise InsectError("--resume needs the --name of the run to continue")
+        if self.name is not None and (self.name in ("", ".", "..") or "/" in self.name):
+            raise InsectError(f"--name must be one folder name under --storage, got {self.name!r}")
         if not self.data and not self.labels:
             raise InsectError("give the labelled ROOT, a --labels table, or both")
         if self.new_classes and not self.labels:
@@ -577,9 +580,7 @@ class VisualizeConfig:
 class SummaryConfig:
     """Every knob of `insect summary`."""
 
-    predictions: str = setting(
-        help="the --output of insect classify (a directory or s3:// prefix)"
-    )
+    predictions: str = setting(help="the --output of insect classify (a directory or s3:// prefix)")
     s3: S3Options = field(default_factory=S3Options)
 
     def validate(self) -> None:
