@@ -210,6 +210,25 @@ def test_resume_read_errors_are_retried_then_fail_without_deleting(
     assert len(calls) >= retry.READ_ATTEMPTS and _tree(out) == before
 
 
+def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, tmp_path):
+    """--resume over another input used to remove _SUCCESS and add the other input's rows:
+    an output no run could finish again. It is refused with nothing touched; the same input,
+    spelled with a trailing slash, resumes."""
+    cfg, _ = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(next(iter(unlabelled)), other / "one.jpg")
+    out = tmp_path / "out"
+    _classify(cfg.output, images, out)
+    before = _tree(out)
+    with pytest.raises(InsectError, match=f"holds a finished run over {images}, not {other}"):
+        _classify(cfg.output, other, out, resume=True)
+    assert _tree(out) == before
+    assert _classify(cfg.output, images + "/", out, resume=True).rows == len(unlabelled)
+    assert json.loads((out / layout.SUCCESS_FILE).read_text())["inputs"] == len(unlabelled)
+
+
 def test_rows_must_equal_inputs(trained, unlabelled, tmp_path):
     """A resumed output with rows for an input that is gone: no _SUCCESS, a clear error."""
     cfg, _ = trained

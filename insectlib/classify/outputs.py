@@ -240,6 +240,24 @@ def row_format_of(footer: pq.FileMetaData, legacy: dict) -> dict:
     return found if isinstance(found, dict) else {"row format": raw.decode(errors="replace")}
 
 
+def check_same_input(output: str, source: str, s3: storage.S3Options) -> None:
+    """Refuse to resume a finished run over another input: the new input's rows would join
+    the old one's, and no run on either could finish (rows would never equal inputs)."""
+    uri = storage.join(output, SUCCESS_FILE)
+    if not storage.exists(uri, s3):
+        return
+    with storage.user_errors(uri):
+        try:
+            recorded = json.loads(storage.read_bytes(uri, s3)).get("input")
+        except (ValueError, AttributeError):
+            return  # not a manifest of ours: `resume_state` refuses or removes it
+    if isinstance(recorded, str) and recorded.rstrip("/") != source.rstrip("/"):
+        raise InsectError(
+            f"{output} holds a finished run over {recorded}, not {source}: --resume continues "
+            "a run over its own input; choose another --output, or --overwrite to start over"
+        )
+
+
 def resume_state(
     output: str, model_id: str, s3: storage.S3Options, row_format: dict, legacy: dict
 ) -> Done:

@@ -132,6 +132,7 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
         outputs.remove(cfg.output, removal, cfg.s3)
     if not cfg.resume:
         return count, None
+    outputs.check_same_input(cfg.output, plan.source, cfg.s3)
     legacy = asdict(RowFormat())
     done = outputs.resume_state(cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy)
     return count, done
