@@ -104,6 +104,11 @@ def check_settings(cfg: Any) -> None:
             raise InsectError(f"{flag} must be more than {rules['above']}, got {value}")
 
 
+def escapes(name: str) -> bool:
+    """Whether a folder name (a/b allowed) leaves the folder it is joined to, or is it."""
+    return name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/"))
+
+
 def settings_of(cfg: Any, group: type) -> dict[str, Any]:
     """The values of `cfg` for the fields of `group`, one of its base classes: to pass the
     settings commands share from one config to another."""
@@ -442,8 +447,8 @@ class TrainConfig(RaySettings):
         check_settings(self)
         if self.resume and not self.name:
             raise InsectError("--resume needs the --name of the run to continue")
-        if self.name is not None and (self.name in ("", ".", "..") or "/" in self.name):
-            raise InsectError(f"--name must be one folder name under --storage, got {self.name!r}")
+        if self.name is not None and escapes(self.name):
+            raise InsectError(f"--name must be a folder under --storage, got {self.name!r}")
         if not self.data and not self.labels:
             raise InsectError("give the labelled ROOT, a --labels table, or both")
         if self.new_classes and not self.labels:

@@ -113,9 +113,9 @@ def ray_local(s3_server):
         include_dashboard=False,
         object_store_memory=1 << 30,
         logging_level="WARNING",
-        # Idle workers are kept for the next run (Ray's default keeps num_cpus of them, for
-        # 1 s): a new worker process costs a second or more of CPU, and each run here needs
-        # several (its read, write and join tasks), a tenth of the suite's CPU otherwise.
+        # Idle workers are kept for the next run (by default Ray kills those beyond num_cpus
+        # after 1 s idle): a new worker process costs a second or more of CPU, and each run
+        # here needs several (its read, write and join tasks), a tenth of the suite's CPU.
         _system_config={
             "num_workers_soft_limit": 6,
             "idle_worker_killing_time_threshold_ms": 60_000,

@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from insectlib import storage
+from insectlib.errors import InsectError
 from insectlib.model.meta import read_meta
 from tests.conftest import BIN, REPO, descends_from, run_cli, upload_tree
 
@@ -212,6 +213,29 @@ def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard(
     connect.init_ray(address, dashboard=dashboard)
     (kwargs,) = calls
     assert {k: v for k, v in kwargs.items() if k == "include_dashboard"} == started_with
+
+
+@pytest.mark.parametrize("address", [None, "auto"])  # ray.init reads $RAY_ADDRESS for both
+def test_an_unreachable_ray_address_is_refused_before_ray_init(address, monkeypatch):
+    from insectlib.runtime import connect
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(InsectError, match=r"127.0.0.1:1: .*; check \$RAY_ADDRESS \("):
+        connect.init_ray(address)
+
+
+def test_an_ipv6_address_in_rays_brackets_is_reachable():
+    """`ray job submit` gives its driver the head's address as Ray writes it: [::1]:6379."""
+    from insectlib.runtime import connect
+
+    try:
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with server:
+        connect.check_reachable(f"[::1]:{server.getsockname()[1]}", "$RAY_ADDRESS")
 
 
 def _command_lines_under(ancestor: int) -> list[str]:

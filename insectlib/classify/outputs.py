@@ -251,7 +251,9 @@ def check_same_input(output: str, source: str, s3: storage.S3Options) -> None:
             recorded = json.loads(storage.read_bytes(uri, s3)).get("input")
         except (ValueError, AttributeError):
             return  # not a manifest of ours: `resume_state` refuses or removes it
-    if isinstance(recorded, str) and recorded.rstrip("/") != source.rstrip("/"):
+    # Before 2026-12-02 insect recorded the input as typed (maybe relative): not compared.
+    named = isinstance(recorded, str) and (recorded.startswith("/") or "://" in recorded)
+    if named and recorded.rstrip("/") != source.rstrip("/"):
         raise InsectError(
             f"{output} holds a finished run over {recorded}, not {source}: --resume continues "
             "a run over its own input; choose another --output, or --overwrite to start over"

@@ -31,13 +31,14 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     env = os.environ.get("RAY_ADDRESS")
     if address is None and not env:
         address = "local"
-    check_reachable(address or env, "--address" if address else "$RAY_ADDRESS")
+    from_env = bool(env) and address in (None, "auto")  # ray.init reads $RAY_ADDRESS then
+    target = env if from_env else address
+    check_reachable(target, "$RAY_ADDRESS" if from_env else "--address")
     console.start_log()  # Ray's own lines from here on go to the command's log
     # A Ray of its own runs no dashboard unless asked: nobody is told of it (Ray's lines go
     # to the log), and it took start-up time and CPU from the run (docs/performance.md).
     # Asked, Ray's default: one that fails to start is logged, not fatal.
-    starts = (env if env and address in (None, "auto") else address) == "local"
-    own = {"include_dashboard": False} if starts and not dashboard else {}
+    own = {"include_dashboard": False} if target == "local" and not dashboard else {}
     try:
         ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
@@ -50,8 +51,9 @@ def check_reachable(address: str | None, source: str = "--address") -> None:
     if not address or address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"  # Ray writes IPv6 hosts in brackets: [::1]:6379
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError) as e:
         raise InsectError(
             f"cannot connect to Ray at {address}: {e}; check {source} (auto, HOST:PORT or "
