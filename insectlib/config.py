@@ -69,8 +69,15 @@ def setting(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
     return field(default=default, metadata=rules)
 
 
+# Fields given as positional arguments on the command line; every other field is a --flag.
+POSITIONAL = ("data", "input", "image", "predictions")
+
+
 def flag_name(f: dataclasses.Field) -> str:
-    """The command-line name of config field `f`: `--no-NAME` for a setting on by default."""
+    """The command-line name of config field `f`: `--no-NAME` for a setting on by default,
+    NAME for a positional argument."""
+    if f.name in POSITIONAL:
+        return f.name.upper()
     if "flag" in f.metadata:
         return f.metadata["flag"]
     stem = f.name.replace("_", "-")

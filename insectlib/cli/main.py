@@ -19,8 +19,6 @@ from insectlib import config
 from insectlib.config import S3Options
 from insectlib.errors import InsectError
 
-# Positional arguments; every other field is a --flag.
-POSITIONAL = ("data", "input", "image", "predictions")
 # A positional whose field has a default may be left out (classify --manifest, train --labels).
 # Flags renamed, refused with their new name.
 RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8-images"}
@@ -170,7 +168,7 @@ def add_setting(group, cls: type, name: str) -> None:
         kwargs["default"] = f.default
     elif f.default_factory is not dataclasses.MISSING:
         kwargs["default"] = f.default_factory()
-    if name in POSITIONAL:
+    if name in config.POSITIONAL:
         group.add_argument(name, nargs="?" if "default" in kwargs else None, **kwargs)
     else:
         required = "default" not in kwargs
