@@ -70,6 +70,7 @@ def setting(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
 
 
 # Fields given as positional arguments on the command line; every other field is a --flag.
+# A positional whose field has a default may be left out (classify --manifest, train --labels).
 POSITIONAL = ("data", "input", "image", "predictions")
 
 

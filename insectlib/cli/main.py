@@ -19,7 +19,6 @@ from insectlib import config
 from insectlib.config import S3Options
 from insectlib.errors import InsectError
 
-# A positional whose field has a default may be left out (classify --manifest, train --labels).
 # Flags renamed, refused with their new name.
 RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8-images"}
 
