@@ -32,6 +32,7 @@ from insectlib.runtime.connect import init_ray, insect_error_in, live_nodes, loc
 from insectlib.runtime.resources import check_resources
 from insectlib.storage.lock import output_lock
 
+LOG_EVERY_S = 30  # the progress line's period where the console is not a terminal
 
 @dataclass
 class ClassifySummary:
@@ -345,8 +346,8 @@ def progress_bar(run, already: int = 0):
         total=0,
         unit="img",
         desc="classified",
-        mininterval=0.5 if interactive else 10,
-        file=console.err(),
+        mininterval=0.5 if interactive else LOG_EVERY_S,
+        file=console.err() if interactive else console.LogLines(console.err()),
         ascii=not interactive,
     )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -119,3 +120,25 @@ def is_terminal() -> bool:
         return err().isatty()
     except (AttributeError, ValueError):
         return False
+
+
+class LogLines:
+    """A progress bar's stream where the console is not a terminal (a log file, a pipe):
+    each redraw on a line of its own instead of after a carriage return; a redraw before
+    anything is counted, or of the count the last line showed (again at the end), left out."""
+
+    COUNT = re.compile(r"\b\d+/\d+\b")
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.last: str | None = None
+
+    def write(self, text: str) -> None:
+        line = text.strip("\r\n ")
+        count = self.COUNT.search(line)
+        if count and count.group() != self.last:
+            self.last = count.group()
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
