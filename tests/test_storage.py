@@ -1,8 +1,15 @@
+import fcntl
+import json
+import os
+import threading
+
 import pytest
 
 from insectlib import storage
 from insectlib.data import inputs
 from insectlib.errors import InsectError
+from insectlib.layout import LOCK_FILE
+from insectlib.storage.lock import LocalLock, holder
 
 
 def listing_blocks(root: str, rows: int):
@@ -68,3 +75,22 @@ def test_local_paths_warn_on_multi_node_clusters():
     warnings = local_path_warnings(local, nodes=3)
     assert len(warnings) == 2 and "--storage /runs is a local path" in warnings[0]
     assert local_path_warnings({"--output": "s3://b/m", "--storage": "s3://b/r"}, nodes=3) == []
+
+
+def test_a_lock_taken_an_instant_ago_names_its_holder_once_written(tmp_path):
+    """Two runs started at one instant: the second may find the lock held but its file not
+    yet written. It waits a moment for the holder's name, and says 'another insect run'
+    rather than '?' where none comes."""
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, nothing written yet
+    try:
+        with pytest.raises(InsectError, match=r"in use by another insect run: wait"):
+            LocalLock(str(out)).acquire(holder("classify"))
+        late = {**holder("train"), "pid": 4242}
+        threading.Timer(0.2, os.pwrite, (fd, json.dumps(late).encode(), 0)).start()
+        with pytest.raises(InsectError, match=r"in use by insect train \(host \S+, pid 4242"):
+            LocalLock(str(out)).acquire(holder("classify"))
+    finally:
+        os.close(fd)

@@ -47,8 +47,8 @@ def holder(command: str) -> dict:
 
 def describe(found: dict) -> str:
     """A holder as the user reads it."""
-    if not isinstance(found, dict):
-        return "an unknown run"
+    if not isinstance(found, dict) or not found:
+        return "another insect run"
     return (
         f"insect {found.get('command', '?')} (host {found.get('host', '?')}, pid "
         f"{found.get('pid', '?')}, started {found.get('started', '?')})"
@@ -106,7 +106,7 @@ class LocalLock(OutputLock):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            found = _read_json(os.pread(fd, 4096, 0))
+            found = _written_holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise InsectError(_busy(self.output, found)) from None
@@ -228,6 +228,15 @@ def _busy(output: str, found: dict) -> str:
         f"{output} is in use by {describe(found)}: wait for it to finish, or choose "
         "another folder"
     )
+
+
+def _written_holder(fd: int, wait_s: float = 1.0) -> dict:
+    """The holder a held lock file names. Its holder writes it just after taking the lock:
+    one that has not yet is waited for a moment, then said to be unknown."""
+    deadline = time.monotonic() + wait_s
+    while not (found := _read_json(os.pread(fd, 4096, 0))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
 
 
 def _read_json(data: bytes) -> dict:
