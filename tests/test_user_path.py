@@ -325,6 +325,15 @@ def test_outputs_are_never_inside_inputs_nor_files(trained, unlabelled, tmp_path
         ["train", str(images), "--output", str(a_file)],
     ):
         assert f"--output {a_file} is a file" in expect_cli_error(capsys, argv)
+        link = tmp_path / "gone"  # a link to a folder since removed
+        link.symlink_to(tmp_path / "removed")
+        argv[argv.index(str(a_file))] = str(link)
+        err = expect_cli_error(capsys, argv)
+        assert f"--output {link} is a link to {tmp_path / 'removed'}, which does not exist" in err
+        link.unlink()
+    folder_as_image = ["visualize", str(images), "--model", cfg.output, "--layers", "1"]
+    err = expect_cli_error(capsys, folder_as_image)
+    assert f"IMAGE {images} is a folder; give one image file" in err
     assert a_file.read_text() == "mine" and sorted(os.listdir(images)) == sorted(
         os.listdir(_images(unlabelled))
     )

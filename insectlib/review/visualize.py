@@ -76,6 +76,8 @@ def feature_maps(
 def visualize(cfg: VisualizeConfig) -> list[str]:
     """Write one PNG grid per requested layer; returns their URIs."""
     cfg.validate()
+    if storage.is_dir(cfg.image, cfg.s3):
+        raise InsectError(f"IMAGE {cfg.image} is a folder; give one image file")
     # Its pictures beside the image would be read as images by the next classification.
     folder = cfg.image.rsplit("/", 1)[0] if "/" in cfg.image else "."
     storage.check_location(cfg.output, {"the model": cfg.model}, s3=cfg.s3)

@@ -193,6 +193,16 @@ def _file_kind(mode: int) -> str:
     return "not a plain file"
 
 
+def not_a_folder(path: str) -> str | None:
+    """Why the local `path` cannot be written into as a folder: it is a file, or a link to
+    nothing (makedirs cannot make that one); None where it is a folder or nothing yet."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"is a link to {os.readlink(path)}, which does not exist"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "is a file"
+    return None
+
+
 def printable(path: str) -> str:
     """`path` as valid UTF-8 text. Local names that are not UTF-8 arrive from the OS with
     their undecodable bytes as surrogates; those bytes are written as backslash escapes

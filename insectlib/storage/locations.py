@@ -8,17 +8,17 @@ import os
 
 from insectlib.config import S3Options
 from insectlib.errors import InsectError
-from insectlib.storage.files import filesystem, is_s3, user_errors
+from insectlib.storage.files import filesystem, is_s3, not_a_folder, user_errors
 from insectlib.storage.listing import is_glob
 
 
-def _is_file(uri: str, s3: S3Options | None) -> bool:
+def _not_a_folder(uri: str, s3: S3Options | None) -> str | None:
+    """Why `uri` cannot be an output folder (see `files.not_a_folder`), None if it can."""
     if not is_s3(uri):
-        path = os.path.expanduser(uri)
-        return os.path.lexists(path) and not os.path.isdir(path)
+        return not_a_folder(os.path.expanduser(uri))
     fs, path = filesystem(uri, s3)
     with user_errors(uri):
-        return fs.isfile(path)
+        return "is a file" if fs.isfile(path) else None
 
 
 def location_key(uri: str) -> str:
@@ -48,8 +48,9 @@ def check_location(
             f"{flag} {output} is a bucket root; write to a prefix such as "
             f"{output.rstrip('/')}/predictions"
         )
-    if _is_file(output, s3):
-        raise InsectError(f"{flag} {output} is a file; give a folder (or s3:// prefix)")
+    why = _not_a_folder(output, s3)
+    if why:
+        raise InsectError(f"{flag} {output} {why}; give a folder (or s3:// prefix)")
     out = location_key(output)
     for what, uri in protected.items():
         inside = location_key(uri)

@@ -26,7 +26,7 @@ from insectlib.config import S3Options
 from insectlib.errors import InsectError
 from insectlib.layout import LOCK_FILE
 from insectlib.storage import buckets, retry
-from insectlib.storage.files import is_s3, join
+from insectlib.storage.files import is_s3, join, not_a_folder
 
 HEARTBEAT_S = 30.0
 STALE_S = 180.0  # six missed heartbeats
@@ -94,8 +94,9 @@ class LocalLock(OutputLock):
 
     def acquire(self, me: dict) -> dict | None:
         """Take the lock; the holder it was left by, when a gone run left one."""
-        if os.path.lexists(self.output) and not os.path.isdir(self.output):
-            raise InsectError(f"{self.output} is a file; give a folder")
+        why = not_a_folder(self.output)
+        if why:
+            raise InsectError(f"{self.output} {why}; give a folder")
         try:
             os.makedirs(self.output, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
