@@ -314,6 +314,14 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
     (tmp_path / "cols.csv").write_text("file\n/a.jpg\n")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "cols.csv")])
     assert "cols.csv" in err and "'path' column" in err
+    pq.write_table(pa.table({"path": [1, 2]}), tmp_path / "ints.parquet")
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "ints.parquet")])
+    assert "ints.parquet: its 'path' column holds int64 values, not paths" in err
+    pq.write_table(pa.table({"path": ["/abs/a.jpg", None]}), tmp_path / "null.parquet")
+    (tmp_path / "empty.csv").write_text("path,label\n/abs/a.jpg,x\n,y\n")
+    for name in ("null.parquet", "empty.csv"):
+        err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / name)])
+        assert f"{name}, row 2: no path in it" in err
     (tmp_path / "x.bin").write_bytes(b"\0")
     assert "unknown format" in expect_cli_error(
         capsys, [*base, "--manifest", str(tmp_path / "x.bin")]

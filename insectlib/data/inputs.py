@@ -222,14 +222,24 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
                 )  # fmt: skip
             row = 0
             for batch in batches:
+                _check_path_type(uri, batch.column(0).type)
                 for value in batch.column(0).to_pylist():
                     row += 1
-                    if value:
-                        yield _manifest_path(value, f"--manifest {uri}, row {row}")
+                    if not value:  # a row is an input: one without a path cannot get its row
+                        raise InsectError(f"--manifest {uri}, row {row}: no path in it")
+                    yield _manifest_path(value, f"--manifest {uri}, row {row}")
         except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError, ValueError) as e:
             raise InsectError(
                 f"--manifest {uri}: cannot read its {MANIFEST_COLUMN!r} column: {e}"
             ) from None
+
+
+def _check_path_type(uri: str, column_type: pa.DataType) -> None:
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise InsectError(
+            f"--manifest {uri}: its {MANIFEST_COLUMN!r} column holds {column_type} values, "
+            "not paths"
+        )
 
 
 def _inventory_paths(part: Part, s3) -> Iterator[str]:
