@@ -177,22 +177,41 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
         "--epochs", "3", "--no-cache-features",
         "--storage", cfg.storage, "--name", cfg.name, "--keep-checkpoints", "0",
     ]  # fmt: skip
-    log = tmp_path / "driver.log"
+    # Ctrl-C (SIGINT): Ray Train aborts the run; one line says how to continue it, exit 130.
+    log = tmp_path / "interrupted.log"
     driver = start_driver(log, *args)
     wait_while_running(driver, log, lambda: checkpoints(cfg), "the first checkpoint")
-    sigkill(driver)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
+    hint = f"insect: interrupted; --resume --name {cfg.name} --storage {cfg.storage} continues"
+    assert hint in log.read_text() and "Traceback" not in log.read_text()
     done = checkpoints(cfg)
-    # The output folder exists (the run's log is in it), but holds no model.
-    model_written = (Path(cfg.output) / META_FILE).exists()
-    assert 1 <= len(done) < 3 and not model_written, "the kill must land mid-run"
-
+    assert 1 <= len(done) < 3, "the interrupt must land mid-run"
     assert "pass --resume to continue it" in expect_cli_error(capsys, args)
     err = expect_cli_error(capsys, [*args[:-4], "--name", "nope", "--resume"])
     assert "no run to resume at" in err and "nope" in err
 
+    # A killed driver (SIGKILL) of the resumed run: no line, and the next resume goes on.
+    log = tmp_path / "killed.log"
+    driver = start_driver(log, *args, "--resume")
+    more = lambda: len(checkpoints(cfg)) > len(done)  # noqa: E731
+    wait_while_running(driver, log, more, "a checkpoint of the resumed run")
+    sigkill(driver)
+    # The output folder exists (the run's log is in it), but holds no model.
+    model_written = (Path(cfg.output) / META_FILE).exists()
+    assert len(checkpoints(cfg)) < 3 and not model_written, "the kill must land mid-run"
+
+    # A checkpoint written after the last one Ray Train recorded (as an interrupt can
+    # leave): the finished run removes it; a folder holding the user's own file stays.
+    run = Path(cfg.storage) / cfg.name
+    (run / "checkpoint_unrecorded").mkdir()
+    (run / "checkpoint_unrecorded" / STATE_FILE).write_bytes(Path(done[0], STATE_FILE).read_bytes())
+    (run / "checkpoint_mine").mkdir()
+    (run / "checkpoint_mine" / "notes.txt").write_text("mine")
     meta = fit(train_config(labelled_root, tmp_path, resume=True))
     assert [e["epoch"] for e in meta.epochs] == [1, 2, 3]
     assert meta.epochs[0] == first_epoch(done[0])  # restored, not trained again
+    assert not (run / "checkpoint_unrecorded").exists() and (run / "checkpoint_mine").is_dir()
 
 
 NAMES = [

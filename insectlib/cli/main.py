@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     except InsectError as e:
         print(f"insect: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("insect: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # its text, if any: how to continue
+        print(f"insect: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `insect summary OUT | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

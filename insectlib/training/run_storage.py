@@ -11,7 +11,7 @@ from insectlib import storage
 from insectlib.config import TrainConfig
 from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
-from insectlib.layout import RUN_RECORD
+from insectlib.layout import PROBLEM_FILE, RUN_RECORD, STATE_FILE
 from insectlib.runtime import console
 
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
@@ -105,3 +105,36 @@ def check_run_record(cfg: TrainConfig, labelled: LabelledSet) -> None:
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def resume_hint(cfg: TrainConfig) -> str:
+    """How to continue run `cfg` (named) after it stopped: said when it is interrupted."""
+    where = f" --storage {cfg.storage}" if cfg.storage else ""
+    return f"--resume --name {cfg.name}{where} continues from its last recorded epoch"
+
+
+def remove_unrecorded_checkpoints(cfg: TrainConfig, recorded: set[str]) -> list[str]:
+    """Remove the checkpoint folders of run `cfg.name` not among the `recorded` names
+    (those Ray Train keeps): the epochs an interrupted run wrote after the last one Ray
+    Train recorded, which no resume reads and --keep-checkpoints never prunes. Only folders
+    of insect's own checkpoint files; returns the names removed."""
+    run = run_location(cfg)
+    fs, _ = storage.filesystem(run, cfg.s3)
+    removed = []
+    with storage.user_errors(run):
+        for entry in storage.list_entries(run, cfg.s3):
+            name = storage.entry_name(entry)
+            if entry["type"] != "directory" or name in recorded:
+                continue
+            files = fs.ls(entry["name"], detail=False)
+            if not files or {f.rstrip("/").rsplit("/", 1)[-1] for f in files} - CHECKPOINT_FILES:
+                continue
+            for file in files:
+                fs.rm_file(file)
+            if not storage.is_s3(run):  # S3 has no folder to remove
+                fs.rmdir(entry["name"])
+            removed.append(name)
+    return removed
+
+
+CHECKPOINT_FILES = {STATE_FILE, PROBLEM_FILE}  # what a checkpoint of insect's holds

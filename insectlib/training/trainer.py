@@ -42,6 +42,8 @@ from insectlib.training.run_storage import (
     DEFAULT_STORAGE,
     check_run_name,
     check_run_record,
+    remove_unrecorded_checkpoints,
+    resume_hint,
     write_run_record,
 )
 from insectlib.training.worker import TrainingWorker
@@ -260,6 +262,8 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
             result = run_trainer(cfg, labelled, run)
         if (result.metrics or {}).get("problem"):
             raise InsectError(result.metrics["problem"])
+        recorded = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+        remove_unrecorded_checkpoints(cfg, recorded)
         meta = read_meta(cfg.output, cfg.s3)
     accuracy = meta.epochs[-1]["val_accuracy"]
     console.say(
@@ -333,6 +337,8 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
     )
     try:
         return trainer.fit()
+    except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
+        raise KeyboardInterrupt(resume_hint(cfg)) from None
     except ray.train.TrainingFailedError as e:
         cause = insect_error_in(e)
         if cause:
