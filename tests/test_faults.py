@@ -185,6 +185,7 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
     hint = f"insect: interrupted; --resume --name {cfg.name} --storage {cfg.storage} continues"
     assert hint in log.read_text() and "Traceback" not in log.read_text()
+    assert "pid=" not in log.read_text(), "Ray's lines go to the run's log, to its end"
     done = checkpoints(cfg)
     assert 1 <= len(done) < 3, "the interrupt must land mid-run"
     assert "pass --resume to continue it" in expect_cli_error(capsys, args)

@@ -43,6 +43,7 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
         ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
         raise InsectError(connection_problem(address or env, e)) from None
+    console.on_close(ray.shutdown)  # not left to exit, when the log is closed already
 
 
 def check_reachable(address: str | None, source: str = "--address") -> None:

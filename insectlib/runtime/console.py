@@ -78,6 +78,13 @@ def start_log() -> None:
     _commands[-1]["stack"].enter_context(log_to_file(path))
 
 
+def on_close(fn) -> None:
+    """Call `fn` as the running command ends, before its log closes (nothing outside a
+    command): Ray's shutdown, whose last lines (its workers' too) belong in the log."""
+    if _commands:
+        _commands[-1]["stack"].callback(fn)
+
+
 @contextlib.contextmanager
 def log_to_file(path: str) -> Iterator[None]:
     """Within the block, descriptors 1 and 2 write to `path` and `say`/`warn` to the
