@@ -17,7 +17,7 @@ import safetensors.torch
 
 from insectlib import layout, storage
 from insectlib.classify import outputs
-from insectlib.classify.pipeline import classify
+from insectlib.classify.pipeline import classify, plan_run
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.errors import InsectError, StorageUnavailable
 from insectlib.layout import CONFUSION_PNG, META_FILE, MODEL_FILES, RELIABILITY_PNG, WEIGHTS_FILE
@@ -222,7 +222,10 @@ def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, 
     out = tmp_path / "out"
     _classify(cfg.output, images, out)
     before = _tree(out)
-    with pytest.raises(InsectError, match=f"holds a finished run over {images}, not {other}"):
+    refused = f"holds a finished run over {images}, not {other}"
+    with pytest.raises(InsectError, match=refused):  # in the checks, before Ray
+        plan_run(ClassifyConfig(input=str(other), model=cfg.output, output=str(out), resume=True))
+    with pytest.raises(InsectError, match=refused):
         _classify(cfg.output, other, out, resume=True)
     assert _tree(out) == before
     assert _classify(cfg.output, images + "/", out, resume=True).rows == len(unlabelled)

@@ -34,6 +34,7 @@ from insectlib.storage.lock import output_lock
 
 LOG_EVERY_S = 30  # the progress line's period where the console is not a terminal
 
+
 @dataclass
 class ClassifySummary:
     inputs: int
@@ -133,7 +134,6 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
         outputs.remove(cfg.output, removal, cfg.s3)
     if not cfg.resume:
         return count, None
-    outputs.check_same_input(cfg.output, plan.source, cfg.s3)
     legacy = asdict(RowFormat())
     done = outputs.resume_state(cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy)
     return count, done
@@ -305,8 +305,9 @@ def plan_output(cfg: ClassifyConfig) -> list[str]:
     """Check the output location before any work: it must be empty unless --overwrite or
     --resume. Returns what --overwrite will remove once the run can start (see
     `outputs.overwrite_plan`); refuses at once what it would not remove."""
-    if cfg.resume:
-        return []  # `outputs.resume_state` checks what is there
+    if cfg.resume:  # `outputs.resume_state` checks the parts, under the lock
+        outputs.check_same_input(cfg.output, cfg.manifest or cfg.input, cfg.s3)
+        return []
     alternative = " or --resume to finish an interrupted run"
     if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):
         return []
