@@ -1243,10 +1243,13 @@ def shapes(data: Result, name: str) -> str:
             shapes_rows(data),
         ),  # fmt: skip
         SHAPES_WHY.format(
-            cores=cores, images=data["images"], method=steady_method(data),
+            cores=cores,
+            images=data["images"],
+            method=steady_method(data),
             decode=f"{rate(data['decode_per_core'])} images/s on one thread here"
-            if data.get("decode_per_core") else "not measured in this result",
-        ),  # fmt: skip
+            if data.get("decode_per_core")
+            else "not measured in this result",
+        ),
         sentence(clean(data["note"])) + "." if data.get("note") else "",
         f"Building the model in one process took {builds}"
         + (f"; the int8 statistics, {secs(statistics)} s." if statistics else "."),

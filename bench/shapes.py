@@ -190,7 +190,7 @@ def compiled(shape: dict) -> str:
 
 
 def shape_of(run: dict | None) -> str | None:
-    """"2x1" for a run of 2 actors of 1 CPU each."""
+    """ "2x1" for a run of 2 actors of 1 CPU each."""
     return run and f"{run['shape']['actors']}x{run['shape']['cpus_per_actor']:g}"
 
 

@@ -45,9 +45,10 @@ EXTRA = (
     # pydantic 2.14 needs typing-extensions 4.16 or newer; the machine's may be older.
     "typing-extensions",
 )
-PLATFORMS = [
-    f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)
-] + ["manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + [
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def pinned(name: str) -> str:

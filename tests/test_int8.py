@@ -44,9 +44,7 @@ LOWERED = {"qconv": torch.nn.Conv2d, "qlinear": torch.nn.Linear}
 SIZE = 64  # alexnet's smallest input is 63 px
 
 
-def small_model_dir(
-    root, arch="alexnet", data=None, varied=False
-) -> tuple[str, ModelMeta]:
+def small_model_dir(root, arch="alexnet", data=None, varied=False) -> tuple[str, ModelMeta]:
     """A model directory of a small arch (VGG-16's int8 path, in seconds: AlexNet's graph
     is 5 convolutions and 3 Linear layers, where MobileNet's took several times longer to
     quantize and compile) whose meta.json points at `data`'s validation split. For an arch

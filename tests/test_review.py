@@ -232,9 +232,7 @@ def least_confident(rows: list[dict], size: int) -> list[str]:
 
 
 @pytest.mark.slow  # a browser
-def test_classification_page_shows_galleries_errors_and_hostile_names_as_text(
-    classified, browser
-):
+def test_classification_page_shows_galleries_errors_and_hostile_names_as_text(classified, browser):
     rows = parquet_rows(classified["out"])
     decided = [r for r in rows if r["label"] is not None]
     undecided = [r for r in rows if r["decided"] is False]

@@ -221,8 +221,7 @@ def test_every_entry_of_a_manifest_or_a_tree_gets_its_row(trained, unlabelled, t
     # The same file twice (a list made by hand): one input, one row.
     manifest.write_text(f"{images / 'folder.jpg'}\n{first}\n{images / 'la.jpg'}\n{first}\n")
     by_path = {
-        r["path"]: r
-        for r in classify_rows(cfg, manifest=str(manifest), output=str(tmp_path / "m"))
+        r["path"]: r for r in classify_rows(cfg, manifest=str(manifest), output=str(tmp_path / "m"))
     }
     assert by_path[str(images / "folder.jpg")]["error"] == "not a regular file (a directory)"
     assert "symbolic links" in by_path[str(images / "la.jpg")]["error"]

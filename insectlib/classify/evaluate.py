@@ -91,9 +91,7 @@ def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
     items = labelled.val if labelled.held_out else labelled.train + labelled.val
     index = {name: i for i, name in enumerate(meta.classes)}
     where = f"its {labelled.held_out}/ folder" if labelled.held_out else "every image"
-    console.say(
-        f"evaluating model {meta.model_id} on {len(items)} images of {cfg.data} ({where})"
-    )
+    console.say(f"evaluating model {meta.model_id} on {len(items)} images of {cfg.data} ({where})")
     return {storage.printable(uri): index[labelled.classes[y]] for uri, y in items}
 
 

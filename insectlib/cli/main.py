@@ -24,6 +24,7 @@ RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8
 
 # The flags of a command, {group title: fields}, in the order --help shows them.
 Groups = dict[str, tuple[str, ...]]
+# fmt: off
 S3: Groups = {"S3": ("endpoint_url", "anonymous")}
 LIMITS: Groups = {"limits on each input file": ("max_file_bytes", "max_pixels")}
 CLUSTER: Groups = {
@@ -129,6 +130,7 @@ COMMANDS = {
         "The whole product on generated images, with no network.",
     ),
 }
+# fmt: on
 
 
 def _int_list(text: str) -> list[int]:

@@ -293,4 +293,3 @@ def load_model(uri: str, s3: storage.S3Options | None = None) -> tuple[nn.Module
     model = skeleton(meta.arch, len(meta.classes))
     model.load_state_dict(state, assign=True)
     return model.eval(), meta
-

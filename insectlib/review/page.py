@@ -137,9 +137,7 @@ def _gallery(key: tuple, number: int, entries: list[int], s: Selection, run: dic
     else:
         truth, predicted = s.classes[key[1]], s.classes[key[2]]
         gallery.update(truth=truth, label=predicted, cell=[key[1], key[2]])
-        gallery["order"] = (
-            "least confident first" if truth == predicted else "most confident first"
-        )
+        gallery["order"] = "least confident first" if truth == predicted else "most confident first"
     return gallery
 
 

@@ -91,5 +91,3 @@ def has_objects(options: S3Options | None, bucket: str, prefix: str) -> bool:
     uri = f"s3://{bucket}/{prefix}"
     page = retry.retrying(lambda: _list(options, request, uri), uri)
     return bool(page.get("KeyCount") or page.get("Contents"))
-
-

@@ -266,8 +266,6 @@ def user_errors(uri: str, action: str = "read"):
         raise InsectError(f"cannot {action} {uri}: {type(e).__name__}: {e}") from None
 
 
-
-
 def write_file(directory: str, name: str, data: str | bytes, s3: S3Options | None = None) -> None:
     """Write file `name` of `directory` (local or s3://), replacing it."""
     write_bytes(join(directory, name), data.encode() if isinstance(data, str) else data, s3)

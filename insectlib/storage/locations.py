@@ -69,4 +69,3 @@ def check_not_inside(output: str, location: str, what: str, flag: str = "--outpu
             f"{flag} {output} is inside {what} ({location}), where its files would be taken "
             f"for that one's own next time: choose another {flag}"
         )
-

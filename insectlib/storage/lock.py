@@ -182,9 +182,7 @@ class S3Lock(OutputLock):
     def _read(self) -> tuple[dict, str, float]:
         """The lock object's holder, ETag and age in seconds."""
         client = buckets.client(self.s3)
-        got = retry.retrying(
-            lambda: client.get_object(Bucket=self.bucket, Key=self.key), self.uri
-        )
+        got = retry.retrying(lambda: client.get_object(Bucket=self.bucket, Key=self.key), self.uri)
         age = time.time() - got["LastModified"].timestamp()
         return _read_json(got["Body"].read()), got["ETag"], age
 
@@ -226,8 +224,7 @@ def _same_file(fd: int, path: str) -> bool:
 
 def _busy(output: str, found: dict) -> str:
     return (
-        f"{output} is in use by {describe(found)}: wait for it to finish, or choose "
-        "another folder"
+        f"{output} is in use by {describe(found)}: wait for it to finish, or choose another folder"
     )
 
 

@@ -106,6 +106,7 @@ class ImageFiles(Dataset):
             found = dataclasses.replace(found, data=data)
         return found
 
+
 class ShardSampler(DistributedSampler):
     """A DistributedSampler whose padding is marked. To give every worker as many steps,
     DistributedSampler repeats the first indices of its order up to a multiple of the
@@ -281,9 +282,7 @@ class TrainingWorker:
         """A batch of `device_decode.prepare`d files decoded on this worker's device with
         its dataset's transform; a file that fails there too is skipped and counted."""
         size, augment = files.device_half
-        images, errors = device_decode.finish(
-            prepared, size, self.device, self.cfg.limits, augment
-        )
+        images, errors = device_decode.finish(prepared, size, self.device, self.cfg.limits, augment)
         for error in filter(None, errors):
             log_line(f"skipping a file the device could not decode: {error}")
         keep = torch.tensor([e is None for e in errors], dtype=torch.bool)
