@@ -44,6 +44,7 @@ from insectlib.training.run_storage import (
     check_run_record,
     remove_unrecorded_checkpoints,
     resume_hint,
+    run_location,
     write_run_record,
 )
 from insectlib.training.worker import TrainingWorker
@@ -292,6 +293,7 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
         cfg = dataclasses.replace(cfg, name=f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}")
     if not cfg.resume:
         write_run_record(cfg, labelled)
+        console.say(f"run {run_location(cfg)}; if it stops, {resume_hint(cfg)}")
     return cfg
 
 
