@@ -43,10 +43,11 @@ def rate(x: float) -> str:
 
 
 def secs(x: float) -> str:
-    """Seconds: two decimals below 1 s, whole seconds from 1,000 s up, one decimal between."""
+    """Seconds: two decimals below 1 s (three below 0.01 s, which two would show as 0.00),
+    whole seconds from 1,000 s up, one decimal between."""
     if x == 0:
         return "0"
-    return num(x, 2 if x < 1 else 0 if x >= 1000 else 1)
+    return num(x, 3 if abs(x) < 0.01 else 2 if x < 1 else 0 if x >= 1000 else 1)
 
 
 def pct(x: float, decimals: int = 0) -> str:
@@ -1217,6 +1218,12 @@ def compile_pays_from(data: Result, precision: str) -> str | None:
     )
 
 
+def shapes_args(data: Result) -> str:
+    """The arguments that shaped the run that wrote `data` (not --out, --label)."""
+    asked = data.get("precisions_asked")
+    return f"--images {data['images']}" + (f" --precisions {asked}" if asked else "")
+
+
 def shapes(data: Result, name: str) -> str:
     cores = next(k[2:] for v in data["model_alone"].values() for k in v if k.startswith("1x"))
     builds = ", ".join(
@@ -1226,7 +1233,7 @@ def shapes(data: Result, name: str) -> str:
     pays = [p for p in (compile_pays_from(data, x) for x in data["precisions"]) if p]
     return paragraphs(
         f"{clean(data['model'])}, images per second on {machine_of(data)}.",
-        provenance(command("shapes.py", f"--images {data['images']}", name), name, data),
+        provenance(command("shapes.py", shapes_args(data), name), name, data),
         table(
             [
                 "precision",

@@ -227,6 +227,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=3, help="model-alone batches per shape")
     ap.add_argument("--precisions", default="", help="default: what this CPU runs")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--label", default="", help="a few words for the page's title")
     args = ap.parse_args()
     import ray
 
@@ -237,6 +238,7 @@ def main() -> None:
     chosen = args.precisions.split(",") if args.precisions else precisions()
     cores = os.cpu_count() or 1
     report: dict = {"benchmark": "shapes", "images": args.images, "model": "vgg16 224 px",
+                    "precisions_asked": args.precisions, "label": args.label,
                     "cpu": cpu_name(), "precisions": chosen, "model_alone": {},
                     "plain_loop": {}, "classify": {},
                     "steady_method": "the difference of a run with the default settings and "
