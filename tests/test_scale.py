@@ -318,8 +318,11 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "ints.parquet")])
     assert "ints.parquet: its 'path' column holds int64 values, not paths" in err
     pq.write_table(pa.table({"path": ["/abs/a.jpg", None]}), tmp_path / "null.parquet")
+    # A pandas category (dictionary-encoded) column of paths, then a null in it.
+    paths = pa.array(["/abs/a.jpg", None]).dictionary_encode()
+    pq.write_table(pa.table({"path": paths}), tmp_path / "category.parquet")
     (tmp_path / "empty.csv").write_text("path,label\n/abs/a.jpg,x\n,y\n")
-    for name in ("null.parquet", "empty.csv"):
+    for name in ("null.parquet", "category.parquet", "empty.csv"):
         err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / name)])
         assert f"{name}, row 2: no path in it" in err
     (tmp_path / "x.bin").write_bytes(b"\0")

@@ -235,7 +235,9 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
 
 
 def _check_path_type(uri: str, column_type: pa.DataType) -> None:
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+    text = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text)
+            or pa.types.is_string_view(text)):  # fmt: skip
         raise InsectError(
             f"--manifest {uri}: its {MANIFEST_COLUMN!r} column holds {column_type} values, "
             "not paths"
