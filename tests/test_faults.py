@@ -209,7 +209,10 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     (run / "checkpoint_unrecorded" / STATE_FILE).write_bytes(Path(done[0], STATE_FILE).read_bytes())
     (run / "checkpoint_mine").mkdir()
     (run / "checkpoint_mine" / "notes.txt").write_text("mine")
+    handler = signal.getsignal(signal.SIGINT)
     meta = fit(train_config(labelled_root, tmp_path, resume=True))
+    # Ray Train's Ctrl-C handler is gone with its run (through it a Ctrl-C exited 0).
+    assert signal.getsignal(signal.SIGINT) is handler
     assert [e["epoch"] for e in meta.epochs] == [1, 2, 3]
     assert meta.epochs[0] == first_epoch(done[0])  # restored, not trained again
     assert not (run / "checkpoint_unrecorded").exists() and (run / "checkpoint_mine").is_dir()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -337,6 +339,7 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
         ),
         run_config=run_config,
     )
+    before = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
     except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
@@ -346,3 +349,6 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
         if cause:
             raise cause from None
         raise
+    finally:  # Ray Train's handler outlives the run: a later Ctrl-C would exit 0 through it
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
