@@ -82,12 +82,21 @@ def test_classify_resume_after_driver_killed(trained, many_images, tmp_path, cap
     cfg, meta = trained
     folder = os.path.dirname(next(iter(many_images)))
     out = tmp_path / "out"
-    log = tmp_path / "driver.log"
-    driver = start_driver(
-        log, "classify", folder, "--model", cfg.output, "--output", str(out),
-        "--batch-size", "4", "--rows-per-file", "40",
-    )  # fmt: skip
+    args = ["classify", folder, "--model", cfg.output, "--output", str(out), "--batch-size", "4"]
+    args += ["--rows-per-file", "40"]
+    # Ctrl-C (SIGINT): one line says how to finish the run, exit 130.
+    log = tmp_path / "interrupted.log"
+    driver = start_driver(log, *args)
     wait_while_running(driver, log, lambda: complete_parquet_files(out), "the first Parquet file")
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert "insect: interrupted; the same command with --resume classifies only" in log.read_text()
+    first = len(complete_parquet_files(out))
+    # A killed driver (SIGKILL) of the resumed run.
+    log = tmp_path / "killed.log"
+    driver = start_driver(log, *args, "--resume")
+    more = lambda: len(complete_parquet_files(out)) > first  # noqa: E731
+    wait_while_running(driver, log, more, "a Parquet file of the resumed run")
     sigkill(driver)
     assert not (out / "_SUCCESS").exists()
     before = sum(pq.read_metadata(f).num_rows for f in complete_parquet_files(out))

@@ -77,7 +77,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     files. Nothing in the output is removed before the model directory is checked and the
     input is known to hold images, and then only insect's own files."""
     plan = plan_run(cfg, paths)
-    with output_lock(cfg.output, "classify", cfg.s3, console.say) as lock:
+    with output_lock(cfg.output, "classify", cfg.s3, console.say) as lock, resumable():
         started = time.perf_counter()
         init_ray(cfg.address)
         for warning in local_path_warnings({"--output": cfg.output}, cfg.address, live_nodes()):
@@ -325,6 +325,17 @@ def ray_task_errors():
         if cause is None or cause is e:
             raise
         raise cause from None
+
+
+@contextlib.contextmanager
+def resumable():
+    """A Ctrl-C within the block says how to finish the run (the CLI prints it)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            "the same command with --resume classifies only the inputs without a row"
+        ) from None
 
 
 @contextlib.contextmanager
