@@ -94,7 +94,8 @@ def check_settings(cfg: Any) -> None:
             raise InsectError(
                 f"unknown {flag} {value!r}: choose one of {', '.join(rules['choices'])}"
             )
-        if f.name in PATH_FIELDS and value == "" and f.default != "":
+        blank = f.name in PATH_FIELDS and isinstance(value, str) and not value.strip()
+        if blank and (value or f.default != ""):  # "" where it may be left out
             raise InsectError(f"{flag} is empty: name a folder, a file or an s3:// location")
         if isinstance(value, float) and not math.isfinite(value):
             raise InsectError(f"{flag} must be a finite number, got {value}")
@@ -455,7 +456,7 @@ class TrainConfig(RaySettings):
         check_settings(self)
         if self.resume and not self.name:
             raise InsectError("--resume needs the --name of the run to continue")
-        if self.name is not None and escapes(self.name):
+        if self.name is not None and (escapes(self.name) or not self.name.isprintable()):
             raise InsectError(f"--name must be a folder under --storage, got {self.name!r}")
         if not self.data and not self.labels:
             raise InsectError("give the labelled ROOT, a --labels table, or both")

@@ -146,13 +146,15 @@ def test_settings_outside_their_rules_are_refused_by_the_config():
     ]:
         with pytest.raises(InsectError, match=f"{flag} must be between 0 and"):
             TrainConfig(data="d", **{field: 1e99}).validate()
-    for name in ["../data/runs", "a/../..", "/abs", "a//b", ".", "..", ""]:
+    for name in ["../data/runs", "a/../..", "/abs", "a//b", ".", "..", "", "a\nb", "a\tb"]:
         with pytest.raises(InsectError, match="--name must be a folder under --storage"):
             TrainConfig(data="d", name=name).validate()
     TrainConfig(data="d", name="team-a/run-1", lr=0.5).validate()
     # A positional argument is named as --help shows it, not as a flag it is not.
     with pytest.raises(InsectError, match="^PREDICTIONS is empty"):
         SummaryConfig(predictions="").validate()
+    with pytest.raises(InsectError, match="^--output is empty"):  # wrote into a folder " "
+        ClassifyConfig(input="i", model="m", output=" ").validate()
     with pytest.raises(InsectError, match="--max-error-fraction must be between 0 and 1"):
         ClassifyConfig(input="i", model="m", output="o", max_error_fraction=2.0).validate()
     with pytest.raises(InsectError, match="--cpus-per-actor must be more than 0, got 0"):

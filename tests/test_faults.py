@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -18,11 +19,12 @@ import torch
 from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.data import synthetic
-from insectlib.layout import META_FILE, STATE_FILE
+from insectlib.errors import InsectError
+from insectlib.layout import META_FILE, RUN_RECORD, STATE_FILE
 from insectlib.model.meta import ModelMeta
 from insectlib.model.network import build_model, save_model
 from insectlib.runtime import progress
-from insectlib.training.run_storage import RUN_SNAPSHOT
+from insectlib.training.run_storage import RUN_SNAPSHOT, check_run_name, resume_hint
 from insectlib.training.trainer import fit
 from tests.conftest import (
     BIN,
@@ -337,3 +339,17 @@ def test_a_runs_end_waits_for_its_writes_and_refuses_later_ones(ray_local, tmp_p
         pass
     assert ray.get(_fenced_write.remote(run, str(tmp_path / "late"), 0), timeout=60) is None
     assert not (tmp_path / "late").exists()
+
+
+def test_a_run_stopped_before_its_first_epoch_is_resumed_from_the_start(tmp_path, capsys):
+    """Ctrl-C (or a kill) before Ray Train recorded an epoch leaves the run's record and no
+    checkpoint: the --resume its line advises starts at epoch 1, where it said 'no run'."""
+    cfg = TrainConfig(data="d", storage=str(tmp_path / "runs"), name="r 1", resume=True)
+    (tmp_path / "runs" / "r 1").mkdir(parents=True)
+    (tmp_path / "runs" / "r 1" / RUN_RECORD).write_text("{}")
+    check_run_name(cfg)
+    assert "recorded no epoch before it stopped: starting at epoch 1" in capsys.readouterr().out
+    with pytest.raises(InsectError, match="no run to resume at"):
+        check_run_name(dataclasses.replace(cfg, name="r2"))
+    # The advice, pasted into a shell, names this run.
+    assert f"--resume --name 'r 1' --storage {tmp_path}/runs continues" in resume_hint(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 
 from insectlib import storage
 from insectlib.config import TrainConfig
@@ -53,6 +54,9 @@ def check_run_name(cfg: TrainConfig) -> None:
     run = run_location(cfg)
     found = storage.exists(storage.join(run, RUN_SNAPSHOT), cfg.s3)
     if cfg.resume and not found:
+        if storage.exists(storage.join(run, RUN_RECORD), cfg.s3):  # stopped before epoch 1
+            console.say(f"run {run} recorded no epoch before it stopped: starting at epoch 1")
+            return
         raise InsectError(f"no run to resume at {run}: check --storage and --name")
     if found and not cfg.resume:
         raise InsectError(
@@ -109,8 +113,8 @@ def _short(value) -> str:
 
 def resume_hint(cfg: TrainConfig) -> str:
     """How to continue run `cfg` (named) after it stopped: said when it is interrupted."""
-    where = f" --storage {cfg.storage}" if cfg.storage else ""
-    return f"--resume --name {cfg.name}{where} continues from its last recorded epoch"
+    where = f" --storage {shlex.quote(cfg.storage)}" if cfg.storage else ""
+    return f"--resume --name {shlex.quote(cfg.name)}{where} continues from its last recorded epoch"
 
 
 def remove_unrecorded_checkpoints(cfg: TrainConfig, recorded: set[str]) -> list[str]:
