@@ -225,7 +225,8 @@ def manifests(unlabelled, tmp_path_factory, s3_server):
     images = sorted(unlabelled)
     missing = str(where / "gone.jpg")
     listed = [*images, missing]
-    (where / "list.txt").write_text("\n".join(listed) + "\n\n")
+    # With a byte-order mark, as Windows Notepad saves UTF-8.
+    (where / "list.txt").write_text("\ufeff" + "\n".join(listed) + "\n\n", encoding="utf-8")
     with open(where / "list.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "path"])
@@ -314,6 +315,9 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
     (tmp_path / "cols.csv").write_text("file\n/a.jpg\n")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "cols.csv")])
     assert "cols.csv" in err and "'path' column" in err
+    pq.write_table(pa.table({"PATH": ["/abs/a.jpg"]}), tmp_path / "upper.parquet")
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "upper.parquet")])
+    assert "upper.parquet has no 'path' column (its columns: PATH)" in err
     pq.write_table(pa.table({"path": [1, 2]}), tmp_path / "ints.parquet")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "ints.parquet")])
     assert "ints.parquet: its 'path' column holds int64 values, not paths" in err

@@ -201,8 +201,8 @@ def _text_paths(uri: str, s3) -> Iterator[str]:
             line = raw.rstrip(b"\r\n")
             if not line.strip():
                 continue
-            try:
-                text = line.decode("utf-8")
+            try:  # a byte-order mark (Notepad's UTF-8) is not part of the first path
+                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise InsectError(f"--manifest {uri}, line {number}: not UTF-8 text") from None
             yield _manifest_path(text, f"--manifest {uri}, line {number}")
@@ -212,7 +212,13 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
     with _open(uri, s3) as f:
         try:
             if kind == "parquet":
-                batches = pq.ParquetFile(f).iter_batches(columns=[MANIFEST_COLUMN])
+                table = pq.ParquetFile(f)
+                if MANIFEST_COLUMN not in table.schema_arrow.names:  # pyarrow: IndexError
+                    raise InsectError(
+                        f"--manifest {uri} has no {MANIFEST_COLUMN!r} column (its columns: "
+                        f"{', '.join(table.schema_arrow.names)})"
+                    )
+                batches = table.iter_batches(columns=[MANIFEST_COLUMN])
             else:
                 batches = pyarrow.csv.open_csv(
                     f, convert_options=pyarrow.csv.ConvertOptions(
