@@ -364,6 +364,10 @@ def test_training_writes_only_where_it_may(labelled_root, tmp_path, capsys):
     assert "--storage" in err and "is inside the data" in err
     err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(mine)])
     assert "is a folder; give a state-dict file" in err
+    for text in ("hello", '{"classes": []}'):  # refused before Ray, not by torch's words
+        (tmp_path / "w.pt").write_text(text)
+        err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(tmp_path / "w.pt")])
+        assert f"--weights {tmp_path / 'w.pt'} is not a weights file" in err
     folder = os.path.join(data, "beetles")
     table = tmp_path / "t.csv"
     rows = [f"{os.path.join(folder, n)},beetles" for n in sorted(os.listdir(folder))[:3]]

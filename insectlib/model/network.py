@@ -182,6 +182,19 @@ def build_model(
     return model
 
 
+def check_weights_file(uri: str, s3: storage.S3Options | None = None) -> None:
+    """Refuse at once a file that is no weights file by its first bytes: safetensors (a
+    header length, then JSON), a torch zip archive, or a legacy torch pickle."""
+    fs, path = storage.filesystem(uri, s3)
+    with storage.user_errors(uri), fs.open(path, "rb") as f:
+        head = f.read(9)
+    if not (head.startswith((b"PK\x03\x04", b"\x80")) or head[8:9] == b"{"):
+        raise InsectError(
+            f"--weights {uri} is not a weights file: give a state dict as .safetensors or "
+            "as torch.save wrote it"
+        )
+
+
 def load_state_dict_file(uri: str, s3: storage.S3Options | None = None) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch pickle (tensors only, `weights_only`)."""
     with storage.user_errors(uri):

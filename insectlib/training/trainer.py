@@ -28,7 +28,7 @@ from insectlib.layout import INT8_FILES, META_FILE, MODEL_FILES, PROBLEM_FILE, S
 from insectlib.metrics.confidence import temperature_report
 from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
-from insectlib.model.network import check_arch, ensure_imagenet_weights
+from insectlib.model.network import check_arch, check_weights_file, ensure_imagenet_weights
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import (
     cpus_per_gpu,
@@ -204,6 +204,7 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
                 f"--weights {cfg.weights} is a folder; give a state-dict file of {cfg.arch} "
                 "(.safetensors or a torch pickle)"
             )
+        check_weights_file(cfg.weights, cfg.s3)
     # Its pictures inside the labelled tree would be read as images by the next run.
     inputs = {"the data": cfg.data, "the labels table": cfg.labels}
     protected = {what: uri for what, uri in inputs.items() if uri}
