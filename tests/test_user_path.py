@@ -335,6 +335,8 @@ def test_outputs_are_never_inside_inputs_nor_files(trained, unlabelled, tmp_path
     folder_as_image = ["visualize", str(images), "--model", cfg.output, "--layers", "1"]
     err = expect_cli_error(capsys, folder_as_image)
     assert f"IMAGE {images} is a folder; give one image file" in err
+    folder_as_image[1] = str(images / "nope.jpg")  # not blamed on --output any more
+    assert "nope.jpg does not exist" in expect_cli_error(capsys, folder_as_image)
     assert a_file.read_text() == "mine" and sorted(os.listdir(images)) == sorted(
         os.listdir(_images(unlabelled))
     )

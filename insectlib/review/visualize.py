@@ -73,15 +73,23 @@ def feature_maps(
     return result
 
 
-def visualize(cfg: VisualizeConfig) -> list[str]:
-    """Write one PNG grid per requested layer; returns their URIs."""
+def check_places(cfg: VisualizeConfig) -> None:
+    """Refuse an IMAGE that is a folder or is not there, then an --output that is a file,
+    holds the model, or lies in the image's folder, where the next classification of that
+    folder would read its pictures as images."""
     cfg.validate()
     if storage.is_dir(cfg.image, cfg.s3):
         raise InsectError(f"IMAGE {cfg.image} is a folder; give one image file")
-    # Its pictures beside the image would be read as images by the next classification.
+    if not storage.exists(cfg.image, cfg.s3):
+        raise InsectError(f"IMAGE {cfg.image} does not exist")
     folder = cfg.image.rsplit("/", 1)[0] if "/" in cfg.image else "."
     storage.check_location(cfg.output, {"the model": cfg.model}, s3=cfg.s3)
     storage.check_not_inside(cfg.output, folder, "the image's folder")
+
+
+def visualize(cfg: VisualizeConfig) -> list[str]:
+    """Write one PNG grid per requested layer; returns their URIs."""
+    check_places(cfg)
     model, meta = load_model(cfg.model, cfg.s3)
     transform, min_side = eval_transform(meta.image_size), resize_size(meta.image_size)
     with storage.user_errors(cfg.image):

@@ -67,5 +67,5 @@ def check_not_inside(output: str, location: str, what: str, flag: str = "--outpu
     if out == inside or out.startswith(inside.rstrip("/") + "/"):
         raise InsectError(
             f"{flag} {output} is inside {what} ({location}), where its files would be taken "
-            f"for that one's own next time: choose another {flag}"
+            f"for that one's own next time: choose a {flag} outside it"
         )
