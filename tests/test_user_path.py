@@ -352,6 +352,11 @@ def test_training_writes_only_where_it_may(labelled_root, tmp_path, capsys):
     (mine / "notes.txt").write_text("mine")
     err = expect_cli_error(capsys, [*train, "--output", str(mine)])
     assert "holds files insect did not write (notes.txt)" in err
+    predictions = tmp_path / "predictions"
+    predictions.mkdir()
+    (predictions / layout.SUCCESS_FILE).write_text("{}")
+    err = expect_cli_error(capsys, [*train, "--output", str(predictions)])
+    assert "holds the predictions of insect classify, not a model (_SUCCESS)" in err
     named = tmp_path / "named"
     named.mkdir()
     for name in (layout.REPORT_FILE, layout.METRICS_FILE):

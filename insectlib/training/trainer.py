@@ -24,7 +24,14 @@ from insectlib.config import TrainConfig
 from insectlib.data import label_table
 from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
-from insectlib.layout import INT8_FILES, META_FILE, MODEL_FILES, PROBLEM_FILE, STATE_FILE
+from insectlib.layout import (
+    INT8_FILES,
+    META_FILE,
+    MODEL_FILES,
+    PROBLEM_FILE,
+    STATE_FILE,
+    SUCCESS_FILE,
+)
 from insectlib.metrics.confidence import temperature_report
 from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
@@ -236,9 +243,12 @@ def check_model_output(cfg: TrainConfig) -> None:
     foreign = sorted(names - set(MODEL_FILES) - set(INT8_FILES))
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        what = "files insect did not write"
+        if SUCCESS_FILE in foreign:
+            what = "the predictions of insect classify, not a model"
         raise InsectError(
-            f"--output {cfg.output} holds files insect did not write ({shown}); choose an "
-            "empty or new folder for the model"
+            f"--output {cfg.output} holds {what} ({shown}); choose an empty or new folder for "
+            "the model"
         )
     if names and not cfg.overwrite:
         what = "a model" if META_FILE in names else "an unfinished model (no meta.json)"
