@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import io
 import os
+import pty
 import re
+import select
+import subprocess
+import time
 
 import pytest
 import ray
 from tqdm import tqdm
 
 from insectlib.runtime.console import LogLines
-from tests.conftest import run_cli
+from tests.conftest import BIN, run_cli
 
 ANSI = re.compile(r"\x1b\[")
 RAYS_OWN = re.compile(
@@ -79,3 +83,39 @@ def test_a_bar_in_a_log_is_lines_not_redraws():
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()
     assert [re.search(r"\d+/\d+", line).group() for line in lines] == ["32/64", "64/64"], lines
+
+
+def test_a_terminal_gets_the_bar_in_place_and_no_colour_codes(trained, unlabelled, tmp_path):
+    """On a terminal the bar redraws in place, and nothing writes a colour code: Ray's
+    colorama.init(strip=False) registered a reset that wrote ESC[0m after the last line."""
+    cfg, _ = trained
+    images = os.path.dirname(next(iter(unlabelled)))
+    argv = ["classify", images, "--model", cfg.output, "--output", str(tmp_path / "o")]
+    text, code = _on_a_terminal(argv, tmp_path)
+    assert code == 0, text[-3000:]
+    assert not ANSI.search(text), repr(text[-300:])
+    assert "\rclassified:" in text and f"{len(unlabelled)} rows (0 with errors)" in text
+
+
+def _on_a_terminal(argv: list[str], cwd, timeout_s: float = 300) -> tuple[str, int]:
+    """`insect ARGV` (on the session's Ray) with a pseudo-terminal as its console: what it
+    wrote there, and its exit code."""
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(
+        [str(BIN / "insect"), *argv], stdin=secondary, stdout=secondary, stderr=secondary,
+        cwd=cwd, env=env,
+    )  # fmt: skip
+    os.close(secondary)
+    out, deadline = b"", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if select.select([primary], [], [], 1)[0]:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal's other side is closed
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(primary)
+    return out.decode(errors="replace"), proc.wait(timeout=30)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -43,7 +46,18 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
         ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
         raise InsectError(connection_problem(address or env, e)) from None
-    console.on_close(ray.shutdown)  # not left to exit, when the log is closed already
+    console.on_close(shutdown)  # not left to exit, when the log is closed already
+
+
+def shutdown() -> None:
+    """Ray's end at the end of a command that connected it: a Ctrl-C meanwhile is let go (the
+    command's result is in), and the colour reset that Ray's colorama.init(strip=False)
+    registers for exit, which wrote ESC[0m on the terminal after the last line, is dropped."""
+    with contextlib.suppress(KeyboardInterrupt):
+        ray.shutdown()
+    reset = getattr(getattr(sys.modules.get("colorama"), "initialise", None), "reset_all", None)
+    if reset is not None:
+        atexit.unregister(reset)
 
 
 def check_reachable(address: str | None, source: str = "--address") -> None:
