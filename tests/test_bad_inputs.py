@@ -124,6 +124,9 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     # The same score histogram and errors.
     assert written[written.index("\nscore") :] == computed[computed.index("\nscore") :]
     err = expect_cli_error(capsys, ["summary", str(tmp_path / "nothing-here")])
+    assert f"{tmp_path / 'nothing-here'} does not exist" in err
+    (tmp_path / "empty").mkdir()
+    err = expect_cli_error(capsys, ["summary", str(tmp_path / "empty")])
     assert "holds no insect classification output" in err
     # Hostile or damaged files: one line each.
     (out / "_summary.json").write_text('{"rows": "12", "errors": 0}')

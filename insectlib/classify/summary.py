@@ -153,6 +153,8 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
         return {**_checked(summary, uri), "complete": True}
     summary = summarize(output, s3)
     if not summary["rows"] and manifest is None:
+        if not found and not storage.exists(output, s3):
+            raise InsectError(f"{output} does not exist")
         raise InsectError(f"{output} holds no insect classification output")
     summary["complete"] = manifest is not None
     if manifest is not None:
