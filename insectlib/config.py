@@ -563,6 +563,11 @@ class ClassifyConfig(ActorSettings, RowSettings):
         if self.overwrite and self.resume:
             raise InsectError("--overwrite and --resume exclude each other")
 
+    @property
+    def source(self) -> str:
+        """What the run classifies, as given: the --manifest, or INPUT."""
+        return self.manifest or self.input
+
 
 @dataclass(kw_only=True)
 class EvaluateConfig(ActorSettings):

@@ -40,6 +40,7 @@ def test_the_demo_prints_only_its_own_lines(tmp_path):
     lines = [line for line in every if not line.startswith("classified: ")]
     assert len(every) <= 25, "\n".join(every)
     assert not [line for line in every if RAYS_OWN.search(line) or ANSI.search(line)], every
+    assert "--resume" not in result.stdout, "advice names flags insect demo does not have"
     assert sum(line.startswith("epoch ") and "train loss" in line for line in lines) == 4
     log = re.search(r"^log: (\S+) ", result.stdout, flags=re.M)
     assert log and os.path.exists(log.group(1)), result.stdout

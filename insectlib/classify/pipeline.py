@@ -77,7 +77,7 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
     files. Nothing in the output is removed before the model directory is checked and the
     input is known to hold images, and then only insect's own files."""
     plan = plan_run(cfg, paths)
-    with output_lock(cfg.output, "classify", cfg.s3, console.say) as lock, resumable():
+    with output_lock(cfg.output, "classify", cfg.s3, console.say) as lock, resumable(cfg):
         started = time.perf_counter()
         init_ray(cfg.address)
         for warning in local_path_warnings({"--output": cfg.output}, cfg.address, live_nodes()):
@@ -102,7 +102,7 @@ def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
     check_weights(cfg.model, meta, cfg.s3)
     check_model_id(cfg.model, meta, cfg.s3)  # here, not in the actors: before anything starts
     row_format = row_format_for(cfg, meta)
-    source = cfg.manifest or cfg.input
+    source = cfg.source
     protected = {"the input": source, "the model": cfg.model}
     storage.check_location(cfg.output, protected, tuple(protected), cfg.s3)
     storage.check_bucket(cfg.output, cfg.s3)
@@ -306,7 +306,7 @@ def plan_output(cfg: ClassifyConfig) -> list[str]:
     --resume. Returns what --overwrite will remove once the run can start (see
     `outputs.overwrite_plan`); refuses at once what it would not remove."""
     if cfg.resume:  # `outputs.resume_state` checks the parts, under the lock
-        outputs.check_same_input(cfg.output, cfg.manifest or cfg.input, cfg.s3)
+        outputs.check_same_input(cfg.output, cfg.source, cfg.s3)
         return []
     alternative = " or --resume to finish an interrupted run"
     if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):
@@ -328,14 +328,14 @@ def ray_task_errors():
 
 
 @contextlib.contextmanager
-def resumable():
+def resumable(cfg: ClassifyConfig):
     """A Ctrl-C within the block says how to finish the run (the CLI prints it)."""
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            "the same command with --resume classifies only the inputs without a row"
-        ) from None
+        instead = " instead of --overwrite" if cfg.overwrite else ""
+        hint = f"the same command with --resume{instead} classifies only the inputs without a row"
+        raise KeyboardInterrupt(console.advice(hint)) from None
 
 
 @contextlib.contextmanager
@@ -359,6 +359,7 @@ def progress_bar(run, already: int = 0):
         unit="img",
         desc="classified",
         mininterval=0.5 if interactive else LOG_EVERY_S,
+        maxinterval=10 if interactive else LOG_EVERY_S,  # tqdm's own 10 s redraw otherwise
         file=console.err() if interactive else console.LogLines(console.err()),
         ascii=not interactive,
     )

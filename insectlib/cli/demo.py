@@ -47,16 +47,16 @@ def run_demo(demo: DemoConfig) -> None:
         storage=os.path.join(workdir, "ray_results"),
         overwrite=True,
     )
-    meta = fit(cfg)
-
-    summary = classify(
-        ClassifyConfig(
-            input=unlabelled,
-            model=cfg.output,
-            output=os.path.join(workdir, "predictions"),
-            overwrite=True,
+    with console.without_advice():  # insect demo has no --resume, --name
+        meta = fit(cfg)
+        summary = classify(
+            ClassifyConfig(
+                input=unlabelled,
+                model=cfg.output,
+                output=os.path.join(workdir, "predictions"),
+                overwrite=True,
+            )
         )
-    )
     print_summary(summary)
     table = pyarrow.dataset.dataset(summary.output, format="parquet").to_table()
     rows = table.sort_by("path").to_pylist()

@@ -199,10 +199,12 @@ def _text_paths(uri: str, s3) -> Iterator[str]:
     with _open(uri, s3) as f:
         for number, raw in enumerate(f, 1):
             line = raw.rstrip(b"\r\n")
+            if number == 1:  # a byte-order mark (Notepad's UTF-8) is not part of a path
+                line = line.removeprefix(b"\xef\xbb\xbf")
             if not line.strip():
                 continue
-            try:  # a byte-order mark (Notepad's UTF-8) is not part of the first path
-                text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+            try:
+                text = line.decode("utf-8")
             except UnicodeDecodeError:
                 raise InsectError(f"--manifest {uri}, line {number}: not UTF-8 text") from None
             yield _manifest_path(text, f"--manifest {uri}, line {number}")
@@ -242,8 +244,8 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
 
 def _check_path_type(uri: str, column_type: pa.DataType) -> None:
     text = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
-    if not (pa.types.is_string(text) or pa.types.is_large_string(text)
-            or pa.types.is_string_view(text)):  # fmt: skip
+    string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16+
+    if not (pa.types.is_string(text) or pa.types.is_large_string(text) or string_view(text)):
         raise InsectError(
             f"--manifest {uri}: its {MANIFEST_COLUMN!r} column holds {column_type} values, "
             "not paths"

@@ -183,15 +183,17 @@ def build_model(
 
 
 def check_weights_file(uri: str, s3: storage.S3Options | None = None) -> None:
-    """Refuse at once a file that is no weights file by its first bytes: safetensors (a
-    header length, then JSON), a torch zip archive, or a legacy torch pickle."""
-    fs, path = storage.filesystem(uri, s3)
-    with storage.user_errors(uri), fs.open(path, "rb") as f:
-        head = f.read(9)
-    if not (head.startswith((b"PK\x03\x04", b"\x80")) or head[8:9] == b"{"):
+    """Refuse at once a file that `load_state_dict_file` would not read as the format its
+    name says, by its first bytes: a .safetensors file starts with a header length, then
+    JSON; any other, as torch.save writes, with a zip archive or a pickle."""
+    head = storage.read_head(uri, 9, s3)
+    if uri.endswith(".safetensors"):
+        if head[8:9] != b"{":
+            raise InsectError(f"--weights {uri} is not a safetensors file")
+    elif not head.startswith((b"PK\x03\x04", b"\x80")):
         raise InsectError(
-            f"--weights {uri} is not a weights file: give a state dict as .safetensors or "
-            "as torch.save wrote it"
+            f"--weights {uri} is not a weights file as torch.save writes one (a "
+            "safetensors file must be named .safetensors)"
         )
 
 

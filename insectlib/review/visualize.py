@@ -77,7 +77,6 @@ def check_places(cfg: VisualizeConfig) -> None:
     """Refuse an IMAGE that is a folder or is not there, then an --output that is a file,
     holds the model, or lies in the image's folder, where the next classification of that
     folder would read its pictures as images."""
-    cfg.validate()
     if storage.is_dir(cfg.image, cfg.s3):
         raise InsectError(f"IMAGE {cfg.image} is a folder; give one image file")
     if not storage.exists(cfg.image, cfg.s3):
@@ -89,6 +88,7 @@ def check_places(cfg: VisualizeConfig) -> None:
 
 def visualize(cfg: VisualizeConfig) -> list[str]:
     """Write one PNG grid per requested layer; returns their URIs."""
+    cfg.validate()
     check_places(cfg)
     model, meta = load_model(cfg.model, cfg.s3)
     transform, min_side = eval_transform(meta.image_size), resize_size(meta.image_size)

@@ -37,6 +37,24 @@ def err() -> TextIO:
     return _streams.get("err", sys.stderr)
 
 
+_advice = [True]  # whether lines may name flags of the command (the demo's runs have none)
+
+
+@contextlib.contextmanager
+def without_advice() -> Iterator[None]:
+    """Within the block, `advice` is empty: the calls run for a command without their flags."""
+    _advice.append(False)
+    try:
+        yield
+    finally:
+        _advice.pop()
+
+
+def advice(text: str) -> str:
+    """`text`, advice that names flags of the running command; "" in `without_advice`."""
+    return text if _advice[-1] else ""
+
+
 def say(text: str) -> None:
     print(text, file=out(), flush=True)
 

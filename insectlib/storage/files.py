@@ -80,6 +80,13 @@ def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
         return f.read()
 
 
+def read_head(uri: str, size: int, s3: S3Options | None = None) -> bytes:
+    """The first `size` bytes of `uri` (fewer for a shorter file), in one ranged read."""
+    fs, path = filesystem(uri, s3)
+    with user_errors(uri):
+        return fs.cat_file(path, start=0, end=size)
+
+
 def read_input(uri: str, max_bytes: int, s3: S3Options | None = None) -> bytes:
     """The bytes of one input file (an image to classify or train on).
 

@@ -107,10 +107,11 @@ class LocalLock(OutputLock):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            found = _written_holder(fd)
-            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                found = _written_holder(fd)
+                os.close(fd)
                 raise InsectError(_busy(self.output, found)) from None
+            os.close(fd)
             raise
         if not _same_file(fd, self.path):  # released (and removed) by its holder meanwhile
             os.close(fd)

@@ -47,21 +47,22 @@ def run_location(cfg: TrainConfig) -> str:
     return storage.join(cfg.storage or DEFAULT_STORAGE, cfg.name)
 
 
-def check_run_name(cfg: TrainConfig) -> None:
-    """Ray Train continues a run whose folder it finds in storage: make that explicit."""
+def check_run_name(cfg: TrainConfig) -> bool:
+    """Ray Train continues a run whose folder it finds in storage: make that explicit.
+    Returns whether a --resume starts at epoch 1 (its run stopped before recording one)."""
     if not cfg.name:
-        return
+        return False
     run = run_location(cfg)
     found = storage.exists(storage.join(run, RUN_SNAPSHOT), cfg.s3)
     if cfg.resume and not found:
-        if storage.exists(storage.join(run, RUN_RECORD), cfg.s3):  # stopped before epoch 1
-            console.say(f"run {run} recorded no epoch before it stopped: starting at epoch 1")
-            return
+        if storage.exists(storage.join(run, RUN_RECORD), cfg.s3):
+            return True
         raise InsectError(f"no run to resume at {run}: check --storage and --name")
     if found and not cfg.resume:
         raise InsectError(
             f"run {run} already exists; pass --resume to continue it or choose another --name"
         )
+    return False
 
 
 def run_record(cfg: TrainConfig, labelled: LabelledSet) -> dict:
@@ -111,6 +112,9 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+CHECKPOINT_FILES = {STATE_FILE, PROBLEM_FILE}  # what a checkpoint of insect's holds
+
+
 def resume_hint(cfg: TrainConfig) -> str:
     """How to continue run `cfg` (named) after it stopped: said when it is interrupted."""
     where = f" --storage {shlex.quote(cfg.storage)}" if cfg.storage else ""
@@ -125,7 +129,7 @@ def remove_unrecorded_checkpoints(cfg: TrainConfig, recorded: set[str]) -> list[
     run = run_location(cfg)
     fs, _ = storage.filesystem(run, cfg.s3)
     removed = []
-    with storage.user_errors(run):
+    with storage.user_errors(run, "clean up"):
         for entry in storage.list_entries(run, cfg.s3):
             name = storage.entry_name(entry)
             if entry["type"] != "directory" or name in recorded:
@@ -139,6 +143,3 @@ def remove_unrecorded_checkpoints(cfg: TrainConfig, recorded: set[str]) -> list[
                 fs.rmdir(entry["name"])
             removed.append(name)
     return removed
-
-
-CHECKPOINT_FILES = {STATE_FILE, PROBLEM_FILE}  # what a checkpoint of insect's holds

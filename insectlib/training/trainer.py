@@ -221,7 +221,7 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
             storage.check_location(location, protected, ("the data",), cfg.s3, flag)
             storage.check_bucket(location, cfg.s3)
     check_model_output(cfg)
-    check_run_name(cfg)
+    from_start = check_run_name(cfg)
     labelled = label_table.training_set(
         cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
     )
@@ -230,6 +230,8 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
             storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
     if cfg.resume:
         check_run_record(cfg, labelled)
+    if from_start:
+        console.say(f"run {run_location(cfg)} recorded no epoch before it stopped: from epoch 1")
     if cfg.weights == "imagenet":
         ensure_imagenet_weights(cfg.arch)  # here, once, rather than failing in every worker
     return labelled
@@ -276,8 +278,7 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
             result = run_trainer(cfg, labelled, run)
         if (result.metrics or {}).get("problem"):
             raise InsectError(result.metrics["problem"])
-        recorded = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
-        remove_unrecorded_checkpoints(cfg, recorded)
+        clean_up_checkpoints(cfg, result)
         meta = read_meta(cfg.output, cfg.s3)
     accuracy = meta.epochs[-1]["val_accuracy"]
     console.say(
@@ -285,6 +286,18 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         f"model {meta.model_id} written to {cfg.output}"
     )
     return meta
+
+
+def clean_up_checkpoints(cfg: TrainConfig, result: ray.train.Result) -> None:
+    """Remove the run's checkpoints Ray Train did not record (see
+    `remove_unrecorded_checkpoints`); the model is written, so a failure only warns."""
+    recorded = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+    if not recorded:  # nothing known to keep: remove nothing
+        return
+    try:
+        remove_unrecorded_checkpoints(cfg, recorded)
+    except InsectError as e:
+        console.warn(f"warning: {e}")
 
 
 def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
@@ -306,7 +319,8 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
         cfg = dataclasses.replace(cfg, name=f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}")
     if not cfg.resume:
         write_run_record(cfg, labelled)
-        console.say(f"run {run_location(cfg)}; if it stops, {resume_hint(cfg)}")
+        advice = console.advice(f"; if it stops, {resume_hint(cfg)}")
+        console.say(f"run {run_location(cfg)}{advice}")
     return cfg
 
 
@@ -353,13 +367,14 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
     before = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
-    except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
-        raise KeyboardInterrupt(resume_hint(cfg)) from None
+    # SystemExit: how fit() ends after Ray Train's Ctrl-C handler aborted the run.
+    except (SystemExit, KeyboardInterrupt):
+        raise KeyboardInterrupt(console.advice(resume_hint(cfg))) from None
     except ray.train.TrainingFailedError as e:
         cause = insect_error_in(e)
         if cause:
             raise cause from None
         raise
     finally:  # Ray Train's handler outlives the run: a later Ctrl-C would exit 0 through it
-        if threading.current_thread() is threading.main_thread():
+        if before is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
