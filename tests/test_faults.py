@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -46,13 +47,21 @@ def complete_parquet_files(out: Path) -> list[str]:
     return files
 
 
+# Runs a command with Ctrl-C's default: a pytest-xdist worker ignores SIGINT, and a child
+# that starts with it ignored never gets a KeyboardInterrupt (as a shell's background job).
+SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def start_driver(log: Path, *args: str) -> subprocess.Popen:
-    """`insect ARGS` as a second driver on the session's Ray cluster, to be killed."""
+    """`insect ARGS` as a second driver on the session's Ray cluster, to be interrupted or
+    killed."""
     address = ray.get_runtime_context().gcs_address
+    argv = [sys.executable, "-c", SIGINT_DEFAULT, str(BIN / "insect"), *args]
     with open(log, "w") as f:
-        return subprocess.Popen(
-            [str(BIN / "insect"), *args, "--address", address], stdout=f, stderr=f
-        )
+        return subprocess.Popen([*argv, "--address", address], stdout=f, stderr=f)
 
 
 def wait_while_running(driver: subprocess.Popen, log: Path, condition, what: str):
