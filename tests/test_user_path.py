@@ -375,6 +375,9 @@ def test_training_writes_only_where_it_may(labelled_root, tmp_path, capsys):
         (tmp_path / "w.pt").write_text(text)
         err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(tmp_path / "w.pt")])
         assert f"--weights {tmp_path / 'w.pt'} is not a weights file" in err
+    os.mkfifo(tmp_path / "fifo.pt")  # read as an input is: no wait for a writer that never comes
+    err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(tmp_path / "fifo.pt")])
+    assert "fifo.pt: not a regular file (a FIFO)" in err
     folder = os.path.join(data, "beetles")
     table = tmp_path / "t.csv"
     rows = [f"{os.path.join(folder, n)},beetles" for n in sorted(os.listdir(folder))[:3]]

@@ -81,10 +81,10 @@ def read_bytes(uri: str, s3: S3Options | None = None) -> bytes:
 
 
 def read_head(uri: str, size: int, s3: S3Options | None = None) -> bytes:
-    """The first `size` bytes of `uri` (fewer for a shorter file), in one ranged read."""
-    fs, path = filesystem(uri, s3)
+    """The first `size` bytes of `uri` (fewer for a shorter file), read as an input is (one
+    ranged GET, retried; a regular file only); what is wrong with it raises InsectError."""
     with user_errors(uri):
-        return fs.cat_file(path, start=0, end=size)
+        return _read_first(uri, size, s3)
 
 
 def read_input(uri: str, max_bytes: int, s3: S3Options | None = None) -> bytes:
@@ -97,14 +97,21 @@ def read_input(uri: str, max_bytes: int, s3: S3Options | None = None) -> bytes:
     timeouts, server errors, denied or expired credentials) is retried with back-off and
     then raises StorageUnavailable: it says nothing about the image and must stop the run
     rather than become its row."""
+    data = _read_first(uri, max_bytes + 1, s3)  # the cap plus one byte: too large is seen
+    _check_input_size(len(data), max_bytes)
+    return data
+
+
+def _read_first(uri: str, size: int, s3: S3Options | None) -> bytes:
+    """At most the first `size` bytes of the file `uri` (see `read_input`)."""
     if not is_s3(uri):
-        return _read_local_input(uri, max_bytes)
+        return _read_local_first(uri, size)
     fs, path = filesystem(uri, s3)
 
     def get() -> bytes:
-        # One ranged GET: no HEAD request, and never more than the cap plus one byte.
+        # One ranged GET: no HEAD request, and never more than `size` bytes.
         try:
-            return fs.cat_file(path, start=0, end=max_bytes + 1)
+            return fs.cat_file(path, start=0, end=size)
         except OSError as e:
             text = str(e).lower()
             if "range is not satisfiable" in text or "invalidrange" in text:
@@ -112,11 +119,9 @@ def read_input(uri: str, max_bytes: int, s3: S3Options | None = None) -> bytes:
             raise
 
     try:
-        data = retry.retrying(get, uri)
+        return retry.retrying(get, uri)
     except FileNotFoundError:
         raise ImageError("not found (removed after it was listed?)") from None
-    _check_input_size(len(data), max_bytes)
-    return data
 
 
 READ_AHEAD = 16  # S3 reads in flight per reading process (object-store latency)
@@ -155,7 +160,7 @@ def prefetch(fn: Callable[[U], T], items: Iterable[U], window: int) -> Iterator[
             yield pending.popleft().result()
 
 
-def _read_local_input(path: str, max_bytes: int) -> bytes:
+def _read_local_first(path: str, size: int) -> bytes:
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer. The type is checked on the
         # open descriptor, so a file swapped after listing cannot slip through.
@@ -175,11 +180,9 @@ def _read_local_input(path: str, max_bytes: int) -> bytes:
         raise ImageError(f"not a regular file ({_file_kind(mode)})")
     with open(fd, "rb", closefd=True) as f:
         try:
-            data = f.read(max_bytes + 1)
+            return f.read(size)
         except OSError as e:
             raise ImageError(f"unreadable file: {e.strerror or e}") from None
-    _check_input_size(len(data), max_bytes)
-    return data
 
 
 def _check_input_size(size: int, max_bytes: int) -> None:
