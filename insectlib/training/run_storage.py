@@ -134,11 +134,11 @@ def remove_unrecorded_checkpoints(cfg: TrainConfig, recorded: set[str]) -> list[
             name = storage.entry_name(entry)
             if entry["type"] != "directory" or name in recorded:
                 continue
-            files = fs.ls(entry["name"], detail=False)
-            if not files or {f.rstrip("/").rsplit("/", 1)[-1] for f in files} - CHECKPOINT_FILES:
+            files = fs.ls(entry["name"], detail=True)
+            if not files or {storage.entry_name(f) for f in files} - CHECKPOINT_FILES:
                 continue
             for file in files:
-                fs.rm_file(file)
+                fs.rm_file(file["name"])
             if not storage.is_s3(run):  # S3 has no folder to remove
                 fs.rmdir(entry["name"])
             removed.append(name)
