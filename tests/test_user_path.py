@@ -320,18 +320,23 @@ def test_outputs_are_never_inside_inputs_nor_files(trained, unlabelled, tmp_path
     assert "is inside the image's folder" in expect_cli_error(capsys, maps)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
+    removed, link, loop = tmp_path / "removed", tmp_path / "gone", tmp_path / "loop"
+    link.symlink_to(removed)  # a link to a folder since removed
+    loop.symlink_to(loop)
+    not_folders = {
+        a_file: "is a file",
+        a_file / "sub": f"lies under {a_file}, which is a file",
+        link: f"is a link to {removed}, which does not exist",
+        link / "sub": f"lies under {link}, which is a link to {removed}, which does not exist",
+        loop / "sub": f"lies under {loop}, which is a link in a loop",
+    }
     for argv in (
-        ["classify", str(images), "--model", cfg.output, "--output", str(a_file)],
-        ["evaluate", str(tmp_path), "--model", cfg.output, "--output", str(a_file)],
-        ["train", str(images), "--output", str(a_file)],
+        ["classify", str(images), "--model", cfg.output, "--output"],
+        ["evaluate", str(tmp_path), "--model", cfg.output, "--output"],
+        ["train", str(images), "--output"],
     ):
-        assert f"--output {a_file} is a file" in expect_cli_error(capsys, argv)
-        link = tmp_path / "gone"  # a link to a folder since removed
-        link.symlink_to(tmp_path / "removed")
-        argv[argv.index(str(a_file))] = str(link)
-        err = expect_cli_error(capsys, argv)
-        assert f"--output {link} is a link to {tmp_path / 'removed'}, which does not exist" in err
-        link.unlink()
+        for output, why in not_folders.items():
+            assert f"--output {output} {why}" in expect_cli_error(capsys, [*argv, str(output)])
     folder_as_image = ["visualize", str(images), "--model", cfg.output, "--layers", "1"]
     err = expect_cli_error(capsys, folder_as_image)
     assert f"IMAGE {images} is a folder; give one image file" in err

@@ -204,13 +204,32 @@ def _file_kind(mode: int) -> str:
 
 
 def not_a_folder(path: str) -> str | None:
-    """Why the local `path` cannot be written into as a folder: it is a file, or a link to
-    nothing (makedirs cannot make that one); None where it is a folder or nothing yet."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return f"is a link to {os.readlink(path)}, which does not exist"
-    if os.path.lexists(path) and not os.path.isdir(path):
-        return "is a file"
-    return None
+    """Why the local `path` cannot be written into as a folder: it is a file, a link to
+    nothing or in a loop, or it lies under one of those (makedirs cannot make it); None
+    where it is a folder or nothing yet."""
+    if os.path.isdir(path):
+        return None
+    if os.path.lexists(path):
+        return _not_a_folder_because(path, "is")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.isdir(parent):
+        return None
+    return f"lies under {parent}, which " + _not_a_folder_because(parent, "is")
+
+
+def _not_a_folder_because(path: str, verb: str) -> str:
+    """What the existing `path`, not a folder, is (a link to nothing or in a loop, a file)."""
+    if not os.path.islink(path):
+        return f"{verb} a file"
+    try:
+        os.path.realpath(path, strict=True)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{verb} a link in a loop"
+        return f"{verb} a link to {os.readlink(path)}, which does not exist"
+    return f"{verb} a link to a file"
 
 
 def printable(path: str) -> str:
