@@ -16,7 +16,7 @@ import pytest
 import ray
 from tqdm import tqdm
 
-from insectlib.runtime.console import LogLines
+from insectlib.runtime.console import LogLines, counted
 from tests.conftest import BIN, run_cli
 
 ANSI = re.compile(r"\x1b\[")
@@ -120,3 +120,10 @@ def _on_a_terminal(argv: list[str], cwd, timeout_s: float = 300) -> tuple[str, i
             break
     os.close(primary)
     return out.decode(errors="replace"), proc.wait(timeout=30)
+
+
+def test_counts_are_said_with_their_noun():
+    assert counted(1, "gallery", "galleries") == "1 gallery"
+    assert counted(0, "gallery", "galleries") == "0 galleries"
+    assert counted(2, "model actor") == "2 model actors"
+    assert counted(1.0, "CPU") == "1 CPU" and counted(0.5, "CPU") == "0.5 CPUs"

@@ -295,7 +295,7 @@ def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:
     """Refuse, before the actors start, a pool the cluster cannot hold (Ray Data would wait
     for it for ever); with --wait-for-nodes, wait that long for an autoscaler first."""
     actors = min(cfg.min_actors or pool.actors, pool.actors)
-    what = f"{actors} model actor{'s' if actors > 1 else ''}"
+    what = console.counted(actors, "model actor")
     per_actor = {"CPU": pool.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
     lower = "--max-actors or --cpus-per-actor"
     check_resources(per_actor, actors, what, lower, cfg.wait_for_nodes)

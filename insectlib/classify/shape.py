@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from insectlib.config import ClassifyConfig
 from insectlib.model.precision import cpu_flags
+from insectlib.runtime import console
 
 # Threads per actor where the rule gives it several (bf16's, a small input's), at most:
 # beyond it, a batch of 32 does not keep more threads busy, and another actor does.
@@ -37,10 +38,9 @@ class ActorShape:
     why: str
 
     def line(self) -> str:
-        plural = "s" if self.actors > 1 else ""
         compiled = ", compiled" if self.compile else ""
-        each = f"{self.cpus_per_actor:g} CPU{'s' if self.cpus_per_actor != 1 else ''} each"
-        return f"{self.actors} model actor{plural}, {each}{compiled} ({self.why})"
+        each = f"{console.counted(self.cpus_per_actor, 'CPU')} each"
+        return f"{console.counted(self.actors, 'model actor')}, {each}{compiled} ({self.why})"
 
     def record(self) -> dict:
         return asdict(self)

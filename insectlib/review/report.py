@@ -193,8 +193,9 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
     chosen, run = choose_rows(cfg, source)
     paths = chosen.paths()
     console.say(
-        f"{chosen.rows} rows read: {len(chosen.galleries)} galleries show {len(paths)} "
-        f"images; making their thumbnails"
+        f"{console.counted(chosen.rows, 'row')} read: "
+        f"{console.counted(len(chosen.galleries), 'gallery', 'galleries')} show "
+        f"{console.counted(len(paths), 'image')}; making their thumbnails"
     )
     lap("select")
     init_ray(cfg.address)
@@ -243,9 +244,11 @@ def check_matrix(source: Source, chosen: selection.Selection) -> None:
 def print_report(result: dict) -> None:
     phases = ", ".join(f"{name} {t:.1f}" for name, t in result["phases"].items())
     console.say(
-        f"{result['page']}: {result['rows']} rows, {result['galleries']} galleries, "
-        f"{result['thumbnails']} thumbnails"
+        f"{result['page']}: {console.counted(result['rows'], 'row')}, "
+        f"{console.counted(result['galleries'], 'gallery', 'galleries')}, "
+        f"{console.counted(result['thumbnails'], 'thumbnail')}"
         + (f" ({result['without_thumbnail']} images could not be read)"
            if result["without_thumbnail"] else "")
-        + f", {result['errors']} error rows; {result['seconds']:.1f} s ({phases})"
+        + f", {console.counted(result['errors'], 'error row')}; "
+        + f"{result['seconds']:.1f} s ({phases})"
     )  # fmt: skip

@@ -55,6 +55,11 @@ def advice(text: str) -> str:
     return text if _advice[-1] else ""
 
 
+def counted(n: float, noun: str, plural: str = "") -> str:
+    """`n` with its noun as said: "1 gallery", "3 galleries" (`plural`, or noun + "s")."""
+    return f"{n:g} {noun if n == 1 else plural or noun + 's'}"
+
+
 def say(text: str) -> None:
     print(text, file=out(), flush=True)
 

@@ -39,8 +39,8 @@ def describe_cluster() -> str:
     nodes = _nodes()
     cpus = sum(n.get("CPU", 0) for n in nodes)
     gpus = sum(n.get("GPU", 0) for n in nodes)
-    plural = "s" if len(nodes) != 1 else ""
-    return f"{cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node{plural}"
+    counted = console.counted
+    return f"{counted(cpus, 'CPU')} and {counted(gpus, 'GPU')} on {counted(len(nodes), 'node')}"
 
 
 def check_resources(

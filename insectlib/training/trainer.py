@@ -307,7 +307,7 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
         console.warn(warning)
     cfg = cfg.sized(cpus_per_gpu())
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}
-    what = f"{cfg.workers} training worker{'s' if cfg.workers > 1 else ''}"
+    what = console.counted(cfg.workers, "training worker")
     lower = "--workers or --cpus-per-worker"
     check_resources(per_worker, cfg.workers, what, lower, cfg.wait_for_nodes, cfg.placement)
     if cfg.gpu:
