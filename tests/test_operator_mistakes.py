@@ -17,7 +17,7 @@ import safetensors.torch
 
 from insectlib import layout, storage
 from insectlib.classify import outputs
-from insectlib.classify.pipeline import classify, plan_run
+from insectlib.classify.pipeline import classify, plan_run, print_summary
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.errors import InsectError, StorageUnavailable
 from insectlib.layout import CONFUSION_PNG, META_FILE, MODEL_FILES, RELIABILITY_PNG, WEIGHTS_FILE
@@ -210,10 +210,11 @@ def test_resume_read_errors_are_retried_then_fail_without_deleting(
     assert len(calls) >= retry.READ_ATTEMPTS and _tree(out) == before
 
 
-def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, tmp_path):
+def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, tmp_path, capsys):
     """--resume over another input used to remove _SUCCESS and add the other input's rows:
     an output no run could finish again. It is refused with nothing touched; the same input,
-    spelled with a trailing slash, resumes."""
+    spelled with a trailing slash, resumes, and with every input done starts no model actor
+    (it did, and said 0.0 images/s)."""
     cfg, _ = trained
     images = os.path.dirname(next(iter(unlabelled)))
     other = tmp_path / "other"
@@ -228,7 +229,12 @@ def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, 
     with pytest.raises(InsectError, match=refused):
         _classify(cfg.output, other, out, resume=True)
     assert _tree(out) == before
-    assert _classify(cfg.output, images + "/", out, resume=True).rows == len(unlabelled)
+    capsys.readouterr()
+    resumed = _classify(cfg.output, images + "/", out, resume=True)
+    assert resumed.rows == resumed.already_done == len(unlabelled) and resumed.shape is None
+    assert "every input has its row already; nothing to classify" in capsys.readouterr().out
+    print_summary(resumed)
+    assert "(every one done before)" in capsys.readouterr().out
     assert json.loads((out / layout.SUCCESS_FILE).read_text())["inputs"] == len(unlabelled)
 
 

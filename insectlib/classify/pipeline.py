@@ -85,9 +85,14 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         count, done = prepare_output(plan)
         run = progress.start()
         listed, todo = list_inputs(plan, count, done, run)
-        pool = actor_shape(plan, todo)
-        check_capacity(cfg, pool)
-        inputs_total = run_pipeline(plan, listed, done, run, pool)
+        pool = None
+        if done and done.rows and not todo:  # a resume with every input done: no actor
+            console.say("every input has its row already; nothing to classify")
+        else:
+            pool = actor_shape(plan, todo)
+            check_capacity(cfg, pool)
+            run_pipeline(plan, listed, done, run, pool)
+        inputs_total = listing_total(plan, run)
         lock.check()  # another run took the output over: write no _SUCCESS
         return finish(plan, inputs_total, done, time.perf_counter() - started, pool)
 
@@ -165,9 +170,8 @@ def list_inputs(
 
 def run_pipeline(
     plan: RunPlan, listed: ray.data.Dataset, done: outputs.Done | None, run, pool: shape.ActorShape
-) -> int:
-    """Classify the listed inputs into Parquet parts; returns how many inputs the listing
-    found (every part's total)."""
+) -> None:
+    """Classify the listed inputs into Parquet parts."""
     cfg, row_format = plan.cfg, plan.row_format
     console.say(
         f"classifying {plan.source} with model {plan.model_id} ({len(plan.parts)} listing "
@@ -183,6 +187,10 @@ def run_pipeline(
         # Writing is light I/O; asking for a CPU would hold it back until the actors,
         # which take every CPU, are done, and nothing would be on disk before the end.
         predictions.write_datasink(parts, ray_remote_args={"num_cpus": 0})
+
+
+def listing_total(plan: RunPlan, run) -> int:
+    """How many inputs the listing found (every listing part's total, once it has run)."""
     total = ray.get(run.inputs.remote(len(plan.parts)))
     if total is None:
         raise InsectError(f"the listing of {plan.source} did not finish; run again with --resume")
@@ -410,7 +418,10 @@ def int8_for_run(cfg: ClassifyConfig, meta: ModelMeta) -> int8.Int8Model | None:
 
 def print_summary(s: ClassifySummary) -> None:
     before = f" ({s.already_done} done before)" if s.already_done else ""
+    speed = f", {s.images_per_second:.1f} images/s{before}"
+    if s.already_done == s.inputs:  # nothing classified by this run
+        speed = " (every one done before)"
     console.say(
-        f"{s.inputs} images -> {s.rows} rows ({s.errors} with errors) in {s.seconds:.1f} s, "
-        f"{s.images_per_second:.1f} images/s{before}; predictions in {s.output}"
+        f"{s.inputs} images -> {s.rows} rows ({s.errors} with errors) in {s.seconds:.1f} s"
+        f"{speed}; predictions in {s.output}"
     )
