@@ -312,6 +312,9 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
     (tmp_path / "rel.txt").write_text("/abs/a.jpg\nrelative/b.jpg\n")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "rel.txt")])
     assert "rel.txt, line 2" in err and "not an absolute path" in err
+    (tmp_path / "nul.txt").write_bytes(b"/abs/a.jpg\n/abs/b\0.jpg\n")
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "nul.txt")])
+    assert "nul.txt, line 2: '/abs/b\\x00.jpg' holds a NUL character, which no path can" in err
     (tmp_path / "cols.csv").write_text("file\n/a.jpg\n")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "cols.csv")])
     assert "cols.csv" in err and "'path' column" in err
