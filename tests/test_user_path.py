@@ -31,7 +31,7 @@ from insectlib.data.labels import EVALUATION_DIRS, discover
 from insectlib.errors import InsectError
 from insectlib.metrics import confidence
 from insectlib.storage import lock
-from insectlib.training.trainer import fit, unreadable_split
+from insectlib.training.trainer import fit, new_run_name, unreadable_split
 from insectlib.training.worker import ShardSampler
 from tests.conftest import BIN, REPO, expect_cli_error, run_cli
 
@@ -392,6 +392,24 @@ def test_training_writes_only_where_it_may(labelled_root, tmp_path, capsys):
     err = expect_cli_error(capsys, ["train", "--labels", str(table), "--output", folder + "/m"])
     assert "is inside a folder of the table's images" in err
     assert sorted(os.listdir(mine)) == ["notes.txt"] and not (tmp_path / "m").exists()
+
+
+def test_a_run_folder_takes_one_run_at_a_time(ray_local, labelled_root, tmp_path):
+    """Two runs of one --name (or two resumes of one run) at once would mix their
+    checkpoints: the second is refused while the first holds the run folder; runs without
+    a --name started in one second get names of their own."""
+    runs = tmp_path / "runs"
+    cfg = TrainConfig(
+        data=str(labelled_root), output=str(tmp_path / "m"), weights="random", epochs=1,
+        storage=str(runs), name="shared",
+    )  # fmt: skip
+    with lock.output_lock(str(runs / "shared"), "train"):
+        with pytest.raises(InsectError) as refused:
+            fit(cfg)
+    assert f"{runs / 'shared'} is in use by insect train" in str(refused.value)
+    assert str(refused.value).endswith("wait for it to finish, or choose another --name")
+    assert not (tmp_path / "m").exists() and not (runs / "shared").exists()
+    assert new_run_name() != new_run_name()
 
 
 def test_classify_evaluate_visualize_refusals_before_ray(trained, tmp_path, capsys):

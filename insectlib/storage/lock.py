@@ -57,11 +57,17 @@ def describe(found: dict) -> str:
 
 @contextlib.contextmanager
 def output_lock(
-    output: str, command: str, s3: S3Options | None = None, say=print
+    output: str,
+    command: str,
+    s3: S3Options | None = None,
+    say=print,
+    instead: str = "choose another folder",
 ) -> Iterator[OutputLock]:
     """Hold the lock of `output` for the block; refuse (InsectError) while another run
-    holds it. `say` tells the user when a dead run's lock is taken over."""
+    holds it, advising to wait or `instead`. `say` tells the user when a dead run's lock is
+    taken over."""
     lock = S3Lock(output, s3) if is_s3(output) else LocalLock(output)
+    lock.instead = instead
     taken_over = lock.acquire(holder(command))
     if taken_over:
         say(f"taking over the lock of {output} from {describe(taken_over)}, which is gone")
@@ -73,6 +79,14 @@ def output_lock(
 
 class OutputLock:
     """The interface of a held lock."""
+
+    output: str
+    instead = "choose another folder"  # the advice beside waiting, when it is held
+
+    def busy(self, found: dict) -> str:
+        """The refusal while `found` holds the lock."""
+        who = describe(found)
+        return f"{self.output} is in use by {who}: wait for it to finish, or {self.instead}"
 
     def lost(self) -> str | None:
         """Why the lock is no longer ours (another run took it over), or None."""
@@ -110,7 +124,7 @@ class LocalLock(OutputLock):
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 found = _written_holder(fd)
                 os.close(fd)
-                raise InsectError(_busy(self.output, found)) from None
+                raise InsectError(self.busy(found)) from None
             os.close(fd)
             raise
         if not _same_file(fd, self.path):  # released (and removed) by its holder meanwhile
@@ -153,9 +167,9 @@ class S3Lock(OutputLock):
             return None
         found, etag, age = self._read()
         if age < STALE_S:
-            raise InsectError(_busy(self.output, found))
+            raise InsectError(self.busy(found))
         if not self._put(IfMatch=etag):  # another run took it over first
-            raise InsectError(_busy(self.output, self._read()[0]))
+            raise InsectError(self.busy(self._read()[0]))
         self._start_heartbeat()
         return found
 
@@ -221,12 +235,6 @@ def _same_file(fd: int, path: str) -> bool:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:
         return False
-
-
-def _busy(output: str, found: dict) -> str:
-    return (
-        f"{output} is in use by {describe(found)}: wait for it to finish, or choose another folder"
-    )
 
 
 def _written_holder(fd: int, wait_s: float = 1.0) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import signal
 import tempfile
 import threading
@@ -273,12 +274,16 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         # lives (its placement group cleaner): without one, a warning each time.
         init_ray(cfg.address, dashboard=True)
         cfg = sized_run(cfg, labelled)
-        run = progress.start()
-        with progress.follow(run):
-            result = run_trainer(cfg, labelled, run)
-        if (result.metrics or {}).get("problem"):
-            raise InsectError(result.metrics["problem"])
-        clean_up_checkpoints(cfg, result)
+        # One run per run folder: two runs with one --name (or resuming one) would mix
+        # their checkpoints there.
+        with output_lock(run_location(cfg), "train", cfg.s3, console.say, "choose another --name"):
+            begin_run(cfg, labelled)
+            run = progress.start()
+            with progress.follow(run):
+                result = run_trainer(cfg, labelled, run)
+            if (result.metrics or {}).get("problem"):
+                raise InsectError(result.metrics["problem"])
+            clean_up_checkpoints(cfg, result)
         meta = read_meta(cfg.output, cfg.s3)
     accuracy = meta.epochs[-1]["val_accuracy"]
     console.say(
@@ -301,7 +306,7 @@ def clean_up_checkpoints(cfg: TrainConfig, result: ray.train.Result) -> None:
 
 
 def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
-    """`cfg` sized for the connected cluster and named (a new run's record written)."""
+    """`cfg` sized for the connected cluster and named."""
     locations = {"--storage": cfg.storage or DEFAULT_STORAGE, "--output": cfg.output}
     for warning in local_path_warnings(locations, cfg.address, live_nodes()):
         console.warn(warning)
@@ -316,12 +321,24 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
             f"{cfg.loader_workers} decoding processes per worker"
         )
     if not cfg.name:
-        cfg = dataclasses.replace(cfg, name=f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg = dataclasses.replace(cfg, name=new_run_name())
+    return cfg
+
+
+def new_run_name() -> str:
+    """A run name of its own: the time it starts, and a random part for runs started in
+    the same second."""
+    return f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def begin_run(cfg: TrainConfig, labelled: LabelledSet) -> None:
+    """With the run folder held: a new run's record written, and where the run is said.
+    Its name is checked again, as another run may have taken it since the preflight."""
+    check_run_name(cfg)
     if not cfg.resume:
         write_run_record(cfg, labelled)
         advice = console.advice(f"; if it stops, {resume_hint(cfg)}")
         console.say(f"run {run_location(cfg)}{advice}")
-    return cfg
 
 
 def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Result:
