@@ -156,6 +156,16 @@ def test_repeated_rows_are_never_success_and_resume_repairs_them(
     reader.stdout.close()
     code, err = reader.wait(timeout=60), reader.stderr.read()
     assert code in (0, 1) and b"Traceback" not in err, (code, err[-3000:])
+    # A part cut short (its writer stopped mid-file) is named, with _SUCCESS and without.
+    part = sorted(p for p in out.iterdir() if p.name.startswith("part-"))[0]
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    assert main(["summary", str(out)]) == 0
+    cut = f"{part.name} without a Parquet footer (cut short, or being written)"
+    assert f"the parts differ; {cut}" in capsys.readouterr().out
+    (out / layout.SUCCESS_FILE).unlink()
+    main(["summary", str(out)])  # 2 (no rows yet) where that part held every row
+    said = capsys.readouterr()
+    assert f"(incomplete: no _SUCCESS; {cut})" in said.out or f"no rows yet; {cut}" in said.err
 
 
 @pytest.mark.slow

@@ -152,10 +152,15 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
                 raise InsectError(f"{uri} is not a valid insect summary: {e}") from None
         return {**_checked(summary, uri), "complete": True}
     summary = summarize(output, s3)
-    if not summary["rows"] and manifest is None:
-        if not found and not storage.exists(output, s3):
-            raise InsectError(f"{output} does not exist")
-        raise InsectError(f"{output} holds no insect classification output")
+    if manifest is None:
+        cut = _cut_short(_part_footers(output, s3))
+        if not summary["rows"]:
+            if not found and not storage.exists(output, s3):
+                raise InsectError(f"{output} does not exist")
+            if cut:
+                raise InsectError(f"{output} holds no rows yet{cut}")
+            raise InsectError(f"{output} holds no insect classification output")
+        summary["problem"] = f"no {layout.SUCCESS_FILE}{cut}"
     summary["complete"] = manifest is not None
     if manifest is not None:
         summary.update(
@@ -170,15 +175,30 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
 def _stale_success(output: str, manifest: dict, s3: storage.S3Options) -> str | None:
     """Why `_SUCCESS` is no longer true of the parts (the rows it counts, each path once:
     what it was written for), or None. The parts' footers are read once for both."""
-    fs, _ = storage.filesystem(output, s3)
-    footers = outputs.check_parts(fs, outputs.part_entries(outputs.list_entries(output, s3)))
+    footers = _part_footers(output, s3)
     complete = sorted(name for name, footer in footers.items() if footer is not None)
     if manifest.get("rows") != sum(footers[name].num_rows for name in complete):
-        return f"{layout.SUCCESS_FILE} says {manifest.get('rows')} rows, the parts differ"
-    repeated = duplicates.duplicates(fs, complete)
+        said = f"{layout.SUCCESS_FILE} says {manifest.get('rows')} rows"
+        return f"{said}, the parts differ{_cut_short(footers)}"
+    repeated = duplicates.duplicates(storage.filesystem(output, s3)[0], complete)
     if repeated:
         return f"paths with more than one row: {len(repeated)}; run again with --resume"
     return None
+
+
+def _part_footers(output: str, s3: storage.S3Options) -> dict:
+    """Each part's footer by name (None where it has none; see `outputs.check_parts`)."""
+    fs, _ = storage.filesystem(output, s3)
+    return outputs.check_parts(fs, outputs.part_entries(outputs.list_entries(output, s3)))
+
+
+def _cut_short(footers: dict) -> str:
+    """The parts without a footer, as said after what is wrong: they hold no rows yet."""
+    names = sorted(name.rsplit("/", 1)[-1] for name, footer in footers.items() if footer is None)
+    if not names:
+        return ""
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    return f"; {names[0]}{more} without a Parquet footer (cut short, or being written)"
 
 
 def _manifest(output: str, s3: storage.S3Options) -> dict:
