@@ -27,7 +27,7 @@ from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig, ReportConfig
 from insectlib.data import synthetic
 from insectlib.data.images import decode, eval_transform, normalize
-from insectlib.layout import LOCK_FILE
+from insectlib.layout import LOCK_FILE, SUCCESS_FILE
 from insectlib.model.meta import write_meta
 from insectlib.model.network import load_model
 from insectlib.review import page
@@ -272,6 +272,33 @@ def test_classification_page_shows_galleries_errors_and_hostile_names_as_text(cl
         assert top.startswith(f"{decided[0]['top_labels'][0]} {decided[0]['top_scores'][0]:.3f}")
     finally:
         visit.close()
+
+
+def test_the_page_of_an_unfinished_run_says_so(classified, browser, tmp_path, capsys):
+    """An output without _SUCCESS (interrupted, or still running) gets its page of the rows
+    written so far, said on the console and among the run's facts."""
+    out = tmp_path / "predictions"
+    shutil.copytree(classified["out"], out)
+    (out / SUCCESS_FILE).unlink()
+    capsys.readouterr()
+    build_report(ReportConfig(predictions=str(out), html=str(tmp_path / "page")))
+    said = f"warning: {out} has no {SUCCESS_FILE} (an interrupted or running insect classify)"
+    assert said in capsys.readouterr().err
+    finished = json.loads((classified["out"] / SUCCESS_FILE).read_text())["finished"]
+    for folder, shown in (
+        (classified["html"], finished),
+        (tmp_path / "page", f"not yet (no {SUCCESS_FILE}): the rows so far"),
+    ):
+        visit = Visit(browser, folder)
+        try:
+            visit.assert_clean()
+            facts = visit.page.evaluate(
+                "() => Object.fromEntries([...document.querySelectorAll('dl.facts dt')]"
+                ".map(dt => [dt.textContent, dt.nextElementSibling.textContent]))"
+            )
+            assert facts["finished"] == shown
+        finally:
+            visit.close()
 
 
 def test_thumbnails_are_small_reencoded_jpegs_named_by_a_hash(classified):

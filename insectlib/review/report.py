@@ -70,11 +70,12 @@ def read_json(uri: str, s3) -> dict | None:
 
 
 def read_run(predictions: str, s3) -> tuple[dict, list[str]]:
-    """The facts of a classification run ({} for an output without _SUCCESS) and the
-    model's classes (from its _summary.json, which lists every one of them)."""
+    """The facts of a classification run (only `complete: False` for an output without
+    _SUCCESS) and the model's classes (from its _summary.json, which lists every one)."""
     manifest = read_json(storage.join(predictions, SUCCESS_FILE), s3) or {}
     summary = (read_json(storage.join(predictions, SUMMARY_JSON), s3) or {}) if manifest else {}
     run = {k: manifest[k] for k in RUN_FACTS if k in manifest}
+    run["complete"] = bool(manifest)
     run.update({k: summary[k] for k in (*RUN_FACTS, *RUN_SPEED) if summary.get(k) is not None})
     classes = summary.get("classes")
     return run, list(classes) if isinstance(classes, dict) else []
@@ -190,6 +191,11 @@ def build_report(cfg: ReportConfig) -> dict:
 def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict:
     """build_report's phases once the page folder is this run's alone."""
     removal = plan_page(cfg, source)
+    if not source.run["complete"]:
+        console.warn(
+            f"warning: {source.predictions} has no {SUCCESS_FILE} (an interrupted or running "
+            "insect classify): the page shows the rows written so far"
+        )
     chosen, run = choose_rows(cfg, source)
     paths = chosen.paths()
     console.say(
