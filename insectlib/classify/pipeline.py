@@ -59,7 +59,6 @@ class RunPlan:
     cfg: ClassifyConfig
     meta: ModelMeta
     row_format: RowFormat
-    source: str  # the input or manifest, as the user named it
     parts: list[inputs.Part]
     int8_model: int8.Int8Model | None
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
@@ -121,7 +120,7 @@ def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
         parts = inputs.plan_listing(cfg.input, cfg.s3)
     if not inputs.count_inputs(parts, cfg.s3, 1).inputs:  # a missing or empty input, before Ray
         raise InsectError(f"no image files found in {source}")
-    return RunPlan(cfg, meta, row_format, source, parts, int8_model)
+    return RunPlan(cfg, meta, row_format, parts, int8_model)
 
 
 def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
@@ -174,7 +173,7 @@ def run_pipeline(
     """Classify the listed inputs into Parquet parts."""
     cfg, row_format = plan.cfg, plan.row_format
     console.say(
-        f"classifying {plan.source} with model {plan.model_id} ({len(plan.parts)} listing "
+        f"classifying {plan.cfg.source} with model {plan.model_id} ({len(plan.parts)} listing "
         f"parts); starting {pool.line()}"
     )
     # Files written as they fill, each of one write task: --rows-per-file rows up to one
@@ -193,7 +192,9 @@ def listing_total(plan: RunPlan, run) -> int:
     """How many inputs the listing found (every listing part's total, once it has run)."""
     total = ray.get(run.inputs.remote(len(plan.parts)))
     if total is None:
-        raise InsectError(f"the listing of {plan.source} did not finish; run again with --resume")
+        raise InsectError(
+            f"the listing of {plan.cfg.source} did not finish; run again with --resume"
+        )
     return total
 
 
@@ -226,7 +227,7 @@ def finish(
         "rows": rows,
         "errors": errors,
         "model": plan.model_id,
-        "input": plan.source,
+        "input": plan.cfg.source,
         "started": plan.started_at,
         "finished": datetime.now(timezone.utc).isoformat(),
         "resumed": done is not None,
@@ -236,7 +237,7 @@ def finish(
     report.update(
         inputs=total,
         model=plan.model_id,
-        input=plan.source,
+        input=plan.cfg.source,
         row_format=asdict(plan.row_format),
         seconds=seconds,
         images_per_second=summary.images_per_second,
