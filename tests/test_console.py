@@ -127,3 +127,4 @@ def test_counts_are_said_with_their_noun():
     assert counted(0, "gallery", "galleries") == "0 galleries"
     assert counted(2, "model actor") == "2 model actors"
     assert counted(1.0, "CPU") == "1 CPU" and counted(0.5, "CPU") == "0.5 CPUs"
+    assert counted(1_234_567, "row") == "1234567 rows"  # not 1.23457e+06

@@ -275,20 +275,28 @@ def test_classification_page_shows_galleries_errors_and_hostile_names_as_text(cl
 
 
 def test_the_page_of_an_unfinished_run_says_so(classified, browser, tmp_path, capsys):
-    """An output without _SUCCESS (interrupted, or still running) gets its page of the rows
-    written so far, said on the console and among the run's facts."""
-    out = tmp_path / "predictions"
-    shutil.copytree(classified["out"], out)
-    (out / SUCCESS_FILE).unlink()
-    capsys.readouterr()
-    build_report(ReportConfig(predictions=str(out), html=str(tmp_path / "page")))
-    said = f"warning: {out} has no {SUCCESS_FILE} (an interrupted or running insect classify)"
-    assert said in capsys.readouterr().err
-    finished = json.loads((classified["out"] / SUCCESS_FILE).read_text())["finished"]
-    for folder, shown in (
-        (classified["html"], finished),
-        (tmp_path / "page", f"not yet (no {SUCCESS_FILE}): the rows so far"),
-    ):
+    """An output without _SUCCESS (interrupted, or still running), or whose _SUCCESS counts
+    other rows than its parts hold (one cut short or removed since), gets its page of the
+    rows it holds, said on the console and among the run's facts."""
+    success = json.loads((classified["out"] / SUCCESS_FILE).read_text())
+    rows = success["rows"]
+    pages = {classified["html"]: success["finished"]}
+    for name, change, why in (
+        ("running", None, f"no {SUCCESS_FILE}: an interrupted or running insect classify"),
+        ("changed", {**success, "rows": rows + 1},
+         f"{SUCCESS_FILE} says {rows + 1} rows, its complete parts hold {rows}"),
+    ):  # fmt: skip
+        out = tmp_path / name
+        shutil.copytree(classified["out"], out)
+        (out / SUCCESS_FILE).unlink()
+        if change:
+            (out / SUCCESS_FILE).write_text(json.dumps(change))
+        capsys.readouterr()
+        build_report(ReportConfig(predictions=str(out), html=str(tmp_path / f"{name}-page")))
+        said = f"warning: {out} is not a whole run ({why}): the page shows the rows it holds"
+        assert said in capsys.readouterr().err
+        pages[tmp_path / f"{name}-page"] = f"not a whole run ({why})"
+    for folder, shown in pages.items():
         visit = Visit(browser, folder)
         try:
             visit.assert_clean()
@@ -445,6 +453,10 @@ def test_report_refuses_unsafe_folders_and_overwrites_only_its_own(classified, t
     assert "--html" in err and "is inside the classification" in err
     err = expect_cli_error(capsys, ["report", out, "--html", str(classified["images"])])
     assert "contains its input" in err
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    err = expect_cli_error(capsys, ["report", out, "--html", str(a_file / "page")])
+    assert f"--html {a_file / 'page'} lies under {a_file}, which is a file" in err
     err = expect_cli_error(capsys, ["report", out, "--html", html])
     assert "not empty; pass --overwrite" in err
     stale = Path(html) / "thumbs" / ("0" * 32 + ".jpg")  # named as report names its own

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import resources
 
 from insectlib.data.label_table import SKIP_LABEL
-from insectlib.layout import REVIEW_SCRIPT, REVIEW_STYLE, SUCCESS_FILE
+from insectlib.layout import REVIEW_SCRIPT, REVIEW_STYLE
 from insectlib.review.selection import Selection
 
 # No inline script or style, no connections, no plugins, no <base>, no form submission.
@@ -101,7 +101,6 @@ def page_document(
         "histogram": _histogram(selection),
         "classes": selection.classes,
         "skip_label": SKIP_LABEL,
-        "success_file": SUCCESS_FILE,
         "gallery_size": selection.size,
         "images": images,
         "galleries": galleries,

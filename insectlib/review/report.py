@@ -1,9 +1,10 @@
 """`insect report OUT --html DIR`: the review page of a classification or an evaluation.
 
-Phases: `read_source` (what OUT is and what its small files say), `plan_page` (where the
-page may go and what `--overwrite` removes), one pass over the Parquet parts choosing the
-rows (`selection`), the thumbnails in Ray tasks (`thumbnails`), then the page: its script
-and style, and `index.html` last, so that a folder with an index.html holds a whole page.
+Phases: `read_source` (what OUT is and what its small files say), `plan_page` (whether the
+page may go where asked and what `--overwrite` removes), one pass over the Parquet parts
+choosing the rows (`selection`), the thumbnails in Ray tasks (`thumbnails`), then the page:
+its script and style, and `index.html` last, so that a folder with an index.html holds a
+whole page.
 """
 
 from __future__ import annotations
@@ -70,13 +71,14 @@ def read_json(uri: str, s3) -> dict | None:
 
 
 def read_run(predictions: str, s3) -> tuple[dict, list[str]]:
-    """The facts of a classification run (only `complete: False` for an output without
-    _SUCCESS) and the model's classes (from its _summary.json, which lists every one)."""
+    """The facts of a classification run (`complete`: whether it has a _SUCCESS; nothing
+    else without one) and the model's classes (from its _summary.json, which lists every
+    one)."""
     manifest = read_json(storage.join(predictions, SUCCESS_FILE), s3) or {}
     summary = (read_json(storage.join(predictions, SUMMARY_JSON), s3) or {}) if manifest else {}
-    run = {k: manifest[k] for k in RUN_FACTS if k in manifest}
+    run = {k: summary[k] for k in (*RUN_FACTS, *RUN_SPEED) if summary.get(k) is not None}
+    run.update({k: manifest[k] for k in RUN_FACTS if k in manifest})  # _SUCCESS's count first
     run["complete"] = bool(manifest)
-    run.update({k: summary[k] for k in (*RUN_FACTS, *RUN_SPEED) if summary.get(k) is not None})
     classes = summary.get("classes")
     return run, list(classes) if isinstance(classes, dict) else []
 
@@ -133,9 +135,9 @@ def read_truth(uri: str, s3) -> dict[str, str]:
 
 def plan_page(cfg: ReportConfig, source: Source) -> list[str]:
     """Refuse a page folder inside (or holding) the output or its inputs, or a non-empty
-    one without --overwrite; returns what --overwrite removes: only the page's own files
-    and thumbnails, refusing anything else there."""
-    storage.check_location(cfg.html, source.inputs, apart=tuple(source.inputs), flag="--html")
+    one without --overwrite (once `check_location` has refused one inside an input);
+    returns what --overwrite removes: only the page's own files and thumbnails, refusing
+    anything else there."""
     entries = outputs.list_entries(cfg.html, cfg.s3)
     if entries and not cfg.overwrite:
         raise InsectError(f"--html {cfg.html} is not empty; pass --overwrite to replace the page")
@@ -170,7 +172,19 @@ def choose_rows(cfg: ReportConfig, source: Source) -> tuple[selection.Selection,
     )  # fmt: skip
     check_matrix(source, chosen)
     row_format = source.run.get("row_format") or parts.row_format
-    return chosen, {**source.run, "row_format": row_format, "rows_read": chosen.rows}
+    run = {**source.run, "row_format": row_format, "rows_read": chosen.rows}
+    return chosen, {**run, "incomplete": not_whole(source, chosen)}
+
+
+def not_whole(source: Source, chosen: selection.Selection) -> str | None:
+    """Why the rows read are not a whole run, or None: no _SUCCESS, or fewer or more rows
+    in the complete parts than it counts (a part cut short, or removed, since)."""
+    if not source.run["complete"]:
+        return f"no {SUCCESS_FILE}: an interrupted or running insect {source.kind}"
+    said = source.run.get("rows")
+    if said is not None and said != chosen.rows:
+        return f"{SUCCESS_FILE} says {said} rows, its complete parts hold {chosen.rows}"
+    return None
 
 
 def build_report(cfg: ReportConfig) -> dict:
@@ -184,6 +198,8 @@ def build_report(cfg: ReportConfig) -> dict:
         seconds[phase], last[0] = now - last[0], now
 
     source = read_source(cfg.predictions, cfg.s3)
+    # Before the lock, which would refuse a --html it cannot make without naming the flag.
+    storage.check_location(cfg.html, source.inputs, tuple(source.inputs), cfg.s3, "--html")
     with output_lock(cfg.html, "report", cfg.s3, console.say):
         return _write_report(cfg, source, seconds, lap)
 
@@ -191,16 +207,16 @@ def build_report(cfg: ReportConfig) -> dict:
 def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict:
     """build_report's phases once the page folder is this run's alone."""
     removal = plan_page(cfg, source)
-    if not source.run["complete"]:
-        console.warn(
-            f"warning: {source.predictions} has no {SUCCESS_FILE} (an interrupted or running "
-            "insect classify): the page shows the rows written so far"
-        )
     chosen, run = choose_rows(cfg, source)
+    if run["incomplete"]:
+        console.warn(
+            f"warning: {source.predictions} is not a whole run ({run['incomplete']}): the "
+            "page shows the rows it holds"
+        )
     paths = chosen.paths()
     console.say(
         f"{console.counted(chosen.rows, 'row')} read: "
-        f"{console.counted(len(chosen.galleries), 'gallery', 'galleries')} show "
+        f"{console.counted(len(chosen.galleries), 'gallery', 'galleries')} of "
         f"{console.counted(len(paths), 'image')}; making their thumbnails"
     )
     lap("select")
@@ -253,7 +269,7 @@ def print_report(result: dict) -> None:
         f"{result['page']}: {console.counted(result['rows'], 'row')}, "
         f"{console.counted(result['galleries'], 'gallery', 'galleries')}, "
         f"{console.counted(result['thumbnails'], 'thumbnail')}"
-        + (f" ({result['without_thumbnail']} images could not be read)"
+        + (f" ({console.counted(result['without_thumbnail'], 'image')} could not be read)"
            if result["without_thumbnail"] else "")
         + f", {console.counted(result['errors'], 'error row')}; "
         + f"{result['seconds']:.1f} s ({phases})"

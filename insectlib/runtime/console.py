@@ -56,8 +56,10 @@ def advice(text: str) -> str:
 
 
 def counted(n: float, noun: str, plural: str = "") -> str:
-    """`n` with its noun as said: "1 gallery", "3 galleries" (`plural`, or noun + "s")."""
-    return f"{n:g} {noun if n == 1 else plural or noun + 's'}"
+    """`n` with its noun as said: "1 gallery", "3 galleries" (`plural`, or noun + "s");
+    whole numbers in full (not 1e+06), others as short as they go (0.5)."""
+    number = f"{int(n)}" if float(n).is_integer() else f"{n:g}"
+    return f"{number} {noun if n == 1 else plural or noun + 's'}"
 
 
 def say(text: str) -> None:

@@ -78,10 +78,11 @@ def _refusal(per_unit: dict, units: int, what: str, lower: str, waited: float) -
             "to a cluster with GPU nodes"
             + ("" if waited else " (an autoscaling one: with --wait-for-nodes SECONDS)")
         )
-    each = ", ".join(f"{amount:g} {name}" for name, amount in per_unit.items())
+    each = ", ".join(console.counted(amount, name) for name, amount in per_unit.items())
     after = f" after waiting {waited:g} s" if waited else ""
+    fit = "does not" if units == 1 else "do not"
     return (
-        f"{what} ({each} each) do not fit the cluster{after}: it has {describe_cluster()}; "
+        f"{what} ({each} each) {fit} fit the cluster{after}: it has {describe_cluster()}; "
         f"ask for less with {lower}"
         + ("" if waited else ", or give an autoscaling cluster --wait-for-nodes SECONDS")
     )

@@ -317,8 +317,10 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
     check_resources(per_worker, cfg.workers, what, lower, cfg.wait_for_nodes, cfg.placement)
     if cfg.gpu:
         console.say(
-            f"{cfg.workers} GPU workers, {cfg.cpus_per_worker:g} CPUs each: "
-            f"{cfg.loader_workers} decoding processes per worker"
+            f"{console.counted(cfg.workers, 'GPU worker')}, "
+            f"{console.counted(cfg.cpus_per_worker, 'CPU')} each: "
+            f"{console.counted(cfg.loader_workers, 'decoding process', 'decoding processes')} "
+            "per worker"
         )
     if not cfg.name:
         cfg = dataclasses.replace(cfg, name=new_run_name())

@@ -47,7 +47,7 @@
       ["not decided (below --min-score)", run.undecided ? count(run.undecided) : null],
       ["model", run.model],
       ["started", run.started],
-      ["finished", run.complete ? run.finished : `not yet (no ${data.success_file}): the rows so far`],
+      ["finished", run.incomplete ? `not a whole run (${run.incomplete})` : run.finished],
       ["seconds", run.seconds === undefined ? null : number(run.seconds, 1)],
       ["images per second", run.images_per_second ? number(run.images_per_second, 1) : null],
       ["--min-score", run.row_format ? run.row_format.min_score : null],
