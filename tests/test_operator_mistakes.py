@@ -236,6 +236,10 @@ def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, 
     print_summary(resumed)
     assert "(every one done before)" in capsys.readouterr().out
     assert json.loads((out / layout.SUCCESS_FILE).read_text())["inputs"] == len(unlabelled)
+    # An input removed since: --resume cannot mend that (it keeps rows), and says so.
+    fewer = ClassifyConfig(input=images, model=cfg.output, output=str(out), resume=True)
+    with pytest.raises(InsectError, match="rows of 1 input no longer in .* --overwrite classif"):
+        classify(fewer, paths=sorted(unlabelled)[:-1])
 
 
 def test_the_input_a_success_names_is_compared_only_where_it_is_absolute(tmp_path):

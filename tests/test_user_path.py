@@ -386,6 +386,17 @@ def test_training_writes_only_where_it_may(labelled_root, tmp_path, capsys):
     assert "--storage" in err and "is inside the data" in err
     err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(mine)])
     assert "is a folder; give a state-dict file" in err
+    # The run folder (--storage/--name): a folder, apart from --output.
+    runs = ["--storage", str(tmp_path)]
+    err = expect_cli_error(capsys, [*train, *out, *runs, "--name", "mine/notes.txt"])
+    assert f"the run folder of --name mine/notes.txt, {mine / 'notes.txt'}, is a file" in err
+    chain = tmp_path / "chain"  # a link to a link to nothing
+    chain.symlink_to(tmp_path / "gone")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    err = expect_cli_error(capsys, [*train, *out, *runs, "--name", "chain"])
+    assert f"is a link to {tmp_path / 'nowhere'}, which does not exist" in err
+    err = expect_cli_error(capsys, [*train, *out, *runs, "--name", "m"])
+    assert f"--output {tmp_path / 'm'} and the run folder of --name m" in err and "overlap" in err
     for text in ("hello", '{"classes": []}'):  # refused before Ray, not by torch's words
         (tmp_path / "w.pt").write_text(text)
         err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(tmp_path / "w.pt")])
@@ -414,12 +425,18 @@ def test_a_run_folder_takes_one_run_at_a_time(ray_local, labelled_root, tmp_path
         storage=str(runs), name="shared",
     )  # fmt: skip
     with lock.output_lock(str(runs / "shared"), "train"):
+        started = time.monotonic()
         with pytest.raises(InsectError) as refused:
             fit(cfg)
+        assert time.monotonic() - started < 15  # refused before Ray Train starts
     assert f"{runs / 'shared'} is in use by insect train" in str(refused.value)
     assert str(refused.value).endswith("wait for it to finish, or choose another --name")
     assert not (tmp_path / "m").exists() and not (runs / "shared").exists()
     assert new_run_name() != new_run_name()
+    with lock.output_lock(str(runs / "shared"), "train"):  # a resume has no other name
+        with pytest.raises(InsectError, match=r"wait for it to finish$"):
+            with lock.output_lock(str(runs / "shared"), "train", instead=None):
+                pass
 
 
 def test_classify_evaluate_visualize_refusals_before_ray(trained, tmp_path, capsys):

@@ -214,6 +214,13 @@ def finish(
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
     summary.shape = pool.record() if pool else None
     doubled = outputs.duplicated_paths(cfg.output, cfg.s3)
+    if rows > total and not doubled:  # each path once: rows of paths the listing lost
+        raise InsectError(
+            f"{cfg.output} has {rows} rows for {total} inputs, so no {SUCCESS_FILE} was "
+            f"written: it holds rows of {console.counted(rows - total, 'input')} no longer in "
+            f"{cfg.source} (removed since the run began), which --resume keeps; --overwrite "
+            "classifies it anew"
+        )
     if rows != total or doubled:
         raise InsectError(
             f"{cfg.output} has {rows} rows for {total} inputs"
@@ -420,7 +427,7 @@ def int8_for_run(cfg: ClassifyConfig, meta: ModelMeta) -> int8.Int8Model | None:
 def print_summary(s: ClassifySummary) -> None:
     before = f" ({s.already_done} done before)" if s.already_done else ""
     speed = f", {s.images_per_second:.1f} images/s{before}"
-    if s.already_done == s.inputs:  # nothing classified by this run
+    if s.already_done >= s.inputs:  # nothing classified by this run
         speed = " (every one done before)"
     console.say(
         f"{s.inputs} images -> {s.rows} rows ({s.errors} with errors) in {s.seconds:.1f} s"

@@ -43,7 +43,12 @@ from insectlib.storage.listing import (
     iter_tree,
     list_level,
 )
-from insectlib.storage.locations import check_location, check_not_inside, location_key
+from insectlib.storage.locations import (
+    check_location,
+    check_not_inside,
+    folder_problem,
+    location_key,
+)
 
 __all__ = [
     "FILE_ERRNOS",
@@ -57,6 +62,7 @@ __all__ = [
     "entry_name",
     "exists",
     "filesystem",
+    "folder_problem",
     "is_dir",
     "is_glob",
     "is_s3",

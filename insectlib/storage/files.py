@@ -228,7 +228,7 @@ def _not_a_folder_because(path: str, verb: str) -> str:
     except OSError as e:
         if e.errno == errno.ELOOP:
             return f"{verb} a link in a loop"
-        return f"{verb} a link to {os.readlink(path)}, which does not exist"
+        return f"{verb} a link to {os.path.realpath(path)}, which does not exist"
     return f"{verb} a link to a file"
 
 

@@ -12,7 +12,7 @@ from insectlib.storage.files import filesystem, is_s3, not_a_folder, user_errors
 from insectlib.storage.listing import is_glob
 
 
-def _not_a_folder(uri: str, s3: S3Options | None) -> str | None:
+def folder_problem(uri: str, s3: S3Options | None = None) -> str | None:
     """Why `uri` cannot be an output folder (see `files.not_a_folder`), None if it can."""
     if not is_s3(uri):
         return not_a_folder(os.path.expanduser(uri))
@@ -48,7 +48,7 @@ def check_location(
             f"{flag} {output} is a bucket root; write to a prefix such as "
             f"{output.rstrip('/')}/predictions"
         )
-    why = _not_a_folder(output, s3)
+    why = folder_problem(output, s3)
     if why:
         raise InsectError(f"{flag} {output} {why}; give a folder (or s3:// prefix)")
     out = location_key(output)

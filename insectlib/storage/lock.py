@@ -61,11 +61,11 @@ def output_lock(
     command: str,
     s3: S3Options | None = None,
     say=print,
-    instead: str = "choose another folder",
+    instead: str | None = "choose another folder",
 ) -> Iterator[OutputLock]:
     """Hold the lock of `output` for the block; refuse (InsectError) while another run
-    holds it, advising to wait or `instead`. `say` tells the user when a dead run's lock is
-    taken over."""
+    holds it, advising to wait (or `instead`, where there is another way). `say` tells the
+    user when a dead run's lock is taken over."""
     lock = S3Lock(output, s3) if is_s3(output) else LocalLock(output)
     lock.instead = instead
     taken_over = lock.acquire(holder(command))
@@ -81,12 +81,12 @@ class OutputLock:
     """The interface of a held lock."""
 
     output: str
-    instead = "choose another folder"  # the advice beside waiting, when it is held
+    instead: str | None = "choose another folder"  # the advice beside waiting, if any
 
     def busy(self, found: dict) -> str:
         """The refusal while `found` holds the lock."""
-        who = describe(found)
-        return f"{self.output} is in use by {who}: wait for it to finish, or {self.instead}"
+        other = f", or {self.instead}" if self.instead else ""
+        return f"{self.output} is in use by {describe(found)}: wait for it to finish{other}"
 
     def lost(self) -> str | None:
         """Why the lock is no longer ours (another run took it over), or None."""

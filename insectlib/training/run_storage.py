@@ -83,6 +83,22 @@ def write_run_record(cfg: TrainConfig, labelled: LabelledSet) -> None:
     storage.write_file(run_location(cfg), RUN_RECORD, text, cfg.s3)
 
 
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse a run folder (`--storage`/`--name`) that cannot be one (a file, a link to
+    nothing, under a file) or that overlaps `--output`: Ray Train's checkpoints and the
+    model would mix there."""
+    run = run_location(cfg)
+    why = storage.folder_problem(run, cfg.s3)
+    if why:
+        raise InsectError(f"the run folder of --name {cfg.name}, {run}, {why}; choose another")
+    out, folder = storage.location_key(cfg.output), storage.location_key(run)
+    if out == folder or out.startswith(folder + "/") or folder.startswith(out + "/"):
+        raise InsectError(
+            f"--output {cfg.output} and the run folder of --name {cfg.name} ({run}) overlap, "
+            "where the model and Ray Train's checkpoints would mix: choose another --output"
+        )
+
+
 def check_run_record(cfg: TrainConfig, labelled: LabelledSet) -> None:
     """Refuse to resume run `cfg.name` with other settings, weights or data than it began
     with, naming what differs."""

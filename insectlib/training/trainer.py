@@ -50,6 +50,7 @@ from insectlib.storage.lock import output_lock
 from insectlib.training.model_dir import write_model_dir
 from insectlib.training.run_storage import (
     DEFAULT_STORAGE,
+    check_run_folder,
     check_run_name,
     check_run_record,
     remove_unrecorded_checkpoints,
@@ -222,7 +223,8 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
             storage.check_location(location, protected, ("the data",), cfg.s3, flag)
             storage.check_bucket(location, cfg.s3)
     check_model_output(cfg)
-    from_start = check_run_name(cfg)
+    check_run_folder(cfg)
+    check_run_name(cfg)
     labelled = label_table.training_set(
         cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
     )
@@ -231,8 +233,6 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
             storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
     if cfg.resume:
         check_run_record(cfg, labelled)
-    if from_start:
-        console.say(f"run {run_location(cfg)} recorded no epoch before it stopped: from epoch 1")
     if cfg.weights == "imagenet":
         ensure_imagenet_weights(cfg.arch)  # here, once, rather than failing in every worker
     return labelled
@@ -260,6 +260,8 @@ def check_model_output(cfg: TrainConfig) -> None:
 
 def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
     """Fine-tune per `cfg` with Ray Train and write the model directory; returns its meta."""
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=new_run_name())
     labelled = labelled or preflight(cfg)
     console.say(
         f"{len(labelled.classes)} classes ({', '.join(labelled.classes)}): "
@@ -268,22 +270,25 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
     )
     if labelled.table:
         console.say(label_table.describe(labelled.table))
-    with output_lock(cfg.output, "train", cfg.s3, console.say):
+    # One run per run folder too: two runs of one --name (or two resumes of one run) would
+    # mix their checkpoints there.
+    another = None if cfg.resume else "choose another --name"
+    with (
+        output_lock(cfg.output, "train", cfg.s3, console.say),
+        output_lock(run_location(cfg), "train", cfg.s3, console.say, another),
+    ):
         check_model_output(cfg)  # again, now that no other run can write there
         # Ray Train asks the dashboard's State API each second whether the run's controller
         # lives (its placement group cleaner): without one, a warning each time.
         init_ray(cfg.address, dashboard=True)
         cfg = sized_run(cfg, labelled)
-        # One run per run folder: two runs with one --name (or resuming one) would mix
-        # their checkpoints there.
-        with output_lock(run_location(cfg), "train", cfg.s3, console.say, "choose another --name"):
-            begin_run(cfg, labelled)
-            run = progress.start()
-            with progress.follow(run):
-                result = run_trainer(cfg, labelled, run)
-            if (result.metrics or {}).get("problem"):
-                raise InsectError(result.metrics["problem"])
-            clean_up_checkpoints(cfg, result)
+        begin_run(cfg, labelled)
+        run = progress.start()
+        with progress.follow(run):
+            result = run_trainer(cfg, labelled, run)
+        if (result.metrics or {}).get("problem"):
+            raise InsectError(result.metrics["problem"])
+        clean_up_checkpoints(cfg, result)
         meta = read_meta(cfg.output, cfg.s3)
     accuracy = meta.epochs[-1]["val_accuracy"]
     console.say(
@@ -306,7 +311,7 @@ def clean_up_checkpoints(cfg: TrainConfig, result: ray.train.Result) -> None:
 
 
 def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
-    """`cfg` sized for the connected cluster and named."""
+    """`cfg` sized for the connected cluster."""
     locations = {"--storage": cfg.storage or DEFAULT_STORAGE, "--output": cfg.output}
     for warning in local_path_warnings(locations, cfg.address, live_nodes()):
         console.warn(warning)
@@ -322,8 +327,6 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
             f"{console.counted(cfg.loader_workers, 'decoding process', 'decoding processes')} "
             "per worker"
         )
-    if not cfg.name:
-        cfg = dataclasses.replace(cfg, name=new_run_name())
     return cfg
 
 
@@ -336,7 +339,8 @@ def new_run_name() -> str:
 def begin_run(cfg: TrainConfig, labelled: LabelledSet) -> None:
     """With the run folder held: a new run's record written, and where the run is said.
     Its name is checked again, as another run may have taken it since the preflight."""
-    check_run_name(cfg)
+    if check_run_name(cfg):
+        console.say(f"run {run_location(cfg)} recorded no epoch before it stopped: from epoch 1")
     if not cfg.resume:
         write_run_record(cfg, labelled)
         advice = console.advice(f"; if it stops, {resume_hint(cfg)}")
