@@ -410,7 +410,9 @@ class TrainConfig(RaySettings):
     storage: str | None = setting(
         None, help="Ray Train run storage, local or s3:// (default ~/ray_results)"
     )
-    name: str | None = setting(None, help="run name under --storage (default: insect-train-<time>)")
+    name: str | None = setting(
+        None, help="run name under --storage (default: insect-train-<time>-<random>)"
+    )
     resume: bool = setting(
         False, help="continue the stopped run --name in --storage from its latest checkpoint"
     )

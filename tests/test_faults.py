@@ -350,7 +350,7 @@ def test_a_run_stopped_before_its_first_epoch_is_resumed_from_the_start(tmp_path
     cfg = TrainConfig(data="d", storage=str(tmp_path / "runs"), name="r 1", resume=True)
     (tmp_path / "runs" / "r 1").mkdir(parents=True)
     (tmp_path / "runs" / "r 1" / RUN_RECORD).write_text("{}")
-    assert check_run_name(cfg) is True  # starts at epoch 1 (preflight says so)
+    assert check_run_name(cfg) is True  # starts at epoch 1 (begin_run says so)
     with pytest.raises(InsectError, match="no run to resume at"):
         check_run_name(dataclasses.replace(cfg, name="r2"))
     # The advice, pasted into a shell, names this run.

@@ -4,6 +4,7 @@ anything starts, and evaluation that is really held out. One test per way it fai
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -31,7 +32,8 @@ from insectlib.data.labels import EVALUATION_DIRS, discover
 from insectlib.errors import InsectError
 from insectlib.metrics import confidence
 from insectlib.storage import lock
-from insectlib.training.trainer import fit, new_run_name, unreadable_split
+from insectlib.training.run_storage import write_run_record
+from insectlib.training.trainer import fit, new_run_name, preflight, unreadable_split
 from insectlib.training.worker import ShardSampler
 from tests.conftest import BIN, REPO, expect_cli_error, run_cli
 
@@ -389,14 +391,14 @@ def test_training_writes_only_where_it_may(labelled_root, tmp_path, capsys):
     # The run folder (--storage/--name): a folder, apart from --output.
     runs = ["--storage", str(tmp_path)]
     err = expect_cli_error(capsys, [*train, *out, *runs, "--name", "mine/notes.txt"])
-    assert f"the run folder of --name mine/notes.txt, {mine / 'notes.txt'}, is a file" in err
+    assert f"the run folder {mine / 'notes.txt'} (--storage, --name) is a file" in err
     chain = tmp_path / "chain"  # a link to a link to nothing
     chain.symlink_to(tmp_path / "gone")
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     err = expect_cli_error(capsys, [*train, *out, *runs, "--name", "chain"])
     assert f"is a link to {tmp_path / 'nowhere'}, which does not exist" in err
     err = expect_cli_error(capsys, [*train, *out, *runs, "--name", "m"])
-    assert f"--output {tmp_path / 'm'} and the run folder of --name m" in err and "overlap" in err
+    assert f"--output {tmp_path / 'm'} and the run folder {tmp_path / 'm'} (--storage" in err
     for text in ("hello", '{"classes": []}'):  # refused before Ray, not by torch's words
         (tmp_path / "w.pt").write_text(text)
         err = expect_cli_error(capsys, ["train", data, *out, "--weights", str(tmp_path / "w.pt")])
@@ -433,10 +435,11 @@ def test_a_run_folder_takes_one_run_at_a_time(ray_local, labelled_root, tmp_path
     assert str(refused.value).endswith("wait for it to finish, or choose another --name")
     assert not (tmp_path / "m").exists() and not (runs / "shared").exists()
     assert new_run_name() != new_run_name()
-    with lock.output_lock(str(runs / "shared"), "train"):  # a resume has no other name
-        with pytest.raises(InsectError, match=r"wait for it to finish$"):
-            with lock.output_lock(str(runs / "shared"), "train", instead=None):
-                pass
+    # A resume of a run still going (its record written) has no other name: it waits.
+    write_run_record(cfg, preflight(cfg))
+    with lock.output_lock(str(runs / "shared"), "train"):
+        with pytest.raises(InsectError, match=r"is in use by insect train .*finish$"):
+            fit(dataclasses.replace(cfg, resume=True))
 
 
 def test_classify_evaluate_visualize_refusals_before_ray(trained, tmp_path, capsys):

@@ -157,7 +157,8 @@ def list_inputs(
     listed = dataset.read_inputs(plan.parts, cfg.batch_size, cfg.s3, run, block_size)
     with ray_task_errors():  # these run the listing now: its errors in one line
         if resuming:
-            console.say(f"resuming: {done.rows} inputs already done; finding those without a row")
+            already = console.counted(done.rows, "input")
+            console.say(f"resuming: {already} already done; finding those without a row")
             todo = dataset.skip_done(listed, done, cfg)
             return todo, todo.count()
         if row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
@@ -224,7 +225,11 @@ def finish(
     if rows != total or doubled:
         raise InsectError(
             f"{cfg.output} has {rows} rows for {total} inputs"
-            + (f", {len(doubled)} paths with more than one row" if doubled else "")
+            + (
+                f", {console.counted(len(doubled), 'path')} with more than one row"
+                if doubled
+                else ""
+            )
             + f", so no {SUCCESS_FILE} was written: inputs were added or removed since the "
             "run began, or rows are missing or repeated; run again with --resume (it removes "
             "repeated rows and classifies what has no row), or --overwrite to start over"

@@ -139,7 +139,7 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
     its parts (with `_SUCCESS`'s inputs and times, when it has a true one)."""
     found = {outputs.entry_name(e) for e in outputs.list_entries(output, s3)}
     manifest = _manifest(output, s3) if layout.SUCCESS_FILE in found else None
-    stale = _stale_success(output, manifest, s3) if manifest is not None else None
+    stale = stale_success(output, manifest.get("rows"), s3) if manifest is not None else None
     if stale:
         return {**summarize(output, s3), "complete": False, "problem": stale}
     if layout.SUMMARY_JSON in found and manifest is not None:
@@ -172,13 +172,13 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
     return summary
 
 
-def _stale_success(output: str, manifest: dict, s3: storage.S3Options) -> str | None:
-    """Why `_SUCCESS` is no longer true of the parts (the rows it counts, each path once:
-    what it was written for), or None. The parts' footers are read once for both."""
+def stale_success(output: str, rows: int | None, s3: storage.S3Options) -> str | None:
+    """Why a `_SUCCESS` counting `rows` is no longer true of the parts (that many rows,
+    each path once: what it was written for), or None. The footers are read once for both."""
     footers = _part_footers(output, s3)
     complete = sorted(name for name, footer in footers.items() if footer is not None)
-    if manifest.get("rows") != sum(footers[name].num_rows for name in complete):
-        said = f"{layout.SUCCESS_FILE} says {manifest.get('rows')} rows"
+    if rows != sum(footers[name].num_rows for name in complete):
+        said = f"{layout.SUCCESS_FILE} says {rows} rows"
         return f"{said}, the parts differ{_cut_short(footers)}"
     repeated = duplicates.duplicates(storage.filesystem(output, s3)[0], complete)
     if repeated:

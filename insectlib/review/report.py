@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from insectlib import storage
-from insectlib.classify import outputs
+from insectlib.classify import outputs, summary
 from insectlib.config import ReportConfig
 from insectlib.errors import InsectError
 from insectlib.layout import (
@@ -75,11 +75,11 @@ def read_run(predictions: str, s3) -> tuple[dict, list[str]]:
     else without one) and the model's classes (from its _summary.json, which lists every
     one)."""
     manifest = read_json(storage.join(predictions, SUCCESS_FILE), s3) or {}
-    summary = (read_json(storage.join(predictions, SUMMARY_JSON), s3) or {}) if manifest else {}
-    run = {k: summary[k] for k in (*RUN_FACTS, *RUN_SPEED) if summary.get(k) is not None}
+    written = (read_json(storage.join(predictions, SUMMARY_JSON), s3) or {}) if manifest else {}
+    run = {k: written[k] for k in (*RUN_FACTS, *RUN_SPEED) if written.get(k) is not None}
     run.update({k: manifest[k] for k in RUN_FACTS if k in manifest})  # _SUCCESS's count first
     run["complete"] = bool(manifest)
-    classes = summary.get("classes")
+    classes = written.get("classes")
     return run, list(classes) if isinstance(classes, dict) else []
 
 
@@ -134,10 +134,9 @@ def read_truth(uri: str, s3) -> dict[str, str]:
 
 
 def plan_page(cfg: ReportConfig, source: Source) -> list[str]:
-    """Refuse a page folder inside (or holding) the output or its inputs, or a non-empty
-    one without --overwrite (once `check_location` has refused one inside an input);
-    returns what --overwrite removes: only the page's own files and thumbnails, refusing
-    anything else there."""
+    """Refuse a non-empty page folder without --overwrite (`build_report` has checked it
+    is apart from the output and its inputs); returns what --overwrite removes: only the
+    page's own files and thumbnails, refusing anything else there."""
     entries = outputs.list_entries(cfg.html, cfg.s3)
     if entries and not cfg.overwrite:
         raise InsectError(f"--html {cfg.html} is not empty; pass --overwrite to replace the page")
@@ -173,18 +172,15 @@ def choose_rows(cfg: ReportConfig, source: Source) -> tuple[selection.Selection,
     check_matrix(source, chosen)
     row_format = source.run.get("row_format") or parts.row_format
     run = {**source.run, "row_format": row_format, "rows_read": chosen.rows}
-    return chosen, {**run, "incomplete": not_whole(source, chosen)}
+    return chosen, {**run, "incomplete": not_whole(source, cfg.s3)}
 
 
-def not_whole(source: Source, chosen: selection.Selection) -> str | None:
-    """Why the rows read are not a whole run, or None: no _SUCCESS, or fewer or more rows
-    in the complete parts than it counts (a part cut short, or removed, since)."""
+def not_whole(source: Source, s3) -> str | None:
+    """Why the parts are not a whole run, or None: no _SUCCESS, or one no longer true of
+    them (as `insect summary` judges it: a part cut short or removed, a path twice)."""
     if not source.run["complete"]:
         return f"no {SUCCESS_FILE}: an interrupted or running insect {source.kind}"
-    said = source.run.get("rows")
-    if said is not None and said != chosen.rows:
-        return f"{SUCCESS_FILE} says {said} rows, its complete parts hold {chosen.rows}"
-    return None
+    return summary.stale_success(source.predictions, source.run.get("rows"), s3)
 
 
 def build_report(cfg: ReportConfig) -> dict:
@@ -216,8 +212,8 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
     paths = chosen.paths()
     console.say(
         f"{console.counted(chosen.rows, 'row')} read: "
-        f"{console.counted(len(chosen.galleries), 'gallery', 'galleries')} of "
-        f"{console.counted(len(paths), 'image')}; making their thumbnails"
+        f"{console.counted(len(chosen.galleries), 'gallery', 'galleries')}, "
+        f"{console.counted(len(paths), 'image')} in them; making their thumbnails"
     )
     lap("select")
     init_ray(cfg.address)

@@ -210,26 +210,26 @@ def not_a_folder(path: str) -> str | None:
     if os.path.isdir(path):
         return None
     if os.path.lexists(path):
-        return _not_a_folder_because(path, "is")
+        return _not_a_folder_because(path)
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if os.path.isdir(parent):
         return None
-    return f"lies under {parent}, which " + _not_a_folder_because(parent, "is")
+    return f"lies under {parent}, which " + _not_a_folder_because(parent)
 
 
-def _not_a_folder_because(path: str, verb: str) -> str:
+def _not_a_folder_because(path: str) -> str:
     """What the existing `path`, not a folder, is (a link to nothing or in a loop, a file)."""
     if not os.path.islink(path):
-        return f"{verb} a file"
+        return "is a file"
     try:
         os.path.realpath(path, strict=True)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            return f"{verb} a link in a loop"
-        return f"{verb} a link to {os.path.realpath(path)}, which does not exist"
-    return f"{verb} a link to a file"
+            return "is a link in a loop"
+        return f"is a link to {os.path.realpath(path)}, which does not exist"
+    return "is a link to a file"
 
 
 def printable(path: str) -> str:

@@ -90,11 +90,13 @@ def check_run_folder(cfg: TrainConfig) -> None:
     run = run_location(cfg)
     why = storage.folder_problem(run, cfg.s3)
     if why:
-        raise InsectError(f"the run folder of --name {cfg.name}, {run}, {why}; choose another")
+        raise InsectError(
+            f"the run folder {run} (--storage, --name) {why}; choose another --storage or --name"
+        )
     out, folder = storage.location_key(cfg.output), storage.location_key(run)
     if out == folder or out.startswith(folder + "/") or folder.startswith(out + "/"):
         raise InsectError(
-            f"--output {cfg.output} and the run folder of --name {cfg.name} ({run}) overlap, "
+            f"--output {cfg.output} and the run folder {run} (--storage, --name) overlap, "
             "where the model and Ray Train's checkpoints would mix: choose another --output"
         )
 

@@ -260,7 +260,7 @@ def check_model_output(cfg: TrainConfig) -> None:
 
 def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
     """Fine-tune per `cfg` with Ray Train and write the model directory; returns its meta."""
-    if not cfg.name:
+    if not cfg.name and not cfg.resume:  # a --resume without --name: validate says so
         cfg = dataclasses.replace(cfg, name=new_run_name())
     labelled = labelled or preflight(cfg)
     console.say(
@@ -271,11 +271,11 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
     if labelled.table:
         console.say(label_table.describe(labelled.table))
     # One run per run folder too: two runs of one --name (or two resumes of one run) would
-    # mix their checkpoints there.
+    # mix their checkpoints there. Its lock first: a resume of a running run is told to wait.
     another = None if cfg.resume else "choose another --name"
     with (
-        output_lock(cfg.output, "train", cfg.s3, console.say),
-        output_lock(run_location(cfg), "train", cfg.s3, console.say, another),
+        output_lock(run_location(cfg), "train", cfg.s3, console.say, another) as run_held,
+        output_lock(cfg.output, "train", cfg.s3, console.say) as output_held,
     ):
         check_model_output(cfg)  # again, now that no other run can write there
         # Ray Train asks the dashboard's State API each second whether the run's controller
@@ -288,6 +288,8 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
             result = run_trainer(cfg, labelled, run)
         if (result.metrics or {}).get("problem"):
             raise InsectError(result.metrics["problem"])
+        for held in (run_held, output_held):  # taken over (S3): not ours to clean up
+            held.check()
         clean_up_checkpoints(cfg, result)
         meta = read_meta(cfg.output, cfg.s3)
     accuracy = meta.epochs[-1]["val_accuracy"]
