@@ -214,26 +214,7 @@ def finish(
     already = done.rows if done is not None else 0
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
     summary.shape = pool.record() if pool else None
-    doubled = outputs.duplicated_paths(cfg.output, cfg.s3)
-    if rows > total and not doubled:  # each path once: rows of paths the listing lost
-        raise InsectError(
-            f"{cfg.output} has {rows} rows for {total} inputs, so no {SUCCESS_FILE} was "
-            f"written: it holds rows of {console.counted(rows - total, 'input')} no longer in "
-            f"{cfg.source} (removed since the run began), which --resume keeps; --overwrite "
-            "classifies it anew"
-        )
-    if rows != total or doubled:
-        raise InsectError(
-            f"{cfg.output} has {rows} rows for {total} inputs"
-            + (
-                f", {console.counted(len(doubled), 'path')} with more than one row"
-                if doubled
-                else ""
-            )
-            + f", so no {SUCCESS_FILE} was written: inputs were added or removed since the "
-            "run began, or rows are missing or repeated; run again with --resume (it removes "
-            "repeated rows and classifies what has no row), or --overwrite to start over"
-        )
+    check_rows(cfg, rows, total)
     manifest = {
         "inputs": total,
         "rows": rows,
@@ -263,6 +244,31 @@ def finish(
             f"than --max-error-fraction {cfg.max_error_fraction}; every row is in {cfg.output}"
         )
     return summary
+
+
+def check_rows(cfg: ClassifyConfig, rows: int, total: int) -> None:
+    """Refuse (no `_SUCCESS`) an output whose rows are not one per listed input, saying
+    what mends it."""
+    doubled = outputs.duplicated_paths(cfg.output, cfg.s3)
+    if rows > total and not doubled:  # each path once: rows of paths the listing lost
+        raise InsectError(
+            f"{cfg.output} has {rows} rows for {total} inputs, so no {SUCCESS_FILE} was "
+            f"written: it holds rows of {console.counted(rows - total, 'input')} no longer in "
+            f"{cfg.source} (removed since the run began), which --resume keeps; --overwrite "
+            "classifies it anew"
+        )
+    if rows != total or doubled:
+        raise InsectError(
+            f"{cfg.output} has {rows} rows for {total} inputs"
+            + (
+                f", {console.counted(len(doubled), 'path')} with more than one row"
+                if doubled
+                else ""
+            )
+            + f", so no {SUCCESS_FILE} was written: inputs were added or removed since the "
+            "run began, or rows are missing or repeated; run again with --resume (it removes "
+            "repeated rows and classifies what has no row), or --overwrite to start over"
+        )
 
 
 def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
