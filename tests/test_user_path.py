@@ -204,7 +204,8 @@ def test_the_readmes_commands_from_another_folder(trained, labelled_root, unlabe
     assert re.search(r"epoch 1/1: step 1/\d+, [\d.]+ img/s", train), train
     assert "epoch 1/1: train loss" in train and "validation accuracy" in train
     # An unnamed run's generated name, for a --resume after a kill (no line then).
-    assert re.search(r"^run \S+/insect-train-[\d-]+; if it stops, --resume --name", train, re.M)
+    named = r"^run \S+/insect-train-[\d-]+-[0-9a-f]{6}; if it stops, --resume --name"
+    assert re.search(named, train, re.M), train
     assert f"{n} images -> {n} rows (0 with errors)" in classified.stdout
     bar = rf"classified: 100%.*\b{n}/{n} \[.*img/s\]"
     assert re.search(bar, classified.stderr), classified.stderr
