@@ -199,11 +199,20 @@ def remove(output: str, names: list[str], s3: storage.S3Options) -> None:
             fs.rm_file(name)
 
 
-def duplicated_paths(output: str, s3: storage.S3Options) -> dict[str, list[str]]:
-    """{path: parts} of the paths with more than one row among insect's complete parts."""
+def part_footers(output: str, s3: storage.S3Options) -> dict[str, pq.FileMetaData | None]:
+    """Each of insect's parts in `output` by name, with its footer (see `check_parts`)."""
     fs, _ = storage.filesystem(output, s3)
-    footers = check_parts(fs, part_entries(list_entries(output, s3)))
-    return duplicates.duplicates(fs, sorted(name for name, f in footers.items() if f))
+    return check_parts(fs, part_entries(list_entries(output, s3)))
+
+
+def duplicated_paths(
+    output: str, s3: storage.S3Options, footers: dict | None = None
+) -> dict[str, list[str]]:
+    """{path: parts} of the paths with more than one row among insect's complete parts
+    (`footers`: `part_footers`, where read already)."""
+    footers = part_footers(output, s3) if footers is None else footers
+    complete = sorted(name for name, f in footers.items() if f is not None)
+    return duplicates.duplicates(storage.filesystem(output, s3)[0], complete)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset
 
 from insectlib import layout, storage
-from insectlib.classify import duplicates, outputs
+from insectlib.classify import outputs
 from insectlib.config import SummaryConfig
 from insectlib.errors import InsectError
 
@@ -40,15 +40,19 @@ def _add_counts(into: dict[str, int], column) -> None:
             into[item["values"]] = into.get(item["values"], 0) + item["counts"]
 
 
-def summarize(output: str, s3: storage.S3Options, classes: list[str] | None = None) -> dict:
+def summarize(
+    output: str,
+    s3: storage.S3Options,
+    classes: list[str] | None = None,
+    footers: dict | None = None,
+) -> dict:
     """Counts over insect's parts in `output`: rows, errors and errors by kind, rows not
     decided (below --min-score), rows per predicted class (every one of `classes`, even
-    at 0) and the histogram of scores."""
-    fs, _ = storage.filesystem(output, s3)
-    parts = outputs.part_entries(outputs.list_entries(output, s3))
+    at 0) and the histogram of scores (`footers`: `outputs.part_footers`, where read)."""
     # Footers first: a file named like a part with other columns is refused, and a part an
     # interrupted writer left without a footer holds no rows yet.
-    names = [name for name, footer in outputs.check_parts(fs, parts).items() if footer]
+    footers = outputs.part_footers(output, s3) if footers is None else footers
+    names = [name for name, footer in footers.items() if footer is not None]
     per_class = dict.fromkeys(classes or [], 0)
     errors: dict[str, int] = {}
     edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
@@ -139,9 +143,12 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
     its parts (with `_SUCCESS`'s inputs and times, when it has a true one)."""
     found = {outputs.entry_name(e) for e in outputs.list_entries(output, s3)}
     manifest = _manifest(output, s3) if layout.SUCCESS_FILE in found else None
-    stale = stale_success(output, manifest.get("rows"), s3) if manifest is not None else None
+    footers = outputs.part_footers(output, s3)  # read once for every judgement below
+    stale = None
+    if manifest is not None:
+        stale = stale_success(output, manifest.get("rows"), s3, footers)
     if stale:
-        return {**summarize(output, s3), "complete": False, "problem": stale}
+        return {**summarize(output, s3, footers=footers), "complete": False, "problem": stale}
     if layout.SUMMARY_JSON in found and manifest is not None:
         # Written after _SUCCESS; without it, it is a stale one from before a resume.
         uri = storage.join(output, layout.SUMMARY_JSON)
@@ -151,9 +158,9 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
             except ValueError as e:
                 raise InsectError(f"{uri} is not a valid insect summary: {e}") from None
         return {**_checked(summary, uri), "complete": True}
-    summary = summarize(output, s3)
+    summary = summarize(output, s3, footers=footers)
     if manifest is None:
-        cut = _cut_short(_part_footers(output, s3))
+        cut = _cut_short(footers)
         if not summary["rows"]:
             if not found and not storage.exists(output, s3):
                 raise InsectError(f"{output} does not exist")
@@ -172,24 +179,21 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
     return summary
 
 
-def stale_success(output: str, rows: int | None, s3: storage.S3Options) -> str | None:
+def stale_success(
+    output: str, rows: int | None, s3: storage.S3Options, footers: dict | None = None
+) -> str | None:
     """Why a `_SUCCESS` counting `rows` is no longer true of the parts (that many rows,
-    each path once: what it was written for), or None. The footers are read once for both."""
-    footers = _part_footers(output, s3)
-    complete = sorted(name for name, footer in footers.items() if footer is not None)
-    if rows != sum(footers[name].num_rows for name in complete):
+    each path once: what it was written for), or None (`footers`: `outputs.part_footers`,
+    where read already; read once for both judgements)."""
+    footers = outputs.part_footers(output, s3) if footers is None else footers
+    complete = [footer for footer in footers.values() if footer is not None]
+    if rows != sum(footer.num_rows for footer in complete):
         said = f"{layout.SUCCESS_FILE} says {rows} rows"
         return f"{said}, the parts differ{_cut_short(footers)}"
-    repeated = duplicates.duplicates(storage.filesystem(output, s3)[0], complete)
+    repeated = outputs.duplicated_paths(output, s3, footers)
     if repeated:
         return f"paths with more than one row: {len(repeated)}; run again with --resume"
     return None
-
-
-def _part_footers(output: str, s3: storage.S3Options) -> dict:
-    """Each part's footer by name (None where it has none; see `outputs.check_parts`)."""
-    fs, _ = storage.filesystem(output, s3)
-    return outputs.check_parts(fs, outputs.part_entries(outputs.list_entries(output, s3)))
 
 
 def _cut_short(footers: dict) -> str:

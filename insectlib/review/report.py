@@ -172,15 +172,16 @@ def choose_rows(cfg: ReportConfig, source: Source) -> tuple[selection.Selection,
     check_matrix(source, chosen)
     row_format = source.run.get("row_format") or parts.row_format
     run = {**source.run, "row_format": row_format, "rows_read": chosen.rows}
-    return chosen, {**run, "incomplete": not_whole(source, cfg.s3)}
+    return chosen, {**run, "incomplete": not_whole(source, parts, cfg.s3)}
 
 
-def not_whole(source: Source, s3) -> str | None:
+def not_whole(source: Source, parts: selection.Parts, s3) -> str | None:
     """Why the parts are not a whole run, or None: no _SUCCESS, or one no longer true of
     them (as `insect summary` judges it: a part cut short or removed, a path twice)."""
     if not source.run["complete"]:
         return f"no {SUCCESS_FILE}: an interrupted or running insect {source.kind}"
-    return summary.stale_success(source.predictions, source.run.get("rows"), s3)
+    rows = source.run.get("rows")
+    return summary.stale_success(source.predictions, rows, s3, parts.footers)
 
 
 def build_report(cfg: ReportConfig) -> dict:

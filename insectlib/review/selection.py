@@ -88,21 +88,21 @@ class Parts:
     names: list[str]
     columns: list[str]
     row_format: dict
+    footers: dict  # every part's, None where it has none (`outputs.part_footers`)
 
 
 def find_parts(output: str, s3: storage.S3Options) -> Parts:
     """The complete parts of `output` (footers checked as `insect summary` checks them)."""
-    fs, _ = storage.filesystem(output, s3)
-    footers = outputs.check_parts(fs, outputs.part_entries(outputs.list_entries(output, s3)))
+    footers = outputs.part_footers(output, s3)
     names = sorted(name for name, footer in footers.items() if footer is not None)
     if not names:
-        return Parts([], list(READ_COLUMNS), {})
+        return Parts([], list(READ_COLUMNS), {}, footers)
     footer = footers[names[0]]
     present = set(footer.schema.to_arrow_schema().names)
     columns = [c for c in (*READ_COLUMNS, *OPTIONAL_COLUMNS) if c in present]
     if "decided" in present:  # --min-score: the guess of an undecided row is its argmax
         columns.append("probabilities")
-    return Parts(names, columns, outputs.row_format_of(footer, {}))
+    return Parts(names, columns, outputs.row_format_of(footer, {}), footers)
 
 
 def batches(output: str, parts: Parts, s3: storage.S3Options):
