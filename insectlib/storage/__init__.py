@@ -48,6 +48,7 @@ from insectlib.storage.locations import (
     check_not_inside,
     folder_problem,
     location_key,
+    within,
 )
 
 __all__ = [
@@ -83,6 +84,7 @@ __all__ = [
     "sha256",
     "to_uri",
     "user_errors",
+    "within",
     "write_bytes",
     "write_file",
 ]

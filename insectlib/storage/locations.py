@@ -32,6 +32,12 @@ def location_key(uri: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
+def within(uri: str, location: str) -> bool:
+    """Whether `uri` is `location` or lies inside it (compared as `location_key`s)."""
+    inner, outer = location_key(uri), location_key(location).rstrip("/")
+    return inner == outer or inner.startswith(outer + "/")
+
+
 def check_location(
     output: str,
     protected: dict[str, str],
@@ -51,10 +57,8 @@ def check_location(
     why = folder_problem(output, s3)
     if why:
         raise InsectError(f"{flag} {output} {why}; give a folder (or s3:// prefix)")
-    out = location_key(output)
     for what, uri in protected.items():
-        inside = location_key(uri)
-        if inside == out or inside.startswith(out.rstrip("/") + "/"):
+        if within(uri, output):
             raise InsectError(f"{flag} {output} contains {what} ({uri}): choose another {flag}")
         if what in apart:
             check_not_inside(output, uri, what, flag)
@@ -63,8 +67,7 @@ def check_location(
 def check_not_inside(output: str, location: str, what: str, flag: str = "--output") -> None:
     """Refuse an output in (or inside) `location`, where its files would be read as inputs
     by the next run over it."""
-    out, inside = location_key(output), location_key(location)
-    if out == inside or out.startswith(inside.rstrip("/") + "/"):
+    if within(output, location):
         raise InsectError(
             f"{flag} {output} is inside {what} ({location}), where its files would be taken "
             f"for that one's own next time: choose a {flag} outside it"

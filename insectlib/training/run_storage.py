@@ -93,8 +93,7 @@ def check_run_folder(cfg: TrainConfig) -> None:
         raise InsectError(
             f"the run folder {run} (--storage, --name) {why}; choose another --storage or --name"
         )
-    out, folder = storage.location_key(cfg.output), storage.location_key(run)
-    if out == folder or out.startswith(folder + "/") or folder.startswith(out + "/"):
+    if storage.within(cfg.output, run) or storage.within(run, cfg.output):
         raise InsectError(
             f"--output {cfg.output} and the run folder {run} (--storage, --name) overlap, "
             "where the model and Ray Train's checkpoints would mix: choose another --output"
