@@ -24,7 +24,7 @@ from insectlib.config import ClassifyConfig
 from insectlib.errors import ImageError, StorageUnavailable
 from insectlib.model.meta import read_meta
 from insectlib.model.network import build_model
-from insectlib.storage import retry
+from insectlib.storage import buckets, retry
 from insectlib.training.trainer import fit
 from tests.conftest import expect_cli_error, run_cli, small_train_config, upload_tree, wait_for
 from tests.s3server import free_port
@@ -142,10 +142,13 @@ def test_weights_from_s3(s3_server):
         assert torch.equal(m.conv1.weight, base.conv1.weight) and m.fc.out_features == 3
 
 
-def test_listing_3000_objects_uses_paginated_requests(s3_server, tmp_path):
+def test_listing_many_objects_uses_paginated_requests(s3_server, monkeypatch):
+    """A listing is one ListObjectsV2 request a page and nothing per key. Pages of 100 keys
+    here, not S3's 1,000: three pages of 300 objects rather than of 3,000 uploaded."""
+    monkeypatch.setattr(buckets, "PAGE_KEYS", 100)
     client = s3_server.client()
     client.create_bucket(Bucket="insect-many")
-    keys = [f"many/{i // 1000}/{i:05d}.jpg" for i in range(3_000)]
+    keys = [f"many/{i // 100}/{i:05d}.jpg" for i in range(300)]
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda k: client.put_object(Bucket="insect-many", Key=k, Body=b"x"), keys))
     log = s3_server._log.name
@@ -156,8 +159,9 @@ def test_listing_3000_objects_uses_paginated_requests(s3_server, tmp_path):
         f.seek(before)
         requests = [line for line in f if "insect-many" in line]
     list_calls = [r for r in requests if "list-type=2" in r]
-    # 1,000 keys a page: three pages, perhaps a last empty one, and nothing else per key.
+    # Three pages, perhaps a last empty one, and nothing else per key.
     assert 3 <= len(list_calls) <= 4 and len(requests) <= 5, requests[:20]
+    assert all("max-keys=100" in r for r in list_calls), list_calls
 
 
 def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):

@@ -286,16 +286,34 @@ def _form_encode(key: str) -> str:
     return urllib.parse.quote_plus(key, safe="/")
 
 
-@pytest.mark.parametrize("name", ["list.txt", "list.csv", "list.parquet", "CSV", "Parquet", "ORC"])
+MANIFESTS = ["list.txt", "list.csv", "list.parquet", "CSV", "Parquet", "ORC"]
+
+
+def _manifest(manifests: dict, name: str) -> tuple[str, list[str]]:
+    """The manifest's URI, and the paths it names that must each get a row."""
+    if name in ("CSV", "Parquet", "ORC"):  # S3 Inventory reports
+        return f"s3://insect-inventory/inv/{name}/manifest.json", manifests["inventory"]
+    return str(manifests["dir"] / name), manifests["listed"]
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_every_manifest_format_lists_exactly_its_inputs(manifests, name):
+    """What the run's listing tasks read from each format (`read_part`, each task's own
+    function, here without Ray): every path once, an old version, a delete marker and a
+    non-image key of an inventory left out."""
+    uri, expected = _manifest(manifests, name)
+    parts = inputs.plan_manifest(uri, S3)
+    tables = [t for i, part in enumerate(parts) for t in inputs.read_part(i, part, 4, S3, None)]
+    listed = [p for t in tables for p in t.column("path").to_pylist()]
+    assert sorted(listed) == sorted(expected)
+
+
+# Through Ray: a local list and an S3 Inventory report (the formats differ only in what
+# their listing tasks read, above).
+@pytest.mark.parametrize("name", ["list.txt", "CSV"])
 def test_manifest_inputs(trained, manifests, tmp_path, name):
     cfg, meta = trained
-    inventory = name in ("CSV", "Parquet", "ORC")
-    uri = (
-        f"s3://insect-inventory/inv/{name}/manifest.json"
-        if inventory
-        else str(manifests["dir"] / name)
-    )
-    expected = manifests["inventory"] if inventory else manifests["listed"]
+    uri, expected = _manifest(manifests, name)
     out = tmp_path / "out"
     s = classify(ClassifyConfig(input="", manifest=uri, model=cfg.output, output=str(out)))
     assert s.inputs == s.rows == len(expected)
