@@ -19,7 +19,7 @@ import ray
 from insectlib import storage
 from insectlib.errors import InsectError
 from insectlib.model.meta import read_meta
-from tests.conftest import BIN, REPO, descends_from, run_cli, upload_tree
+from tests.conftest import BIN, REPO, descends_from, expect_cli_error, run_cli, upload_tree
 
 SMALL = [
     "--arch",
@@ -236,6 +236,61 @@ def test_an_ipv6_address_in_rays_brackets_is_reachable():
         pytest.skip("no IPv6 loopback here")
     with server:
         connect.check_reachable(f"[::1]:{server.getsockname()[1]}", "$RAY_ADDRESS")
+
+
+# What ray.init raises when the cluster's Ray Client server fails to start the connection's
+# session (ray-project/ray#63202: a few percent of connections; seen in this suite).
+SESSION_NOT_STARTED = ConnectionAbortedError(
+    "Initialization failure from server:\nTraceback (most recent call last):\n"
+    '  File "proxier.py", line 772, in Datapath\n    raise RuntimeError(\n'
+    "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for "
+    "detailed logs.\n"
+)
+
+
+def test_a_ray_client_session_the_cluster_failed_to_start_is_asked_for_again(
+    monkeypatch, capsys, tmp_path
+):
+    """ray://: a session the client server failed to start is asked for again (twice at
+    most); the last failure, or any other, is one line naming the address, not a traceback."""
+    from insectlib.runtime import connect
+
+    calls = []
+
+    def init(failures: int, error: Exception):
+        def fake(**kwargs):
+            calls.append("init")
+            if calls.count("init") <= failures:
+                raise error
+
+        return fake
+
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(ray, "init", init(2, SESSION_NOT_STARTED))
+    connect.connect_client("ray://127.0.0.1:1")
+    assert calls == ["init", "shutdown", "init", "shutdown", "init"]
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", init(3, SESSION_NOT_STARTED))
+    argv = ["classify", "in", "--model", "m", "--output", str(tmp_path / "o")]
+    argv += ["--address", "ray://127.0.0.1:1"]
+    assert expect_cli_error(capsys, argv) == (
+        "insect: error: cannot connect to Ray at ray://127.0.0.1:1: ConnectionAbortedError: "
+        "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for "
+        "detailed logs. (3 tries)"
+    )
+    assert calls.count("init") == 3
+
+    # A client without the cluster's token times out (as Ray 2.60 does, after 30 s).
+    calls.clear()
+    monkeypatch.setattr(ray, "init", init(1, ConnectionError("ray client connection timeout")))
+    with pytest.raises(InsectError) as refused:
+        connect.connect_client("ray://127.0.0.1:1")
+    assert calls == ["init"]  # not asked again: it would fail the same way
+    assert str(refused.value).startswith(
+        "cannot connect to Ray at ray://127.0.0.1:1: ConnectionError: ray client connection "
+        "timeout; check --address and, where the cluster uses token authentication"
+    )
 
 
 def _command_lines_under(ancestor: int) -> list[str]:

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -78,7 +79,10 @@ def check_reachable(address: str | None, source: str = "--address") -> None:
 
 def connection_problem(address: str, error: Exception) -> str:
     """One line on why connecting to the Ray cluster at `address` failed."""
-    text = " ".join(str(error).split())[:300]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # A server's traceback in the error (Ray Client's): its last line says what failed.
+    server_trace = any(line.startswith("Traceback (most recent call last)") for line in lines)
+    text = (lines[-1] if server_trace and lines else " ".join(lines))[:300]
     chain, e = [], error
     while e is not None and len(chain) < 10:
         chain.append(f"{type(e).__name__} {e}".lower())
@@ -88,6 +92,13 @@ def connection_problem(address: str, error: Exception) -> str:
             f"cannot connect to Ray at {address}: the cluster requires token authentication "
             "and this process has no valid token; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
             f"(or ~/.ray/auth_token) to the cluster's token ({type(error).__name__}: {text})"
+        )
+    if address.startswith("ray://") and "connection timeout" in text:
+        # A client without the cluster's token is not refused: its connection times out.
+        return (
+            f"cannot connect to Ray at {address}: {type(error).__name__}: {text}; check "
+            "--address and, where the cluster uses token authentication, RAY_AUTH_MODE=token "
+            "and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
         )
     return f"cannot connect to Ray at {address}: {type(error).__name__}: {text}"
 
@@ -158,6 +169,32 @@ def insect_error_in(error: BaseException) -> InsectError | None:
     return InsectError(found[-1].strip()) if found else None
 
 
+# Tries of a Ray Client session: the cluster's client server fails to start one now and then
+# (its proxier forks the session's process while gRPC threads run: ray-project/ray#63202).
+CLIENT_SESSION_TRIES = 3
+
+
+def connect_client(address: str) -> None:
+    """ray.init at a Ray Client address (ray://host:port) with this package shipped along.
+    A session the cluster's client server failed to start is asked for again; any other
+    failure, or the last, is one line."""
+    import insectlib
+
+    env = {"py_modules": [os.path.dirname(insectlib.__file__)]}
+    for tries in range(1, CLIENT_SESSION_TRIES + 1):
+        try:
+            with warnings.catch_warnings():  # its timeout's warning: the error says it
+                warnings.filterwarnings("ignore", "Ray Client connection timed out")
+                ray.init(address=address, runtime_env=env, logging_level="WARNING")
+            return
+        except Exception as e:  # ConnectionAbortedError, an unknown token, a version mismatch
+            if "Starting Ray client server failed" not in str(e):
+                raise InsectError(connection_problem(address, e)) from None
+            if tries == CLIENT_SESSION_TRIES:
+                raise InsectError(f"{connection_problem(address, e)} ({tries} tries)") from None
+            ray.shutdown()
+
+
 def run_as_driver(fn: Callable[..., T], cfg) -> T:
     """`fn(cfg)` here, or, for a Ray Client address (ray://host:port), as a task on the
     cluster: Ray Data and Ray Train need a real driver process, which a Ray Client
@@ -166,13 +203,7 @@ def run_as_driver(fn: Callable[..., T], cfg) -> T:
     address = getattr(cfg, "address", None)
     if not (address and address.startswith("ray://")):
         return fn(cfg)
-    import insectlib
-
-    ray.init(
-        address=address,
-        runtime_env={"py_modules": [os.path.dirname(insectlib.__file__)]},
-        logging_level="WARNING",
-    )
+    connect_client(address)
     try:
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
         return ray.get(task.remote(dataclasses.replace(cfg, address=None)))
