@@ -239,12 +239,22 @@ def test_an_ipv6_address_in_rays_brackets_is_reachable():
 
 
 # What ray.init raises when the cluster's Ray Client server fails to start the connection's
-# session (ray-project/ray#63202: a few percent of connections; seen in this suite).
+# session (ray-project/ray#63202: several percent of connections; seen in this suite).
 SESSION_NOT_STARTED = ConnectionAbortedError(
     "Initialization failure from server:\nTraceback (most recent call last):\n"
     '  File "proxier.py", line 772, in Datapath\n    raise RuntimeError(\n'
     "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for "
     "detailed logs.\n"
+)
+# And when its runtime environment fails: a traceback in a traceback, one frame of which is
+# in a module named "authentication".
+NO_RUNTIME_ENV = ConnectionAbortedError(
+    "Initialization failure from server:\nTraceback (most recent call last):\n"
+    '  File "proxier.py", line 1, in Datapath\n    raise RuntimeError(\n'
+    "RuntimeError: Failed to create runtime_env for Ray client server, it is caused by:\n"
+    "Traceback (most recent call last):\n"
+    '  File "ray/_private/authentication/tokens.py", line 3, in load\n    open(path)\n'
+    "FileNotFoundError: gcs://_ray_pkg.zip\n"
 )
 
 
@@ -266,31 +276,43 @@ def test_a_ray_client_session_the_cluster_failed_to_start_is_asked_for_again(
         return fake
 
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(ray, "init", init(2, SESSION_NOT_STARTED))
-    connect.connect_client("ray://127.0.0.1:1")
-    assert calls == ["init", "shutdown", "init", "shutdown", "init"]
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a port that answers
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setattr(ray, "init", init(2, SESSION_NOT_STARTED))
+        connect.connect_client(address)
+        assert calls == ["init", "shutdown", "init", "shutdown", "init"]
 
-    calls.clear()
-    monkeypatch.setattr(ray, "init", init(3, SESSION_NOT_STARTED))
-    argv = ["classify", "in", "--model", "m", "--output", str(tmp_path / "o")]
-    argv += ["--address", "ray://127.0.0.1:1"]
-    assert expect_cli_error(capsys, argv) == (
-        "insect: error: cannot connect to Ray at ray://127.0.0.1:1: ConnectionAbortedError: "
-        "RuntimeError: Starting Ray client server failed. See ray_client_server_23000.err for "
-        "detailed logs. (3 tries)"
-    )
-    assert calls.count("init") == 3
+        calls.clear()
+        monkeypatch.setattr(ray, "init", init(3, SESSION_NOT_STARTED))
+        argv = ["classify", "in", "--model", "m", "--output", str(tmp_path / "o")]
+        assert expect_cli_error(capsys, [*argv, "--address", address]) == (
+            f"insect: error: cannot connect to Ray at {address}: the cluster's Ray Client "
+            "server failed to start this connection's session 3 times, a fault of Ray's "
+            "(ray-project/ray#63202); run the command again"
+        )
+        assert calls.count("init") == 3
 
-    # A client without the cluster's token times out (as Ray 2.60 does, after 30 s).
-    calls.clear()
-    monkeypatch.setattr(ray, "init", init(1, ConnectionError("ray client connection timeout")))
-    with pytest.raises(InsectError) as refused:
+        # Not asked again: they would fail the same way. A client without the cluster's
+        # token times out (after 30 s on Ray 2.60).
+        for error, said in (
+            (ConnectionError("ray client connection timeout"), "ConnectionError: ray client "
+             "connection timeout; where the cluster uses token authentication, set "
+             "RAY_AUTH_MODE=token"),
+            (NO_RUNTIME_ENV, "ConnectionAbortedError: RuntimeError: Failed to create "
+             "runtime_env for Ray client server, it is caused by: FileNotFoundError: "
+             "gcs://_ray_pkg.zip"),
+        ):  # fmt: skip
+            calls.clear()
+            monkeypatch.setattr(ray, "init", init(1, error))
+            with pytest.raises(InsectError) as refused:
+                connect.connect_client(address)
+            assert calls == ["init"]
+            assert str(refused.value).startswith(f"cannot connect to Ray at {address}: {said}")
+
+    # A port that does not answer: refused at once, not after Ray Client's 30 s.
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+    with pytest.raises(InsectError, match=r"ray://127.0.0.1:1: .*; check --address \("):
         connect.connect_client("ray://127.0.0.1:1")
-    assert calls == ["init"]  # not asked again: it would fail the same way
-    assert str(refused.value).startswith(
-        "cannot connect to Ray at ray://127.0.0.1:1: ConnectionError: ray client connection "
-        "timeout; check --address and, where the cluster uses token authentication"
-    )
 
 
 def _command_lines_under(ancestor: int) -> list[str]:

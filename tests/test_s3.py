@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import duckdb
@@ -143,12 +144,13 @@ def test_weights_from_s3(s3_server):
 
 
 def test_listing_many_objects_uses_paginated_requests(s3_server, monkeypatch):
-    """A listing is one ListObjectsV2 request a page and nothing per key. Pages of 100 keys
-    here, not S3's 1,000: three pages of 300 objects rather than of 3,000 uploaded."""
+    """A listing is one ListObjectsV2 request a page, folder by folder, and nothing per key.
+    Pages of 100 keys here, not S3's 1,000 (300 objects uploaded rather than 3,000): the
+    top level, then two folders of 150 keys, two pages each."""
     monkeypatch.setattr(buckets, "PAGE_KEYS", 100)
     client = s3_server.client()
     client.create_bucket(Bucket="insect-many")
-    keys = [f"many/{i // 100}/{i:05d}.jpg" for i in range(300)]
+    keys = [f"many/{i // 150}/{i:05d}.jpg" for i in range(300)]
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(lambda k: client.put_object(Bucket="insect-many", Key=k, Body=b"x"), keys))
     log = s3_server._log.name
@@ -158,10 +160,12 @@ def test_listing_many_objects_uses_paginated_requests(s3_server, monkeypatch):
     with open(log, errors="replace") as f:
         f.seek(before)
         requests = [line for line in f if "insect-many" in line]
-    list_calls = [r for r in requests if "list-type=2" in r]
-    # Three pages, perhaps a last empty one, and nothing else per key.
-    assert 3 <= len(list_calls) <= 4 and len(requests) <= 5, requests[:20]
-    assert all("max-keys=100" in r for r in list_calls), list_calls
+    queries = [parse_qs(urlsplit(r.split()[-4]).query) for r in requests if "list-type=2" in r]
+    # Five pages, each folder's second one asked for with its continuation token, and
+    # nothing else per key.
+    assert len(queries) == 5 and len(requests) <= 6, requests[:20]
+    assert all(q["max-keys"] == ["100"] for q in queries), queries
+    assert sum("continuation-token" in q for q in queries) == 2, queries
 
 
 def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):

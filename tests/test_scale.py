@@ -298,12 +298,12 @@ def _manifest(manifests: dict, name: str) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("name", MANIFESTS)
 def test_every_manifest_format_lists_exactly_its_inputs(manifests, name):
-    """What the run's listing tasks read from each format (`read_part`, each task's own
-    function, here without Ray): every path once, an old version, a delete marker and a
-    non-image key of an inventory left out."""
+    """What a run's listing tasks read from each format (the read tasks Ray Data is given,
+    pickled and called here, without Ray): every path once, an old version, a delete marker
+    and a non-image key of an inventory left out."""
     uri, expected = _manifest(manifests, name)
-    parts = inputs.plan_manifest(uri, S3)
-    tables = [t for i, part in enumerate(parts) for t in inputs.read_part(i, part, 4, S3, None)]
+    tasks = inputs.InputSource(inputs.plan_manifest(uri, S3), 4, S3).get_read_tasks(1)
+    tables = [t for task in tasks for t in ray.cloudpickle.loads(ray.cloudpickle.dumps(task))()]
     listed = [p for t in tables for p in t.column("path").to_pylist()]
     assert sorted(listed) == sorted(expected)
 

@@ -62,11 +62,17 @@ def shutdown() -> None:
 
 
 def check_reachable(address: str | None, source: str = "--address") -> None:
-    """Fail within seconds when a HOST:PORT address (given as `source`) does not answer:
-    ray.init would retry for about 14 minutes (20 attempts of ~41 s each, on Ray 2.60)."""
-    if not address or address in ("auto", "local") or "://" in address:
+    """Fail within seconds when a HOST:PORT or ray://HOST:PORT address (given as `source`)
+    does not answer: ray.init would retry for about 14 minutes (20 attempts of ~41 s each,
+    on Ray 2.60), or 30 s through ray://."""
+    if not address or address in ("auto", "local"):
         return
-    host, _, port = address.rpartition(":")
+    hostport = address.removeprefix("ray://")  # a Ray Client server's port: 10001 unless given
+    if "://" in hostport:
+        return
+    if address.startswith("ray://") and not re.search(r":\d+$", hostport):
+        hostport += ":10001"
+    host, _, port = hostport.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"  # Ray writes IPv6 hosts in brackets: [::1]:6379
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
@@ -79,13 +85,10 @@ def check_reachable(address: str | None, source: str = "--address") -> None:
 
 def connection_problem(address: str, error: Exception) -> str:
     """One line on why connecting to the Ray cluster at `address` failed."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    # A server's traceback in the error (Ray Client's): its last line says what failed.
-    server_trace = any(line.startswith("Traceback (most recent call last)") for line in lines)
-    text = (lines[-1] if server_trace and lines else " ".join(lines))[:300]
+    text = what_failed(error)[:300]
     chain, e = [], error
     while e is not None and len(chain) < 10:
-        chain.append(f"{type(e).__name__} {e}".lower())
+        chain.append(f"{type(e).__name__} {what_failed(e)}".lower())
         e = e.__cause__ or e.__context__
     if any("authentication" in link or "auth_token" in link for link in chain):
         return (
@@ -94,13 +97,28 @@ def connection_problem(address: str, error: Exception) -> str:
             f"(or ~/.ray/auth_token) to the cluster's token ({type(error).__name__}: {text})"
         )
     if address.startswith("ray://") and "connection timeout" in text:
-        # A client without the cluster's token is not refused: its connection times out.
+        # Its port answers (checked before), but a client without the cluster's token is
+        # not refused: its connection times out.
         return (
-            f"cannot connect to Ray at {address}: {type(error).__name__}: {text}; check "
-            "--address and, where the cluster uses token authentication, RAY_AUTH_MODE=token "
-            "and its token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+            f"cannot connect to Ray at {address}: {type(error).__name__}: {text}; where the "
+            "cluster uses token authentication, set RAY_AUTH_MODE=token and its token "
+            "(RAY_AUTH_TOKEN or ~/.ray/auth_token)"
         )
     return f"cannot connect to Ray at {address}: {type(error).__name__}: {text}"
+
+
+def what_failed(error: BaseException) -> str:
+    """`error`'s text on one line; of a server's traceback in it (Ray Client's), only the
+    exceptions' own lines (its frames, indented, say nothing to a user)."""
+    lines = str(error).splitlines()
+    if any(line.startswith("Traceback (most recent") for line in lines):
+        first = next(i for i, line in enumerate(lines) if line.startswith("Traceback (most"))
+        lines = [
+            line
+            for line in lines[first:]
+            if line and not line[0].isspace() and not line.startswith("Traceback (most")
+        ]
+    return " ".join(" ".join(lines).split())
 
 
 def live_nodes() -> int:
@@ -172,6 +190,7 @@ def insect_error_in(error: BaseException) -> InsectError | None:
 # Tries of a Ray Client session: the cluster's client server fails to start one now and then
 # (its proxier forks the session's process while gRPC threads run: ray-project/ray#63202).
 CLIENT_SESSION_TRIES = 3
+SESSION_NOT_STARTED = "Starting Ray client server failed"  # Ray's text for that failure
 
 
 def connect_client(address: str) -> None:
@@ -180,18 +199,23 @@ def connect_client(address: str) -> None:
     failure, or the last, is one line."""
     import insectlib
 
+    check_reachable(address)
     env = {"py_modules": [os.path.dirname(insectlib.__file__)]}
-    for tries in range(1, CLIENT_SESSION_TRIES + 1):
+    for attempt in range(1, CLIENT_SESSION_TRIES + 1):
         try:
             with warnings.catch_warnings():  # its timeout's warning: the error says it
                 warnings.filterwarnings("ignore", "Ray Client connection timed out")
                 ray.init(address=address, runtime_env=env, logging_level="WARNING")
             return
-        except Exception as e:  # ConnectionAbortedError, an unknown token, a version mismatch
-            if "Starting Ray client server failed" not in str(e):
+        except Exception as e:  # whatever ray.init raises, the user gets one line
+            if SESSION_NOT_STARTED not in str(e):
                 raise InsectError(connection_problem(address, e)) from None
-            if tries == CLIENT_SESSION_TRIES:
-                raise InsectError(f"{connection_problem(address, e)} ({tries} tries)") from None
+            if attempt == CLIENT_SESSION_TRIES:
+                raise InsectError(
+                    f"cannot connect to Ray at {address}: the cluster's Ray Client server "
+                    f"failed to start this connection's session {attempt} times, a fault of "
+                    "Ray's (ray-project/ray#63202); run the command again"
+                ) from None
             ray.shutdown()
 
 
