@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import sys
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,6 +21,8 @@ from insectlib.errors import InsectError
 from insectlib.runtime import console
 
 T = TypeVar("T")
+TRACEBACK = "Traceback (most recent call last):"
+TRACEBACK_LINKS = (TRACEBACK, "The above exception was", "During handling of the above")
 INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
 
 
@@ -67,15 +70,18 @@ def check_reachable(address: str | None, source: str = "--address") -> None:
     on Ray 2.60), or 30 s through ray://."""
     if not address or address in ("auto", "local"):
         return
-    hostport = address.removeprefix("ray://")  # a Ray Client server's port: 10001 unless given
-    if "://" in hostport:
+    if "://" in address and not address.startswith("ray://"):
         return
-    if address.startswith("ray://") and not re.search(r":\d+$", hostport):
-        hostport += ":10001"
-    host, _, port = hostport.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"  # Ray writes IPv6 hosts in brackets: [::1]:6379
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        if address.startswith("ray://"):
+            where = urllib.parse.urlsplit(address)
+            if where.port is None:  # Ray's client then takes gRPC's default: no guessing
+                return
+            host, port = where.hostname, where.port
+        else:
+            host, _, port = address.rpartition(":")
+            host = host.strip("[]")  # Ray writes IPv6 hosts in brackets: [::1]:6379
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError) as e:
         raise InsectError(
             f"cannot connect to Ray at {address}: {e}; check {source} (auto, HOST:PORT or "
@@ -108,17 +114,14 @@ def connection_problem(address: str, error: Exception) -> str:
 
 
 def what_failed(error: BaseException) -> str:
-    """`error`'s text on one line; of a server's traceback in it (Ray Client's), only the
-    exceptions' own lines (its frames, indented, say nothing to a user)."""
-    lines = str(error).splitlines()
-    if any(line.startswith("Traceback (most recent") for line in lines):
-        first = next(i for i, line in enumerate(lines) if line.startswith("Traceback (most"))
-        lines = [
-            line
-            for line in lines[first:]
-            if line and not line[0].isspace() and not line.startswith("Traceback (most")
-        ]
-    return " ".join(" ".join(lines).split())
+    """`error`'s text on one line; of a traceback in it (a server's, Ray's own), only the
+    exceptions' lines: frames and the lines that link tracebacks say nothing to a user."""
+    text = str(error)
+    if TRACEBACK in text:
+        lines = text.replace(TRACEBACK, "\n" + TRACEBACK).splitlines()
+        keep = [line for line in lines if not line[:1].isspace()]
+        text = "\n".join(line for line in keep if not line.startswith(TRACEBACK_LINKS))
+    return " ".join(text.split())
 
 
 def live_nodes() -> int:
