@@ -195,7 +195,7 @@ def test_a_run_without_a_cluster_starts_no_dashboard(tmp_path):
         ("local", "127.0.0.1:1", False, {"include_dashboard": False}),
         ("auto", None, False, {}),  # a cluster's, as it is
         (None, "auto", False, {}),
-        ("ray://127.0.0.1:1", None, False, {}),
+        ("ray://127.0.0.1", None, False, {}),  # no port: not probed before ray.init
     ],
 )
 def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard(
