@@ -209,12 +209,13 @@ def finish(
     """Count the rows on disk; only when every input has its row, write `_SUCCESS` (last:
     readers can trust an output that has one) and the summary; then the error budget."""
     cfg = plan.cfg
-    report = summarize(cfg.output, cfg.s3, plan.meta.classes)
+    footers = outputs.part_footers(cfg.output, cfg.s3)  # read once, for the counts and check
+    report = summarize(cfg.output, cfg.s3, plan.meta.classes, footers)
     rows, errors = report["rows"], report["errors"]
     already = done.rows if done is not None else 0
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
     summary.shape = pool.record() if pool else None
-    check_rows(cfg, rows, total)
+    check_rows(cfg, rows, total, footers)
     manifest = {
         "inputs": total,
         "rows": rows,
@@ -246,10 +247,10 @@ def finish(
     return summary
 
 
-def check_rows(cfg: ClassifyConfig, rows: int, total: int) -> None:
+def check_rows(cfg: ClassifyConfig, rows: int, total: int, footers: dict) -> None:
     """Refuse (no `_SUCCESS`) an output whose rows are not one per listed input, saying
-    what mends it."""
-    doubled = outputs.duplicated_paths(cfg.output, cfg.s3)
+    what mends it (`footers`: its parts', `outputs.part_footers`)."""
+    doubled = outputs.duplicated_paths(cfg.output, cfg.s3, footers)
     if rows > total and not doubled:  # each path once: rows of paths the listing lost
         raise InsectError(
             f"{cfg.output} has {rows} rows for {total} inputs, so no {SUCCESS_FILE} was "
