@@ -187,8 +187,7 @@ def _open(uri: str, s3):
 
 
 def _manifest_path(text: str, where: str) -> str:
-    if "\0" in text:
-        raise InsectError(f"{where}: {text[:80]!r} holds a NUL character, which no path can")
+    storage.refuse_nul(text, where)
     if not (storage.is_s3(text) or text.startswith("/")):
         raise InsectError(
             f"{where}: {text[:80]!r} is not an absolute path or s3:// URI; a manifest lists "

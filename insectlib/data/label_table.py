@@ -111,8 +111,7 @@ def _table_path(path: str | None, table: str, where: str) -> str:
     absolute (relative ones from the table's folder)."""
     if not path:
         raise InsectError(f"{where}: no path")
-    if "\0" in path:
-        raise InsectError(f"{where}: {path[:80]!r} holds a NUL character, which no path can")
+    storage.refuse_nul(path, where)
     if "://" in path and not storage.is_s3(path):
         raise InsectError(f"{where}: {path[:80]!r} is not a local path or s3:// URI")
     if storage.is_s3(path):

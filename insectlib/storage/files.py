@@ -232,6 +232,13 @@ def _not_a_folder_because(path: str) -> str:
     return "is a link to a file"
 
 
+def refuse_nul(text: str, where: str) -> None:
+    """Refuse a path read from a file (a manifest's line, a labels table's cell) that holds
+    a NUL character, naming `where` it was read."""
+    if "\0" in text:
+        raise InsectError(f"{where}: {text[:80]!r} holds a NUL character, which no path can")
+
+
 def printable(path: str) -> str:
     """`path` as valid UTF-8 text. Local names that are not UTF-8 arrive from the OS with
     their undecodable bytes as surrogates; those bytes are written as backslash escapes
