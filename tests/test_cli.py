@@ -2,6 +2,8 @@
 
 import argparse
 import dataclasses
+import json
+import random
 
 import pytest
 
@@ -26,11 +28,11 @@ def test_train_input_errors(tmp_path, capsys):
             f.unlink()
     err = expect_cli_error(capsys, ["train", str(one)])
     assert "at least 2 class folders, found 1 (beetles)" in err
-    assert "unknown --arch 'vgg99'" in expect_cli_error(
-        capsys, ["train", str(one), "--arch", "vgg99"]
-    )
+    # The network's settings after the paths: they are the checks that import torch.
+    data = synthetic.make_labelled(str(tmp_path / "data"), per_class=2, size=(32, 24))
+    assert "unknown --arch 'vgg99'" in expect_cli_error(capsys, ["train", data, "--arch", "vgg99"])
     assert "--weights file not found" in expect_cli_error(
-        capsys, ["train", str(one), "--weights", str(tmp_path / "w.pth")]
+        capsys, ["train", data, "--weights", str(tmp_path / "w.pth")]
     )
 
 
@@ -49,6 +51,8 @@ def test_classify_input_errors(tmp_path, capsys):
     # The model is checked before the (empty) input.
     err = expect_cli_error(capsys, argv)
     assert "not a model directory" in err and str(model / META_FILE) in err
+    # Its meta.json is read after the paths are checked (reading it imports torchvision).
+    synthetic.make_image("beetles", random.Random(0), (32, 24)).save(tmp_path / "in" / "a.jpg")
     (model / META_FILE).write_text("{not json")
     err = expect_cli_error(capsys, argv)
     assert "is not a valid insect meta.json" in err
@@ -199,3 +203,44 @@ def test_the_docs_name_no_renamed_flag():
     for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         text = page.read_text()
         assert not [old for old in RENAMED if old in text], page.name
+
+
+def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
+    """A wrong folder is the likeliest mistake: train's and classify's paths are refused in
+    one line each before torch (several seconds of import) is, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / META_FILE).write_text("{}")  # a model directory, as far as paths go
+    synthetic.make_labelled(str(tmp_path / "data"), per_class=1, size=(32, 32))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    (tmp_path / "file.txt").write_text("a file")
+    missing, data, model = tmp_path / "missing", tmp_path / "data", tmp_path / "model"
+    cases = {
+        "not found": ["train", str(missing)],
+        "file.txt": ["train", str(tmp_path / "file.txt")],
+        "holds files insect did not write": ["train", str(data), "--output", f"{tmp_path}/full"],
+        "not a model directory": ["classify", str(data), "--model", str(data), "--output", "o"],
+        str(missing): ["classify", str(missing), "--model", str(model), "--output", "o"],
+        "inside": ["classify", str(data), "--model", str(model), "--output", f"{data}/out"],
+        "--overwrite": ["classify", str(data), "--model", str(model), "--output", "full"],
+    }
+    code = (
+        "import json, sys\n"
+        "from insectlib.cli.main import main\n"
+        "argv = json.loads(sys.argv[1])\n"
+        "print(main(argv), any(m in sys.modules for m in ('torch', 'torchvision')))\n"
+    )
+    for expected, argv in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(argv)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert result.stdout.split() == ["2", "False"], (argv, result.stdout, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("insect: error: "), (argv, lines)
+        assert expected in lines[0], (argv, lines)

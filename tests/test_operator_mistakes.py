@@ -26,7 +26,7 @@ from insectlib.model.network import load_model
 from insectlib.model.predictor import PREDICTION_SCHEMA, RowFormat
 from insectlib.storage import files, retry
 from insectlib.training.model_dir import write_model_dir
-from insectlib.training.trainer import preflight
+from insectlib.training.preflight import preflight
 from tests.conftest import expect_cli_error, run_cli
 
 

@@ -32,8 +32,9 @@ from insectlib.data.labels import EVALUATION_DIRS, discover
 from insectlib.errors import InsectError
 from insectlib.metrics import confidence
 from insectlib.storage import lock
+from insectlib.training.preflight import new_run_name, preflight
 from insectlib.training.run_storage import write_run_record
-from insectlib.training.trainer import fit, new_run_name, preflight, unreadable_split
+from insectlib.training.trainer import fit, unreadable_split
 from insectlib.training.worker import ShardSampler
 from tests.conftest import BIN, REPO, expect_cli_error, run_cli
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from insectlib import storage
 from insectlib.classify import dataset, outputs, shape
+from insectlib.classify.checks import check_run, plan_output
 from insectlib.classify.summary import summarize, write_summary
 from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig
 from insectlib.data import inputs
@@ -68,14 +69,17 @@ class RunPlan:
         return self.int8_model.record.int8_model_id if self.int8_model else self.meta.model_id
 
 
-def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySummary:
+def classify(
+    cfg: ClassifyConfig, paths: list[str] | None = None, parts: list[inputs.Part] | None = None
+) -> ClassifySummary:
     """Classify every image under `cfg.input` (or in `cfg.manifest`, or exactly `paths`,
-    when given) and write one Parquet row per file.
+    when given) and write one Parquet row per file. `parts`: what `checks.check_run`
+    returned for this `cfg`, where it ran already.
 
     The input streams (see `data.inputs`): classification starts with the first listed
     files. Nothing in the output is removed before the model directory is checked and the
     input is known to hold images, and then only insect's own files."""
-    plan = plan_run(cfg, paths)
+    plan = plan_run(cfg, paths, parts)
     with output_lock(cfg.output, "classify", cfg.s3, console.say) as lock, resumable(cfg):
         started = time.perf_counter()
         init_ray(cfg.address)
@@ -96,31 +100,19 @@ def classify(cfg: ClassifyConfig, paths: list[str] | None = None) -> ClassifySum
         return finish(plan, inputs_total, done, time.perf_counter() - started, pool)
 
 
-def plan_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> RunPlan:
-    """Check the settings, the model directory, the output location and the input's form,
-    and decide the row format and the int8 model; nothing is written (but int8 statistics
-    measured for the first time, kept beside the model)."""
-    cfg.validate()
+def plan_run(
+    cfg: ClassifyConfig, paths: list[str] | None = None, parts: list[inputs.Part] | None = None
+) -> RunPlan:
+    """Check the settings, the paths (`checks.check_run`, unless its `parts` are given) and
+    the model, and decide the row format and the int8 model; nothing is written (but int8
+    statistics measured for the first time, kept beside the model)."""
+    parts = parts if parts is not None else check_run(cfg, paths)
     dataset.quiet_ray_data()
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
     check_model_id(cfg.model, meta, cfg.s3)  # here, not in the actors: before anything starts
     row_format = row_format_for(cfg, meta)
-    source = cfg.source
-    protected = {"the input": source, "the model": cfg.model}
-    storage.check_location(cfg.output, protected, tuple(protected), cfg.s3)
-    storage.check_bucket(cfg.output, cfg.s3)
-    plan_output(cfg)  # refusals before anything starts (planned again under the lock)
-    int8_model = int8_for_run(cfg, meta)
-    if paths is not None:
-        parts = inputs.plan_paths(paths)
-    elif cfg.manifest:
-        parts = inputs.plan_manifest(cfg.manifest, cfg.s3)
-    else:
-        parts = inputs.plan_listing(cfg.input, cfg.s3)
-    if not inputs.count_inputs(parts, cfg.s3, 1).inputs:  # a missing or empty input, before Ray
-        raise InsectError(f"no image files found in {source}")
-    return RunPlan(cfg, meta, row_format, parts, int8_model)
+    return RunPlan(cfg, meta, row_format, parts, int8_for_run(cfg, meta))
 
 
 def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
@@ -327,19 +319,6 @@ def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:
     per_actor = {"CPU": pool.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
     lower = "--max-actors or --cpus-per-actor"
     check_resources(per_actor, actors, what, lower, cfg.wait_for_nodes)
-
-
-def plan_output(cfg: ClassifyConfig) -> list[str]:
-    """Check the output location before any work: it must be empty unless --overwrite or
-    --resume. Returns what --overwrite will remove once the run can start (see
-    `outputs.overwrite_plan`); refuses at once what it would not remove."""
-    if cfg.resume:  # `outputs.resume_state` checks the parts, under the lock
-        outputs.check_same_input(cfg.output, cfg.source, cfg.s3)
-        return []
-    alternative = " or --resume to finish an interrupted run"
-    if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):
-        return []
-    return outputs.overwrite_plan(cfg.output, cfg.s3)
 
 
 @contextlib.contextmanager

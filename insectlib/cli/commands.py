@@ -4,7 +4,7 @@ log file when it starts Ray (`runtime.console`)."""
 from __future__ import annotations
 
 from insectlib.runtime import console
-from insectlib.runtime.connect import run_as_driver
+from insectlib.runtime.connect import is_client, run_as_driver
 
 # Commands that start Ray, and the setting naming where each writes (its log goes there).
 LOGGED = {
@@ -26,15 +26,26 @@ def run(command: str, cfg) -> None:
 
 
 def _train(cfg) -> None:
+    # The checks before torch is imported, so a wrong path costs a second; through a Ray
+    # Client they run on the cluster, whose paths these are.
+    from insectlib.training.preflight import named, preflight
+
+    labelled = None
+    if not is_client(cfg.address):
+        cfg = named(cfg)
+        labelled = preflight(cfg)
     from insectlib.training.trainer import fit
 
-    run_as_driver(fit, cfg)
+    run_as_driver(fit, cfg, labelled=labelled)
 
 
 def _classify(cfg) -> None:
+    from insectlib.classify.checks import check_run  # before torch, as for _train
+
+    parts = None if is_client(cfg.address) else check_run(cfg)
     from insectlib.classify.pipeline import classify, print_summary
 
-    print_summary(run_as_driver(classify, cfg))
+    print_summary(run_as_driver(classify, cfg, parts=parts))
 
 
 def _evaluate(cfg) -> None:

@@ -9,9 +9,6 @@ import math
 import platform
 from dataclasses import asdict, dataclass, field
 
-import torch
-import torchvision
-
 from insectlib import __version__, storage
 from insectlib.config import IMAGE_SIZES, TEMPERATURE_RANGE
 from insectlib.data.images import IMAGENET_MEAN, IMAGENET_STD
@@ -118,6 +115,8 @@ class ModelMeta:
 def versions() -> dict[str, str]:
     """The versions of what made a model, a calibration or a run's rows."""
     import ray
+    import torch
+    import torchvision
 
     return {
         "insect": __version__,
@@ -140,6 +139,8 @@ def _installed(package: str) -> str:
 
 
 def available_archs() -> list[str]:
+    import torchvision  # here: this module is read before torch is imported (`check_model_dir`)
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -168,8 +169,21 @@ def read_meta(uri: str, s3: storage.S3Options | None = None) -> ModelMeta:
         try:
             data = storage.read_bytes(meta_uri, s3)
         except FileNotFoundError:
-            raise InsectError(f"not a model directory: {meta_uri} does not exist") from None
+            raise not_a_model(meta_uri) from None
     return ModelMeta.from_json(data.decode(errors="replace"), meta_uri)
+
+
+def check_model_dir(uri: str, s3: storage.S3Options | None = None) -> None:
+    """Refuse a folder without a meta.json, without reading it: `read_meta` validates the
+    file, which imports torchvision for its list of models."""
+    meta_uri = storage.join(uri, META_FILE)
+    with storage.user_errors(meta_uri):
+        if not storage.exists(meta_uri, s3):
+            raise not_a_model(meta_uri)
+
+
+def not_a_model(meta_uri: str) -> InsectError:
+    return InsectError(f"not a model directory: {meta_uri} does not exist")
 
 
 def model_id(weights: bytes) -> str:

@@ -222,17 +222,23 @@ def connect_client(address: str) -> None:
             ray.shutdown()
 
 
-def run_as_driver(fn: Callable[..., T], cfg) -> T:
-    """`fn(cfg)` here, or, for a Ray Client address (ray://host:port), as a task on the
-    cluster: Ray Data and Ray Train need a real driver process, which a Ray Client
-    connection is not, so the driver's part runs on the cluster as a zero-CPU task with this
-    package shipped along (paths are then the cluster's, as with `ray job submit`)."""
+def is_client(address: str | None) -> bool:
+    """Whether `address` is a Ray Client one (ray://host:port), whose paths are the
+    cluster's."""
+    return bool(address and address.startswith("ray://"))
+
+
+def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
+    """`fn(cfg, **kwargs)` here, or, for a Ray Client address, as a task on the cluster:
+    Ray Data and Ray Train need a real driver process, which a Ray Client connection is
+    not, so the driver's part runs on the cluster as a zero-CPU task with this package
+    shipped along (paths are then the cluster's, as with `ray job submit`)."""
     address = getattr(cfg, "address", None)
-    if not (address and address.startswith("ray://")):
-        return fn(cfg)
+    if not is_client(address):
+        return fn(cfg, **kwargs)
     connect_client(address)
     try:
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
-        return ray.get(task.remote(dataclasses.replace(cfg, address=None)))
+        return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
     finally:
         ray.shutdown()

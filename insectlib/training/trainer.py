@@ -1,16 +1,13 @@
 """Fine-tuning with Ray Train: one TorchTrainer, one plain PyTorch loop per worker
-(`worker.TrainingWorker`). The driver's phases: `preflight` (every check that needs no
-cluster), `fit` (size the workers, run Ray Train, read the model back)."""
+(`worker.TrainingWorker`). The driver's phases: `preflight.preflight` (every check that
+needs no cluster), `fit` (size the workers, run Ray Train, read the model back)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import secrets
 import signal
 import tempfile
 import threading
-import time
 from dataclasses import asdict
 
 import ray
@@ -25,18 +22,10 @@ from insectlib.config import TrainConfig
 from insectlib.data import label_table
 from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
-from insectlib.layout import (
-    INT8_FILES,
-    META_FILE,
-    MODEL_FILES,
-    PROBLEM_FILE,
-    STATE_FILE,
-    SUCCESS_FILE,
-)
+from insectlib.layout import PROBLEM_FILE, STATE_FILE
 from insectlib.metrics.confidence import temperature_report
 from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
-from insectlib.model.network import check_arch, check_weights_file, ensure_imagenet_weights
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import (
     cpus_per_gpu,
@@ -48,11 +37,10 @@ from insectlib.runtime.connect import (
 from insectlib.runtime.resources import check_resources
 from insectlib.storage.lock import output_lock
 from insectlib.training.model_dir import write_model_dir
+from insectlib.training.preflight import check_model_output, named, preflight
 from insectlib.training.run_storage import (
     DEFAULT_STORAGE,
-    check_run_folder,
     check_run_name,
-    check_run_record,
     remove_unrecorded_checkpoints,
     resume_hint,
     run_location,
@@ -201,67 +189,10 @@ def _epoch_line(m: dict, epochs: int) -> str:
     )
 
 
-def preflight(cfg: TrainConfig) -> LabelledSet:
-    """Check everything that can be checked before Ray starts; returns the labelled set."""
-    cfg.validate()
-    check_arch(cfg.arch)
-    if cfg.weights not in ("imagenet", "random"):
-        if not storage.exists(cfg.weights, cfg.s3):
-            raise InsectError(f"--weights file not found: {cfg.weights}")
-        if storage.is_dir(cfg.weights, cfg.s3):
-            raise InsectError(
-                f"--weights {cfg.weights} is a folder; give a state-dict file of {cfg.arch} "
-                "(.safetensors or a torch pickle)"
-            )
-        check_weights_file(cfg.weights, cfg.s3)
-    # Its pictures inside the labelled tree would be read as images by the next run.
-    inputs = {"the data": cfg.data, "the labels table": cfg.labels}
-    protected = {what: uri for what, uri in inputs.items() if uri}
-    for flag in ("--output", "--storage"):
-        location = getattr(cfg, flag[2:])
-        if location:
-            storage.check_location(location, protected, ("the data",), cfg.s3, flag)
-            storage.check_bucket(location, cfg.s3)
-    check_model_output(cfg)
-    check_run_folder(cfg)
-    check_run_name(cfg)
-    labelled = label_table.training_set(
-        cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
-    )
-    if labelled.table:  # the table's images may lie anywhere: never among them
-        for folder in {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}:
-            storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
-    if cfg.resume:
-        check_run_record(cfg, labelled)
-    if cfg.weights == "imagenet":
-        ensure_imagenet_weights(cfg.arch)  # here, once, rather than failing in every worker
-    return labelled
-
-
-def check_model_output(cfg: TrainConfig) -> None:
-    """`--output` is absent or empty, or holds only what insect writes into a model
-    directory, and a model (or an unfinished one) only with --overwrite: never a user's
-    own files, whatever their names."""
-    names = {storage.entry_name(e) for e in storage.list_entries(cfg.output, cfg.s3)}
-    foreign = sorted(names - set(MODEL_FILES) - set(INT8_FILES))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        what = "files insect did not write"
-        if SUCCESS_FILE in foreign:
-            what = "the predictions of insect classify, not a model"
-        raise InsectError(
-            f"--output {cfg.output} holds {what} ({shown}); choose an empty or new folder for "
-            "the model"
-        )
-    if names and not cfg.overwrite:
-        what = "a model" if META_FILE in names else "an unfinished model (no meta.json)"
-        raise InsectError(f"{cfg.output} already holds {what}; pass --overwrite to replace it")
-
-
 def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
-    """Fine-tune per `cfg` with Ray Train and write the model directory; returns its meta."""
-    if not cfg.name and not cfg.resume:  # a --resume without --name: validate says so
-        cfg = dataclasses.replace(cfg, name=new_run_name())
+    """Fine-tune per `cfg` with Ray Train and write the model directory; returns its meta.
+    `labelled`: what `preflight` returned for this `cfg`, where it ran already."""
+    cfg = named(cfg)
     labelled = labelled or preflight(cfg)
     console.say(
         f"{len(labelled.classes)} classes ({', '.join(labelled.classes)}): "
@@ -330,12 +261,6 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
             "per worker"
         )
     return cfg
-
-
-def new_run_name() -> str:
-    """A run name of its own: the time it starts, and a random part for runs started in
-    the same second."""
-    return f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def begin_run(cfg: TrainConfig, labelled: LabelledSet) -> None:

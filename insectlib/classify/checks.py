@@ -1,0 +1,46 @@
+"""The checks of a classification run that need neither torch nor a cluster, so that a
+wrong path is refused in about a second: the CLI runs them before it imports the pipeline,
+and `pipeline.plan_run` runs them where it did not."""
+
+from __future__ import annotations
+
+from insectlib import storage
+from insectlib.classify import outputs
+from insectlib.config import ClassifyConfig
+from insectlib.data import inputs
+from insectlib.errors import InsectError
+from insectlib.model.meta import check_model_dir
+
+
+def check_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> list[inputs.Part]:
+    """The settings, the model directory's meta.json, the output's place and what it
+    holds, and an image in the input (exactly `paths`, when given); returns the input's
+    parts. Writes nothing."""
+    cfg.validate()
+    check_model_dir(cfg.model, cfg.s3)
+    protected = {"the input": cfg.source, "the model": cfg.model}
+    storage.check_location(cfg.output, protected, tuple(protected), cfg.s3)
+    storage.check_bucket(cfg.output, cfg.s3)
+    plan_output(cfg)  # refusals before anything starts (planned again under the lock)
+    if paths is not None:
+        parts = inputs.plan_paths(paths)
+    elif cfg.manifest:
+        parts = inputs.plan_manifest(cfg.manifest, cfg.s3)
+    else:
+        parts = inputs.plan_listing(cfg.input, cfg.s3)
+    if not inputs.count_inputs(parts, cfg.s3, 1).inputs:  # a missing or empty input
+        raise InsectError(f"no image files found in {cfg.source}")
+    return parts
+
+
+def plan_output(cfg: ClassifyConfig) -> list[str]:
+    """Check the output location before any work: it must be empty unless --overwrite or
+    --resume. Returns what --overwrite will remove once the run can start (see
+    `outputs.overwrite_plan`); refuses at once what it would not remove."""
+    if cfg.resume:  # `outputs.resume_state` checks the parts, under the lock
+        outputs.check_same_input(cfg.output, cfg.source, cfg.s3)
+        return []
+    alternative = " or --resume to finish an interrupted run"
+    if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):
+        return []
+    return outputs.overwrite_plan(cfg.output, cfg.s3)

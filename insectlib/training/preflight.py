@@ -1,0 +1,105 @@
+"""The training driver's first phase: every check that needs no cluster, the paths' before
+torch is imported, so that a wrong folder is refused in about a second (the CLI runs this
+before it imports `trainer`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import time
+
+from insectlib import storage
+from insectlib.config import TrainConfig
+from insectlib.data import label_table
+from insectlib.data.labels import LabelledSet
+from insectlib.errors import InsectError
+from insectlib.layout import INT8_FILES, META_FILE, MODEL_FILES, SUCCESS_FILE
+from insectlib.training.run_storage import (
+    check_run_folder,
+    check_run_name,
+    check_run_record,
+)
+
+
+def named(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with a run name of its own where it has none (a --resume without --name is
+    refused by `validate`)."""
+    if cfg.name or cfg.resume:
+        return cfg
+    return dataclasses.replace(cfg, name=new_run_name())
+
+
+def new_run_name() -> str:
+    """A run name of its own: the time it starts, and a random part for runs started in
+    the same second."""
+    return f"insect-train-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def preflight(cfg: TrainConfig) -> LabelledSet:
+    """Check everything that can be checked before Ray starts; returns the labelled set."""
+    cfg.validate()
+    check_locations(cfg)
+    check_model_output(cfg)
+    check_run_folder(cfg)
+    check_run_name(cfg)
+    labelled = label_table.training_set(
+        cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
+    )
+    if labelled.table:  # the table's images may lie anywhere: never among them
+        for folder in {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}:
+            storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
+    if cfg.resume:
+        check_run_record(cfg, labelled)
+    check_network(cfg)
+    return labelled
+
+
+def check_locations(cfg: TrainConfig) -> None:
+    """--output and --storage apart from the data: its pictures inside the labelled tree
+    would be read as images by the next run."""
+    inputs = {"the data": cfg.data, "the labels table": cfg.labels}
+    protected = {what: uri for what, uri in inputs.items() if uri}
+    for flag in ("--output", "--storage"):
+        location = getattr(cfg, flag[2:])
+        if location:
+            storage.check_location(location, protected, ("the data",), cfg.s3, flag)
+            storage.check_bucket(location, cfg.s3)
+
+
+def check_network(cfg: TrainConfig) -> None:
+    """--arch and --weights, last: these are the checks that import torch."""
+    from insectlib.model.network import check_arch, check_weights_file, ensure_imagenet_weights
+
+    check_arch(cfg.arch)
+    if cfg.weights not in ("imagenet", "random"):
+        if not storage.exists(cfg.weights, cfg.s3):
+            raise InsectError(f"--weights file not found: {cfg.weights}")
+        if storage.is_dir(cfg.weights, cfg.s3):
+            raise InsectError(
+                f"--weights {cfg.weights} is a folder; give a state-dict file of {cfg.arch} "
+                "(.safetensors or a torch pickle)"
+            )
+        check_weights_file(cfg.weights, cfg.s3)
+    if cfg.weights == "imagenet":
+        ensure_imagenet_weights(cfg.arch)  # here, once, rather than failing in every worker
+
+
+def check_model_output(cfg: TrainConfig) -> None:
+    """`--output` is absent or empty, or holds only what insect writes into a model
+    directory, and a model (or an unfinished one) only with --overwrite: never a user's
+    own files, whatever their names."""
+    names = {storage.entry_name(e) for e in storage.list_entries(cfg.output, cfg.s3)}
+    foreign = sorted(names - set(MODEL_FILES) - set(INT8_FILES))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        what = "files insect did not write"
+        if SUCCESS_FILE in foreign:
+            what = "the predictions of insect classify, not a model"
+        raise InsectError(
+            f"--output {cfg.output} holds {what} ({shown}); choose an empty or new folder for "
+            "the model"
+        )
+    if names and not cfg.overwrite:
+        what = "a model" if META_FILE in names else "an unfinished model (no meta.json)"
+        raise InsectError(f"{cfg.output} already holds {what}; pass --overwrite to replace it")
