@@ -206,8 +206,8 @@ def test_the_docs_name_no_renamed_flag():
 
 
 def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
-    """A wrong folder is the likeliest mistake: train's and classify's paths are refused in
-    one line each before torch (several seconds of import) is, in a fresh interpreter."""
+    """A wrong folder is the likeliest mistake: train's, classify's and evaluate's paths are
+    refused in one line each before torch (seconds of import) is, in a fresh interpreter."""
     import subprocess
     import sys
 
@@ -226,6 +226,8 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         str(missing): ["classify", str(missing), "--model", str(model), "--output", "o"],
         "inside": ["classify", str(data), "--model", str(model), "--output", f"{data}/out"],
         "--overwrite": ["classify", str(data), "--model", str(model), "--output", "full"],
+        f"{missing}/": ["evaluate", str(data), "--model", str(missing), "--output", "o"],
+        f"not found: {missing}": ["evaluate", str(missing), "--model", str(model), "--output", "o"],
     }
     code = (
         "import json, sys\n"

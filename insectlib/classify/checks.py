@@ -1,14 +1,18 @@
-"""The checks of a classification run that need neither torch nor a cluster, so that a
-wrong path is refused in about a second: the CLI runs them before it imports the pipeline,
-and `pipeline.plan_run` runs them where it did not."""
+"""The checks of a classification or an evaluation that need neither torch nor a cluster,
+so that a wrong path is refused in about a second: the CLI runs them before it imports the
+pipeline, and `pipeline.plan_run` and `evaluate.evaluate` run them where it did not."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from insectlib import storage
 from insectlib.classify import outputs
-from insectlib.config import ClassifyConfig
+from insectlib.config import ClassifyConfig, EvaluateConfig
 from insectlib.data import inputs
+from insectlib.data.labels import EVALUATION_DIRS, LabelledSet, discover
 from insectlib.errors import InsectError
+from insectlib.layout import EVALUATION_FILES, PREDICTIONS_DIR
 from insectlib.model.meta import check_model_dir
 
 
@@ -44,3 +48,39 @@ def plan_output(cfg: ClassifyConfig) -> list[str]:
     if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):
         return []
     return outputs.overwrite_plan(cfg.output, cfg.s3)
+
+
+@dataclass(frozen=True)
+class EvaluationChecks:
+    removal: list[str]  # what --overwrite removes once the data is listed and the model checked
+    labelled: LabelledSet  # the data, as found
+
+
+def check_evaluation(cfg: EvaluateConfig) -> EvaluationChecks:
+    """The settings, the output's place and what it holds, the model directory's
+    meta.json, and the labelled data listed. Writes nothing."""
+    cfg.validate()
+    # Its pictures inside the labelled tree would be read as images by the next run.
+    storage.check_location(
+        cfg.output,
+        {"the input": cfg.data, "the model": cfg.model},
+        apart=("the input", "the model"),
+        s3=cfg.s3,
+    )
+    removal = plan_overwrite(cfg)
+    check_model_dir(cfg.model, cfg.s3)
+    labelled = discover(cfg.data, s3=cfg.s3, held_out_dirs=EVALUATION_DIRS)
+    return EvaluationChecks(removal, labelled)
+
+
+def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
+    """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
+    output without it, or one holding anything else."""
+    entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite)
+    if not entries:
+        return []
+    why = "--overwrite removes only what insect wrote: move them or choose another --output"
+    outputs.refuse_foreign(cfg.output, entries, why, EVALUATION_FILES, (PREDICTIONS_DIR,))
+    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
+    own = [e["name"] for e in entries if e["type"] == "file"]
+    return own + outputs.overwrite_plan(predictions, cfg.s3)

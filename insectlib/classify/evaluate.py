@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 
 from insectlib import storage
 from insectlib.classify import outputs
+from insectlib.classify.checks import EvaluationChecks, check_evaluation
 from insectlib.classify.pipeline import classify
 from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
-from insectlib.data.labels import EVALUATION_DIRS, discover
+from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
 from insectlib.layout import (
     CONFUSION_JSON,
     CONFUSION_PNG,
     COVERAGE_PNG,
-    EVALUATION_FILES,
     METRICS_FILE,
     MISCLASSIFIED_FILE,
     PREDICTIONS_DIR,
@@ -40,24 +40,17 @@ from insectlib.runtime import console
 from insectlib.storage.lock import output_lock
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
+def evaluate(cfg: EvaluateConfig, checked: EvaluationChecks | None = None) -> dict:
     """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
-    else every image) and write metrics, the confusion matrix and the misclassified rows."""
-    cfg.validate()
-    # Its pictures inside the labelled tree would be read as images by the next run.
-    storage.check_location(
-        cfg.output,
-        {"the input": cfg.data, "the model": cfg.model},
-        apart=("the input", "the model"),
-        s3=cfg.s3,
-    )
-    removal = plan_overwrite(cfg)
+    else every image) and write metrics, the confusion matrix and the misclassified rows.
+    `checked`: what `checks.check_evaluation` returned for this `cfg`, where it ran already."""
+    checked = checked or check_evaluation(cfg)
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
-    truth = labelled_images(cfg, meta)
+    truth = labelled_images(cfg, meta, checked.labelled)
     with output_lock(cfg.output, "evaluate", cfg.s3, console.say):
         # Only now that the data is listed and the model checked: the old evaluation goes.
-        outputs.remove(cfg.output, removal, cfg.s3)
+        outputs.remove(cfg.output, checked.removal, cfg.s3)
         predictions = storage.join(cfg.output, PREDICTIONS_DIR)
         classified = classify(
             ClassifyConfig(
@@ -77,10 +70,10 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     return metrics
 
 
-def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
+def labelled_images(cfg: EvaluateConfig, meta: ModelMeta, labelled: LabelledSet) -> dict[str, int]:
     """{path as the rows name it: true label index in the model's classes} of the images
-    to evaluate: the held-out folder of `cfg.data` when it has one, else every image."""
-    labelled = discover(cfg.data, s3=cfg.s3, held_out_dirs=EVALUATION_DIRS)
+    to evaluate (`labelled`, as `cfg.data` was found): its held-out folder when it has one,
+    else every image."""
     warn_if_not_held_out(cfg.data, labelled.held_out, meta)
     unknown = sorted(set(labelled.classes) - set(meta.classes))
     if unknown:
@@ -172,19 +165,6 @@ def confidence_metrics(probs: np.ndarray, y_true: np.ndarray, temperature: float
         "calibration": temperature_change(raw, probs, y_true, temperature),
         "coverage": coverage_accuracy(probs.max(1), probs.argmax(1) == y_true),
     }
-
-
-def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
-    """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
-    output without it, or one holding anything else."""
-    entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite)
-    if not entries:
-        return []
-    why = "--overwrite removes only what insect wrote: move them or choose another --output"
-    outputs.refuse_foreign(cfg.output, entries, why, EVALUATION_FILES, (PREDICTIONS_DIR,))
-    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
-    own = [e["name"] for e in entries if e["type"] == "file"]
-    return own + outputs.overwrite_plan(predictions, cfg.s3)
 
 
 def print_metrics(metrics: dict, output: str) -> None:
