@@ -15,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
+from PIL import Image
 
 from insectlib import storage
 from insectlib.config import TrainConfig
@@ -190,6 +192,14 @@ def small_train_config(data: str, work, **overrides) -> TrainConfig:
         keep_checkpoints=0,
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+def assert_picture(path) -> None:
+    """A real picture: opens, a sensible size, and not one flat colour."""
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width >= 200 and image.height >= 150
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    assert pixels.std() > 5, f"{path} looks blank"
 
 
 def wait_for(condition, timeout: float = 180, what: str = "condition"):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from insectlib.classify.evaluate import evaluate, print_metrics
 from insectlib.config import EvaluateConfig
@@ -19,16 +17,7 @@ from insectlib.metrics.confidence import MIN_TEMPERATURE_IMAGES, expected_calibr
 from insectlib.metrics.scores import classification_metrics
 from insectlib.model.network import load_model
 from insectlib.model.precision import resolve_precision
-from insectlib.review.visualize import feature_maps
-from tests.conftest import expect_cli_error
-
-
-def assert_picture(path) -> None:
-    """A real picture: opens, a sensible size, and not one flat colour."""
-    with Image.open(path) as image:
-        assert image.format == "PNG" and image.width >= 200 and image.height >= 150
-        pixels = np.asarray(image.convert("L"), dtype=np.float32)
-    assert pixels.std() > 5, f"{path} looks blank"
+from tests.conftest import assert_picture, expect_cli_error
 
 
 def test_metrics_match_a_hand_computed_confusion_matrix():
@@ -142,40 +131,3 @@ def test_training_writes_metrics_curves_and_report(trained):
     else:
         assert meta.temperature and c["nll_after"] <= c["nll_before"] + 1e-9
     assert_picture(model_dir / "reliability.png")
-
-
-def test_feature_map_shapes(trained_vgg, unlabelled):
-    cfg, meta = trained_vgg  # VGG-16 at 64 px
-    model, _ = load_model(cfg.output)
-    image = decode(open(sorted(unlabelled)[0], "rb").read())
-    x = normalize(eval_transform(meta.image_size)(image).unsqueeze(0))[0]
-    maps = feature_maps(model, x, [0, 1, 5, 30])
-    assert maps[0][2].shape == (64, 64, 64)  # features[0]: first conv, full size
-    assert maps[5][2].shape == (128, 32, 32)  # features[5]: conv after one max-pool
-    assert maps[30][2].shape == (512, 2, 2)  # features[30]: the last max-pool
-    assert type(maps[30][1]) is torch.nn.MaxPool2d and maps[30][0] == "features.30"
-    # The conv output is kept as it was, not as the in-place ReLU after it leaves it.
-    assert (maps[0][2] < 0).any() and (maps[1][2] >= 0).all()
-
-
-def test_visualize_cli(trained_vgg, unlabelled, tmp_path, capsys):
-    """In-process (no Ray, one torch import: 3 subprocesses took 25 s); the installed
-    `insect` entry point is run by test_cluster."""
-    from insectlib.cli.main import main
-
-    cfg, _ = trained_vgg
-    image = sorted(unlabelled)[0]
-    out = tmp_path / "maps"
-    assert main(["visualize", image, "--model", cfg.output, "--layers", "1,28",
-                 "--output", str(out)]) == 0  # fmt: skip
-    written = sorted(os.listdir(out))
-    assert written == ["layer-001-features.1.png", "layer-028-features.28.png"]
-    for name in written:
-        assert_picture(out / name)
-
-    argv = ["visualize", image, "--model", cfg.output, "--layers"]
-    capsys.readouterr()
-    assert main([*argv, "99"]) == 2  # an error that lists the layers on the lines after it
-    err = capsys.readouterr().err
-    assert "no layer 99" in err and "features.30" in err
-    assert "has no feature maps" in expect_cli_error(capsys, [*argv, "33"])

@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 
 from insectlib import layout
 from insectlib.classify.evaluate import evaluate
-from insectlib.classify.pipeline import classify, int8_for_run
+from insectlib.classify.pipeline import int8_for_run
 from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig
 from insectlib.data import synthetic
 from insectlib.data.images import decode, eval_transform
@@ -409,55 +409,3 @@ def test_evaluate_int8(ray_local, tmp_path, labelled):
     assert m["accuracy"] == pytest.approx(correct / 36)
     with pytest.raises(InsectError, match="--int8-images is for --precision int8"):
         EvaluateConfig(data="d", model="m", int8_images="c").validate()
-
-
-def test_classify_int8_end_to_end(trained_vgg, unlabelled, tmp_path, capsys):
-    """The session's VGG-16: calibrated on its own validation images in the driver, run
-    int8 by the actors, rows that agree with fp32; auto picks int8 only with a record that
-    passed; a resume refuses rows of another precision's model."""
-    cfg, meta = trained_vgg
-    model_dir = str(tmp_path / "model")
-    shutil.copytree(cfg.output, model_dir)  # the session's model must stay without int8
-    folder = os.path.dirname(next(iter(unlabelled)))
-
-    def run(name: str, **settings):
-        out = str(tmp_path / name)
-        # One actor: each int8 actor quantizes and compiles VGG-16 (tens of seconds here).
-        classify(
-            ClassifyConfig(input=folder, model=model_dir, output=out, max_actors=1, **settings)
-        )
-        return {r["path"]: r for r in pq.read_table(out).to_pylist()}
-
-    fp32 = run("fp32", precision="fp32")
-    rows = run("int8", precision="int8")
-    said = capsys.readouterr().out
-    assert "measuring int8 statistics" in said and "top-1 agreement with fp32" in said
-    record = int8.load(model_dir, meta).record
-    assert set(rows) == set(fp32) == set(unlabelled)
-    assert {r["model"] for r in rows.values()} == {record.int8_model_id}
-    agree = np.mean([rows[p]["label"] == fp32[p]["label"] for p in rows])
-    assert agree >= 0.9, agree
-    diff = max(
-        np.abs(np.subtract(rows[p]["probabilities"], fp32[p]["probabilities"])).max() for p in rows
-    )
-    assert diff < 0.1, diff
-
-    # auto: int8 with the kept calibration (no second one) only while its record passed;
-    # the run below it is the int8 run above (int8_for_run is what classify asks).
-    record_path = os.path.join(model_dir, layout.INT8_RECORD)
-    kept = json.load(open(record_path))
-    auto = ClassifyConfig(input=folder, model=model_dir, output=str(tmp_path / "auto"))
-    json.dump({**kept, "top1_agreement": 1.0}, open(record_path, "w"))
-    assert int8_for_run(auto, meta).record.int8_model_id == record.int8_model_id
-    json.dump({**kept, "top1_agreement": 0.5}, open(record_path, "w"))
-    assert int8_for_run(auto, meta) is None
-    assert {r["model"] for r in run("auto").values()} == {meta.model_id}
-    assert "measuring int8 statistics" not in capsys.readouterr().out
-
-    with pytest.raises(InsectError, match="model"):
-        classify(
-            ClassifyConfig(
-                input=folder, model=model_dir, output=str(tmp_path / "fp32"), precision="int8",
-                resume=True,
-            )
-        )  # fmt: skip
