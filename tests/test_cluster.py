@@ -315,6 +315,33 @@ def test_a_ray_client_session_the_cluster_failed_to_start_is_asked_for_again(
         connect.connect_client("ray://127.0.0.1:1")
 
 
+def test_a_ray_client_address_in_ray_address_goes_through_ray_client(monkeypatch, capsys, tmp_path):
+    """$RAY_ADDRESS=ray://... with no --address (or auto, which reads it) is taken as
+    --address ray://... is: the command's driver part runs on the cluster (its sessions asked
+    for again, its paths the cluster's, not looked at here), not in this process over a
+    client connection."""
+    calls = []
+
+    def fake(**kwargs):
+        calls.append(kwargs.get("address"))
+        raise SESSION_NOT_STARTED
+
+    monkeypatch.setattr(ray, "init", fake)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    argv = ["classify", "in", "--model", "m", "--output", str(tmp_path / "o")]
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a port that answers
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        for extra in ([], ["--address", "auto"]):
+            calls.clear()
+            err = expect_cli_error(capsys, [*argv, *extra])
+            assert f"at {address}: " in err and "session 3 times" in err, err
+            assert calls == [address] * 3
+    monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:1")  # a port that does not answer
+    assert "check $RAY_ADDRESS (" in expect_cli_error(capsys, argv)
+    assert calls == [address] * 3  # refused before ray.init
+
+
 def test_addresses_are_checked_as_ray_reads_them_and_errors_are_one_line():
     """ray:// with a port is checked like HOST:PORT (one without is Ray's to resolve); a
     traceback inside Ray's error text (GCS's, mid-line) leaves only its exceptions' lines,

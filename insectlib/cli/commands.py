@@ -4,7 +4,7 @@ log file when it starts Ray (`runtime.console`)."""
 from __future__ import annotations
 
 from insectlib.runtime import console
-from insectlib.runtime.connect import is_client, run_as_driver
+from insectlib.runtime.connect import client_address, run_as_driver
 
 # Commands that start Ray, and the setting naming where each writes (its log goes there).
 LOGGED = {
@@ -31,7 +31,7 @@ def _train(cfg) -> None:
     from insectlib.training.preflight import named, preflight
 
     labelled = None
-    if not is_client(cfg.address):
+    if not client_address(cfg.address):
         cfg = named(cfg)
         labelled = preflight(cfg)
     from insectlib.training.trainer import fit
@@ -42,7 +42,7 @@ def _train(cfg) -> None:
 def _classify(cfg) -> None:
     from insectlib.classify.checks import check_run  # before torch, as for _train
 
-    parts = None if is_client(cfg.address) else check_run(cfg)
+    parts = None if client_address(cfg.address) else check_run(cfg)
     from insectlib.classify.pipeline import classify, print_summary
 
     print_summary(run_as_driver(classify, cfg, parts=parts))
@@ -51,7 +51,7 @@ def _classify(cfg) -> None:
 def _evaluate(cfg) -> None:
     from insectlib.classify.checks import check_evaluation  # before torch, as for _train
 
-    checked = None if is_client(cfg.address) else check_evaluation(cfg)
+    checked = None if client_address(cfg.address) else check_evaluation(cfg)
     from insectlib.classify.evaluate import evaluate, print_metrics
 
     print_metrics(run_as_driver(evaluate, cfg, checked=checked), cfg.output)

@@ -196,13 +196,13 @@ CLIENT_SESSION_TRIES = 3
 SESSION_NOT_STARTED = "Starting Ray client server failed"  # Ray's text for that failure
 
 
-def connect_client(address: str) -> None:
-    """ray.init at a Ray Client address (ray://host:port) with this package shipped along.
-    A session the cluster's client server failed to start is asked for again; any other
-    failure, or the last, is one line."""
+def connect_client(address: str, source: str = "--address") -> None:
+    """ray.init at a Ray Client address (ray://host:port, given as `source`) with this
+    package shipped along. A session the cluster's client server failed to start is asked
+    for again; any other failure, or the last, is one line."""
     import insectlib
 
-    check_reachable(address)
+    check_reachable(address, source)
     env = {"py_modules": [os.path.dirname(insectlib.__file__)]}
     for attempt in range(1, CLIENT_SESSION_TRIES + 1):
         try:
@@ -222,10 +222,13 @@ def connect_client(address: str) -> None:
             ray.shutdown()
 
 
-def is_client(address: str | None) -> bool:
-    """Whether `address` is a Ray Client one (ray://host:port), whose paths are the
-    cluster's."""
-    return bool(address and address.startswith("ray://"))
+def client_address(address: str | None) -> str | None:
+    """The Ray Client address (ray://host:port) a command goes through, whose paths are the
+    cluster's: `address` (--address), or $RAY_ADDRESS where that is absent or auto (ray.init
+    reads it then); None where the command is a driver itself."""
+    if address in (None, "auto"):
+        address = os.environ.get("RAY_ADDRESS") or address
+    return address if address and address.startswith("ray://") else None
 
 
 def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
@@ -233,10 +236,10 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
     Ray Data and Ray Train need a real driver process, which a Ray Client connection is
     not, so the driver's part runs on the cluster as a zero-CPU task with this package
     shipped along (paths are then the cluster's, as with `ray job submit`)."""
-    address = getattr(cfg, "address", None)
-    if not is_client(address):
+    address = client_address(getattr(cfg, "address", None))
+    if address is None:
         return fn(cfg, **kwargs)
-    connect_client(address)
+    connect_client(address, "--address" if address == cfg.address else "$RAY_ADDRESS")
     try:
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
         return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
