@@ -230,16 +230,44 @@ def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, 
         _classify(cfg.output, other, out, resume=True)
     assert _tree(out) == before
     capsys.readouterr()
+    record = {name: before[name] for name in (layout.SUCCESS_FILE, layout.SUMMARY_JSON)}
     resumed = _classify(cfg.output, images + "/", out, resume=True)
     assert resumed.rows == resumed.already_done == len(unlabelled) and resumed.shape is None
-    assert "every input has its row already; nothing to classify" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "every input has its row already; nothing to classify" in said
+    assert "its _SUCCESS and summary are kept" in said
     print_summary(resumed)
     assert "(every one done before)" in capsys.readouterr().out
-    assert json.loads((out / layout.SUCCESS_FILE).read_text())["inputs"] == len(unlabelled)
+    # The finished run's record stays its own: not this resume's time, speed and spelling.
+    assert {name: (out / name).read_bytes() for name in record} == record
     # An input removed since: --resume cannot mend that (it keeps rows), and says so.
     fewer = ClassifyConfig(input=images, model=cfg.output, output=str(out), resume=True)
     with pytest.raises(InsectError, match="rows of 1 input no longer in .* --overwrite classif"):
         classify(fewer, paths=sorted(unlabelled)[:-1])
+
+
+def test_a_finished_run_resumed_over_new_inputs_records_it_anew(trained, unlabelled, tmp_path):
+    """Images added to a finished run's input: --resume classifies those alone, and the
+    record (_SUCCESS, summary) is written anew for the whole output."""
+    cfg, _ = trained
+    paths = sorted(unlabelled)
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in paths[:4]:
+        shutil.copy(path, images)
+    out = tmp_path / "out"
+    _classify(cfg.output, images, out)
+    first = json.loads((out / layout.SUCCESS_FILE).read_text())
+    shutil.copy(paths[4], images)
+    resumed = _classify(cfg.output, images, out, resume=True)
+    assert (resumed.rows, resumed.already_done) == (5, 4) and resumed.shape is not None
+    success = json.loads((out / layout.SUCCESS_FILE).read_text())
+    assert success["inputs"] == success["rows"] == 5 and success["resumed"]
+    assert success["started"] > first["finished"]
+    summary = json.loads((out / layout.SUMMARY_JSON).read_text())
+    assert (summary["rows"], summary["already_done"]) == (5, 4)
+    names = sorted(os.path.basename(p) for p in pq.read_table(out).column("path").to_pylist())
+    assert names == sorted(os.path.basename(p) for p in paths[:5])
 
 
 def test_the_input_a_success_names_is_compared_only_where_it_is_absolute(tmp_path):

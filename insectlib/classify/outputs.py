@@ -14,7 +14,7 @@ import re
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -221,6 +221,13 @@ class Done:
 
     files: list[str]
     rows: int
+    # A finished run's record (_SUCCESS, the summary) while no row is added: a resume with
+    # nothing to do keeps it (`finish`); one that classifies removes it first (`drop_record`).
+    record: list[dict] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return any(entry_name(e) == SUCCESS_FILE for e in self.record)
 
 
 def _models(fs, name: str, footer: pq.FileMetaData) -> set[str]:
@@ -277,10 +284,10 @@ def resume_state(
 
     Everything is checked before anything is removed: a file insect did not write, rows
     of another model or made another way refuse the resume. Only then are removed the
-    half-written parts (no Parquet footer), the parts holding a second row for a path
-    (left by any earlier fault: their inputs are classified again), `_SUCCESS` and the
-    summary. A part that cannot be read is retried, then stops the run without removing
-    anything."""
+    half-written parts (no Parquet footer) and the parts holding a second row for a path
+    (left by any earlier fault: their inputs are classified again), and with either
+    `_SUCCESS` and the summary; without, those stay in `Done.record`. A part that cannot be
+    read is retried, then stops the run without removing anything."""
     entries = list_entries(output, s3)
     why = "--resume continues only insect's own output: move them or choose another --output"
     refuse_foreign(output, entries, why)
@@ -290,8 +297,12 @@ def resume_state(
     for name, footer in complete.items():
         _check_resumable(output, fs, name, footer, model_id, row_format, legacy)
     doubled = duplicates.parts_to_remove(duplicates.duplicates(fs, sorted(complete)))
+    incomplete = sorted(set(footers) - set(complete))
+    done = Done([], 0, [e for e in entries if entry_name(e) in RUN_FILES])
+    if incomplete or doubled:
+        drop_record(output, done, s3)
     with storage.user_errors(output):
-        for name in sorted(set(footers) - set(complete)):
+        for name in incomplete:
             console.say(f"removing incomplete output file {storage.to_uri(fs, name)}")
             fs.rm_file(name)
         for name in doubled:
@@ -301,11 +312,18 @@ def resume_state(
             )
             fs.rm_file(name)
             del complete[name]
-        # _SUCCESS last: a summary without it is stale (see `summary.read_summary`).
-        for entry in sorted(entries, key=lambda e: entry_name(e) == SUCCESS_FILE):
-            if entry_name(entry) in RUN_FILES:
-                fs.rm_file(entry["name"])
-    return Done(sorted(complete), sum(f.num_rows for f in complete.values()))
+    done.files, done.rows = sorted(complete), sum(f.num_rows for f in complete.values())
+    return done
+
+
+def drop_record(output: str, done: Done, s3: storage.S3Options) -> None:
+    """Remove the run's record (`Done.record`) before its parts change; _SUCCESS last: a
+    summary without it is stale (see `summary.read_summary`)."""
+    fs, _ = storage.filesystem(output, s3)
+    with storage.user_errors(output):
+        for entry in sorted(done.record, key=lambda e: entry_name(e) == SUCCESS_FILE):
+            fs.rm_file(entry["name"])
+    done.record = []
 
 
 def _check_resumable(

@@ -94,6 +94,8 @@ def classify(
         else:
             pool = actor_shape(plan, todo)
             check_capacity(cfg, pool)
+            if done is not None:
+                outputs.drop_record(cfg.output, done, cfg.s3)  # rows are added: not final
             run_pipeline(plan, listed, done, run, pool)
         inputs_total = listing_total(plan, run)
         lock.check()  # another run took the output over: write no _SUCCESS
@@ -208,35 +210,45 @@ def finish(
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
     summary.shape = pool.record() if pool else None
     check_rows(cfg, rows, total, footers)
-    manifest = {
-        "inputs": total,
-        "rows": rows,
-        "errors": errors,
-        "model": plan.model_id,
-        "input": plan.cfg.source,
-        "started": plan.started_at,
-        "finished": datetime.now(timezone.utc).isoformat(),
-        "resumed": done is not None,
-        "versions": versions(),
-    }
-    storage.write_file(cfg.output, SUCCESS_FILE, json.dumps(manifest, indent=2), cfg.s3)
-    report.update(
-        inputs=total,
-        model=plan.model_id,
-        input=plan.cfg.source,
-        row_format=asdict(plan.row_format),
-        seconds=seconds,
-        images_per_second=summary.images_per_second,
-        already_done=already,
-        actor_shape=summary.shape,
-    )
-    write_summary(cfg.output, report, cfg.s3)
+    if done is not None and done.finished:  # resumed, with nothing to do: the record stays
+        console.say("the run had finished: its _SUCCESS and summary are kept as they were")
+    else:
+        write_success(plan, report, summary)
     if cfg.max_error_fraction is not None and errors > cfg.max_error_fraction * total:
         raise InsectError(
             f"{errors} of {total} images ({errors / total:.1%}) could not be classified, more "
             f"than --max-error-fraction {cfg.max_error_fraction}; every row is in {cfg.output}"
         )
     return summary
+
+
+def write_success(plan: RunPlan, report: dict, summary: ClassifySummary) -> None:
+    """`_SUCCESS` (the run's record: readers trust an output that has one), then the
+    summary with this run's speed and shape."""
+    cfg = plan.cfg
+    manifest = {
+        "inputs": summary.inputs,
+        "rows": summary.rows,
+        "errors": summary.errors,
+        "model": plan.model_id,
+        "input": cfg.source,
+        "started": plan.started_at,
+        "finished": datetime.now(timezone.utc).isoformat(),
+        "resumed": cfg.resume,
+        "versions": versions(),
+    }
+    storage.write_file(cfg.output, SUCCESS_FILE, json.dumps(manifest, indent=2), cfg.s3)
+    report.update(
+        inputs=summary.inputs,
+        model=plan.model_id,
+        input=cfg.source,
+        row_format=asdict(plan.row_format),
+        seconds=summary.seconds,
+        images_per_second=summary.images_per_second,
+        already_done=summary.already_done,
+        actor_shape=summary.shape,
+    )
+    write_summary(cfg.output, report, cfg.s3)
 
 
 def check_rows(cfg: ClassifyConfig, rows: int, total: int, footers: dict) -> None:
