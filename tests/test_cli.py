@@ -229,20 +229,26 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         f"{missing}/": ["evaluate", str(data), "--model", str(missing), "--output", "o"],
         f"not found: {missing}": ["evaluate", str(missing), "--model", str(model), "--output", "o"],
     }
+    # One interpreter for every case: the first to import torch fails (and all after it).
     code = (
-        "import json, sys\n"
+        "import contextlib, io, json, sys\n"
         "from insectlib.cli.main import main\n"
-        "argv = json.loads(sys.argv[1])\n"
-        "print(main(argv), any(m in sys.modules for m in ('torch', 'torchvision')))\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(argv)\n"
+        "    torch = any(m in sys.modules for m in ('torch', 'torchvision'))\n"
+        "    print(json.dumps([code, torch, err.getvalue().splitlines()]))\n"
     )
-    for expected, argv in cases.items():
-        result = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(argv)],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-        )
-        assert result.stdout.split() == ["2", "False"], (argv, result.stdout, result.stderr)
-        lines = result.stderr.splitlines()
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(list(cases.values()))],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    found = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(found) == len(cases), result.stderr[-3000:]
+    for (expected, argv), (code, torch, lines) in zip(cases.items(), found, strict=True):
+        assert (code, torch) == (2, False), (argv, lines)
         assert len(lines) == 1 and lines[0].startswith("insect: error: "), (argv, lines)
         assert expected in lines[0], (argv, lines)
