@@ -222,6 +222,8 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         "not found": ["train", str(missing)],
         "file.txt": ["train", str(tmp_path / "file.txt")],
         "holds files insect did not write": ["train", str(data), "--output", f"{tmp_path}/full"],
+        "--weights file not found": ["train", str(data), "--weights", f"{missing}.pth"],
+        "--storage": ["train", str(data), "--storage", f"{data}/runs"],
         "not a model directory": ["classify", str(data), "--model", str(data), "--output", "o"],
         str(missing): ["classify", str(missing), "--model", str(model), "--output", "o"],
         "inside": ["classify", str(data), "--model", str(model), "--output", f"{data}/out"],

@@ -167,6 +167,14 @@ def train_config(data: str, tmp_path: Path, **kw) -> TrainConfig:
     )
 
 
+def test_the_run_snapshot_is_the_file_ray_train_writes():
+    """insect writes Ray Train's private file name out (importing it costs seconds before a
+    path check); the resume tests below see Ray write it, this one names a rename."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    assert RUN_SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
 def checkpoints(cfg: TrainConfig) -> list[str]:
     """Checkpoint folders of the run, oldest first, once Ray Train has registered one (a
     folder alone may be a report still in flight, which a restart rightly ignores)."""

@@ -1,16 +1,15 @@
 """The checks of a classification or an evaluation that need neither torch nor a cluster,
 so that a wrong path is refused in about a second: the CLI runs them before it imports the
-pipeline, and `pipeline.plan_run` and `evaluate.evaluate` run them where it did not."""
+pipeline; `pipeline.plan_run` runs them where it did not, `evaluate.evaluate` again (they
+are cheap: no whole listing)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from insectlib import storage
 from insectlib.classify import outputs
 from insectlib.config import ClassifyConfig, EvaluateConfig
 from insectlib.data import inputs
-from insectlib.data.labels import EVALUATION_DIRS, LabelledSet, discover
+from insectlib.data.labels import check_root
 from insectlib.errors import InsectError
 from insectlib.layout import EVALUATION_FILES, PREDICTIONS_DIR
 from insectlib.model.meta import check_model_dir
@@ -50,15 +49,10 @@ def plan_output(cfg: ClassifyConfig) -> list[str]:
     return outputs.overwrite_plan(cfg.output, cfg.s3)
 
 
-@dataclass(frozen=True)
-class EvaluationChecks:
-    removal: list[str]  # what --overwrite removes once the data is listed and the model checked
-    labelled: LabelledSet  # the data, as found
-
-
-def check_evaluation(cfg: EvaluateConfig) -> EvaluationChecks:
+def check_evaluation(cfg: EvaluateConfig) -> None:
     """The settings, the output's place and what it holds, the model directory's
-    meta.json, and the labelled data listed. Writes nothing."""
+    meta.json, and the labelled data's root (`evaluate` lists it whole once the model is
+    checked). Writes nothing."""
     cfg.validate()
     # Its pictures inside the labelled tree would be read as images by the next run.
     storage.check_location(
@@ -67,10 +61,9 @@ def check_evaluation(cfg: EvaluateConfig) -> EvaluationChecks:
         apart=("the input", "the model"),
         s3=cfg.s3,
     )
-    removal = plan_overwrite(cfg)
+    plan_overwrite(cfg)  # its refusals (planned again under the lock)
     check_model_dir(cfg.model, cfg.s3)
-    labelled = discover(cfg.data, s3=cfg.s3, held_out_dirs=EVALUATION_DIRS)
-    return EvaluationChecks(removal, labelled)
+    check_root(cfg.data, cfg.s3)
 
 
 def plan_overwrite(cfg: EvaluateConfig) -> list[str]:

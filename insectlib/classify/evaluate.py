@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 
 from insectlib import storage
 from insectlib.classify import outputs
-from insectlib.classify.checks import EvaluationChecks, check_evaluation
+from insectlib.classify.checks import check_evaluation, plan_overwrite
 from insectlib.classify.pipeline import classify
 from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
-from insectlib.data.labels import LabelledSet
+from insectlib.data.labels import EVALUATION_DIRS, discover
 from insectlib.errors import InsectError
 from insectlib.layout import (
     CONFUSION_JSON,
@@ -40,17 +40,17 @@ from insectlib.runtime import console
 from insectlib.storage.lock import output_lock
 
 
-def evaluate(cfg: EvaluateConfig, checked: EvaluationChecks | None = None) -> dict:
+def evaluate(cfg: EvaluateConfig) -> dict:
     """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
-    else every image) and write metrics, the confusion matrix and the misclassified rows.
-    `checked`: what `checks.check_evaluation` returned for this `cfg`, where it ran already."""
-    checked = checked or check_evaluation(cfg)
+    else every image) and write metrics, the confusion matrix and the misclassified rows."""
+    check_evaluation(cfg)
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
-    truth = labelled_images(cfg, meta, checked.labelled)
+    truth = labelled_images(cfg, meta)
     with output_lock(cfg.output, "evaluate", cfg.s3, console.say):
-        # Only now that the data is listed and the model checked: the old evaluation goes.
-        outputs.remove(cfg.output, checked.removal, cfg.s3)
+        # Only now that the data is listed and the model checked: the old evaluation goes
+        # (planned again: another run may have ended since).
+        outputs.remove(cfg.output, plan_overwrite(cfg), cfg.s3)
         predictions = storage.join(cfg.output, PREDICTIONS_DIR)
         classified = classify(
             ClassifyConfig(
@@ -70,10 +70,10 @@ def evaluate(cfg: EvaluateConfig, checked: EvaluationChecks | None = None) -> di
     return metrics
 
 
-def labelled_images(cfg: EvaluateConfig, meta: ModelMeta, labelled: LabelledSet) -> dict[str, int]:
+def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
     """{path as the rows name it: true label index in the model's classes} of the images
-    to evaluate (`labelled`, as `cfg.data` was found): its held-out folder when it has one,
-    else every image."""
+    to evaluate: the held-out folder of `cfg.data` when it has one, else every image."""
+    labelled = discover(cfg.data, s3=cfg.s3, held_out_dirs=EVALUATION_DIRS)
     warn_if_not_held_out(cfg.data, labelled.held_out, meta)
     unknown = sorted(set(labelled.classes) - set(meta.classes))
     if unknown:

@@ -51,10 +51,11 @@ def _classify(cfg) -> None:
 def _evaluate(cfg) -> None:
     from insectlib.classify.checks import check_evaluation  # before torch, as for _train
 
-    checked = None if client_address(cfg.address) else check_evaluation(cfg)
+    if not client_address(cfg.address):
+        check_evaluation(cfg)
     from insectlib.classify.evaluate import evaluate, print_metrics
 
-    print_metrics(run_as_driver(evaluate, cfg, checked=checked), cfg.output)
+    print_metrics(run_as_driver(evaluate, cfg), cfg.output)
 
 
 def _visualize(cfg) -> None:

@@ -74,6 +74,14 @@ class FolderTree:
     val: dict[str, list[str]] = field(default_factory=dict)  # the held-out folder's
 
 
+def check_root(root: str, s3: storage.S3Options | None = None) -> None:
+    """Refuse at once a labelled tree that is not there or is a file, as `read_tree` would
+    after listing it whole (minutes, on a large bucket)."""
+    if not storage.is_dir(root, s3):
+        next(iter(storage.iter_files(root, s3)), None)  # "not found", as the listing says it
+        _check_classes([], root)  # a file: no class folders
+
+
 def read_tree(
     root: str,
     s3: storage.S3Options | None = None,

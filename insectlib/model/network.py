@@ -182,21 +182,6 @@ def build_model(
     return model
 
 
-def check_weights_file(uri: str, s3: storage.S3Options | None = None) -> None:
-    """Refuse at once a file that `load_state_dict_file` would not read as the format its
-    name says, by its first bytes: a .safetensors file starts with a header length, then
-    JSON; any other, as torch.save writes, with a zip archive or a pickle."""
-    head = storage.read_head(uri, 9, s3)
-    if uri.endswith(".safetensors"):
-        if head[8:9] != b"{":
-            raise InsectError(f"--weights {uri} is not a safetensors file")
-    elif not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise InsectError(
-            f"--weights {uri} is not a weights file as torch.save writes one (a "
-            "safetensors file must be named .safetensors)"
-        )
-
-
 def load_state_dict_file(uri: str, s3: storage.S3Options | None = None) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch pickle (tensors only, `weights_only`)."""
     with storage.user_errors(uri):

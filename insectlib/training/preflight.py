@@ -12,7 +12,7 @@ import time
 from insectlib import storage
 from insectlib.config import TrainConfig
 from insectlib.data import label_table
-from insectlib.data.labels import LabelledSet
+from insectlib.data.labels import LabelledSet, check_root
 from insectlib.errors import InsectError
 from insectlib.layout import INT8_FILES, META_FILE, MODEL_FILES, SUCCESS_FILE
 from insectlib.training.run_storage import (
@@ -37,12 +37,20 @@ def new_run_name() -> str:
 
 
 def preflight(cfg: TrainConfig) -> LabelledSet:
-    """Check everything that can be checked before Ray starts; returns the labelled set."""
+    """Check everything that can be checked before Ray starts; returns the labelled set.
+    The paths first, without torch; then --arch, which imports it; then the data's whole
+    listing (minutes on a large bucket); ImageNet weights last (perhaps a download)."""
     cfg.validate()
     check_locations(cfg)
     check_model_output(cfg)
     check_run_folder(cfg)
     check_run_name(cfg)
+    check_weights_path(cfg)
+    if cfg.data:
+        check_root(cfg.data, cfg.s3)
+    from insectlib.model import network  # torch and torchvision: once the paths are right
+
+    network.check_arch(cfg.arch)
     labelled = label_table.training_set(
         cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
     )
@@ -51,7 +59,9 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
             storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
     if cfg.resume:
         check_run_record(cfg, labelled)
-    check_network(cfg)
+    if cfg.weights == "imagenet":
+        # Here, once, rather than failing in every worker; last: perhaps a download.
+        network.ensure_imagenet_weights(cfg.arch)
     return labelled
 
 
@@ -67,22 +77,33 @@ def check_locations(cfg: TrainConfig) -> None:
             storage.check_bucket(location, cfg.s3)
 
 
-def check_network(cfg: TrainConfig) -> None:
-    """--arch and --weights, last: these are the checks that import torch."""
-    from insectlib.model.network import check_arch, check_weights_file, ensure_imagenet_weights
+def check_weights_path(cfg: TrainConfig) -> None:
+    """A --weights file is there, not a folder, and begins as its name says."""
+    if cfg.weights in ("imagenet", "random"):
+        return
+    if not storage.exists(cfg.weights, cfg.s3):
+        raise InsectError(f"--weights file not found: {cfg.weights}")
+    if storage.is_dir(cfg.weights, cfg.s3):
+        raise InsectError(
+            f"--weights {cfg.weights} is a folder; give a state-dict file of {cfg.arch} "
+            "(.safetensors or a torch pickle)"
+        )
+    check_weights_file(cfg.weights, cfg.s3)
 
-    check_arch(cfg.arch)
-    if cfg.weights not in ("imagenet", "random"):
-        if not storage.exists(cfg.weights, cfg.s3):
-            raise InsectError(f"--weights file not found: {cfg.weights}")
-        if storage.is_dir(cfg.weights, cfg.s3):
-            raise InsectError(
-                f"--weights {cfg.weights} is a folder; give a state-dict file of {cfg.arch} "
-                "(.safetensors or a torch pickle)"
-            )
-        check_weights_file(cfg.weights, cfg.s3)
-    if cfg.weights == "imagenet":
-        ensure_imagenet_weights(cfg.arch)  # here, once, rather than failing in every worker
+
+def check_weights_file(uri: str, s3: storage.S3Options | None = None) -> None:
+    """Refuse at once a file that `load_state_dict_file` would not read as the format its
+    name says, by its first bytes: a .safetensors file starts with a header length, then
+    JSON; any other, as torch.save writes, with a zip archive or a pickle."""
+    head = storage.read_head(uri, 9, s3)
+    if uri.endswith(".safetensors"):
+        if head[8:9] != b"{":
+            raise InsectError(f"--weights {uri} is not a safetensors file")
+    elif not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise InsectError(
+            f"--weights {uri} is not a weights file as torch.save writes one (a "
+            "safetensors file must be named .safetensors)"
+        )
 
 
 def check_model_output(cfg: TrainConfig) -> None:

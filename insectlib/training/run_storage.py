@@ -16,14 +16,11 @@ from insectlib.layout import PROBLEM_FILE, RUN_RECORD, STATE_FILE
 from insectlib.runtime import console
 
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
-try:
-    # Ray Train's record of a run's checkpoints: where it exists, a run of that name
-    # continues. A private name (Ray 2.50-2.60 write "checkpoint_manager_snapshot.json");
-    # the fallback keeps `--name`/`--resume` checks working should it move.
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-except ImportError:  # pragma: no cover - a Ray release that moved it
-    CHECKPOINT_MANAGER_SNAPSHOT_FILENAME = "checkpoint_manager_snapshot.json"
-RUN_SNAPSHOT = CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+# Ray Train's record of a run's checkpoints: where it exists, a run of that name continues.
+# Ray's private CHECKPOINT_MANAGER_SNAPSHOT_FILENAME (Ray 2.50-2.60), written out rather
+# than imported: importing ray.train takes seconds before a wrong path could be refused.
+# A test holds it to Ray's.
+RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # The settings a resumed run must share with its start: they shape the model, its weights
 # and its training. Others (epochs, workers, precision, paths, ...) may change.
 RESUME_FIELDS = (
