@@ -224,6 +224,7 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         "holds files insect did not write": ["train", str(data), "--output", f"{tmp_path}/full"],
         "--weights file not found": ["train", str(data), "--weights", f"{missing}.pth"],
         "--storage": ["train", str(data), "--storage", f"{data}/runs"],
+        f"not found: {missing}.csv": ["train", str(data), "--labels", f"{missing}.csv"],
         "not a model directory": ["classify", str(data), "--model", str(data), "--output", "o"],
         str(missing): ["classify", str(missing), "--model", str(model), "--output", "o"],
         "inside": ["classify", str(data), "--model", str(model), "--output", f"{data}/out"],

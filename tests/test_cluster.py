@@ -195,7 +195,6 @@ def test_a_run_without_a_cluster_starts_no_dashboard(tmp_path):
         ("local", "127.0.0.1:1", False, {"include_dashboard": False}),
         ("auto", None, False, {}),  # a cluster's, as it is
         (None, "auto", False, {}),
-        ("ray://127.0.0.1", None, False, {}),  # no port: not probed before ray.init
     ],
 )
 def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard(
@@ -223,6 +222,31 @@ def test_an_unreachable_ray_address_is_refused_before_ray_init(address, monkeypa
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(InsectError, match=r"127.0.0.1:1: .*; check \$RAY_ADDRESS \("):
+        connect.init_ray(address)
+
+
+@pytest.mark.parametrize(
+    "address, environment, source",
+    [("ray://127.0.0.1:1", None, "--address"), (None, "ray://h:10001", "$RAY_ADDRESS"),
+     ("auto", "ray://h", "$RAY_ADDRESS"), ("127.0.0.1:1", "ray://h", None)],
+)  # fmt: skip
+def test_a_ray_client_address_is_never_connected_to_as_a_driver(
+    address, environment, source, monkeypatch
+):
+    """A command's own Ray Data and Ray Train cannot run over a Ray Client connection:
+    `run_as_driver` sends them to the cluster, and init_ray refuses such an address (from a
+    command that drives Ray itself, `insect demo`, or a library caller) in one line."""
+    from insectlib.runtime import connect
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+    monkeypatch.setenv("RAY_ADDRESS", environment or "")
+    if source is None:  # --address HOST:PORT is used, not the environment's
+        with pytest.raises(InsectError, match=r"127.0.0.1:1: .*; check --address \("):
+            connect.init_ray(address)
+        return
+    client = address if source == "--address" else environment
+    with pytest.raises(InsectError, match=f"{re.escape(source)} {client} is a Ray Client"):
         connect.init_ray(address)
 
 

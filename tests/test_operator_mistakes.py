@@ -240,10 +240,17 @@ def test_a_finished_run_is_resumed_only_over_its_own_input(trained, unlabelled, 
     assert "(every one done before)" in capsys.readouterr().out
     # The finished run's record stays its own: not this resume's time, speed and spelling.
     assert {name: (out / name).read_bytes() for name in record} == record
-    # An input removed since: --resume cannot mend that (it keeps rows), and says so.
+    # ...while it holds: a broken summary (a kill between the two writes) is written anew.
+    (out / layout.SUMMARY_JSON).write_text("{")
+    _classify(cfg.output, images, out, resume=True)
+    assert "are kept" not in capsys.readouterr().out
+    assert json.loads((out / layout.SUMMARY_JSON).read_text())["rows"] == len(unlabelled)
+    # An input removed since: --resume cannot mend that (it keeps rows), and says so; the
+    # record goes, as the output is no longer a finished run of its input.
     fewer = ClassifyConfig(input=images, model=cfg.output, output=str(out), resume=True)
     with pytest.raises(InsectError, match="rows of 1 input no longer in .* --overwrite classif"):
         classify(fewer, paths=sorted(unlabelled)[:-1])
+    assert not (out / layout.SUCCESS_FILE).exists() and not (out / layout.SUMMARY_JSON).exists()
 
 
 def test_a_finished_run_resumed_over_new_inputs_records_it_anew(trained, unlabelled, tmp_path):

@@ -1,7 +1,6 @@
 """The checks of a classification or an evaluation that need neither torch nor a cluster,
 so that a wrong path is refused in about a second: the CLI runs them before it imports the
-pipeline; `pipeline.plan_run` runs them where it did not, `evaluate.evaluate` again (they
-are cheap: no whole listing)."""
+pipeline, and `pipeline.plan_run` and `evaluate.evaluate` run them where it did not."""
 
 from __future__ import annotations
 

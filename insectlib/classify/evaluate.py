@@ -40,10 +40,12 @@ from insectlib.runtime import console
 from insectlib.storage.lock import output_lock
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
+def evaluate(cfg: EvaluateConfig, checked: bool = False) -> dict:
     """Classify the labelled images of `cfg.data` (its held-out folder when it has one,
-    else every image) and write metrics, the confusion matrix and the misclassified rows."""
-    check_evaluation(cfg)
+    else every image) and write metrics, the confusion matrix and the misclassified rows.
+    `checked`: `checks.check_evaluation` ran for this `cfg` already."""
+    if not checked:
+        check_evaluation(cfg)
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
     truth = labelled_images(cfg, meta)

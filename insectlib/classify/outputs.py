@@ -222,12 +222,9 @@ class Done:
     files: list[str]
     rows: int
     # A finished run's record (_SUCCESS, the summary) while no row is added: a resume with
-    # nothing to do keeps it (`finish`); one that classifies removes it first (`drop_record`).
+    # nothing to do keeps it where it still holds (`pipeline.finish`); one that classifies
+    # removes it first (`drop_record`).
     record: list[dict] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return any(entry_name(e) == SUCCESS_FILE for e in self.record)
 
 
 def _models(fs, name: str, footer: pq.FileMetaData) -> set[str]:
@@ -266,7 +263,7 @@ def check_same_input(output: str, source: str, s3: storage.S3Options) -> None:
         try:
             recorded = json.loads(storage.read_bytes(uri, s3)).get("input")
         except (ValueError, AttributeError):
-            return  # not a manifest of ours: `resume_state` refuses or removes it
+            return  # not a manifest of ours: a resume rewrites it (`pipeline.finish`)
     # Before 2026-12-02 insect recorded the input as typed (maybe relative): not compared.
     named = isinstance(recorded, str) and (recorded.startswith("/") or "://" in recorded)
     if named and recorded.rstrip("/") != source.rstrip("/"):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from insectlib import storage
 from insectlib.classify import dataset, outputs, shape
 from insectlib.classify.checks import check_run, plan_output
-from insectlib.classify.summary import summarize, write_summary
+from insectlib.classify.summary import record_holds, summarize, write_summary
 from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig
 from insectlib.data import inputs
 from insectlib.errors import InsectError
@@ -209,8 +209,14 @@ def finish(
     already = done.rows if done is not None else 0
     summary = ClassifySummary(total, rows, errors, seconds, cfg.output, plan.model_id, already)
     summary.shape = pool.record() if pool else None
+    # A resume with nothing to do keeps a finished run's record while it holds; any other
+    # goes before the rows are checked, so that a refused output has none.
+    keep = done is not None and pool is None and bool(done.record)
+    keep = keep and record_holds(cfg.output, cfg.s3, rows, total)
+    if done is not None and not keep:
+        outputs.drop_record(cfg.output, done, cfg.s3)
     check_rows(cfg, rows, total, footers)
-    if done is not None and done.finished:  # resumed, with nothing to do: the record stays
+    if keep:
         console.say("the run had finished: its _SUCCESS and summary are kept as they were")
     else:
         write_success(plan, report, summary)

@@ -179,6 +179,19 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
     return summary
 
 
+def record_holds(output: str, s3: storage.S3Options, rows: int, inputs: int) -> bool:
+    """Whether an output's `_SUCCESS` and `_summary.json` are valid and count `rows` rows
+    of `inputs` inputs: a finished run's record, which a resume with nothing to do keeps."""
+    uri = storage.join(output, layout.SUMMARY_JSON)
+    try:
+        manifest = _manifest(output, s3)
+        with storage.user_errors(uri):
+            summary = _checked(json.loads(storage.read_bytes(uri, s3)), uri)
+    except (InsectError, ValueError):
+        return False
+    return manifest.get("inputs") == inputs and manifest.get("rows") == rows == summary["rows"]
+
+
 def stale_success(
     output: str, rows: int | None, s3: storage.S3Options, footers: dict | None = None
 ) -> str | None:

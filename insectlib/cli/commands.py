@@ -51,11 +51,12 @@ def _classify(cfg) -> None:
 def _evaluate(cfg) -> None:
     from insectlib.classify.checks import check_evaluation  # before torch, as for _train
 
-    if not client_address(cfg.address):
+    checked = not client_address(cfg.address)
+    if checked:
         check_evaluation(cfg)
     from insectlib.classify.evaluate import evaluate, print_metrics
 
-    print_metrics(run_as_driver(evaluate, cfg), cfg.output)
+    print_metrics(run_as_driver(evaluate, cfg, checked=checked), cfg.output)
 
 
 def _visualize(cfg) -> None:

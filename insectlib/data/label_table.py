@@ -36,6 +36,15 @@ class LabelTable:
     rows: int
 
 
+def check_table(uri: str, s3: storage.S3Options | None = None) -> None:
+    """Refuse at once a table of no known format, or that is not there: its rows are read
+    later, with the tree's listing."""
+    _table_kind(uri)
+    fs, path = storage.filesystem(uri, s3)
+    with storage.user_errors(uri):
+        fs.info(path)
+
+
 def read_label_table(uri: str, s3: storage.S3Options | None = None) -> LabelTable:
     """Read a `path,label` table. Rows count from 1 after a CSV's header. Relative paths are
     taken from the table's own folder; a path given twice must have one label."""

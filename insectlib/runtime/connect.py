@@ -35,6 +35,13 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     """
     if ray.is_initialized():
         return
+    client = client_address(address)
+    if client:  # `run_as_driver` sends such commands to the cluster; this one drives here
+        source = "--address" if client == address else "$RAY_ADDRESS"
+        raise InsectError(
+            f"{source} {client} is a Ray Client address, through which Ray Data and Ray Train "
+            f"cannot be driven from here: unset {source} or give the head's HOST:PORT"
+        )
     env = os.environ.get("RAY_ADDRESS")
     if address is None and not env:
         address = "local"

@@ -48,6 +48,8 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     check_weights_path(cfg)
     if cfg.data:
         check_root(cfg.data, cfg.s3)
+    if cfg.labels:
+        label_table.check_table(cfg.labels, cfg.s3)
     from insectlib.model import network  # torch and torchvision: once the paths are right
 
     network.check_arch(cfg.arch)
