@@ -32,7 +32,7 @@ lint: $(STAMP)
 # starts and waits run while the other computes. A test module runs whole in one worker
 # (loadscope): its module fixtures are set up once.
 TEST_WORKERS ?= 2
-PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test: lint $(BROWSER)
 	$(PYTEST)

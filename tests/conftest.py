@@ -36,14 +36,35 @@ TEST_IMAGE_SIZE = 64
 SESSION_ARCH = "resnet18"  # the session's model (`trained`), and what compares with it
 
 
+# The modules that take minutes, longest first (a full run's `--durations=0`, summed per
+# module). xdist hands whole modules out in collection order (`--dist loadscope
+# --no-loadscope-reorder`, the Makefile's): one of these left for last keeps a worker busy
+# while the other has nothing to do. Its own order would put the one-test modules last.
+LONG_MODULES = (
+    "test_faults",
+    "test_cluster",
+    "test_user_path",
+    "test_operator_mistakes",
+    "test_s3",
+    "test_console",
+    "test_int8",
+    "test_multinode",
+    "test_vgg16",
+    "test_scale",
+)
+
+
 def pytest_collection_modifyitems(items):
     """Mark each test by what it needs (see pyproject's markers): `make test-fast` leaves
-    out those on Ray or S3."""
+    out those on Ray or S3. Then the long modules first (`LONG_MODULES`), the others after
+    them in their own order."""
     for item in items:
         if "ray_local" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
         if "s3_server" in item.fixturenames:
             item.add_marker(pytest.mark.s3)
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd=REPO):

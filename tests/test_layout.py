@@ -86,3 +86,11 @@ def test_the_performance_page_is_generated_from_the_results():
         text = path.read_text()
         machine_path = re.search(r'"(/work|/tmp|/home|/root)/', text)
         assert not machine_path, f"{path.name} holds a path of the machine it ran on"
+
+
+def test_the_long_modules_the_suite_starts_with_exist():
+    """A module renamed or gone from conftest's LONG_MODULES would be left for last again,
+    with no test failing: this one does."""
+    from tests.conftest import LONG_MODULES
+
+    assert [name for name in LONG_MODULES if not (REPO / "tests" / f"{name}.py").exists()] == []
