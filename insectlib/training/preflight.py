@@ -1,6 +1,6 @@
-"""The training driver's first phase: every check that needs no cluster, the paths' before
-torch is imported, so that a wrong folder is refused in about a second (the CLI runs this
-before it imports `trainer`)."""
+"""The training driver's first phase: every check that needs no cluster, those of the
+paths before torch is imported, so that a wrong folder is refused in about a second (the
+CLI runs this before it imports `trainer`)."""
 
 from __future__ import annotations
 
