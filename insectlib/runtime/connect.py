@@ -35,19 +35,16 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     """
     if ray.is_initialized():
         return
-    client = client_address(address)
-    if client:  # `run_as_driver` sends such commands to the cluster; this one drives here
-        source = "--address" if client == address else "$RAY_ADDRESS"
+    target, source = address_in_use(address)
+    if client_address(address):  # `run_as_driver` sends such commands to the cluster
         raise InsectError(
-            f"{source} {client} is a Ray Client address, through which Ray Data and Ray Train "
+            f"{source} {target} is a Ray Client address, through which Ray Data and Ray Train "
             f"cannot be driven from here: unset {source} or give the head's HOST:PORT"
         )
     env = os.environ.get("RAY_ADDRESS")
-    if address is None and not env:
-        address = "local"
-    from_env = bool(env) and address in (None, "auto")  # ray.init reads $RAY_ADDRESS then
-    target = env if from_env else address
-    check_reachable(target, "$RAY_ADDRESS" if from_env else "--address")
+    if target is None:
+        address = target = "local"
+    check_reachable(target, source)
     console.start_log()  # Ray's own lines from here on go to the command's log
     # A Ray of its own runs no dashboard unless asked: nobody is told of it (Ray's lines go
     # to the log), and it took start-up time and CPU from the run (docs/performance.md).
@@ -229,13 +226,20 @@ def connect_client(address: str, source: str = "--address") -> None:
             ray.shutdown()
 
 
+def address_in_use(address: str | None) -> tuple[str | None, str]:
+    """The address ray.init takes given `address`, and the setting it comes from: --address,
+    or $RAY_ADDRESS where that is absent or auto (ray.init reads it then)."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env and address in (None, "auto"):
+        return env, "$RAY_ADDRESS"
+    return address, "--address"
+
+
 def client_address(address: str | None) -> str | None:
-    """The Ray Client address (ray://host:port) a command goes through, whose paths are the
-    cluster's: `address` (--address), or $RAY_ADDRESS where that is absent or auto (ray.init
-    reads it then); None where the command is a driver itself."""
-    if address in (None, "auto"):
-        address = os.environ.get("RAY_ADDRESS") or address
-    return address if address and address.startswith("ray://") else None
+    """The Ray Client address (ray://host:port) a command goes through (`address_in_use`),
+    whose paths are the cluster's; None where the command is a driver itself."""
+    target, _ = address_in_use(address)
+    return target if target and target.startswith("ray://") else None
 
 
 def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
@@ -246,7 +250,7 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
     address = client_address(getattr(cfg, "address", None))
     if address is None:
         return fn(cfg, **kwargs)
-    connect_client(address, "--address" if address == cfg.address else "$RAY_ADDRESS")
+    connect_client(address, address_in_use(cfg.address)[1])
     try:
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
         return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
