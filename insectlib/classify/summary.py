@@ -151,13 +151,7 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
         return {**summarize(output, s3, footers=footers), "complete": False, "problem": stale}
     if layout.SUMMARY_JSON in found and manifest is not None:
         # Written after _SUCCESS; without it, it is a stale one from before a resume.
-        uri = storage.join(output, layout.SUMMARY_JSON)
-        with storage.user_errors(uri):
-            try:
-                summary = json.loads(storage.read_bytes(uri, s3))
-            except ValueError as e:
-                raise InsectError(f"{uri} is not a valid insect summary: {e}") from None
-        return {**_checked(summary, uri), "complete": True}
+        return {**_summary_file(output, s3), "complete": True}
     summary = summarize(output, s3, footers=footers)
     if manifest is None:
         cut = _cut_short(footers)
@@ -182,14 +176,22 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
 def record_holds(output: str, s3: storage.S3Options, rows: int, inputs: int) -> bool:
     """Whether an output's `_SUCCESS` and `_summary.json` are valid and count `rows` rows
     of `inputs` inputs: a finished run's record, which a resume with nothing to do keeps."""
-    uri = storage.join(output, layout.SUMMARY_JSON)
     try:
-        manifest = _manifest(output, s3)
-        with storage.user_errors(uri):
-            summary = _checked(json.loads(storage.read_bytes(uri, s3)), uri)
-    except (InsectError, ValueError):
+        manifest, summary = _manifest(output, s3), _summary_file(output, s3)
+    except InsectError:
         return False
     return manifest.get("inputs") == inputs and manifest.get("rows") == rows == summary["rows"]
+
+
+def _summary_file(output: str, s3: storage.S3Options) -> dict:
+    """`_summary.json`, read and checked."""
+    uri = storage.join(output, layout.SUMMARY_JSON)
+    with storage.user_errors(uri):
+        try:
+            summary = json.loads(storage.read_bytes(uri, s3))
+        except ValueError as e:
+            raise InsectError(f"{uri} is not a valid insect summary: {e}") from None
+    return _checked(summary, uri)
 
 
 def stale_success(
