@@ -218,6 +218,8 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
     (tmp_path / "full" / "notes.txt").write_text("mine")
     (tmp_path / "file.txt").write_text("a file")
     missing, data, model = tmp_path / "missing", tmp_path / "data", tmp_path / "model"
+    int8 = ["classify", str(data), "--model", str(model), "--output", "o", "--precision", "int8"]
+    int8.append("--int8-images")
     cases = {
         "not found": ["train", str(missing)],
         "file.txt": ["train", str(tmp_path / "file.txt")],
@@ -229,6 +231,8 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         str(missing): ["classify", str(missing), "--model", str(model), "--output", "o"],
         "inside": ["classify", str(data), "--model", str(model), "--output", f"{data}/out"],
         "--overwrite": ["classify", str(data), "--model", str(model), "--output", "full"],
+        f"--int8-images: not found: {missing}": [*int8, str(missing)],
+        f"--int8-images: no image files found in {tmp_path}/full": [*int8, f"{tmp_path}/full"],
         f"{missing}/": ["evaluate", str(data), "--model", str(missing), "--output", "o"],
         f"not found: {missing}": ["evaluate", str(missing), "--model", str(model), "--output", "o"],
     }

@@ -367,12 +367,16 @@ def test_a_ray_client_address_in_ray_address_goes_through_ray_client(monkeypatch
 
 
 def test_addresses_are_checked_as_ray_reads_them_and_errors_are_one_line():
-    """ray:// with a port is checked like HOST:PORT (one without is Ray's to resolve); a
+    """ray:// is checked like HOST:PORT (without a port, at gRPC's 443, as Ray Client dials); a
     traceback inside Ray's error text (GCS's, mid-line) leaves only its exceptions' lines,
     and a frame in a module named "authentication" does not make it a token problem."""
     from insectlib.runtime import connect
 
-    connect.check_reachable("ray://insect-no-such-host.invalid")  # no port: not probed
+    with pytest.raises(
+        InsectError,
+        match=r"^cannot connect to Ray at ray://127.0.0.1 \(port 443, gRPC's default\): ",
+    ):
+        connect.check_reachable("ray://127.0.0.1")  # not a 30 s wait for Ray Client
     for address in ("ray://127.0.0.1:1/", "ray://127.0.0.1:abc", "ray://[::1]:1"):
         with pytest.raises(InsectError, match=r"^cannot connect to Ray at ray://.*; check --add"):
             connect.check_reachable(address)

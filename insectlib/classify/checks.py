@@ -8,6 +8,7 @@ from insectlib import storage
 from insectlib.classify import outputs
 from insectlib.config import ClassifyConfig, EvaluateConfig
 from insectlib.data import inputs
+from insectlib.data.images import is_image_name
 from insectlib.data.labels import check_root
 from insectlib.errors import InsectError
 from insectlib.layout import EVALUATION_FILES, PREDICTIONS_DIR
@@ -32,7 +33,20 @@ def check_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> list[input
         parts = inputs.plan_listing(cfg.input, cfg.s3)
     if not inputs.count_inputs(parts, cfg.s3, 1).inputs:  # a missing or empty input
         raise InsectError(f"no image files found in {cfg.source}")
+    if cfg.int8_images:
+        check_int8_images(cfg.int8_images, cfg.s3)
     return parts
+
+
+def check_int8_images(images: str, s3) -> None:
+    """--int8-images names a folder, glob or prefix with an image in it (the first one found
+    is enough: the statistics' own listing samples them, after torch and the model load)."""
+    try:
+        found = any(is_image_name(uri) for uri in storage.iter_files(images, s3))
+    except InsectError as e:
+        raise InsectError(f"--int8-images: {e}") from None
+    if not found:
+        raise InsectError(f"--int8-images: no image files found in {images}")
 
 
 def plan_output(cfg: ClassifyConfig) -> list[str]:

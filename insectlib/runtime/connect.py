@@ -21,6 +21,7 @@ from insectlib.errors import InsectError
 from insectlib.runtime import console
 
 T = TypeVar("T")
+GRPC_DEFAULT_PORT = 443  # gRPC's port for a host named without one
 TRACEBACK = "Traceback (most recent call last):"
 TRACEBACK_LINKS = (TRACEBACK, "The above exception was", "During handling of the above")
 INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
@@ -69,26 +70,27 @@ def shutdown() -> None:
 
 
 def check_reachable(address: str | None, source: str = "--address") -> None:
-    """Fail within seconds when a HOST:PORT or ray://HOST:PORT address (given as `source`)
+    """Fail within seconds when a HOST:PORT or ray://HOST[:PORT] address (given as `source`)
     does not answer: ray.init would retry for about 14 minutes (20 attempts of ~41 s each,
     on Ray 2.60), or 30 s through ray://."""
     if not address or address in ("auto", "local"):
         return
     if "://" in address and not address.startswith("ray://"):
         return
+    implied = ""
     try:
         if address.startswith("ray://"):
             where = urllib.parse.urlsplit(address)
-            if where.port is None:  # Ray's client then takes gRPC's default: no guessing
-                return
             host, port = where.hostname, where.port
+            if port is None:  # Ray's client hands the address to gRPC, which dials this
+                port, implied = GRPC_DEFAULT_PORT, f" (port {GRPC_DEFAULT_PORT}, gRPC's default)"
         else:
             host, _, port = address.rpartition(":")
             host = host.strip("[]")  # Ray writes IPv6 hosts in brackets: [::1]:6379
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError) as e:
         raise InsectError(
-            f"cannot connect to Ray at {address}: {e}; check {source} (auto, HOST:PORT or "
+            f"cannot connect to Ray at {address}{implied}: {e}; check {source} (auto, HOST:PORT or "
             "ray://HOST:10001) and that the head is running"
         ) from None
 
