@@ -19,6 +19,7 @@ ZEN4 = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 SAPPHIRE_RAPIDS = ZEN4 | {"amx_bf16", "amx_int8"}
 TWO_CORES = shape.Cluster(cpus=2, gpus=0, node_cpus=(2,))
 BIG = 32 * 1000  # enough inputs for any pool
+NOISE = 0.05  # of the model alone's time per image: a compile that gains less gains nothing
 
 
 def _cfg(**settings) -> ClassifyConfig:
@@ -34,7 +35,7 @@ def _cfg(**settings) -> ClassifyConfig:
         (ZEN4, "bf16", 2),
         (ZEN4, "int8", 1),
         (SAPPHIRE_RAPIDS, "bf16", 2),
-        (SAPPHIRE_RAPIDS, "int8", 1),
+        (SAPPHIRE_RAPIDS, "int8", 2),
     ],
 )
 def test_threads_follow_how_fast_the_arithmetic_is(flags, precision, threads):
@@ -127,7 +128,8 @@ def _performance_page():
 def test_the_compile_threshold_follows_the_measured_break_even():
     """COMPILE_FROM is within 25% of where compiling repaid its start-up, for the kind of
     CPU and precision, in each committed bench/shapes.py result that measured both ways;
-    None where compiling gained nothing."""
+    None where compiling gained less than the bench's noise per image (fp32 with AVX-512
+    measured -1.5% and +4.6% in two runs on one CPU)."""
     page, measured = _performance_page(), []
     for path in sorted((REPO / "bench" / "results").glob("shapes-*.json")):
         data = json.loads(path.read_text())
@@ -135,16 +137,19 @@ def test_the_compile_threshold_follows_the_measured_break_even():
         for precision in data["precisions"]:
             found = page.compile_break_even(data, precision)
             if found:
-                extra, saved, _ = found
+                extra, saved, key = found
+                eager = data["model_alone"][f"{precision} eager"][key] / int(key.split("x")[0])
                 kind = shape.compile_kind(precision, flags)
-                measured.append((path.name, kind, extra / saved if saved > 0 else None))
-    assert {kind for _, kind, _ in measured} >= {"compute-bound", "fast arithmetic, AMX"}
-    for name, kind, break_even in measured:
+                measured.append(
+                    (path.name, kind, extra / saved if saved > 0 else None, saved * eager)
+                )
+    assert {kind for _, kind, _, _ in measured} >= {"compute-bound", "fast arithmetic, AMX"}
+    for name, kind, break_even, gain in measured:
         threshold = shape.COMPILE_FROM[kind]
-        if break_even is None or threshold is None:
-            assert break_even is threshold, (name, kind, break_even)
+        if threshold is None:
+            assert gain < NOISE, (name, kind, break_even, gain)
         else:
-            assert 0.75 < threshold / break_even < 1.25, (name, kind, break_even)
+            assert break_even and 0.75 < threshold / break_even < 1.25, (name, kind, break_even)
 
 
 def _measured_shapes(data: dict, precision: str) -> dict[tuple[str, bool], float]:

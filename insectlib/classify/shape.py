@@ -3,11 +3,12 @@ each, chosen for the CPU, precision and input at hand by a rule the benchmark va
 every CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
-The rule: bf16 on a CPU with bf16 units gets actors of several threads (one copy of the
-weights for them all, and the compile threshold reached with fewer images in all; on the CPUs
-measured it classified as fast as one thread per actor). Everything else (fp32, and int8
-whatever the CPU) gets one thread per actor: each core works on its own batch and one actor's
-decoding overlaps another's model, which int8 measured faster on every CPU. An input of fewer
+The rule: bf16 on a CPU with bf16 units, and int8 on one with AMX tiles, get actors of
+several threads (one copy of the weights for them all, and the compile threshold reached with
+fewer images in all; on the CPUs measured they classified as fast as one thread per actor or
+faster). Everything else (fp32, and int8 on vector units) gets one thread per actor: each core
+works on its own batch and one actor's decoding overlaps another's model, which int8 on vector
+units measured faster. An input of fewer
 batches than that on one node shares the node's free CPUs out over its actors as threads,
 up to MOST_THREADS each (one batch on 2 CPUs runs on both). Decoding stays fused into each
 actor either way (on the actor's threads, nothing copied between processes). A test holds
@@ -25,7 +26,8 @@ from insectlib.runtime import console
 # Threads per actor where the rule gives it several (bf16's, a small input's), at most:
 # beyond it, a batch of 32 does not keep more threads busy, and another actor does.
 MOST_THREADS = 4
-FAST_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
+# The units that make a precision's arithmetic fast enough for actors of several threads.
+FAST_UNITS = {"bf16": frozenset({"avx512_bf16", "amx_bf16"}), "int8": frozenset({"amx_int8"})}
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,10 @@ class ActorShape:
 
 
 def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool:
-    """Whether `precision` (the resolved one: fp32, bf16, int8) is bf16 on a CPU with bf16
-    units, the one case the shape and the compile threshold treat apart (int8 runs one
-    thread per actor and always compiles, whatever the CPU)."""
+    """Whether `precision` (the resolved one: fp32, bf16, int8) runs on units of its own
+    here (`FAST_UNITS`): bf16 on bf16 units, int8 on AMX tiles."""
     flags = cpu_flags() if flags is None else flags
-    return precision == "bf16" and bool(FAST_BF16 & flags)
+    return bool(FAST_UNITS.get(precision, frozenset()) & flags)
 
 
 def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
@@ -147,7 +148,7 @@ def _batches(cfg: ClassifyConfig, seen: int) -> int:
 # by `compile_kind` (measured: docs/performance.md, "Actor shapes"; a test holds these to
 # the results).
 COMPILE_FROM = {
-    "fast arithmetic, AMX": 480,
+    "fast arithmetic, AMX": 900,  # Sapphire Rapids, bf16 (int8 always compiles)
     "fast arithmetic": 1200,  # Zen 4, bf16
     "compute-bound": 640,
     "compute-bound, AVX-512": None,
