@@ -24,7 +24,7 @@ def check_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> list[input
     protected = {"the input": cfg.source, "the model": cfg.model}
     storage.check_location(cfg.output, protected, tuple(protected), cfg.s3)
     storage.check_bucket(cfg.output, cfg.s3)
-    plan_output(cfg)  # refusals before anything starts (planned again under the lock)
+    plan_classify_output(cfg)  # refusals before anything starts (planned again under the lock)
     if paths is not None:
         parts = inputs.plan_paths(paths)
     elif cfg.manifest:
@@ -49,7 +49,7 @@ def check_int8_images(images: str, s3) -> None:
         raise InsectError(f"--int8-images: no image files found in {images}")
 
 
-def plan_output(cfg: ClassifyConfig) -> list[str]:
+def plan_classify_output(cfg: ClassifyConfig) -> list[str]:
     """Check the output location before any work: it must be empty unless --overwrite or
     --resume. Returns what --overwrite will remove once the run can start (see
     `outputs.overwrite_plan`); refuses at once what it would not remove."""
@@ -74,12 +74,12 @@ def check_evaluation(cfg: EvaluateConfig) -> None:
         apart=("the input", "the model"),
         s3=cfg.s3,
     )
-    plan_overwrite(cfg)  # its refusals (planned again under the lock)
+    plan_evaluation_output(cfg)  # its refusals (planned again under the lock)
     check_model_dir(cfg.model, cfg.s3)
     check_root(cfg.data, cfg.s3)
 
 
-def plan_overwrite(cfg: EvaluateConfig) -> list[str]:
+def plan_evaluation_output(cfg: EvaluateConfig) -> list[str]:
     """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
     output without it, or one holding anything else."""
     entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite)

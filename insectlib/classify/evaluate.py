@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from insectlib import storage
 from insectlib.classify import outputs
-from insectlib.classify.checks import check_evaluation, plan_overwrite
+from insectlib.classify.checks import check_evaluation, plan_evaluation_output
 from insectlib.classify.pipeline import classify
 from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
 from insectlib.data.labels import EVALUATION_DIRS, discover
@@ -52,7 +52,7 @@ def evaluate(cfg: EvaluateConfig, checked: bool = False) -> dict:
     with output_lock(cfg.output, "evaluate", cfg.s3, console.say):
         # Only now that the data is listed and the model checked: the old evaluation goes
         # (planned again: another run may have ended since).
-        outputs.remove(cfg.output, plan_overwrite(cfg), cfg.s3)
+        outputs.remove(cfg.output, plan_evaluation_output(cfg), cfg.s3)
         predictions = storage.join(cfg.output, PREDICTIONS_DIR)
         classified = classify(
             ClassifyConfig(

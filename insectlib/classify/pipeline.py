@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from insectlib import storage
 from insectlib.classify import dataset, outputs, shape
-from insectlib.classify.checks import check_run, plan_output
+from insectlib.classify.checks import check_run, plan_classify_output
 from insectlib.classify.summary import record_holds, summarize, write_summary
 from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig
 from insectlib.data import inputs
@@ -127,7 +127,7 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
     per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
     big = per_actor * dataset.max_actors(cfg)
     count = inputs.count_inputs(plan.parts, cfg.s3, big)
-    removal = plan_output(cfg)  # again, under the lock: another run may have ended since
+    removal = plan_classify_output(cfg)  # again, under the lock: another run may have ended since
     if removal:
         outputs.remove(cfg.output, removal, cfg.s3)
     if not cfg.resume:
