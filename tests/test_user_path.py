@@ -33,7 +33,7 @@ from insectlib.errors import InsectError
 from insectlib.metrics import confidence
 from insectlib.storage import lock
 from insectlib.training.preflight import new_run_name, preflight
-from insectlib.training.run_storage import write_run_record
+from insectlib.training.run_storage import RUN_SNAPSHOT, write_run_record
 from insectlib.training.trainer import fit, unreadable_split
 from insectlib.training.worker import ShardSampler
 from tests.conftest import BIN, REPO, expect_cli_error, run_cli
@@ -442,6 +442,15 @@ def test_a_run_folder_takes_one_run_at_a_time(ray_local, labelled_root, tmp_path
     with lock.output_lock(str(runs / "shared"), "train"):
         with pytest.raises(InsectError, match=r"is in use by insect train .*finish$"):
             fit(dataclasses.replace(cfg, resume=True))
+        # A new run of its name, once it has checkpoints: told to wait, not to --resume.
+        (runs / "shared" / RUN_SNAPSHOT).write_text("{}")
+        with pytest.raises(InsectError, match=r"is in use by insect train .*another --name$"):
+            fit(cfg)
+    with pytest.raises(InsectError, match="already exists; pass --resume to continue it"):
+        fit(cfg)  # and to --resume once it is gone
+    assert sorted(os.listdir(runs / "shared")) == sorted(
+        [layout.RUN_RECORD, RUN_SNAPSHOT]
+    )  # no lock left
 
 
 def test_classify_evaluate_visualize_refusals_before_ray(trained, tmp_path, capsys):

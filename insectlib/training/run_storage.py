@@ -14,6 +14,7 @@ from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
 from insectlib.layout import PROBLEM_FILE, RUN_RECORD, STATE_FILE
 from insectlib.runtime import console
+from insectlib.storage.lock import output_lock
 
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
 # Ray Train's record of a run's checkpoints: where it exists, a run of that name continues.
@@ -21,6 +22,7 @@ DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
 # than imported: importing ray.train takes seconds before a wrong path could be refused.
 # A test holds it to Ray's.
 RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
+ANOTHER_NAME = "choose another --name"  # a new run's other way where the name is taken
 # The settings a resumed run must share with its start: they shape the model, its weights
 # and its training. Others (epochs, workers, precision, paths, ...) may change.
 RESUME_FIELDS = (
@@ -44,9 +46,10 @@ def run_location(cfg: TrainConfig) -> str:
     return storage.join(cfg.storage or DEFAULT_STORAGE, cfg.name)
 
 
-def check_run_name(cfg: TrainConfig) -> bool:
+def check_run_name(cfg: TrainConfig, held: bool = False) -> bool:
     """Ray Train continues a run whose folder it finds in storage: make that explicit.
-    Returns whether a --resume starts at epoch 1 (its run stopped before recording one)."""
+    Returns whether a --resume starts at epoch 1 (its run stopped before recording one).
+    `held`: this process holds the run folder's lock (else a run going on there is said)."""
     if not cfg.name:
         return False
     run = run_location(cfg)
@@ -56,8 +59,11 @@ def check_run_name(cfg: TrainConfig) -> bool:
             return True
         raise InsectError(f"no run to resume at {run}: check --storage and --name")
     if found and not cfg.resume:
+        if not held:  # a run of this name going on now: to wait for, not to --resume
+            with output_lock(run, "train", cfg.s3, lambda _: None, ANOTHER_NAME):
+                pass
         raise InsectError(
-            f"run {run} already exists; pass --resume to continue it or choose another --name"
+            f"run {run} already exists; pass --resume to continue it or {ANOTHER_NAME}"
         )
     return False
 

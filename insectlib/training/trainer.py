@@ -39,6 +39,7 @@ from insectlib.storage.lock import output_lock
 from insectlib.training.model_dir import write_model_dir
 from insectlib.training.preflight import check_model_output, named, preflight
 from insectlib.training.run_storage import (
+    ANOTHER_NAME,
     DEFAULT_STORAGE,
     check_run_name,
     remove_unrecorded_checkpoints,
@@ -203,7 +204,7 @@ def fit(cfg: TrainConfig, labelled: LabelledSet | None = None) -> ModelMeta:
         console.say(label_table.describe(labelled.table))
     # One run per run folder too: two runs of one --name (or two resumes of one run) would
     # mix their checkpoints there. Its lock first: a resume of a running run is told to wait.
-    another = None if cfg.resume else "choose another --name"
+    another = None if cfg.resume else ANOTHER_NAME
     with (
         output_lock(run_location(cfg), "train", cfg.s3, console.say, another) as run_held,
         output_lock(cfg.output, "train", cfg.s3, console.say) as output_held,
@@ -266,7 +267,7 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
 def begin_run(cfg: TrainConfig, labelled: LabelledSet) -> None:
     """With the run folder held: a new run's record written, and where the run is said.
     Its name is checked again, as another run may have taken it since the preflight."""
-    if check_run_name(cfg):
+    if check_run_name(cfg, held=True):
         console.say(f"run {run_location(cfg)} recorded no epoch before it stopped: from epoch 1")
     if not cfg.resume:
         write_run_record(cfg, labelled)
