@@ -7,11 +7,12 @@ import random
 
 import pytest
 
+from insectlib.classify import checks
 from insectlib.cli.main import COMMANDS
 from insectlib.config import ClassifyConfig, SummaryConfig, TrainConfig
 from insectlib.data import synthetic
 from insectlib.errors import InsectError
-from insectlib.layout import META_FILE
+from insectlib.layout import INT8_RECORD, META_FILE
 from insectlib.storage import S3Options
 from tests.conftest import expect_cli_error, run_cli
 
@@ -233,6 +234,7 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         "--overwrite": ["classify", str(data), "--model", str(model), "--output", "full"],
         f"--int8-images: not found: {missing}": [*int8, str(missing)],
         f"--int8-images: no image files found in {tmp_path}/full": [*int8, f"{tmp_path}/full"],
+        f"--int8-images: not found: {missing}-too": ["evaluate", *int8[1:], f"{missing}-too"],
         f"{missing}/": ["evaluate", str(data), "--model", str(missing), "--output", "o"],
         f"not found: {missing}": ["evaluate", str(missing), "--model", str(model), "--output", "o"],
     }
@@ -259,3 +261,19 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         assert (code, torch) == (2, False), (argv, lines)
         assert len(lines) == 1 and lines[0].startswith("insect: error: "), (argv, lines)
         assert expected in lines[0], (argv, lines)
+
+
+def test_int8_images_a_kept_record_names_are_not_looked_for(tmp_path):
+    """Statistics kept in the model directory are used again without reading the images
+    they were measured on: a run naming that folder once it is gone is not refused for it
+    (another missing folder is, and one that exists passes)."""
+    model, images = tmp_path / "model", tmp_path / "gone"
+    model.mkdir()
+    (model / INT8_RECORD).write_text(json.dumps({"images_from": str(images)}))
+    cfg = ClassifyConfig(input="in", model=str(model), output="o", precision="int8")
+    checks.check_int8_images(dataclasses.replace(cfg, int8_images=str(images)))
+    with pytest.raises(InsectError, match=f"^--int8-images: not found: {tmp_path}/other$"):
+        checks.check_int8_images(dataclasses.replace(cfg, int8_images=str(tmp_path / "other")))
+    synthetic.make_unlabelled(str(images), count=1, size=(8, 8))
+    (model / INT8_RECORD).write_text("not json")
+    checks.check_int8_images(dataclasses.replace(cfg, int8_images=str(images)))

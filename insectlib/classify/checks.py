@@ -4,6 +4,8 @@ pipeline, and `pipeline.plan_run` and `evaluate.evaluate` run them where it did 
 
 from __future__ import annotations
 
+import json
+
 from insectlib import storage
 from insectlib.classify import outputs
 from insectlib.config import ClassifyConfig, EvaluateConfig
@@ -11,7 +13,7 @@ from insectlib.data import inputs
 from insectlib.data.images import is_image_name
 from insectlib.data.labels import check_root
 from insectlib.errors import InsectError
-from insectlib.layout import EVALUATION_FILES, PREDICTIONS_DIR
+from insectlib.layout import EVALUATION_FILES, INT8_RECORD, PREDICTIONS_DIR
 from insectlib.model.meta import check_model_dir
 
 
@@ -33,20 +35,36 @@ def check_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> list[input
         parts = inputs.plan_listing(cfg.input, cfg.s3)
     if not inputs.count_inputs(parts, cfg.s3, 1).inputs:  # a missing or empty input
         raise InsectError(f"no image files found in {cfg.source}")
-    if cfg.int8_images:
-        check_int8_images(cfg.int8_images, cfg.s3)
+    check_int8_images(cfg)
     return parts
 
 
-def check_int8_images(images: str, s3) -> None:
+def check_int8_images(cfg: ClassifyConfig | EvaluateConfig) -> None:
     """--int8-images names a folder, glob or prefix with an image in it (the first one found
-    is enough: the statistics' own listing samples them, after torch and the model load)."""
+    is enough: the statistics' own listing samples them, after torch and the model load),
+    unless the model's kept statistics were measured there: `int8_for_run` uses them again
+    without reading it, so it may be gone."""
+    images, s3 = cfg.int8_images, cfg.s3
+    if not images or kept_statistics_from(cfg.model, s3) == images:
+        return
     try:
         found = any(is_image_name(uri) for uri in storage.iter_files(images, s3))
     except InsectError as e:
         raise InsectError(f"--int8-images: {e}") from None
     if not found:
         raise InsectError(f"--int8-images: no image files found in {images}")
+
+
+def kept_statistics_from(model: str, s3) -> str | None:
+    """Where the int8 statistics kept in `model` were measured (their record's images_from;
+    `int8.load` judges whether they are used), read without torch; None where none are."""
+    record = storage.join(model, INT8_RECORD)
+    try:
+        if storage.exists(record, s3):
+            return json.loads(storage.read_bytes(record, s3)).get("images_from")
+    except (InsectError, OSError, ValueError, AttributeError):  # not a record to go by
+        pass
+    return None
 
 
 def plan_classify_output(cfg: ClassifyConfig) -> list[str]:
@@ -77,6 +95,7 @@ def check_evaluation(cfg: EvaluateConfig) -> None:
     plan_evaluation_output(cfg)  # its refusals (planned again under the lock)
     check_model_dir(cfg.model, cfg.s3)
     check_root(cfg.data, cfg.s3)
+    check_int8_images(cfg)  # before --overwrite removes the last evaluation
 
 
 def plan_evaluation_output(cfg: EvaluateConfig) -> list[str]:
