@@ -100,15 +100,22 @@ def test_a_killed_runs_lock_is_taken_over_with_a_message(trained, unlabelled, tm
 @pytest.mark.s3
 def test_s3_locks_are_conditional_writes(s3_server, monkeypatch):
     """On S3 the lock is an object created with If-None-Match: a second holder is refused,
-    a released lock is free again, and a lock nobody refreshed is taken over."""
+    a released lock is free again, and a lock nobody refreshed is taken over. Asked who
+    holds it (`refuse_if_held`), nothing is written: a held lock refuses, a stale one and
+    none do not."""
     client = s3_server.client()
     client.create_bucket(Bucket="locks")
     out = "s3://locks/run/out"
     said = []
+    lock.refuse_if_held(out, None, None)  # no lock object: not held
     with lock.output_lock(out, "classify", say=said.append):
         with pytest.raises(InsectError, match=r"s3://locks/run/out is in use by insect classify"):
             with lock.output_lock(out, "evaluate", say=said.append):
                 pass
+        etag = client.head_object(Bucket="locks", Key=f"run/out/{layout.LOCK_FILE}")["ETag"]
+        with pytest.raises(InsectError, match=r"in use by insect classify .*, or go$"):
+            lock.refuse_if_held(out, None, "go")
+        assert client.head_object(Bucket="locks", Key=f"run/out/{layout.LOCK_FILE}")["ETag"] == etag
     with lock.output_lock(out, "evaluate", say=said.append):
         pass
     assert not said
@@ -116,6 +123,7 @@ def test_s3_locks_are_conditional_writes(s3_server, monkeypatch):
     held.acquire(lock.holder("train"))  # then dies: never refreshed, never released
     held.stop.set()
     monkeypatch.setattr(lock, "STALE_S", 0.0)
+    lock.refuse_if_held(out, None, None)  # stale: not held, and left for a run to take over
     with lock.output_lock(out, "classify", say=said.append):
         pass
     assert len(said) == 1 and "insect train" in said[0] and "which is gone" in said[0]

@@ -33,6 +33,7 @@ STALE_S = 180.0  # six missed heartbeats
 # S3's answers to a conditional write whose condition does not hold (409: another
 # conditional write to the same key was in flight).
 CONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict")
+BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's answers while another holds it
 
 
 def holder(command: str) -> dict:
@@ -66,8 +67,7 @@ def output_lock(
     """Hold the lock of `output` for the block; refuse (InsectError) while another run
     holds it, advising to wait (or `instead`, where there is another way). `say` tells the
     user when a dead run's lock is taken over."""
-    lock = S3Lock(output, s3) if is_s3(output) else LocalLock(output)
-    lock.instead = instead
+    lock = lock_of(output, s3, instead)
     taken_over = lock.acquire(holder(command))
     if taken_over:
         say(f"taking over the lock of {output} from {describe(taken_over)}, which is gone")
@@ -75,6 +75,22 @@ def output_lock(
         yield lock
     finally:
         lock.release()
+
+
+def refuse_if_held(output: str, s3: S3Options | None, instead: str | None) -> None:
+    """Refuse (InsectError, as `output_lock` would) while a run holds the lock of `output`,
+    without taking it: nothing is written, and a lock that cannot be read is not held."""
+    lock = lock_of(output, s3, instead)
+    found = lock.holder()
+    if found is not None:
+        raise InsectError(lock.busy(found))
+
+
+def lock_of(output: str, s3: S3Options | None, instead: str | None) -> OutputLock:
+    """The lock of `output` (not taken), refusing with `instead` as the other way."""
+    lock = S3Lock(output, s3) if is_s3(output) else LocalLock(output)
+    lock.instead = instead
+    return lock
 
 
 class OutputLock:
@@ -91,6 +107,10 @@ class OutputLock:
     def lost(self) -> str | None:
         """Why the lock is no longer ours (another run took it over), or None."""
         return None
+
+    def holder(self) -> dict | None:
+        """Who holds the lock now, read without taking it; None where no one is known to."""
+        raise NotImplementedError
 
     def check(self) -> None:
         """Refuse (InsectError) to go on writing when the lock was lost."""
@@ -121,7 +141,7 @@ class LocalLock(OutputLock):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if e.errno in BUSY:
                 found = _written_holder(fd)
                 os.close(fd)
                 raise InsectError(self.busy(found)) from None
@@ -135,6 +155,19 @@ class LocalLock(OutputLock):
         os.pwrite(fd, json.dumps(me).encode(), 0)
         self.fd = fd
         return left
+
+    def holder(self) -> dict | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # no lock file, or not one to read: not known to be held
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go as fd closes
+        except OSError as e:
+            return _written_holder(fd) if e.errno in BUSY else None
+        finally:
+            os.close(fd)
+        return None
 
     def release(self) -> None:
         if self.fd is None:
@@ -172,6 +205,16 @@ class S3Lock(OutputLock):
             raise InsectError(self.busy(self._read()[0]))
         self._start_heartbeat()
         return found
+
+    def holder(self) -> dict | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:  # asked once: a lock not known to be held is not worth the retries' wait
+            got = buckets.client(self.s3).get_object(Bucket=self.bucket, Key=self.key)
+        except (ClientError, BotoCoreError):  # none, or not one to read
+            return None
+        young = time.time() - got["LastModified"].timestamp() < STALE_S
+        return _read_json(got["Body"].read()) if young else None
 
     def _put(self, **condition) -> bool:
         """Write the lock object under `condition`; False where the condition failed."""

@@ -14,7 +14,7 @@ from insectlib.data.labels import LabelledSet
 from insectlib.errors import InsectError
 from insectlib.layout import PROBLEM_FILE, RUN_RECORD, STATE_FILE
 from insectlib.runtime import console
-from insectlib.storage.lock import output_lock
+from insectlib.storage.lock import refuse_if_held
 
 DEFAULT_STORAGE = os.path.expanduser("~/ray_results")  # Ray Train's own default
 # Ray Train's record of a run's checkpoints: where it exists, a run of that name continues.
@@ -60,8 +60,7 @@ def check_run_name(cfg: TrainConfig, held: bool = False) -> bool:
         raise InsectError(f"no run to resume at {run}: check --storage and --name")
     if found and not cfg.resume:
         if not held:  # a run of this name going on now: to wait for, not to --resume
-            with output_lock(run, "train", cfg.s3, lambda _: None, ANOTHER_NAME):
-                pass
+            refuse_if_held(run, cfg.s3, ANOTHER_NAME)
         raise InsectError(
             f"run {run} already exists; pass --resume to continue it or {ANOTHER_NAME}"
         )
