@@ -366,17 +366,23 @@ def test_a_ray_client_address_in_ray_address_goes_through_ray_client(monkeypatch
     assert calls == [address] * 3  # refused before ray.init
 
 
-def test_addresses_are_checked_as_ray_reads_them_and_errors_are_one_line():
-    """ray:// is checked like HOST:PORT (without a port, at gRPC's 443, as Ray Client dials); a
-    traceback inside Ray's error text (GCS's, mid-line) leaves only its exceptions' lines,
-    and a frame in a module named "authentication" does not make it a token problem."""
+def test_addresses_are_checked_as_ray_reads_them_and_errors_are_one_line(monkeypatch):
+    """ray:// is checked like HOST:PORT (without a port, at gRPC's default, as Ray Client
+    dials; not where gRPC goes through a proxy); a traceback inside Ray's error text (GCS's,
+    mid-line) leaves only its exceptions' lines, and a frame in a module named
+    "authentication" does not make it a token problem."""
     from insectlib.runtime import connect
 
+    monkeypatch.setattr(connect, "GRPC_DEFAULT_PORT", 1)  # 443 might answer here
+    for variable in connect.GRPC_PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
     with pytest.raises(
-        InsectError,
-        match=r"^cannot connect to Ray at ray://127.0.0.1 \(port 443, gRPC's default\): ",
+        InsectError, match=r"^cannot connect to Ray at ray://127.0.0.1 \(port 1, gRPC's default\): "
     ):
         connect.check_reachable("ray://127.0.0.1")  # not a 30 s wait for Ray Client
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:1")
+    connect.check_reachable("ray://127.0.0.1")  # gRPC's to dial through the proxy
+    monkeypatch.delenv("https_proxy")
     for address in ("ray://127.0.0.1:1/", "ray://127.0.0.1:abc", "ray://[::1]:1"):
         with pytest.raises(InsectError, match=r"^cannot connect to Ray at ray://.*; check --add"):
             connect.check_reachable(address)

@@ -22,6 +22,7 @@ from insectlib.runtime import console
 
 T = TypeVar("T")
 GRPC_DEFAULT_PORT = 443  # gRPC's port for a host named without one
+GRPC_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")  # what gRPC dials through
 TRACEBACK = "Traceback (most recent call last):"
 TRACEBACK_LINKS = (TRACEBACK, "The above exception was", "During handling of the above")
 INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
@@ -77,6 +78,8 @@ def check_reachable(address: str | None, source: str = "--address") -> None:
         return
     if "://" in address and not address.startswith("ray://"):
         return
+    if address.startswith("ray://") and any(os.environ.get(v) for v in GRPC_PROXY_VARIABLES):
+        return  # Ray Client's gRPC dials through the proxy, which a probe from here would not
     implied = ""
     try:
         if address.startswith("ray://"):
