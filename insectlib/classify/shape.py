@@ -4,15 +4,15 @@ every CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether th
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
 The rule: bf16 on a CPU with bf16 units, and int8 on one with AMX tiles, get actors of
-several threads (one copy of the weights for them all, and the compile threshold reached with
-fewer images in all; on the CPUs measured they classified as fast as one thread per actor or
-faster). Everything else (fp32, and int8 on vector units) gets one thread per actor: each core
-works on its own batch and one actor's decoding overlaps another's model, which int8 on vector
-units measured faster. An input of fewer
-batches than that on one node shares the node's free CPUs out over its actors as threads,
-up to MOST_THREADS each (one batch on 2 CPUs runs on both). Decoding stays fused into each
-actor either way (on the actor's threads, nothing copied between processes). A test holds
-the rule to the shapes measured on each CPU.
+several threads (one copy of the weights for them all, and bf16's compile threshold reached
+with fewer images in all; on the CPUs measured they classified as fast as one thread per actor
+or faster). Everything else (fp32, and int8 on vector units) gets one thread per actor: each
+core works on its own batch and one actor's decoding overlaps another's model, which int8 on
+vector units measured faster. An input of fewer batches than that on one node shares the
+node's free CPUs out over its actors as threads, up to MOST_THREADS each (one batch on 2 CPUs
+runs on both). The rule's several are MOST_THREADS at most too (the CPUs measured had 2).
+Decoding stays fused into each actor either way (on the actor's threads, nothing copied
+between processes). A test holds the rule to the shapes measured on each CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from insectlib.config import ClassifyConfig
 from insectlib.model.precision import cpu_flags
 from insectlib.runtime import console
 
-# Threads per actor where the rule gives it several (bf16's, a small input's), at most:
+# Threads per actor where the rule gives it several (fast units', a small input's), at most:
 # beyond it, a batch of 32 does not keep more threads busy, and another actor does.
 MOST_THREADS = 4
 # The units that make a precision's arithmetic fast enough for actors of several threads.
