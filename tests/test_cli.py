@@ -12,7 +12,7 @@ from insectlib.cli.main import COMMANDS
 from insectlib.config import ClassifyConfig, SummaryConfig, TrainConfig
 from insectlib.data import synthetic
 from insectlib.errors import InsectError
-from insectlib.layout import INT8_RECORD, META_FILE
+from insectlib.layout import INT8_RECORD, INT8_STATS, META_FILE
 from insectlib.storage import S3Options
 from tests.conftest import expect_cli_error, run_cli
 
@@ -271,6 +271,9 @@ def test_int8_images_a_kept_record_names_are_not_looked_for(tmp_path):
     model.mkdir()
     (model / INT8_RECORD).write_text(json.dumps({"images_from": str(images)}))
     cfg = ClassifyConfig(input="in", model=str(model), output="o", precision="int8")
+    with pytest.raises(InsectError, match=f"^--int8-images: not found: {images}$"):
+        checks.check_int8_images(dataclasses.replace(cfg, int8_images=str(images)))  # half kept
+    (model / INT8_STATS).write_bytes(b"statistics")
     checks.check_int8_images(dataclasses.replace(cfg, int8_images=str(images)))
     with pytest.raises(InsectError, match=f"^--int8-images: not found: {tmp_path}/other$"):
         checks.check_int8_images(dataclasses.replace(cfg, int8_images=str(tmp_path / "other")))

@@ -368,19 +368,22 @@ def test_a_ray_client_address_in_ray_address_goes_through_ray_client(monkeypatch
 
 def test_addresses_are_checked_as_ray_reads_them_and_errors_are_one_line(monkeypatch):
     """ray:// is checked like HOST:PORT (without a port, at gRPC's default, as Ray Client
-    dials; not where gRPC goes through a proxy); a traceback inside Ray's error text (GCS's,
+    dials; not where Ray lets gRPC go through a proxy); a traceback inside Ray's error text (GCS's,
     mid-line) leaves only its exceptions' lines, and a frame in a module named
     "authentication" does not make it a token problem."""
     from insectlib.runtime import connect
 
     monkeypatch.setattr(connect, "GRPC_DEFAULT_PORT", 1)  # 443 might answer here
-    for variable in connect.GRPC_PROXY_VARIABLES:
+    for variable in (*connect.GRPC_PROXY_VARIABLES, "RAY_grpc_enable_http_proxy"):
         monkeypatch.delenv(variable, raising=False)
     with pytest.raises(
         InsectError, match=r"^cannot connect to Ray at ray://127.0.0.1 \(port 1, gRPC's default\): "
     ):
         connect.check_reachable("ray://127.0.0.1")  # not a 30 s wait for Ray Client
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:1")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:1")  # Ray's gRPC leaves it unused
+    with pytest.raises(InsectError, match=r"^cannot connect to Ray at ray://127.0.0.1 \("):
+        connect.check_reachable("ray://127.0.0.1")
+    monkeypatch.setenv("RAY_grpc_enable_http_proxy", "1")  # unless told to use it
     connect.check_reachable("ray://127.0.0.1")  # gRPC's to dial through the proxy
     monkeypatch.delenv("https_proxy")
     for address in ("ray://127.0.0.1:1/", "ray://127.0.0.1:abc", "ray://[::1]:1"):

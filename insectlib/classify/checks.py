@@ -13,7 +13,7 @@ from insectlib.data import inputs
 from insectlib.data.images import is_image_name
 from insectlib.data.labels import check_root
 from insectlib.errors import InsectError
-from insectlib.layout import EVALUATION_FILES, INT8_RECORD, PREDICTIONS_DIR
+from insectlib.layout import EVALUATION_FILES, INT8_FILES, INT8_RECORD, PREDICTIONS_DIR
 from insectlib.model.meta import check_model_dir
 
 
@@ -56,11 +56,12 @@ def check_int8_images(cfg: ClassifyConfig | EvaluateConfig) -> None:
 
 
 def kept_statistics_from(model: str, s3) -> str | None:
-    """Where the int8 statistics kept in `model` were measured (their record's images_from;
-    `int8.load` judges whether they are used), read without torch; None where none are."""
+    """Where the int8 statistics kept in `model` (both files) were measured, their record's
+    images_from, read without torch (`int8.load` judges whether they are used); None where
+    none are kept."""
     record = storage.join(model, INT8_RECORD)
     try:
-        if storage.exists(record, s3):
+        if all(storage.exists(storage.join(model, name), s3) for name in INT8_FILES):
             return json.loads(storage.read_bytes(record, s3)).get("images_from")
     except (InsectError, OSError, ValueError, AttributeError):  # not a record to go by
         pass

@@ -78,7 +78,7 @@ def check_reachable(address: str | None, source: str = "--address") -> None:
         return
     if "://" in address and not address.startswith("ray://"):
         return
-    if address.startswith("ray://") and any(os.environ.get(v) for v in GRPC_PROXY_VARIABLES):
+    if address.startswith("ray://") and client_through_proxy():
         return  # Ray Client's gRPC dials through the proxy, which a probe from here would not
     implied = ""
     try:
@@ -96,6 +96,14 @@ def check_reachable(address: str | None, source: str = "--address") -> None:
             f"cannot connect to Ray at {address}{implied}: {e}; check {source} (auto, HOST:PORT or "
             "ray://HOST:10001) and that the head is running"
         ) from None
+
+
+def client_through_proxy() -> bool:
+    """Whether Ray Client's gRPC goes through a proxy: one is set, and Ray lets gRPC use it
+    (RAY_grpc_enable_http_proxy; off by default, Ray's GRPC_ENABLE_HTTP_PROXY)."""
+    if os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() not in ("1", "true"):
+        return False
+    return any(os.environ.get(v) for v in GRPC_PROXY_VARIABLES)
 
 
 def connection_problem(address: str, error: Exception) -> str:

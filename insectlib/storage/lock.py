@@ -211,10 +211,10 @@ class S3Lock(OutputLock):
 
         try:  # asked once: a lock not known to be held is not worth the retries' wait
             got = buckets.client(self.s3).get_object(Bucket=self.bucket, Key=self.key)
+            young = time.time() - got["LastModified"].timestamp() < STALE_S
+            return _read_json(got["Body"].read()) if young else None
         except (ClientError, BotoCoreError):  # none, or not one to read
             return None
-        young = time.time() - got["LastModified"].timestamp() < STALE_S
-        return _read_json(got["Body"].read()) if young else None
 
     def _put(self, **condition) -> bool:
         """Write the lock object under `condition`; False where the condition failed."""
