@@ -6,7 +6,8 @@ Local outputs: an OS lock (`fcntl.flock`) on the file, which the kernel drops wh
 holder dies, so a lock left by a killed run is taken over (and said). S3 outputs: the
 lock object is created with a conditional write (`If-None-Match: *`), refreshed every
 HEARTBEAT_S with `If-Match` on its ETag, and taken over once it is older than STALE_S
-(its holder stopped refreshing it: killed, or its machine gone).
+(its holder stopped refreshing it: killed, or its machine gone). `refuse_if_held` asks who
+holds one without taking it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def refuse_if_held(output: str, s3: S3Options | None, instead: str | None) -> No
     """Refuse (InsectError, as `output_lock` would) while a run holds the lock of `output`,
     without taking it: nothing is written, and a lock that cannot be read is not held."""
     lock = lock_of(output, s3, instead)
-    found = lock.holder()
+    found = lock.held_by()
     if found is not None:
         raise InsectError(lock.busy(found))
 
@@ -108,7 +109,7 @@ class OutputLock:
         """Why the lock is no longer ours (another run took it over), or None."""
         return None
 
-    def holder(self) -> dict | None:
+    def held_by(self) -> dict | None:
         """Who holds the lock now, read without taking it; None where no one is known to."""
         raise NotImplementedError
 
@@ -156,7 +157,7 @@ class LocalLock(OutputLock):
         self.fd = fd
         return left
 
-    def holder(self) -> dict | None:
+    def held_by(self) -> dict | None:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # no lock file, or not one to read: not known to be held
@@ -206,7 +207,7 @@ class S3Lock(OutputLock):
         self._start_heartbeat()
         return found
 
-    def holder(self) -> dict | None:
+    def held_by(self) -> dict | None:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:  # asked once: a lock not known to be held is not worth the retries' wait
