@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import json
 import os
 import re
 import shutil
@@ -99,6 +100,34 @@ def expect_cli_error(capsys, argv: list[str]) -> str:
     lines = [line for line in own if line.startswith("insect: error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def assert_refused_before_torch(cases: list[tuple[str, list[str]]], cwd) -> None:
+    """Each of `cases`, (text, command line), exits 2 with one `insect: error:` line holding
+    the text, before torch or torchvision is imported. One fresh interpreter runs them all:
+    the first case to import torch fails, and every case after it."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from insectlib.cli.main import main\n"
+        "for argv in json.loads(sys.argv[1]):\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(argv)\n"
+        "    torch = any(m in sys.modules for m in ('torch', 'torchvision'))\n"
+        "    print(json.dumps([code, torch, err.getvalue().splitlines()]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([argv for _, argv in cases])],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+    found = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(found) == len(cases), result.stderr[-3000:]
+    for (expected, argv), (code, torch, lines) in zip(cases, found, strict=True):
+        assert (code, torch) == (2, False), (argv, lines)
+        assert len(lines) == 1 and lines[0].startswith("insect: error: "), (argv, lines)
+        assert expected in lines[0], (argv, lines)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from insectlib.data import synthetic
 from insectlib.errors import InsectError
 from insectlib.layout import INT8_RECORD, INT8_STATS, META_FILE
 from insectlib.storage import S3Options
-from tests.conftest import expect_cli_error, run_cli
+from tests.conftest import assert_refused_before_torch, expect_cli_error, run_cli
 
 
 def test_train_input_errors(tmp_path, capsys):
@@ -209,9 +209,6 @@ def test_the_docs_name_no_renamed_flag():
 def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
     """A wrong folder is the likeliest mistake: train's, classify's and evaluate's paths are
     refused in one line each before torch (seconds of import) is, in a fresh interpreter."""
-    import subprocess
-    import sys
-
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / META_FILE).write_text("{}")  # a model directory, as far as paths go
     synthetic.make_labelled(str(tmp_path / "data"), per_class=1, size=(32, 32))
@@ -238,29 +235,7 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         f"{missing}/": ["evaluate", str(data), "--model", str(missing), "--output", "o"],
         f"not found: {missing}": ["evaluate", str(missing), "--model", str(model), "--output", "o"],
     }
-    # One interpreter for every case: the first to import torch fails (and all after it).
-    code = (
-        "import contextlib, io, json, sys\n"
-        "from insectlib.cli.main import main\n"
-        "for argv in json.loads(sys.argv[1]):\n"
-        "    err = io.StringIO()\n"
-        "    with contextlib.redirect_stderr(err):\n"
-        "        code = main(argv)\n"
-        "    torch = any(m in sys.modules for m in ('torch', 'torchvision'))\n"
-        "    print(json.dumps([code, torch, err.getvalue().splitlines()]))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(list(cases.values()))],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    found = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(found) == len(cases), result.stderr[-3000:]
-    for (expected, argv), (code, torch, lines) in zip(cases.items(), found, strict=True):
-        assert (code, torch) == (2, False), (argv, lines)
-        assert len(lines) == 1 and lines[0].startswith("insect: error: "), (argv, lines)
-        assert expected in lines[0], (argv, lines)
+    assert_refused_before_torch(list(cases.items()), tmp_path)
 
 
 def test_int8_images_a_kept_record_names_are_not_looked_for(tmp_path):

@@ -23,11 +23,19 @@ from insectlib import storage
 from insectlib.classify.pipeline import classify
 from insectlib.config import ClassifyConfig
 from insectlib.errors import ImageError, StorageUnavailable
+from insectlib.layout import META_FILE
 from insectlib.model.meta import read_meta
 from insectlib.model.network import build_model
 from insectlib.storage import buckets, retry
 from insectlib.training.trainer import fit
-from tests.conftest import expect_cli_error, run_cli, small_train_config, upload_tree, wait_for
+from tests.conftest import (
+    assert_refused_before_torch,
+    expect_cli_error,
+    run_cli,
+    small_train_config,
+    upload_tree,
+    wait_for,
+)
 from tests.s3server import free_port
 
 BUCKET = "insect-e2e"
@@ -194,6 +202,26 @@ def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}"
     err = expect_cli_error(capsys, ["train", f"s3://{BUCKET}/labelled", "--s3-endpoint", dead])
     assert f"cannot read s3://{BUCKET}/labelled" in err and "Could not connect" in err
+
+
+def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):
+    """A bucket that does not exist, named alone (no prefix) as the labelled data or the
+    input, is refused in one line before torch is imported (training's check took a bucket
+    for a folder without asking, and found out only after torch and Ray had started)."""
+    missing = "s3://insect-no-such-bucket"
+    said = "bucket 'insect-no-such-bucket' does not exist"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / META_FILE).write_text("{}")  # a model directory, as far as paths go
+    assert_refused_before_torch(
+        [
+            (f"{said} ({missing}/)", ["train", missing]),
+            (f"{said} ({missing}/)", ["train", f"{missing}/"]),
+            (said, ["evaluate", missing, "--model", str(model), "--output", "o"]),
+            (said, ["classify", missing, "--model", str(model), "--output", "o"]),
+        ],
+        tmp_path,
+    )
 
 
 def test_wrong_credentials_are_denied(s3_data, s3_server):

@@ -59,12 +59,16 @@ def iter_files(uri: str, s3: S3Options | None = None) -> Iterator[str]:
 
 
 def is_dir(uri: str, s3: S3Options | None = None) -> bool:
-    """Whether `uri` is a folder, or a bucket or prefix with objects below it."""
+    """Whether `uri` is a folder, or a bucket or prefix with objects below it. A bucket that
+    does not exist is refused, naming it."""
     if not is_s3(uri):
         return os.path.isdir(filesystem(uri, s3)[1])
     bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
     with user_errors(uri):
-        return not key or buckets.has_objects(s3, bucket, f"{key}/")
+        if not key:  # a bucket: one request, which refuses one that does not exist
+            buckets.has_objects(s3, bucket, "")
+            return True
+        return buckets.has_objects(s3, bucket, f"{key}/")
 
 
 @dataclass
