@@ -1319,6 +1319,43 @@ def other_workers(data: Result) -> str:
     ).strip()
 
 
+def decode_overlap(data: Result, name: str) -> str:
+    rates, threads = data["rates"], data["threads"]
+    ways = [w for w in next(iter(rates.values())) if w != "model alone"]
+    rows = [
+        [
+            p,
+            rate(r["model alone"]),
+            *(f"{rate(r[w])} ({pct(r[w] / r['model alone'])})" for w in ways),
+        ]
+        for p, r in rates.items()
+    ]
+    best = {p: way_name(max(ways, key=r.get)) for p, r in rates.items()}
+    return paragraphs(
+        f"Where a model actor of {threads} threads decodes: before each batch's model, on all "
+        "its threads while the model waits (the product's way, decoding fused in the actor), or "
+        "beside its model (the next batch decoded on threads of their own while the model runs "
+        "on every core, as a decoding thread in the actor or decoding tasks beside it would). "
+        f"One process, the product's `image_batch` and `Predictor` compiled, "
+        f"{clean(data['model'])}, batches of {data['batch']} camera JPEGs, {data['batches']} "
+        f"batches a measurement, the best of {data.get('rounds', 2)} rounds, interleaved; "
+        "images/s, and of the model alone.",
+        provenance(command("decode_overlap.py", "", name), name, data),
+        table(
+            ["precision", "model alone", *map(way_name, ways)], "l" + "r" * (len(ways) + 1), rows
+        ),
+        "Fastest: " + "; ".join(f"{p}, {w}" for p, w in best.items()) + ".",
+    )
+
+
+def way_name(way: str) -> str:
+    """A column of decode_overlap's table: "after", "beside, 2" as the page names them."""
+    if way == "after":
+        return "decoded first (the actor's way)"
+    threads = int(way.split(", ")[1])
+    return f"beside, {threads} decoding thread{'s' if threads > 1 else ''}"
+
+
 # ---------------------------------------------------------------------------------------------
 # The page: which file feeds which section, in reading order.
 
@@ -1347,6 +1384,7 @@ SECTIONS = [
     Section("Blocks", "blocks.json", blocks),
     Section("Actor shapes", "shapes-*.json", shapes),
     Section("Where the CPUs go", "cpu-split-*.json", cpu_split),
+    Section("Decoding beside the model", "decode-overlap-*.json", decode_overlap),
     Section("The review page", "review-cpu-amd-epyc.json", review),
 ]
 

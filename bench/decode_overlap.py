@@ -1,0 +1,121 @@
+"""Where a model actor of several threads decodes: before each batch on all its threads (the
+product's way: `image_batch` fused in the actor, its model waiting), or beside its model,
+the next batch decoded in threads of their own while the model runs on every core (what a
+decoding thread in the actor, or decoding tasks beside it, would do on the same cores).
+Measured in one process with the product's parts (`image_batch`, `Predictor`), side by side:
+
+  model alone     `Predictor` with every thread on batches already decoded
+  after           each batch decoded on every thread, then the model: the actor's way
+  beside, N       the next batch decoded on N threads while the model runs on every thread
+
+    .venv/bin/python bench/decode_overlap.py [--batches 8] [--precisions bf16]
+
+For each precision whose actors get several threads here (`shape.threads_per_actor`),
+compiled as a large run's actors are; VGG-16 at 224 px, random weights, high-entropy
+1024x768 camera JPEGs (bench/shapes.py's). Writes bench/results/decode-overlap-<cpu>.json;
+docs/performance.md renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from common import RESULTS, in_fresh_process, write_result
+from shapes import BATCH, SIZE, camera_jpegs, make_model, precisions
+
+from insectlib.classify.shape import threads_per_actor
+from insectlib.model.precision import cpu_name
+
+ROUNDS = 3  # each way measured this many times, interleaved; the best kept
+
+
+def rates(model_dir: str, folder: str, precision: str, int8_model, batches: int) -> dict:
+    """Images per second of each way (see the module's docstring), in this process."""
+    import numpy as np
+
+    from insectlib.classify.dataset import image_batch
+    from insectlib.config import DecodeLimits
+    from insectlib.model.predictor import Predictor
+
+    cores = os.cpu_count() or 1
+    paths = np.array(sorted(os.path.join(folder, n) for n in os.listdir(folder)), dtype=object)
+    inputs = [{"path": paths[i : i + BATCH]} for i in range(0, len(paths), BATCH)]
+
+    def decoded(i: int, threads: int):
+        batch = image_batch(inputs[i % len(inputs)], SIZE, DecodeLimits(), None, threads)
+        return batch["image"]
+
+    predictor = Predictor(
+        model_dir, precision=precision, threads=cores, compile=True, batch_size=BATCH,
+        int8_model=int8_model,
+    )  # fmt: skip
+    ready = decoded(0, cores)
+    predictor.probabilities(ready)  # the compile and warm-up
+    predictor.probabilities(ready)
+
+    def alone() -> None:
+        for _ in range(batches):
+            predictor.probabilities(ready)
+
+    def after() -> None:
+        for i in range(batches):
+            predictor.probabilities(decoded(i, cores))
+
+    def beside(threads: int) -> None:
+        with ThreadPoolExecutor(1) as ahead:
+            coming = ahead.submit(decoded, 0, threads)
+            for i in range(batches):
+                images = coming.result()
+                coming = ahead.submit(decoded, i + 1, threads)
+                predictor.probabilities(images)
+            coming.result()
+
+    ways = {"model alone": alone, "after": after}
+    ways.update({f"beside, {n}": (lambda n=n: beside(n)) for n in sorted({1, cores})})
+    best: dict[str, float] = {}
+    for _ in range(ROUNDS):
+        for name, way in ways.items():
+            began = time.perf_counter()
+            way()
+            best[name] = max(best.get(name, 0.0), BATCH * batches / (time.perf_counter() - began))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--batches", type=int, default=8, help="batches per measurement")
+    ap.add_argument("--precisions", default="", help="default: those of several threads here")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from insectlib.config import DecodeLimits
+    from insectlib.model import int8_statistics
+    from insectlib.model.meta import read_meta
+
+    cores = os.cpu_count() or 1
+    chosen = args.precisions.split(",") if args.precisions else [
+        p for p in precisions() if threads_per_actor(p, cores) > 1
+    ]  # fmt: skip
+    report: dict = {"benchmark": "decode overlap", "model": "vgg16 224 px", "batch": BATCH,
+                    "batches": args.batches, "rounds": ROUNDS, "threads": cores, "cpu": cpu_name(),
+                    "precisions": chosen, "rates": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = camera_jpegs(os.path.join(tmp, "camera"), 4 * BATCH)
+        model_dir = make_model(os.path.join(tmp, "model"))
+        for precision in chosen:
+            int8_model = None
+            if precision == "int8":
+                meta = read_meta(model_dir)
+                int8_model = int8_statistics.measure(model_dir, meta, folder, BATCH, DecodeLimits())
+            found = in_fresh_process(rates, model_dir, folder, precision, int8_model, args.batches)
+            report["rates"][precision] = found
+            print(precision, found, flush=True)
+    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")
+    write_result(args.out or os.path.join(RESULTS, f"decode-overlap-{name[:40]}.json"), report)
+
+
+if __name__ == "__main__":
+    main()
