@@ -94,3 +94,23 @@ def test_a_lock_taken_an_instant_ago_names_its_holder_once_written(tmp_path):
             LocalLock(str(out)).acquire(holder("classify"))
     finally:
         os.close(fd)
+
+
+def test_a_fifo_where_the_lock_goes_is_refused_not_waited_on(tmp_path):
+    """Something not a file at the lock's path (a FIFO) is refused in one line by a run,
+    and read as no holder by the check of a run name, without waiting for a writer (a
+    FIFO's open waits for one) or reading it (reads at an offset fail on a FIFO)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / LOCK_FILE)
+    with pytest.raises(
+        InsectError, match=f"^{out / LOCK_FILE} is not a file, so not insect's lock"
+    ):
+        LocalLock(str(out)).acquire(holder("classify"))
+    found: list = []
+    reader = threading.Thread(target=lambda: found.append(LocalLock(str(out)).held_by()))
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # blocked opening the FIFO: a writer lets it go
+        os.close(os.open(out / LOCK_FILE, os.O_WRONLY | os.O_NONBLOCK))
+    assert found == [None]

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -139,6 +140,9 @@ class LocalLock(OutputLock):
             raise InsectError(f"{self.output} lies under a file, not a folder") from None
         except OSError as e:
             raise InsectError(f"cannot write to {self.output}: {e.strerror or e}") from None
+        if not _is_file(fd):  # a FIFO or device someone put there: never insect's lock
+            os.close(fd)
+            raise InsectError(f"{self.path} is not a file, so not insect's lock: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -158,9 +162,12 @@ class LocalLock(OutputLock):
         return left
 
     def held_by(self) -> dict | None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: a FIFO there must not wait for a writer
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:  # no lock file, or not one to read: not known to be held
+            return None
+        if not _is_file(fd):
+            os.close(fd)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go as fd closes
@@ -272,6 +279,10 @@ class S3Lock(OutputLock):
             client = buckets.client(self.s3)
             with contextlib.suppress(Exception):
                 client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+
+
+def _is_file(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 def _same_file(fd: int, path: str) -> bool:
