@@ -38,11 +38,14 @@ COMPILE_CHOICES = ("auto", "on", "off")
 DECODE_CHOICES = ("auto", "cpu", "device")
 IMAGE_SIZES = range(16, 4097)  # model input sizes, in pixels, that a model directory may hold
 BATCH_SIZE = 32  # images per training worker step and per model-actor call
+# At most, per step or call: one batch of more holds gigabytes of images and activations.
+MOST_BATCH_SIZE = 4096
 # Pillow's own threshold (89.5M pixels; it warns above it and refuses above twice it).
 # Insect refuses above it: a decoded RGB image of that size holds 268 MB. JPEGs count at
 # the reduced size their draft decoding produces, so camera photos of any size pass.
 MAX_PIXELS = 89_478_485
 MAX_FILE_BYTES = 256 * 2**20  # far above any photo; bounds what one read may hold
+MOST_FILE_BYTES = 2**40  # --max-file-bytes at most: a read of more overflows its size type
 MODEL_HELP = "model directory written by insect train (or s3://)"
 # Fields naming a local path or an s3:// URI: `absolute_paths` fixes local ones to the
 # directory the command ran in, before anything reaches Ray.
@@ -174,6 +177,7 @@ class InputLimits:
     max_file_bytes: int = setting(
         MAX_FILE_BYTES,
         at_least=1,
+        at_most=MOST_FILE_BYTES,
         help="input files larger than this are not read (an error row; skipped in training)",
     )
     max_pixels: int = setting(
@@ -247,7 +251,9 @@ class ActorSettings(RaySettings):
             "images"
         ),
     )
-    batch_size: int = setting(BATCH_SIZE, at_least=1, help="images per model call")
+    batch_size: int = setting(
+        BATCH_SIZE, at_least=1, at_most=MOST_BATCH_SIZE, help="images per model call"
+    )
     max_actors: int | None = setting(
         None,
         at_least=1,
@@ -349,6 +355,7 @@ class TrainConfig(RaySettings):
     batch_size: int = setting(
         BATCH_SIZE,
         at_least=1,
+        at_most=MOST_BATCH_SIZE,
         help="images per worker per step; the global batch is workers x this",
     )
     optimizer: str = setting("adam", choices=OPTIMIZERS, help="optimisation algorithm")

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import random
 
 import pytest
@@ -229,6 +230,15 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         str(missing): ["classify", str(missing), "--model", str(model), "--output", "o"],
         "inside": ["classify", str(data), "--model", str(model), "--output", f"{data}/out"],
         "--overwrite": ["classify", str(data), "--model", str(model), "--output", "full"],
+        "holds files insect did not write (notes.txt); --resume": [
+            "classify",
+            str(data),
+            "--model",
+            str(model),
+            "--output",
+            "full",
+            "--resume",
+        ],  # fmt: skip
         f"--int8-images: not found: {missing}": [*int8, str(missing)],
         f"--int8-images: no image files found in {tmp_path}/full": [*int8, f"{tmp_path}/full"],
         f"--int8-images: not found: {missing}-too": ["evaluate", *int8[1:], f"{missing}-too"],
@@ -236,6 +246,7 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
         f"not found: {missing}": ["evaluate", str(missing), "--model", str(model), "--output", "o"],
     }
     assert_refused_before_torch(list(cases.items()), tmp_path)
+    assert os.listdir(tmp_path / "full") == ["notes.txt"]  # no log folder left in it
 
 
 def test_int8_images_a_kept_record_names_are_not_looked_for(tmp_path):

@@ -382,7 +382,7 @@ def test_clear_errors_instead_of_tracebacks(trained, unlabelled, tmp_path, capsy
     assert "--cpus-per-actor must be more than 0" in expect_cli_error(
         capsys, [*base, "--cpus-per-actor", "0"]
     )
-    assert "--max-file-bytes must be at least 1" in expect_cli_error(
+    assert "--max-file-bytes must be between 1 and" in expect_cli_error(
         capsys, [*base, "--max-file-bytes", "0"]
     )
     bad = tmp_path / "bad-meta"

@@ -500,9 +500,14 @@ def test_a_split_without_one_readable_image_stops_training():
         ["train", "d", "--epochs", "1e3"],
         ["train", "d", "--seed", "99999999999999999999"],
         ["visualize", "x.jpg", "--model", "m", "--layers", ",,"],
+        # Past an index-sized integer, these overflowed deep in a run, after Ray started.
+        ["classify", "d", "--model", "m", "--output", "o", "--batch-size", "99999999999999999999"],
+        ["train", "d", "--batch-size", "9223372036854775808"],
+        ["classify", "d", "--model", "m", "--output", "o", "--max-file-bytes", str(2**63)],
     ],
 )
 def test_wrong_values_are_one_line_in_under_two_seconds(flags, tmp_path):
+    """One line naming the flag (the last one given), exit 2, before torch or Ray."""
     started = time.monotonic()
     proc = subprocess.Popen([str(BIN / "insect"), *flags], cwd=tmp_path, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -515,6 +520,7 @@ def test_wrong_values_are_one_line_in_under_two_seconds(flags, tmp_path):
     assert usage.ru_utime + usage.ru_stime < 0.5, (usage, stderr)
     assert proc.returncode == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("insect: error: ") and "Traceback" not in stderr
+    assert [f for f in flags if f.startswith("--")][-1] in stderr
 
 
 @pytest.mark.slow
@@ -530,6 +536,11 @@ def test_imagenet_weights_without_network_are_one_line_before_ray(labelled_root,
     assert "ImageNet weights for vgg16 are not in the torch hub cache" in lines[0]
     assert str(tmp_path / "hub") in lines[0] and "--weights random" in lines[0]
     assert "log:" not in result.stdout and not out.exists()
+    # insect's own line only: torch.hub's "Downloading: ..." (on stdout in torch 2.14) is not
+    assert result.stdout.splitlines() == [
+        f"downloading the ImageNet weights of vgg16 into {tmp_path}/hub/hub/checkpoints/"
+        "vgg16-397923af.pth"
+    ], result.stdout
 
 
 def test_runs_the_cluster_cannot_hold_are_refused_in_one_line(trained, unlabelled, tmp_path):

@@ -74,6 +74,7 @@ def plan_classify_output(cfg: ClassifyConfig) -> list[str]:
     `outputs.overwrite_plan`); refuses at once what it would not remove."""
     if cfg.resume:  # `outputs.resume_state` checks the parts, under the lock
         outputs.check_same_input(cfg.output, cfg.source, cfg.s3)
+        outputs.resume_entries(cfg.output, cfg.s3)  # another's files: refused before Ray
         return []
     alternative = " or --resume to finish an interrupted run"
     if not outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, alternative):

@@ -273,6 +273,14 @@ def check_same_input(output: str, source: str, s3: storage.S3Options) -> None:
         )
 
 
+def resume_entries(output: str, s3: storage.S3Options) -> list[dict]:
+    """The entries of an output to resume, refusing (naming them) files insect did not write."""
+    entries = list_entries(output, s3)
+    why = "--resume continues only insect's own output: move them or choose another --output"
+    refuse_foreign(output, entries, why)
+    return entries
+
+
 def resume_state(
     output: str, model_id: str, s3: storage.S3Options, row_format: dict, legacy: dict
 ) -> Done:
@@ -285,9 +293,7 @@ def resume_state(
     (left by any earlier fault: their inputs are classified again), and with either
     `_SUCCESS` and the summary; without, those stay in `Done.record`. A part that cannot be
     read is retried, then stops the run without removing anything."""
-    entries = list_entries(output, s3)
-    why = "--resume continues only insect's own output: move them or choose another --output"
-    refuse_foreign(output, entries, why)
+    entries = resume_entries(output, s3)
     fs, _ = storage.filesystem(output, s3)
     footers = check_parts(fs, part_entries(entries))
     complete = {name: f for name, f in footers.items() if f is not None}

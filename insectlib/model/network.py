@@ -140,7 +140,8 @@ def ensure_imagenet_weights(arch: str, timeout_s: float = 20.0) -> None:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)  # torch.hub's download sets none of its own
     try:
-        with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's own line: said above
+        # torch.hub's own line (on stdout in some releases, stderr in others): said above
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             weights = torchvision.models.get_model_weights(arch)["IMAGENET1K_V1"]
             weights.get_state_dict(progress=False)
     except Exception as e:
