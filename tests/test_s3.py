@@ -206,8 +206,9 @@ def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
 
 def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):
     """A bucket that does not exist, named alone (no prefix) as the labelled data or the
-    input, is refused in one line before torch is imported (training's check took a bucket
-    for a folder without asking, and found out only after torch and Ray had started)."""
+    input, or holding the model, is refused in one line naming it before torch is imported
+    (training's check took a bucket for a folder without asking, and found out only after
+    torch and Ray had started; a model there was 'not a model directory')."""
     missing = "s3://insect-no-such-bucket"
     said = "bucket 'insect-no-such-bucket' does not exist"
     model = tmp_path / "model"
@@ -219,6 +220,7 @@ def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):
             (f"{said} ({missing}/)", ["train", f"{missing}/"]),
             (said, ["evaluate", missing, "--model", str(model), "--output", "o"]),
             (said, ["classify", missing, "--model", str(model), "--output", "o"]),
+            (said, ["classify", str(tmp_path), "--model", f"{missing}/m", "--output", "o"]),
         ],
         tmp_path,
     )

@@ -179,6 +179,7 @@ def check_model_dir(uri: str, s3: storage.S3Options | None = None) -> None:
     meta_uri = storage.join(uri, META_FILE)
     with storage.user_errors(meta_uri):
         if not storage.exists(meta_uri, s3):
+            storage.check_bucket(uri, s3)  # a bucket that is not there: said so
             raise not_a_model(meta_uri)
 
 

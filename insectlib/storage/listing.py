@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from insectlib.config import S3Options
 from insectlib.errors import InsectError, StorageUnavailable
 from insectlib.storage import buckets
-from insectlib.storage.files import FILE_ERRNOS, filesystem, is_s3, printable, user_errors
+from insectlib.storage.files import (
+    FILE_ERRNOS,
+    check_bucket,
+    filesystem,
+    is_s3,
+    printable,
+    user_errors,
+)
 
 GLOB_CHARS = "*?["
 
@@ -64,10 +71,10 @@ def is_dir(uri: str, s3: S3Options | None = None) -> bool:
     if not is_s3(uri):
         return os.path.isdir(filesystem(uri, s3)[1])
     bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
+    if not key:  # a bucket: one request, which refuses one that does not exist
+        check_bucket(uri, s3)
+        return True
     with user_errors(uri):
-        if not key:  # a bucket: one request, which refuses one that does not exist
-            buckets.has_objects(s3, bucket, "")
-            return True
         return buckets.has_objects(s3, bucket, f"{key}/")
 
 
