@@ -38,14 +38,15 @@ COMPILE_CHOICES = ("auto", "on", "off")
 DECODE_CHOICES = ("auto", "cpu", "device")
 IMAGE_SIZES = range(16, 4097)  # model input sizes, in pixels, that a model directory may hold
 BATCH_SIZE = 32  # images per training worker step and per model-actor call
-# At most, per step or call: one batch of more holds gigabytes of images and activations.
-MOST_BATCH_SIZE = 4096
+# A bound that refuses numbers no run can use (past 2**63 they overflowed deep in a run);
+# memory bounds a batch long before it.
+MOST_BATCH_SIZE = 65_536
 # Pillow's own threshold (89.5M pixels; it warns above it and refuses above twice it).
 # Insect refuses above it: a decoded RGB image of that size holds 268 MB. JPEGs count at
 # the reduced size their draft decoding produces, so camera photos of any size pass.
 MAX_PIXELS = 89_478_485
 MAX_FILE_BYTES = 256 * 2**20  # far above any photo; bounds what one read may hold
-MOST_FILE_BYTES = 2**40  # --max-file-bytes at most: a read of more overflows its size type
+MOST_FILE_BYTES = 2**40  # --max-file-bytes at most: no image is a terabyte (2**63 overflowed)
 MODEL_HELP = "model directory written by insect train (or s3://)"
 # Fields naming a local path or an s3:// URI: `absolute_paths` fixes local ones to the
 # directory the command ran in, before anything reaches Ray.
@@ -252,7 +253,10 @@ class ActorSettings(RaySettings):
         ),
     )
     batch_size: int = setting(
-        BATCH_SIZE, at_least=1, at_most=MOST_BATCH_SIZE, help="images per model call"
+        BATCH_SIZE,
+        at_least=1,
+        at_most=MOST_BATCH_SIZE,
+        help=f"images per model call, at most {MOST_BATCH_SIZE:,}",
     )
     max_actors: int | None = setting(
         None,
@@ -356,7 +360,10 @@ class TrainConfig(RaySettings):
         BATCH_SIZE,
         at_least=1,
         at_most=MOST_BATCH_SIZE,
-        help="images per worker per step; the global batch is workers x this",
+        help=(
+            f"images per worker per step, at most {MOST_BATCH_SIZE:,}; the global batch is "
+            "workers x this"
+        ),
     )
     optimizer: str = setting("adam", choices=OPTIMIZERS, help="optimisation algorithm")
     # Upper bounds: larger values only diverge, and past float32's range torch fails mid-run.

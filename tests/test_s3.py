@@ -221,6 +221,7 @@ def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):
             (said, ["evaluate", missing, "--model", str(model), "--output", "o"]),
             (said, ["classify", missing, "--model", str(model), "--output", "o"]),
             (said, ["classify", str(tmp_path), "--model", f"{missing}/m", "--output", "o"]),
+            ("s3:// names no bucket", ["train", "s3://"]),
         ],
         tmp_path,
     )

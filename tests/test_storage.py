@@ -6,8 +6,9 @@ import threading
 import pytest
 
 from insectlib import storage
+from insectlib.config import MOST_FILE_BYTES
 from insectlib.data import inputs
-from insectlib.errors import InsectError
+from insectlib.errors import ImageError, InsectError
 from insectlib.layout import LOCK_FILE
 from insectlib.storage.lock import LocalLock, holder
 
@@ -111,6 +112,18 @@ def test_a_fifo_where_the_lock_goes_is_refused_not_waited_on(tmp_path):
     reader = threading.Thread(target=lambda: found.append(LocalLock(str(out)).held_by()))
     reader.start()
     reader.join(timeout=10)
-    if reader.is_alive():  # blocked opening the FIFO: a writer lets it go
+    blocked = reader.is_alive()
+    if blocked:  # waiting to open the FIFO: a writer lets it go
         os.close(os.open(out / LOCK_FILE, os.O_WRONLY | os.O_NONBLOCK))
-    assert found == [None]
+        reader.join()
+    assert not blocked and found == [None]
+
+
+def test_a_read_holds_no_more_than_the_file(tmp_path):
+    """--max-file-bytes is a cap, not a size to allocate: a small file reads whole under the
+    largest cap allowed (a read asked for the cap at once, a MemoryError past the RAM)."""
+    image = tmp_path / "small.jpg"
+    image.write_bytes(b"x" * 1000)
+    assert storage.read_input(str(image), MOST_FILE_BYTES) == b"x" * 1000
+    with pytest.raises(ImageError, match="file too large: more than --max-file-bytes 999"):
+        storage.read_input(str(image), 999)

@@ -174,13 +174,13 @@ def _read_local_first(path: str, size: int) -> bytes:
                 "are kept: fix the cause and rerun with --resume"
             ) from None
         raise ImageError(f"unreadable file: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):  # before open(), which refuses a directory's descriptor
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # before open(), which refuses a directory's descriptor
         os.close(fd)
-        raise ImageError(f"not a regular file ({_file_kind(mode)})")
+        raise ImageError(f"not a regular file ({_file_kind(info.st_mode)})")
     with open(fd, "rb", closefd=True) as f:
-        try:
-            return f.read(size)
+        try:  # a read of n bytes allocates n up front: no more than the file holds, plus one
+            return f.read(min(size, info.st_size + 1))
         except OSError as e:
             raise ImageError(f"unreadable file: {e.strerror or e}") from None
 
@@ -278,9 +278,11 @@ def exists(uri: str, s3: S3Options | None = None) -> bool:
 def check_bucket(uri: str, s3: S3Options | None = None) -> None:
     """For an s3:// location, fail early and clearly when its bucket is missing or denied."""
     if is_s3(uri):
-        bucket = uri[len("s3://") :].split("/", 1)[0]
-        with user_errors(uri):
-            buckets.has_objects(s3, bucket, "")
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        if not bucket:
+            raise InsectError(f"{uri} names no bucket: s3://BUCKET or s3://BUCKET/PREFIX")
+        with user_errors(uri):  # under its own prefix: a listing allowed only there passes
+            buckets.has_objects(s3, bucket, key)
 
 
 @contextlib.contextmanager
