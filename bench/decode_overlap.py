@@ -1,19 +1,24 @@
 """Where a model actor of several threads decodes: before each batch on all its threads (the
 product's way: `image_batch` fused in the actor, its model waiting), or beside its model,
-the next batch decoded in threads of their own while the model runs on every core (what a
-decoding thread in the actor, or decoding tasks beside it, would do on the same cores).
-Measured in one process with the product's parts (`image_batch`, `Predictor`), side by side:
+the next batch decoded on threads of its own while the model runs (what a decoding thread in
+the actor would do; decoding tasks in processes of their own would compete for the same
+cores, plus a copy, and are not measured here). In one process with the product's parts
+(`image_batch`, `Predictor` compiled), side by side:
 
-  model alone     `Predictor` with every thread on batches already decoded
+  model alone     the model on every thread, on batches already decoded
   after           each batch decoded on every thread, then the model: the actor's way
   beside, N       the next batch decoded on N threads while the model runs on every thread
+  split           the model on one thread fewer, the next batch decoded on the one left
+                  (a process of its own: the compiled model keeps its thread count)
+
+Each way decodes and classifies the same `--batches` batches (the first decode waits in
+every way), in ROUNDS rounds, interleaved; every round's figure is kept.
 
     .venv/bin/python bench/decode_overlap.py [--batches 8] [--precisions bf16]
 
-For each precision whose actors get several threads here (`shape.threads_per_actor`),
-compiled as a large run's actors are; VGG-16 at 224 px, random weights, high-entropy
-1024x768 camera JPEGs (bench/shapes.py's). Writes bench/results/decode-overlap-<cpu>.json;
-docs/performance.md renders it.
+For each precision whose actors get several threads here (`shape.threads_per_actor`);
+VGG-16 at 224 px, random weights, high-entropy 1024x768 camera JPEGs (bench/shapes.py's).
+Writes bench/results/decode-overlap-<cpu>.json; docs/performance.md renders it.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ from shapes import BATCH, SIZE, camera_jpegs, make_model, precisions
 from insectlib.classify.shape import threads_per_actor
 from insectlib.model.precision import cpu_name
 
-ROUNDS = 3  # each way measured this many times, interleaved; the best kept
+ROUNDS = 3  # each way measured this many times, interleaved
 
 
-def rates(model_dir: str, folder: str, precision: str, int8_model, batches: int) -> dict:
-    """Images per second of each way (see the module's docstring), in this process."""
+def rates(model_dir: str, folder: str, precision: str, int8_model, batches: int,
+          threads: int) -> dict[str, list[float]]:  # fmt: skip
+    """Images per second of each way (see the module's docstring) with the model on
+    `threads` threads, every round's, in this process: "split" where `threads` is one
+    fewer than the cores, the others where it is all of them."""
     import numpy as np
 
     from insectlib.classify.dataset import image_batch
@@ -45,12 +53,12 @@ def rates(model_dir: str, folder: str, precision: str, int8_model, batches: int)
     paths = np.array(sorted(os.path.join(folder, n) for n in os.listdir(folder)), dtype=object)
     inputs = [{"path": paths[i : i + BATCH]} for i in range(0, len(paths), BATCH)]
 
-    def decoded(i: int, threads: int):
-        batch = image_batch(inputs[i % len(inputs)], SIZE, DecodeLimits(), None, threads)
+    def decoded(i: int, decoding: int):
+        batch = image_batch(inputs[i % len(inputs)], SIZE, DecodeLimits(), None, decoding)
         return batch["image"]
 
     predictor = Predictor(
-        model_dir, precision=precision, threads=cores, compile=True, batch_size=BATCH,
+        model_dir, precision=precision, threads=threads, compile=True, batch_size=BATCH,
         int8_model=int8_model,
     )  # fmt: skip
     ready = decoded(0, cores)
@@ -63,26 +71,29 @@ def rates(model_dir: str, folder: str, precision: str, int8_model, batches: int)
 
     def after() -> None:
         for i in range(batches):
-            predictor.probabilities(decoded(i, cores))
+            predictor.probabilities(decoded(i, threads))
 
-    def beside(threads: int) -> None:
+    def beside(decoding: int) -> None:
         with ThreadPoolExecutor(1) as ahead:
-            coming = ahead.submit(decoded, 0, threads)
+            coming = ahead.submit(decoded, 0, decoding)
             for i in range(batches):
                 images = coming.result()
-                coming = ahead.submit(decoded, i + 1, threads)
+                if i + 1 < batches:
+                    coming = ahead.submit(decoded, i + 1, decoding)
                 predictor.probabilities(images)
-            coming.result()
 
-    ways = {"model alone": alone, "after": after}
-    ways.update({f"beside, {n}": (lambda n=n: beside(n)) for n in sorted({1, cores})})
-    best: dict[str, float] = {}
+    if threads < cores:
+        ways = {"split": lambda: beside(cores - threads)}
+    else:
+        ways = {"model alone": alone, "after": after}
+        ways.update({f"beside, {n}": (lambda n=n: beside(n)) for n in sorted({1, cores})})
+    found: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(ROUNDS):
         for name, way in ways.items():
             began = time.perf_counter()
             way()
-            best[name] = max(best.get(name, 0.0), BATCH * batches / (time.perf_counter() - began))
-    return best
+            found[name].append(BATCH * batches / (time.perf_counter() - began))
+    return found
 
 
 def main() -> None:
@@ -110,7 +121,13 @@ def main() -> None:
             if precision == "int8":
                 meta = read_meta(model_dir)
                 int8_model = int8_statistics.measure(model_dir, meta, folder, BATCH, DecodeLimits())
-            found = in_fresh_process(rates, model_dir, folder, precision, int8_model, args.batches)
+            found = {}
+            for threads in sorted({cores, max(1, cores - 1)}, reverse=True):
+                found.update(
+                    in_fresh_process(
+                        rates, model_dir, folder, precision, int8_model, args.batches, threads
+                    )
+                )
             report["rates"][precision] = found
             print(precision, found, flush=True)
     name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -1322,36 +1323,49 @@ def other_workers(data: Result) -> str:
 def decode_overlap(data: Result, name: str) -> str:
     rates, threads = data["rates"], data["threads"]
     ways = [w for w in next(iter(rates.values())) if w != "model alone"]
-    rows = [
-        [
-            p,
-            rate(r["model alone"]),
-            *(f"{rate(r[w])} ({pct(r[w] / r['model alone'])})" for w in ways),
-        ]
-        for p, r in rates.items()
-    ]
-    best = {p: way_name(max(ways, key=r.get)) for p, r in rates.items()}
+
+    def cell(runs: list[float], alone: float) -> str:
+        spread = f", {rate(min(runs))}-{rate(max(runs))}" if len(runs) > 1 else ""
+        return f"{rate(median(runs))} ({pct(median(runs) / alone)}{spread})"
+
+    rows = []
+    for p, r in rates.items():
+        alone = median(r["model alone"])
+        rows.append([p, rate(alone), *(cell(r[w], alone) for w in ways)])
+    header = ["precision", "model alone", *map(way_name, ways)]
     return paragraphs(
         f"Where a model actor of {threads} threads decodes: before each batch's model, on all "
         "its threads while the model waits (the product's way, decoding fused in the actor), or "
-        "beside its model (the next batch decoded on threads of their own while the model runs "
-        "on every core, as a decoding thread in the actor or decoding tasks beside it would). "
-        f"One process, the product's `image_batch` and `Predictor` compiled, "
-        f"{clean(data['model'])}, batches of {data['batch']} camera JPEGs, {data['batches']} "
-        f"batches a measurement, the best of {data.get('rounds', 2)} rounds, interleaved; "
-        "images/s, and of the model alone.",
+        "beside its model: the next batch decoded on threads of its own while the model runs "
+        "on every core (as a decoding thread in the actor would), or on the core the model is "
+        "left without (split: the model on one thread fewer). Decoding tasks in processes of "
+        "their own would compete for the cores as a thread does, plus a copy; they are not "
+        f"measured here. One process, the product's `image_batch` and `Predictor` compiled, "
+        f"{clean(data['model'])}, {data['batches']} batches of {data['batch']} camera JPEGs a "
+        f"measurement, {data['rounds']} rounds interleaved (split in a process of its own); "
+        "images/s, the median (of the model alone, and the rounds' range).",
         provenance(command("decode_overlap.py", "", name), name, data),
-        table(
-            ["precision", "model alone", *map(way_name, ways)], "l" + "r" * (len(ways) + 1), rows
-        ),
-        "Fastest: " + "; ".join(f"{p}, {w}" for p, w in best.items()) + ".",
+        table(header, "l" + "r" * (len(ways) + 1), rows),
+        "The fastest way in each round: "
+        + "; ".join(f"{p}, {fastest_rounds(r, ways)}" for p, r in rates.items())
+        + ".",
     )
 
 
+def fastest_rounds(runs: dict[str, list[float]], ways: list[str]) -> str:
+    """Which way was the fastest in how many of the rounds, e.g. "decoded first 3 of 3"."""
+    rounds = min(len(runs[w]) for w in ways)
+    wins = [max(ways, key=lambda w: runs[w][i]) for i in range(rounds)]
+    counted = sorted({w: wins.count(w) for w in wins}.items(), key=lambda x: -x[1])
+    return ", ".join(f"{way_name(w)} {n} of {rounds}" for w, n in counted)
+
+
 def way_name(way: str) -> str:
-    """A column of decode_overlap's table: "after", "beside, 2" as the page names them."""
+    """A column of decode_overlap's table, as the page names it."""
     if way == "after":
         return "decoded first (the actor's way)"
+    if way == "split":
+        return "split: the model on a thread fewer"
     threads = int(way.split(", ")[1])
     return f"beside, {threads} decoding thread{'s' if threads > 1 else ''}"
 

@@ -12,9 +12,9 @@ vector units measured faster. An input of fewer batches than that on one node sh
 node's free CPUs out over its actors as threads, up to MOST_THREADS each (one batch on 2 CPUs
 runs on both). The rule's several are MOST_THREADS at most too (the CPUs measured had 2).
 Decoding stays fused into each actor either way (on the actor's threads, nothing copied
-between processes; decoding beside an actor's model on the same cores measured slower:
-docs/performance.md, "Decoding beside the model"). A test holds the rule to the shapes
-measured on each CPU.
+between processes; decoding beside an actor's model on the same cores measured no faster
+on the CPU tried: docs/performance.md, "Decoding beside the model"). A test holds the rule
+to the shapes measured on each CPU.
 """
 
 from __future__ import annotations
