@@ -19,4 +19,14 @@ class StorageUnavailable(InsectError):
     """Reading failed for a reason outside the file itself (throttling, timeouts, server
     errors, expired or missing credentials) and retries did not help. It stops the run
     rather than being recorded as the file's fate: the rows written so far are kept, and
-    `--resume` continues once the cause is fixed."""
+    `--resume` continues once the cause is fixed. `problem` is the failure alone, for a
+    command that writes no rows (the CLI shows the advice to classify only)."""
+
+    ADVICE = "The rows written so far are kept: fix the cause and rerun with --resume"
+
+    def __init__(self, problem: str):
+        super().__init__(problem)  # the one argument: pickled into and out of Ray tasks
+        self.problem = problem  # not `cause`: Ray's wrapper of a task's error has that name
+
+    def __str__(self) -> str:
+        return f"{self.problem}. {self.ADVICE}"

@@ -202,6 +202,7 @@ def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
     dead = f"http://127.0.0.1:{free_port()}"
     err = expect_cli_error(capsys, ["train", f"s3://{BUCKET}/labelled", "--s3-endpoint", dead])
     assert f"cannot read s3://{BUCKET}/labelled" in err and "Could not connect" in err
+    assert "--resume" not in err  # classify's advice: this training wrote nothing
 
 
 def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):

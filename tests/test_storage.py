@@ -1,6 +1,7 @@
 import fcntl
 import json
 import os
+import pickle
 import threading
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from insectlib import storage
 from insectlib.config import MOST_FILE_BYTES
 from insectlib.data import inputs
-from insectlib.errors import ImageError, InsectError
+from insectlib.errors import ImageError, InsectError, StorageUnavailable
 from insectlib.layout import LOCK_FILE
 from insectlib.storage.lock import LocalLock, holder
 
@@ -127,3 +128,11 @@ def test_a_read_holds_no_more_than_the_file(tmp_path):
     assert storage.read_input(str(image), MOST_FILE_BYTES) == b"x" * 1000
     with pytest.raises(ImageError, match="file too large: more than --max-file-bytes 999"):
         storage.read_input(str(image), 999)
+
+
+def test_a_storage_failure_keeps_its_problem_apart_from_the_advice():
+    """The CLI shows classify the advice to --resume and other commands the problem alone;
+    both survive the pickling that carries the error out of a Ray task."""
+    error = pickle.loads(pickle.dumps(StorageUnavailable("cannot read s3://b/x: SlowDown")))
+    assert error.problem == "cannot read s3://b/x: SlowDown"
+    assert str(error) == f"cannot read s3://b/x: SlowDown. {StorageUnavailable.ADVICE}"

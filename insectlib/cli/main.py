@@ -17,7 +17,7 @@ import typing
 
 from insectlib import config
 from insectlib.config import S3Options
-from insectlib.errors import InsectError
+from insectlib.errors import InsectError, StorageUnavailable
 
 # Flags renamed, refused with their new name.
 RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8-images"}
@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         from insectlib.cli import commands
 
         commands.run(args.command, cfg)
+    except StorageUnavailable as e:  # its advice, --resume keeps the rows, is classify's
+        print(f"insect: error: {e if args.command == 'classify' else e.problem}", file=sys.stderr)
+        return 2
     except InsectError as e:
         print(f"insect: error: {e}", file=sys.stderr)
         return 2

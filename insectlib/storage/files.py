@@ -169,10 +169,7 @@ def _read_local_first(path: str, size: int) -> bytes:
         raise ImageError("unreadable file: not found (or a dangling link)") from None
     except OSError as e:
         if e.errno not in FILE_ERRNOS:  # EIO, ESTALE, EMFILE, ...: the machine, not the file
-            raise StorageUnavailable(
-                f"cannot read {printable(path)}: {e.strerror or e}. The rows written so far "
-                "are kept: fix the cause and rerun with --resume"
-            ) from None
+            raise StorageUnavailable(f"cannot read {printable(path)}: {e.strerror or e}") from None
         raise ImageError(f"unreadable file: {e.strerror or e}") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):  # before open(), which refuses a directory's descriptor

@@ -217,10 +217,7 @@ def _unlisted(failed: list[OSError], root: str, root_may_fail: bool) -> Iterator
         error = failed.pop(0)
         where = error.filename or root
         if error.errno not in FILE_ERRNOS:
-            raise StorageUnavailable(
-                f"cannot list {printable(where)}: {error.strerror or error}. The rows "
-                "written so far are kept: fix the cause and rerun with --resume"
-            )
+            raise StorageUnavailable(f"cannot list {printable(where)}: {error.strerror or error}")
         if where == root and root_may_fail:
             raise InsectError(f"cannot read {printable(root)}: {error.strerror or error}")
         yield UnlistedFolder(where, f"unreadable folder: {error.strerror or error}")

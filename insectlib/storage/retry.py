@@ -45,9 +45,7 @@ def retrying(fn: Callable[[], T], uri: str, action: str = "read") -> T:
         except Exception as e:
             if attempt == READ_ATTEMPTS - 1:
                 raise StorageUnavailable(
-                    f"cannot {action} {uri} after {READ_ATTEMPTS} attempts: {type(e).__name__}: "
-                    f"{e}. The rows written so far are kept: fix the cause and rerun with "
-                    "--resume"
+                    f"cannot {action} {uri} after {READ_ATTEMPTS} attempts: {type(e).__name__}: {e}"
                 ) from None
             time.sleep(READ_BACKOFF_S * 2**attempt * random.uniform(0.5, 1.5))
     raise AssertionError("unreachable")
