@@ -109,7 +109,9 @@ def test_s3_locks_are_conditional_writes(s3_server, monkeypatch):
     said = []
     lock.refuse_if_held(out, None, None)  # no lock object: not held
     with lock.output_lock(out, "classify", say=said.append):
-        with pytest.raises(InsectError, match=r"s3://locks/run/out is in use by insect classify"):
+        busy = r"^s3://locks/run/out is in use by insect classify .*: wait for it to finish, "
+        busy += r"or choose another folder \(a run that stopped .* after its last heartbeat: "
+        with pytest.raises(InsectError, match=busy + r"in 1[6-8]\d s\)$"):  # STALE_S, 180
             with lock.output_lock(out, "evaluate", say=said.append):
                 pass
         etag = client.head_object(Bucket="locks", Key=f"run/out/{layout.LOCK_FILE}")["ETag"]

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
 import stat
@@ -207,8 +208,11 @@ class S3Lock(OutputLock):
             self._start_heartbeat()
             return None
         found, etag, age = self._read()
-        if age < STALE_S:
-            raise InsectError(self.busy(found))
+        if age < STALE_S:  # a dead holder's pid says nothing here: it may be another machine's
+            raise InsectError(
+                f"{self.busy(found)} (a run that stopped without ending gives it up "
+                f"{STALE_S:.0f} s after its last heartbeat: in {math.ceil(STALE_S - age)} s)"
+            )
         if not self._put(IfMatch=etag):  # another run took it over first
             raise InsectError(self.busy(self._read()[0]))
         self._start_heartbeat()
