@@ -201,6 +201,19 @@ class S3Lock(OutputLock):
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.why_lost: str | None = None
+        self.age: float | None = None  # of the lock object as last read, in seconds
+
+    def busy(self, found: dict) -> str:
+        """The refusal, and when the lock may be taken over: a dead holder's pid says
+        nothing here, as its host name may name another machine."""
+        said = super().busy(found)
+        if self.age is None:
+            return said
+        left = math.ceil(max(0.0, STALE_S - self.age))
+        return (
+            f"{said} (a run that stopped without ending gives it up {STALE_S:.0f} s after its "
+            f"last heartbeat: in {left} s)"
+        )
 
     def acquire(self, me: dict) -> dict | None:
         self.body = json.dumps(me).encode()
@@ -208,11 +221,8 @@ class S3Lock(OutputLock):
             self._start_heartbeat()
             return None
         found, etag, age = self._read()
-        if age < STALE_S:  # a dead holder's pid says nothing here: it may be another machine's
-            raise InsectError(
-                f"{self.busy(found)} (a run that stopped without ending gives it up "
-                f"{STALE_S:.0f} s after its last heartbeat: in {math.ceil(STALE_S - age)} s)"
-            )
+        if age < STALE_S:
+            raise InsectError(self.busy(found))
         if not self._put(IfMatch=etag):  # another run took it over first
             raise InsectError(self.busy(self._read()[0]))
         self._start_heartbeat()
@@ -223,8 +233,8 @@ class S3Lock(OutputLock):
 
         try:  # asked once: a lock not known to be held is not worth the retries' wait
             got = buckets.client(self.s3).get_object(Bucket=self.bucket, Key=self.key)
-            young = time.time() - got["LastModified"].timestamp() < STALE_S
-            return _read_json(got["Body"].read()) if young else None
+            self.age = time.time() - got["LastModified"].timestamp()
+            return _read_json(got["Body"].read()) if self.age < STALE_S else None
         except (ClientError, BotoCoreError):  # none, or not one to read
             return None
 
@@ -253,8 +263,8 @@ class S3Lock(OutputLock):
         """The lock object's holder, ETag and age in seconds."""
         client = buckets.client(self.s3)
         got = retry.retrying(lambda: client.get_object(Bucket=self.bucket, Key=self.key), self.uri)
-        age = time.time() - got["LastModified"].timestamp()
-        return _read_json(got["Body"].read()), got["ETag"], age
+        self.age = time.time() - got["LastModified"].timestamp()
+        return _read_json(got["Body"].read()), got["ETag"], self.age
 
     def _start_heartbeat(self) -> None:
         def beat():
