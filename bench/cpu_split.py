@@ -12,9 +12,11 @@ process, measured from /proc, beside the decode and model cost of one image in a
                 the model on one image in a one-thread actor (`Predictor`, decoded batches)
 
     .venv/bin/python bench/cpu_split.py [--images 256] [--precision fp32] [--dashboard]
+                                        [--kill-idle-workers]
 
-Ray starts as `insect classify` starts it (`init_ray`); --dashboard starts its dashboard
-too, as it did before.
+Ray starts as `insect classify` starts it (`init_ray`). As it started before: with
+--kill-idle-workers, Ray's default for idle workers (those beyond the free CPUs killed a
+second after their task); with --dashboard, plain `ray.init`, which also has that default.
 
 VGG-16 at 224 px, random weights, high-entropy 1024x768 camera JPEGs (bench/shapes.py's).
 Writes bench/results/cpu-split-<cpu>.json; docs/performance.md renders it.
@@ -34,7 +36,7 @@ from common import RESULTS, write_result
 from shapes import BATCH, SIZE, camera_jpegs, classify_once, make_model, model_rate
 
 from insectlib.model.precision import cpu_name
-from insectlib.runtime.connect import init_ray
+from insectlib.runtime.connect import IDLE_WORKER_LIMIT, init_ray
 
 TICK = os.sysconf("SC_CLK_TCK")
 DAEMONS = ("raylet", "gcs_server", "dashboard", "runtime_env", "log_monitor", "monitor.py")
@@ -151,6 +153,11 @@ def main() -> None:
     ap.add_argument("--label", default="", help="a word for the page's title: before, after")
     ap.add_argument("--change", default="", help="what the label means, for the page")
     ap.add_argument("--dashboard", action="store_true", help="Ray's dashboard on, as before")
+    ap.add_argument(
+        "--kill-idle-workers",
+        action="store_true",
+        help="Ray's default: idle workers beyond the free CPUs killed, as before",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import ray
@@ -163,6 +170,8 @@ def main() -> None:
             "decode": decode_seconds(images),
             "model, one thread": 1 / model_rate(model, args.precision, None, 1, False, 2)[0],
         }
+        if args.kill_idle_workers:  # Ray's own setting, which init_ray leaves to Ray
+            os.environ[IDLE_WORKER_LIMIT] = "-1"
         if args.dashboard:  # as init_ray started a local Ray before
             ray.init(address="local", logging_level="WARNING")
         else:
@@ -189,6 +198,7 @@ def main() -> None:
         "model": f"vgg16 {SIZE} px",
         "precision": args.precision,
         "dashboard": args.dashboard,
+        "idle_workers_killed": args.kill_idle_workers,
         "batch": BATCH,
         "cpu": cpu_name(),
         "classify": run,

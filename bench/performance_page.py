@@ -1301,6 +1301,8 @@ def cpu_split_args(data: Result) -> str:
         args.append(f"--precision {data['precision']}")
     if data.get("dashboard"):
         args.append("--dashboard")
+    if data.get("idle_workers_killed"):
+        args.append("--kill-idle-workers")
     return " ".join(args)
 
 

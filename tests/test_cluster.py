@@ -161,6 +161,44 @@ sys.stdin.readline()
 """
 
 
+IDLE_LIMIT = "RAY_num_workers_soft_limit"
+# A worker that ran a task, idle for 3 s while an actor holds every CPU: kept or not.
+IDLE_WORKER = """
+import os, time, ray
+from insectlib.runtime.connect import init_ray
+init_ray()
+@ray.remote(num_cpus=int(ray.cluster_resources()["CPU"]))
+class Busy:
+    def ready(self):
+        return True
+busy = Busy.remote()
+ray.get(busy.ready.remote())
+@ray.remote(num_cpus=0)
+def pid():
+    return os.getpid()
+worker = ray.get(pid.remote())
+time.sleep(3)
+print("kept" if os.path.exists(f"/proc/{worker}") else "killed")
+"""
+
+
+@pytest.mark.ray
+def test_a_run_without_a_cluster_keeps_its_idle_workers(tmp_path):
+    """While the model actors hold every CPU, Ray by default kills each worker a second
+    after its task (a Parquet write, say), and the next task starts a new process, a second
+    of CPU taken from the model. A Ray of insect's own keeps a few; $RAY_num_workers_soft_limit
+    is Ray's setting, and with Ray's default (-1) the worker is killed as before."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", IDLE_LIMIT)}
+    found = {}
+    for limit in (None, "-1"):
+        run_env = {**env, IDLE_LIMIT: limit} if limit else env
+        result = subprocess.run([sys.executable, "-c", IDLE_WORKER], env=run_env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[limit] = result.stdout.split()[-1]
+    assert found == {None: "kept", "-1": "killed"}
+
+
 @pytest.mark.ray
 def test_a_run_without_a_cluster_starts_no_dashboard(tmp_path):
     """Nobody is told of a dashboard there (Ray's lines go to the command's log), and it
@@ -185,19 +223,23 @@ def test_a_run_without_a_cluster_starts_no_dashboard(tmp_path):
     assert not [line for line in lines if line.startswith("ray-dashboard-")], lines
 
 
+KEEP = {"_system_config": {"num_workers_soft_limit": 4}}  # connect.IDLE_WORKERS_KEPT
+OWN = {"include_dashboard": False, **KEEP}
+
+
 @pytest.mark.parametrize(
     "address, environment, dashboard, started_with",
     [
-        (None, None, False, {"include_dashboard": False}),  # a Ray of the command's own
-        (None, None, True, {}),  # training's: Ray's default, a dashboard
-        (None, "local", False, {"include_dashboard": False}),
-        ("auto", "local", False, {"include_dashboard": False}),  # Ray reads $RAY_ADDRESS
-        ("local", "127.0.0.1:1", False, {"include_dashboard": False}),
+        (None, None, False, OWN),  # a Ray of the command's own
+        (None, None, True, KEEP),  # training's: Ray's default, a dashboard
+        (None, "local", False, OWN),
+        ("auto", "local", False, OWN),  # Ray reads $RAY_ADDRESS
+        ("local", "127.0.0.1:1", False, OWN),
         ("auto", None, False, {}),  # a cluster's, as it is
         (None, "auto", False, {}),
     ],
 )
-def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard(
+def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_keeping_idle_workers(
     address, environment, dashboard, started_with, monkeypatch
 ):
     from insectlib.runtime import connect
@@ -205,13 +247,17 @@ def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard(
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv(connect.IDLE_WORKER_LIMIT, raising=False)
     if environment:
         monkeypatch.setenv("RAY_ADDRESS", environment)
     else:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     connect.init_ray(address, dashboard=dashboard)
-    (kwargs,) = calls
-    assert {k: v for k, v in kwargs.items() if k == "include_dashboard"} == started_with
+    monkeypatch.setenv(connect.IDLE_WORKER_LIMIT, "-1")  # the user's own setting: Ray's
+    connect.init_ray(address, dashboard=dashboard)
+    ours, theirs = ({k: v for k, v in c.items() if k in OWN} for c in calls)
+    assert ours == started_with
+    assert theirs == {k: v for k, v in started_with.items() if k != "_system_config"}
 
 
 @pytest.mark.parametrize("address", [None, "auto"])  # ray.init reads $RAY_ADDRESS for both

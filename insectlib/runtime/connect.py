@@ -25,6 +25,12 @@ GRPC_DEFAULT_PORT = 443  # gRPC's port for a host named without one
 GRPC_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")  # what gRPC dials through
 TRACEBACK = "Traceback (most recent call last):"
 TRACEBACK_LINKS = (TRACEBACK, "The above exception was", "During handling of the above")
+# Idle Ray worker processes a Ray of the command's own keeps for the next task. Ray keeps
+# as many as CPUs are free: none while the model actors hold them all, so a Parquet write
+# task after a second's pause started a new worker process, about a second of CPU taken
+# from the model (docs/performance.md, "Where the CPUs go").
+IDLE_WORKERS_KEPT = 4
+IDLE_WORKER_LIMIT = "RAY_num_workers_soft_limit"  # Ray's setting of it, read from the environment
 INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
 
 
@@ -48,15 +54,26 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
         address = target = "local"
     check_reachable(target, source)
     console.start_log()  # Ray's own lines from here on go to the command's log
-    # A Ray of its own runs no dashboard unless asked: nobody is told of it (Ray's lines go
-    # to the log), and it took start-up time and CPU from the run (docs/performance.md).
-    # Asked, Ray's default: one that fails to start is logged, not fatal.
-    own = {"include_dashboard": False} if target == "local" and not dashboard else {}
+    own = own_ray_options(dashboard) if target == "local" else {}
     try:
         ray.init(address=address, logging_level="WARNING", **own)
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
         raise InsectError(connection_problem(address or env, e)) from None
     console.on_close(shutdown)  # not left to exit, when the log is closed already
+
+
+def own_ray_options(dashboard: bool) -> dict:
+    """ray.init's options for a Ray of the command's own (not a cluster's, which is as its
+    operator started it).
+
+    No dashboard unless asked (`dashboard`): nobody is told of it (Ray's lines go to the
+    log), and it took start-up time and CPU from the run (docs/performance.md). Asked, Ray's
+    default: one that fails to start is logged, not fatal. Idle workers kept: see
+    IDLE_WORKERS_KEPT ($RAY_num_workers_soft_limit, where set, is Ray's to read)."""
+    options: dict = {} if dashboard else {"include_dashboard": False}
+    if IDLE_WORKER_LIMIT not in os.environ:  # ray.init's way to set what Ray reads from it
+        options["_system_config"] = {"num_workers_soft_limit": IDLE_WORKERS_KEPT}
+    return options
 
 
 def shutdown() -> None:
