@@ -469,6 +469,8 @@ def test_report_refuses_unsafe_folders_and_overwrites_only_its_own(classified, t
     assert (Path(html) / "thumbs" / "mine.jpg").exists() and (Path(html) / "index.html").exists()
     assert "holds no insect classification" in expect_cli_error(
         capsys, ["report", str(tmp_path), "--html", str(tmp_path / "page")])  # fmt: skip
+    assert f"{tmp_path / 'typo'} does not exist" in expect_cli_error(
+        capsys, ["report", str(tmp_path / "typo"), "--html", str(tmp_path / "page")])  # fmt: skip
     (Path(html) / "thumbs" / "mine.jpg").unlink()
     # Two reports into one folder: the second is refused while the first holds it.
     with output_lock(html, "report"):

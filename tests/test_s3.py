@@ -207,7 +207,8 @@ def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
 
 def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):
     """A bucket that does not exist, named alone (no prefix) as the labelled data or the
-    input, or holding the model, is refused in one line naming it before torch is imported
+    input, or holding the model or the output to summarize or review, is refused in one line
+    naming it before torch is imported
     (training's check took a bucket for a folder without asking, and found out only after
     torch and Ray had started; a model there was 'not a model directory')."""
     missing = "s3://insect-no-such-bucket"
@@ -223,6 +224,8 @@ def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):
             (said, ["classify", missing, "--model", str(model), "--output", "o"]),
             (said, ["classify", str(tmp_path), "--model", f"{missing}/m", "--output", "o"]),
             ("s3:// names no bucket", ["train", "s3://"]),
+            (said, ["summary", f"{missing}/out"]),
+            (said, ["report", f"{missing}/out", "--html", str(tmp_path / "page")]),
         ],
         tmp_path,
     )

@@ -157,7 +157,7 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
         cut = _cut_short(footers)
         if not summary["rows"]:
             if not found and not storage.exists(output, s3):
-                raise InsectError(f"{output} does not exist")
+                raise storage.not_found(output, s3)
             if cut:
                 raise InsectError(f"{output} holds no rows yet{cut}")
             raise InsectError(f"{output} holds no insect classification output")

@@ -88,6 +88,8 @@ def read_source(output: str, s3) -> Source:
     PREDICTIONS_DIR beside metrics.json and confusion_matrix.json) and read its small files."""
     names = {outputs.entry_name(e): e["type"] for e in outputs.list_entries(output, s3)}
     if not names:
+        if not storage.exists(output, s3):
+            raise storage.not_found(output, s3)
         raise InsectError(f"{output} holds no insect classification or evaluation output")
     if names.get(PREDICTIONS_DIR) == "directory" and CONFUSION_JSON in names:
         return _evaluation_source(output, s3)

@@ -282,6 +282,13 @@ def check_bucket(uri: str, s3: S3Options | None = None) -> None:
             buckets.has_objects(s3, bucket, key)
 
 
+def not_found(uri: str, s3: S3Options | None = None) -> InsectError:
+    """The error for a location that is not there, naming its bucket where that is what is
+    missing (or denied)."""
+    check_bucket(uri, s3)
+    return InsectError(f"{uri} does not exist")
+
+
 @contextlib.contextmanager
 def user_errors(uri: str, action: str = "read"):
     """Turn storage failures into an InsectError that names `uri`, what was done to it
