@@ -19,6 +19,7 @@ import ray
 from insectlib import storage
 from insectlib.errors import InsectError
 from insectlib.model.meta import read_meta
+from insectlib.runtime.connect import IDLE_WORKER_LIMIT
 from tests.conftest import BIN, REPO, descends_from, expect_cli_error, run_cli, upload_tree
 
 SMALL = [
@@ -151,20 +152,10 @@ def test_start_head_script_authentication_switch(tmp_path):
 
 
 # insect's own Ray, as a command with no --address and no $RAY_ADDRESS starts it, up until
-# the test has looked at its processes.
+# the test has looked at its processes. First, whether a worker that ran a task is kept
+# after 3 s idle while an actor holds every CPU (Ray's default kills it after 1 s).
 OWN_RAY = """
-import sys
-from insectlib.runtime.connect import init_ray
-init_ray()
-print("up", flush=True)
-sys.stdin.readline()
-"""
-
-
-IDLE_LIMIT = "RAY_num_workers_soft_limit"
-# A worker that ran a task, idle for 3 s while an actor holds every CPU: kept or not.
-IDLE_WORKER = """
-import os, time, ray
+import os, sys, time, ray
 from insectlib.runtime.connect import init_ray
 init_ray()
 @ray.remote(num_cpus=int(ray.cluster_resources()["CPU"]))
@@ -178,42 +169,29 @@ def pid():
     return os.getpid()
 worker = ray.get(pid.remote())
 time.sleep(3)
-print("kept" if os.path.exists(f"/proc/{worker}") else "killed")
+print("kept" if os.path.exists(f"/proc/{worker}") else "killed", flush=True)
+sys.stdin.readline()
 """
 
 
 @pytest.mark.ray
-def test_a_run_without_a_cluster_keeps_its_idle_workers(tmp_path):
-    """While the model actors hold every CPU, Ray by default kills each worker a second
-    after its task (a Parquet write, say), and the next task starts a new process, a second
-    of CPU taken from the model. A Ray of insect's own keeps a few; $RAY_num_workers_soft_limit
-    is Ray's setting, and with Ray's default (-1) the worker is killed as before."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", IDLE_LIMIT)}
-    found = {}
-    for limit in (None, "-1"):
-        run_env = {**env, IDLE_LIMIT: limit} if limit else env
-        result = subprocess.run([sys.executable, "-c", IDLE_WORKER], env=run_env, cwd=tmp_path,
-                                capture_output=True, text=True, timeout=180)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        found[limit] = result.stdout.split()[-1]
-    assert found == {None: "kept", "-1": "killed"}
-
-
-@pytest.mark.ray
-def test_a_run_without_a_cluster_starts_no_dashboard(tmp_path):
+def test_a_run_without_a_cluster_starts_no_dashboard_and_keeps_idle_workers(tmp_path):
     """Nobody is told of a dashboard there (Ray's lines go to the command's log), and it
     took start-up time and CPU from the run; the rest of Ray starts as before. (Training
-    asks for it: Ray Train's State API calls need it.)"""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    asks for it: Ray Train's State API calls need it.) While the model actors hold every
+    CPU, Ray by default kills each worker a second after its task (a Parquet write, say),
+    and the next task starts a new process, a second of CPU taken from the model: a Ray of
+    insect's own keeps a few."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", IDLE_WORKER_LIMIT)}
     own = subprocess.Popen([sys.executable, "-c", OWN_RAY], env=env, cwd=tmp_path, text=True,
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE)  # fmt: skip
     try:
-        up = own.stdout.readline()
+        kept = own.stdout.readline()
         lines = _command_lines_under(own.pid)
     finally:
         _, err = own.communicate("\n", timeout=120)
-    assert up == "up\n" and own.returncode == 0, err[-3000:]
+    assert kept == "kept\n" and own.returncode == 0, (kept, err[-3000:])
     assert any("gcs_server" in line for line in lines), lines
     assert any("raylet" in line for line in lines), lines
     # Without its dashboard, Ray keeps the dashboard's process for usage statistics only,
