@@ -137,7 +137,13 @@ def absolute_paths(cfg: Any, cwd: str | None = None) -> Any:
     command's working directory) and `~` expanded: what the user meant in their shell,
     whichever process later reads it (a Ray worker's working directory is not theirs).
     s3:// URIs and the words `imagenet` and `random` of --weights stay as they are."""
-    cwd = cwd or os.getcwd()
+    try:  # asked even where every path is absolute: Ray's processes would start there too
+        cwd = cwd or os.getcwd()
+    except FileNotFoundError:
+        raise InsectError(
+            "the current folder no longer exists (removed after the shell went into it): "
+            "cd to one that does"
+        ) from None
     changes = {}
     for name in PATH_FIELDS:
         value = getattr(cfg, name, None)

@@ -1,5 +1,9 @@
 """The exception types a user is meant to read."""
 
+from __future__ import annotations
+
+import os
+
 
 class InsectError(Exception):
     """A problem with the user's input or environment, worded so they can act on it.
@@ -30,3 +34,13 @@ class StorageUnavailable(InsectError):
 
     def __str__(self) -> str:
         return f"{self.problem}. {self.ADVICE}"
+
+
+def file_problem(error: BaseException) -> str | None:
+    """One line for an OSError that names its file or folder (a full disk, a read-only
+    mount, a file where a folder goes): the machine's state, worded by the OS, not a bug in
+    insect. None for any other error."""
+    if not isinstance(error, OSError) or error.errno is None or not error.filename:
+        return None
+    name = os.fsdecode(error.filename).encode("utf-8", "backslashreplace").decode()
+    return f"{name}: {error.strerror or os.strerror(error.errno)}"

@@ -15,7 +15,7 @@ from insectlib.data import synthetic
 from insectlib.errors import InsectError
 from insectlib.layout import INT8_RECORD, INT8_STATS, META_FILE
 from insectlib.storage import S3Options
-from tests.conftest import assert_refused_before_torch, expect_cli_error, run_cli
+from tests.conftest import BIN, assert_refused_before_torch, expect_cli_error, run_cli
 
 
 def test_train_input_errors(tmp_path, capsys):
@@ -72,6 +72,21 @@ def test_cli_process_exits_non_zero_without_traceback(args):
     assert result.returncode == 2
     assert "insect: error:" in result.stderr and "/no/" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_removed_working_folder_is_one_line(tmp_path):
+    """A shell left in a folder that was then removed: every command failed with a traceback
+    from os.getcwd(), absolute paths or not."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    insect = BIN / "insect"
+    script = f'cd "{gone}" && rmdir "{gone}" && exec "{insect}" summary "{tmp_path}/out"'
+    result = run_cli("/bin/bash", "-c", script, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr == (
+        "insect: error: the current folder no longer exists (removed after the shell went "
+        "into it): cd to one that does\n"
+    )
 
 
 def test_classify_empty_input(trained, tmp_path, capsys):

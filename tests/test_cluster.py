@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
@@ -236,6 +237,23 @@ def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_keeping_idle_
     ours, theirs = ({k: v for k, v in c.items() if k in OWN} for c in calls)
     assert ours == started_with
     assert theirs == {k: v for k, v in started_with.items() if k != "_system_config"}
+
+
+def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):
+    """A training worker's write to a full disk (metrics.json, the curves) ended in Ray
+    Train's 40-line WorkerGroupError: an OSError that names its file, found inside Ray's
+    wrapping, is the one line the CLI prints."""
+    from insectlib.runtime.connect import insect_error_in
+
+    @ray.remote
+    def write():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/models/m1/metrics.json")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(write.remote())
+    assert insect_error_in(RuntimeError("no file named")) is None
+    found = insect_error_in(raised.value)
+    assert str(found) == "/models/m1/metrics.json: No space left on device"
 
 
 @pytest.mark.parametrize("address", [None, "auto"])  # ray.init reads $RAY_ADDRESS for both

@@ -1,7 +1,10 @@
+import errno
 import fcntl
 import json
 import os
 import pickle
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -136,3 +139,29 @@ def test_a_storage_failure_keeps_its_problem_apart_from_the_advice():
     error = pickle.loads(pickle.dumps(StorageUnavailable("cannot read s3://b/x: SlowDown")))
     assert error.problem == "cannot read s3://b/x: SlowDown"
     assert str(error) == f"cannot read s3://b/x: SlowDown. {StorageUnavailable.ADVICE}"
+
+
+# storage.write_bytes under a file size limit, as a full disk would fail it: EFBIG, not the
+# SIGXFSZ that would kill the process.
+WRITE_OVER_LIMIT = """
+import resource, signal, sys
+from insectlib import storage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    storage.write_bytes(sys.argv[1], b"x" * 100_000)
+except OSError as e:
+    print(e.errno, e.filename)
+"""
+
+
+def test_a_local_write_that_fails_keeps_the_old_file_and_names_it(tmp_path):
+    """A full disk while `_SUCCESS` or `_summary.json` was written left it empty or cut,
+    and the next `insect summary` refused a complete output: a local file is now written
+    beside and renamed, and the failure names the file meant, not the one beside it."""
+    target = tmp_path / "_SUCCESS"
+    target.write_text("the old one")
+    result = subprocess.run([sys.executable, "-c", WRITE_OVER_LIMIT, str(target)],
+                            capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert result.stdout.split() == [str(errno.EFBIG), str(target)], result.stderr[-2000:]
+    assert target.read_text() == "the old one" and os.listdir(tmp_path) == ["_SUCCESS"]

@@ -10,7 +10,9 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -479,6 +481,41 @@ def test_classify_evaluate_visualize_refusals_before_ray(trained, tmp_path, caps
     maps = ["visualize", image, "--model", cfg.output, "--layers", "1", "--output", str(a_file)]
     assert "is a file" in expect_cli_error(capsys, maps)
     assert a_file.read_text() == "mine"
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: writes past `limit` bytes fail with EFBIG, as on a full disk (the SIGXFSZ
+    that would kill the process ignored)."""
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(
+            resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1])
+        )
+
+    return limit_files
+
+
+def test_a_write_the_disk_refuses_is_one_line_and_leaves_no_cut_file(trained, tmp_path):
+    """With no room for its output (here: a file size limit, which fails the write as a
+    full disk does), `insect visualize` ended in a traceback and left a cut PNG under its
+    final name; a demo into a file or a read-only folder did the same. One line naming the
+    file now, and nothing left under that name. (No Ray: its logs would meet the limit.)"""
+    cfg, _ = trained
+    image = next(str(p) for p in Path(cfg.data).rglob("*.jpg"))
+    out = tmp_path / "maps"
+    argv = ["visualize", image, "--model", cfg.output, "--layers", "1", "--output", str(out)]
+    result = subprocess.run([str(BIN / "insect"), *argv], capture_output=True, text=True,
+                            cwd=tmp_path, preexec_fn=_file_size_limit(2000))  # fmt: skip
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert re.fullmatch(rf"insect: error: {out}/layer-001-\S+\.png: File too large", lines[0])
+    assert os.listdir(out) == []
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    demo = run_cli("insect", "demo", "--workdir", str(a_file / "demo"), cwd=tmp_path)
+    assert demo.returncode == 2 and demo.stderr.startswith("insect: error: "), demo.stderr
+    assert len(demo.stderr.splitlines()) == 1 and str(a_file) in demo.stderr
 
 
 def test_a_split_without_one_readable_image_stops_training():

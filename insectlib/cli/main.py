@@ -17,7 +17,7 @@ import typing
 
 from insectlib import config
 from insectlib.config import S3Options
-from insectlib.errors import InsectError, StorageUnavailable
+from insectlib.errors import InsectError, StorageUnavailable, file_problem
 
 # Flags renamed, refused with their new name.
 RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8-images"}
@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `insect summary OUT | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:
+        if not file_problem(e):
+            traceback.print_exc()
+            return 1
+        print(f"insect: error: {file_problem(e)}", file=sys.stderr)
+        return 2
     except Exception:  # a bug in insect: the whole traceback, on the console
         traceback.print_exc()
         return 1

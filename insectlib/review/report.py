@@ -222,7 +222,7 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
     init_ray(cfg.address)
     lap("ray")
     outputs.remove(cfg.html, removal, cfg.s3)
-    with storage.user_errors(cfg.html):
+    with storage.user_errors(cfg.html, "write"):  # the thumbnails written there
         thumbs = thumbnails.write_thumbnails(cfg.html, paths, cfg.limits, cfg.s3)
     lap("thumbnails")
     document = page.page_document(

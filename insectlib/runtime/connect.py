@@ -17,7 +17,7 @@ from typing import TypeVar
 import ray
 
 from insectlib import storage
-from insectlib.errors import InsectError
+from insectlib.errors import InsectError, file_problem
 from insectlib.runtime import console
 
 T = TypeVar("T")
@@ -206,8 +206,10 @@ def local_path_warnings(
 
 
 def insect_error_in(error: BaseException) -> InsectError | None:
-    """An InsectError raised in a Ray task or worker, found inside Ray's wrapping exceptions."""
-    seen, todo = set(), [error]
+    """An InsectError raised in a Ray task or worker, found inside Ray's wrapping exceptions;
+    else an OSError there that names its file (a full disk under a training worker's
+    writes: `errors.file_problem`), as one."""
+    seen, todo, problem = set(), [error], None
     while todo:
         e = todo.pop()
         if id(e) in seen or e is None:
@@ -216,12 +218,15 @@ def insect_error_in(error: BaseException) -> InsectError | None:
         # Ray re-raises a task's InsectError as a class of both, whose text is Ray's header.
         if isinstance(e, InsectError) and not isinstance(e, ray.exceptions.RayError):
             return e
+        problem = problem or file_problem(e)
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         todo += list(getattr(e, "worker_failures", {}).values())
     # An actor whose constructor raised (a model actor refusing its model directory) dies
     # with an ActorDiedError that keeps only the traceback's text.
     found = INSECT_ERROR_LINE.findall(str(error))
-    return InsectError(found[-1].strip()) if found else None
+    if found:
+        return InsectError(found[-1].strip())
+    return InsectError(problem) if problem else None
 
 
 # Tries of a Ray Client session: the cluster's client server fails to start one now and then

@@ -258,12 +258,24 @@ def sha256(uri: str, s3: S3Options | None = None) -> str:
 
 
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
+    """Write `data` to `uri`, replacing it. A local file is written beside and renamed, so
+    it is there whole or not at all: a full disk left an empty `_SUCCESS` (an S3 object is
+    whole by nature). A local failure names `uri`, not the file beside it."""
     fs, path = filesystem(uri, s3)
-    parent = path.rsplit("/", 1)[0]
-    if not is_s3(uri):
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    if is_s3(uri):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    beside = f"{path}.{os.getpid()}.writing"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(beside, "wb") as f:
+            f.write(data)
+        os.replace(beside, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(beside)
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:

@@ -157,8 +157,12 @@ class LocalLock(OutputLock):
             os.close(fd)
             return self.acquire(me)
         left = _read_json(os.pread(fd, 4096, 0)) or None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except OSError as e:  # a full disk: the lock is held by no one, the folder unusable
+            os.close(fd)
+            raise InsectError(f"cannot write to {self.output}: {e.strerror or e}") from None
         self.fd = fd
         return left
 
