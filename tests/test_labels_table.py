@@ -59,6 +59,17 @@ def test_table_errors_name_the_file_and_the_row(tmp_path, text, problem):
         read_label_table(write_csv(tmp_path / "t.csv", text))
 
 
+def test_a_parquet_table_without_its_columns_names_them(tmp_path):
+    """A Parquet table of other columns was refused with pyarrow's schema-cast text, naming
+    no column; a CSV's names the one missing."""
+    for columns, missing in ((["file", "class"], "path"), (["path", "Label"], "label")):
+        local = tmp_path / f"{missing}.parquet"
+        pq.write_table(pa.table({c: ["x"] for c in columns}), local)
+        said = rf"path and label columns \(no column '{missing}' in the Parquet file; it has"
+        with pytest.raises(InsectError, match=said):
+            read_label_table(str(local))
+
+
 def test_unknown_formats_and_missing_tables_are_refused(tmp_path):
     with pytest.raises(InsectError, match=r"t\.txt: unknown format; use a CSV"):
         read_label_table(write_csv(tmp_path / "t.txt", "path,label\n"))
@@ -122,6 +133,16 @@ def test_classes_only_the_table_names_need_new_classes(tree, tmp_path):
     assert merged.classes == ["beetles", "cockroach", "dragonflies", "wasps"]
     assert merged.table["new_classes"] == ["wasps"]
     assert merged.counts()["train"]["wasps"] + merged.counts()["val"]["wasps"] == 2
+    # A class given to images ROOT holds (each dragonfly renamed) is as new as an added one.
+    renamed = "".join(f"{os.path.join(tree, 'dragonflies', f'dragonflies_{i:04d}.jpg')},moths\n"
+                      for i in range(5))  # fmt: skip
+    table = write_csv(tmp_path / "renamed.csv", "path,label\n" + renamed)
+    with pytest.raises(InsectError, match="has no folder for: moths; pass --new-classes"):
+        training_set(tree, table)
+    merged = training_set(tree, table, new_classes=True)
+    assert merged.classes == ["beetles", "cockroach", "moths"]
+    assert merged.table["new_classes"] == ["moths"] and merged.table["relabelled"] == 5
+    assert merged.table["added"] == 0
 
 
 def test_a_table_alone_is_a_training_set(tmp_path):

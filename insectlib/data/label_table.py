@@ -101,7 +101,12 @@ def _table_kind(uri: str) -> str:
 
 def _batches(f, kind: str):
     if kind == "parquet":
-        for batch in pq.ParquetFile(f).iter_batches(columns=list(COLUMNS)):
+        table = pq.ParquetFile(f)
+        names = table.schema_arrow.names
+        for name in COLUMNS:  # iter_batches leaves a missing column out without a word
+            if name not in names:
+                raise pa.ArrowInvalid(f"no column {name!r} in the Parquet file; it has {names}")
+        for batch in table.iter_batches(columns=list(COLUMNS)):
             yield batch.cast(pa.schema([(name, pa.string()) for name in COLUMNS]))
         return
     yield from pyarrow.csv.open_csv(
@@ -180,7 +185,8 @@ def merge(
             "leave an image out: rename the folder"
         )
     train, val, added, stats = _overlay(tree, table)
-    unknown = sorted(set(added.values()) - set(tree.classes))
+    # An image of ROOT given a new class counts as much as an added one.
+    unknown = sorted((set(added.values()) | set(train) | set(val)) - set(tree.classes))
     if tree.classes and unknown and not new_classes:
         raise InsectError(
             f"--labels {table.uri} names classes {root} has no folder for: "
