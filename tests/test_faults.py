@@ -102,6 +102,15 @@ def test_classify_resume_after_driver_killed(trained, many_images, tmp_path, cap
     driver.send_signal(signal.SIGINT)
     assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
     assert "insect: interrupted; the same command with --resume classifies only" in log.read_text()
+    # SIGTERM (`ray job stop`, a supervisor) as Ctrl-C: ray.init's handler exited 15 silently.
+    done = len(complete_parquet_files(out))
+    log = tmp_path / "terminated.log"
+    driver = start_driver(log, *args, "--resume")
+    more = lambda: len(complete_parquet_files(out)) > done  # noqa: E731
+    wait_while_running(driver, log, more, "a Parquet file of the resumed run")
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert "insect: interrupted; the same command with --resume classifies only" in log.read_text()
     first = len(complete_parquet_files(out))
     # A killed driver (SIGKILL) of the resumed run.
     log = tmp_path / "killed.log"

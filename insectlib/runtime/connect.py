@@ -7,8 +7,10 @@ import contextlib
 import dataclasses
 import os
 import re
+import signal
 import socket
 import sys
+import threading
 import urllib.parse
 import warnings
 from collections.abc import Callable
@@ -60,6 +62,15 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
         raise InsectError(connection_problem(address or env, e)) from None
     console.on_close(shutdown)  # not left to exit, when the log is closed already
+    interrupt_on_sigterm()
+
+
+def interrupt_on_sigterm() -> None:
+    """A SIGTERM (`ray job stop`, a supervisor, `kill`) ends the command as a Ctrl-C does:
+    its writes waited for, its advice said (how to --resume), exit 130. ray.init's own
+    handler exited with the signal's number and no word, or (training) aborted."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def own_ray_options(dashboard: bool) -> dict:
@@ -248,6 +259,7 @@ def connect_client(address: str, source: str = "--address") -> None:
             with warnings.catch_warnings():  # its timeout's warning: the error says it
                 warnings.filterwarnings("ignore", "Ray Client connection timed out")
                 ray.init(address=address, runtime_env=env, logging_level="WARNING")
+            interrupt_on_sigterm()
             return
         except Exception as e:  # whatever ray.init raises, the user gets one line
             if SESSION_NOT_STARTED not in str(e):
