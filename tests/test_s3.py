@@ -231,6 +231,18 @@ def test_a_missing_bucket_is_refused_before_torch(s3_server, tmp_path):
     )
 
 
+def test_an_s3_glob_skips_hidden_keys_as_a_folder_listing_does(s3_server):
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-glob")
+    for key in ["g/a.jpg", "g/.cache/b.jpg", "g/s/.c.jpg", "g/s/d.jpg"]:
+        client.put_object(Bucket="insect-glob", Key=key, Body=b"x")
+    found = list(storage.iter_files("s3://insect-glob/g/**/*.jpg"))
+    assert "s3://insect-glob/g/s/d.jpg" in found and not [f for f in found if "/." in f], found
+    assert list(storage.iter_files("s3://insect-glob/g/.cache/*.jpg")) == [
+        "s3://insect-glob/g/.cache/b.jpg"
+    ]
+
+
 def test_wrong_credentials_are_denied(s3_data, s3_server):
     result = run_cli(
         "insect",

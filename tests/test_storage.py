@@ -56,6 +56,18 @@ def test_glob_and_single_file(tmp_path):
         str(tmp_path / "x2.jpg"),
     ]
     assert list(storage.iter_files(str(tmp_path / "y.jpg"))) == [str(tmp_path / "y.jpg")]
+    # Hidden names below the pattern's folder are skipped, as by a folder's walk and the
+    # shell's * and **; a pattern that names one keeps it.
+    for name in ["sub/.cache/h.jpg", "sub/z/.k.jpg", "sub/z/k.jpg", ".top/t.jpg"]:
+        _touch(tmp_path / name)
+    found = storage.iter_files(str(tmp_path / ".top" / "**" / "*.jpg"))
+    assert list(found) == [str(tmp_path / ".top" / "t.jpg")]  # above the pattern: as named
+    assert list(storage.iter_files(str(tmp_path / "sub" / "**" / "*.jpg"))) == [
+        str(tmp_path / "sub" / "z" / "k.jpg")
+    ]
+    assert list(storage.iter_files(str(tmp_path / "sub" / ".cache" / "*.jpg"))) == [
+        str(tmp_path / "sub" / ".cache" / "h.jpg")
+    ]
 
 
 def test_missing_location_and_unknown_scheme(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from insectlib.config import S3Options
@@ -56,7 +56,7 @@ def iter_files(uri: str, s3: S3Options | None = None) -> Iterator[str]:
         return
     fs, path = filesystem(uri, s3)
     if is_glob(path) and not os.path.exists(path):
-        yield from (name for name in sorted(fs.glob(path)) if os.path.isfile(name))
+        yield from (name for name in _glob_visible(path, fs.glob(path)) if os.path.isfile(name))
     elif os.path.isdir(path):
         yield from _walk_local(path)
     elif os.path.lexists(path):
@@ -150,6 +150,17 @@ def _visible_below(name: str, start: int) -> bool:
     )
 
 
+def _glob_visible(pattern: str, names: Iterable[str]) -> list[str]:
+    """The sorted `names` a glob matched, less those with a hidden part below its fixed
+    folder, as the shell's * and ** skip names that start with a dot (and as a folder's
+    walk does); a pattern that names such a part itself keeps them."""
+    first = min((i for i, c in enumerate(pattern) if c in GLOB_CHARS), default=len(pattern))
+    start = pattern.rfind("/", 0, first) + 1
+    if "/." in "/" + pattern[start:]:
+        return sorted(names)
+    return sorted(n for n in names if not any(p.startswith(".") for p in n[start:].split("/")))
+
+
 def _level_entries(uri: str, s3: S3Options | None) -> Iterator[tuple[str, bool]]:
     """(URI, is a folder) of the entries directly in `uri`, hidden names skipped; local
     ones follow os.walk: a link to a folder is neither walked nor a folder, and an entry
@@ -179,7 +190,7 @@ def _iter_s3(uri: str, s3: S3Options | None) -> Iterator[str]:
     with user_errors(uri):
         if is_glob(key):
             fs, path = filesystem(uri, s3)
-            yield from (f"s3://{name}" for name in sorted(fs.glob(path)))
+            yield from (f"s3://{name}" for name in _glob_visible(path, fs.glob(path)))
             return
         found = False
         for name in iter_tree(uri, s3):
