@@ -74,6 +74,18 @@ def test_cli_process_exits_non_zero_without_traceback(args):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+def test_a_flag_the_command_lacks_points_to_the_commands_help(capsys):
+    """argparse's refusal pointed to `insect --help`, which lists no command's flags."""
+    from insectlib.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["classify", "in", "--model", "m", "--output", "o", "--storage", "s"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "insect: error: unrecognized arguments: --storage s (see insect classify --help)\n"
+    )
+
+
 def test_a_removed_working_folder_is_one_line(tmp_path):
     """A shell left in a folder that was then removed: every command failed with a traceback
     from os.getcwd(), absolute paths or not."""

@@ -187,18 +187,29 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, its refusals as insect's own: one line, exit 2 (its subcommands'
-    parsers are of this class too)."""
+    parsers are of this class too, in `commands` by name)."""
+
+    commands: dict[str, argparse.ArgumentParser]
 
     def error(self, message: str):
         print(f"insect: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but flags no command has are refused by the command's parser, whose
+        --help lists those it has (argparse's own refusal named `insect --help`)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.commands[parsed.command].error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
 
 def parser() -> argparse.ArgumentParser:
     ap = Parser(prog="insect", description="Fine-tune and run image classifiers on Ray.")
     sub = ap.add_subparsers(dest="command", required=True)
+    ap.commands = {}
     for command, (cls, groups, summary, description) in COMMANDS.items():
-        p = sub.add_parser(
+        p = ap.commands[command] = sub.add_parser(
             command, help=summary, description=description, formatter_class=HelpFormatter
         )
         for title, names in groups.items():
