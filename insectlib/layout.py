@@ -82,3 +82,10 @@ REVIEW_PAGE = "index.html"
 REVIEW_FILES = (REVIEW_SCRIPT, REVIEW_STYLE, REVIEW_PAGE)
 THUMBS_DIR = "thumbs"  # small re-encoded JPEGs, named by a hash of the input's path
 THUMB_NAME = r"[0-9a-f]{32}\.jpg"
+
+# Every name an insect command writes into its output (Parquet parts aside): what another
+# command finds there is insect's, if not its own.
+OUTPUT_NAMES = frozenset(
+    {*MODEL_FILES, *INT8_FILES, *EVALUATION_FILES, PREDICTIONS_DIR, *RUN_FILES}
+    | {*REVIEW_FILES, THUMBS_DIR}
+)

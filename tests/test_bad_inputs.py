@@ -128,6 +128,10 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     err = expect_cli_error(capsys, ["summary", str(tmp_path / "empty")])
     assert "holds no insect classification output" in err
+    (tmp_path / "empty" / "predictions").mkdir()  # an evaluation's layout: said where to look
+    (tmp_path / "empty" / "confusion_matrix.json").write_text("{}")
+    err = expect_cli_error(capsys, ["summary", str(tmp_path / "empty")])
+    assert f"is an evaluation; its classification is {tmp_path / 'empty' / 'predictions'}" in err
     # Hostile or damaged files: one line each.
     (out / "_summary.json").write_text('{"rows": "12", "errors": 0}')
     err = expect_cli_error(capsys, ["summary", str(out)])

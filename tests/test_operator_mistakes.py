@@ -105,6 +105,10 @@ def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
     assert _tree(out) == {**first, "notes.txt": b"mine"}
     # A Parquet file named like insect's but with other columns: refused as well.
     (out / "notes.txt").unlink()
+    # Another command's output (an evaluation over a classification): insect's all the same.
+    ev = ["evaluate", cfg.data, "--model", cfg.output, "--output", str(out), "--overwrite"]
+    err = expect_cli_error(capsys, ev)
+    assert "holds the output of another insect command (_SUCCESS, _summary.json" in err
     fake = "part-" + "a" * 32 + "-000000-0.parquet"
     pq.write_table(pa.table({"x": [1]}), out / fake)
     assert "other columns" in expect_cli_error(capsys, argv)

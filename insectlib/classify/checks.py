@@ -106,7 +106,7 @@ def plan_evaluation_output(cfg: EvaluateConfig) -> list[str]:
     entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite)
     if not entries:
         return []
-    why = "--overwrite removes only what insect wrote: move them or choose another --output"
+    why = outputs.OVERWRITE_REFUSED
     outputs.refuse_foreign(cfg.output, entries, why, EVALUATION_FILES, (PREDICTIONS_DIR,))
     predictions = storage.join(cfg.output, PREDICTIONS_DIR)
     own = [e["name"] for e in entries if e["type"] == "file"]

@@ -26,11 +26,7 @@ from ray.data.block import BlockAccessor
 from insectlib import storage
 from insectlib.classify import duplicates
 from insectlib.errors import InsectError
-from insectlib.layout import (
-    ROW_FORMAT_KEY,
-    RUN_FILES,
-    SUCCESS_FILE,
-)
+from insectlib.layout import OUTPUT_NAMES, ROW_FORMAT_KEY, RUN_FILES, SUCCESS_FILE
 from insectlib.runtime import console, progress
 from insectlib.storage import entry_name, list_entries, retry
 
@@ -93,6 +89,12 @@ class PartsDatasink(Datasink[int]):
         return table.select(self.schema.names).cast(self.schema)
 
 
+# Why an output holding anything but the command's own files is refused with --overwrite.
+OVERWRITE_REFUSED = (
+    "--overwrite removes only what this command writes: move them or choose another --output"
+)
+
+
 def is_part_name(name: str) -> bool:
     """Whether a file name (no folder) is one insect gives its Parquet parts."""
     return bool(PART_NAME.fullmatch(name) or LEGACY_PART_NAME.fullmatch(name))
@@ -118,9 +120,10 @@ def refuse_foreign(
     foreign = sorted(entry_name(e) for e in entries if not ours(e))
     if foreign:
         more = f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
-        raise InsectError(
-            f"{output} holds files insect did not write ({', '.join(foreign[:SHOWN])}{more}); {why}"
-        )
+        what = "files insect did not write"
+        if OUTPUT_NAMES.issuperset(foreign):  # a classification where an evaluation goes, ...
+            what = "the output of another insect command"
+        raise InsectError(f"{output} holds {what} ({', '.join(foreign[:SHOWN])}{more}); {why}")
 
 
 def _part_footer(fs, name: str) -> pq.FileMetaData | None:
@@ -184,7 +187,7 @@ def overwrite_plan(output: str, s3: storage.S3Options, own_files=RUN_FILES) -> l
     by name and schema. Refuses, removing nothing, when anything else is there. Call
     `remove` with the plan once the new run is known to be able to start."""
     entries = list_entries(output, s3)
-    why = "--overwrite removes only what insect wrote: move them or choose another --output"
+    why = OVERWRITE_REFUSED
     refuse_foreign(output, entries, why, own_files)
     fs, _ = storage.filesystem(output, s3)
     check_parts(fs, part_entries(entries))

@@ -160,6 +160,9 @@ def read_summary(output: str, s3: storage.S3Options) -> dict:
                 raise storage.not_found(output, s3)
             if cut:
                 raise InsectError(f"{output} holds no rows yet{cut}")
+            if {layout.PREDICTIONS_DIR, layout.CONFUSION_JSON} <= found:
+                inside = storage.join(output, layout.PREDICTIONS_DIR)
+                raise InsectError(f"{output} is an evaluation; its classification is {inside}")
             raise InsectError(f"{output} holds no insect classification output")
         summary["problem"] = f"no {layout.SUCCESS_FILE}{cut}"
     summary["complete"] = manifest is not None
