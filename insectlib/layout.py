@@ -59,6 +59,9 @@ RUN_FILES = (SUCCESS_FILE, SUMMARY_JSON, SUMMARY_PNG)
 # In any output a run writes to (a classification, an evaluation, a model directory),
 # while the run holds it: the lock naming its holder (see `storage.locations`).
 LOCK_FILE = "_insect.lock"
+# A local file being written, beside its final name until it is whole (see
+# `storage.write_bytes`); one a killed writer left is bookkeeping too.
+WRITING_PREFIX = "_insect.writing."
 # The log of a command run from the CLI, in its output when that is local: Ray's and
 # torch's own messages (see `runtime.console`).
 LOG_DIR = "_logs"

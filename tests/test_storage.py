@@ -13,7 +13,7 @@ from insectlib import storage
 from insectlib.config import MOST_FILE_BYTES
 from insectlib.data import inputs
 from insectlib.errors import ImageError, InsectError, StorageUnavailable
-from insectlib.layout import LOCK_FILE
+from insectlib.layout import LOCK_FILE, WRITING_PREFIX
 from insectlib.storage.lock import LocalLock, holder
 
 
@@ -177,3 +177,9 @@ def test_a_local_write_that_fails_keeps_the_old_file_and_names_it(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
     assert result.stdout.split() == [str(errno.EFBIG), str(target)], result.stderr[-2000:]
     assert target.read_text() == "the old one" and os.listdir(tmp_path) == ["_SUCCESS"]
+    # What a writer killed mid-write leaves beside: bookkeeping, neither output nor foreign
+    # (--resume and --overwrite would refuse a file insect did not write).
+    (tmp_path / f"{WRITING_PREFIX}99.part-x.parquet").write_bytes(b"PAR1 cut")
+    assert [storage.entry_name(e) for e in storage.list_entries(str(tmp_path), None)] == [
+        "_SUCCESS"
+    ]

@@ -21,7 +21,7 @@ import pyarrow.fs
 
 from insectlib.config import S3Options
 from insectlib.errors import ImageError, InsectError, StorageUnavailable
-from insectlib.layout import LOCK_FILE, LOG_DIR
+from insectlib.layout import LOCK_FILE, LOG_DIR, WRITING_PREFIX
 from insectlib.storage import buckets, retry
 
 # Local errors that say something about the file itself (and become its error row); any
@@ -30,7 +30,8 @@ FILE_ERRNOS = frozenset(
     {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENXIO, errno.EISDIR,
      errno.ENOTDIR, errno.ENAMETOOLONG}
 )  # fmt: skip
-# A run's own bookkeeping in an output: neither output nor foreign, never removed.
+# A run's own bookkeeping in an output: neither output nor foreign, never removed (nor
+# are the leftovers of killed writes: `is_bookkeeping`).
 BOOKKEEPING = frozenset({LOG_DIR, LOCK_FILE})
 T = TypeVar("T")
 U = TypeVar("U")
@@ -266,9 +267,10 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
         with fs.open(path, "wb") as f:
             f.write(data)
         return
-    beside = f"{path}.{os.getpid()}.writing"
+    folder, name = os.path.split(path)
+    beside = os.path.join(folder, f"{WRITING_PREFIX}{os.getpid()}.{name}")
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         with open(beside, "wb") as f:
             f.write(data)
         os.replace(beside, path)
@@ -339,7 +341,13 @@ def list_entries(output: str, s3: S3Options | None) -> list[dict]:
         if not fs.exists(path):
             return []
         entries = [e for e in fs.ls(path, detail=True) if e["name"].rstrip("/") != path]
-    return [e for e in entries if entry_name(e) not in BOOKKEEPING]
+    return [e for e in entries if not is_bookkeeping(entry_name(e))]
+
+
+def is_bookkeeping(name: str) -> bool:
+    """Whether a name in an output is a run's own bookkeeping (see BOOKKEEPING), or a file a
+    killed writer left half-written beside its final name (see `write_bytes`)."""
+    return name in BOOKKEEPING or name.startswith(WRITING_PREFIX)
 
 
 def entry_name(entry: dict) -> str:
