@@ -40,7 +40,9 @@ def file_problem(error: BaseException) -> str | None:
     """One line for an OSError that names its file or folder (a full disk, a read-only
     mount, a file where a folder goes): the machine's state, worded by the OS, not a bug in
     insect. None for any other error."""
-    if not isinstance(error, OSError) or error.errno is None or not error.filename:
+    if not isinstance(error, OSError) or error.errno is None:
         return None
+    if not error.filename or not isinstance(error.filename, str | bytes | os.PathLike):
+        return None  # none, or a file descriptor's number
     name = os.fsdecode(error.filename).encode("utf-8", "backslashreplace").decode()
     return f"{name}: {error.strerror or os.strerror(error.errno)}"

@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from insectlib import storage
-from insectlib.errors import InsectError
+from insectlib.errors import InsectError, file_problem
 from insectlib.model.meta import read_meta
 from insectlib.runtime.connect import IDLE_WORKER_LIMIT
 from tests.conftest import BIN, REPO, descends_from, expect_cli_error, run_cli, upload_tree
@@ -234,9 +234,14 @@ def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_keeping_idle_
     connect.init_ray(address, dashboard=dashboard)
     monkeypatch.setenv(connect.IDLE_WORKER_LIMIT, "-1")  # the user's own setting: Ray's
     connect.init_ray(address, dashboard=dashboard)
-    ours, theirs = ({k: v for k, v in c.items() if k in OWN} for c in calls)
+    monkeypatch.delenv(connect.IDLE_WORKER_LIMIT)
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)  # never fewer than Ray's one per CPU
+    connect.init_ray(address, dashboard=dashboard)
+    ours, theirs, large = ({k: v for k, v in c.items() if k in OWN} for c in calls)
     assert ours == started_with
     assert theirs == {k: v for k, v in started_with.items() if k != "_system_config"}
+    if "_system_config" in started_with:
+        assert large["_system_config"] == {"num_workers_soft_limit": 12}
 
 
 def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):
@@ -254,6 +259,18 @@ def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):
     assert insect_error_in(RuntimeError("no file named")) is None
     found = insect_error_in(raised.value)
     assert str(found) == "/models/m1/metrics.json: No space left on device"
+
+    @ray.remote
+    def bug():  # a bug met while handling a missing file: its traceback, not the file
+        try:
+            os.stat("/no/such/file")
+        except FileNotFoundError:
+            raise TypeError("a bug") from None
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(bug.remote())
+    assert insect_error_in(raised.value) is None
+    assert file_problem(OSError(errno.EBADF, os.strerror(errno.EBADF), 9999)) is None  # a fd
 
 
 @pytest.mark.parametrize("address", [None, "auto"])  # ray.init reads $RAY_ADDRESS for both

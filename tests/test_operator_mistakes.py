@@ -108,7 +108,7 @@ def test_overwrite_removes_only_insects_files_and_only_once_the_run_can_start(
     # Another command's output (an evaluation over a classification): insect's all the same.
     ev = ["evaluate", cfg.data, "--model", cfg.output, "--output", str(out), "--overwrite"]
     err = expect_cli_error(capsys, ev)
-    assert "holds the output of another insect command (_SUCCESS, _summary.json" in err
+    assert "holds files named as another insect command names its output (_SUCCESS, _sum" in err
     fake = "part-" + "a" * 32 + "-000000-0.parquet"
     pq.write_table(pa.table({"x": [1]}), out / fake)
     assert "other columns" in expect_cli_error(capsys, argv)

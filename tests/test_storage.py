@@ -183,3 +183,19 @@ def test_a_local_write_that_fails_keeps_the_old_file_and_names_it(tmp_path):
     assert [storage.entry_name(e) for e in storage.list_entries(str(tmp_path), None)] == [
         "_SUCCESS"
     ]
+
+
+def test_a_local_write_keeps_the_mode_and_leaves_nothing_beside_when_stopped(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    target.chmod(0o640)
+    storage.write_bytes(str(target), b"new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o640
+
+    def stopped(*args):  # a Ctrl-C (or a SIGTERM, taken as one) just before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        storage.write_bytes(str(target), b"newer")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["metrics.json"]

@@ -122,7 +122,7 @@ def refuse_foreign(
         more = f" and {len(foreign) - SHOWN} more" if len(foreign) > SHOWN else ""
         what = "files insect did not write"
         if OUTPUT_NAMES.issuperset(foreign):  # a classification where an evaluation goes, ...
-            what = "the output of another insect command"
+            what = "files named as another insect command names its output"
         raise InsectError(f"{output} holds {what} ({', '.join(foreign[:SHOWN])}{more}); {why}")
 
 

@@ -27,10 +27,11 @@ GRPC_DEFAULT_PORT = 443  # gRPC's port for a host named without one
 GRPC_PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")  # what gRPC dials through
 TRACEBACK = "Traceback (most recent call last):"
 TRACEBACK_LINKS = (TRACEBACK, "The above exception was", "During handling of the above")
-# Idle Ray worker processes a Ray of the command's own keeps for the next task. Ray keeps
-# as many as CPUs are free: none while the model actors hold them all, so a Parquet write
-# task after a second's pause started a new worker process, about a second of CPU taken
-# from the model (docs/performance.md, "Where the CPUs go").
+# Idle Ray worker processes a Ray of the command's own keeps for the next task, at least
+# (as many as the machine has CPUs where that is more). Ray keeps as many as CPUs are free:
+# none while the model actors hold them all, so a Parquet write task after a second's
+# pause started a new worker process, about a second of CPU taken from the model
+# (docs/performance.md, "Where the CPUs go").
 IDLE_WORKERS_KEPT = 4
 IDLE_WORKER_LIMIT = "RAY_num_workers_soft_limit"  # Ray's setting of it, read from the environment
 INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
@@ -70,7 +71,16 @@ def interrupt_on_sigterm() -> None:
     its writes waited for, its advice said (how to --resume), exit 130. ray.init's own
     handler exited with the signal's number and no word, or (training) aborted."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
+
+
+def _as_ctrl_c(signum, frame) -> None:
+    """SIGTERM handed to whatever takes Ctrl-C at that moment: Ray Train's handler during a
+    fit (it aborts the run through its controller), else a KeyboardInterrupt."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIG_IGN or SIG_DFL (a background job's): as Python's own
+        handler = signal.default_int_handler
+    handler(signal.SIGINT, frame)
 
 
 def own_ray_options(dashboard: bool) -> dict:
@@ -83,7 +93,8 @@ def own_ray_options(dashboard: bool) -> dict:
     IDLE_WORKERS_KEPT ($RAY_num_workers_soft_limit, where set, is Ray's to read)."""
     options: dict = {} if dashboard else {"include_dashboard": False}
     if IDLE_WORKER_LIMIT not in os.environ:  # ray.init's way to set what Ray reads from it
-        options["_system_config"] = {"num_workers_soft_limit": IDLE_WORKERS_KEPT}
+        kept = max(IDLE_WORKERS_KEPT, os.cpu_count() or 1)  # never fewer than Ray's default
+        options["_system_config"] = {"num_workers_soft_limit": kept}
     return options
 
 
@@ -220,18 +231,19 @@ def insect_error_in(error: BaseException) -> InsectError | None:
     """An InsectError raised in a Ray task or worker, found inside Ray's wrapping exceptions;
     else an OSError there that names its file (a full disk under a training worker's
     writes: `errors.file_problem`), as one."""
-    seen, todo, problem = set(), [error], None
+    seen, todo, problem = set(), [(error, True)], None
     while todo:
-        e = todo.pop()
+        e, raised = todo.pop()  # raised: not reached through an exception being handled
         if id(e) in seen or e is None:
             continue
         seen.add(id(e))
         # Ray re-raises a task's InsectError as a class of both, whose text is Ray's header.
         if isinstance(e, InsectError) and not isinstance(e, ray.exceptions.RayError):
             return e
-        problem = problem or file_problem(e)
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-        todo += list(getattr(e, "worker_failures", {}).values())
+        # An OSError only handled on the way to another error (a bug) is not the problem.
+        problem = problem or (file_problem(e) if raised else None)
+        todo += [(e.__cause__, raised), (e.__context__, False), (getattr(e, "cause", None), raised)]
+        todo += [(f, raised) for f in getattr(e, "worker_failures", {}).values()]
     # An actor whose constructor raised (a model actor refusing its model directory) dies
     # with an ActorDiedError that keeps only the traceback's text.
     found = INSECT_ERROR_LINE.findall(str(error))

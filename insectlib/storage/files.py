@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -33,6 +34,10 @@ FILE_ERRNOS = frozenset(
 # A run's own bookkeeping in an output: neither output nor foreign, never removed (nor
 # are the leftovers of killed writes: `is_bookkeeping`).
 BOOKKEEPING = frozenset({LOG_DIR, LOCK_FILE})
+# The process's umask, for the files write_bytes creates (read once: setting it is the
+# only way to read it).
+UMASK = os.umask(0)
+os.umask(UMASK)
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -259,25 +264,39 @@ def sha256(uri: str, s3: S3Options | None = None) -> str:
 
 
 def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
-    """Write `data` to `uri`, replacing it. A local file is written beside and renamed, so
-    it is there whole or not at all: a full disk left an empty `_SUCCESS` (an S3 object is
-    whole by nature). A local failure names `uri`, not the file beside it."""
+    """Write `data` to `uri`, replacing it. A local file is written beside (a new file of
+    its own, `WRITING_PREFIX`) and renamed, so it is there whole or not at all: a full disk
+    left an empty `_SUCCESS` (an S3 object is whole by nature). It keeps the mode of the
+    file it replaces; a failure of the file beside names `uri`."""
     fs, path = filesystem(uri, s3)
     if is_s3(uri):
         with fs.open(path, "wb") as f:
             f.write(data)
         return
-    folder, name = os.path.split(path)
-    beside = os.path.join(folder, f"{WRITING_PREFIX}{os.getpid()}.{name}")
+    folder = os.path.dirname(path)
+    beside = None
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(beside, "wb") as f:
+        fd, beside = tempfile.mkstemp(dir=folder, prefix=WRITING_PREFIX)
+        with open(fd, "wb") as f:
             f.write(data)
+        os.chmod(beside, _mode_for(path))
         os.replace(beside, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(beside)
-        raise OSError(e.errno, e.strerror, path) from None
+    except BaseException as e:  # a Ctrl-C too: nothing left beside
+        if beside:
+            with contextlib.suppress(OSError):
+                os.unlink(beside)
+        if isinstance(e, OSError) and e.filename in (None, beside):
+            raise OSError(e.errno, e.strerror, path) from None
+        raise
+
+
+def _mode_for(path: str) -> int:
+    """The mode a file written at `path` gets: the one it replaces, or as open() would."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~UMASK
 
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:
