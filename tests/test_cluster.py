@@ -273,6 +273,30 @@ def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):
     assert file_problem(OSError(errno.EBADF, os.strerror(errno.EBADF), 9999)) is None  # a fd
 
 
+def test_a_sigterm_goes_to_whatever_takes_ctrl_c_at_that_moment():
+    """After ray.init, SIGTERM (`ray job stop`) reaches the Ctrl-C handler of the moment:
+    Ray Train's during a fit, which aborts the run through its controller (Python's own
+    raised past it before), and Python's where none is set, a KeyboardInterrupt."""
+    from insectlib.runtime.connect import interrupt_on_sigterm
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    got = []
+    try:
+        interrupt_on_sigterm()
+        signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))  # a fit's
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:  # not a fail of the whole session
+            pytest.fail("SIGTERM raised past the Ctrl-C handler set at that moment")
+        assert got == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: Python's own
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 @pytest.mark.parametrize("address", [None, "auto"])  # ray.init reads $RAY_ADDRESS for both
 def test_an_unreachable_ray_address_is_refused_before_ray_init(address, monkeypatch):
     from insectlib.runtime import connect
