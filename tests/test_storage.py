@@ -191,6 +191,11 @@ def test_a_local_write_keeps_the_mode_and_leaves_nothing_beside_when_stopped(tmp
     target.chmod(0o640)
     storage.write_bytes(str(target), b"new")
     assert target.read_text() == "new" and target.stat().st_mode & 0o777 == 0o640
+    (tmp_path / "opened.json").write_text("as open() makes it")  # a new file: the umask's mode
+    storage.write_bytes(str(tmp_path / "fresh.json"), b"new")
+    assert (tmp_path / "fresh.json").stat().st_mode == (tmp_path / "opened.json").stat().st_mode
+    (tmp_path / "opened.json").unlink()
+    (tmp_path / "fresh.json").unlink()
 
     def stopped(*args):  # a Ctrl-C (or a SIGTERM, taken as one) just before the rename
         raise KeyboardInterrupt

@@ -261,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:
-        if not file_problem(e):
+        problem = file_problem(e)
+        if not problem:  # no file named: a bug in insect, its traceback
             traceback.print_exc()
             return 1
-        print(f"insect: error: {file_problem(e)}", file=sys.stderr)
+        print(f"insect: error: {problem}", file=sys.stderr)
         return 2
     except Exception:  # a bug in insect: the whole traceback, on the console
         traceback.print_exc()

@@ -11,8 +11,8 @@ import contextlib
 import errno
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -34,10 +34,6 @@ FILE_ERRNOS = frozenset(
 # A run's own bookkeeping in an output: neither output nor foreign, never removed (nor
 # are the leftovers of killed writes: `is_bookkeeping`).
 BOOKKEEPING = frozenset({LOG_DIR, LOCK_FILE})
-# The process's umask, for the files write_bytes creates (read once: setting it is the
-# only way to read it).
-UMASK = os.umask(0)
-os.umask(UMASK)
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -274,29 +270,25 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
             f.write(data)
         return
     folder = os.path.dirname(path)
-    beside = None
+    beside = os.path.join(folder, f"{WRITING_PREFIX}{os.getpid()}.{secrets.token_hex(8)}")
+    created = False
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, beside = tempfile.mkstemp(dir=folder, prefix=WRITING_PREFIX)
+        # O_EXCL: a new file of its own; mode 0o666 less the umask, as open() would make it
+        fd = os.open(beside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        created = True
         with open(fd, "wb") as f:
             f.write(data)
-        os.chmod(beside, _mode_for(path))
+        with contextlib.suppress(FileNotFoundError):  # the mode of the file it replaces
+            os.chmod(beside, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(beside, path)
     except BaseException as e:  # a Ctrl-C too: nothing left beside
-        if beside:
+        if created:
             with contextlib.suppress(OSError):
                 os.unlink(beside)
         if isinstance(e, OSError) and e.filename in (None, beside):
             raise OSError(e.errno, e.strerror, path) from None
         raise
-
-
-def _mode_for(path: str) -> int:
-    """The mode a file written at `path` gets: the one it replaces, or as open() would."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return 0o666 & ~UMASK
 
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:
