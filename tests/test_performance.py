@@ -51,6 +51,39 @@ def test_draft_decoding_stays_close_to_full_resolution(image_size):
     assert diff.mean() < 2.0 and torch.quantile(diff.flatten(), 0.99) < 12, diff.mean()
 
 
+@pytest.mark.parametrize(
+    "size,image_size",
+    [
+        ((512, 384), 224),
+        ((384, 512), 224),
+        ((300, 300), 224),
+        ((1021, 383), 224),
+        ((17, 11), 224),
+        ((100, 75), 64),
+        ((257, 1000), 64),
+    ],
+)
+def test_the_centre_is_resized_alone_to_torchvisions_pixels(size, image_size):
+    """`eval_transform` resizes only the crop's box: on noise, where a box off by a pixel or
+    a scale off by one part in a thousand changes most pixels by many levels, it must give
+    torchvision's Resize-then-CenterCrop pixels up to a rounding of one level in a few."""
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    reference = v2.Compose(
+        [
+            v2.Resize(resize_size(image_size), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.PILToTensor(),
+        ]
+    )
+    expected, got = reference(image).int(), eval_transform(image_size)(image).int()
+    assert got.shape == expected.shape == (3, image_size, image_size)
+    diff = (got - expected).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (diff.max(), diff.float().mean())
+
+
 def test_draft_decoding_never_goes_below_the_resize_size():
     data = photo(size=(300, 200))
     assert decode(data, resize_size(224)).size == (300, 200)  # 1/2 would give 100 px

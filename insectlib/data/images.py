@@ -10,6 +10,7 @@ file itself into an `ImageError` whose text becomes the file's error row.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -143,7 +144,8 @@ def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXEL
         if min_side and image.format in ("JPEG", "MPO"):
             image.draft(None, (min_side, min_side))
         check_dimensions(image.size, max_pixels)
-        image = ImageOps.exif_transpose(image)
+        image.load()  # here, where a broken file's error is told apart
+        ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, turned or not
         return to_rgb(image)
     except ImageError:
         raise
@@ -197,7 +199,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert copies an RGB one
 
 
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -208,12 +210,33 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     return v2.Compose(
         [
             limit_aspect,
-            # Resizing the PIL image before tensor conversion uses Pillow's SIMD resampler.
-            v2.Resize(resize_size(image_size), antialias=True),
-            v2.CenterCrop(image_size),
+            functools.partial(resized_centre, image_size=image_size),
             v2.PILToTensor(),
         ]
     )
+
+
+def resized_centre(image: Image.Image, image_size: int) -> Image.Image:
+    """torchvision's `Resize(resize_size(image_size))` then `CenterCrop(image_size)` as one
+    Pillow resize of the crop's box: the pixels the crop drops are never resampled. The same
+    pixels, up to a rounding of one level in a few."""
+    width, height = image.size
+    short = resize_size(image_size)
+    # torchvision's sizes and offsets (its _compute_resized_output_size and center_crop)
+    if width <= height:
+        new_width, new_height = short, int(short * height / width)
+    else:
+        new_width, new_height = int(short * width / height), short
+    left = int(round((new_width - image_size) / 2.0))
+    top = int(round((new_height - image_size) / 2.0))
+    x_scale, y_scale = width / new_width, height / new_height
+    box = (
+        left * x_scale,
+        top * y_scale,
+        (left + image_size) * x_scale,
+        (top + image_size) * y_scale,
+    )
+    return image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
 
 
 def train_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
