@@ -21,6 +21,12 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs ({' '.join(speed_flags()) or 'no AVX2'})"
 
 
+def result_path(benchmark: str) -> str:
+    """bench/results/<benchmark>-<this CPU's model>.json, a result's default file."""
+    cpu = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")
+    return os.path.join(RESULTS, f"{benchmark}-{cpu[:40]}.json")
+
+
 def write_result(path: str, report: dict) -> None:
     """Write `report` as indented JSON to `path` (creating its folder) and say where."""
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 
-from common import RESULTS, write_result
+from common import result_path, write_result
 from shapes import BATCH, SIZE, camera_jpegs, classify_once, make_model, model_rate
 
 from insectlib.model.precision import cpu_name
@@ -210,8 +210,7 @@ def main() -> None:
         "per_image_seconds": per_image,
     }
     print(report)
-    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")
-    write_result(args.out or os.path.join(RESULTS, f"cpu-split-{name[:40]}.json"), report)
+    write_result(args.out or result_path("cpu-split"), report)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import RESULTS, in_fresh_process, write_result
+from common import in_fresh_process, result_path, write_result
 from shapes import BATCH, SIZE, camera_jpegs, make_model, precisions
 
 from insectlib.classify.shape import threads_per_actor
@@ -130,8 +130,7 @@ def main() -> None:
                 )
             report["rates"][precision] = found
             print(precision, found, flush=True)
-    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")
-    write_result(args.out or os.path.join(RESULTS, f"decode-overlap-{name[:40]}.json"), report)
+    write_result(args.out or result_path("decode-overlap"), report)
 
 
 if __name__ == "__main__":

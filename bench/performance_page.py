@@ -1372,6 +1372,48 @@ def way_name(way: str) -> str:
     return f"beside, {threads} decoding thread{'s' if threads > 1 else ''}"
 
 
+DECODED = {"camera": "camera JPEGs", "photos": "insect photos"}
+
+
+def decoding(data: Result, name: str) -> str:
+    kinds = [k for k in DECODED if k in data]
+    ahead = list(data[kinds[0]]["ahead_rates"])
+    now = str(data["product_ahead"])
+
+    def ranged(runs: list[float], show: Callable[[float], str]) -> str:
+        return f"{show(median(runs))} ({show(min(runs))}-{show(max(runs))})"
+
+    resize_rows, ahead_rows = [], []
+    for kind in kinds:
+        ms, rates = data[kind]["resize_ms"], data[kind]["ahead_rates"]
+        before, after = median(ms["torchvision"]), median(ms["box"])
+        resize_rows.append(
+            [DECODED[kind], ranged(ms["torchvision"], secs), ranged(ms["box"], secs),
+             pct(1 - after / before)]
+        )  # fmt: skip
+        gain = median(rates[now]) / median(rates["1"])
+        ahead_rows.append([DECODED[kind], *(ranged(rates[a], rate) for a in ahead), f"{gain:.2f}x"])
+    ahead_names = [
+        f"{a} a thread{' (before)' if a == '1' else ' (now)' if a == now else ''}" for a in ahead
+    ]
+    return paragraphs(
+        f"What decoding an image for the model costs ({data['image_size']} px, JPEG draft "
+        f"decoding), measured the way before and the way now side by side: {data['images']} "
+        f"high-entropy 1024x768 camera JPEGs and as many insect photos scaled to 1024x768, "
+        f"{data['rounds']} rounds interleaved in one process; the median (the rounds' range).",
+        provenance(command("decoding.py", "", name), name, data),
+        "One image on one thread, decoded and resized, in milliseconds: torchvision's Resize "
+        "then CenterCrop (before) resampled the whole image and dropped its sides; the "
+        "product now resizes the crop's box alone (`images.resized_centre`).",
+        table(["images", "Resize then CenterCrop", "the crop's box", "saved"], "lrrr", resize_rows),
+        f"A batch of {DECODED['camera']} or photos decoded as a model actor does before its "
+        f"model (`image_batch` on {data['threads']} threads), in images/s, by images in flight "
+        "a thread (`images.DECODES_AHEAD`): with one, a thread whose image was done waited "
+        "for the oldest, which is taken first.",
+        table(["images", *ahead_names, "now / before"], "l" + "r" * (len(ahead) + 1), ahead_rows),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The page: which file feeds which section, in reading order.
 
@@ -1400,6 +1442,7 @@ SECTIONS = [
     Section("Blocks", "blocks.json", blocks),
     Section("Actor shapes", "shapes-*.json", shapes),
     Section("Where the CPUs go", "cpu-split-*.json", cpu_split),
+    Section("Decoding for the model", "decoding-*.json", decoding),
     Section("Decoding beside the model", "decode-overlap-*.json", decode_overlap),
     Section("The review page", "review-cpu-amd-epyc.json", review),
 ]

@@ -37,7 +37,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from common import RESULTS, machine, write_result  # noqa: E402
+from common import machine, result_path, write_result  # noqa: E402
 
 from insectlib.model.precision import cpu_name, cpu_runs_int8_fast, resolve_precision  # noqa: E402
 
@@ -289,8 +289,7 @@ def main() -> None:
                         folder, model_dir, out, precision=precision, **settings
                     )
                     print(key, report["classify"][key], flush=True)
-    name = cpu_name().lower().replace(" ", "-").replace("(r)", "").replace("(tm)", "")
-    write_result(args.out or os.path.join(RESULTS, f"shapes-{name[:40]}.json"), report)
+    write_result(args.out or result_path("shapes"), report)
     print(machine())
 
 

@@ -204,3 +204,27 @@ def test_a_local_write_keeps_the_mode_and_leaves_nothing_beside_when_stopped(tmp
     with pytest.raises(KeyboardInterrupt):
         storage.write_bytes(str(target), b"newer")
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+@pytest.mark.parametrize("ahead", [2, 4])
+def test_prefetch_keeps_its_threads_busy_behind_a_slow_oldest_item(ahead):
+    """Results come in order, and never more than `ahead` items are started and not yet
+    consumed. Behind an oldest item that takes long, the other thread goes on with the next
+    ones only where `ahead` is above the threads: with as many as threads it waits (the
+    oldest item here waits a second for the three after it to start)."""
+    started, consumed = threading.Event(), [0]
+    seen: list[int] = []
+
+    def compute(i: int) -> tuple[int, bool]:
+        assert i - consumed[0] < ahead, (i, consumed[0])
+        seen.append(i)
+        if len(seen) >= 4:
+            started.set()
+        return i, started.wait(1) if i == 0 else True
+
+    results = []
+    for result in storage.prefetch(compute, range(12), threads=2, ahead=ahead):
+        results.append(result)
+        consumed[0] += 1
+    assert [i for i, _ in results] == list(range(12))
+    assert results[0][1] is (ahead == 4)

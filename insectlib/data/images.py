@@ -56,6 +56,11 @@ MAX_ASPECT = 4
 Image.MAX_IMAGE_PIXELS = None
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
+# Images in flight per decoding thread of `load_images`: they are taken in order, so with one
+# each a thread whose image is done waits for the oldest (measured: docs/performance.md,
+# "Decoding for the model").
+DECODES_AHEAD = 2
+
 # ImageNet statistics: the normalisation the pretrained torchvision weights expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,8 +102,9 @@ def load_images(
 ) -> Iterator[torch.Tensor | ImageError]:
     """`load_image` of each of `uris`, in order, with the ImageError of a file that cannot
     be used in its place. On S3 the reads overlap (`storage.read_inputs`); with `threads`
-    above 1 so do the decodes (Pillow lets go of the GIL while it decodes and resizes). At
-    most READ_AHEAD + `threads` files' bytes and `threads` decoded images are held at once."""
+    above 1 so do the decodes (Pillow lets go of the GIL while it decodes and resizes),
+    DECODES_AHEAD a thread. At most READ_AHEAD + DECODES_AHEAD x `threads` files' bytes and
+    DECODES_AHEAD x `threads` decoded images are held at once."""
 
     def load(data: bytes | ImageError) -> torch.Tensor | ImageError:
         try:
@@ -109,7 +115,8 @@ def load_images(
             return e
 
     read = storage.read_inputs(uris, limits.max_file_bytes, s3)
-    yield from storage.prefetch(load, read, threads if threads > 1 else 0)
+    threads = threads if threads > 1 else 0
+    yield from storage.prefetch(load, read, threads, DECODES_AHEAD * threads)
 
 
 def preprocess(

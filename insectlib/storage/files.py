@@ -146,17 +146,22 @@ def read_inputs(
     yield from prefetch(read, uris, window)
 
 
-def prefetch(fn: Callable[[U], T], items: Iterable[U], window: int) -> Iterator[T]:
-    """`fn(item)` for each item, in order, computed `window` at a time in threads (in this
-    thread when `window` is 0); at most `window` results wait to be consumed."""
-    if not window:
+def prefetch(
+    fn: Callable[[U], T], items: Iterable[U], threads: int, ahead: int | None = None
+) -> Iterator[T]:
+    """`fn(item)` for each item, in order, computed in `threads` threads (in this thread when
+    `threads` is 0), `ahead` items at a time (`threads` unless more): at most `ahead` results
+    wait to be consumed. With more items in flight than threads, a thread whose item is done
+    starts the next while the oldest, awaited first, is still being computed."""
+    if not threads:
         yield from map(fn, items)
         return
-    with ThreadPoolExecutor(window) as pool:
+    ahead = max(threads, ahead or 0)
+    with ThreadPoolExecutor(threads) as pool:
         pending: collections.deque = collections.deque()
         for item in items:
             pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
+            if len(pending) >= ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
