@@ -5,11 +5,12 @@ way before each, in one process, ROUNDS rounds interleaved:
               crop's box alone resized (`eval_transform`, the product's) against
               torchvision's Resize then CenterCrop (the product's before), in ms an image
   ahead       `image_batch` on every core's thread, as a model actor decodes a batch, with
-              1, 2 (`DECODES_AHEAD`, the product's) and 4 images in flight a thread; 1 was
-              the product's before; images/s
+              1 (the product's before), `DECODES_AHEAD` (the product's) and twice that
+              many images in flight a thread; images/s
 
 on high-entropy 1024x768 camera JPEGs and the shared insect photos scaled to 1024x768
-(bench/shapes.py's), 224 px.
+(bench/shapes.py's), 224 px. Each round runs the ways in the reverse order of the round
+before, so that a drift of the machine's speed favours none.
 
     .venv/bin/python bench/decoding.py [--images 256]
 
@@ -32,8 +33,8 @@ from insectlib.config import DecodeLimits
 from insectlib.data import images
 from insectlib.model.precision import cpu_name
 
-ROUNDS = 5
-AHEAD = (1, 2, 4)
+ROUNDS = 6
+AHEAD = sorted({1, images.DECODES_AHEAD, 2 * images.DECODES_AHEAD})
 
 
 def torchvision_transform(image_size: int):
@@ -76,10 +77,11 @@ def measure(folder: str) -> dict:
     resize: dict[str, list[float]] = {name: [] for name in transforms}
     ahead: dict[str, list[float]] = {str(a): [] for a in AHEAD}
     batch_rate(paths[:BATCH], kept)  # warm-up: imports, the page cache
-    for _ in range(ROUNDS):
-        for name, transform in transforms.items():
+    for round_ in range(ROUNDS):
+        order = 1 if round_ % 2 == 0 else -1
+        for name, transform in list(transforms.items())[::order]:
             resize[name].append(per_image_ms(datas, transform))
-        for a in AHEAD:
+        for a in AHEAD[::order]:
             ahead[str(a)].append(batch_rate(paths, a))
     images.DECODES_AHEAD = kept
     return {"resize_ms": resize, "ahead_rates": ahead}

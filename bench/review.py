@@ -27,14 +27,13 @@ import uuid
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from common import RESULTS, write_result
+from common import result_path, write_result
 
 from insectlib import storage
 from insectlib.classify.summary import summarize
 from insectlib.config import DecodeLimits
 from insectlib.data import synthetic
 from insectlib.layout import SUCCESS_FILE, SUMMARY_JSON
-from insectlib.model.precision import cpu_name
 from insectlib.model.predictor import RowFormat
 from insectlib.review import selection, thumbnails
 
@@ -176,8 +175,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=300, help="real images the paths cycle over")
     ap.add_argument("--gallery-size", type=int, default=60)
     ap.add_argument("--screenshot", help="also save a picture of the page there")
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_name().lower()).strip("-")
-    ap.add_argument("--out", default=os.path.join(RESULTS, f"review-cpu-{slug}.json"))
+    ap.add_argument("--out", default=result_path("review-cpu"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         _, made = timed(lambda: make_output(folder, args.rows, args.images))

@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -228,3 +229,19 @@ def test_prefetch_keeps_its_threads_busy_behind_a_slow_oldest_item(ahead):
         consumed[0] += 1
     assert [i for i, _ in results] == list(range(12))
     assert results[0][1] is (ahead == 4)
+
+
+def test_prefetch_closed_early_drops_the_items_not_started():
+    """A consumer that stops after the first result waits only for the items already being
+    computed (the first two, then one a thread at most), not for the rest of its 8."""
+    computed: list[int] = []
+
+    def compute(i: int) -> int:
+        time.sleep(0.05)
+        computed.append(i)
+        return i
+
+    results = storage.prefetch(compute, range(20), threads=2, ahead=8)
+    assert next(results) == 0
+    results.close()
+    assert len(computed) <= 4, computed

@@ -46,8 +46,9 @@ IMAGE_EXTENSIONS = frozenset(FORMATS_BY_EXTENSION)
 PILLOW_FORMATS = tuple(sorted(set(FORMATS_BY_EXTENSION.values())))
 
 # The longest side kept before resizing, as a multiple of the shorter one. The centre crop
-# only ever uses a square around the middle, so a wider image is cut to 4:1 first: a
-# 1000x1 PNG would otherwise be resized to 256000x256 (260 MB), a 100000x1 one to 20 GB.
+# only ever uses a square around the middle, so a wider image is cut to 4:1 first: the GPU
+# path resizes the whole image (a 1000x1 PNG to 256000x256, 260 MB), and the CPU path cuts
+# the same so that both crop alike.
 MAX_ASPECT = 4
 
 # The pixel check in `decode` (`check_dimensions`, from the header) replaces Pillow's bomb
@@ -103,8 +104,8 @@ def load_images(
     """`load_image` of each of `uris`, in order, with the ImageError of a file that cannot
     be used in its place. On S3 the reads overlap (`storage.read_inputs`); with `threads`
     above 1 so do the decodes (Pillow lets go of the GIL while it decodes and resizes),
-    DECODES_AHEAD a thread. At most READ_AHEAD + DECODES_AHEAD x `threads` files' bytes and
-    DECODES_AHEAD x `threads` decoded images are held at once."""
+    DECODES_AHEAD images in flight a thread. At most READ_AHEAD + DECODES_AHEAD x `threads`
+    files' bytes are held at once, and `threads` images being decoded."""
 
     def load(data: bytes | ImageError) -> torch.Tensor | ImageError:
         try:
@@ -151,7 +152,6 @@ def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXEL
         if min_side and image.format in ("JPEG", "MPO"):
             image.draft(None, (min_side, min_side))
         check_dimensions(image.size, max_pixels)
-        image.load()  # here, where a broken file's error is told apart
         ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, turned or not
         return to_rgb(image)
     except ImageError:
@@ -226,7 +226,8 @@ def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 def resized_centre(image: Image.Image, image_size: int) -> Image.Image:
     """torchvision's `Resize(resize_size(image_size))` then `CenterCrop(image_size)` as one
     Pillow resize of the crop's box: the pixels the crop drops are never resampled. The same
-    pixels, up to a rounding of one level in a few."""
+    sizes and offsets; values within 2 levels, as Pillow may resample the box's axes in the
+    other order and round between them differently."""
     width, height = image.size
     short = resize_size(image_size)
     # torchvision's sizes and offsets (its _compute_resized_output_size and center_crop)

@@ -152,12 +152,14 @@ def prefetch(
     """`fn(item)` for each item, in order, computed in `threads` threads (in this thread when
     `threads` is 0), `ahead` items at a time (`threads` unless more): at most `ahead` results
     wait to be consumed. With more items in flight than threads, a thread whose item is done
-    starts the next while the oldest, awaited first, is still being computed."""
+    starts the next while the oldest, awaited first, is still being computed. Closed early, or
+    on an error, the items not started are dropped."""
     if not threads:
         yield from map(fn, items)
         return
     ahead = max(threads, ahead or 0)
-    with ThreadPoolExecutor(threads) as pool:
+    pool = ThreadPoolExecutor(threads)
+    try:
         pending: collections.deque = collections.deque()
         for item in items:
             pending.append(pool.submit(fn, item))
@@ -165,6 +167,8 @@ def prefetch(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _read_local_first(path: str, size: int) -> bytes:
