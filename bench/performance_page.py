@@ -1430,6 +1430,36 @@ def decoding(data: Result, name: str) -> str:
     )
 
 
+def in_flight(data: Result, name: str) -> str:
+    runs, product = data["runs"], data["product"]
+    counts = sorted({n for shape in runs.values() for n in shape}, key=int)
+
+    def ranged(values: list[float]) -> str:
+        return f"{rate(median(values))} ({rate(min(values))}-{rate(max(values))})"
+
+    rows = []
+    for shape, by_count in runs.items():
+        first, last = by_count[counts[0]]["steady"], by_count[counts[-1]]["steady"]
+        ratios = [b / a for a, b in zip(first, last, strict=True)]
+        rows.append(
+            [shape,
+             *(ranged(by_count[n]["steady"]) for n in counts),
+             f"{median(ratios):.2f}x ({min(ratios):.2f}x-{max(ratios):.2f}x)"]
+        )  # fmt: skip
+    header = ["pool", *(f"{n} in flight an actor" for n in counts), f"{counts[-1]} / {counts[0]}"]
+    return paragraphs(
+        f"`insect classify` at steady state with {' and '.join(counts)} blocks in flight per "
+        f"model actor (`dataset.CPU_BLOCKS_IN_FLIGHT`, {product} in the product), in a pool "
+        "of one-thread actors and in one actor of every core's threads: "
+        f"{data['images']} high-entropy 1024x768 camera "
+        f"JPEGs, vgg16 224 px, {data['precision']}, compiled, {data['rounds']} rounds, each in "
+        "the reverse order of the one before; images/s, the median (the rounds' range), and "
+        "the ratio round by round.",
+        provenance(command("in_flight.py", "", name), name, data),
+        table(header, "l" + "r" * (len(counts) + 1), rows),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The page: which file feeds which section, in reading order.
 
@@ -1458,6 +1488,7 @@ SECTIONS = [
     Section("Blocks", "blocks.json", blocks),
     Section("Actor shapes", "shapes-*.json", shapes),
     Section("Where the CPUs go", "cpu-split-*.json", cpu_split),
+    Section("Blocks in flight", "in-flight-*.json", in_flight),
     Section("Decoding for the model", "decoding-*.json", decoding),
     Section("Decoding beside the model", "decode-overlap-*.json", decode_overlap),
     Section("The review page", "review-cpu-amd-epyc.json", review),

@@ -290,16 +290,23 @@ def cpu_threads(cfg: ClassifyConfig, shape: ActorShape) -> int | None:
 
 
 def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolStrategy:
-    """The model actors' pool. On CPU, with a full pool, one block in flight per actor: the
-    first actor to start took every block otherwise (docs/performance.md, "Where the CPUs
-    go"). A growing pool (--min-actors) keeps Ray's default: it grows only while more than
-    one task an actor waits. On GPU, batches take milliseconds: the next one on its way."""
+    """The model actors' pool. On CPU, with a full pool, CPU_BLOCKS_IN_FLIGHT blocks per
+    actor: the first actor to start took every block otherwise (docs/performance.md, "Where
+    the CPUs go"). A growing pool (--min-actors) keeps Ray's
+    default: it grows only while more than one task an actor waits. On GPU, batches take
+    milliseconds: the next one on its way."""
     full_cpu_pool = not cfg.gpu and min_actors == actors
     return ActorPoolStrategy(
         min_size=min_actors,
         max_size=actors,
-        max_tasks_in_flight_per_actor=1 if full_cpu_pool else None,
+        max_tasks_in_flight_per_actor=CPU_BLOCKS_IN_FLIGHT if full_cpu_pool else None,
     )
+
+
+# Blocks in flight per actor of a full CPU pool. With one, Ray Data handed an actor its next
+# block about when another actor's task ended, and an actor that was done waited for it
+# (docs/performance.md, "Blocks in flight").
+CPU_BLOCKS_IN_FLIGHT = 2
 
 
 def max_actors(cfg: ClassifyConfig) -> int:
