@@ -69,7 +69,6 @@ def main() -> None:
             "precision": args.precision,
             "rounds": ROUNDS,
             "cpu": cpu_name(),
-            "product": product,
             "runs": found,
         },
     )

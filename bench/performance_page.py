@@ -1431,7 +1431,7 @@ def decoding(data: Result, name: str) -> str:
 
 
 def in_flight(data: Result, name: str) -> str:
-    runs, product = data["runs"], data["product"]
+    runs = data["runs"]
     counts = sorted({n for shape in runs.values() for n in shape}, key=int)
 
     def ranged(values: list[float]) -> str:
@@ -1449,7 +1449,7 @@ def in_flight(data: Result, name: str) -> str:
     header = ["pool", *(f"{n} in flight an actor" for n in counts), f"{counts[-1]} / {counts[0]}"]
     return paragraphs(
         f"`insect classify` at steady state with {' and '.join(counts)} blocks in flight per "
-        f"model actor (`dataset.CPU_BLOCKS_IN_FLIGHT`, {product} in the product), in a pool "
+        "model actor (`dataset.CPU_BLOCKS_IN_FLIGHT`), in a pool "
         "of one-thread actors and in one actor of every core's threads: "
         f"{data['images']} high-entropy 1024x768 camera "
         f"JPEGs, vgg16 224 px, {data['precision']}, compiled, {data['rounds']} rounds, each in "

@@ -151,7 +151,7 @@ def test_large_inputs_stream_blocks_of_one_batch_of_predictions(classes):
 def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor():
     """On CPU a batch takes seconds: a run of 8 batches on 2 actors streams blocks of one
     batch of paths (larger ones left one actor idle while the other took every block), and
-    a full pool takes two blocks an actor at a time; a growing pool keeps Ray's default
+    a full pool takes one block an actor at a time; a growing pool keeps Ray's default
     (with one in flight it would never grow). On GPU the same run gets blocks of
     predictions."""
     meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=32)
@@ -163,7 +163,7 @@ def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor():
     assert streaming_block_size(cpu, meta, small) < paths  # one batch of paths a block
     assert streaming_block_size(gpu, meta, small) > 2 * paths
     assert streaming_block_size(cpu, meta, large) > 2 * paths
-    assert actor_pool(cpu, 2, 2).max_tasks_in_flight_per_actor == 2
+    assert actor_pool(cpu, 2, 2).max_tasks_in_flight_per_actor == 1
     assert actor_pool(cpu, 1, 2).max_tasks_in_flight_per_actor is None  # --min-actors 1
     assert actor_pool(gpu, 2, 2).max_tasks_in_flight_per_actor is None
     # An actor decodes on each of its CPUs.

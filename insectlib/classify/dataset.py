@@ -291,9 +291,8 @@ def cpu_threads(cfg: ClassifyConfig, shape: ActorShape) -> int | None:
 
 def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolStrategy:
     """The model actors' pool. On CPU, with a full pool, CPU_BLOCKS_IN_FLIGHT blocks per
-    actor: the first actor to start took every block otherwise (docs/performance.md, "Where
-    the CPUs go"). A growing pool (--min-actors) keeps Ray's
-    default: it grows only while more than one task an actor waits. On GPU, batches take
+    actor (see there). A growing pool (--min-actors) keeps Ray's default: Ray grows a pool
+    only while its actors average more tasks in flight than one each. On GPU, batches take
     milliseconds: the next one on its way."""
     full_cpu_pool = not cfg.gpu and min_actors == actors
     return ActorPoolStrategy(
@@ -303,10 +302,11 @@ def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolSt
     )
 
 
-# Blocks in flight per actor of a full CPU pool. With one, Ray Data handed an actor its next
-# block about when another actor's task ended, and an actor that was done waited for it
-# (docs/performance.md, "Blocks in flight").
-CPU_BLOCKS_IN_FLIGHT = 2
+# Blocks in flight per actor of a full CPU pool. Ray 2.60's default, 2, lets the first actor
+# ready take 2 of an input's few blocks while another waits for none; with 1, an actor that
+# is done waits for its next block about until another's task ends, which 2 avoids on long
+# inputs of one-batch blocks (docs/performance.md, "Blocks in flight").
+CPU_BLOCKS_IN_FLIGHT = 1
 
 
 def max_actors(cfg: ClassifyConfig) -> int:
