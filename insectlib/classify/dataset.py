@@ -303,9 +303,9 @@ def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolSt
 
 
 # Blocks in flight per actor of a full CPU pool. Ray 2.60's default, 2, lets the first actor
-# ready take 2 of an input's few blocks while another waits for none; with 1, an actor that
-# is done waits for its next block about until another's task ends, which 2 avoids on long
-# inputs of one-batch blocks (docs/performance.md, "Blocks in flight").
+# ready take 2 of an input's few blocks while another gets none; with 1, an actor that is
+# done may wait for its next block until another actor's task ends, which 2 avoided on a
+# long input of one-batch blocks (docs/performance.md, "Blocks in flight").
 CPU_BLOCKS_IN_FLIGHT = 1
 
 
