@@ -1,8 +1,8 @@
 """Blocks in flight per model actor: `insect classify` at steady state with 1 and with 2
-blocks in flight an actor (`dataset.CPU_BLOCKS_IN_FLIGHT`, set in this driver, which
-builds the pool), in a pool of one-thread actors (one per core, the rule's shape for fp32
-and for int8 on vector units) and in one actor of every core's threads, ROUNDS rounds, each
-in the reverse order of the one before.
+blocks in flight an actor (whatever the product's rule, `dataset.blocks_in_flight`, would
+give: set in this driver, which builds the pool), in a pool of one-thread actors (one per
+core, the rule's shape for fp32 and for int8 on vector units) and in one actor of every
+core's threads, ROUNDS rounds, each in the reverse order of the one before.
 
     .venv/bin/python bench/in_flight.py [--images 768] [--precision bf16]
 
@@ -18,9 +18,8 @@ import os
 import tempfile
 
 from common import result_path, write_result
-from shapes import camera_jpegs, classify_rate, make_model
+from shapes import blocks_in_flight, camera_jpegs, classify_rate, make_model
 
-from insectlib.classify import dataset
 from insectlib.model.precision import cpu_name
 
 ROUNDS = 2
@@ -42,7 +41,6 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    product = dataset.CPU_BLOCKS_IN_FLIGHT
     found: dict[str, dict[str, dict[str, list[float]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         images = camera_jpegs(os.path.join(tmp, "camera"), args.images)
@@ -51,16 +49,15 @@ def main() -> None:
             order = 1 if round_ % 2 == 0 else -1
             for name, settings in list(shapes().items())[::order]:
                 for blocks in IN_FLIGHT[::order]:
-                    dataset.CPU_BLOCKS_IN_FLIGHT = blocks
                     out = os.path.join(tmp, f"out-{round_}-{name}-{blocks}")
-                    run = classify_rate(
-                        images, model, out, precision=args.precision, compile="on", **settings
-                    )
+                    with blocks_in_flight(blocks):
+                        run = classify_rate(
+                            images, model, out, precision=args.precision, compile="on", **settings
+                        )
                     runs = found.setdefault(name, {}).setdefault(str(blocks), {})
                     runs.setdefault("steady", []).append(run["steady"])
                     runs.setdefault("whole", []).append(run["whole"])
                     print(name, blocks, run, flush=True)
-    dataset.CPU_BLOCKS_IN_FLIGHT = product
     write_result(
         args.out or result_path("in-flight"),
         {

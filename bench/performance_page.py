@@ -1449,7 +1449,8 @@ def in_flight(data: Result, name: str) -> str:
     header = ["pool", *(f"{n} in flight an actor" for n in counts), f"{counts[-1]} / {counts[0]}"]
     return paragraphs(
         f"`insect classify` at steady state with {' and '.join(counts)} blocks in flight per "
-        "model actor (`dataset.CPU_BLOCKS_IN_FLIGHT`), in a pool "
+        "model actor (set by the bench for every run; the product's rule is "
+        "`dataset.blocks_in_flight`), in a pool "
         "of one-thread actors and in one actor of every core's threads: "
         f"{data['images']} high-entropy 1024x768 camera "
         f"JPEGs, vgg16 224 px, {data['precision']}, compiled, {data['rounds']} rounds, each in "

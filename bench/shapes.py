@@ -24,6 +24,7 @@ Writes bench/results/shapes-<cpu>.json; docs/performance.md renders it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import sys
@@ -173,7 +174,8 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
     same = {**settings, "max_actors": shape["actors"], "cpus_per_actor": shape["cpus_per_actor"]}
     same["compile"] = compiled(shape)
     quarter = first_of(folder, summary.inputs // 4, output + "-input")
-    short, short_seconds = classify_once(quarter, model_dir, output + "-quarter", **same)
+    with blocks_in_flight(shape["blocks_in_flight"]):  # the rule's for the longer run
+        short, short_seconds = classify_once(quarter, model_dir, output + "-quarter", **same)
     assert short.shape["actors"] == shape["actors"], "a quarter too small for the shape"
     longer = seconds - short_seconds
     return {
@@ -182,6 +184,20 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
         "seconds": seconds,
         "shape": shape,
     }
+
+
+@contextlib.contextmanager
+def blocks_in_flight(n: int | None):
+    """The product's pool takes `n` blocks an actor at a time, whatever its rule
+    (`dataset.blocks_in_flight`) would give."""
+    from insectlib.classify import dataset
+
+    rule = dataset.blocks_in_flight
+    dataset.blocks_in_flight = lambda *_: n
+    try:
+        yield
+    finally:
+        dataset.blocks_in_flight = rule
 
 
 def compiled(shape: dict) -> str:

@@ -11,6 +11,7 @@ import os
 import shutil
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +22,11 @@ import ray
 import ray.data
 
 from insectlib import layout, storage
+from insectlib.classify import pipeline
 from insectlib.classify.dataset import (
+    MANY_BLOCKS,
     actor_pool,
+    blocks_in_flight,
     cpu_threads,
     read_inputs,
     streaming_block_size,
@@ -163,12 +167,65 @@ def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor():
     assert streaming_block_size(cpu, meta, small) < paths  # one batch of paths a block
     assert streaming_block_size(gpu, meta, small) > 2 * paths
     assert streaming_block_size(cpu, meta, large) > 2 * paths
-    assert actor_pool(cpu, 2, 2).max_tasks_in_flight_per_actor == 1
-    assert actor_pool(cpu, 1, 2).max_tasks_in_flight_per_actor is None  # --min-actors 1
-    assert actor_pool(gpu, 2, 2).max_tasks_in_flight_per_actor is None
+    pool = ActorShape(2, 1.0, False, "")
+    assert blocks_in_flight(cpu, pool, 8) == 1
+    growing = ClassifyConfig(input="in", model="m", output="o", max_actors=2, min_actors=1)
+    assert blocks_in_flight(growing, pool, 10_000) is None
+    assert blocks_in_flight(gpu, pool, 10_000) is None
+    strategy = actor_pool(growing, replace(pool, blocks_in_flight=None))
+    assert (strategy.min_size, strategy.max_size) == (1, 2)
+    assert strategy.max_tasks_in_flight_per_actor is None
     # An actor decodes on each of its CPUs.
     assert cpu_threads(cpu, ActorShape(1, 2.0, False, "")) == 2
     assert cpu_threads(gpu, ActorShape(1, 2.0, False, "")) is None
+
+
+def test_several_actors_take_two_blocks_each_where_each_has_many_to_come():
+    """With one block in flight an actor that is done waits until another's task ends;
+    with two, one may be a block behind at the end: 2 only where each of several actors
+    has MANY_BLOCKS to come. An actor alone takes 1 (it waited less so)."""
+    cpu = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
+    pool = ActorShape(2, 1.0, False, "")
+    assert blocks_in_flight(cpu, pool, MANY_BLOCKS * 2) == 2
+    assert blocks_in_flight(cpu, pool, MANY_BLOCKS * 2 - 1) == 1
+    assert blocks_in_flight(cpu, ActorShape(1, 2.0, False, ""), 10_000) == 1
+    strategy = actor_pool(cpu, replace(pool, blocks_in_flight=2))
+    assert (strategy.min_size, strategy.max_size, strategy.max_tasks_in_flight_per_actor) == (
+        2,
+        2,
+        2,
+    )
+
+
+@pytest.mark.parametrize("images,classes", [(300, 3), (3000, 3), (6000, 60)])
+def test_the_blocks_counted_for_the_pool_are_no_more_than_ray_data_makes(
+    ray_local, tmp_path, images, classes
+):
+    """The blocks a listing is counted to hold (which decide the blocks in flight) are a
+    lower bound of the blocks Ray Data streams: one batch each for a small input, several
+    for a large one, more with many classes (blocks hold a batch of their rows), where
+    the count goes on past the compile threshold's until it proves MANY_BLOCKS an actor."""
+    for i in range(images):
+        _touch(tmp_path / "in" / f"{i:05d}.jpg")
+    folder = str(tmp_path / "in")
+    cfg = ClassifyConfig(input=folder, model="m", output="o", max_actors=2, cpus_per_actor=1.0)
+    names = [f"c{i}" for i in range(classes)]
+    meta = ModelMeta(classes=names, arch="vgg16", image_size=32, model_id="0" * 16)
+    parts = inputs.plan_listing(cfg.input, S3)
+    plan = pipeline.RunPlan(cfg, meta, pipeline.row_format_for(cfg, meta), parts, None)
+    count = pipeline.count_for_choices(plan)
+    listing = pipeline.list_inputs(plan, count, None, None)
+    made = sum(1 for _ in listing.dataset.iter_batches(batch_size=None))
+    assert listing.inputs == count.inputs <= images
+    assert listing.blocks <= made, (listing.blocks, made)
+    if count.inputs < images:  # the count stopped where it proved as many as the rule needs
+        assert listing.blocks >= 2 * MANY_BLOCKS
+    else:
+        assert listing.blocks >= 0.5 * made, (listing.blocks, made)
+    if classes > 3:  # past the compile threshold's count (2,400 for 2 actors)
+        assert count.inputs > 2400
+    pool = pipeline.actor_shape(plan, listing)
+    assert pool.actors == 2 and pool.blocks_in_flight == (1 if images < 500 else 2)
 
 
 def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):
@@ -403,4 +460,4 @@ def test_resume_with_a_large_done_set(trained, unlabelled, tmp_path):
     new = [p for p in paths if "/new/" in p]
     assert len(new) == len(unlabelled)
     pool = json.loads((out / layout.SUMMARY_JSON).read_text())["actor_shape"]
-    assert pool["actors"] == 1 and not pool["compile"], pool
+    assert pool["actors"] == 1 and not pool["compile"] and pool["blocks_in_flight"] == 1, pool

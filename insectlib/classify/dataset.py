@@ -139,7 +139,7 @@ def streaming_block_size(
     input is cut into batches by `pipeline` instead."""
     row_format = row_format or RowFormat()
     n = cfg.batch_size
-    paths = inputs.path_table(["/" * round(count.path_bytes)] * n).nbytes
+    paths = batch_of_paths(cfg, count)
     if is_small(cfg, count.inputs) and not row_format.embedding_size:
         return int(paths / ONE_BATCH_A_BLOCK)
     rows = prediction_table(
@@ -151,6 +151,17 @@ def streaming_block_size(
         np.zeros((n, row_format.embedding_size or 0), np.float32),
     )
     return max(rows.nbytes, int(WHOLE_BATCHES_A_BLOCK * paths))
+
+
+def batch_of_paths(cfg: ClassifyConfig, count: inputs.Count) -> int:
+    """The bytes of a block of one batch of paths of the counted weight."""
+    return inputs.path_table(["/" * round(count.path_bytes)] * cfg.batch_size).nbytes
+
+
+def batches_a_block(block_size: int, cfg: ClassifyConfig, count: inputs.Count) -> int:
+    """The most batches of paths a block of `block_size` bytes holds: Ray Data ends a
+    block at the batch that takes it over the size."""
+    return block_size // batch_of_paths(cfg, count) + 1
 
 
 def few_batches(cfg: ClassifyConfig, seen: int) -> bool:
@@ -235,10 +246,6 @@ def prediction_dataset(
 ) -> ray.data.Dataset:
     """Path blocks -> rows of `row_format`, in a pool of `shape`. `int8_model`: run int8
     with it."""
-    actors = shape.actors
-    # A pool that starts at full size: growing it one actor at a time costs minutes of idle
-    # CPUs on short jobs; --min-actors lets it breathe on a shared cluster.
-    min_actors = min(cfg.min_actors or actors, actors)
     decode_kwargs = {"image_size": image_size, "limits": cfg.limits, "s3": cfg.s3}
     if not cfg.decodes_on_device:
         decode_kwargs["threads"] = cpu_threads(cfg, shape) or 1
@@ -267,7 +274,7 @@ def prediction_dataset(
             "limits": cfg.limits,
         },
         batch_size=cfg.batch_size,
-        compute=actor_pool(cfg, min_actors, actors),
+        compute=actor_pool(cfg, shape),
         num_cpus=shape.cpus_per_actor,
         num_gpus=1 if cfg.gpu else 0,
     )
@@ -289,24 +296,41 @@ def cpu_threads(cfg: ClassifyConfig, shape: ActorShape) -> int | None:
     return None if cfg.gpu else max(1, int(shape.cpus_per_actor))
 
 
-def actor_pool(cfg: ClassifyConfig, min_actors: int, actors: int) -> ActorPoolStrategy:
-    """The model actors' pool. On CPU, with a full pool, CPU_BLOCKS_IN_FLIGHT blocks per
-    actor (see there). A growing pool (--min-actors) keeps Ray's default: Ray grows a pool
-    only while its actors average more tasks in flight than one each. On GPU, batches take
-    milliseconds: the next one on its way."""
-    full_cpu_pool = not cfg.gpu and min_actors == actors
+def actor_pool(cfg: ClassifyConfig, shape: ActorShape) -> ActorPoolStrategy:
+    """The model actors' pool: `min_actors` to `shape.actors` actors, each taking
+    `shape.blocks_in_flight` blocks at a time (None: Ray's default, see `blocks_in_flight`)."""
     return ActorPoolStrategy(
-        min_size=min_actors,
-        max_size=actors,
-        max_tasks_in_flight_per_actor=CPU_BLOCKS_IN_FLIGHT if full_cpu_pool else None,
+        min_size=min_actors(cfg, shape),
+        max_size=shape.actors,
+        max_tasks_in_flight_per_actor=shape.blocks_in_flight,
     )
 
 
-# Blocks in flight per actor of a full CPU pool. Ray 2.60's default, 2, lets the first actor
-# ready take 2 of an input's few blocks while another gets none; with 1, an actor that is
-# done may wait for its next block until another actor's task ends, which 2 avoided on a
-# long input of one-batch blocks (docs/performance.md, "Blocks in flight").
-CPU_BLOCKS_IN_FLIGHT = 1
+def blocks_in_flight(cfg: ClassifyConfig, shape: ActorShape, blocks: int) -> int | None:
+    """Blocks each model actor takes at a time, for `blocks` blocks to classify (at least).
+    A full CPU pool of several actors takes 2 where each actor has MANY_BLOCKS or more to
+    come, else 1, and an actor alone 1 (see MANY_BLOCKS). A growing pool (--min-actors)
+    keeps Ray's default (None): Ray grows a pool only while its actors average more than
+    one task in flight each. On GPU, batches take milliseconds: the next one on its way."""
+    if cfg.gpu or min_actors(cfg, shape) < shape.actors:
+        return None
+    return 2 if shape.actors > 1 and blocks >= MANY_BLOCKS * shape.actors else 1
+
+
+def min_actors(cfg: ClassifyConfig, shape: ActorShape) -> int:
+    """The actors a pool starts with: all of them, since growing it one actor at a time
+    costs minutes of idle CPUs on short jobs; --min-actors lets it breathe on a shared
+    cluster."""
+    return min(cfg.min_actors or shape.actors, shape.actors)
+
+
+# Blocks each actor of a full CPU pool of several has to come from which it takes 2 at a
+# time. With 1, an actor that is done may wait for its next block until another actor's
+# task ends (a fifth of its time, measured); with 2, the first actor ready may take 2 of a
+# few blocks while another has none, and one actor may be a block behind at the end: with
+# this many to come, the waits saved outweigh that block (docs/performance.md, "Blocks in
+# flight"). An actor alone waited less with 1.
+MANY_BLOCKS = 8
 
 
 def max_actors(cfg: ClassifyConfig) -> int:

@@ -87,16 +87,16 @@ def classify(
             console.warn(warning)
         count, done = prepare_output(plan)
         run = progress.start()
-        listed, todo = list_inputs(plan, count, done, run)
+        listing = list_inputs(plan, count, done, run)
         pool = None
-        if done and done.rows and not todo:  # a resume with every input done: no actor
+        if done and done.rows and not listing.inputs:  # a resume with every input done
             console.say("every input has its row already; nothing to classify")
         else:
-            pool = actor_shape(plan, todo)
+            pool = actor_shape(plan, listing)
             check_capacity(cfg, pool)
             if done is not None:
                 outputs.drop_record(cfg.output, done, cfg.s3)  # rows are added: not final
-            run_pipeline(plan, listed, done, run, pool)
+            run_pipeline(plan, listing.dataset, done, run, pool)
         inputs_total = listing_total(plan, run)
         lock.check()  # another run took the output over: write no _SUCCESS
         return finish(plan, inputs_total, done, time.perf_counter() - started, pool)
@@ -122,11 +122,7 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
     compiling for), then the output made ready: the old run removed (--overwrite) or its
     finished parts found (--resume). Returns the count and what is already done."""
     cfg = plan.cfg
-    # Counted as far as a choice depends on it: compiling, and small-input blocks.
-    thresholds = [n for n in shape.COMPILE_FROM.values() if n]
-    per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
-    big = per_actor * dataset.max_actors(cfg)
-    count = inputs.count_inputs(plan.parts, cfg.s3, big)
+    count = count_for_choices(plan)
     removal = plan_classify_output(cfg)  # again, under the lock: another run may have ended since
     if removal:
         outputs.remove(cfg.output, removal, cfg.s3)
@@ -137,9 +133,33 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
     return count, done
 
 
-def list_inputs(
-    plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run
-) -> tuple[ray.data.Dataset, int]:
+def count_for_choices(plan: RunPlan) -> inputs.Count:
+    """The input counted as far as a choice depends on it: compiling, small-input blocks,
+    and then blocks in flight (how many blocks of the counted paths' size each actor has)."""
+    cfg = plan.cfg
+    thresholds = [n for n in shape.COMPILE_FROM.values() if n]
+    per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
+    big = per_actor * dataset.max_actors(cfg)
+    count = inputs.count_inputs(plan.parts, cfg.s3, big)
+    if count.inputs < big:
+        return count
+    block_size = dataset.streaming_block_size(cfg, plan.meta, count, plan.row_format)
+    batches = dataset.batches_a_block(block_size, cfg, count)
+    many = dataset.MANY_BLOCKS * dataset.max_actors(cfg) * batches * cfg.batch_size
+    return inputs.count_inputs(plan.parts, cfg.s3, many) if many > big else count
+
+
+@dataclass
+class Listing:
+    """The inputs to classify (`list_inputs`): their blocks of paths, and how many inputs
+    and blocks there are, at least (a count stops where no choice depends on more)."""
+
+    dataset: ray.data.Dataset
+    inputs: int
+    blocks: int
+
+
+def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run) -> Listing:
     """The inputs to classify as blocks of paths, and how many there are to size the pool
     for: as counted, or on a resume exactly those without a row (its anti-join runs here,
     before any model actor starts), not the inputs already done."""
@@ -154,12 +174,14 @@ def list_inputs(
             already = console.counted(done.rows, "input")
             console.say(f"resuming: {already} already done; finding those without a row")
             todo = dataset.skip_done(listed, done, cfg)
-            return todo, todo.count()
+            return Listing(todo, todo.count(), todo.num_blocks())
         if row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
             # Blocks of a batch of embeddings hold a small input's every path in one block:
             # cut them into batches here, before the model actors take the CPUs it needs.
             listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-    return listed, count.inputs
+            return Listing(listed, count.inputs, listed.num_blocks())
+    most = dataset.batches_a_block(block_size, cfg, count) * cfg.batch_size
+    return Listing(listed, count.inputs, -(-count.inputs // most))
 
 
 def run_pipeline(
@@ -296,15 +318,17 @@ def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
     )
 
 
-def actor_shape(plan: RunPlan, seen: int) -> shape.ActorShape:
-    """The model-actor pool for this run on the connected cluster (see `shape`)."""
+def actor_shape(plan: RunPlan, listing: Listing) -> shape.ActorShape:
+    """The model-actor pool for this run on the connected cluster (see `shape`), and the
+    blocks each actor takes at a time for its input (`dataset.blocks_in_flight`)."""
     cfg = plan.cfg
     if plan.int8_model:
         precision = "int8"
     else:
         dtype = resolve_precision(cfg.precision, torch.device("cuda" if cfg.gpu else "cpu"))
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    return shape.choose(cfg, precision, cluster_size(), seen)
+    pool = shape.choose(cfg, precision, cluster_size(), listing.inputs)
+    return replace(pool, blocks_in_flight=dataset.blocks_in_flight(cfg, pool, listing.blocks))
 
 
 def cluster_size() -> shape.Cluster:

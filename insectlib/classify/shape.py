@@ -40,6 +40,7 @@ class ActorShape:
     cpus_per_actor: float  # also the actor's torch threads on CPU
     compile: bool
     why: str
+    blocks_in_flight: int | None = None  # each actor's, set for the input (`dataset`); None: Ray's
 
     def line(self) -> str:
         compiled = ", compiled" if self.compile else ""
