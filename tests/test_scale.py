@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import ray.data
 from insectlib import layout, storage
 from insectlib.classify import pipeline
 from insectlib.classify.dataset import (
-    MANY_BLOCKS,
+    MANY_TASKS,
     actor_pool,
     blocks_in_flight,
     cpu_threads,
@@ -180,14 +181,14 @@ def test_cpu_runs_get_blocks_of_one_batch_up_to_many_batches_an_actor():
     assert cpu_threads(gpu, ActorShape(1, 2.0, False, "")) is None
 
 
-def test_several_actors_take_two_blocks_each_where_each_has_many_to_come():
+def test_several_actors_take_two_blocks_each_where_each_has_many_tasks_to_come():
     """With one block in flight an actor that is done waits until another's task ends;
-    with two, one may be a block behind at the end: 2 only where each of several actors
-    has MANY_BLOCKS to come. An actor alone takes 1 (it waited less so)."""
+    with two, one may be a task behind at the end: 2 only where each of several actors has
+    MANY_TASKS to come; an actor alone takes 1."""
     cpu = ClassifyConfig(input="in", model="m", output="o", max_actors=2)
     pool = ActorShape(2, 1.0, False, "")
-    assert blocks_in_flight(cpu, pool, MANY_BLOCKS * 2) == 2
-    assert blocks_in_flight(cpu, pool, MANY_BLOCKS * 2 - 1) == 1
+    assert blocks_in_flight(cpu, pool, MANY_TASKS * 2) == 2
+    assert blocks_in_flight(cpu, pool, MANY_TASKS * 2 - 1) == 1
     assert blocks_in_flight(cpu, ActorShape(1, 2.0, False, ""), 10_000) == 1
     strategy = actor_pool(cpu, replace(pool, blocks_in_flight=2))
     assert (strategy.min_size, strategy.max_size, strategy.max_tasks_in_flight_per_actor) == (
@@ -197,35 +198,79 @@ def test_several_actors_take_two_blocks_each_where_each_has_many_to_come():
     )
 
 
-@pytest.mark.parametrize("images,classes", [(300, 3), (3000, 3), (6000, 60)])
-def test_the_blocks_counted_for_the_pool_are_no_more_than_ray_data_makes(
-    ray_local, tmp_path, images, classes
+class _ModelStandIn:
+    """A model actor's stand-in (for Ray Data's count of the tasks it ran)."""
+
+    def __call__(self, batch):
+        return {"n": np.array([len(batch["path"])] * len(batch["path"]))}
+
+
+def _names(folder, count, chars=5, start=0):
+    for i in range(start, start + count):
+        _touch(folder / f"{i:0{chars}d}.jpg")
+
+
+@pytest.mark.parametrize(
+    "layout,classes",
+    [("300", 3), ("17x31", 3), ("3000", 3), ("6000", 60), ("250 long, 250 short", 3)],
+)
+def test_the_tasks_counted_for_the_pool_are_no_more_than_its_actors_run(
+    ray_local, tmp_path, layout, classes
 ):
-    """The blocks a listing is counted to hold (which decide the blocks in flight) are a
-    lower bound of the blocks Ray Data streams: one batch each for a small input, several
-    for a large one, more with many classes (blocks hold a batch of their rows), where
-    the count goes on past the compile threshold's until it proves MANY_BLOCKS an actor."""
-    for i in range(images):
-        _touch(tmp_path / "in" / f"{i:05d}.jpg")
-    folder = str(tmp_path / "in")
-    cfg = ClassifyConfig(input=folder, model="m", output="o", max_actors=2, cpus_per_actor=1.0)
+    """The tasks a listing is counted to make (which decide the blocks in flight) are no
+    more than the model actors run, whatever the blocks: one batch each for a small input,
+    a part's last one short (17 folders); several for a large one, more with many classes
+    (blocks hold a batch of their rows), where the count goes on past the compile
+    threshold's until it proves MANY_TASKS an actor; names of two lengths in two parts."""
+    folder = tmp_path / "in"
+    if "x" in layout:
+        for k in range(17):
+            _names(folder / f"f{k:02d}", 31, start=31 * k)
+    elif "long" in layout:
+        _names(folder / "a", 250, chars=80)
+        _names(folder / "b", 250, chars=3)
+    else:
+        _names(folder, int(layout))
+    images = sum(1 for _ in folder.rglob("*.jpg"))
+    cfg = ClassifyConfig(input=str(folder), model="m", output="o", max_actors=2, cpus_per_actor=1.0)
     names = [f"c{i}" for i in range(classes)]
     meta = ModelMeta(classes=names, arch="vgg16", image_size=32, model_id="0" * 16)
     parts = inputs.plan_listing(cfg.input, S3)
     plan = pipeline.RunPlan(cfg, meta, pipeline.row_format_for(cfg, meta), parts, None)
     count = pipeline.count_for_choices(plan)
     listing = pipeline.list_inputs(plan, count, None, None)
-    made = sum(1 for _ in listing.dataset.iter_batches(batch_size=None))
+    ran = listing.dataset.map_batches(
+        _ModelStandIn, batch_size=32, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0
+    ).materialize()
+    tasks = int(re.search(r"MapBatches\(_ModelStandIn\): (\d+) tasks executed", ran.stats())[1])
     assert listing.inputs == count.inputs <= images
-    assert listing.blocks <= made, (listing.blocks, made)
+    assert listing.tasks <= tasks, (listing.tasks, tasks)
     if count.inputs < images:  # the count stopped where it proved as many as the rule needs
-        assert listing.blocks >= 2 * MANY_BLOCKS
-    else:
-        assert listing.blocks >= 0.5 * made, (listing.blocks, made)
+        assert listing.tasks >= 2 * MANY_TASKS
     if classes > 3:  # past the compile threshold's count (2,400 for 2 actors)
         assert count.inputs > 2400
     pool = pipeline.actor_shape(plan, listing)
-    assert pool.actors == 2 and pool.blocks_in_flight == (1 if images < 500 else 2)
+    assert pool.actors == 2
+    assert pool.blocks_in_flight == (2 if listing.tasks >= 2 * MANY_TASKS else 1)
+
+
+def test_a_count_goes_on_once_to_the_limit_its_first_count_asks_for(tmp_path):
+    """At its limit the count asks how far to go on, given the count so far, once, and
+    lists each path once: its weight is that of every path counted."""
+    _names(tmp_path / "a", 40, chars=3)
+    _names(tmp_path / "b", 40, chars=30)
+    parts = inputs.plan_listing(str(tmp_path), S3)
+    asked = []
+
+    def further(count):
+        asked.append(count.inputs)
+        return 60
+
+    full = inputs.count_inputs(parts, S3, 1000)
+    assert inputs.count_inputs(parts, S3, 10, further).inputs == 60 and asked == [10]
+    assert inputs.count_inputs(parts, S3, 10, lambda _: 5).inputs == 10
+    assert inputs.count_inputs(parts, S3, 1000, further) == full and asked == [10]
+    assert full.inputs == 80
 
 
 def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):

@@ -160,8 +160,15 @@ def batch_of_paths(cfg: ClassifyConfig, count: inputs.Count) -> int:
 
 def batches_a_block(block_size: int, cfg: ClassifyConfig, count: inputs.Count) -> int:
     """The most batches of paths a block of `block_size` bytes holds: Ray Data ends a
-    block at the batch that takes it over the size."""
+    block at the batch that takes it over the size (paths of the counted weight)."""
     return block_size // batch_of_paths(cfg, count) + 1
+
+
+def most_task_rows(batches_a_block: int, cfg: ClassifyConfig) -> int:
+    """The most inputs one task of the model actors takes, from blocks of at most
+    `batches_a_block` batches: Ray Data joins blocks into a task until it holds a batch,
+    so a part's last, short block shares one with the next block."""
+    return (batches_a_block + 1) * cfg.batch_size
 
 
 def few_batches(cfg: ClassifyConfig, seen: int) -> bool:
@@ -300,37 +307,44 @@ def actor_pool(cfg: ClassifyConfig, shape: ActorShape) -> ActorPoolStrategy:
     """The model actors' pool: `min_actors` to `shape.actors` actors, each taking
     `shape.blocks_in_flight` blocks at a time (None: Ray's default, see `blocks_in_flight`)."""
     return ActorPoolStrategy(
-        min_size=min_actors(cfg, shape),
+        min_size=min_actors(cfg, shape.actors),
         max_size=shape.actors,
         max_tasks_in_flight_per_actor=shape.blocks_in_flight,
     )
 
 
-def blocks_in_flight(cfg: ClassifyConfig, shape: ActorShape, blocks: int) -> int | None:
-    """Blocks each model actor takes at a time, for `blocks` blocks to classify (at least).
-    A full CPU pool of several actors takes 2 where each actor has MANY_BLOCKS or more to
-    come, else 1, and an actor alone 1 (see MANY_BLOCKS). A growing pool (--min-actors)
-    keeps Ray's default (None): Ray grows a pool only while its actors average more than
-    one task in flight each. On GPU, batches take milliseconds: the next one on its way."""
-    if cfg.gpu or min_actors(cfg, shape) < shape.actors:
-        return None
-    return 2 if shape.actors > 1 and blocks >= MANY_BLOCKS * shape.actors else 1
+def blocks_in_flight(cfg: ClassifyConfig, shape: ActorShape, tasks: int) -> int | None:
+    """Blocks each model actor takes at a time, for `tasks` tasks (at least) to come. A
+    full CPU pool of several actors takes 2 where each has MANY_TASKS or more, else 1 (see
+    MANY_TASKS); an actor alone takes 1. A growing pool (--min-actors) keeps Ray's default
+    (None): Ray grows a pool only while its actors average more than one task in flight
+    each. On GPU, batches take milliseconds: the next one on its way (Ray's default too)."""
+    least = min_actors(cfg, shape.actors)
+    if input_decides_in_flight(cfg, shape.actors, least):
+        return 2 if tasks >= MANY_TASKS * shape.actors else 1
+    return None if cfg.gpu or least < shape.actors else 1
 
 
-def min_actors(cfg: ClassifyConfig, shape: ActorShape) -> int:
+def input_decides_in_flight(cfg: ClassifyConfig, actors: int, least: int) -> bool:
+    """Whether the blocks in flight of a pool of `least` to `actors` actors depend on its
+    input: in a full CPU pool of several."""
+    return not cfg.gpu and least == actors > 1
+
+
+def min_actors(cfg: ClassifyConfig, actors: int) -> int:
     """The actors a pool starts with: all of them, since growing it one actor at a time
     costs minutes of idle CPUs on short jobs; --min-actors lets it breathe on a shared
     cluster."""
-    return min(cfg.min_actors or shape.actors, shape.actors)
+    return min(cfg.min_actors or actors, actors)
 
 
-# Blocks each actor of a full CPU pool of several has to come from which it takes 2 at a
-# time. With 1, an actor that is done may wait for its next block until another actor's
+# Tasks each actor of a full CPU pool of several has to come from which it takes 2 blocks at
+# a time. With 1, an actor that is done may wait for its next block until another actor's
 # task ends (a fifth of its time, measured); with 2, the first actor ready may take 2 of a
-# few blocks while another has none, and one actor may be a block behind at the end: with
-# this many to come, the waits saved outweigh that block (docs/performance.md, "Blocks in
-# flight"). An actor alone waited less with 1.
-MANY_BLOCKS = 8
+# few blocks while another has none, and one actor may be a task behind at the end: with
+# this many to come, the waits saved outweigh that task (docs/performance.md, "Blocks in
+# flight").
+MANY_TASKS = 8
 
 
 def max_actors(cfg: ClassifyConfig) -> int:

@@ -134,29 +134,39 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
 
 
 def count_for_choices(plan: RunPlan) -> inputs.Count:
-    """The input counted as far as a choice depends on it: compiling, small-input blocks,
-    and then blocks in flight (how many blocks of the counted paths' size each actor has)."""
+    """The input counted as far as a choice depends on it: compiling and small-input
+    blocks, then blocks in flight (whether each actor has MANY_TASKS tasks to come), up to
+    MOST_COUNTED inputs (beyond, a pool takes 1 in flight)."""
     cfg = plan.cfg
     thresholds = [n for n in shape.COMPILE_FROM.values() if n]
     per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
-    big = per_actor * dataset.max_actors(cfg)
-    count = inputs.count_inputs(plan.parts, cfg.s3, big)
-    if count.inputs < big:
-        return count
-    block_size = dataset.streaming_block_size(cfg, plan.meta, count, plan.row_format)
-    batches = dataset.batches_a_block(block_size, cfg, count)
-    many = dataset.MANY_BLOCKS * dataset.max_actors(cfg) * batches * cfg.batch_size
-    return inputs.count_inputs(plan.parts, cfg.s3, many) if many > big else count
+    actors = dataset.max_actors(cfg)
+    big = per_actor * actors
+
+    def for_tasks(count: inputs.Count) -> int:
+        if not dataset.input_decides_in_flight(cfg, actors, dataset.min_actors(cfg, actors)):
+            return big
+        size = dataset.streaming_block_size(cfg, plan.meta, count, plan.row_format)
+        rows = dataset.most_task_rows(dataset.batches_a_block(size, cfg, count), cfg)
+        return min(dataset.MANY_TASKS * actors * rows, MOST_COUNTED)
+
+    return inputs.count_inputs(plan.parts, cfg.s3, big, further=for_tasks)
+
+
+# Inputs the driver counts at most for the blocks in flight: about a hundred S3 listing
+# requests, where the compile threshold's count may ask for fewer.
+MOST_COUNTED = 100_000
 
 
 @dataclass
 class Listing:
-    """The inputs to classify (`list_inputs`): their blocks of paths, and how many inputs
-    and blocks there are, at least (a count stops where no choice depends on more)."""
+    """The inputs to classify (`list_inputs`): their blocks of paths, how many inputs (at
+    least: a count stops where no choice depends on more) and how many tasks of the model
+    actors they make at least (`dataset.most_task_rows`)."""
 
     dataset: ray.data.Dataset
     inputs: int
-    blocks: int
+    tasks: int
 
 
 def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run) -> Listing:
@@ -174,14 +184,19 @@ def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, r
             already = console.counted(done.rows, "input")
             console.say(f"resuming: {already} already done; finding those without a row")
             todo = dataset.skip_done(listed, done, cfg)
-            return Listing(todo, todo.count(), todo.num_blocks())
+            return listing(todo, todo.count(), 1, cfg)
         if row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
             # Blocks of a batch of embeddings hold a small input's every path in one block:
             # cut them into batches here, before the model actors take the CPUs it needs.
             listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-            return Listing(listed, count.inputs, listed.num_blocks())
-    most = dataset.batches_a_block(block_size, cfg, count) * cfg.batch_size
-    return Listing(listed, count.inputs, -(-count.inputs // most))
+            return listing(listed, count.inputs, 1, cfg)
+    return listing(listed, count.inputs, dataset.batches_a_block(block_size, cfg, count), cfg)
+
+
+def listing(listed: ray.data.Dataset, todo: int, batches_a_block: int, cfg) -> Listing:
+    """`todo` inputs in blocks of up to `batches_a_block` batches, as a `Listing`."""
+    rows = dataset.most_task_rows(batches_a_block, cfg)
+    return Listing(listed, todo, -(-todo // rows))
 
 
 def run_pipeline(
@@ -328,7 +343,7 @@ def actor_shape(plan: RunPlan, listing: Listing) -> shape.ActorShape:
         dtype = resolve_precision(cfg.precision, torch.device("cuda" if cfg.gpu else "cpu"))
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     pool = shape.choose(cfg, precision, cluster_size(), listing.inputs)
-    return replace(pool, blocks_in_flight=dataset.blocks_in_flight(cfg, pool, listing.blocks))
+    return replace(pool, blocks_in_flight=dataset.blocks_in_flight(cfg, pool, listing.tasks))
 
 
 def cluster_size() -> shape.Cluster:

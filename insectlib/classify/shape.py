@@ -40,7 +40,9 @@ class ActorShape:
     cpus_per_actor: float  # also the actor's torch threads on CPU
     compile: bool
     why: str
-    blocks_in_flight: int | None = None  # each actor's, set for the input (`dataset`); None: Ray's
+    # Blocks each actor takes at a time, set for the input (`dataset.blocks_in_flight`);
+    # None: Ray's default.
+    blocks_in_flight: int | None = 1
 
     def line(self) -> str:
         compiled = ", compiled" if self.compile else ""

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -324,18 +324,26 @@ class Count:
     path_bytes: float
 
 
-def count_inputs(parts: list[Part], s3, limit: int) -> Count:
+def count_inputs(
+    parts: list[Part], s3, limit: int, further: Callable[[Count], int] | None = None
+) -> Count:
     """The parts' inputs, counted no further than `limit`: the driver's quick look before
-    a run (is there anything at all; is the job big enough to compile for)."""
+    a run (is there anything at all; is the job big enough to compile for). `further`:
+    at the limit, the count so far -> the limit to count on to (once)."""
     count = size = 0
-    for part in parts:
-        for path in part_paths(part, s3):
-            if is_input(part, path):
-                count += 1
-                size += path_bytes(path)
-                if count >= limit:
-                    return Count(count, size / count)
+    for path in _inputs_of(parts, s3):
+        count += 1
+        size += path_bytes(path)
+        if count >= limit and further:
+            limit, further = max(limit, further(Count(count, size / count))), None
+        if count >= limit:
+            break
     return Count(count, size / count if count else 0.0)
+
+
+def _inputs_of(parts: list[Part], s3) -> Iterator[str]:
+    for part in parts:
+        yield from (path for path in part_paths(part, s3) if is_input(part, path))
 
 
 def path_bytes(path: str) -> int:
