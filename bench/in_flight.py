@@ -1,8 +1,9 @@
-"""Blocks in flight per model actor: `insect classify` at steady state with 1 and with 2
-blocks in flight an actor (whatever the product's rule, `dataset.blocks_in_flight`, would
-give: set in this driver, which builds the pool), in a pool of one-thread actors (one per
-core, the rule's shape for fp32 and for int8 on vector units) and in one actor of every
-core's threads, ROUNDS rounds, each in the reverse order of the one before.
+"""Tasks in flight per model actor: `insect classify` at steady state with 1 and with 2
+tasks (of one block of one batch here) in flight an actor (whatever the product's rule,
+`dataset.tasks_in_flight`, would give: set in this driver, which builds the pool), in a
+pool of one-thread actors (one per core, the rule's shape for fp32 and for int8 on vector
+units) and in one actor of every core's threads, ROUNDS rounds, each in the reverse order
+of the one before.
 
     .venv/bin/python bench/in_flight.py [--images 768] [--precision bf16]
 
@@ -18,7 +19,7 @@ import os
 import tempfile
 
 from common import result_path, write_result
-from shapes import blocks_in_flight, camera_jpegs, classify_rate, make_model
+from shapes import camera_jpegs, classify_rate, make_model, tasks_in_flight
 
 from insectlib.model.precision import cpu_name
 
@@ -50,7 +51,7 @@ def main() -> None:
             for name, settings in list(shapes().items())[::order]:
                 for blocks in IN_FLIGHT[::order]:
                     out = os.path.join(tmp, f"out-{round_}-{name}-{blocks}")
-                    with blocks_in_flight(blocks):
+                    with tasks_in_flight(blocks):
                         run = classify_rate(
                             images, model, out, precision=args.precision, compile="on", **settings
                         )

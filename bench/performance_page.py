@@ -1448,9 +1448,9 @@ def in_flight(data: Result, name: str) -> str:
         )  # fmt: skip
     header = ["pool", *(f"{n} in flight an actor" for n in counts), f"{counts[-1]} / {counts[0]}"]
     return paragraphs(
-        f"`insect classify` at steady state with {' and '.join(counts)} blocks in flight per "
+        f"`insect classify` at steady state with {' and '.join(counts)} tasks in flight per "
         "model actor (set by the bench for every run; the product's rule is "
-        "`dataset.blocks_in_flight`), in a pool "
+        "`dataset.tasks_in_flight`), in a pool "
         "of one-thread actors and in one actor of every core's threads: "
         f"{data['images']} high-entropy 1024x768 camera "
         f"JPEGs, vgg16 224 px, {data['precision']}, compiled, {data['rounds']} rounds, each in "
@@ -1489,7 +1489,7 @@ SECTIONS = [
     Section("Blocks", "blocks.json", blocks),
     Section("Actor shapes", "shapes-*.json", shapes),
     Section("Where the CPUs go", "cpu-split-*.json", cpu_split),
-    Section("Blocks in flight", "in-flight-*.json", in_flight),
+    Section("Tasks in flight", "in-flight-*.json", in_flight),
     Section("Decoding for the model", "decoding-*.json", decoding),
     Section("Decoding beside the model", "decode-overlap-*.json", decode_overlap),
     Section("The review page", "review-cpu-amd-epyc.json", review),

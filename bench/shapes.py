@@ -174,7 +174,7 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
     same = {**settings, "max_actors": shape["actors"], "cpus_per_actor": shape["cpus_per_actor"]}
     same["compile"] = compiled(shape)
     quarter = first_of(folder, summary.inputs // 4, output + "-input")
-    with blocks_in_flight(shape["blocks_in_flight"]):  # the rule's for the longer run
+    with tasks_in_flight(shape["tasks_in_flight"]):  # the rule's for the longer run
         short, short_seconds = classify_once(quarter, model_dir, output + "-quarter", **same)
     assert short.shape["actors"] == shape["actors"], "a quarter too small for the shape"
     longer = seconds - short_seconds
@@ -187,17 +187,44 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
 
 
 @contextlib.contextmanager
-def blocks_in_flight(n: int | None):
+def tasks_in_flight(n: int | None):
     """The product's pool takes `n` blocks an actor at a time, whatever its rule
-    (`dataset.blocks_in_flight`) would give."""
+    (`dataset.tasks_in_flight`) would give."""
     from insectlib.classify import dataset
 
-    rule = dataset.blocks_in_flight
-    dataset.blocks_in_flight = lambda *_: n
+    rule = dataset.tasks_in_flight
+    dataset.tasks_in_flight = lambda *_: n
     try:
         yield
     finally:
-        dataset.blocks_in_flight = rule
+        dataset.tasks_in_flight = rule
+
+
+def camera_shapes(folder: str, model_dir: str, out: str, precision: str, rounds: int):
+    """(shape, run) of `insect classify` of `folder` in the default shape and in the
+    other of one actor per core and one of every core, `rounds` rounds, each in the reverse
+    order of the one before (the machine drifts); a run is the median round's, with every
+    round's steady rate. The other shape is compiled as the default is, not auto."""
+    cores = os.cpu_count() or 1
+    shapes = {f"{cores}x1": {"max_actors": cores, "cpus_per_actor": 1.0},
+              f"1x{cores}": {"max_actors": 1, "cpus_per_actor": float(cores)}}  # fmt: skip
+    runs: dict[str, list[dict]] = {"default": []}
+    for round_ in range(rounds):
+        order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            settings = shapes.get(name, {})
+            run = classify_rate(folder, model_dir, f"{out}-{name}-{round_}", precision=precision,
+                                **settings)  # fmt: skip
+            runs[name].append(run)
+            print(precision, "camera", name, run, flush=True)
+            if name == "default" and round_ == 0:  # the other shape, compiled as the default
+                other = next(n for n in shapes if n != shape_of(run))
+                shapes[other]["compile"] = compiled(run["shape"])
+                runs[other] = []
+                order.append(other)
+    for name, tried in runs.items():
+        middle = sorted(tried, key=lambda run: run["steady"])[len(tried) // 2]
+        yield name, {**middle, "steady_rounds": [run["steady"] for run in tried]}
 
 
 def compiled(shape: dict) -> str:
@@ -244,6 +271,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="", help="default: what this CPU runs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--label", default="", help="a few words for the page's title")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of the shapes on camera JPEGs")
     args = ap.parse_args()
     import ray
 
@@ -252,13 +280,15 @@ def main() -> None:
     from insectlib.model.meta import read_meta
 
     chosen = args.precisions.split(",") if args.precisions else precisions()
-    cores = os.cpu_count() or 1
     report: dict = {"benchmark": "shapes", "images": args.images, "model": "vgg16 224 px",
                     "precisions_asked": args.precisions, "label": args.label,
                     "cpu": cpu_name(), "precisions": chosen, "model_alone": {},
                     "plain_loop": {}, "classify": {},
+                    "rounds": args.rounds,
                     "steady_method": "the difference of a run with the default settings and "
-                    "one of a quarter of its images in the same shape"}  # fmt: skip
+                    "one of a quarter of its images in the same shape; on the camera JPEGs "
+                    "the median of the rounds, each in the reverse order of the one "
+                    "before"}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         data = {"camera": camera_jpegs(os.path.join(tmp, "camera"), args.images)}
         photos = insect_photos(os.path.join(tmp, "photos"), args.images)
@@ -287,24 +317,14 @@ def main() -> None:
                 report["plain_loop"][precision] = plain_loop(data["camera"], precision)
                 print("plain", precision, report["plain_loop"][precision], flush=True)
         ray.init(address="local", include_dashboard=False, logging_level="ERROR")
-        shapes = {"default": {}, f"{cores}x1": {"max_actors": cores, "cpus_per_actor": 1.0},
-                  f"1x{cores}": {"max_actors": 1, "cpus_per_actor": float(cores)}}  # fmt: skip
         for precision in chosen:
-            for name, folder in data.items():
-                for shape, settings in shapes.items():
-                    if name != "camera" and shape != "default":
-                        continue  # the shapes are compared on the decoder's worst case
-                    key = f"{precision} {name} {shape}"
-                    if shape_of(report["classify"].get(f"{precision} {name} default")) == shape:
-                        continue  # the default's own shape: measured as the default
-                    out = os.path.join(tmp, f"out-{precision}-{name}-{shape}")
-                    default = report["classify"].get(f"{precision} camera default")
-                    if default and shape != "default":  # compiled as the default, not auto
-                        settings = {**settings, "compile": compiled(default["shape"])}
-                    report["classify"][key] = classify_rate(
-                        folder, model_dir, out, precision=precision, **settings
-                    )
-                    print(key, report["classify"][key], flush=True)
+            out = os.path.join(tmp, f"out-{precision}")
+            for shape, run in camera_shapes(data["camera"], model_dir, out, precision, args.rounds):
+                report["classify"][f"{precision} camera {shape}"] = run
+            if "photos" in data:  # the shapes are compared on the decoder's worst case
+                run = classify_rate(data["photos"], model_dir, out + "-photos", precision=precision)
+                report["classify"][f"{precision} photos default"] = run
+                print(precision, "photos default", run, flush=True)
     write_result(args.out or result_path("shapes"), report)
     print(machine())
 

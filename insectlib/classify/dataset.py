@@ -164,11 +164,24 @@ def batches_a_block(block_size: int, cfg: ClassifyConfig, count: inputs.Count) -
     return block_size // batch_of_paths(cfg, count) + 1
 
 
-def most_task_rows(batches_a_block: int, cfg: ClassifyConfig) -> int:
-    """The most inputs one task of the model actors takes, from blocks of at most
-    `batches_a_block` batches: Ray Data joins blocks into a task until it holds a batch,
-    so a part's last, short block shares one with the next block."""
-    return (batches_a_block + 1) * cfg.batch_size
+def tasks_of(inputs_: int, batches_a_block: int, cfg: ClassifyConfig, parts: int | None) -> int:
+    """The tasks of the model actors that `inputs_` in blocks of `batches_a_block` batches
+    make, estimated low. Ray Data joins blocks into a task until it holds a batch: a task
+    is one block of up to `batches_a_block` batches, and a part's last, short block shares
+    the next one's (its `parts` such blocks; None: unknown, any block may be short). The
+    blocks are sized for the counted paths' mean weight, which lighter or heavier parts
+    miss a little either way."""
+    n = cfg.batch_size
+    least = -(-inputs_ // ((batches_a_block + 1) * n))
+    if parts is None:
+        return least
+    return max(least, (inputs_ - parts * (n - 1)) // (batches_a_block * n))
+
+
+def inputs_for(tasks: int, batches_a_block: int, cfg: ClassifyConfig, parts: int) -> int:
+    """The fewest inputs that `tasks_of` says make `tasks` tasks."""
+    n = cfg.batch_size
+    return min(tasks * (batches_a_block + 1) * n, tasks * batches_a_block * n + parts * (n - 1))
 
 
 def few_batches(cfg: ClassifyConfig, seen: int) -> bool:
@@ -304,17 +317,17 @@ def cpu_threads(cfg: ClassifyConfig, shape: ActorShape) -> int | None:
 
 
 def actor_pool(cfg: ClassifyConfig, shape: ActorShape) -> ActorPoolStrategy:
-    """The model actors' pool: `min_actors` to `shape.actors` actors, each taking
-    `shape.blocks_in_flight` blocks at a time (None: Ray's default, see `blocks_in_flight`)."""
+    """The model actors' pool: `min_actors` to `shape.actors` actors, each given
+    `shape.tasks_in_flight` tasks at a time (None: Ray's default, see `tasks_in_flight`)."""
     return ActorPoolStrategy(
         min_size=min_actors(cfg, shape.actors),
         max_size=shape.actors,
-        max_tasks_in_flight_per_actor=shape.blocks_in_flight,
+        max_tasks_in_flight_per_actor=shape.tasks_in_flight,
     )
 
 
-def blocks_in_flight(cfg: ClassifyConfig, shape: ActorShape, tasks: int) -> int | None:
-    """Blocks each model actor takes at a time, for `tasks` tasks (at least) to come. A
+def tasks_in_flight(cfg: ClassifyConfig, shape: ActorShape, tasks: int) -> int | None:
+    """Tasks each model actor is given at a time, for `tasks` tasks (estimated) to come. A
     full CPU pool of several actors takes 2 where each has MANY_TASKS or more, else 1 (see
     MANY_TASKS); an actor alone takes 1. A growing pool (--min-actors) keeps Ray's default
     (None): Ray grows a pool only while its actors average more than one task in flight
@@ -326,7 +339,7 @@ def blocks_in_flight(cfg: ClassifyConfig, shape: ActorShape, tasks: int) -> int 
 
 
 def input_decides_in_flight(cfg: ClassifyConfig, actors: int, least: int) -> bool:
-    """Whether the blocks in flight of a pool of `least` to `actors` actors depend on its
+    """Whether the tasks in flight of a pool of `least` to `actors` actors depend on its
     input: in a full CPU pool of several."""
     return not cfg.gpu and least == actors > 1
 
@@ -338,12 +351,12 @@ def min_actors(cfg: ClassifyConfig, actors: int) -> int:
     return min(cfg.min_actors or actors, actors)
 
 
-# Tasks each actor of a full CPU pool of several has to come from which it takes 2 blocks at
-# a time. With 1, an actor that is done may wait for its next block until another actor's
+# Tasks each actor of a full CPU pool of several has to come from which it is given 2 at a
+# time. With 1, an actor that is done may wait for its next task until another actor's
 # task ends (a fifth of its time, measured); with 2, the first actor ready may take 2 of a
-# few blocks while another has none, and one actor may be a task behind at the end: with
-# this many to come, the waits saved outweigh that task (docs/performance.md, "Blocks in
-# flight").
+# few tasks while another has none, and one actor may be a task behind at the end: with
+# this many to come, the waits saved outweigh that task. An actor alone, given 2, classified
+# slower (docs/performance.md, "Tasks in flight").
 MANY_TASKS = 8
 
 

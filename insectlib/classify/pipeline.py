@@ -119,8 +119,9 @@ def plan_run(
 
 def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
     """A first, bounded look at the input (is there anything to classify; is it worth
-    compiling for), then the output made ready: the old run removed (--overwrite) or its
-    finished parts found (--resume). Returns the count and what is already done."""
+    compiling for; see `count_for_choices`), then the output made ready: the old run
+    removed (--overwrite) or its finished parts found (--resume). Returns the count and
+    what is already done."""
     cfg = plan.cfg
     count = count_for_choices(plan)
     removal = plan_classify_output(cfg)  # again, under the lock: another run may have ended since
@@ -135,8 +136,9 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
 
 def count_for_choices(plan: RunPlan) -> inputs.Count:
     """The input counted as far as a choice depends on it: compiling and small-input
-    blocks, then blocks in flight (whether each actor has MANY_TASKS tasks to come), up to
-    MOST_COUNTED inputs (beyond, a pool takes 1 in flight)."""
+    blocks, then the tasks in flight (whether each of as many actors as the cluster's
+    CPUs may hold has MANY_TASKS tasks to come) where that takes no more than MOST_COUNTED
+    inputs (else a pool is given 1 at a time)."""
     cfg = plan.cfg
     thresholds = [n for n in shape.COMPILE_FROM.values() if n]
     per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
@@ -147,14 +149,16 @@ def count_for_choices(plan: RunPlan) -> inputs.Count:
         if not dataset.input_decides_in_flight(cfg, actors, dataset.min_actors(cfg, actors)):
             return big
         size = dataset.streaming_block_size(cfg, plan.meta, count, plan.row_format)
-        rows = dataset.most_task_rows(dataset.batches_a_block(size, cfg, count), cfg)
-        return min(dataset.MANY_TASKS * actors * rows, MOST_COUNTED)
+        batches = dataset.batches_a_block(size, cfg, count)
+        need = dataset.inputs_for(dataset.MANY_TASKS * actors, batches, cfg, len(plan.parts))
+        return need if need <= MOST_COUNTED else big
 
     return inputs.count_inputs(plan.parts, cfg.s3, big, further=for_tasks)
 
 
-# Inputs the driver counts at most for the blocks in flight: about a hundred S3 listing
-# requests, where the compile threshold's count may ask for fewer.
+# Inputs the driver counts at most for the tasks in flight: about a hundred S3 listing
+# requests (blocks of many batches, a many-class model's, may need more: such a run's pool
+# is given 1 task at a time).
 MOST_COUNTED = 100_000
 
 
@@ -162,11 +166,23 @@ MOST_COUNTED = 100_000
 class Listing:
     """The inputs to classify (`list_inputs`): their blocks of paths, how many inputs (at
     least: a count stops where no choice depends on more) and how many tasks of the model
-    actors they make at least (`dataset.most_task_rows`)."""
+    actors they make (`dataset.tasks_of`)."""
 
     dataset: ray.data.Dataset
     inputs: int
     tasks: int
+
+    @classmethod
+    def of(
+        cls,
+        listed: ray.data.Dataset,
+        todo: int,
+        batches_a_block: int,
+        cfg: ClassifyConfig,
+        parts: int | None,
+    ) -> Listing:
+        """`todo` inputs in blocks of `batches_a_block` batches from `parts` parts."""
+        return cls(listed, todo, dataset.tasks_of(todo, batches_a_block, cfg, parts))
 
 
 def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run) -> Listing:
@@ -184,19 +200,14 @@ def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, r
             already = console.counted(done.rows, "input")
             console.say(f"resuming: {already} already done; finding those without a row")
             todo = dataset.skip_done(listed, done, cfg)
-            return listing(todo, todo.count(), 1, cfg)
+            return Listing.of(todo, todo.count(), 1, cfg, None)
         if row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
             # Blocks of a batch of embeddings hold a small input's every path in one block:
             # cut them into batches here, before the model actors take the CPUs it needs.
             listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-            return listing(listed, count.inputs, 1, cfg)
-    return listing(listed, count.inputs, dataset.batches_a_block(block_size, cfg, count), cfg)
-
-
-def listing(listed: ray.data.Dataset, todo: int, batches_a_block: int, cfg) -> Listing:
-    """`todo` inputs in blocks of up to `batches_a_block` batches, as a `Listing`."""
-    rows = dataset.most_task_rows(batches_a_block, cfg)
-    return Listing(listed, todo, -(-todo // rows))
+            return Listing.of(listed, count.inputs, 1, cfg, None)
+    batches = dataset.batches_a_block(block_size, cfg, count)
+    return Listing.of(listed, count.inputs, batches, cfg, len(plan.parts))
 
 
 def run_pipeline(
@@ -335,7 +346,7 @@ def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
 
 def actor_shape(plan: RunPlan, listing: Listing) -> shape.ActorShape:
     """The model-actor pool for this run on the connected cluster (see `shape`), and the
-    blocks each actor takes at a time for its input (`dataset.blocks_in_flight`)."""
+    blocks each actor takes at a time for its input (`dataset.tasks_in_flight`)."""
     cfg = plan.cfg
     if plan.int8_model:
         precision = "int8"
@@ -343,7 +354,7 @@ def actor_shape(plan: RunPlan, listing: Listing) -> shape.ActorShape:
         dtype = resolve_precision(cfg.precision, torch.device("cuda" if cfg.gpu else "cpu"))
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     pool = shape.choose(cfg, precision, cluster_size(), listing.inputs)
-    return replace(pool, blocks_in_flight=dataset.blocks_in_flight(cfg, pool, listing.tasks))
+    return replace(pool, tasks_in_flight=dataset.tasks_in_flight(cfg, pool, listing.tasks))
 
 
 def cluster_size() -> shape.Cluster:
@@ -371,7 +382,7 @@ def free_cpus(cpus: float, settle_s: float = 1.0) -> float:
 def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:
     """Refuse, before the actors start, a pool the cluster cannot hold (Ray Data would wait
     for it for ever); with --wait-for-nodes, wait that long for an autoscaler first."""
-    actors = min(cfg.min_actors or pool.actors, pool.actors)
+    actors = dataset.min_actors(cfg, pool.actors)
     what = console.counted(actors, "model actor")
     per_actor = {"CPU": pool.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
     lower = "--max-actors or --cpus-per-actor"

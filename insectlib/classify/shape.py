@@ -40,9 +40,9 @@ class ActorShape:
     cpus_per_actor: float  # also the actor's torch threads on CPU
     compile: bool
     why: str
-    # Blocks each actor takes at a time, set for the input (`dataset.blocks_in_flight`);
-    # None: Ray's default.
-    blocks_in_flight: int | None = 1
+    # Tasks (of a block or a few) each actor is given at a time, set for the input
+    # (`dataset.tasks_in_flight`); None: Ray's default.
+    tasks_in_flight: int | None = 1
 
     def line(self) -> str:
         compiled = ", compiled" if self.compile else ""
@@ -95,12 +95,13 @@ def choose(
     seen: int,
     flags: frozenset[str] | None = None,
 ) -> ActorShape:
-    """The shape of a run of `seen` inputs (at most the compile threshold) in the resolved
+    """The shape of a run of `seen` inputs (counted as far as a choice needs) in the resolved
     `precision` (fp32, bf16, fp16, int8) on `cluster`."""
     if cfg.gpu:
         actors = min(cfg.max_actors or max(1, int(cluster.gpus)), _batches(cfg, seen))
         compile = compiles(cfg, precision, seen, GPU_COMPILE_FROM * actors)
-        return ActorShape(actors, cfg.cpus_per_actor or 1.0, compile, "one actor per GPU")
+        why = "one actor per GPU"
+        return ActorShape(actors, cfg.cpus_per_actor or 1.0, compile, why, tasks_in_flight=None)
     if cfg.cpus_per_actor is not None:
         cpus, why = cfg.cpus_per_actor, "--cpus-per-actor"
         actors = min(cfg.max_actors or max(1, int(cluster.cpus // cpus)), _batches(cfg, seen))
