@@ -49,16 +49,16 @@ def main() -> None:
         for round_ in range(ROUNDS):
             order = 1 if round_ % 2 == 0 else -1
             for name, settings in list(shapes().items())[::order]:
-                for blocks in IN_FLIGHT[::order]:
-                    out = os.path.join(tmp, f"out-{round_}-{name}-{blocks}")
-                    with tasks_in_flight(blocks):
+                for tasks in IN_FLIGHT[::order]:
+                    out = os.path.join(tmp, f"out-{round_}-{name}-{tasks}")
+                    with tasks_in_flight(tasks):
                         run = classify_rate(
                             images, model, out, precision=args.precision, compile="on", **settings
                         )
-                    runs = found.setdefault(name, {}).setdefault(str(blocks), {})
+                    runs = found.setdefault(name, {}).setdefault(str(tasks), {})
                     runs.setdefault("steady", []).append(run["steady"])
                     runs.setdefault("whole", []).append(run["whole"])
-                    print(name, blocks, run, flush=True)
+                    print(name, tasks, run, flush=True)
     write_result(
         args.out or result_path("in-flight"),
         {

@@ -1221,8 +1221,12 @@ def compile_pays_from(data: Result, precision: str) -> str | None:
 
 def shapes_args(data: Result) -> str:
     """The arguments that shaped the run that wrote `data` (not --out, --label)."""
-    asked = data.get("precisions_asked")
-    return f"--images {data['images']}" + (f" --precisions {asked}" if asked else "")
+    asked, rounds = data.get("precisions_asked"), data.get("rounds", 1)
+    return (
+        f"--images {data['images']}"
+        + (f" --precisions {asked}" if asked else "")
+        + (f" --rounds {rounds}" if rounds > 1 else "")
+    )
 
 
 def shapes(data: Result, name: str) -> str:

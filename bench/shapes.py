@@ -15,7 +15,7 @@ bf16 where it is fast, int8 on x86 with AVX2).
                 JPEGs (1024x768, quality 92, about 500 kB: the decoder's worst case) and on
                 the shared insect photos scaled up to 1024x768
 
-    .venv/bin/python bench/shapes.py [--images 256] [--precisions fp32,int8]
+    .venv/bin/python bench/shapes.py [--images 256] [--precisions fp32,int8] [--rounds 3]
 
 VGG-16 at 224 px, random weights (the int8 statistics measured on generated images).
 Writes bench/results/shapes-<cpu>.json; docs/performance.md renders it.
@@ -188,7 +188,7 @@ def classify_rate(folder: str, model_dir: str, output: str, **settings) -> dict:
 
 @contextlib.contextmanager
 def tasks_in_flight(n: int | None):
-    """The product's pool takes `n` blocks an actor at a time, whatever its rule
+    """The product's pool is given `n` tasks an actor at a time, whatever its rule
     (`dataset.tasks_in_flight`) would give."""
     from insectlib.classify import dataset
 
@@ -201,10 +201,10 @@ def tasks_in_flight(n: int | None):
 
 
 def camera_shapes(folder: str, model_dir: str, out: str, precision: str, rounds: int):
-    """(shape, run) of `insect classify` of `folder` in the default shape and in the
-    other of one actor per core and one of every core, `rounds` rounds, each in the reverse
-    order of the one before (the machine drifts); a run is the median round's, with every
-    round's steady rate. The other shape is compiled as the default is, not auto."""
+    """(shape, run) of `insect classify` of `folder` in the default shape and in those of
+    one actor per core and one of every core that it is not, `rounds` rounds, each in the
+    reverse order of the one before (the machine drifts); a run is the median round's, with
+    every round's steady rate. The other shapes are compiled as the default is, not auto."""
     cores = os.cpu_count() or 1
     shapes = {f"{cores}x1": {"max_actors": cores, "cpus_per_actor": 1.0},
               f"1x{cores}": {"max_actors": 1, "cpus_per_actor": float(cores)}}  # fmt: skip
@@ -217,11 +217,11 @@ def camera_shapes(folder: str, model_dir: str, out: str, precision: str, rounds:
                                 **settings)  # fmt: skip
             runs[name].append(run)
             print(precision, "camera", name, run, flush=True)
-            if name == "default" and round_ == 0:  # the other shape, compiled as the default
-                other = next(n for n in shapes if n != shape_of(run))
-                shapes[other]["compile"] = compiled(run["shape"])
-                runs[other] = []
-                order.append(other)
+            if name == "default" and round_ == 0:  # the other shapes, compiled as the default
+                for other in (n for n in shapes if n != shape_of(run)):
+                    shapes[other]["compile"] = compiled(run["shape"])
+                    runs[other] = []
+                    order.append(other)
     for name, tried in runs.items():
         middle = sorted(tried, key=lambda run: run["steady"])[len(tried) // 2]
         yield name, {**middle, "steady_rounds": [run["steady"] for run in tried]}
@@ -286,9 +286,9 @@ def main() -> None:
                     "plain_loop": {}, "classify": {},
                     "rounds": args.rounds,
                     "steady_method": "the difference of a run with the default settings and "
-                    "one of a quarter of its images in the same shape; on the camera JPEGs "
-                    "the median of the rounds, each in the reverse order of the one "
-                    "before"}  # fmt: skip
+                    "one of a quarter of its images in the same shape"
+                    + ("; on the camera JPEGs the median of the rounds, each in the reverse "
+                       "order of the one before" if args.rounds > 1 else "")}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         data = {"camera": camera_jpegs(os.path.join(tmp, "camera"), args.images)}
         photos = insect_photos(os.path.join(tmp, "photos"), args.images)

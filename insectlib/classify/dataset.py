@@ -166,7 +166,7 @@ def batches_a_block(block_size: int, cfg: ClassifyConfig, count: inputs.Count) -
 
 def tasks_of(inputs_: int, batches_a_block: int, cfg: ClassifyConfig, parts: int | None) -> int:
     """The tasks of the model actors that `inputs_` in blocks of `batches_a_block` batches
-    make, estimated low. Ray Data joins blocks into a task until it holds a batch: a task
+    make, estimated. Ray Data joins blocks into a task until it holds a batch: a task
     is one block of up to `batches_a_block` batches, and a part's last, short block shares
     the next one's (its `parts` such blocks; None: unknown, any block may be short). The
     blocks are sized for the counted paths' mean weight, which lighter or heavier parts
@@ -179,7 +179,8 @@ def tasks_of(inputs_: int, batches_a_block: int, cfg: ClassifyConfig, parts: int
 
 
 def inputs_for(tasks: int, batches_a_block: int, cfg: ClassifyConfig, parts: int) -> int:
-    """The fewest inputs that `tasks_of` says make `tasks` tasks."""
+    """Inputs that `tasks_of` says make `tasks` tasks at least (up to a task's inputs more
+    than the fewest)."""
     n = cfg.batch_size
     return min(tasks * (batches_a_block + 1) * n, tasks * batches_a_block * n + parts * (n - 1))
 
@@ -353,7 +354,7 @@ def min_actors(cfg: ClassifyConfig, actors: int) -> int:
 
 # Tasks each actor of a full CPU pool of several has to come from which it is given 2 at a
 # time. With 1, an actor that is done may wait for its next task until another actor's
-# task ends (a fifth of its time, measured); with 2, the first actor ready may take 2 of a
+# task ends; with 2, the first actor ready may take 2 of a
 # few tasks while another has none, and one actor may be a task behind at the end: with
 # this many to come, the waits saved outweigh that task. An actor alone, given 2, classified
 # slower (docs/performance.md, "Tasks in flight").

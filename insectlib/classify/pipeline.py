@@ -149,7 +149,8 @@ def count_for_choices(plan: RunPlan) -> inputs.Count:
         if not dataset.input_decides_in_flight(cfg, actors, dataset.min_actors(cfg, actors)):
             return big
         size = dataset.streaming_block_size(cfg, plan.meta, count, plan.row_format)
-        batches = dataset.batches_a_block(size, cfg, count)
+        # A batch a block to spare: the mean weight of the longer count may come out lighter.
+        batches = dataset.batches_a_block(size, cfg, count) + 1
         need = dataset.inputs_for(dataset.MANY_TASKS * actors, batches, cfg, len(plan.parts))
         return need if need <= MOST_COUNTED else big
 
@@ -346,7 +347,7 @@ def row_format_for(cfg: ClassifyConfig, meta: ModelMeta) -> RowFormat:
 
 def actor_shape(plan: RunPlan, listing: Listing) -> shape.ActorShape:
     """The model-actor pool for this run on the connected cluster (see `shape`), and the
-    blocks each actor takes at a time for its input (`dataset.tasks_in_flight`)."""
+    tasks each actor is given at a time for its input (`dataset.tasks_in_flight`)."""
     cfg = plan.cfg
     if plan.int8_model:
         precision = "int8"
