@@ -329,8 +329,8 @@ def actor_pool(cfg: ClassifyConfig, shape: ActorShape) -> ActorPoolStrategy:
 
 def tasks_in_flight(cfg: ClassifyConfig, shape: ActorShape, tasks: int) -> int | None:
     """Tasks each model actor is given at a time, for `tasks` tasks (estimated) to come. A
-    full CPU pool of several actors takes 2 where each has MANY_TASKS or more, else 1 (see
-    MANY_TASKS); an actor alone takes 1. A growing pool (--min-actors) keeps Ray's default
+    full CPU pool of several actors is given 2 where each has MANY_TASKS or more, else 1
+    (see MANY_TASKS); an actor alone 1. A growing pool (--min-actors) keeps Ray's default
     (None): Ray grows a pool only while its actors average more than one task in flight
     each. On GPU, batches take milliseconds: the next one on its way (Ray's default too)."""
     least = min_actors(cfg, shape.actors)
@@ -353,11 +353,11 @@ def min_actors(cfg: ClassifyConfig, actors: int) -> int:
 
 
 # Tasks each actor of a full CPU pool of several has to come from which it is given 2 at a
-# time. With 1, an actor that is done may wait for its next task until another actor's
-# task ends; with 2, the first actor ready may take 2 of a
-# few tasks while another has none, and one actor may be a task behind at the end: with
-# this many to come, the waits saved outweigh that task. An actor alone, given 2, classified
-# slower (docs/performance.md, "Tasks in flight").
+# time. With 1, an actor that is done may wait for its next task until another actor's task
+# ends; with 2, the first actor ready may take 2 of a few tasks while another has none, and
+# one actor may be a task behind at the end: with this many to come, the waits saved
+# outweigh that task. An actor alone, given 2, classified slower (docs/performance.md,
+# "Tasks in flight").
 MANY_TASKS = 8
 
 

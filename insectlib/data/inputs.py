@@ -342,6 +342,7 @@ def count_inputs(
 
 
 def _inputs_of(parts: list[Part], s3) -> Iterator[str]:
+    """The parts' inputs, part after part, as listed."""
     for part in parts:
         yield from (path for path in part_paths(part, s3) if is_input(part, path))
 
