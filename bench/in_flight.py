@@ -19,21 +19,12 @@ import os
 import tempfile
 
 from common import result_path, write_result
-from shapes import camera_jpegs, classify_rate, make_model, tasks_in_flight
+from shapes import camera_jpegs, classify_rate, make_model, pools, tasks_in_flight
 
 from insectlib.model.precision import cpu_name
 
 ROUNDS = 2
 IN_FLIGHT = (1, 2)
-
-
-def shapes() -> dict[str, dict]:
-    """The two pools, as classify settings."""
-    cores = os.cpu_count() or 1
-    return {
-        f"{cores}x1": {"max_actors": cores, "cpus_per_actor": 1.0},
-        f"1x{cores}": {"max_actors": 1, "cpus_per_actor": float(cores)},
-    }
 
 
 def main() -> None:
@@ -48,7 +39,7 @@ def main() -> None:
         model = make_model(os.path.join(tmp, "model"))
         for round_ in range(ROUNDS):
             order = 1 if round_ % 2 == 0 else -1
-            for name, settings in list(shapes().items())[::order]:
+            for name, settings in list(pools().items())[::order]:
                 for tasks in IN_FLIGHT[::order]:
                     out = os.path.join(tmp, f"out-{round_}-{name}-{tasks}")
                     with tasks_in_flight(tasks):

@@ -1383,16 +1383,20 @@ DECODED = {
 }
 
 
+def ranged(runs: list[float], show: Callable[[float], str]) -> str:
+    """Rounds' figures as their median and (range)."""
+    return f"{show(median(runs))} ({show(min(runs))}-{show(max(runs))})"
+
+
+def paired(a: list[float], b: list[float]) -> list[float]:
+    """Round-by-round ratios of `a` to `b`."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
 def decoding(data: Result, name: str) -> str:
     kinds = [k for k in DECODED if k in data]
     ahead = list(data[kinds[0]]["ahead_rates"])
     now = str(data["product_ahead"])
-
-    def ranged(runs: list[float], show: Callable[[float], str]) -> str:
-        return f"{show(median(runs))} ({show(min(runs))}-{show(max(runs))})"
-
-    def paired(a: list[float], b: list[float]) -> list[float]:
-        return [x / y for x, y in zip(a, b, strict=True)]
 
     resize_rows, ahead_rows, more = [], [], []
     for kind in kinds:
@@ -1405,7 +1409,7 @@ def decoding(data: Result, name: str) -> str:
         gain = paired(rates[now], rates["1"])
         ahead_rows.append(
             [DECODED[kind][0], *(ranged(rates[a], rate) for a in ahead),
-             ranged(gain, lambda x: f"{x:.2f}x")]
+             ranged(gain, times)]
         )  # fmt: skip
         most = ahead[-1]
         if most != now:
@@ -1420,7 +1424,7 @@ def decoding(data: Result, name: str) -> str:
         f"{' and as many '.join(DECODED[k][1] for k in kinds)}, {data['rounds']} rounds in one "
         "process, each round in the reverse order of the one before; the median (the rounds' "
         "range), and the ratios taken round by round.",
-        provenance(command("decoding.py", "", name), name, data),
+        provenance(command("decoding.py", f"--images {data['images']}", name), name, data),
         "One image on one thread, decoded and resized, in milliseconds: torchvision's Resize "
         "then CenterCrop (before) resampled the whole image and dropped its sides; the "
         "product now resizes the crop's box alone (`images.resized_centre`).",
@@ -1437,18 +1441,13 @@ def decoding(data: Result, name: str) -> str:
 def in_flight(data: Result, name: str) -> str:
     runs = data["runs"]
     counts = sorted({n for shape in runs.values() for n in shape}, key=int)
-
-    def ranged(values: list[float]) -> str:
-        return f"{rate(median(values))} ({rate(min(values))}-{rate(max(values))})"
-
     rows = []
     for shape, by_count in runs.items():
         first, last = by_count[counts[0]]["steady"], by_count[counts[-1]]["steady"]
-        ratios = [b / a for a, b in zip(first, last, strict=True)]
         rows.append(
             [shape,
-             *(ranged(by_count[n]["steady"]) for n in counts),
-             f"{median(ratios):.2f}x ({min(ratios):.2f}x-{max(ratios):.2f}x)"]
+             *(ranged(by_count[n]["steady"], rate) for n in counts),
+             ranged(paired(last, first), times)]
         )  # fmt: skip
     header = ["pool", *(f"{n} in flight an actor" for n in counts), f"{counts[-1]} / {counts[0]}"]
     return paragraphs(
@@ -1460,7 +1459,13 @@ def in_flight(data: Result, name: str) -> str:
         f"JPEGs, vgg16 224 px, {data['precision']}, compiled, {data['rounds']} rounds, each in "
         "the reverse order of the one before; images/s, the median (the rounds' range), and "
         "the ratio round by round.",
-        provenance(command("in_flight.py", "", name), name, data),
+        provenance(
+            command(
+                "in_flight.py", f"--images {data['images']} --precision {data['precision']}", name
+            ),
+            name,
+            data,
+        ),
         table(header, "l" + "r" * (len(counts) + 1), rows),
     )
 

@@ -200,14 +200,20 @@ def tasks_in_flight(n: int | None):
         dataset.tasks_in_flight = rule
 
 
+def pools() -> dict[str, dict]:
+    """One actor per core, and one actor of every core's threads, as classify settings
+    (one pool on one core)."""
+    cores = os.cpu_count() or 1
+    return {f"{cores}x1": {"max_actors": cores, "cpus_per_actor": 1.0},
+            f"1x{cores}": {"max_actors": 1, "cpus_per_actor": float(cores)}}  # fmt: skip
+
+
 def camera_shapes(folder: str, model_dir: str, out: str, precision: str, rounds: int):
     """(shape, run) of `insect classify` of `folder` in the default shape and in those of
     one actor per core and one of every core that it is not, `rounds` rounds, each in the
     reverse order of the one before (the machine drifts); a run is the median round's, with
     every round's steady rate. The other shapes are compiled as the default is, not auto."""
-    cores = os.cpu_count() or 1
-    shapes = {f"{cores}x1": {"max_actors": cores, "cpus_per_actor": 1.0},
-              f"1x{cores}": {"max_actors": 1, "cpus_per_actor": float(cores)}}  # fmt: skip
+    shapes = pools()
     runs: dict[str, list[dict]] = {"default": []}
     for round_ in range(rounds):
         order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
@@ -273,6 +279,8 @@ def main() -> None:
     ap.add_argument("--label", default="", help="a few words for the page's title")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the shapes on camera JPEGs")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be 1 or more")
     import ray
 
     from insectlib.config import DecodeLimits
