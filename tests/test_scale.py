@@ -205,6 +205,17 @@ class _ModelStandIn:
         return {"n": np.array([len(batch["path"])] * len(batch["path"]))}
 
 
+def _tasks_run(listing: pipeline.Listing, cfg: ClassifyConfig) -> int:
+    """The tasks a model actor runs for `listing`, as Ray Data counts them."""
+    ran = listing.dataset.map_batches(
+        _ModelStandIn,
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0,
+    ).materialize()
+    return int(re.search(r"MapBatches\(_ModelStandIn\): (\d+) tasks executed", ran.stats())[1])
+
+
 def _names(folder, count, chars=5, start=0):
     for i in range(start, start + count):
         _touch(folder / f"{i:0{chars}d}.jpg")
@@ -240,13 +251,7 @@ def test_the_tasks_estimated_for_the_pool_are_close_to_those_its_actors_run(
     plan = pipeline.RunPlan(cfg, meta, pipeline.row_format_for(cfg, meta), parts, None)
     count = pipeline.count_for_choices(plan)
     listing = pipeline.list_inputs(plan, count, None, None)
-    ran = listing.dataset.map_batches(
-        _ModelStandIn,
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0,
-    ).materialize()
-    tasks = int(re.search(r"MapBatches\(_ModelStandIn\): (\d+) tasks executed", ran.stats())[1])
+    tasks = _tasks_run(listing, cfg)
     assert listing.inputs == count.inputs <= images
     # Names of two lengths (80 and 3 characters) make blocks off the mean's size: the
     # estimate may be a little high there (13 for 11), never elsewhere.
@@ -260,6 +265,37 @@ def test_the_tasks_estimated_for_the_pool_are_close_to_those_its_actors_run(
     pool = pipeline.actor_shape(plan, listing)
     assert pool.actors == 2
     assert pool.tasks_in_flight == (2 if listing.tasks >= 2 * MANY_TASKS else 1)
+
+
+def test_embeddings_spread_over_the_actors_as_rows_without_them(ray_local, tmp_path, monkeypatch):
+    """Blocks sized for a batch of embeddings (8 kB a row) hold the paths of dozens of
+    batches: 2,600 images were one task of one actor. An input the count sees whole is cut
+    into the blocks of a run without embeddings: as many tasks, estimated exactly. One it
+    does not see whole (past MOST_COUNTED) streams in the large blocks, estimated low."""
+    _names(tmp_path / "in", 2600)
+    parts = inputs.plan_listing(str(tmp_path / "in"), S3)
+    meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=32, model_id="0" * 16)
+
+    def listed(embeddings: bool) -> tuple[pipeline.Listing, int, int]:
+        cfg = ClassifyConfig(
+            input=str(tmp_path / "in"), model="m", output="o", max_actors=2,
+            cpus_per_actor=1.0, embeddings=embeddings,
+        )  # fmt: skip
+        plan = pipeline.RunPlan(cfg, meta, pipeline.row_format_for(cfg, meta), parts, None)
+        listing = pipeline.list_inputs(plan, pipeline.count_for_choices(plan), None, None)
+        return listing, _tasks_run(listing, cfg), pipeline.actor_shape(plan, listing)
+
+    _, plain_tasks, _ = listed(False)
+    listing, tasks, pool = listed(True)
+    inputs_, estimated = listing.inputs, listing.tasks  # (a Listing's repr is a table)
+    assert inputs_ == 2600 and abs(tasks - plain_tasks) <= 1, (tasks, plain_tasks)
+    assert tasks - 1 <= estimated <= tasks and estimated >= 2 * MANY_TASKS, (estimated, tasks)
+    assert pool.actors == 2 and pool.tasks_in_flight == 2
+    monkeypatch.setattr(pipeline, "MOST_COUNTED", 2500)
+    listing, tasks, pool = listed(True)
+    inputs_, estimated = listing.inputs, listing.tasks
+    assert inputs_ == 2500 and estimated <= tasks < MANY_TASKS, (estimated, tasks)
+    assert pool.tasks_in_flight == 1
 
 
 def test_a_count_goes_on_once_to_the_limit_its_first_count_asks_for(tmp_path, monkeypatch):
@@ -294,7 +330,8 @@ def test_the_count_goes_on_only_where_the_input_decides_the_tasks_in_flight(
 ):
     """Past the compile threshold's count (1,200 an actor) the driver counts on only for
     a full CPU pool of several actors, and only where MOST_COUNTED inputs can prove
-    MANY_TASKS an actor: a growing pool, a GPU pool and one actor take no more listing."""
+    MANY_TASKS an actor: a growing pool, a GPU pool and one actor take no more listing
+    (but with --embeddings a pool of several)."""
     _names(tmp_path / "in", 4000)
     names = [f"c{i}" for i in range(60)]  # blocks of a batch of 60-class rows: 5 of paths
     meta = ModelMeta(classes=names, arch="vgg16", image_size=32, model_id="0" * 16)
@@ -309,8 +346,12 @@ def test_the_count_goes_on_only_where_the_input_decides_the_tasks_in_flight(
     assert counted(max_actors=2, cpus_per_actor=1.0, min_actors=1) == 2400
     assert counted(max_actors=2, gpu=True) == 2400
     assert counted(max_actors=1) == 1200
+    # --embeddings: on to the whole input, to cut it into blocks that spread (any pool)
+    assert counted(max_actors=2, gpu=True, embeddings=True) == 4000
+    assert counted(max_actors=1, embeddings=True) == 1200
     monkeypatch.setattr(pipeline, "MOST_COUNTED", 2500)
     assert counted(max_actors=2, cpus_per_actor=1.0) == 2400
+    assert counted(max_actors=2, cpus_per_actor=1.0, embeddings=True) == 2500
 
 
 def test_the_first_block_is_out_before_the_listing_ends(ray_local, s3_server):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 
 import numpy as np
 import ray
@@ -135,8 +136,8 @@ def streaming_block_size(
     blocks of one batch of predictions and of whole batches of paths of the counted weight;
     a small one (see `is_small`) gets blocks of one batch of paths, which spread over
     every actor to the run's last batch. Not with --embeddings:
-    its rows, 8 kB each for VGG-16, would leave the actors one row a block; such a small
-    input is cut into batches by `pipeline` instead."""
+    its rows, 8 kB each for VGG-16, would leave the actors one row a block; its blocks of
+    paths are cut to size apart (`embedding_blocks`)."""
     row_format = row_format or RowFormat()
     n = cfg.batch_size
     paths = batch_of_paths(cfg, count)
@@ -185,9 +186,18 @@ def inputs_for(tasks: int, batches_a_block: int, cfg: ClassifyConfig, parts: int
     return min(tasks * (batches_a_block + 1) * n, tasks * batches_a_block * n + parts * (n - 1))
 
 
-def few_batches(cfg: ClassifyConfig, seen: int) -> bool:
-    """Whether `seen` inputs make under SMALL_INPUT_BATCHES batches for each actor."""
-    return seen < SMALL_INPUT_BATCHES * cfg.batch_size * max_actors(cfg)
+def embedding_blocks(
+    cfg: ClassifyConfig, meta: ModelMeta, count: inputs.Count, row_format: RowFormat
+) -> int | None:
+    """The paths a block of a --embeddings listing is cut into before the model actors
+    start: as many as a run without embeddings puts in a block. Blocks sized for a batch
+    of embeddings hold thousands of paths, each a task of one actor, too few to keep every
+    actor busy. None (listed blocks as they come) without embeddings, or where the count
+    did not see the whole input: cutting waits for the whole listing."""
+    if not row_format.embedding_size or not count.whole:
+        return None
+    plain = streaming_block_size(cfg, meta, count, replace(row_format, embedding_size=None))
+    return cfg.batch_size * batches_a_block(plain, cfg, count)
 
 
 def small_input(cfg: ClassifyConfig) -> int:

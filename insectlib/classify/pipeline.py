@@ -138,14 +138,17 @@ def count_for_choices(plan: RunPlan) -> inputs.Count:
     """The input counted as far as a choice depends on it: compiling and small-input
     blocks, then the tasks in flight (whether each of as many actors as the cluster's
     CPUs may hold has MANY_TASKS tasks to come) where that takes no more than MOST_COUNTED
-    inputs (else a pool is given 1 at a time)."""
+    inputs (else a pool is given 1 at a time); with --embeddings and several actors, up to
+    MOST_COUNTED, to cut an input seen whole into blocks that spread (`list_inputs`)."""
     cfg = plan.cfg
     thresholds = [n for n in shape.COMPILE_FROM.values() if n]
     per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
     actors = dataset.max_actors(cfg)
     big = per_actor * actors
 
-    def for_tasks(count: inputs.Count) -> int:
+    def further(count: inputs.Count) -> int:
+        if plan.row_format.embedding_size and actors > 1:
+            return MOST_COUNTED  # seen whole, its blocks are cut to spread (see list_inputs)
         if not dataset.input_decides_in_flight(cfg, actors, dataset.min_actors(cfg, actors)):
             return big
         size = dataset.streaming_block_size(cfg, plan.meta, count, plan.row_format)
@@ -154,12 +157,12 @@ def count_for_choices(plan: RunPlan) -> inputs.Count:
         need = dataset.inputs_for(dataset.MANY_TASKS * actors, batches, cfg, len(plan.parts))
         return need if need <= MOST_COUNTED else big
 
-    return inputs.count_inputs(plan.parts, cfg.s3, big, further=for_tasks)
+    return inputs.count_inputs(plan.parts, cfg.s3, big, further=further)
 
 
-# Inputs the driver counts at most for the tasks in flight: about a hundred S3 listing
-# requests (blocks of many batches, a many-class model's, may need more: such a run's pool
-# is given 1 task at a time).
+# Inputs the driver counts at most, for the tasks in flight or to see a --embeddings input
+# whole: about a hundred S3 listing requests (blocks of many batches, a many-class model's,
+# may need more: such a run's pool is given 1 task at a time).
 MOST_COUNTED = 100_000
 
 
@@ -202,11 +205,11 @@ def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, r
             console.say(f"resuming: {already} already done; finding those without a row")
             todo = dataset.skip_done(listed, done, cfg)
             return Listing.of(todo, todo.count(), 1, cfg, None)
-        if row_format.embedding_size and dataset.few_batches(cfg, count.inputs):
-            # Blocks of a batch of embeddings hold a small input's every path in one block:
-            # cut them into batches here, before the model actors take the CPUs it needs.
-            listed = listed.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
-            return Listing.of(listed, count.inputs, 1, cfg, None)
+        rows = dataset.embedding_blocks(cfg, plan.meta, count, row_format)
+        if rows:  # cut here, before the model actors take the CPUs the cutting needs
+            listed = listed.repartition(target_num_rows_per_block=rows, strict=True)
+            # One stream of whole blocks; its one short block shares the next one's task.
+            return Listing.of(listed.materialize(), count.inputs, rows // cfg.batch_size, cfg, 1)
     batches = dataset.batches_a_block(block_size, cfg, count)
     return Listing.of(listed, count.inputs, batches, cfg, len(plan.parts))
 

@@ -318,10 +318,12 @@ class InputSource(Datasource):
 @dataclass(frozen=True)
 class Count:
     """The driver's quick look at an input: how many inputs it holds, no more than the
-    limit it was counted to, and the bytes a path of them takes in a block, on average."""
+    limit it was counted to, the bytes a path of them takes in a block, on average, and
+    whether the count saw every input (it stopped below its limit)."""
 
     inputs: int
     path_bytes: float
+    whole: bool = False
 
 
 def count_inputs(
@@ -338,7 +340,7 @@ def count_inputs(
             limit, further = max(limit, further(Count(count, size / count))), None
         if count >= limit:
             break
-    return Count(count, size / count if count else 0.0)
+    return Count(count, size / count if count else 0.0, whole=count < limit)
 
 
 def _inputs_of(parts: list[Part], s3) -> Iterator[str]:
