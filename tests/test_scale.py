@@ -37,8 +37,10 @@ from insectlib.classify.shape import ActorShape
 from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig
 from insectlib.data import inputs
+from insectlib.errors import InsectError
 from insectlib.model.meta import ModelMeta
 from insectlib.model.predictor import prediction_table
+from insectlib.runtime import resources
 from insectlib.runtime.progress import RunProgress
 from tests.conftest import expect_cli_error
 
@@ -270,30 +272,49 @@ def test_the_tasks_estimated_for_the_pool_are_close_to_those_its_actors_run(
 def test_embeddings_spread_over_the_actors_as_rows_without_them(ray_local, tmp_path, monkeypatch):
     """Blocks sized for a batch of embeddings (8 kB a row) hold the paths of dozens of
     batches: 2,600 images were one task of one actor. An input the count sees whole is cut
-    into the blocks of a run without embeddings: as many tasks, estimated exactly. One it
-    does not see whole (past MOST_COUNTED) streams in the large blocks, estimated low."""
+    into the blocks of a run without embeddings: as many tasks, estimated to the one short
+    block; a list naming each path twice counted once. One the count does not see whole
+    (past MOST_COUNTED) streams in the large blocks, estimated low. A cluster without a CPU
+    for the cut is refused in one line (Ray Data would wait for it for ever)."""
     _names(tmp_path / "in", 2600)
-    parts = inputs.plan_listing(str(tmp_path / "in"), S3)
     meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=32, model_id="0" * 16)
 
-    def listed(embeddings: bool) -> tuple[pipeline.Listing, int, int]:
+    def listed(embeddings: bool, parts=None) -> tuple[int, int, int, ActorShape]:
         cfg = ClassifyConfig(
             input=str(tmp_path / "in"), model="m", output="o", max_actors=2,
             cpus_per_actor=1.0, embeddings=embeddings,
         )  # fmt: skip
+        parts = parts or inputs.plan_listing(cfg.input, S3)
         plan = pipeline.RunPlan(cfg, meta, pipeline.row_format_for(cfg, meta), parts, None)
         listing = pipeline.list_inputs(plan, pipeline.count_for_choices(plan), None, None)
-        return listing, _tasks_run(listing, cfg), pipeline.actor_shape(plan, listing)
+        # numbers only: a Listing's repr is a table
+        return (
+            listing.inputs,
+            listing.tasks,
+            _tasks_run(listing, cfg),
+            pipeline.actor_shape(plan, listing),
+        )
 
-    _, plain_tasks, _ = listed(False)
-    listing, tasks, pool = listed(True)
-    inputs_, estimated = listing.inputs, listing.tasks  # (a Listing's repr is a table)
+    _, _, plain_tasks, _ = listed(False)
+    inputs_, estimated, tasks, pool = listed(True)
     assert inputs_ == 2600 and abs(tasks - plain_tasks) <= 1, (tasks, plain_tasks)
-    assert tasks - 1 <= estimated <= tasks and estimated >= 2 * MANY_TASKS, (estimated, tasks)
+    assert estimated <= tasks <= estimated + 1 and estimated >= 2 * MANY_TASKS, (estimated, tasks)
     assert pool.actors == 2 and pool.tasks_in_flight == 2
+    paths = sorted(str(p) for p in (tmp_path / "in").glob("*.jpg"))[:1300]
+    inputs_, estimated, tasks, pool = listed(True, inputs.plan_paths(paths + paths))
+    assert inputs_ == 1300 and estimated <= tasks <= estimated + 1, (inputs_, estimated, tasks)
+    assert pool.tasks_in_flight == 1  # fewer than MANY_TASKS for each of 2 actors
+
+    monkeypatch.setattr(resources, "_nodes", lambda: [{"GPU": 1.0}])
+    with pytest.raises(
+        InsectError,
+        match=r"^preparing the inputs \(1 CPU\) does not fit the "
+        r"cluster: it has 0 CPUs and 1 GPU on 1 node; connect to a cluster",
+    ):
+        listed(True)
+    monkeypatch.undo()
     monkeypatch.setattr(pipeline, "MOST_COUNTED", 2500)
-    listing, tasks, pool = listed(True)
-    inputs_, estimated = listing.inputs, listing.tasks
+    inputs_, estimated, tasks, pool = listed(True)
     assert inputs_ == 2500 and estimated <= tasks < MANY_TASKS, (estimated, tasks)
     assert pool.tasks_in_flight == 1
 
@@ -346,7 +367,8 @@ def test_the_count_goes_on_only_where_the_input_decides_the_tasks_in_flight(
     assert counted(max_actors=2, cpus_per_actor=1.0, min_actors=1) == 2400
     assert counted(max_actors=2, gpu=True) == 2400
     assert counted(max_actors=1) == 1200
-    # --embeddings: on to the whole input, to cut it into blocks that spread (any pool)
+    # --embeddings: on to the whole input, to cut it into blocks that spread (a pool of
+    # several actors, GPU too)
     assert counted(max_actors=2, gpu=True, embeddings=True) == 4000
     assert counted(max_actors=1, embeddings=True) == 1200
     monkeypatch.setattr(pipeline, "MOST_COUNTED", 2500)

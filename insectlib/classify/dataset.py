@@ -136,8 +136,8 @@ def streaming_block_size(
     blocks of one batch of predictions and of whole batches of paths of the counted weight;
     a small one (see `is_small`) gets blocks of one batch of paths, which spread over
     every actor to the run's last batch. Not with --embeddings:
-    its rows, 8 kB each for VGG-16, would leave the actors one row a block; its blocks of
-    paths are cut to size apart (`embedding_blocks`)."""
+    its rows, 8 kB each for VGG-16, would leave the actors one row a block; where the
+    count saw the whole input, its blocks of paths are cut to size (`embedding_blocks`)."""
     row_format = row_format or RowFormat()
     n = cfg.batch_size
     paths = batch_of_paths(cfg, count)
@@ -177,6 +177,13 @@ def tasks_of(inputs_: int, batches_a_block: int, cfg: ClassifyConfig, parts: int
     if parts is None:
         return least
     return max(least, (inputs_ - parts * (n - 1)) // (batches_a_block * n))
+
+
+def tasks_of_cut(inputs_: int, rows: int, cfg: ClassifyConfig) -> int:
+    """The tasks of the model actors that `inputs_` `cut` into blocks of `rows` make: a
+    block each, but the one short block, under a batch, may share another's task (blocks
+    reach the actors in any order) or run alone."""
+    return max(min(inputs_, 1), inputs_ // rows + (inputs_ % rows >= cfg.batch_size))
 
 
 def inputs_for(tasks: int, batches_a_block: int, cfg: ClassifyConfig, parts: int) -> int:
@@ -241,7 +248,13 @@ def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dat
     written = ray.data.read_parquet(done.files, filesystem=pa_fs).select_columns(["path"])
     partitions = max(2, min(200, done.rows // 250_000))
     todo = listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
-    return todo.repartition(target_num_rows_per_block=cfg.batch_size).materialize()
+    return cut(todo, cfg.batch_size)
+
+
+def cut(listed: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """`listed` in blocks of exactly `rows` paths (one shorter), kept in the object store:
+    run now, by Ray tasks of 1 CPU each, before the model actors hold the CPUs."""
+    return listed.repartition(target_num_rows_per_block=rows, strict=True).materialize()
 
 
 def quiet_ray_data() -> None:

@@ -188,6 +188,13 @@ class Listing:
         """`todo` inputs in blocks of `batches_a_block` batches from `parts` parts."""
         return cls(listed, todo, dataset.tasks_of(todo, batches_a_block, cfg, parts))
 
+    @classmethod
+    def of_cut(cls, cut: ray.data.Dataset, rows: int, cfg: ClassifyConfig) -> Listing:
+        """Inputs `dataset.cut` into blocks of `rows`, counted exactly (a list naming a
+        path twice lists it once)."""
+        todo = cut.count()
+        return cls(cut, todo, dataset.tasks_of_cut(todo, rows, cfg))
+
 
 def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run) -> Listing:
     """The inputs to classify as blocks of paths, and how many there are to size the pool
@@ -195,21 +202,21 @@ def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, r
     before any model actor starts), not the inputs already done."""
     cfg, row_format = plan.cfg, plan.row_format
     resuming = done is not None and done.rows > 0
-    block_size = None
+    block_size = rows = None
     if not resuming:
         block_size = dataset.streaming_block_size(cfg, plan.meta, count, row_format)
+        rows = dataset.embedding_blocks(cfg, plan.meta, count, row_format)
     listed = dataset.read_inputs(plan.parts, cfg.batch_size, cfg.s3, run, block_size)
+    if resuming or rows:  # Ray Data waits for ever for a CPU the cluster does not have
+        advice = "connect to a cluster with CPUs"
+        check_resources({"CPU": 1}, 1, "preparing the inputs", advice, cfg.wait_for_nodes)
     with ray_task_errors():  # these run the listing now: its errors in one line
         if resuming:
             already = console.counted(done.rows, "input")
             console.say(f"resuming: {already} already done; finding those without a row")
-            todo = dataset.skip_done(listed, done, cfg)
-            return Listing.of(todo, todo.count(), 1, cfg, None)
-        rows = dataset.embedding_blocks(cfg, plan.meta, count, row_format)
+            return Listing.of_cut(dataset.skip_done(listed, done, cfg), cfg.batch_size, cfg)
         if rows:  # cut here, before the model actors take the CPUs the cutting needs
-            listed = listed.repartition(target_num_rows_per_block=rows, strict=True)
-            # One stream of whole blocks; its one short block shares the next one's task.
-            return Listing.of(listed.materialize(), count.inputs, rows // cfg.batch_size, cfg, 1)
+            return Listing.of_cut(dataset.cut(listed, rows), rows, cfg)
     batches = dataset.batches_a_block(block_size, cfg, count)
     return Listing.of(listed, count.inputs, batches, cfg, len(plan.parts))
 
@@ -389,8 +396,8 @@ def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:
     actors = dataset.min_actors(cfg, pool.actors)
     what = console.counted(actors, "model actor")
     per_actor = {"CPU": pool.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
-    lower = "--max-actors or --cpus-per-actor"
-    check_resources(per_actor, actors, what, lower, cfg.wait_for_nodes)
+    advice = "ask for less with --max-actors or --cpus-per-actor"
+    check_resources(per_actor, actors, what, advice, cfg.wait_for_nodes)
 
 
 @contextlib.contextmanager

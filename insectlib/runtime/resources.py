@@ -47,18 +47,19 @@ def check_resources(
     per_unit: dict[str, float],
     units: int,
     what: str,
-    lower: str,
+    advice: str,
     wait_for_nodes: float = 0.0,
     placement: str = "PACK",
 ) -> None:
     """Refuse (one line naming what the cluster has) a run of `units` bundles of `per_unit`
-    that the cluster cannot place; `what` names them ("2 model actors"), `lower` the flags
-    that ask for less. With `wait_for_nodes` seconds, ask an autoscaler and wait first."""
+    that the cluster cannot place; `what` names them ("2 model actors"), `advice` says what
+    to do ("ask for less with --workers"). With `wait_for_nodes` seconds, ask an autoscaler
+    and wait first."""
     deadline = time.monotonic() + wait_for_nodes
     asked = False
     while bundles_that_fit(per_unit, placement) < units:
         if time.monotonic() >= deadline:
-            raise InsectError(_refusal(per_unit, units, what, lower, wait_for_nodes))
+            raise InsectError(_refusal(per_unit, units, what, advice, wait_for_nodes))
         if not asked:
             from ray.autoscaler.sdk import request_resources
 
@@ -71,7 +72,7 @@ def check_resources(
         time.sleep(POLL_S)
 
 
-def _refusal(per_unit: dict, units: int, what: str, lower: str, waited: float) -> str:
+def _refusal(per_unit: dict, units: int, what: str, advice: str, waited: float) -> str:
     if per_unit.get("GPU") and not any(n.get("GPU") for n in _nodes()):
         return (
             f"--gpu: the cluster has no GPU ({describe_cluster()}): drop --gpu, or connect "
@@ -79,10 +80,10 @@ def _refusal(per_unit: dict, units: int, what: str, lower: str, waited: float) -
             + ("" if waited else " (an autoscaling one: with --wait-for-nodes SECONDS)")
         )
     each = ", ".join(console.counted(amount, name) for name, amount in per_unit.items())
+    each += " each" if units > 1 else ""
     after = f" after waiting {waited:g} s" if waited else ""
     fit = "does not" if units == 1 else "do not"
     return (
-        f"{what} ({each} each) {fit} fit the cluster{after}: it has {describe_cluster()}; "
-        f"ask for less with {lower}"
+        f"{what} ({each}) {fit} fit the cluster{after}: it has {describe_cluster()}; {advice}"
         + ("" if waited else ", or give an autoscaling cluster --wait-for-nodes SECONDS")
     )

@@ -252,8 +252,8 @@ def sized_run(cfg: TrainConfig, labelled: LabelledSet) -> TrainConfig:
     cfg = cfg.sized(cpus_per_gpu())
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpu else {})}
     what = console.counted(cfg.workers, "training worker")
-    lower = "--workers or --cpus-per-worker"
-    check_resources(per_worker, cfg.workers, what, lower, cfg.wait_for_nodes, cfg.placement)
+    advice = "ask for less with --workers or --cpus-per-worker"
+    check_resources(per_worker, cfg.workers, what, advice, cfg.wait_for_nodes, cfg.placement)
     if cfg.gpu:
         console.say(
             f"{console.counted(cfg.workers, 'GPU worker')}, "
