@@ -484,7 +484,8 @@ the spread between runs. An embedding row takes {embedding_bytes} the bytes of a
 {embedding_row} bytes compressed (many of the ReLU outputs are zeros), so a million rows take
 about {million_rows} GB. Before small inputs with embeddings were cut into batches up front,
 their rows left the actors one row per block and the run took noticeably longer (not in the
-results).
+results); any input the first look sees whole is now cut into the blocks a run without
+embeddings makes (docs/classification.md).
 """
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,7 +24,7 @@ import ray
 import ray.data
 
 from insectlib import layout, storage
-from insectlib.classify import pipeline
+from insectlib.classify import dataset, outputs, pipeline
 from insectlib.classify.dataset import (
     MANY_TASKS,
     actor_pool,
@@ -305,6 +306,10 @@ def test_embeddings_spread_over_the_actors_as_rows_without_them(ray_local, tmp_p
     assert inputs_ == 1300 and estimated <= tasks <= estimated + 1, (inputs_, estimated, tasks)
     assert pool.tasks_in_flight == 1  # fewer than MANY_TASKS for each of 2 actors
 
+    one = ClassifyConfig(input="i", model="m", output="o", max_actors=1, embeddings=True)
+    rows = pipeline.row_format_for(one, meta)  # one actor on CPU: nothing to spread
+    assert not dataset.spreads_embeddings(one, rows)
+    assert dataset.spreads_embeddings(replace(one, gpu=True), rows)
     monkeypatch.setattr(resources, "_nodes", lambda: [{"GPU": 1.0}])
     with pytest.raises(
         InsectError,
@@ -317,6 +322,39 @@ def test_embeddings_spread_over_the_actors_as_rows_without_them(ray_local, tmp_p
     inputs_, estimated, tasks, pool = listed(True)
     assert inputs_ == 2500 and estimated <= tasks < MANY_TASKS, (estimated, tasks)
     assert pool.tasks_in_flight == 1
+
+
+def test_a_resumes_inputs_left_are_cut_and_estimated_to_the_one_short_block(ray_local, tmp_path):
+    """A resume's inputs without a row (the anti-join's) are counted exactly and cut into
+    the blocks a first run of as many makes (whole batches, several for 2,200 inputs on 2
+    actors): the tasks estimated are those run, or one fewer."""
+    _names(tmp_path / "in", 2600)
+    out = tmp_path / "out"
+    out.mkdir()
+    listed = sorted(str(p) for p in (tmp_path / "in").glob("*.jpg"))
+    pq.write_table(pa.table({"path": listed[:400]}), out / "part-0.parquet")
+    done = outputs.Done([str(out / "part-0.parquet")], 400)
+    cfg = ClassifyConfig(
+        input=str(tmp_path / "in"), model="m", output=str(out), max_actors=2, cpus_per_actor=1.0
+    )
+    meta = ModelMeta(classes=["a", "b", "c"], arch="vgg16", image_size=32, model_id="0" * 16)
+    parts = inputs.plan_listing(cfg.input, S3)
+    plan = pipeline.RunPlan(cfg, meta, pipeline.row_format_for(cfg, meta), parts, None)
+    listing = pipeline.list_inputs(plan, pipeline.count_for_choices(plan), done, None)
+    todo, estimated, tasks = listing.inputs, listing.tasks, _tasks_run(listing, cfg)
+    assert todo == 2200 and estimated <= tasks <= estimated + 1, (todo, estimated, tasks)
+    assert 2 * MANY_TASKS <= estimated < todo / (2 * cfg.batch_size)  # blocks of 3 batches
+    assert pipeline.actor_shape(plan, listing).tasks_in_flight == 2
+
+
+def test_a_runs_checks_wait_for_nodes_once(monkeypatch):
+    """The checks of one run share --wait-for-nodes: one that begins after the wait is
+    over refuses at once, saying how long the run waited."""
+    monkeypatch.setattr(resources, "_nodes", lambda: [{"GPU": 1.0}])
+    began = time.monotonic()
+    with pytest.raises(InsectError, match=r"does not fit the cluster after waiting 30 s"):
+        resources.check_resources({"CPU": 1}, 1, "x", "y", 30, since=began - 30)
+    assert time.monotonic() - began < 1
 
 
 def test_a_count_goes_on_once_to_the_limit_its_first_count_asks_for(tmp_path, monkeypatch):

@@ -137,7 +137,7 @@ def streaming_block_size(
     a small one (see `is_small`) gets blocks of one batch of paths, which spread over
     every actor to the run's last batch. Not with --embeddings:
     its rows, 8 kB each for VGG-16, would leave the actors one row a block; where the
-    count saw the whole input, its blocks of paths are cut to size (`embedding_blocks`)."""
+    count saw the whole input, its blocks of paths are cut to size (`spreads_embeddings`)."""
     row_format = row_format or RowFormat()
     n = cfg.batch_size
     paths = batch_of_paths(cfg, count)
@@ -165,24 +165,22 @@ def batches_a_block(block_size: int, cfg: ClassifyConfig, count: inputs.Count) -
     return block_size // batch_of_paths(cfg, count) + 1
 
 
-def tasks_of(inputs_: int, batches_a_block: int, cfg: ClassifyConfig, parts: int | None) -> int:
+def tasks_of(inputs_: int, batches_a_block: int, cfg: ClassifyConfig, parts: int) -> int:
     """The tasks of the model actors that `inputs_` in blocks of `batches_a_block` batches
     make, estimated. Ray Data joins blocks into a task until it holds a batch: a task
     is one block of up to `batches_a_block` batches, and a part's last, short block shares
-    the next one's (its `parts` such blocks; None: unknown, any block may be short). The
-    blocks are sized for the counted paths' mean weight, which lighter or heavier parts
-    miss a little either way."""
+    the next one's (its `parts` such blocks). The blocks are sized for the counted paths'
+    mean weight, which lighter or heavier parts miss a little either way."""
     n = cfg.batch_size
     least = -(-inputs_ // ((batches_a_block + 1) * n))
-    if parts is None:
-        return least
     return max(least, (inputs_ - parts * (n - 1)) // (batches_a_block * n))
 
 
 def tasks_of_cut(inputs_: int, rows: int, cfg: ClassifyConfig) -> int:
     """The tasks of the model actors that `inputs_` `cut` into blocks of `rows` make: a
-    block each, but the one short block, under a batch, may share another's task (blocks
-    reach the actors in any order) or run alone."""
+    block each, the one short block, if under a batch, counted as sharing the task of the
+    block after it (blocks reach the actors as the cut's tasks end): one fewer than run
+    where it comes last."""
     return max(min(inputs_, 1), inputs_ // rows + (inputs_ % rows >= cfg.batch_size))
 
 
@@ -193,16 +191,19 @@ def inputs_for(tasks: int, batches_a_block: int, cfg: ClassifyConfig, parts: int
     return min(tasks * (batches_a_block + 1) * n, tasks * batches_a_block * n + parts * (n - 1))
 
 
-def embedding_blocks(
+def spreads_embeddings(cfg: ClassifyConfig, row_format: RowFormat) -> bool:
+    """Whether a --embeddings listing the count sees whole is `cut` before the model actors
+    start: blocks sized for a batch of its rows hold thousands of paths, each a task of one
+    actor, too few to keep a pool busy. Not for one actor on CPU, which decodes its own
+    inputs: nothing to spread, and cutting waits for the whole listing."""
+    return bool(row_format.embedding_size) and (cfg.gpu or max_actors(cfg) > 1)
+
+
+def block_rows(
     cfg: ClassifyConfig, meta: ModelMeta, count: inputs.Count, row_format: RowFormat
-) -> int | None:
-    """The paths a block of a --embeddings listing is cut into before the model actors
-    start: as many as a run without embeddings puts in a block. Blocks sized for a batch
-    of embeddings hold thousands of paths, each a task of one actor, too few to keep every
-    actor busy. None (listed blocks as they come) without embeddings, or where the count
-    did not see the whole input: cutting waits for the whole listing."""
-    if not row_format.embedding_size or not count.whole:
-        return None
+) -> int:
+    """The paths of a block of `count` inputs listed without embeddings: whole batches, one
+    for a small input (see `streaming_block_size`)."""
     plain = streaming_block_size(cfg, meta, count, replace(row_format, embedding_size=None))
     return cfg.batch_size * batches_a_block(plain, cfg, count)
 
@@ -240,15 +241,14 @@ def block_bytes(size: int | None):
 
 def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dataset:
     """The listed inputs that have no row yet: an anti-join of the listing with the paths
-    already written, hash-partitioned over Ray actors (no process holds every path), cut
-    into blocks of one batch and kept in the object store. It runs before the model actors
-    start: the join's actors and the repartition tasks need CPUs the model actors would
-    hold."""
+    already written, hash-partitioned over Ray actors (no process holds every path), kept
+    in the object store. It runs now, before the model actors start: the join's actors
+    need CPUs the model actors would hold."""
     pa_fs, _ = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     written = ray.data.read_parquet(done.files, filesystem=pa_fs).select_columns(["path"])
     partitions = max(2, min(200, done.rows // 250_000))
     todo = listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
-    return cut(todo, cfg.batch_size)
+    return todo.materialize()
 
 
 def cut(listed: ray.data.Dataset, rows: int) -> ray.data.Dataset:

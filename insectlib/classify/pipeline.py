@@ -87,13 +87,14 @@ def classify(
             console.warn(warning)
         count, done = prepare_output(plan)
         run = progress.start()
-        listing = list_inputs(plan, count, done, run)
+        since = time.monotonic()  # --wait-for-nodes: one wait for every check below
+        listing = list_inputs(plan, count, done, run, since)
         pool = None
         if done and done.rows and not listing.inputs:  # a resume with every input done
             console.say("every input has its row already; nothing to classify")
         else:
             pool = actor_shape(plan, listing)
-            check_capacity(cfg, pool)
+            check_capacity(cfg, pool, since)
             if done is not None:
                 outputs.drop_record(cfg.output, done, cfg.s3)  # rows are added: not final
             run_pipeline(plan, listing.dataset, done, run, pool)
@@ -138,8 +139,8 @@ def count_for_choices(plan: RunPlan) -> inputs.Count:
     """The input counted as far as a choice depends on it: compiling and small-input
     blocks, then the tasks in flight (whether each of as many actors as the cluster's
     CPUs may hold has MANY_TASKS tasks to come) where that takes no more than MOST_COUNTED
-    inputs (else a pool is given 1 at a time); with --embeddings and several actors, up to
-    MOST_COUNTED, to cut an input seen whole into blocks that spread (`list_inputs`)."""
+    inputs (else a pool is given 1 at a time); with --embeddings, up to MOST_COUNTED, to
+    cut an input seen whole into blocks that spread (`dataset.spreads_embeddings`)."""
     cfg = plan.cfg
     thresholds = [n for n in shape.COMPILE_FROM.values() if n]
     per_actor = max(*thresholds, shape.GPU_COMPILE_FROM, dataset.small_input(cfg))
@@ -147,7 +148,7 @@ def count_for_choices(plan: RunPlan) -> inputs.Count:
     big = per_actor * actors
 
     def further(count: inputs.Count) -> int:
-        if plan.row_format.embedding_size and actors > 1:
+        if dataset.spreads_embeddings(cfg, plan.row_format):
             return MOST_COUNTED  # seen whole, its blocks are cut to spread (see list_inputs)
         if not dataset.input_decides_in_flight(cfg, actors, dataset.min_actors(cfg, actors)):
             return big
@@ -168,9 +169,9 @@ MOST_COUNTED = 100_000
 
 @dataclass
 class Listing:
-    """The inputs to classify (`list_inputs`): their blocks of paths, how many inputs (at
-    least: a count stops where no choice depends on more) and how many tasks of the model
-    actors they make (`dataset.tasks_of`)."""
+    """The inputs to classify (`list_inputs`): their blocks of paths, how many inputs (as
+    counted, which stops where no choice depends on more; exactly where they were cut) and
+    how many tasks of the model actors they make."""
 
     dataset: ray.data.Dataset
     inputs: int
@@ -180,13 +181,14 @@ class Listing:
     def of(
         cls,
         listed: ray.data.Dataset,
-        todo: int,
+        counted: int,
         batches_a_block: int,
         cfg: ClassifyConfig,
-        parts: int | None,
+        parts: int,
     ) -> Listing:
-        """`todo` inputs in blocks of `batches_a_block` batches from `parts` parts."""
-        return cls(listed, todo, dataset.tasks_of(todo, batches_a_block, cfg, parts))
+        """`counted` inputs streaming in blocks of `batches_a_block` batches from `parts`
+        parts (`dataset.tasks_of`)."""
+        return cls(listed, counted, dataset.tasks_of(counted, batches_a_block, cfg, parts))
 
     @classmethod
     def of_cut(cls, cut: ray.data.Dataset, rows: int, cfg: ClassifyConfig) -> Listing:
@@ -196,29 +198,38 @@ class Listing:
         return cls(cut, todo, dataset.tasks_of_cut(todo, rows, cfg))
 
 
-def list_inputs(plan: RunPlan, count: inputs.Count, done: outputs.Done | None, run) -> Listing:
+def list_inputs(
+    plan: RunPlan,
+    count: inputs.Count,
+    done: outputs.Done | None,
+    run,
+    since: float | None = None,
+) -> Listing:
     """The inputs to classify as blocks of paths, and how many there are to size the pool
-    for: as counted, or on a resume exactly those without a row (its anti-join runs here,
-    before any model actor starts), not the inputs already done."""
+    for: streaming as listed, and as counted; or listed and cut into blocks here, before
+    any model actor starts, and counted exactly: on a resume those without a row (its
+    anti-join runs here too), with --embeddings an input the count saw whole (see
+    `dataset.spreads_embeddings`). `since`: when --wait-for-nodes began (None: now)."""
     cfg, row_format = plan.cfg, plan.row_format
     resuming = done is not None and done.rows > 0
-    block_size = rows = None
+    block_size = None
     if not resuming:
         block_size = dataset.streaming_block_size(cfg, plan.meta, count, row_format)
-        rows = dataset.embedding_blocks(cfg, plan.meta, count, row_format)
     listed = dataset.read_inputs(plan.parts, cfg.batch_size, cfg.s3, run, block_size)
-    if resuming or rows:  # Ray Data waits for ever for a CPU the cluster does not have
-        advice = "connect to a cluster with CPUs"
-        check_resources({"CPU": 1}, 1, "preparing the inputs", advice, cfg.wait_for_nodes)
+    if not resuming and not (count.whole and dataset.spreads_embeddings(cfg, row_format)):
+        batches = dataset.batches_a_block(block_size, cfg, count)
+        return Listing.of(listed, count.inputs, batches, cfg, len(plan.parts))
+    # Ray tasks of 1 CPU each: Ray Data would wait for ever for a CPU the cluster lacks
+    advice = "connect to a cluster with CPUs"
+    check_resources({"CPU": 1}, 1, "preparing the inputs", advice, cfg.wait_for_nodes, since=since)
     with ray_task_errors():  # these run the listing now: its errors in one line
         if resuming:
             already = console.counted(done.rows, "input")
             console.say(f"resuming: {already} already done; finding those without a row")
-            return Listing.of_cut(dataset.skip_done(listed, done, cfg), cfg.batch_size, cfg)
-        if rows:  # cut here, before the model actors take the CPUs the cutting needs
-            return Listing.of_cut(dataset.cut(listed, rows), rows, cfg)
-    batches = dataset.batches_a_block(block_size, cfg, count)
-    return Listing.of(listed, count.inputs, batches, cfg, len(plan.parts))
+            listed = dataset.skip_done(listed, done, cfg)
+            count = inputs.Count(listed.count(), count.path_bytes, whole=True)
+        rows = dataset.block_rows(cfg, plan.meta, count, row_format)
+        return Listing.of_cut(dataset.cut(listed, rows), rows, cfg)
 
 
 def run_pipeline(
@@ -390,14 +401,15 @@ def free_cpus(cpus: float, settle_s: float = 1.0) -> float:
     return free
 
 
-def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape) -> None:
+def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape, since: float | None) -> None:
     """Refuse, before the actors start, a pool the cluster cannot hold (Ray Data would wait
-    for it for ever); with --wait-for-nodes, wait that long for an autoscaler first."""
+    for it for ever); with --wait-for-nodes, wait for an autoscaler first, up to that long
+    after `since`."""
     actors = dataset.min_actors(cfg, pool.actors)
     what = console.counted(actors, "model actor")
     per_actor = {"CPU": pool.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
     advice = "ask for less with --max-actors or --cpus-per-actor"
-    check_resources(per_actor, actors, what, advice, cfg.wait_for_nodes)
+    check_resources(per_actor, actors, what, advice, cfg.wait_for_nodes, since=since)
 
 
 @contextlib.contextmanager

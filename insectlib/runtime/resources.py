@@ -50,12 +50,14 @@ def check_resources(
     advice: str,
     wait_for_nodes: float = 0.0,
     placement: str = "PACK",
+    since: float | None = None,
 ) -> None:
     """Refuse (one line naming what the cluster has) a run of `units` bundles of `per_unit`
     that the cluster cannot place; `what` names them ("2 model actors"), `advice` says what
     to do ("ask for less with --workers"). With `wait_for_nodes` seconds, ask an autoscaler
-    and wait first."""
-    deadline = time.monotonic() + wait_for_nodes
+    and wait first, up to that long after `since` (time.monotonic(); None: now), so that
+    the checks of one run share one wait."""
+    deadline = (time.monotonic() if since is None else since) + wait_for_nodes
     asked = False
     while bundles_that_fit(per_unit, placement) < units:
         if time.monotonic() >= deadline:
@@ -79,11 +81,11 @@ def _refusal(per_unit: dict, units: int, what: str, advice: str, waited: float) 
             "to a cluster with GPU nodes"
             + ("" if waited else " (an autoscaling one: with --wait-for-nodes SECONDS)")
         )
-    each = ", ".join(console.counted(amount, name) for name, amount in per_unit.items())
-    each += " each" if units > 1 else ""
+    bundle = ", ".join(console.counted(amount, name) for name, amount in per_unit.items())
+    bundle += " each" if units > 1 else ""
     after = f" after waiting {waited:g} s" if waited else ""
     fit = "does not" if units == 1 else "do not"
     return (
-        f"{what} ({each}) {fit} fit the cluster{after}: it has {describe_cluster()}; {advice}"
+        f"{what} ({bundle}) {fit} fit the cluster{after}: it has {describe_cluster()}; {advice}"
         + ("" if waited else ", or give an autoscaling cluster --wait-for-nodes SECONDS")
     )
