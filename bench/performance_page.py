@@ -484,8 +484,8 @@ the spread between runs. An embedding row takes {embedding_bytes} the bytes of a
 {embedding_row} bytes compressed (many of the ReLU outputs are zeros), so a million rows take
 about {million_rows} GB. Before small inputs with embeddings were cut into batches up front,
 their rows left the actors one row per block and the run took noticeably longer (not in the
-results); any input the first look sees whole is now cut into the blocks a run without
-embeddings makes (docs/classification.md).
+results); an input the first look sees whole is now cut into the blocks a run without
+embeddings makes wherever the cluster holds several actors or a GPU (docs/classification.md).
 """
 
 
@@ -917,12 +917,14 @@ def scaling_resume(data: Result) -> str:
     if "resume_anti_join_seconds" not in resume:
         return text
     footers, join = resume["resume_footers_seconds"], resume["resume_anti_join_seconds"]
+    cut = resume.get("resume_cut_seconds")  # timed apart since the cut left skip_done
+    cutting = f", then {secs(cut)} s to cut what was left into blocks of a batch" if cut else ""
     return text + (
-        f" The resume decided what was left in {secs(footers + join)} s: {secs(footers)} s to "
-        f"check the written parts (footers only) and {secs(join)} s for the hash-partitioned "
-        f"anti-join of {resume['images']:,} listed paths with "
+        f" The resume decided what was left in {secs(footers + join + (cut or 0))} s: "
+        f"{secs(footers)} s to check the written parts (footers only) and {secs(join)} s for "
+        f"the hash-partitioned anti-join of {resume['images']:,} listed paths with "
         f"{resume['images'] - resume['classified']:,} written ones, in Ray, no process holding "
-        "them all."
+        f"them all{cutting}."
     )
 
 

@@ -324,10 +324,13 @@ def test_embeddings_spread_over_the_actors_as_rows_without_them(ray_local, tmp_p
     assert pool.tasks_in_flight == 1
 
 
-def test_a_resumes_inputs_left_are_cut_and_estimated_to_the_one_short_block(ray_local, tmp_path):
+def test_a_resumes_inputs_left_are_counted_exactly_and_estimated_to_the_one_short_block(
+    ray_local, tmp_path
+):
     """A resume's inputs without a row (the anti-join's) are counted exactly and cut into
-    the blocks a first run of as many makes (whole batches, several for 2,200 inputs on 2
-    actors): the tasks estimated are those run, or one fewer."""
+    blocks of a batch (tasks of one batch keep its stages' blocks of predictions one batch
+    each under Ray's block size): the tasks estimated are those run, or one fewer (before:
+    about half)."""
     _names(tmp_path / "in", 2600)
     out = tmp_path / "out"
     out.mkdir()
@@ -343,18 +346,28 @@ def test_a_resumes_inputs_left_are_cut_and_estimated_to_the_one_short_block(ray_
     listing = pipeline.list_inputs(plan, pipeline.count_for_choices(plan), done, None)
     todo, estimated, tasks = listing.inputs, listing.tasks, _tasks_run(listing, cfg)
     assert todo == 2200 and estimated <= tasks <= estimated + 1, (todo, estimated, tasks)
-    assert 2 * MANY_TASKS <= estimated < todo / (2 * cfg.batch_size)  # blocks of 3 batches
+    assert estimated == 2200 // cfg.batch_size  # 68 batches and one of 24 inputs
     assert pipeline.actor_shape(plan, listing).tasks_in_flight == 2
 
 
-def test_a_runs_checks_wait_for_nodes_once(monkeypatch):
-    """The checks of one run share --wait-for-nodes: one that begins after the wait is
-    over refuses at once, saying how long the run waited."""
+def test_a_runs_checks_share_one_wait_for_nodes(monkeypatch):
+    """The checks of one run share --wait-for-nodes, counting only the time they waited for
+    nodes: time spent elsewhere takes nothing from it; the first check asks the autoscaler,
+    waits it out and refuses, saying how long; the next one refuses at once."""
     monkeypatch.setattr(resources, "_nodes", lambda: [{"GPU": 1.0}])
+    monkeypatch.setattr(resources, "POLL_S", 0.05)
+    asked = []
+    monkeypatch.setattr("ray.autoscaler.sdk.request_resources", lambda bundles: asked.append(1))
+    wait = resources.NodesWait(0.3)
+    time.sleep(0.3)  # an anti-join, say: not a wait for nodes
     began = time.monotonic()
-    with pytest.raises(InsectError, match=r"does not fit the cluster after waiting 30 s"):
-        resources.check_resources({"CPU": 1}, 1, "x", "y", 30, since=began - 30)
-    assert time.monotonic() - began < 1
+    with pytest.raises(InsectError, match=r"does not fit the cluster after waiting 0.3 s"):
+        resources.check_resources({"CPU": 1}, 1, "x", "y", wait)
+    assert 0.3 <= time.monotonic() - began < 1 and asked == [1]
+    began = time.monotonic()
+    with pytest.raises(InsectError, match=r"do not fit the cluster after waiting 0.3 s"):
+        resources.check_resources({"CPU": 1}, 2, "x", "y", wait)
+    assert time.monotonic() - began < 0.1 and asked == [1]
 
 
 def test_a_count_goes_on_once_to_the_limit_its_first_count_asks_for(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from insectlib.model.precision import cpu_runs_int8_fast, resolve_precision
 from insectlib.model.predictor import RowFormat
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import init_ray, insect_error_in, live_nodes, local_path_warnings
-from insectlib.runtime.resources import check_resources
+from insectlib.runtime.resources import NodesWait, check_resources
 from insectlib.storage.lock import output_lock
 
 LOG_EVERY_S = 30  # the progress line's period where the console is not a terminal
@@ -87,14 +87,14 @@ def classify(
             console.warn(warning)
         count, done = prepare_output(plan)
         run = progress.start()
-        since = time.monotonic()  # --wait-for-nodes: one wait for every check below
-        listing = list_inputs(plan, count, done, run, since)
+        wait = NodesWait(cfg.wait_for_nodes)  # one wait for every check below
+        listing = list_inputs(plan, count, done, run, wait)
         pool = None
         if done and done.rows and not listing.inputs:  # a resume with every input done
             console.say("every input has its row already; nothing to classify")
         else:
             pool = actor_shape(plan, listing)
-            check_capacity(cfg, pool, since)
+            check_capacity(cfg, pool, wait)
             if done is not None:
                 outputs.drop_record(cfg.output, done, cfg.s3)  # rows are added: not final
             run_pipeline(plan, listing.dataset, done, run, pool)
@@ -203,13 +203,14 @@ def list_inputs(
     count: inputs.Count,
     done: outputs.Done | None,
     run,
-    since: float | None = None,
+    wait: NodesWait | None = None,
 ) -> Listing:
     """The inputs to classify as blocks of paths, and how many there are to size the pool
     for: streaming as listed, and as counted; or listed and cut into blocks here, before
     any model actor starts, and counted exactly: on a resume those without a row (its
-    anti-join runs here too), with --embeddings an input the count saw whole (see
-    `dataset.spreads_embeddings`). `since`: when --wait-for-nodes began (None: now)."""
+    anti-join runs here too), with --embeddings an input the count saw whole, into the
+    blocks a run without embeddings makes (see `dataset.spreads_embeddings`). `wait`: the
+    run's --wait-for-nodes (None: its own)."""
     cfg, row_format = plan.cfg, plan.row_format
     resuming = done is not None and done.rows > 0
     block_size = None
@@ -221,14 +222,18 @@ def list_inputs(
         return Listing.of(listed, count.inputs, batches, cfg, len(plan.parts))
     # Ray tasks of 1 CPU each: Ray Data would wait for ever for a CPU the cluster lacks
     advice = "connect to a cluster with CPUs"
-    check_resources({"CPU": 1}, 1, "preparing the inputs", advice, cfg.wait_for_nodes, since=since)
+    wait = wait or NodesWait(cfg.wait_for_nodes)
+    check_resources({"CPU": 1}, 1, "preparing the inputs", advice, wait)
     with ray_task_errors():  # these run the listing now: its errors in one line
         if resuming:
             already = console.counted(done.rows, "input")
             console.say(f"resuming: {already} already done; finding those without a row")
             listed = dataset.skip_done(listed, done, cfg)
-            count = inputs.Count(listed.count(), count.path_bytes, whole=True)
-        rows = dataset.block_rows(cfg, plan.meta, count, row_format)
+            # A batch a block: its stages keep Ray's block size, which holds a task's output
+            # in one block, so tasks of one batch keep a first run's blocks of predictions.
+            rows = cfg.batch_size
+        else:
+            rows = dataset.block_rows(cfg, plan.meta, count, row_format)
         return Listing.of_cut(dataset.cut(listed, rows), rows, cfg)
 
 
@@ -401,15 +406,15 @@ def free_cpus(cpus: float, settle_s: float = 1.0) -> float:
     return free
 
 
-def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape, since: float | None) -> None:
+def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape, wait: NodesWait) -> None:
     """Refuse, before the actors start, a pool the cluster cannot hold (Ray Data would wait
-    for it for ever); with --wait-for-nodes, wait for an autoscaler first, up to that long
-    after `since`."""
+    for it for ever); with --wait-for-nodes, wait for an autoscaler first, what is left of
+    the run's `wait`."""
     actors = dataset.min_actors(cfg, pool.actors)
     what = console.counted(actors, "model actor")
     per_actor = {"CPU": pool.cpus_per_actor, **({"GPU": 1} if cfg.gpu else {})}
     advice = "ask for less with --max-actors or --cpus-per-actor"
-    check_resources(per_actor, actors, what, advice, cfg.wait_for_nodes, since=since)
+    check_resources(per_actor, actors, what, advice, wait)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import ray
 
@@ -43,35 +44,47 @@ def describe_cluster() -> str:
     return f"{counted(cpus, 'CPU')} and {counted(gpus, 'GPU')} on {counted(len(nodes), 'node')}"
 
 
+@dataclass
+class NodesWait:
+    """--wait-for-nodes for one run: the seconds its checks may wait for an autoscaler's
+    nodes, all of them together, and how long they have waited."""
+
+    seconds: float = 0.0
+    waited: float = 0.0
+
+
 def check_resources(
     per_unit: dict[str, float],
     units: int,
     what: str,
     advice: str,
-    wait_for_nodes: float = 0.0,
+    wait: NodesWait | float = 0.0,
     placement: str = "PACK",
-    since: float | None = None,
 ) -> None:
     """Refuse (one line naming what the cluster has) a run of `units` bundles of `per_unit`
     that the cluster cannot place; `what` names them ("2 model actors"), `advice` says what
-    to do ("ask for less with --workers"). With `wait_for_nodes` seconds, ask an autoscaler
-    and wait first, up to that long after `since` (time.monotonic(); None: now), so that
-    the checks of one run share one wait."""
-    deadline = (time.monotonic() if since is None else since) + wait_for_nodes
+    to do ("ask for less with --workers"). With a `wait` of seconds (a run's checks share
+    one `NodesWait`), ask an autoscaler and wait first, what is left of it."""
+    wait = wait if isinstance(wait, NodesWait) else NodesWait(wait)
+    began = time.monotonic()
+    deadline = began + max(0.0, wait.seconds - wait.waited)
     asked = False
-    while bundles_that_fit(per_unit, placement) < units:
-        if time.monotonic() >= deadline:
-            raise InsectError(_refusal(per_unit, units, what, advice, wait_for_nodes))
-        if not asked:
-            from ray.autoscaler.sdk import request_resources
+    try:
+        while bundles_that_fit(per_unit, placement) < units:
+            if time.monotonic() >= deadline:
+                raise InsectError(_refusal(per_unit, units, what, advice, wait.seconds))
+            if not asked:
+                from ray.autoscaler.sdk import request_resources
 
-            request_resources(bundles=[dict(per_unit)] * units)
-            console.say(
-                f"waiting up to {wait_for_nodes:g} s for the cluster to add nodes for {what} "
-                f"({describe_cluster()} now)"
-            )
-            asked = True
-        time.sleep(POLL_S)
+                request_resources(bundles=[dict(per_unit)] * units)
+                console.say(
+                    f"waiting up to {deadline - began:g} s for the cluster to add nodes for "
+                    f"{what} ({describe_cluster()} now)"
+                )
+                asked = True
+            time.sleep(POLL_S)
+    finally:
+        wait.waited += time.monotonic() - began
 
 
 def _refusal(per_unit: dict, units: int, what: str, advice: str, waited: float) -> str:
