@@ -485,7 +485,7 @@ the spread between runs. An embedding row takes {embedding_bytes} the bytes of a
 about {million_rows} GB. Before small inputs with embeddings were cut into batches up front,
 their rows left the actors one row per block and the run took noticeably longer (not in the
 results); an input the first look sees whole is now cut into the blocks a run without
-embeddings makes wherever the cluster holds several actors or a GPU (docs/classification.md).
+embeddings makes on a GPU or wherever a run may hold several actors (docs/classification.md).
 """
 
 

@@ -194,9 +194,10 @@ def inputs_for(tasks: int, batches_a_block: int, cfg: ClassifyConfig, parts: int
 def spreads_embeddings(cfg: ClassifyConfig, row_format: RowFormat) -> bool:
     """Whether a --embeddings listing the count sees whole is `cut` before the model actors
     start: blocks sized for a batch of its rows hold thousands of paths, each a task of one
-    actor, too few to keep a pool busy. Not where the cluster holds one CPU actor at most:
-    it decodes its own inputs, nothing to spread, and cutting waits for the whole listing
-    (a pool the shape rule makes one actor of several CPUs is cut all the same)."""
+    actor, too few to keep a pool busy. Not for a run of one CPU actor at most (--max-actors
+    1, or a cluster with room for one): it decodes its own inputs, nothing to spread, and
+    cutting waits for the whole listing (a pool the shape rule makes one actor of several
+    CPUs is cut all the same)."""
     return bool(row_format.embedding_size) and (cfg.gpu or max_actors(cfg) > 1)
 
 

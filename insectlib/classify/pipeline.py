@@ -208,9 +208,9 @@ def list_inputs(
     """The inputs to classify as blocks of paths, and how many there are to size the pool
     for: streaming as listed, and as counted; or listed and cut into blocks here, before
     any model actor starts, and counted exactly: on a resume those without a row (its
-    anti-join runs here too), with --embeddings an input the count saw whole, into the
-    blocks a run without embeddings makes (see `dataset.spreads_embeddings`). `wait`: the
-    run's --wait-for-nodes (None: its own)."""
+    anti-join runs here too), in blocks of a batch; with --embeddings an input the count
+    saw whole, in the blocks a run without embeddings makes (`dataset.spreads_embeddings`).
+    `wait`: the run's --wait-for-nodes (None: its own)."""
     cfg, row_format = plan.cfg, plan.row_format
     resuming = done is not None and done.rows > 0
     block_size = None

@@ -66,28 +66,32 @@ def check_resources(
     to do ("ask for less with --workers"). With a `wait` of seconds (a run's checks share
     one `NodesWait`), ask an autoscaler and wait first, what is left of it."""
     wait = wait if isinstance(wait, NodesWait) else NodesWait(wait)
+    left = max(0.0, wait.seconds - wait.waited)
     began = time.monotonic()
-    deadline = began + max(0.0, wait.seconds - wait.waited)
     asked = False
     try:
         while bundles_that_fit(per_unit, placement) < units:
-            if time.monotonic() >= deadline:
-                raise InsectError(_refusal(per_unit, units, what, advice, wait.seconds))
+            spent = time.monotonic() - began
+            if spent >= left:
+                raise InsectError(_refusal(per_unit, units, what, advice, wait.seconds, asked))
             if not asked:
                 from ray.autoscaler.sdk import request_resources
 
                 request_resources(bundles=[dict(per_unit)] * units)
                 console.say(
-                    f"waiting up to {deadline - began:g} s for the cluster to add nodes for "
+                    f"waiting up to {math.ceil(left)} s for the cluster to add nodes for "
                     f"{what} ({describe_cluster()} now)"
                 )
                 asked = True
-            time.sleep(POLL_S)
+            time.sleep(min(POLL_S, left - spent))
     finally:
-        wait.waited += time.monotonic() - began
+        if asked:  # a check that passed at once takes nothing from the run's wait
+            wait.waited += time.monotonic() - began
 
 
-def _refusal(per_unit: dict, units: int, what: str, advice: str, waited: float) -> str:
+def _refusal(
+    per_unit: dict, units: int, what: str, advice: str, waited: float, asked: bool = True
+) -> str:
     if per_unit.get("GPU") and not any(n.get("GPU") for n in _nodes()):
         return (
             f"--gpu: the cluster has no GPU ({describe_cluster()}): drop --gpu, or connect "
@@ -97,6 +101,7 @@ def _refusal(per_unit: dict, units: int, what: str, advice: str, waited: float) 
     bundle = ", ".join(console.counted(amount, name) for name, amount in per_unit.items())
     bundle += " each" if units > 1 else ""
     after = f" after waiting {waited:g} s" if waited else ""
+    after += "" if asked or not waited else " (all of it before this check)"
     fit = "does not" if units == 1 else "do not"
     return (
         f"{what} ({bundle}) {fit} fit the cluster{after}: it has {describe_cluster()}; {advice}"
