@@ -917,14 +917,12 @@ def scaling_resume(data: Result) -> str:
     if "resume_anti_join_seconds" not in resume:
         return text
     footers, join = resume["resume_footers_seconds"], resume["resume_anti_join_seconds"]
-    cut = resume.get("resume_cut_seconds")  # timed apart since the cut left skip_done
-    cutting = f", then {secs(cut)} s to cut what was left into blocks of a batch" if cut else ""
     return text + (
-        f" The resume decided what was left in {secs(footers + join + (cut or 0))} s: "
-        f"{secs(footers)} s to check the written parts (footers only) and {secs(join)} s for "
-        f"the hash-partitioned anti-join of {resume['images']:,} listed paths with "
+        f" The resume decided what was left in {secs(footers + join)} s: {secs(footers)} s to "
+        f"check the written parts (footers only) and {secs(join)} s for the hash-partitioned "
+        f"anti-join of {resume['images']:,} listed paths with "
         f"{resume['images'] - resume['classified']:,} written ones, in Ray, no process holding "
-        f"them all{cutting}."
+        "them all."
     )
 
 

@@ -119,9 +119,8 @@ def one_run(images: str, model: str, out: str, batch_size: int, resume: bool) ->
 
 
 def timed_phases() -> dict:
-    """Seconds spent in the resume's decisions, filled in as classify runs: checking the
-    written parts (footers only), the anti-join finding what is left, and cutting that into
-    blocks of a batch."""
+    """Seconds spent in the resume's two decisions, filled in as classify runs: checking
+    the written parts (footers only) and the anti-join finding what is left."""
     from insectlib.classify import dataset, outputs
 
     phases: dict = {}
@@ -138,8 +137,7 @@ def timed_phases() -> dict:
         setattr(module, name, timed)
 
     timing(outputs, "resume_state", "resume_footers_seconds")
-    timing(dataset, "skip_done", "resume_anti_join_seconds")
-    timing(dataset, "cut", "resume_cut_seconds")
+    timing(dataset, "cut", "resume_anti_join_seconds")  # it runs skip_done's lazy join
     return phases
 
 

@@ -243,14 +243,14 @@ def block_bytes(size: int | None):
 
 def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dataset:
     """The listed inputs that have no row yet: an anti-join of the listing with the paths
-    already written, hash-partitioned over Ray actors (no process holds every path), kept
-    in the object store. It runs now, before the model actors start: the join's actors
-    need CPUs the model actors would hold."""
+    already written, hash-partitioned over Ray actors (no process holds every path). It
+    runs with `cut`, before the model actors start: the join's actors need CPUs the model
+    actors would hold."""
     pa_fs, _ = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     written = ray.data.read_parquet(done.files, filesystem=pa_fs).select_columns(["path"])
     partitions = max(2, min(200, done.rows // 250_000))
     todo = listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
-    return todo.materialize()
+    return todo
 
 
 def cut(listed: ray.data.Dataset, rows: int) -> ray.data.Dataset:

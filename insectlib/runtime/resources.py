@@ -89,9 +89,7 @@ def check_resources(
             wait.waited += time.monotonic() - began
 
 
-def _refusal(
-    per_unit: dict, units: int, what: str, advice: str, waited: float, asked: bool = True
-) -> str:
+def _refusal(per_unit: dict, units: int, what: str, advice: str, waited: float, asked: bool) -> str:
     if per_unit.get("GPU") and not any(n.get("GPU") for n in _nodes()):
         return (
             f"--gpu: the cluster has no GPU ({describe_cluster()}): drop --gpu, or connect "
