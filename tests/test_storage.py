@@ -207,6 +207,45 @@ def test_a_local_write_keeps_the_mode_and_leaves_nothing_beside_when_stopped(tmp
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["metrics.json"]
 
 
+def test_a_local_write_reaches_the_disk_before_its_name_and_its_name_before_the_next(
+    tmp_path, monkeypatch
+):
+    """Renamed before its data was flushed, a part could be empty after a power loss while
+    the `_SUCCESS` written after it survived: each write flushes its file, renames it, then
+    flushes the folder; a folder its file system cannot flush (EINVAL) is no failure."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("flush", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("rename", os.path.basename(source).startswith(WRITING_PREFIX), target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = str(tmp_path / "_SUCCESS")
+    storage.write_bytes(target, b"{}")
+    (flushed, beside), *rest = events
+    assert flushed == "flush" and os.path.basename(beside).startswith(WRITING_PREFIX)
+    assert rest == [("rename", True, target), ("flush", str(tmp_path))]
+    events.clear()
+    storage.write_bytes(str(tmp_path / "thumb.jpg"), b"jpeg", durable=False)
+    assert events == [("rename", True, str(tmp_path / "thumb.jpg"))]
+
+    def unsupported(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", unsupported)
+    storage.write_bytes(target, b"{ }")
+    assert (tmp_path / "_SUCCESS").read_bytes() == b"{ }"
+    assert sorted(os.listdir(tmp_path)) == ["_SUCCESS", "thumb.jpg"]
+
+
 @pytest.mark.parametrize("ahead", [2, 4])
 def test_prefetch_keeps_its_threads_busy_behind_a_slow_oldest_item(ahead):
     """Results come in order, and never more than `ahead` items are started and not yet

@@ -87,7 +87,9 @@ def write_thumbnails(
                 found[path] = {"problem": result}
                 continue
             name = f"{THUMBS_DIR}/{thumb_name(path)}"
-            writes.append(pool.submit(storage.write_bytes, storage.join(html, name), result, s3))
+            # Not flushed one by one: a thumbnail is remade by the next report.
+            uri = storage.join(html, name)
+            writes.append(pool.submit(storage.write_bytes, uri, result, s3, durable=False))
             found[path] = {"thumb": name}
         for write in writes:
             write.result()

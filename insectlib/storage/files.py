@@ -268,11 +268,13 @@ def sha256(uri: str, s3: S3Options | None = None) -> str:
     return digest.hexdigest()
 
 
-def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
+def write_bytes(uri: str, data: bytes, s3: S3Options | None = None, durable: bool = True) -> None:
     """Write `data` to `uri`, replacing it. A local file is written beside (a new file of
     its own, `WRITING_PREFIX`) and renamed, so it is there whole or not at all: a full disk
-    left an empty `_SUCCESS` (an S3 object is whole by nature). It keeps the mode of the
-    file it replaces; a failure of the file beside names `uri`."""
+    left an empty `_SUCCESS` (an S3 object is whole by nature). `durable`: the file is
+    flushed to the disk before the rename and the rename after it, so that a power loss too
+    leaves it whole or absent, and a file written later (`_SUCCESS`) never outlives it. It
+    keeps the mode of the file it replaces; a failure of the file beside names `uri`."""
     fs, path = filesystem(uri, s3)
     if is_s3(uri):
         with fs.open(path, "wb") as f:
@@ -288,9 +290,15 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
         created = True
         with open(fd, "wb") as f:
             f.write(data)
+            if durable:  # a rename can reach the disk before the data it names
+                f.flush()
+                os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):  # the mode of the file it replaces
             os.chmod(beside, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(beside, path)
+        created = False
+        if durable:
+            sync_folder(folder)
     except BaseException as e:  # a Ctrl-C too: nothing left beside
         if created:
             with contextlib.suppress(OSError):
@@ -298,6 +306,19 @@ def write_bytes(uri: str, data: bytes, s3: S3Options | None = None) -> None:
         if isinstance(e, OSError) and e.filename in (None, beside):
             raise OSError(e.errno, e.strerror, path) from None
         raise
+
+
+def sync_folder(folder: str) -> None:
+    """Flush a folder's entries to the disk. A file system that cannot sync a folder
+    (EINVAL: some network and FUSE mounts) keeps its own order."""
+    fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:
