@@ -92,6 +92,18 @@ def test_one_pass_selection_equals_sorting_every_row():
     assert s.histogram.sum() == len(ok)
 
 
+def test_an_evaluation_without_a_mistake_is_reviewed():
+    """An evaluation whose misclassified.parquet holds no row (every image right): `insect
+    report` failed with a traceback, its empty truth an array of no type."""
+    rows = [{"path": f"/p/{i}.jpg", "label": "ab"[i % 2], "score": 0.9, "error": None}
+            for i in range(5)]  # fmt: skip
+    selector = Selector(["a", "b"], size=7, max_errors=10, truth={})
+    selector.add(pa.RecordBatch.from_pylist(rows))
+    s = selector.selection
+    assert s.totals[("cell", 0, 0)] == 3 and s.totals[("cell", 1, 1)] == 2
+    assert not [key for key in s.totals if key[0] == "cell" and key[1] != key[2]]
+
+
 def test_the_page_data_cannot_close_its_script_element():
     text = page.script_json({"name": HOSTILE_CLASS, "other": "a & b <!-- c -->"})
     assert "<" not in text and ">" not in text and "&" not in text
