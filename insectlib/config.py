@@ -3,7 +3,7 @@ default, choices, bounds and help text. Nothing here imports torch, Ray or a sto
 library, so the CLI builds and checks its flags (`insectlib.cli.main`) in a fraction of a
 second, before anything heavy starts.
 
-A field's metadata (`setting`) may hold `help`, `choices`, `at_least`, `at_most`, `above`
+A field's metadata (`setting`) may hold `help`, `choices`, `at_least`, `at_most`
 and `flag` (when the command-line name is not `--` + the field name with dashes, or
 `--no-` + it for a setting that is on by default). `check_settings` enforces them.
 """
@@ -32,6 +32,7 @@ INT8_AGREEMENT_MIN = 0.99  # top-1 agreement with fp32 that lets --precision aut
 TEMPERATURE_RANGE = (0.05, 20.0)
 FREEZE_POLICIES = ("trunk", "none")  # trunk: only the new head trains; none: everything trains
 OPTIMIZERS = ("adam", "sgd")
+LEAST_CPUS = 0.0001  # Ray's smallest share of a resource: a task or actor asking less fails
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement strategies
 COMPILE_CHOICES = ("auto", "on", "off")
 # Where the model actors' JPEGs are decoded (see `insectlib.data.device_decode`).
@@ -113,8 +114,6 @@ def check_settings(cfg: Any) -> None:
                 else (f"at least {low}" if high is None else f"at most {high}")
             )
             raise InsectError(f"{flag} must be {bound}, got {value}")
-        if "above" in rules and not value > rules["above"]:
-            raise InsectError(f"{flag} must be more than {rules['above']}, got {value}")
 
 
 def escapes(name: str) -> bool:
@@ -274,7 +273,7 @@ class ActorSettings(RaySettings):
     )
     cpus_per_actor: float | None = setting(
         None,
-        above=0,
+        at_least=LEAST_CPUS,
         help=(
             "CPUs per model actor, also its torch threads on CPU (default: 1 with --gpu; on "
             "CPU the actor shape this CPU and precision run best, a small input's actors "
@@ -394,7 +393,7 @@ class TrainConfig(RaySettings):
     workers: int = setting(2, at_least=1, help="Ray Train workers")
     cpus_per_worker: float | None = setting(
         None,
-        above=0,
+        at_least=LEAST_CPUS,
         help=(
             "CPUs per worker, also its torch threads on CPU (default: 1; with --gpu, a GPU "
             "node's CPUs per GPU, so that decoding gets every core the GPUs leave)"

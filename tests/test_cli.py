@@ -190,8 +190,14 @@ def test_settings_outside_their_rules_are_refused_by_the_config():
         ClassifyConfig(input="i", model="m", output=" ").validate()
     with pytest.raises(InsectError, match="--max-error-fraction must be between 0 and 1"):
         ClassifyConfig(input="i", model="m", output="o", max_error_fraction=2.0).validate()
-    with pytest.raises(InsectError, match="--cpus-per-actor must be more than 0, got 0"):
-        ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=0).validate()
+    # Less than Ray's smallest share reached Ray and failed there with a traceback.
+    for value in (0, 0.00001):
+        with pytest.raises(
+            InsectError, match=f"--cpus-per-actor must be at least 0.0001, got {value}"
+        ):
+            ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=value).validate()
+    with pytest.raises(InsectError, match="--cpus-per-worker must be at least 0.0001, got 1e-05"):
+        TrainConfig(data="d", cpus_per_worker=0.00001).validate()
 
 
 def test_gpu_workers_get_the_cores_their_gpus_leave(monkeypatch):

@@ -383,7 +383,7 @@ def test_clear_errors_instead_of_tracebacks(trained, unlabelled, tmp_path, capsy
     cfg, _ = trained
     images = os.path.dirname(next(iter(unlabelled)))
     base = ["classify", images, "--model", cfg.output, "--output", str(tmp_path / "o")]
-    assert "--cpus-per-actor must be more than 0" in expect_cli_error(
+    assert "--cpus-per-actor must be at least 0.0001, got 0" in expect_cli_error(
         capsys, [*base, "--cpus-per-actor", "0"]
     )
     assert "--max-file-bytes must be between 1 and" in expect_cli_error(

@@ -124,7 +124,10 @@ class Selector:
         self.max_errors = max_errors
         self.truth = None
         if truth is not None:
-            self.truth = (pa.array(list(truth), pa.string()), pa.array(list(truth.values()), pa.string()))
+            self.truth = (
+                pa.array(list(truth), pa.string()),
+                pa.array(list(truth.values()), pa.string()),
+            )
         self.edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
 
     def add(self, batch: pa.RecordBatch) -> None:
