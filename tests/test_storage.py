@@ -246,6 +246,27 @@ def test_a_local_write_reaches_the_disk_before_its_name_and_its_name_before_the_
     assert sorted(os.listdir(tmp_path)) == ["_SUCCESS", "thumb.jpg"]
 
 
+def test_a_name_with_glob_characters_is_a_pattern_only_where_nothing_has_it(tmp_path, monkeypatch):
+    """A folder named 'glob [2023]' is read as a folder, but the output checks took it for
+    a pattern of its parent: every output beside it was 'inside the input', and an output
+    named 'res[1]' 'contained' any input beside it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "glob [2023]").mkdir()
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    storage.check_location("og1", {"the input": "glob [2023]"}, ("the input",))
+    storage.check_location("res[1]", {"the input": "photos"}, ("the input",))
+    storage.check_location("glob [2023]/../page [v2]", {"the input": "photos/a"}, ("the input",))
+    with pytest.raises(InsectError, match=r"^--output glob \[2023\]/out is inside the input"):
+        storage.check_location("glob [2023]/out", {"the input": "glob [2023]"}, ("the input",))
+    # A pattern's files lie in its fixed leading folders, wherever its first glob part is.
+    with pytest.raises(InsectError, match="is inside the input"):
+        storage.check_location("photos/out", {"the input": "photos/*/x.jpg"}, ("the input",))
+    with pytest.raises(InsectError, match="contains the input"):
+        storage.check_location("photos", {"the input": str(tmp_path / "photos" / "*.jpg")})
+    with pytest.raises(InsectError, match="is inside the input"):
+        storage.check_location("out", {"the input": "*.jpg"}, ("the input",))
+
+
 @pytest.mark.parametrize("ahead", [2, 4])
 def test_prefetch_keeps_its_threads_busy_behind_a_slow_oldest_item(ahead):
     """Results come in order, and never more than `ahead` items are started and not yet

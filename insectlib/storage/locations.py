@@ -25,11 +25,19 @@ def location_key(uri: str) -> str:
     """A comparable form of a location: the real absolute path, or the s3:// URI."""
     if is_s3(uri):
         return uri.rstrip("/")
-    path = uri
-    # A glob selects files inside its fixed leading folder.
-    while is_glob(os.path.basename(path)) and path not in ("", "/"):
-        path = os.path.dirname(path)
-    return os.path.realpath(os.path.expanduser(path))
+    return os.path.realpath(os.path.expanduser(uri))
+
+
+def pattern_root(uri: str) -> str:
+    """Where an input a command reads lies: a local glob pattern's fixed leading folders
+    (it selects files inside them), any other location itself. A path that exists is no
+    pattern, whatever its name holds, as the listing takes it (a folder 'photos [2023]')."""
+    path = os.path.expanduser(uri)
+    if is_s3(uri) or not is_glob(uri) or os.path.exists(path):
+        return uri
+    parts = path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if is_glob(part))
+    return "/".join(parts[:fixed]) or ("/" if path.startswith("/") else ".")
 
 
 def within(uri: str, location: str) -> bool:
@@ -58,7 +66,7 @@ def check_location(
     if why:
         raise InsectError(f"{flag} {output} {why}; give a folder (or s3:// prefix)")
     for what, uri in protected.items():
-        if within(uri, output):
+        if within(pattern_root(uri), output):
             raise InsectError(f"{flag} {output} contains {what} ({uri}): choose another {flag}")
         if what in apart:
             check_not_inside(output, uri, what, flag)
@@ -67,7 +75,7 @@ def check_location(
 def check_not_inside(output: str, location: str, what: str, flag: str = "--output") -> None:
     """Refuse an output in (or inside) `location`, where its files would be read as inputs
     by the next run over it."""
-    if within(output, location):
+    if within(output, pattern_root(location)):
         raise InsectError(
             f"{flag} {output} is inside {what} ({location}), where its files would be taken "
             f"for that one's own next time: choose a {flag} outside it"
