@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from insectlib import storage
-from insectlib.errors import InsectError, file_problem
+from insectlib.errors import InsectError, StorageUnavailable, file_problem
 from insectlib.model.meta import read_meta
 from insectlib.runtime.connect import IDLE_WORKER_LIMIT
 from tests.conftest import BIN, REPO, descends_from, expect_cli_error, run_cli, upload_tree
@@ -271,6 +271,39 @@ def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):
         ray.get(bug.remote())
     assert insect_error_in(raised.value) is None
     assert file_problem(OSError(errno.EBADF, os.strerror(errno.EBADF), 9999)) is None  # a fd
+
+
+@pytest.mark.parametrize(
+    "error",
+    [InsectError("--manifest m.csv, row 3001: no path in it"), StorageUnavailable("throttled")],
+)
+def test_an_insect_error_in_a_ray_data_task_is_its_own_line(ray_local, error):
+    """A bad manifest row past the driver's first look failed in Ray Data's listing task,
+    which appended two lines of its own to insect's (how many attempts it made, how to
+    configure more): the CLI's one line became three."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    from insectlib.runtime.connect import insect_error_in
+
+    class Failing(Datasource):  # as the listing's InputSource fails on a bad row
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            def read_listing_part():
+                raise error
+
+            metadata = BlockMetadata(
+                num_rows=None, size_bytes=None, input_files=None, exec_stats=None
+            )
+            return [ReadTask(read_listing_part, metadata)]
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.data.read_datasource(Failing(), override_num_blocks=1).materialize()
+    assert "attempts" in str(raised.value.args)  # what Ray Data added, still there
+    found = insect_error_in(raised.value)
+    assert isinstance(found, InsectError) and str(found) == str(error)
 
 
 def test_a_sigterm_goes_to_whatever_takes_ctrl_c_at_that_moment():

@@ -239,7 +239,7 @@ def insect_error_in(error: BaseException) -> InsectError | None:
         seen.add(id(e))
         # Ray re-raises a task's InsectError as a class of both, whose text is Ray's header.
         if isinstance(e, InsectError) and not isinstance(e, ray.exceptions.RayError):
-            return e
+            return without_retry_note(e)
         # An OSError only handled on the way to another error (a bug) is not the problem.
         problem = problem or (file_problem(e) if raised else None)
         todo += [(e.__cause__, raised), (e.__context__, False), (getattr(e, "cause", None), raised)]
@@ -250,6 +250,18 @@ def insect_error_in(error: BaseException) -> InsectError | None:
     if found:
         return InsectError(found[-1].strip())
     return InsectError(problem) if problem else None
+
+
+# What Ray Data appends to the text of an error its task gave up on (how many attempts, how
+# to configure more): lines under insect's own one.
+RETRY_NOTE = re.compile(r"\nFailed to .+ after \d+/\d+ attempts \(total backoff .*", re.S)
+
+
+def without_retry_note(error: InsectError) -> InsectError:
+    """`error` with its text as insect wrote it, less Ray Data's RETRY_NOTE."""
+    if error.args and isinstance(error.args[0], str):
+        error.args = (RETRY_NOTE.sub("", error.args[0]), *error.args[1:])
+    return error
 
 
 # Tries of a Ray Client session: the cluster's client server fails to start one now and then
