@@ -36,6 +36,17 @@ def test_train_input_errors(tmp_path, capsys):
     assert "--weights file not found" in expect_cli_error(
         capsys, ["train", data, "--weights", str(tmp_path / "w.pth")]
     )
+    # A safetensors file of another arch: from its header, before Ray starts.
+    from insectlib.model import network
+
+    network.save_model(
+        str(tmp_path / "m1"),
+        network.build_model("resnet18", 3, "random"),
+        network.ModelMeta(classes=["a", "b", "c"], arch="resnet18", image_size=32),
+    )
+    weights = str(tmp_path / "m1" / network.WEIGHTS_FILE)
+    err = expect_cli_error(capsys, ["train", data, "--arch", "resnet34", "--weights", weights])
+    assert "does not fit resnet34: 96 tensors missing from it" in err
 
 
 def test_classify_input_errors(tmp_path, capsys):

@@ -55,6 +55,41 @@ def test_weights_from_state_dict_files(tmp_path):
         assert m.fc.out_features == 2
 
 
+def test_an_insect_models_weights_start_a_run_and_weights_that_do_not_fit_are_one_line(tmp_path):
+    """An insect model's own model.safetensors (a head of its classes) could not be
+    --weights: loaded whole into the 1,000-class skeleton before its head was replaced,
+    it was refused with torch's every size mismatch. The head is not looked at; a trunk
+    that does not fit is one line naming the first few tensors."""
+    trained = M.build_model("resnet18", 3, "random")
+    M.save_model(
+        str(tmp_path / "m1"),
+        trained,
+        M.ModelMeta(classes=list("abc"), arch="resnet18", image_size=32),
+    )
+    weights = str(tmp_path / "m1" / M.WEIGHTS_FILE)
+    again = M.build_model("resnet18", 5, weights)
+    assert torch.equal(again.layer4[1].conv2.weight, trained.layer4[1].conv2.weight)
+    assert again.fc.out_features == 5
+    with pytest.raises(InsectError) as refused:
+        M.build_model("resnet34", 3, weights)
+    line = str(refused.value)
+    assert line.startswith(
+        f"--weights {weights} does not fit resnet34: 96 tensors missing from it ("
+    )
+    assert "\n" not in line and len(line) < 400
+    state = {k: v for k, v in trained.state_dict().items()}
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    state["extra.weight"] = torch.zeros(1)
+    safetensors.torch.save_file(state, tmp_path / "odd.safetensors")
+    shapes = M.safetensors_shapes(str(tmp_path / "odd.safetensors"))
+    with pytest.raises(InsectError) as refused:
+        M.check_trunk("odd", shapes, "resnet18")
+    assert str(refused.value) == (
+        "--weights odd does not fit resnet18: 1 tensor not resnet18's (extra.weight); 1 tensor "
+        "of other shapes than resnet18's (conv1.weight [64, 3, 3, 3], not [64, 3, 7, 7])"
+    )
+
+
 class _Evil:
     def __reduce__(self):
         return (print, ("pwned",))

@@ -175,12 +175,43 @@ def build_model(
         model = torchvision.models.get_model(arch, weights=None)
         if weights != "random":
             state = load_state_dict_file(weights, s3)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise InsectError(f"--weights {weights} does not fit {arch}: {e}") from None
+            check_trunk(weights, {k: tuple(v.shape) for k, v in state.items()}, arch)
+            head = head_name(model) + "."
+            model.load_state_dict(
+                {k: v for k, v in state.items() if not k.startswith(head)}, strict=False
+            )
     replace_head(model, num_classes)
     return model
+
+
+def check_trunk(uri: str, found: dict[str, tuple[int, ...]], arch: str) -> None:
+    """Refuse a --weights state dict (its tensors' shapes `found`) whose tensors are not
+    `arch`'s, in one line naming the first few. Its head's are not looked at: the head is
+    replaced, so an insect model's own weights (another number of classes) start a run."""
+    model = skeleton(arch)
+    head = head_name(model) + "."
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(head)}
+    found = {k: v for k, v in found.items() if not k.startswith(head)}
+    problems = [
+        _first("missing from it", [k for k in expected if k not in found]),
+        _first(f"not {arch}'s", [k for k in found if k not in expected]),
+        _first(
+            f"of other shapes than {arch}'s",
+            [f"{k} {list(v)}, not {list(expected[k])}" for k, v in found.items()
+             if k in expected and v != expected[k]],
+        ),
+    ]  # fmt: skip
+    problems = [p for p in problems if p]
+    if problems:
+        raise InsectError(f"--weights {uri} does not fit {arch}: {'; '.join(problems)}")
+
+
+def _first(what: str, names: list[str], shown: int = 3) -> str:
+    """'N tensors WHAT (the first `shown`, ...)', or "" for none."""
+    if not names:
+        return ""
+    more = ", ..." if len(names) > shown else ""
+    return f"{console.counted(len(names), 'tensor')} {what} ({', '.join(names[:shown])}{more})"
 
 
 def load_state_dict_file(uri: str, s3: storage.S3Options | None = None) -> dict[str, torch.Tensor]:
@@ -240,20 +271,30 @@ def check_weights(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None
     """Check, from its header alone, that the weights file is there and fits `meta`, so
     that a broken model directory is refused before a run changes anything."""
     weights_uri = storage.join(uri, WEIGHTS_FILE)
-    fs, path = storage.filesystem(weights_uri, s3)
-    with storage.user_errors(weights_uri):
+    found = safetensors_shapes(weights_uri, s3)
+    if found is None:
+        raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}")
+    _check_shapes(found, meta, weights_uri)
+
+
+def safetensors_shapes(
+    uri: str, s3: storage.S3Options | None = None
+) -> dict[str, tuple[int, ...]] | None:
+    """{name: shape} of a safetensors file's tensors, from its header alone; None where
+    there is no such file."""
+    fs, path = storage.filesystem(uri, s3)
+    with storage.user_errors(uri):
         try:
             with fs.open(path, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
                 if size > 100 * 2**20:
                     raise ValueError(f"a header of {size} bytes")
                 header = json.loads(f.read(size))
-            found = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+            return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         except FileNotFoundError:
-            raise InsectError(f"model directory {uri} has no {WEIGHTS_FILE}") from None
+            return None
         except (ValueError, TypeError, KeyError, AttributeError, struct.error) as e:
-            raise InsectError(f"{weights_uri} is not a valid safetensors file: {e}") from None
-    _check_shapes(found, meta, weights_uri)
+            raise InsectError(f"{uri} is not a valid safetensors file: {e}") from None
 
 
 def check_model_id(uri: str, meta: ModelMeta, s3: storage.S3Options | None = None) -> None:

@@ -53,6 +53,9 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     from insectlib.model import network  # torch and torchvision: once the paths are right
 
     network.check_arch(cfg.arch)
+    if cfg.weights.endswith(".safetensors"):  # its header says its shapes; a pickle, the workers
+        shapes = network.safetensors_shapes(cfg.weights, cfg.s3)
+        network.check_trunk(cfg.weights, shapes or {}, cfg.arch)
     labelled = label_table.training_set(
         cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
     )
