@@ -28,6 +28,7 @@ import ray
 from insectlib import layout, storage
 from insectlib.classify.evaluate import evaluate
 from insectlib.classify.pipeline import classify
+from insectlib.cli.demo import check_workdir
 from insectlib.config import ClassifyConfig, EvaluateConfig, TrainConfig
 from insectlib.data import synthetic
 from insectlib.data.labels import EVALUATION_DIRS, discover
@@ -516,6 +517,18 @@ def test_a_write_the_disk_refuses_is_one_line_and_leaves_no_cut_file(trained, tm
     demo = run_cli("insect", "demo", "--workdir", str(a_file / "demo"), cwd=tmp_path)
     assert demo.returncode == 2 and demo.stderr.startswith("insect: error: "), demo.stderr
     assert len(demo.stderr.splitlines()) == 1 and str(a_file) in demo.stderr
+    # A folder of the user's (a labelled tree): the demo added its folders to it as classes.
+    (tmp_path / "tree" / "beetles").mkdir(parents=True)
+    demo = run_cli("insect", "demo", "--workdir", "tree", cwd=tmp_path)
+    assert demo.returncode == 2 and demo.stderr == (
+        "insect: error: --workdir tree holds what an earlier demo did not write (beetles): "
+        "give a new or empty folder\n"
+    )
+    assert os.listdir(tmp_path / "tree") == ["beetles"]  # not even the log file
+    earlier = tmp_path / "earlier"
+    for name in ("sample", "model", "ray_results", "predictions", "_logs"):
+        (earlier / name).mkdir(parents=True)
+    check_workdir(str(earlier))  # an earlier demo's: written over
 
 
 def test_a_split_without_one_readable_image_stops_training():

@@ -18,6 +18,10 @@ LOGGED = {
 
 def run(command: str, cfg) -> None:
     """Run `command` with the checked config `cfg`."""
+    if command == "demo":  # where it writes, before its log file goes there
+        from insectlib.cli.demo import check_workdir
+
+        check_workdir(cfg.workdir)
     path = None
     if command in LOGGED and not cfg.verbose:
         path = console.log_path(command, getattr(cfg, LOGGED[command]))

@@ -4,28 +4,52 @@ from __future__ import annotations
 
 import os
 
-import pyarrow.dataset
-
 from insectlib import storage
-from insectlib.classify.pipeline import classify, print_summary
 from insectlib.config import ClassifyConfig, DemoConfig, TrainConfig
-from insectlib.data import synthetic
-from insectlib.model.network import imagenet_weights_path
+from insectlib.errors import InsectError
+from insectlib.layout import LOG_DIR
 from insectlib.runtime import console
-from insectlib.training.trainer import fit
+
+# What the demo writes in its --workdir: the generated images, the model, Ray Train's run
+# folder, the predictions (and its log, LOG_DIR).
+SAMPLE, MODEL, RUNS, PREDICTIONS = "sample", "model", "ray_results", "predictions"
+
+
+def check_workdir(workdir: str) -> None:
+    """Refuse a --workdir that holds anything but an earlier demo's folders: the demo
+    writes over its own, and would add them to a labelled tree as classes. Before the
+    log file goes there, and before torch is imported."""
+    if not os.path.isdir(workdir):
+        return  # new (a file, or a path under one, is refused where the log file goes)
+    foreign = sorted(set(os.listdir(workdir)) - {SAMPLE, MODEL, RUNS, PREDICTIONS, LOG_DIR})
+    if foreign:
+        shown = ", ".join(storage.printable(name) for name in foreign[:5])
+        raise InsectError(
+            f"--workdir {workdir} holds what an earlier demo did not write ({shown}"
+            f"{', ...' if len(foreign) > 5 else ''}): give a new or empty folder"
+        )
 
 
 def imagenet_weights_cached(arch: str) -> bool:
     """Whether torchvision's IMAGENET1K_V1 weights for `arch` are in the torch hub cache."""
+    from insectlib.model.network import imagenet_weights_path
+
     return os.path.exists(imagenet_weights_path(arch))
 
 
 def run_demo(demo: DemoConfig) -> None:
     """Generate a labelled and an unlabelled set, train 4 epochs on 2 workers, classify."""
+    import pyarrow.dataset  # the heavy imports once the workdir is checked
+
+    from insectlib.classify.pipeline import classify, print_summary
+    from insectlib.data import synthetic
+    from insectlib.training.trainer import fit
+
     demo.validate()
     workdir = os.path.abspath(demo.workdir)
-    labelled = synthetic.make_labelled(os.path.join(workdir, "sample", "labelled"), per_class=60)
-    unlabelled = os.path.join(workdir, "sample", "unlabelled")
+    check_workdir(workdir)
+    labelled = synthetic.make_labelled(os.path.join(workdir, SAMPLE, "labelled"), per_class=60)
+    unlabelled = os.path.join(workdir, SAMPLE, "unlabelled")
     truth = synthetic.make_unlabelled(unlabelled, count=30)
     console.say(f"sample images written to {os.path.dirname(labelled)}")
 
@@ -38,13 +62,13 @@ def run_demo(demo: DemoConfig) -> None:
         )
     cfg = TrainConfig(
         data=labelled,
-        output=os.path.join(workdir, "model"),
+        output=os.path.join(workdir, MODEL),
         weights=weights,
         image_size=demo.image_size,
         augment=False,  # 4 epochs of ~3 steps: random crops would only slow learning here
         optimizer="adam",
         lr=0.01,  # random-trunk features are small; this also suits ImageNet features
-        storage=os.path.join(workdir, "ray_results"),
+        storage=os.path.join(workdir, RUNS),
         overwrite=True,
     )
     with console.without_advice():  # insect demo has no --resume, --name
@@ -53,7 +77,7 @@ def run_demo(demo: DemoConfig) -> None:
             ClassifyConfig(
                 input=unlabelled,
                 model=cfg.output,
-                output=os.path.join(workdir, "predictions"),
+                output=os.path.join(workdir, PREDICTIONS),
                 overwrite=True,
             )
         )
