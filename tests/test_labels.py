@@ -60,3 +60,20 @@ def test_errors_name_the_culprit(tmp_path):
             f.unlink()
     with pytest.raises(InsectError, match=r"at least 2 class folders, found 1 \(beetles\)"):
         discover(str(tmp_path / "one"))
+
+
+def test_a_class_folder_that_is_a_link_is_named_as_left_out(tmp_path, capsys):
+    """Class folders linked in from elsewhere were left out without a word, and training
+    then said only that there were no labelled images."""
+    elsewhere = synthetic.make_labelled(str(tmp_path / "elsewhere"), per_class=2, size=(32, 24))
+    root = tmp_path / "linked"
+    root.mkdir()
+    for cls in synthetic.CLASSES:
+        os.symlink(os.path.join(elsewhere, cls), root / cls)
+    with pytest.raises(InsectError, match="no labelled images in"):
+        discover(str(root))
+    warned = capsys.readouterr().err.splitlines()
+    assert warned == [
+        f"warning: {root / cls} left out: folder link not followed: give its target instead"
+        for cls in synthetic.CLASSES
+    ]

@@ -15,6 +15,7 @@ from insectlib.config import MOST_FILE_BYTES
 from insectlib.data import inputs
 from insectlib.errors import ImageError, InsectError, StorageUnavailable
 from insectlib.layout import LOCK_FILE, WRITING_PREFIX
+from insectlib.storage.listing import LINKED_FOLDER
 from insectlib.storage.lock import LocalLock, holder
 
 
@@ -47,6 +48,22 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden(tmp_path):
     assert sorted(paths) == sorted(
         str(tmp_path / n) for n in ["a.jpg", "B.JPEG", "sub/c.Png", "sub/deeper/d.webp"]
     )
+
+
+def test_a_link_to_a_folder_is_said_not_dropped(tmp_path):
+    """A link to a folder (`ln -s /mnt/photos/beetles`) was left out without a word by the
+    walk, and taken for a file, then for a non-image, by a level's listing: neither walks
+    it (a loop, or a tree listed twice), and both give it as a folder left out."""
+    _touch(tmp_path / "real" / "a.jpg")
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "deeper").symlink_to(tmp_path / "real")
+    found = list(storage.iter_files(str(tmp_path)))
+    assert found == [str(tmp_path / "linked"), str(tmp_path / "real" / "a.jpg"),
+                     str(tmp_path / "sub" / "deeper")]  # fmt: skip
+    assert [getattr(f, "reason", None) for f in found] == [LINKED_FOLDER, None, LINKED_FOLDER]
+    level = list(storage.iter_level_files(str(tmp_path)))
+    assert level == [str(tmp_path / "linked")] and level[0].reason == LINKED_FOLDER
 
 
 def test_glob_and_single_file(tmp_path):

@@ -35,6 +35,7 @@ from insectlib.data.labels import EVALUATION_DIRS, discover
 from insectlib.errors import InsectError
 from insectlib.metrics import confidence
 from insectlib.storage import lock
+from insectlib.storage.listing import LINKED_FOLDER
 from insectlib.training.preflight import new_run_name, preflight
 from insectlib.training.run_storage import RUN_SNAPSHOT, write_run_record
 from insectlib.training.trainer import fit, unreadable_split
@@ -246,6 +247,9 @@ def test_every_entry_of_a_manifest_or_a_tree_gets_its_row(trained, unlabelled, t
     os.symlink("lb", images / "la.jpg")
     os.symlink("la.jpg", images / "la")
     (images / "folder.jpg").mkdir()  # a folder named like an image: walked into
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(next(images.glob("photo_*.jpg")), tmp_path / "elsewhere" / "x.jpg")
+    os.symlink(tmp_path / "elsewhere", images / "linked")  # a link to a folder: said, not walked
     manifest = tmp_path / "list.txt"
     first = sorted(images.glob("photo_*.jpg"))[0]
     # The same file twice (a list made by hand): one input, one row.
@@ -257,8 +261,9 @@ def test_every_entry_of_a_manifest_or_a_tree_gets_its_row(trained, unlabelled, t
     assert "symbolic links" in by_path[str(images / "la.jpg")]["error"]
     assert by_path[str(first)]["error"] is None and len(by_path) == 3
     tree = {r["path"]: r for r in classify_rows(cfg, input=str(images), output=str(tmp_path / "t"))}
-    assert len(tree) == len(unlabelled) + 1  # every image, and the loop named like one
+    assert len(tree) == len(unlabelled) + 2  # every image, the loop named like one, the link
     assert "symbolic links" in tree[str(images / "la.jpg")]["error"]
+    assert tree[str(images / "linked")]["error"] == LINKED_FOLDER
 
 
 def classify_rows(cfg: TrainConfig, **where) -> list[dict]:

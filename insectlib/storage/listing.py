@@ -27,6 +27,11 @@ from insectlib.storage.files import (
 GLOB_CHARS = "*?["
 
 
+# A link to a folder is not walked (a loop, or a tree listed twice, where it points inside):
+# it is accounted for as a folder left out, a row or a warning saying so.
+LINKED_FOLDER = "folder link not followed: give its target instead"
+
+
 class UnlistedFolder(str):
     """A folder below the listed location that could not be listed: its path, with
     `reason` (what its row's error says). A str, so it travels with the listed paths."""
@@ -163,8 +168,9 @@ def _glob_visible(pattern: str, names: Iterable[str]) -> list[str]:
 
 def _level_entries(uri: str, s3: S3Options | None) -> Iterator[tuple[str, bool]]:
     """(URI, is a folder) of the entries directly in `uri`, hidden names skipped; local
-    ones follow os.walk: a link to a folder is neither walked nor a folder, and an entry
-    whose type cannot be read (a link loop) counts as a file, whose row will say why."""
+    ones follow `_walk_local`: a link to a folder is an `UnlistedFolder` (LINKED_FOLDER),
+    and an entry whose type cannot be read (a link loop) counts as a file, whose row will
+    say why."""
     if is_s3(uri):
         bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
         for page in buckets.pages(s3, bucket, f"{key}/" if key else "", delimiter="/"):
@@ -175,12 +181,16 @@ def _level_entries(uri: str, s3: S3Options | None) -> Iterator[tuple[str, bool]]
     with os.scandir(filesystem(uri, s3)[1]) as entries:
         for entry in entries:
             if not entry.name.startswith("."):
-                yield entry.path, _is_real_dir(entry)
+                is_dir = _is_dir(entry)
+                if is_dir and entry.is_symlink():
+                    yield UnlistedFolder(entry.path, LINKED_FOLDER), False
+                else:
+                    yield entry.path, is_dir
 
 
-def _is_real_dir(entry: os.DirEntry) -> bool:
+def _is_dir(entry: os.DirEntry) -> bool:
     try:
-        return entry.is_dir() and not entry.is_symlink()
+        return entry.is_dir()
     except OSError:  # ELOOP, EACCES on the target: a file as far as listing goes
         return False
 
@@ -215,6 +225,9 @@ def _walk_local(root: str, root_may_fail: bool = True) -> Iterator[str]:
     for dirpath, dirnames, filenames in os.walk(root, onerror=failed.append):
         yield from _unlisted(failed, root, root_may_fail)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            dirnames.remove(name)  # os.walk would not go in either: said, not dropped
+            yield UnlistedFolder(os.path.join(dirpath, name), LINKED_FOLDER)
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield os.path.join(dirpath, name)
