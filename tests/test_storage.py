@@ -284,6 +284,19 @@ def test_a_name_with_glob_characters_is_a_pattern_only_where_nothing_has_it(tmp_
         storage.check_location("out", {"the input": "*.jpg"}, ("the input",))
 
 
+def test_an_s3_output_without_a_bucket_says_so():
+    """`--output s3://` was called a bucket root, 'write to a prefix such as s3:/predictions'."""
+    for given in ("s3://", "s3:///"):
+        with pytest.raises(
+            InsectError, match=f"^--output {given} names no bucket: give s3://BUCKET/PREFIX$"
+        ):
+            storage.check_location(given, {})
+    with pytest.raises(
+        InsectError, match="is a bucket root; write to a prefix such as s3://b/predictions"
+    ):
+        storage.check_location("s3://b/", {})
+
+
 @pytest.mark.parametrize("ahead", [2, 4])
 def test_prefetch_keeps_its_threads_busy_behind_a_slow_oldest_item(ahead):
     """Results come in order, and never more than `ahead` items are started and not yet

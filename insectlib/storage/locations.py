@@ -57,6 +57,8 @@ def check_location(
     (or is) one of the `protected` locations ({"the input": uri, "the model": uri}), before
     anything is written or removed there; for those named in `apart`, also an output
     inside them."""
+    if is_s3(output) and not output[len("s3://") :].strip("/"):
+        raise InsectError(f"{flag} {output} names no bucket: give s3://BUCKET/PREFIX")
     if is_s3(output) and "/" not in output[len("s3://") :].strip("/"):
         raise InsectError(
             f"{flag} {output} is a bucket root; write to a prefix such as "
