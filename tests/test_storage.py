@@ -282,6 +282,10 @@ def test_a_name_with_glob_characters_is_a_pattern_only_where_nothing_has_it(tmp_
         storage.check_location("photos", {"the input": str(tmp_path / "photos" / "*.jpg")})
     with pytest.raises(InsectError, match="is inside the input"):
         storage.check_location("out", {"the input": "*.jpg"}, ("the input",))
+    # An S3 key with glob characters is a pattern, as its listing takes it.
+    with pytest.raises(InsectError, match="is inside the input"):
+        storage.check_location("s3://b/p/out", {"the input": "s3://b/p/**/*.jpg"}, ("the input",))
+    storage.check_location("s3://b/q", {"the input": "s3://b/p/*.jpg"}, ("the input",))
 
 
 def test_an_s3_output_without_a_bucket_says_so():

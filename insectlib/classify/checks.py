@@ -83,10 +83,11 @@ def plan_classify_output(cfg: ClassifyConfig) -> list[str]:
 
 
 def check_evaluation(cfg: EvaluateConfig) -> None:
-    """The settings, the output's place and what it holds, the model directory's
-    meta.json, and the labelled data's root (`evaluate` lists it whole once the model is
+    """The settings, the model directory's meta.json, the output's place and what it
+    holds, and the labelled data's root (`evaluate` lists it whole once the model is
     checked). Writes nothing."""
     cfg.validate()
+    check_model_dir(cfg.model, cfg.s3)  # first, as classify's: a mistyped model is named so
     # Its pictures inside the labelled tree would be read as images by the next run.
     storage.check_location(
         cfg.output,
@@ -95,7 +96,6 @@ def check_evaluation(cfg: EvaluateConfig) -> None:
         s3=cfg.s3,
     )
     plan_evaluation_output(cfg)  # its refusals (planned again under the lock)
-    check_model_dir(cfg.model, cfg.s3)
     check_root(cfg.data, cfg.s3)
     check_int8_images(cfg)  # before --overwrite removes the last evaluation
 

@@ -154,8 +154,9 @@ def write_evaluation(
     ok = table.filter(pc.field("error").is_null())
     wrong = ok.filter(pc.field("label_index") != pc.field("true_label_index"))
     wrong = wrong.select(["path", "true_label", "label", "score", "probabilities", "model"])
-    out_fs, out_path = storage.pyarrow_filesystem(cfg.output, cfg.s3)
-    pq.write_table(wrong, f"{out_path.rstrip('/')}/{MISCLASSIFIED_FILE}", filesystem=out_fs)
+    buffer = pa.BufferOutputStream()  # whole or absent, as every file of the output
+    pq.write_table(wrong, buffer)
+    storage.write_file(cfg.output, MISCLASSIFIED_FILE, buffer.getvalue(), cfg.s3)
 
 
 def confidence_metrics(probs: np.ndarray, y_true: np.ndarray, temperature: float | None) -> dict:

@@ -19,9 +19,13 @@ def check_workdir(workdir: str) -> None:
     """Refuse a --workdir that holds anything but an earlier demo's folders: the demo
     writes over its own, and would add them to a labelled tree as classes. Before the
     log file goes there, and before torch is imported."""
+    why = storage.folder_problem(workdir)
+    if why:
+        raise InsectError(f"--workdir {workdir} {why}; give a folder")
     if not os.path.isdir(workdir):
-        return  # new (a file, or a path under one, is refused where the log file goes)
-    foreign = sorted(set(os.listdir(workdir)) - {SAMPLE, MODEL, RUNS, PREDICTIONS, LOG_DIR})
+        return  # new
+    ours = {SAMPLE, MODEL, RUNS, PREDICTIONS, LOG_DIR}
+    foreign = sorted(n for n in os.listdir(workdir) if n not in ours and not n.startswith("."))
     if foreign:
         shown = ", ".join(storage.printable(name) for name in foreign[:5])
         raise InsectError(

@@ -29,15 +29,21 @@ def location_key(uri: str) -> str:
 
 
 def pattern_root(uri: str) -> str:
-    """Where an input a command reads lies: a local glob pattern's fixed leading folders
-    (it selects files inside them), any other location itself. A path that exists is no
-    pattern, whatever its name holds, as the listing takes it (a folder 'photos [2023]')."""
-    path = os.path.expanduser(uri)
-    if is_s3(uri) or not is_glob(uri) or os.path.exists(path):
-        return uri
+    """Where an input a command reads lies: a glob pattern's fixed leading folders (it
+    selects files inside them), any other location itself. A local path that exists is no
+    pattern, whatever its name holds, as the listing takes it (a folder 'photos [2023]');
+    an S3 key with glob characters always is, as the listing takes it."""
+    if is_s3(uri):
+        scheme, path = "s3://", uri[len("s3://") :]
+        if not is_glob(path.partition("/")[2]):
+            return uri
+    else:
+        scheme, path = "", os.path.expanduser(uri)
+        if not is_glob(path) or os.path.exists(path):
+            return uri
     parts = path.split("/")
     fixed = next(i for i, part in enumerate(parts) if is_glob(part))
-    return "/".join(parts[:fixed]) or ("/" if path.startswith("/") else ".")
+    return scheme + ("/".join(parts[:fixed]) or ("/" if path.startswith("/") else "."))
 
 
 def within(uri: str, location: str) -> bool:
