@@ -27,6 +27,7 @@ from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig, ReportConfig
 from insectlib.data import synthetic
 from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.errors import InsectError
 from insectlib.layout import LOCK_FILE, SUCCESS_FILE
 from insectlib.model.meta import write_meta
 from insectlib.model.network import load_model
@@ -102,6 +103,18 @@ def test_an_evaluation_without_a_mistake_is_reviewed():
     s = selector.selection
     assert s.totals[("cell", 0, 0)] == 3 and s.totals[("cell", 1, 1)] == 2
     assert not [key for key in s.totals if key[0] == "cell" and key[1] != key[2]]
+
+
+def test_a_success_file_insect_did_not_write_is_refused_as_summary_refuses_it(tmp_path):
+    """A _SUCCESS holding a JSON list was taken for none: report warned 'no _SUCCESS' and
+    exited 0, where insect summary refuses it."""
+    from insectlib.review.report import read_run
+
+    (tmp_path / "_SUCCESS").write_text("[1, 2]")
+    with pytest.raises(InsectError, match=r"_SUCCESS is not one insect wrote: a JSON list$"):
+        read_run(str(tmp_path), None)
+    (tmp_path / "_SUCCESS").write_text('{"rows": 3}')
+    assert read_run(str(tmp_path), None)[0] == {"rows": 3, "complete": True}
 
 
 def test_the_page_data_cannot_close_its_script_element():

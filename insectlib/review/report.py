@@ -59,7 +59,8 @@ class Source:
 
 
 def read_json(uri: str, s3) -> dict | None:
-    """A small JSON file of an output, None where there is none."""
+    """A small JSON file of an output (an object, as insect writes them), None where there
+    is none."""
     if not storage.exists(uri, s3):
         return None
     with storage.user_errors(uri):
@@ -67,7 +68,9 @@ def read_json(uri: str, s3) -> dict | None:
             found = json.loads(storage.read_bytes(uri, s3))
         except ValueError as e:
             raise InsectError(f"{uri} is not valid JSON: {e}") from None
-    return found if isinstance(found, dict) else None
+    if not isinstance(found, dict):  # taken for no file at all, a _SUCCESS meant 'unfinished'
+        raise InsectError(f"{uri} is not one insect wrote: a JSON {type(found).__name__}")
+    return found
 
 
 def read_run(predictions: str, s3) -> tuple[dict, list[str]]:
