@@ -108,13 +108,18 @@ def test_an_evaluation_without_a_mistake_is_reviewed():
 def test_a_success_file_insect_did_not_write_is_refused_as_summary_refuses_it(tmp_path):
     """A _SUCCESS holding a JSON list was taken for none: report warned 'no _SUCCESS' and
     exited 0, where insect summary refuses it."""
+    from insectlib.classify import summary
     from insectlib.review.report import read_run
 
     (tmp_path / "_SUCCESS").write_text("[1, 2]")
     with pytest.raises(InsectError, match=r"_SUCCESS is not one insect wrote: a JSON list$"):
         read_run(str(tmp_path), None)
+    with pytest.raises(InsectError, match="_SUCCESS is not a valid insect manifest: list"):
+        summary.read_summary(str(tmp_path), None)
     (tmp_path / "_SUCCESS").write_text('{"rows": 3}')
     assert read_run(str(tmp_path), None)[0] == {"rows": 3, "complete": True}
+    with pytest.raises(InsectError, match="manifest: it has no 'finished' field$"):
+        summary.read_summary(str(tmp_path), None)
 
 
 def test_the_page_data_cannot_close_its_script_element():

@@ -233,7 +233,11 @@ def _manifest(output: str, s3: storage.S3Options) -> dict:
                 datetime.fromisoformat(manifest["finished"])
                 - datetime.fromisoformat(manifest["started"])
             ).total_seconds()
-        except (ValueError, KeyError, TypeError) as e:
+        except KeyError as e:
+            raise InsectError(
+                f"{uri} is not a valid insect manifest: it has no {e} field"
+            ) from None
+        except (ValueError, TypeError) as e:
             raise InsectError(f"{uri} is not a valid insect manifest: {e}") from None
     return {**manifest, "seconds": seconds}
 
