@@ -249,8 +249,7 @@ def skip_done(listed: ray.data.Dataset, done: outputs.Done, cfg) -> ray.data.Dat
     pa_fs, _ = storage.pyarrow_filesystem(cfg.output, cfg.s3)
     written = ray.data.read_parquet(done.files, filesystem=pa_fs).select_columns(["path"])
     partitions = max(2, min(200, done.rows // 250_000))
-    todo = listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
-    return todo
+    return listed.join(written, join_type="left_anti", on=("path",), num_partitions=partitions)
 
 
 def cut(listed: ray.data.Dataset, rows: int) -> ray.data.Dataset:
