@@ -16,7 +16,7 @@ import pytest
 import safetensors.torch
 
 from insectlib import layout, storage
-from insectlib.classify import outputs
+from insectlib.classify import outputs, pipeline
 from insectlib.classify.pipeline import classify, plan_run, print_summary
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.errors import InsectError, StorageUnavailable
@@ -137,19 +137,24 @@ def test_output_files_hold_rows_per_file_up_to_one_batch_more(trained, unlabelle
     assert sizes[0] >= 1
 
 
-def test_resume_trusts_only_insects_own_files(calibrated, unlabelled, tmp_path, capsys):
+def test_resume_trusts_only_insects_own_files(
+    calibrated, unlabelled, tmp_path, capsys, monkeypatch
+):
     model_dir, _ = calibrated
     images = os.path.dirname(next(iter(unlabelled)))
     out = tmp_path / "out"
     _classify(model_dir, images, out, rows_per_file=8, batch_size=4, top_k=2)
     argv = ["classify", images, "--model", model_dir, "--output", str(out), "--resume"]
-    # Rows made another way (other columns, other probabilities): refused, nothing removed.
-    before = _tree(out)
-    err = expect_cli_error(capsys, argv)
-    assert "holds rows made another way (top_k 2 then, null now)" in err
-    err = expect_cli_error(capsys, [*argv, "--top-k", "2", "--no-temperature"])
-    assert "(temperature 1.7 then, null now)" in err
-    assert _tree(out) == before
+    # Rows made another way (other columns, other probabilities): refused before Ray starts
+    # (which would leave a log in the output), nothing removed.
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "init_ray", lambda address: pytest.fail("Ray started"))
+        before = _tree(out)
+        err = expect_cli_error(capsys, argv)
+        assert "holds rows made another way (top_k 2 then, null now)" in err
+        err = expect_cli_error(capsys, [*argv, "--top-k", "2", "--no-temperature"])
+        assert "(temperature 1.7 then, null now)" in err
+        assert _tree(out) == before
     argv += ["--top-k", "2"]
     for name, write in (
         ("notes.txt", lambda p: p.write_text("mine")),

@@ -296,12 +296,9 @@ def resume_state(
     (left by any earlier fault: their inputs are classified again), and with either
     `_SUCCESS` and the summary; without, those stay in `Done.record`. A part that cannot be
     read is retried, then stops the run without removing anything."""
-    entries = resume_entries(output, s3)
+    entries, footers = check_resume(output, model_id, s3, row_format, legacy)
     fs, _ = storage.filesystem(output, s3)
-    footers = check_parts(fs, part_entries(entries))
     complete = {name: f for name, f in footers.items() if f is not None}
-    for name, footer in complete.items():
-        _check_resumable(output, fs, name, footer, model_id, row_format, legacy)
     doubled = duplicates.parts_to_remove(duplicates.duplicates(fs, sorted(complete)))
     incomplete = sorted(set(footers) - set(complete))
     done = Done([], 0, [e for e in entries if entry_name(e) in RUN_FILES])
@@ -320,6 +317,21 @@ def resume_state(
             del complete[name]
     done.files, done.rows = sorted(complete), sum(f.num_rows for f in complete.values())
     return done
+
+
+def check_resume(
+    output: str, model_id: str, s3: storage.S3Options, row_format: dict, legacy: dict
+) -> tuple[list[dict], dict[str, pq.FileMetaData | None]]:
+    """The entries of `output` and its parts' footers (None: half-written), refusing a file
+    insect did not write and a part of another model than `model_id`, or made another way
+    than `row_format`. Reads only: before Ray starts, and again under the lock."""
+    entries = resume_entries(output, s3)
+    fs, _ = storage.filesystem(output, s3)
+    footers = check_parts(fs, part_entries(entries))
+    for name, footer in footers.items():
+        if footer is not None:
+            _check_resumable(output, fs, name, footer, model_id, row_format, legacy)
+    return entries, footers
 
 
 def drop_record(output: str, done: Done, s3: storage.S3Options) -> None:

@@ -107,15 +107,18 @@ def plan_run(
     cfg: ClassifyConfig, paths: list[str] | None = None, parts: list[inputs.Part] | None = None
 ) -> RunPlan:
     """Check the settings, the paths (`checks.check_run`, unless its `parts` are given) and
-    the model, and decide the row format and the int8 model; nothing is written (but int8
-    statistics measured for the first time, kept beside the model)."""
+    the model, decide the row format and the int8 model, and check a --resume's parts
+    against them; nothing is written (but int8 statistics measured for the first time, kept
+    beside the model)."""
     parts = parts if parts is not None else check_run(cfg, paths)
     dataset.quiet_ray_data()
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
     check_model_id(cfg.model, meta, cfg.s3)  # here, not in the actors: before anything starts
-    row_format = row_format_for(cfg, meta)
-    return RunPlan(cfg, meta, row_format, parts, int8_for_run(cfg, meta))
+    plan = RunPlan(cfg, meta, row_format_for(cfg, meta), parts, int8_for_run(cfg, meta))
+    if cfg.resume:  # its refusals before Ray starts; checked again under the lock
+        outputs.check_resume(cfg.output, plan.model_id, cfg.s3, *resume_formats(plan))
+    return plan
 
 
 def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
@@ -130,9 +133,14 @@ def prepare_output(plan: RunPlan) -> tuple[inputs.Count, outputs.Done | None]:
         outputs.remove(cfg.output, removal, cfg.s3)
     if not cfg.resume:
         return count, None
-    legacy = asdict(RowFormat())
-    done = outputs.resume_state(cfg.output, plan.model_id, cfg.s3, asdict(plan.row_format), legacy)
+    done = outputs.resume_state(cfg.output, plan.model_id, cfg.s3, *resume_formats(plan))
     return count, done
+
+
+def resume_formats(plan: RunPlan) -> tuple[dict, dict]:
+    """The run's row format, and the format of parts that do not say (written before insect
+    recorded it), as `outputs.resume_state` compares them."""
+    return asdict(plan.row_format), asdict(RowFormat())
 
 
 def count_for_choices(plan: RunPlan) -> inputs.Count:
