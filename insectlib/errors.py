@@ -22,11 +22,12 @@ class ImageError(ValueError):
 class StorageUnavailable(InsectError):
     """Reading failed for a reason outside the file itself (throttling, timeouts, server
     errors, expired or missing credentials) and retries did not help. It stops the run
-    rather than being recorded as the file's fate: the rows written so far are kept, and
+    rather than being recorded as the file's fate: the rows written are kept, and
     `--resume` continues once the cause is fixed. `problem` is the failure alone, for a
     command that writes no rows (the CLI shows the advice to classify only)."""
 
-    ADVICE = "The rows written so far are kept: fix the cause and rerun with --resume"
+    # True too of a run stopped before its first row (its listing failed).
+    ADVICE = "Fix the cause and rerun with --resume: the rows written are kept, not redone"
 
     def __init__(self, problem: str):
         super().__init__(problem)  # the one argument: pickled into and out of Ray tasks
