@@ -124,6 +124,23 @@ def test_the_table_wins_over_the_tree_adds_images_and_leaves_out_skipped_ones(tr
     assert f"labels from {table}" in merged.split
 
 
+def test_a_table_names_roots_files_however_their_path_is_spelled(tree, tmp_path):
+    """Through a linked folder (as an evaluation of the link wrote them), with `..` or a
+    doubled slash: the same file, relabelled or left out, never added a second time."""
+    link = tmp_path / "link"
+    link.symlink_to(tree)
+    relabelled = f"{link}/beetles/beetles_0001.jpg"
+    dropped = f"/{tree}/../{os.path.basename(tree)}/dragonflies/dragonflies_0003.jpg"
+    table = write_csv(tmp_path / "t.csv", f"path,label\n{relabelled},cockroach\n{dropped},skip\n")
+    for root in (tree, str(link)):
+        merged = training_set(root, table, val_fraction=0.2, seed=3)
+        labels = {os.path.realpath(u): c for u, c in by_path(merged).items()}
+        assert len(labels) == 15 - 1 == len(merged.train) + len(merged.val)
+        assert labels[os.path.realpath(relabelled)] == "cockroach"
+        assert os.path.realpath(dropped) not in labels
+        assert merged.table["in_root"] == 2 and merged.table["added"] == 0
+
+
 def test_classes_only_the_table_names_need_new_classes(tree, tmp_path):
     table = write_csv(tmp_path / "t.csv", "path,label\n/new/w.jpg,wasps\n/new/w2.jpg,wasps\n")
     with pytest.raises(InsectError, match="names classes .* has no folder for: wasps; pass "

@@ -47,14 +47,16 @@ def check_table(uri: str, s3: storage.S3Options | None = None) -> None:
 
 def read_label_table(uri: str, s3: storage.S3Options | None = None) -> LabelTable:
     """Read a `path,label` table. Rows count from 1 after a CSV's header. Relative paths are
-    taken from the table's own folder; a path given twice must have one label."""
+    taken from the table's own folder, and local ones name their file as `same_file` does;
+    a file given twice must have one label."""
     labels: dict[str, str | None] = {}
     first_row: dict[str, int] = {}
     rows = 0
+    folders: dict[str, str] = {}
     for row, path, label in _table_rows(uri, s3):
         rows = row
         where = f"--labels {uri} row {row}"
-        path = _table_path(path, uri, where)
+        path = same_file(_table_path(path, uri, where), folders)
         label = _table_label(label, where)
         if path in labels and labels[path] != label:
             raise InsectError(
@@ -136,6 +138,18 @@ def _table_path(path: str | None, table: str, where: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 
+def same_file(path: str, folders: dict[str, str]) -> str:
+    """`path` with its folder's links, `..` and doubled slashes resolved, so that a table
+    naming ROOT's files through a linked folder (as an evaluation of the link wrote them)
+    matches them; s3:// URIs as they are. `folders`: the folders resolved so far."""
+    if storage.is_s3(path):
+        return path
+    folder, name = os.path.split(path)
+    if folder not in folders:
+        folders[folder] = os.path.realpath(folder)
+    return os.path.join(folders[folder], name)
+
+
 def _table_label(label: str | None, where: str) -> str | None:
     if not label:
         raise InsectError(f"{where}: no label (write {SKIP_LABEL} to leave the image out)")
@@ -215,11 +229,11 @@ def _overlay(tree: FolderTree, table: LabelTable) -> tuple[dict, dict, dict, dic
     sides: list[dict[str, list[str]]] = [{}, {}]
     stats = {"table": table.uri, "rows": table.rows, "in_root": 0, "relabelled": 0}
     stats.update(skipped=sum(label is None for label in table.labels.values()), added=0)
-    seen = set()
+    seen, folders = set(), {}
     for side, by_class in zip(sides, (tree.train, tree.val), strict=True):
         for name, uris in by_class.items():
             for uri in uris:
-                key = storage.printable(uri)
+                key = storage.printable(same_file(uri, folders))
                 label = table.labels.get(key, name)
                 if key in table.labels:
                     seen.add(key)
