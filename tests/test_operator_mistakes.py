@@ -429,6 +429,26 @@ def test_bad_address_fails_fast_with_one_line(given, trained, unlabelled, tmp_pa
     assert "Traceback" not in result.stderr
 
 
+def test_a_class_of_unreadable_training_images_writes_no_model(ray_local, tmp_path):
+    """The model could not learn the class: no model, rather than one that never names it."""
+    from insectlib.data import synthetic
+    from insectlib.training.trainer import fit
+
+    root = tmp_path / "data"
+    synthetic.make_labelled(str(root), per_class=4, size=(32, 24))
+    for image in (root / "dragonflies").iterdir():
+        image.write_bytes(b"not a picture")
+    cfg = TrainConfig(
+        data=str(root), output=str(tmp_path / "m"), arch="resnet18", weights="random",
+        epochs=1, image_size=32, batch_size=4, storage=str(tmp_path / "runs"),
+    )  # fmt: skip
+    with pytest.raises(
+        InsectError, match=r"in epoch 1 of class dragonflies \(3 listed\); no model"
+    ):
+        fit(cfg)
+    assert not (tmp_path / "m" / META_FILE).exists()
+
+
 def test_all_validation_images_unreadable(ray_local, tmp_path):
     from insectlib.data import synthetic
     from insectlib.training.trainer import fit

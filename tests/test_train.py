@@ -10,7 +10,7 @@ from insectlib.data import synthetic
 from insectlib.data.labels import discover
 from insectlib.layout import STATE_FILE
 from insectlib.model.network import build_model, head_name, load_model
-from insectlib.training.worker import TrainingWorker
+from insectlib.training.worker import CLASS_IMAGES, TrainingWorker
 
 
 def test_train_two_workers_reports_and_checkpoints_every_epoch(trained):
@@ -74,6 +74,8 @@ def test_training_worker_runs_without_ray(tmp_path):
     metrics = cached.run_epoch(0)
     assert metrics["train_images"] == len(data.train) and metrics["val_images"] == len(data.val)
     assert metrics["cached_features"] and metrics["skipped_images"] == 0
+    listed = [sum(y == c for _, y in data.train) for c in range(len(data.classes))]
+    assert metrics[CLASS_IMAGES] == listed  # images seen of each class
     cached.history.append(metrics)
 
     restored = worker()

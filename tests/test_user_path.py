@@ -38,7 +38,7 @@ from insectlib.storage import lock
 from insectlib.storage.listing import LINKED_FOLDER
 from insectlib.training.preflight import new_run_name, preflight
 from insectlib.training.run_storage import RUN_SNAPSHOT, write_run_record
-from insectlib.training.trainer import fit, unreadable_split
+from insectlib.training.trainer import fit, unreadable_class, unreadable_split
 from insectlib.training.worker import ShardSampler
 from tests.conftest import BIN, REPO, expect_cli_error, run_cli
 
@@ -700,3 +700,12 @@ def test_a_temperature_is_kept_only_where_it_generalises():
     kept = confidence.temperature_report(logits, labels)
     assert 2.5 < kept["temperature"] < 3.5
     assert kept["cross_validated"]["with_temperature"] < kept["cross_validated"]["raw"]
+
+
+def test_a_class_without_one_readable_training_image_stops_training():
+    config = {"classes": ["ants", "bees", "wasps"], "train": [("a", 0), ("b", 2), ("c", 2)]}
+    assert unreadable_class(config, [1, 0, 1], 0) is None  # bees: none listed, none seen
+    assert "in epoch 2 of class wasps (2 listed); no model" in unreadable_class(
+        config, [1, 0, 0], 1
+    )
+    assert "of classes ants (1 listed), wasps (2 listed);" in unreadable_class(config, [0, 0, 0], 0)

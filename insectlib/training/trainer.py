@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 import threading
+from collections import Counter
 from dataclasses import asdict
 
 import ray
@@ -47,7 +48,7 @@ from insectlib.training.run_storage import (
     run_location,
     write_run_record,
 )
-from insectlib.training.worker import TrainingWorker
+from insectlib.training.worker import CLASS_IMAGES, TrainingWorker
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -88,7 +89,10 @@ def train_epochs(worker: TrainingWorker, config: dict) -> list | None:
     for epoch in range(worker.start_epoch, cfg.epochs):
         predictions = []
         metrics = worker.run_epoch(epoch, predictions if epoch == cfg.epochs - 1 else None)
-        problem = unreadable_split(config, metrics, epoch)
+        by_class = metrics.pop(CLASS_IMAGES)
+        problem = unreadable_split(config, metrics, epoch) or unreadable_class(
+            config, by_class, epoch
+        )
         if problem:
             # Every worker sees the same summed counts, so all stop here together; the
             # driver turns the reported problem into its error (no retries, no model).
@@ -112,6 +116,23 @@ def unreadable_split(config: dict, metrics: dict, epoch: int) -> str | None:
                 "model was written: fix or remove them (the workers' logs name the files)"
             )
     return None
+
+
+def unreadable_class(config: dict, seen: list[int], epoch: int) -> str | None:
+    """The problem when not one training image of a class could be read (`seen`: images
+    seen of each class), else None: the model could not learn it."""
+    listed = Counter(label for _, label in config["train"])
+    empty = [
+        f"{config['classes'][c]} ({n} listed)" for c, n in sorted(listed.items()) if not seen[c]
+    ]
+    if not empty:
+        return None
+    named = f"{'classes' if len(empty) > 1 else 'class'} {', '.join(empty[:10])}"
+    return (
+        f"no training image could be read in epoch {epoch + 1} of {named}; no model was "
+        f"written: fix or remove them, or mark them skip in a --labels table (the workers' "
+        "logs name the files)"
+    )
 
 
 def finish_on_rank_0(worker: TrainingWorker, config: dict, pairs: list) -> None:

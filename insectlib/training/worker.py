@@ -37,6 +37,9 @@ from insectlib.runtime import console
 # the loss ignores it, and it counts as no image seen.
 PADDING = -100
 
+SUMS = 4  # an epoch's sums (`_batch_sums`) before the images seen of each class
+CLASS_IMAGES = "train_images_by_class"  # an epoch's metric, checked (trainer), not kept
+
 
 def log_line(text: str) -> None:
     """Write one line to this process's log (a Ray worker's log file; the console only with
@@ -346,8 +349,8 @@ class TrainingWorker:
         )
 
     def train_one_epoch(self, batches: Iterable) -> torch.Tensor:
-        """Train on `batches`; sums of (loss, correct, seen, skipped) over this worker's shard."""
-        sums = torch.zeros(4, dtype=torch.float64)
+        """Train on `batches`; this worker's shard's sums (`_batch_sums`)."""
+        sums = torch.zeros(SUMS + len(self.classes), dtype=torch.float64)
         for x, labels, skipped in batches:
             with autocast(self.device, self.dtype):
                 logits = self.ddp_model(x)
@@ -360,11 +363,11 @@ class TrainingWorker:
         return sums
 
     def evaluate(self, batches: Iterable, predictions: list | None = None) -> torch.Tensor:
-        """Sums of (loss, correct, seen, skipped) over this worker's validation shard;
+        """This worker's validation shard's sums (`_batch_sums`);
         appends (labels, float32 logits) to `predictions` when given."""
         # Validation shards differ in length between workers: no DDP wrapper, no collectives.
         forward = self.head_module if self.cached else self.model
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(SUMS + len(self.classes), dtype=torch.float64)
         with torch.no_grad(), autocast(self.device, self.dtype):
             for x, labels, skipped in batches:
                 logits = forward(x)
@@ -395,6 +398,7 @@ class TrainingWorker:
             "train_images": int(train[2]),
             "val_images": int(val[2]),
             "skipped_images": int(train[3] + val[3]),
+            CLASS_IMAGES: [int(n) for n in train[SUMS:]],
             "images_per_second": _ratio(train[2], seconds[0]),
             "seconds": float(seconds[1]),
             "cached_features": self.cached,
@@ -416,10 +420,13 @@ class TrainingWorker:
 
 
 def _batch_sums(loss, logits, labels, skipped: int) -> torch.Tensor:
-    """(loss, correct, seen, skipped) of one batch; PADDING samples are not seen."""
+    """(loss, correct, seen, skipped) of one batch, then the images seen of each class;
+    PADDING samples are not seen."""
     real = labels != PADDING
     correct = ((logits.argmax(1) == labels) & real).sum().item()
-    return torch.tensor([loss.item(), correct, real.sum().item(), skipped], dtype=torch.float64)
+    sums = torch.tensor([loss.item(), correct, real.sum().item(), skipped], dtype=torch.float64)
+    by_class = torch.bincount(labels[real].cpu(), minlength=logits.shape[1])
+    return torch.cat([sums, by_class.to(torch.float64)])
 
 
 def _sum_over_workers(t: torch.Tensor) -> torch.Tensor:
