@@ -13,6 +13,7 @@ import torch
 from insectlib.classify.evaluate import evaluate, print_metrics
 from insectlib.config import EvaluateConfig
 from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.layout import LOCK_FILE, LOG_DIR, PREDICTIONS_DIR
 from insectlib.metrics.confidence import MIN_TEMPERATURE_IMAGES, expected_calibration_error
 from insectlib.metrics.scores import classification_metrics
 from insectlib.model.network import load_model
@@ -41,6 +42,11 @@ def truth_of(path: str) -> str:
 def test_evaluate_end_to_end(calibrated, labelled_root, tmp_path, capsys):
     model_dir, meta = calibrated
     out = tmp_path / "eval"
+    # What a killed evaluation leaves before its first row: its locks and a log, no output.
+    gone = json.dumps({"host": "elsewhere", "pid": 999999, "command": "evaluate"})
+    for folder in (out, out / PREDICTIONS_DIR):
+        (folder / LOG_DIR).mkdir(parents=True)
+        (folder / LOCK_FILE).write_text(gone)
     m = evaluate(EvaluateConfig(data=labelled_root, model=model_dir, output=str(out)))
     predictions = pq.read_table(out / "predictions").to_pylist()
     assert len(predictions) == m["images"] == 90  # a plain tree: every image

@@ -102,12 +102,14 @@ def check_evaluation(cfg: EvaluateConfig) -> None:
 
 def plan_evaluation_output(cfg: EvaluateConfig) -> list[str]:
     """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
-    output without it, or one holding anything else."""
-    entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite)
+    output without it, or one holding anything else. A `predictions/` holding only a killed
+    run's lock and log (`outputs.list_entries`) is no output, as they are not in its own."""
+    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
+    unused = () if outputs.list_entries(predictions, cfg.s3) else (PREDICTIONS_DIR,)
+    entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, unused=unused)
     if not entries:
         return []
     why = outputs.OVERWRITE_REFUSED
     outputs.refuse_foreign(cfg.output, entries, why, EVALUATION_FILES, (PREDICTIONS_DIR,))
-    predictions = storage.join(cfg.output, PREDICTIONS_DIR)
     own = [e["name"] for e in entries if e["type"] == "file"]
     return own + outputs.overwrite_plan(predictions, cfg.s3)

@@ -170,11 +170,12 @@ def check_parts(fs, parts: list[dict]) -> dict[str, pq.FileMetaData | None]:
 
 
 def entries_to_replace(
-    output: str, s3: storage.S3Options, overwrite: bool, alternative: str = ""
+    output: str, s3: storage.S3Options, overwrite: bool, alternative: str = "", unused=()
 ) -> list[dict]:
-    """The entries of `output`, which must be empty unless `overwrite`: the refusal names
-    --overwrite and any `alternative` flag (" or --resume to ...")."""
-    entries = list_entries(output, s3)
+    """The entries of `output` but the names `unused`, which must be none unless
+    `overwrite`: the refusal names --overwrite and any `alternative` flag (" or --resume to
+    ...")."""
+    entries = [e for e in list_entries(output, s3) if entry_name(e) not in unused]
     if entries and not overwrite:
         raise InsectError(
             f"output {output} is not empty; pass --overwrite to replace it{alternative}"
