@@ -65,6 +65,8 @@ PATH_FIELDS = (
     "weights",
     "html",
 )
+# Those of them a command writes to.
+WRITTEN_FIELDS = ("output", "storage", "html")
 
 
 def setting(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
@@ -131,11 +133,12 @@ def is_local(uri: str | None) -> bool:
     return bool(uri) and "://" not in uri
 
 
-def absolute_paths(cfg: Any, cwd: str | None = None) -> Any:
+def absolute_paths(cfg: Any, cwd: str | None = None, job: bool = False) -> Any:
     """`cfg` with every local path among PATH_FIELDS made absolute against `cwd` (the
     command's working directory) and `~` expanded: what the user meant in their shell,
     whichever process later reads it (a Ray worker's working directory is not theirs).
-    s3:// URIs and the words `imagenet` and `random` of --weights stay as they are."""
+    s3:// URIs and the words `imagenet` and `random` of --weights stay as they are. In a
+    Ray `job`, a relative path to write to is refused: the job's folder is Ray's."""
     try:  # asked even where every path is absolute: Ray's processes would start there too
         cwd = cwd or os.getcwd()
     except FileNotFoundError:
@@ -150,6 +153,12 @@ def absolute_paths(cfg: Any, cwd: str | None = None) -> Any:
             continue
         if name == "weights" and value in ("imagenet", "random"):
             continue
+        if job and name in WRITTEN_FIELDS and not os.path.isabs(os.path.expanduser(value)):
+            flag = flag_name(next(f for f in dataclasses.fields(cfg) if f.name == name))
+            raise InsectError(
+                f"{flag} {value} is relative, and a Ray job runs in a folder of Ray's ({cwd}: "
+                "its copy of --working-dir, deleted with it): give an absolute path or s3://"
+            )
         changes[name] = os.path.normpath(os.path.join(cwd, os.path.expanduser(value)))
     return dataclasses.replace(cfg, **changes) if changes else cfg
 

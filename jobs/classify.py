@@ -14,4 +14,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from insectlib.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["classify", *sys.argv[1:]]))
+    sys.exit(main(["classify", *sys.argv[1:]], job=True))

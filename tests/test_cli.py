@@ -15,7 +15,7 @@ from insectlib.data import synthetic
 from insectlib.errors import InsectError
 from insectlib.layout import INT8_RECORD, INT8_STATS, META_FILE
 from insectlib.storage import S3Options
-from tests.conftest import BIN, assert_refused_before_torch, expect_cli_error, run_cli
+from tests.conftest import BIN, REPO, assert_refused_before_torch, expect_cli_error, run_cli
 
 
 def test_train_input_errors(tmp_path, capsys):
@@ -310,3 +310,28 @@ def test_int8_images_a_kept_record_names_are_not_looked_for(tmp_path):
     synthetic.make_unlabelled(str(images), count=1, size=(8, 8))
     (model / INT8_RECORD).write_text("not json")
     checks.check_int8_images(dataclasses.replace(cfg, int8_images=str(images)))
+
+
+@pytest.mark.parametrize("command", ["train", "classify"])
+def test_a_ray_job_refuses_to_write_to_a_relative_path(command, tmp_path):
+    """A job runs in Ray's copy of its --working-dir, which Ray deletes: a relative --output
+    (or --storage) would be written there and lost, while the job said it succeeded. Its
+    inputs may be relative (uploaded with the code); an absolute output is taken."""
+    (tmp_path / "photos").mkdir()
+    args = ["photos", "--output", "out"] if command == "train" else ["photos", "--model", "m"]
+    if command == "classify":
+        args += ["--output", "preds"]
+    job = ["python", str(REPO / "jobs" / f"{command}.py")]
+    result = run_cli(*job, *args, cwd=tmp_path, timeout=120)
+    relative = "out" if command == "train" else "preds"
+    assert result.returncode == 2 and result.stderr == (
+        f"insect: error: --output {relative} is relative, and a Ray job runs in a folder of "
+        f"Ray's ({tmp_path}: its copy of --working-dir, deleted with it): give an absolute "
+        "path or s3://\n"
+    )
+    absolute = [a if a not in ("out", "preds") else str(tmp_path / a) for a in args]
+    result = run_cli(*job, *absolute, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "is relative" not in result.stderr  # refused later
+    if command == "train":
+        storage = run_cli(*job, *absolute, "--storage", "runs", cwd=tmp_path, timeout=120)
+        assert "--storage runs is relative" in storage.stderr

@@ -238,12 +238,13 @@ def refuse_renamed(argv: list[str]) -> None:
             sys.exit(2)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, job: bool = False) -> int:
+    """Run `insect ARGV`; `job`: as a Ray job's entry point (jobs/*.py). Its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     refuse_renamed(argv)
     args = parser().parse_args(argv)
     try:
-        cfg = config.absolute_paths(config_from(COMMANDS[args.command][0], args))
+        cfg = config.absolute_paths(config_from(COMMANDS[args.command][0], args), job=job)
         cfg.validate()  # before anything heavy is imported
         from insectlib.cli import commands
 
