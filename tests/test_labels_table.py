@@ -217,3 +217,23 @@ def test_train_needs_a_root_or_a_table(tmp_path, capsys):
     assert f"not found: {missing}" in expect_cli_error(capsys, ["train", "--labels", missing])
     table = write_csv(tmp_path / "t.csv", "path,label\n/a.jpg,\n")
     assert "row 1: no label" in expect_cli_error(capsys, ["train", "--labels", table])
+
+
+def test_a_bucket_the_table_names_is_checked_before_ray_starts(s3_server, tree, tmp_path):
+    """Not in the workers' first reads, a minute into the run; a missing image is skipped."""
+    from insectlib.training.preflight import named, preflight
+
+    s3_server.client().create_bucket(Bucket="insect-table-images")
+    table = write_csv(
+        tmp_path / "t.csv",
+        "path,label\ns3://insect-table-images/moved/a.jpg,beetles\n"
+        "s3://insect-no-such-bucket/b.jpg,beetles\n",
+    )
+    m, runs = str(tmp_path / "m"), str(tmp_path / "runs")
+    cfg = named(TrainConfig(data=tree, labels=table, output=m, storage=runs, weights="random"))
+    with pytest.raises(InsectError, match="insect-no-such-bucket"):
+        preflight(cfg)
+    table = write_csv(
+        tmp_path / "t.csv", "path,label\ns3://insect-table-images/moved/a.jpg,beetles\n"
+    )
+    assert preflight(cfg).table["added"] == 1

@@ -13,6 +13,7 @@ from insectlib.config import S3Options
 from insectlib.storage.files import (
     FILE_ERRNOS,
     READ_AHEAD,
+    bucket_and_key,
     check_bucket,
     entry_name,
     exists,
@@ -59,6 +60,7 @@ __all__ = [
     "Level",
     "S3Options",
     "UnlistedFolder",
+    "bucket_and_key",
     "check_bucket",
     "check_location",
     "check_not_inside",

@@ -327,10 +327,16 @@ def exists(uri: str, s3: S3Options | None = None) -> bool:
         return fs.exists(path)
 
 
+def bucket_and_key(uri: str) -> tuple[str, str]:
+    """The bucket and the key (no slash at its end) of an s3:// URI."""
+    bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
+    return bucket, key
+
+
 def check_bucket(uri: str, s3: S3Options | None = None) -> None:
     """For an s3:// location, fail early and clearly when its bucket is missing or denied."""
     if is_s3(uri):
-        bucket, _, key = uri[len("s3://") :].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")  # its "/": a prefix policy's
         if not bucket:
             raise InsectError(f"{uri} names no bucket: s3://BUCKET or s3://BUCKET/PREFIX")
         with user_errors(uri):  # under its own prefix: a listing allowed only there passes

@@ -17,6 +17,7 @@ from insectlib.errors import InsectError, StorageUnavailable
 from insectlib.storage import buckets
 from insectlib.storage.files import (
     FILE_ERRNOS,
+    bucket_and_key,
     check_bucket,
     filesystem,
     is_s3,
@@ -75,7 +76,7 @@ def is_dir(uri: str, s3: S3Options | None = None) -> bool:
     does not exist is refused, naming it."""
     if not is_s3(uri):
         return os.path.isdir(filesystem(uri, s3)[1])
-    bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
+    bucket, key = bucket_and_key(uri)
     if not key:  # a bucket: one request, which refuses one that does not exist
         check_bucket(uri, s3)
         return True
@@ -129,7 +130,7 @@ def iter_tree(uri: str, s3: S3Options | None = None) -> Iterator[str]:
     has gone (a prefix emptied since it was found); an `UnlistedFolder` for `uri` itself
     when it cannot be listed."""
     if is_s3(uri):
-        bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
+        bucket, key = bucket_and_key(uri)
         prefix = f"{key}/" if key else ""
         start = len(bucket) + 1 + len(prefix)
         with user_errors(uri):
@@ -172,7 +173,7 @@ def _level_entries(uri: str, s3: S3Options | None) -> Iterator[tuple[str, bool]]
     and an entry whose type cannot be read (a link loop) counts as a file, whose row will
     say why."""
     if is_s3(uri):
-        bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
+        bucket, key = bucket_and_key(uri)
         for page in buckets.pages(s3, bucket, f"{key}/" if key else "", delimiter="/"):
             for name, is_folder in page:
                 if _visible(name) and (is_folder or not name.endswith("/")):
@@ -196,7 +197,7 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 
 def _iter_s3(uri: str, s3: S3Options | None) -> Iterator[str]:
-    bucket, _, key = uri[len("s3://") :].rstrip("/").partition("/")
+    bucket, key = bucket_and_key(uri)
     with user_errors(uri):
         if is_glob(key):
             fs, path = filesystem(uri, s3)

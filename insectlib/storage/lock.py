@@ -29,7 +29,7 @@ from insectlib.config import S3Options
 from insectlib.errors import InsectError
 from insectlib.layout import LOCK_FILE
 from insectlib.storage import buckets, retry
-from insectlib.storage.files import is_s3, join, not_a_folder
+from insectlib.storage.files import bucket_and_key, is_s3, join, not_a_folder
 
 HEARTBEAT_S = 30.0
 STALE_S = 180.0  # six missed heartbeats
@@ -197,7 +197,7 @@ class LocalLock(OutputLock):
 class S3Lock(OutputLock):
     def __init__(self, output: str, s3: S3Options | None):
         self.output, self.s3 = output, s3
-        self.bucket, _, prefix = output[len("s3://") :].rstrip("/").partition("/")
+        self.bucket, prefix = bucket_and_key(output)
         self.key = f"{prefix}/{LOCK_FILE}" if prefix else LOCK_FILE
         self.uri = join(output, LOCK_FILE)
         self.etag: str | None = None

@@ -59,15 +59,26 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     labelled = label_table.training_set(
         cfg.data, cfg.labels, cfg.val_fraction, cfg.seed, cfg.new_classes, cfg.s3
     )
-    if labelled.table:  # the table's images may lie anywhere: never among them
-        for folder in {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}:
-            storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
+    if labelled.table:
+        check_table_images(cfg, labelled)
     if cfg.resume:
         check_run_record(cfg, labelled)
     if cfg.weights == "imagenet":
         # Here, once, rather than failing in every worker; last: perhaps a download.
         network.ensure_imagenet_weights(cfg.arch)
     return labelled
+
+
+def check_table_images(cfg: TrainConfig, labelled: LabelledSet) -> None:
+    """A table's images may lie anywhere: the output never among them, and every bucket
+    they name within reach (else the workers' first reads stop the run, a minute in). A
+    missing image is skipped and counted, as in a folder."""
+    folders = {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}
+    for folder in folders:
+        storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
+    by_bucket = {storage.bucket_and_key(f)[0]: f for f in sorted(folders) if storage.is_s3(f)}
+    for folder in by_bucket.values():
+        storage.check_bucket(folder, cfg.s3)
 
 
 def check_locations(cfg: TrainConfig) -> None:
