@@ -335,3 +335,21 @@ def test_a_ray_job_refuses_to_write_to_a_relative_path(command, tmp_path):
     if command == "train":
         storage = run_cli(*job, *absolute, "--storage", "runs", cwd=tmp_path, timeout=120)
         assert "--storage runs is relative" in storage.stderr
+
+
+def test_a_manifests_output_is_refused_inside_the_folder_of_its_images(tmp_path, capsys):
+    """The next classification of that folder would read the output's files as images."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        synthetic.make_image("beetles", random.Random(i), (32, 24)).save(photos / f"{i}.jpg")
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("".join(f"{photos / f'{i}.jpg'}\n" for i in range(2)))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / META_FILE).write_text("{}")
+    argv = ["classify", "--manifest", str(manifest), "--model", str(model), "--output"]
+    err = expect_cli_error(capsys, [*argv, str(photos / "out")])
+    assert f"{photos / 'out'} is inside a folder of the manifest's images ({photos})" in err
+    err = expect_cli_error(capsys, [*argv, str(tmp_path / "out")])
+    assert "meta.json" in err  # past the check: the model is read next

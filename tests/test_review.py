@@ -483,6 +483,15 @@ def test_report_refuses_unsafe_folders_and_overwrites_only_its_own(classified, t
     assert "--html" in err and "is inside the classification" in err
     err = expect_cli_error(capsys, ["report", out, "--html", str(classified["images"])])
     assert "contains its input" in err
+    # A run whose input the page cannot go by (a manifest's; here none: no _SUCCESS): the
+    # folders of the images it shows.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / SUCCESS_FILE).unlink()
+    inside = classified["images"] / "page"
+    err = expect_cli_error(capsys, ["report", str(copy), "--html", str(inside)])
+    assert f"{inside} is inside a folder of the images it shows ({inside.parent})" in err
+    assert not inside.exists() or not list(inside.iterdir())
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     err = expect_cli_error(capsys, ["report", out, "--html", str(a_file / "page")])

@@ -5,6 +5,7 @@ pipeline, and `pipeline.plan_run` and `evaluate.evaluate` run them where it did 
 from __future__ import annotations
 
 import json
+import os
 
 from insectlib import storage
 from insectlib.classify import outputs
@@ -33,10 +34,18 @@ def check_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> list[input
         parts = inputs.plan_manifest(cfg.manifest, cfg.s3)
     else:
         parts = inputs.plan_listing(cfg.input, cfg.s3)
-    if not inputs.count_inputs(parts, cfg.s3, 1).inputs:  # a missing or empty input
+    first = inputs.first_inputs(parts, cfg.s3, MANIFEST_LOOK if cfg.manifest else 1)
+    if not first:  # a missing or empty input
         raise InsectError(f"no image files found in {cfg.source}")
+    if cfg.manifest:  # its folders are known as it streams: those of its first images
+        for folder in sorted({os.path.dirname(path) for path in first}):
+            storage.check_not_inside(cfg.output, folder, "a folder of the manifest's images")
     check_int8_images(cfg)
     return parts
+
+
+# The paths of a manifest whose folders the output is checked against before the run.
+MANIFEST_LOOK = 1000
 
 
 def check_int8_images(cfg: ClassifyConfig | EvaluateConfig) -> None:

@@ -16,6 +16,7 @@ import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import urllib.parse
@@ -341,6 +342,11 @@ def count_inputs(
         if count >= limit:
             break
     return Count(count, size / count if count else 0.0, whole=count < limit)
+
+
+def first_inputs(parts: list[Part], s3, limit: int) -> list[str]:
+    """The parts' first `limit` inputs, as listed."""
+    return list(itertools.islice(_inputs_of(parts, s3), limit))
 
 
 def _inputs_of(parts: list[Part], s3) -> Iterator[str]:

@@ -10,6 +10,7 @@ whole page.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -216,6 +217,8 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
             "page shows the rows it holds"
         )
     paths = chosen.paths()
+    for folder in sorted({os.path.dirname(path) for path in paths}):  # a manifest's, too
+        storage.check_not_inside(cfg.html, folder, "a folder of the images it shows")
     console.say(
         f"{console.counted(chosen.rows, 'row')} read: "
         f"{console.counted(len(chosen.galleries), 'gallery', 'galleries')}, "
