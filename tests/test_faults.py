@@ -149,6 +149,45 @@ def test_classify_resume_after_driver_killed(trained, many_images, tmp_path, cap
     assert sorted(read_paths(out)) == sorted(paths) and (out / "_SUCCESS").exists()
 
 
+def test_a_sigterm_to_the_group_while_ray_starts_stops_the_command_at_once(
+    trained, many_images, tmp_path
+):
+    """`timeout`, `kill -- -PGID` and supervisors signal the whole process group, Ray's
+    processes with the driver. Ray's handler during ray.init ended the command without a
+    word (exit 15); it says it was interrupted, as after ray.init."""
+    cfg, _ = trained
+    folder = os.path.dirname(next(iter(many_images)))
+    argv = [str(BIN / "insect"), "classify", folder, "--model", cfg.output]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    driver = subprocess.Popen(
+        [*argv, "--output", str(tmp_path / "out")], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert driver.stdout.readline().startswith("log: ")  # said as Ray starts
+        wait_for(lambda: "gcs_server" in _children(driver.pid), what="Ray's GCS started")
+        signalled = time.monotonic()
+        os.killpg(driver.pid, signal.SIGTERM)
+        _, err = driver.communicate(timeout=90)
+    finally:
+        driver.kill()
+    assert time.monotonic() - signalled < 15
+    assert driver.returncode == 130 and err.startswith("insect: interrupted"), err[-2000:]
+
+
+def _children(pid: int) -> list[str]:
+    """The names of the processes whose parent is `pid`."""
+    names = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            name, rest = open(stat).read().rsplit(")", 1)
+        except OSError:
+            continue
+        if int(rest.split()[1]) == pid:
+            names.append(name.split("(", 1)[1])
+    return names
+
+
 def test_classify_survives_a_killed_model_actor(trained, many_images, tmp_path):
     cfg, _ = trained
     folder = os.path.dirname(next(iter(many_images)))

@@ -60,6 +60,8 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     own = own_ray_options(dashboard) if target == "local" else {}
     try:
         ray.init(address=address, logging_level="WARNING", **own)
+    except SystemExit:  # a SIGTERM while its node starts, through Ray's handler: as ours
+        raise KeyboardInterrupt from None
     except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
         raise InsectError(connection_problem(address or env, e)) from None
     console.on_close(shutdown)  # not left to exit, when the log is closed already
