@@ -125,20 +125,36 @@ def test_the_table_wins_over_the_tree_adds_images_and_leaves_out_skipped_ones(tr
 
 
 def test_a_table_names_roots_files_however_their_path_is_spelled(tree, tmp_path):
-    """Through a linked folder (as an evaluation of the link wrote them), with `..` or a
-    doubled slash: the same file, relabelled or left out, never added a second time."""
+    """Through a linked folder (as an evaluation of the link wrote them), a link to the file,
+    `..` or a leading doubled slash: the same file, relabelled or left out, never added a
+    second time. An added image keeps the table's spelling (a worker may lack the link)."""
     link = tmp_path / "link"
     link.symlink_to(tree)
+    (tmp_path / "curated").mkdir()
+    linked_file = tmp_path / "curated" / "c2.jpg"
+    linked_file.symlink_to(os.path.join(tree, "cockroach", "cockroach_0002.jpg"))
     relabelled = f"{link}/beetles/beetles_0001.jpg"
     dropped = f"/{tree}/../{os.path.basename(tree)}/dragonflies/dragonflies_0003.jpg"
-    table = write_csv(tmp_path / "t.csv", f"path,label\n{relabelled},cockroach\n{dropped},skip\n")
+    added = f"{link}/new/one.jpg"
+    table = write_csv(
+        tmp_path / "t.csv",
+        f"path,label\n{relabelled},cockroach\n{dropped},skip\n{linked_file},beetles\n"
+        f"{added},dragonflies\n{link}/../link/beetles/beetles_0001.jpg,cockroach\n",
+    )
     for root in (tree, str(link)):
         merged = training_set(root, table, val_fraction=0.2, seed=3)
-        labels = {os.path.realpath(u): c for u, c in by_path(merged).items()}
-        assert len(labels) == 15 - 1 == len(merged.train) + len(merged.val)
+        labels = by_path(merged)
+        assert labels.pop(added) == "dragonflies"  # as the table spells it
+        labels = {os.path.realpath(u): c for u, c in labels.items()}
+        assert len(labels) == 15 - 1 == len(merged.train) + len(merged.val) - 1
         assert labels[os.path.realpath(relabelled)] == "cockroach"
+        assert labels[os.path.realpath(linked_file)] == "beetles"
         assert os.path.realpath(dropped) not in labels
-        assert merged.table["in_root"] == 2 and merged.table["added"] == 0
+        assert merged.table["in_root"] == 3 and merged.table["added"] == 1
+    conflict = write_csv(tmp_path / "c.csv", f"path,label\n{relabelled},cockroach\n"
+                         f"{tree}/beetles/beetles_0001.jpg,beetles\n")  # fmt: skip
+    with pytest.raises(InsectError, match=r"row 2: .*beetles_0001\.jpg was given another label"):
+        read_label_table(conflict)
 
 
 def test_classes_only_the_table_names_need_new_classes(tree, tmp_path):
@@ -217,23 +233,3 @@ def test_train_needs_a_root_or_a_table(tmp_path, capsys):
     assert f"not found: {missing}" in expect_cli_error(capsys, ["train", "--labels", missing])
     table = write_csv(tmp_path / "t.csv", "path,label\n/a.jpg,\n")
     assert "row 1: no label" in expect_cli_error(capsys, ["train", "--labels", table])
-
-
-def test_a_bucket_the_table_names_is_checked_before_ray_starts(s3_server, tree, tmp_path):
-    """Not in the workers' first reads, a minute into the run; a missing image is skipped."""
-    from insectlib.training.preflight import named, preflight
-
-    s3_server.client().create_bucket(Bucket="insect-table-images")
-    table = write_csv(
-        tmp_path / "t.csv",
-        "path,label\ns3://insect-table-images/moved/a.jpg,beetles\n"
-        "s3://insect-no-such-bucket/b.jpg,beetles\n",
-    )
-    m, runs = str(tmp_path / "m"), str(tmp_path / "runs")
-    cfg = named(TrainConfig(data=tree, labels=table, output=m, storage=runs, weights="random"))
-    with pytest.raises(InsectError, match="insect-no-such-bucket"):
-        preflight(cfg)
-    table = write_csv(
-        tmp_path / "t.csv", "path,label\ns3://insect-table-images/moved/a.jpg,beetles\n"
-    )
-    assert preflight(cfg).table["added"] == 1

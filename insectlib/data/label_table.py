@@ -29,11 +29,13 @@ COLUMNS = ("path", "label")
 
 @dataclass
 class LabelTable:
-    """A table as read: {path: label, or None for SKIP_LABEL}, and its row count."""
+    """A table as read: {path: label, or None for SKIP_LABEL}, its row count, and the path
+    of each file it names ({`same_file` key: path as the table spells it})."""
 
     uri: str
     labels: dict[str, str | None]
     rows: int
+    files: dict[str, str]
 
 
 def check_table(uri: str, s3: storage.S3Options | None = None) -> None:
@@ -47,26 +49,28 @@ def check_table(uri: str, s3: storage.S3Options | None = None) -> None:
 
 def read_label_table(uri: str, s3: storage.S3Options | None = None) -> LabelTable:
     """Read a `path,label` table. Rows count from 1 after a CSV's header. Relative paths are
-    taken from the table's own folder, and local ones name their file as `same_file` does;
-    a file given twice must have one label."""
+    taken from the table's own folder. A file given twice, spelled alike or not (see
+    `same_file`), must have one label, and is kept as first spelled."""
     labels: dict[str, str | None] = {}
     first_row: dict[str, int] = {}
+    files: dict[str, str] = {}
     rows = 0
-    folders: dict[str, str] = {}
+    resolved: dict[str, str] = {}
     for row, path, label in _table_rows(uri, s3):
         rows = row
         where = f"--labels {uri} row {row}"
-        path = same_file(_table_path(path, uri, where), folders)
+        path = _table_path(path, uri, where)
         label = _table_label(label, where)
-        if path in labels and labels[path] != label:
+        first = files.setdefault(same_file(path, resolved), path)
+        if first in labels and labels[first] != label:
             raise InsectError(
-                f"{where}: {path} was given another label on row {first_row[path]} "
-                f"({_shown(labels[path])} there, {_shown(label)} here)"
+                f"{where}: {path} was given another label on row {first_row[first]} "
+                f"({_shown(labels[first])} there, {_shown(label)} here)"
             )
-        labels[path], first_row[path] = label, first_row.get(path, row)
+        labels[first], first_row[first] = label, first_row.get(first, row)
     if not labels:
         raise InsectError(f"--labels {uri} holds no rows")
-    return LabelTable(uri, labels, rows)
+    return LabelTable(uri, labels, rows, files)
 
 
 def _table_rows(uri: str, s3):
@@ -139,15 +143,17 @@ def _table_path(path: str | None, table: str, where: str) -> str:
 
 
 def same_file(path: str, folders: dict[str, str]) -> str:
-    """`path` with its folder's links, `..` and doubled slashes resolved, so that a table
-    naming ROOT's files through a linked folder (as an evaluation of the link wrote them)
-    matches them; s3:// URIs as they are. `folders`: the folders resolved so far."""
+    """What `path` names, to match spellings of one file: a local path with its folder's
+    links, `..` and doubled slashes resolved, and the file's own link (a table written from
+    an evaluation of a linked folder names ROOT's files so); s3:// URIs as they are.
+    `folders`: the folders resolved so far (one lstat a file, one realpath a folder)."""
     if storage.is_s3(path):
         return path
     folder, name = os.path.split(path)
     if folder not in folders:
         folders[folder] = os.path.realpath(folder)
-    return os.path.join(folders[folder], name)
+    real = os.path.join(folders[folder], name)
+    return os.path.realpath(real) if os.path.islink(real) else real
 
 
 def _table_label(label: str | None, where: str) -> str | None:
@@ -233,7 +239,7 @@ def _overlay(tree: FolderTree, table: LabelTable) -> tuple[dict, dict, dict, dic
     for side, by_class in zip(sides, (tree.train, tree.val), strict=True):
         for name, uris in by_class.items():
             for uri in uris:
-                key = storage.printable(same_file(uri, folders))
+                key = table.files.get(storage.printable(same_file(uri, folders)))
                 label = table.labels.get(key, name)
                 if key in table.labels:
                     seen.add(key)
