@@ -156,8 +156,8 @@ def absolute_paths(cfg: Any, cwd: str | None = None, job: bool = False) -> Any:
         if job and name in WRITTEN_FIELDS and not os.path.isabs(os.path.expanduser(value)):
             flag = flag_name(next(f for f in dataclasses.fields(cfg) if f.name == name))
             raise InsectError(
-                f"{flag} {value} is relative, and a Ray job runs in a folder of Ray's ({cwd}: "
-                "its copy of --working-dir, deleted with it): give an absolute path or s3://"
+                f"{flag} {value} is relative, and a Ray job runs in a folder of Ray's ({cwd}; "
+                "with --working-dir, its copy, deleted with it): give an absolute path or s3://"
             )
         changes[name] = os.path.normpath(os.path.join(cwd, os.path.expanduser(value)))
     return dataclasses.replace(cfg, **changes) if changes else cfg

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from insectlib.classify import checks
-from insectlib.cli.main import COMMANDS
+from insectlib.cli.main import COMMANDS, main
 from insectlib.config import ClassifyConfig, SummaryConfig, TrainConfig
 from insectlib.data import synthetic
 from insectlib.errors import InsectError
@@ -326,7 +326,7 @@ def test_a_ray_job_refuses_to_write_to_a_relative_path(command, tmp_path):
     relative = "out" if command == "train" else "preds"
     assert result.returncode == 2 and result.stderr == (
         f"insect: error: --output {relative} is relative, and a Ray job runs in a folder of "
-        f"Ray's ({tmp_path}: its copy of --working-dir, deleted with it): give an absolute "
+        f"Ray's ({tmp_path}; with --working-dir, its copy, deleted with it): give an absolute "
         "path or s3://\n"
     )
     absolute = [a if a not in ("out", "preds") else str(tmp_path / a) for a in args]
@@ -337,8 +337,9 @@ def test_a_ray_job_refuses_to_write_to_a_relative_path(command, tmp_path):
         assert "--storage runs is relative" in storage.stderr
 
 
-def test_a_manifests_output_is_refused_inside_the_folder_of_its_images(tmp_path, capsys):
-    """The next classification of that folder would read the output's files as images."""
+def test_a_manifests_output_in_the_folder_of_its_images_is_warned_of(tmp_path, capsys):
+    """The next classification of that folder would read the output's files as images; said,
+    not refused: a manifest's folder (a home folder, a bucket) is no input of the run."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(2):
@@ -349,7 +350,9 @@ def test_a_manifests_output_is_refused_inside_the_folder_of_its_images(tmp_path,
     model.mkdir()
     (model / META_FILE).write_text("{}")
     argv = ["classify", "--manifest", str(manifest), "--model", str(model), "--output"]
-    err = expect_cli_error(capsys, [*argv, str(photos / "out")])
-    assert f"{photos / 'out'} is inside a folder of the manifest's images ({photos})" in err
-    err = expect_cli_error(capsys, [*argv, str(tmp_path / "out")])
-    assert "meta.json" in err  # past the check: the model is read next
+    for output, warned in ((photos / "out", True), (tmp_path / "out", False)):
+        assert main([*argv, str(output)]) == 2  # past the check: the model is read next
+        err = capsys.readouterr().err
+        assert "meta.json" in err
+        warning = f"warning: --output {output} lies in {photos}, a folder of the manifest's"
+        assert (warning in err) == warned, err

@@ -13,6 +13,7 @@ import torch
 from insectlib.classify.evaluate import evaluate, print_metrics
 from insectlib.config import EvaluateConfig
 from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.errors import InsectError
 from insectlib.layout import LOCK_FILE, LOG_DIR, PREDICTIONS_DIR
 from insectlib.metrics.confidence import MIN_TEMPERATURE_IMAGES, expected_calibration_error
 from insectlib.metrics.scores import classification_metrics
@@ -137,3 +138,15 @@ def test_training_writes_metrics_curves_and_report(trained):
     else:
         assert meta.temperature and c["nll_after"] <= c["nll_before"] + 1e-9
     assert_picture(model_dir / "reliability.png")
+
+
+def test_a_file_named_predictions_is_no_empty_predictions_folder(tmp_path):
+    """Only a folder of a killed run's bookkeeping is passed over (test_evaluate_end_to_end)."""
+    from insectlib.classify.checks import plan_evaluation_output
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / PREDICTIONS_DIR).write_text("mine")
+    cfg = EvaluateConfig(data=str(tmp_path), model=str(tmp_path), output=str(out))
+    with pytest.raises(InsectError, match="is not empty; pass --overwrite"):
+        plan_evaluation_output(cfg)

@@ -301,6 +301,38 @@ def _set_policy(s3_server, statements: list[dict]) -> None:
     iam.put_user_policy(UserName="insect", PolicyName="s3", PolicyDocument=json.dumps(document))
 
 
+def test_a_table_whose_images_cannot_be_read_is_refused_before_ray_starts(s3_server, tmp_path):
+    """Not by the workers' first reads, a minute into the run; a missing image is skipped
+    and counted later, as in a folder."""
+    from insectlib.config import TrainConfig
+    from insectlib.data import synthetic
+    from insectlib.training.preflight import named, preflight
+
+    tree = synthetic.make_labelled(str(tmp_path / "root"), per_class=3, size=(32, 24))
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-table-images")
+    client.put_object(Bucket="insect-table-images", Key="moved/a.jpg", Body=b"bytes")
+    images = "s3://insect-table-images"
+    table = tmp_path / "t.csv"
+    table.write_text(f"path,label\n{images}/moved/a.jpg,beetles\n{images}/gone.jpg,beetles\n")
+    m, runs = str(tmp_path / "m"), str(tmp_path / "runs")
+    cfg = TrainConfig(data=tree, labels=str(table), output=m, storage=runs, weights="random")
+    cfg = named(cfg)
+    assert preflight(cfg).table["added"] == 2
+    allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+    deny = {
+        "Effect": "Deny",
+        "Action": "s3:GetObject",
+        "Resource": "arn:aws:s3:::insect-table-images/*",
+    }
+    _set_policy(s3_server, [allow, deny])
+    try:
+        with pytest.raises(StorageUnavailable, match=f"cannot read {images}/"):
+            preflight(cfg)
+    finally:
+        _set_policy(s3_server, [allow])
+
+
 def test_denied_reads_stop_the_run_and_resume_finishes_it(
     s3_model, s3_data, s3_server, monkeypatch, capsys
 ):

@@ -16,6 +16,7 @@ from insectlib.data.labels import check_root
 from insectlib.errors import InsectError
 from insectlib.layout import EVALUATION_FILES, INT8_FILES, INT8_RECORD, PREDICTIONS_DIR
 from insectlib.model.meta import check_model_dir
+from insectlib.runtime import console
 
 
 def check_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> list[inputs.Part]:
@@ -38,14 +39,23 @@ def check_run(cfg: ClassifyConfig, paths: list[str] | None = None) -> list[input
     if not first:  # a missing or empty input
         raise InsectError(f"no image files found in {cfg.source}")
     if cfg.manifest:  # its folders are known as it streams: those of its first images
-        for folder in sorted({os.path.dirname(path) for path in first}):
-            storage.check_not_inside(cfg.output, folder, "a folder of the manifest's images")
+        folder = storage.folder_holding(cfg.output, sorted({os.path.dirname(p) for p in first}))
+        if folder:  # said, not refused: the folder may be $HOME, a bucket, ..., no input
+            console.warn(inside_images_warning("--output", cfg.output, folder, "the manifest's"))
     check_int8_images(cfg)
     return parts
 
 
 # The paths of a manifest whose folders the output is checked against before the run.
 MANIFEST_LOOK = 1000
+
+
+def inside_images_warning(flag: str, location: str, folder: str, whose: str) -> str:
+    """The warning for an output in a folder of images it was not given as an input."""
+    return (
+        f"warning: {flag} {location} lies in {folder}, a folder of {whose} images: a "
+        "classification of that folder would read what is written there as images"
+    )
 
 
 def check_int8_images(cfg: ClassifyConfig | EvaluateConfig) -> None:
@@ -111,10 +121,12 @@ def check_evaluation(cfg: EvaluateConfig) -> None:
 
 def plan_evaluation_output(cfg: EvaluateConfig) -> list[str]:
     """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
-    output without it, or one holding anything else. A `predictions/` holding only a killed
-    run's lock and log (`outputs.list_entries`) is no output, as they are not in its own."""
+    output without it, or one holding anything else. A `predictions/` folder holding only a
+    killed run's lock and log (`outputs.list_entries`) is no output, as they are not in its
+    own."""
     predictions = storage.join(cfg.output, PREDICTIONS_DIR)
-    unused = () if outputs.list_entries(predictions, cfg.s3) else (PREDICTIONS_DIR,)
+    folder = storage.is_dir(predictions, cfg.s3)
+    unused = (PREDICTIONS_DIR,) if folder and not outputs.list_entries(predictions, cfg.s3) else ()
     entries = outputs.entries_to_replace(cfg.output, cfg.s3, cfg.overwrite, unused=unused)
     if not entries:
         return []

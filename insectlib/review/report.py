@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from insectlib import storage
 from insectlib.classify import outputs, summary
+from insectlib.classify.checks import inside_images_warning
 from insectlib.config import ReportConfig
 from insectlib.errors import InsectError
 from insectlib.layout import (
@@ -217,8 +218,9 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
             "page shows the rows it holds"
         )
     paths = chosen.paths()
-    for folder in sorted({os.path.dirname(path) for path in paths}):  # a manifest's, too
-        storage.check_not_inside(cfg.html, folder, "a folder of the images it shows")
+    folder = storage.folder_holding(cfg.html, sorted({os.path.dirname(p) for p in paths}))
+    if folder:  # a manifest's run: its input (`read_source`) is not a folder
+        console.warn(inside_images_warning("--html", cfg.html, folder, "the page's"))
     console.say(
         f"{console.counted(chosen.rows, 'row')} read: "
         f"{console.counted(len(chosen.galleries), 'gallery', 'galleries')}, "

@@ -49,6 +49,7 @@ from insectlib.storage.listing import (
 from insectlib.storage.locations import (
     check_location,
     check_not_inside,
+    folder_holding,
     folder_problem,
     location_key,
     within,
@@ -67,6 +68,7 @@ __all__ = [
     "entry_name",
     "exists",
     "filesystem",
+    "folder_holding",
     "folder_problem",
     "is_dir",
     "is_glob",

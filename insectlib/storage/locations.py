@@ -5,6 +5,7 @@ bucket root. Checked before anything is written or removed.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from insectlib.config import S3Options
 from insectlib.errors import InsectError
@@ -78,6 +79,15 @@ def check_location(
             raise InsectError(f"{flag} {output} contains {what} ({uri}): choose another {flag}")
         if what in apart:
             check_not_inside(output, uri, what, flag)
+
+
+def folder_holding(uri: str, folders: Iterable[str]) -> str | None:
+    """The first of `folders` (each itself, never a pattern: the folders of listed files)
+    that `uri` is or lies in; None where there is none."""
+    for folder in folders:
+        if is_s3(folder) == is_s3(uri) and within(uri, folder):
+            return folder
+    return None
 
 
 def check_not_inside(output: str, location: str, what: str, flag: str = "--output") -> None:

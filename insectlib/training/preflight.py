@@ -4,6 +4,7 @@ CLI runs this before it imports `trainer`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -13,7 +14,7 @@ from insectlib import storage
 from insectlib.config import TrainConfig
 from insectlib.data import label_table
 from insectlib.data.labels import LabelledSet, check_root
-from insectlib.errors import InsectError
+from insectlib.errors import ImageError, InsectError
 from insectlib.layout import INT8_FILES, META_FILE, MODEL_FILES, SUCCESS_FILE
 from insectlib.training.run_storage import (
     check_run_folder,
@@ -71,14 +72,21 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
 
 def check_table_images(cfg: TrainConfig, labelled: LabelledSet) -> None:
     """A table's images may lie anywhere: the output never among them, and every bucket
-    they name within reach (else the workers' first reads stop the run, a minute in). A
-    missing image is skipped and counted, as in a folder."""
+    they name within reach, as a worker reads them (else the workers' first reads stop the
+    run, a minute in): one image of each read. A file that cannot be read is skipped and
+    counted, as in a folder."""
     folders = {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}
+    local = not storage.is_s3(cfg.output)
     for folder in folders:
-        storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
-    by_bucket = {storage.bucket_and_key(f)[0]: f for f in sorted(folders) if storage.is_s3(f)}
-    for folder in by_bucket.values():
-        storage.check_bucket(folder, cfg.s3)
+        if local != storage.is_s3(folder):  # an output never lies in another scheme's folder
+            storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
+    first: dict[str, str] = {}
+    for uri, _ in labelled.train + labelled.val:
+        if storage.is_s3(uri):
+            first.setdefault(storage.bucket_and_key(uri)[0], uri)
+    for uri in first.values():
+        with contextlib.suppress(ImageError):  # StorageUnavailable: no credentials, ...
+            storage.read_input(uri, cfg.max_file_bytes, cfg.s3)
 
 
 def check_locations(cfg: TrainConfig) -> None:
