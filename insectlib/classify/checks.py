@@ -121,9 +121,9 @@ def check_evaluation(cfg: EvaluateConfig) -> None:
 
 def plan_evaluation_output(cfg: EvaluateConfig) -> list[str]:
     """What --overwrite will remove (only files an evaluation writes); refuses a non-empty
-    output without it, or one holding anything else. A `predictions/` folder holding only a
-    killed run's lock and log (`outputs.list_entries`) is no output, as they are not in its
-    own."""
+    output without it, or one holding anything else. A `predictions/` folder holding
+    nothing but a killed run's lock and log (which `outputs.list_entries` leaves out) is no
+    output."""
     predictions = storage.join(cfg.output, PREDICTIONS_DIR)
     folder = storage.is_dir(predictions, cfg.s3)
     unused = (PREDICTIONS_DIR,) if folder and not outputs.list_entries(predictions, cfg.s3) else ()

@@ -336,7 +336,7 @@ def bucket_and_key(uri: str) -> tuple[str, str]:
 def check_bucket(uri: str, s3: S3Options | None = None) -> None:
     """For an s3:// location, fail early and clearly when its bucket is missing or denied."""
     if is_s3(uri):
-        bucket, _, key = uri[len("s3://") :].partition("/")  # its "/": a prefix policy's
+        bucket, _, key = uri[len("s3://") :].partition("/")  # a final "/" kept: see below
         if not bucket:
             raise InsectError(f"{uri} names no bucket: s3://BUCKET or s3://BUCKET/PREFIX")
         with user_errors(uri):  # under its own prefix: a listing allowed only there passes

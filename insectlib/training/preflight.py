@@ -76,9 +76,8 @@ def check_table_images(cfg: TrainConfig, labelled: LabelledSet) -> None:
     run, a minute in): one image of each read. A file that cannot be read is skipped and
     counted, as in a folder."""
     folders = {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}
-    local = not storage.is_s3(cfg.output)
     for folder in folders:
-        if local != storage.is_s3(folder):  # an output never lies in another scheme's folder
+        if storage.is_s3(folder) == storage.is_s3(cfg.output):  # else never inside it
             storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
     first: dict[str, str] = {}
     for uri, _ in labelled.train + labelled.val:
