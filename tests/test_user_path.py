@@ -684,6 +684,27 @@ def test_evaluation_says_when_it_is_not_held_out(trained, labelled_root, tmp_pat
     assert discover(str(tree), held_out_dirs=EVALUATION_DIRS).held_out == "test"
 
 
+def test_each_way_to_name_the_images_training_used_is_said(tmp_path):
+    """The root, its held-out folder or its train/ folder, named directly, by a link, or
+    with a trailing slash; a folder training never read is not."""
+    from insectlib.classify.evaluate import used_in_training
+
+    root = tmp_path / "data"
+    for split in ("train", "test", "other"):
+        (root / split).mkdir(parents=True)
+    (tmp_path / "link").symlink_to(root)
+    trained = {"root": str(root), "held_out": "test"}
+    assert "validated on its test/ folder" in used_in_training(str(root), "test", trained)
+    for test in (root / "test", f"{tmp_path}/link/test/"):
+        assert "validated on these images, its test/" in used_in_training(str(test), None, trained)
+    assert "trained on these images" in used_in_training(str(root / "train"), None, trained)
+    assert used_in_training(str(root / "other"), None, trained) is None
+    assert used_in_training(str(root), "val", trained) is None
+    flat = {"root": str(root), "held_out": None}
+    assert "trained and validated on every image" in used_in_training(str(root), None, flat)
+    assert used_in_training(str(root / "test"), None, flat) is None
+
+
 def test_a_temperature_is_kept_only_where_it_generalises():
     rng = np.random.default_rng(0)
     few = rng.normal(0, 3, (20, 3))

@@ -15,7 +15,7 @@ from insectlib.classify import outputs
 from insectlib.classify.checks import check_evaluation, plan_evaluation_output
 from insectlib.classify.pipeline import classify
 from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
-from insectlib.data.labels import EVALUATION_DIRS, discover
+from insectlib.data.labels import EVALUATION_DIRS, TRAIN_DIR, discover
 from insectlib.errors import InsectError
 from insectlib.layout import (
     CONFUSION_JSON,
@@ -92,20 +92,35 @@ def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
 
 def warn_if_not_held_out(data: str, held_out: str | None, meta: ModelMeta) -> None:
     """Say so where the images evaluated are images training used: its validation folder
-    (where it fitted its temperature too), or, with no held-out folder, every image."""
-    trained = meta.data
-    if not trained.get("root") or storage.location_key(trained["root"]) != storage.location_key(
-        data
-    ):
-        return
-    if held_out and held_out != trained.get("held_out"):
-        return  # a folder training never read (test/ beside val/)
-    seen = f"its {held_out}/ folder" if held_out else "every image of it"
-    console.warn(
-        f"warning: training validated on {seen} (and fitted its temperature there): these "
-        "figures are not held out; evaluate on images training never saw (a test/ folder "
-        "beside train/ and val/)"
-    )
+    (where it fitted its temperature too), its train/ folder, or, with no held-out folder,
+    every image of its root."""
+    used = used_in_training(data, held_out, meta.data)
+    if used:
+        console.warn(
+            f"warning: {used}: these figures are not held out; evaluate on images training "
+            "never saw (a test/ folder beside train/ and val/)"
+        )
+
+
+def used_in_training(data: str, held_out: str | None, trained: dict) -> str | None:
+    """How training used the images `data` names (`held_out`: the folder of it evaluated),
+    from the model's record of its data (`trained`); None where it never saw them."""
+    root, folder = trained.get("root"), trained.get("held_out")
+    if not root:
+        return None
+    validated = "training validated on {} (and fitted its temperature there)"
+    where = storage.location_key(data)
+    if where == storage.location_key(root):
+        if held_out and held_out != folder:
+            return None  # a folder training never read (test/ beside val/)
+        if held_out:
+            return validated.format(f"its {held_out}/ folder")
+        return "training trained and validated on every image of it"
+    if folder and where == storage.location_key(storage.join(root, folder)):
+        return validated.format(f"these images, its {folder}/ folder")
+    if folder and where == storage.location_key(storage.join(root, TRAIN_DIR)):
+        return f"training trained on these images, its {TRAIN_DIR}/ folder"
+    return None
 
 
 def read_predictions(predictions: str, s3) -> pa.Table:
