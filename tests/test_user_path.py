@@ -537,7 +537,17 @@ def test_a_write_the_disk_refuses_is_one_line_and_leaves_no_cut_file(trained, tm
     for name in ("sample", "model", "ray_results", "predictions", "_logs"):
         (earlier / name).mkdir(parents=True)
     (earlier / ".DS_Store").write_text("")  # hidden: never listed, not in the way
+    for own in ("labelled/beetles/beetles_0059.jpg", "unlabelled/photo_0004.png"):
+        (earlier / "sample" / own).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / "sample" / own).write_bytes(b"")
     check_workdir(str(earlier))  # an earlier demo's: written over
+    # A file of the user's in the sample: the demo would classify (or train on) it too.
+    for mine in ("unlabelled/my_photo.jpg", "labelled/ants/a.jpg"):
+        (earlier / "sample" / mine).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / "sample" / mine).write_bytes(b"")
+        with pytest.raises(InsectError, match=f"did not write \\(sample/{mine}\\)"):
+            check_workdir(str(earlier))
+        (earlier / "sample" / mine).unlink()
 
 
 def test_a_split_without_one_readable_image_stops_training():

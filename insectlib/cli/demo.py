@@ -13,6 +13,8 @@ from insectlib.runtime import console
 # What the demo writes in its --workdir: the generated images, the model, Ray Train's run
 # folder, the predictions (and its log, LOG_DIR).
 SAMPLE, MODEL, RUNS, PREDICTIONS = "sample", "model", "ray_results", "predictions"
+LABELLED, UNLABELLED = "labelled", "unlabelled"  # the sample's two sets, in SAMPLE
+PER_CLASS, UNLABELLED_IMAGES = 60, 30  # their sizes
 
 
 def check_workdir(workdir: str) -> None:
@@ -26,12 +28,28 @@ def check_workdir(workdir: str) -> None:
         return  # new
     ours = {SAMPLE, MODEL, RUNS, PREDICTIONS, LOG_DIR}
     foreign = sorted(n for n in os.listdir(workdir) if n not in ours and not n.startswith("."))
+    foreign = foreign or foreign_samples(os.path.join(workdir, SAMPLE))
     if foreign:
         shown = ", ".join(storage.printable(name) for name in foreign[:5])
         raise InsectError(
             f"--workdir {workdir} holds what an earlier demo did not write ({shown}"
             f"{', ...' if len(foreign) > 5 else ''}): give a new or empty folder"
         )
+
+
+def foreign_samples(sample: str) -> list[str]:
+    """The files in an earlier demo's `sample` folder (relative to the workdir) that the
+    demo does not write: it writes its own over, and would train on or classify them too."""
+    from insectlib.data import synthetic
+
+    own = {f"{LABELLED}/{name}" for name, _ in synthetic.labelled_names(PER_CLASS)}
+    own |= {f"{UNLABELLED}/{name}" for name, _ in synthetic.unlabelled_names(UNLABELLED_IMAGES)}
+    found = []
+    for folder, dirs, files in os.walk(sample):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(folder, sample)
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files if not f.startswith(".")]
+    return sorted(os.path.join(SAMPLE, f) for f in found if f not in own)
 
 
 def imagenet_weights_cached(arch: str) -> bool:
@@ -52,9 +70,10 @@ def run_demo(demo: DemoConfig) -> None:
     demo.validate()
     workdir = os.path.abspath(demo.workdir)
     check_workdir(workdir)
-    labelled = synthetic.make_labelled(os.path.join(workdir, SAMPLE, "labelled"), per_class=60)
-    unlabelled = os.path.join(workdir, SAMPLE, "unlabelled")
-    truth = synthetic.make_unlabelled(unlabelled, count=30)
+    labelled = os.path.join(workdir, SAMPLE, LABELLED)
+    synthetic.make_labelled(labelled, per_class=PER_CLASS)
+    unlabelled = os.path.join(workdir, SAMPLE, UNLABELLED)
+    truth = synthetic.make_unlabelled(unlabelled, count=UNLABELLED_IMAGES)
     console.say(f"sample images written to {os.path.dirname(labelled)}")
 
     weights = "imagenet"

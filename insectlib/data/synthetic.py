@@ -42,27 +42,36 @@ def make_image(cls: str, rng: random.Random, size: tuple[int, int] = (160, 120))
     return image.filter(ImageFilter.GaussianBlur(0.6))
 
 
+def labelled_names(per_class: int) -> list[tuple[str, str]]:
+    """(path relative to the root, class) of each file `make_labelled` writes, in order."""
+    return [(f"{cls}/{cls}_{i:04d}.jpg", cls) for cls in CLASSES for i in range(per_class)]
+
+
+def unlabelled_names(count: int) -> list[tuple[str, str]]:
+    """(file name, class) of each image `make_unlabelled` writes: JPEGs and some PNGs."""
+    return [
+        (f"photo_{i:04d}.{'png' if i % 5 == 4 else 'jpg'}", CLASSES[i % len(CLASSES)])
+        for i in range(count)
+    ]
+
+
 def make_labelled(root: str, per_class: int = 40, seed: int = 0, size=(160, 120)) -> str:
     """Write `root/<class>/<n>.jpg` for every class; returns root."""
     rng = random.Random(seed)
-    for cls in CLASSES:
-        os.makedirs(os.path.join(root, cls), exist_ok=True)
-        for i in range(per_class):
-            make_image(cls, rng, size).save(
-                os.path.join(root, cls, f"{cls}_{i:04d}.jpg"), quality=90
-            )
+    for name, cls in labelled_names(per_class):
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_image(cls, rng, size).save(path, quality=90)
     return root
 
 
 def make_unlabelled(root: str, count: int = 30, seed: int = 1, size=(160, 120)) -> dict[str, str]:
-    """Write `count` images (JPEG and some PNG) into one folder; returns {path: true class}."""
+    """Write `count` images into one folder (`unlabelled_names`); returns {path: true class}."""
     rng = random.Random(seed)
     os.makedirs(root, exist_ok=True)
     truth = {}
-    for i in range(count):
-        cls = CLASSES[i % len(CLASSES)]
-        ext = "png" if i % 5 == 4 else "jpg"
-        path = os.path.join(root, f"photo_{i:04d}.{ext}")
+    for name, cls in unlabelled_names(count):
+        path = os.path.join(root, name)
         make_image(cls, rng, size).save(path)
         truth[path] = cls
     return truth
