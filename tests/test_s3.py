@@ -333,6 +333,18 @@ def test_a_table_whose_images_cannot_be_read_is_refused_before_ray_starts(s3_ser
         _set_policy(s3_server, [allow])
 
 
+def test_an_output_naming_an_object_or_under_one_is_refused(s3_server):
+    """As a local output under a file is: the object and the prefix would share a name."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-objects")
+    client.put_object(Bucket="insect-objects", Key="a/lone.jpg", Body=b"x")
+    assert storage.folder_problem("s3://insect-objects/a/lone.jpg") == "is a file"
+    assert storage.folder_problem("s3://insect-objects/a/lone.jpg/sub/out") == (
+        "lies under s3://insect-objects/a/lone.jpg, which is a file"
+    )
+    assert storage.folder_problem("s3://insect-objects/a/other/out") is None
+
+
 def test_denied_reads_stop_the_run_and_resume_finishes_it(
     s3_model, s3_data, s3_server, monkeypatch, capsys
 ):

@@ -19,7 +19,14 @@ def folder_problem(uri: str, s3: S3Options | None = None) -> str | None:
         return not_a_folder(os.path.expanduser(uri))
     fs, path = filesystem(uri, s3)
     with user_errors(uri):
-        return "is a file" if fs.isfile(path) else None
+        if fs.isfile(path):
+            return "is a file"
+        parts = path.split("/")
+        for end in range(2, len(parts)):  # each folder above it (a HEAD each): an object?
+            above = "/".join(parts[:end])
+            if fs.isfile(above):
+                return f"lies under s3://{above}, which is a file"
+    return None
 
 
 def location_key(uri: str) -> str:
