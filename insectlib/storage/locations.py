@@ -56,7 +56,12 @@ def pattern_root(uri: str) -> str:
 
 def within(uri: str, location: str) -> bool:
     """Whether `uri` is `location` or lies inside it (compared as `location_key`s)."""
-    inner, outer = location_key(uri), location_key(location).rstrip("/")
+    return _holds(location_key(location), location_key(uri))
+
+
+def _holds(outer: str, inner: str) -> bool:
+    """Whether the `location_key` `inner` is `outer` or lies inside it."""
+    outer = outer.rstrip("/")
     return inner == outer or inner.startswith(outer + "/")
 
 
@@ -90,9 +95,10 @@ def check_location(
 
 def folder_holding(uri: str, folders: Iterable[str]) -> str | None:
     """The first of `folders` (each itself, never a pattern: the folders of listed files)
-    that `uri` is or lies in; None where there is none."""
+    that `uri` is or lies in; None where there is none. One key of `uri` for them all."""
+    inner = location_key(uri)
     for folder in folders:
-        if is_s3(folder) == is_s3(uri) and within(uri, folder):
+        if is_s3(folder) == is_s3(uri) and _holds(location_key(folder), inner):
             return folder
     return None
 

@@ -75,12 +75,13 @@ def check_table_images(cfg: TrainConfig, labelled: LabelledSet) -> None:
     they name within reach, as a worker reads them (else the workers' first reads stop the
     run, a minute in): one image of each read. A file that cannot be read is skipped and
     counted, as in a folder."""
-    folders = {os.path.dirname(uri) for uri, _ in labelled.train + labelled.val}
-    for folder in folders:
-        if storage.is_s3(folder) == storage.is_s3(cfg.output):  # else never inside it
-            storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
+    uris = [uri for uri, _ in labelled.train + labelled.val]
+    # The folders as they are (listed files', no patterns), the output's key found once.
+    folder = storage.folder_holding(cfg.output, sorted({os.path.dirname(u) for u in uris}))
+    if folder:
+        storage.check_not_inside(cfg.output, folder, "a folder of the table's images")
     first: dict[str, str] = {}
-    for uri, _ in labelled.train + labelled.val:
+    for uri in uris:
         if storage.is_s3(uri):
             first.setdefault(storage.bucket_and_key(uri)[0], uri)
     for uri in first.values():
