@@ -176,8 +176,8 @@ def test_listing_many_objects_uses_paginated_requests(s3_server, monkeypatch):
     assert ["continuation-token" in q for q in queries] == [False, True, True], queries
 
 
-def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
-    model = trained[0].output
+def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch, tmp_path):
+    model, out = trained[0].output, str(tmp_path / "out")
     monkeypatch.setattr(retry, "READ_BACKOFF_S", 0.01)  # the dead endpoint's 4 attempts
     err = expect_cli_error(capsys, ["train", "s3://insect-no-such-bucket/labelled"])
     assert "bucket 'insect-no-such-bucket' does not exist" in err
@@ -185,7 +185,7 @@ def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
         capsys, ["train", f"s3://{BUCKET}/empty"]
     )
     assert f"no image files found in s3://{BUCKET}/text-only" in expect_cli_error(
-        capsys, ["classify", f"s3://{BUCKET}/text-only", "--model", model, "--output", "/tmp/x"]
+        capsys, ["classify", f"s3://{BUCKET}/text-only", "--model", model, "--output", out]
     )
     err = expect_cli_error(
         capsys,
@@ -195,7 +195,7 @@ def test_s3_errors_name_the_uri(s3_data, trained, capsys, monkeypatch):
             "--model",
             f"s3://{BUCKET}/models/none",
             "--output",
-            "/tmp/x",
+            out,
         ],
     )
     assert f"not a model directory: s3://{BUCKET}/models/none/meta.json" in err
