@@ -193,13 +193,17 @@ class InputLimits:
         MAX_FILE_BYTES,
         at_least=1,
         at_most=MOST_FILE_BYTES,
-        help="input files larger than this are not read (an error row; skipped in training)",
+        help=(
+            "input files larger than this are not read (classify: an error row; train: "
+            "skipped; report: no thumbnail)"
+        ),
     )
     max_pixels: int = setting(
         MAX_PIXELS,
         at_least=1,
         help=(
-            "images with more pixels are not decoded (an error row; skipped in training); "
+            "images with more pixels are not decoded (classify: an error row; train: "
+            "skipped; report: no thumbnail); "
             "JPEGs count at the reduced scale they are decoded at"
         ),
     )
@@ -254,7 +258,7 @@ class ActorSettings(RaySettings):
             "measured once and kept in the model directory; auto: int8 on an x86 CPU where "
             "the model directory holds int8 statistics that agree with fp32 on at least "
             f"{INT8_AGREEMENT_MIN * 100:.0f}%% of their held-out images, else bf16 where the "
-            "hardware runs it fast, else fp32"
+            "hardware runs it fast, else fp16 on a GPU and fp32 on a CPU"
         ),
     )
     int8_images: str | None = setting(
@@ -432,7 +436,7 @@ class TrainConfig(RaySettings):
             "processes), device (on the worker's device, with random crops and flips there: "
             "nvJPEG on a GPU; the processes only read and check, and decode what the device "
             "cannot decode exactly as Pillow would); auto: cpu until the GPU check's "
-            "figures show the device feed faster (docs/training.md)"
+            "figures show the device feed faster (docs/clusters.md, The GPU path)"
         ),
     )
     storage: str | None = setting(
@@ -557,10 +561,10 @@ class ClassifyConfig(ActorSettings, RowSettings):
         "auto",
         choices=COMPILE_CHOICES,
         help=(
-            "torch.compile the model in each actor (bf16: 1.6x eager on Sapphire Rapids, "
-            "1.1x on Zen 4; seconds to a minute of compiling); auto: on where a run has "
-            "enough images an actor to repay it, never where compiling gained nothing "
-            "(fp32 on AVX-512 CPUs; docs/performance.md)"
+            "torch.compile the model in each actor (faster batches after seconds to a "
+            "minute of compiling); auto: on where a run has enough images an actor to "
+            "repay it, never where compiling gained nothing (fp32 on AVX-512 CPUs; the "
+            "gains per CPU: docs/performance.md)"
         ),
     )
     rows_per_file: int = setting(

@@ -15,7 +15,7 @@ import traceback
 import types
 import typing
 
-from insectlib import config
+from insectlib import config, layout
 from insectlib.config import S3Options
 from insectlib.errors import InsectError, StorageUnavailable, file_problem
 
@@ -88,7 +88,7 @@ COMMANDS = {
         "accuracy, per-class precision/recall/F1 and confusion matrix on a labelled tree",
         "Classify the labelled images of DATA (ROOT/<class>/*; with ROOT/train + "
         "ROOT/val|test, the held-out folder only) with the classification pipeline and write "
-        "metrics.json, confusion_matrix.{json,png}, misclassified.parquet and the predictions "
+        f"{', '.join(layout.EVALUATION_FILES)} and the predictions ({layout.PREDICTIONS_DIR}/) "
         "to --output.",
     ),
     "visualize": (
@@ -177,10 +177,10 @@ def add_setting(group, cls: type, name: str) -> None:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default, except where there is none to show (None, a required flag)."""
+    """Shows each default, except where there is none to show (None, "", a required flag)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.required:
+        if action.default in (None, "") or action.required:
             return action.help
         return super()._get_help_string(action)
 

@@ -51,8 +51,7 @@ def _cpu_has_fast_bf16() -> bool:
 
 def cpu_runs_int8_fast() -> bool:
     """Whether int8 beats the best float precision here: x86 with AVX2 at least (oneDNN's
-    u8s8 kernels; VNNI and AMX run them faster still). Measured on an AMD EPYC Zen 3 (AVX2
-    only): VGG-16 8.8 images/s int8 against 3.8 fp32, both compiled."""
+    u8s8 kernels; VNNI and AMX run them faster still; docs/performance.md has the figures)."""
     return "avx2" in _cpu_flags()
 
 
