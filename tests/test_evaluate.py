@@ -150,3 +150,26 @@ def test_a_file_named_predictions_is_no_empty_predictions_folder(tmp_path):
     cfg = EvaluateConfig(data=str(tmp_path), model=str(tmp_path), output=str(out))
     with pytest.raises(InsectError, match="is not empty; pass --overwrite"):
         plan_evaluation_output(cfg)
+
+
+def test_an_interrupted_evaluation_says_how_to_run_it_again(
+    trained, labelled_root, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C in its classification: evaluate has no --resume, which classify's advice
+    names; it says the command to run instead."""
+    from insectlib.classify import evaluate as evaluating
+    from insectlib.classify.pipeline import resumable
+    from insectlib.cli.main import main
+
+    def interrupted(cfg, **_):
+        with resumable(cfg):  # classify's own advice, as a Ctrl-C mid-run gives it
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluating, "classify", interrupted)
+    cfg, _ = trained
+    argv = ["evaluate", labelled_root, "--model", cfg.output, "--output", str(tmp_path / "ev")]
+    for flags, said in (([], " with --overwrite"), (["--overwrite"], "")):
+        capsys.readouterr()
+        assert main([*argv, *flags]) == 130
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == f"insect: interrupted; the same command{said} evaluates again from the start"

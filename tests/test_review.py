@@ -23,8 +23,15 @@ from PIL import Image
 
 from insectlib.classify.evaluate import evaluate
 from insectlib.classify.pipeline import classify
+from insectlib.classify.summary import show
 from insectlib.cli.main import main
-from insectlib.config import ClassifyConfig, DecodeLimits, EvaluateConfig, ReportConfig
+from insectlib.config import (
+    ClassifyConfig,
+    DecodeLimits,
+    EvaluateConfig,
+    ReportConfig,
+    SummaryConfig,
+)
 from insectlib.data import synthetic
 from insectlib.data.images import decode, eval_transform, normalize
 from insectlib.errors import InsectError
@@ -337,6 +344,41 @@ def test_the_page_of_an_unfinished_run_says_so(classified, browser, tmp_path, ca
             assert facts["finished"] == shown
         finally:
             visit.close()
+
+
+def test_files_beside_the_parts_that_a_folder_reader_counts_are_named(
+    classified, browser, tmp_path, capsys
+):
+    """A file or folder copied into an output beside insect's parts is read with them by
+    pandas or pyarrow: insect summary and the page count only the parts, and name it."""
+    out = tmp_path / "out"
+    shutil.copytree(classified["out"], out)
+    rows = json.loads((out / SUCCESS_FILE).read_text())["rows"]
+    shutil.copy(next(out.glob("part-*.parquet")), out / "extra.parquet")
+    (out / "old").mkdir()
+    shutil.copy(next(out.glob("part-*.parquet")), out / "old")
+    assert len(parquet_rows(out)) > rows  # what a reader of the folder gets
+    note = f"{out} also holds extra.parquet, old, which insect did not write: not"
+    text = show(SummaryConfig(predictions=str(out)))
+    assert text.startswith(f"{out}: {rows} rows for ")
+    assert f"warning: {note} counted here" in text
+    capsys.readouterr()
+    build_report(ReportConfig(predictions=str(out), html=str(tmp_path / "page")))
+    assert f"warning: {note} shown here" in capsys.readouterr().err
+    visit = Visit(browser, tmp_path / "page")
+    try:
+        visit.assert_clean()
+        facts = visit.page.evaluate(
+            "() => Object.fromEntries([...document.querySelectorAll('dl.facts dt')]"
+            ".map(dt => [dt.textContent, dt.nextElementSibling.textContent]))"
+        )
+        assert facts["warning"].startswith(f"{note} shown here")
+        assert facts["rows"] == str(rows)
+    finally:
+        visit.close()
+    shutil.rmtree(out / "old")
+    (out / "extra.parquet").unlink()
+    assert "warning" not in show(SummaryConfig(predictions=str(out)))
 
 
 def test_thumbnails_are_small_reencoded_jpegs_named_by_a_hash(classified):

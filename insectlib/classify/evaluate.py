@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -49,7 +50,7 @@ def evaluate(cfg: EvaluateConfig, checked: bool = False) -> dict:
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
     truth = labelled_images(cfg, meta)
-    with output_lock(cfg.output, "evaluate", cfg.s3, console.say):
+    with output_lock(cfg.output, "evaluate", cfg.s3, console.say), restartable(cfg):
         # Only now that the data is listed and the model checked: the old evaluation goes
         # (planned again: another run may have ended since).
         outputs.remove(cfg.output, plan_evaluation_output(cfg), cfg.s3)
@@ -70,6 +71,19 @@ def evaluate(cfg: EvaluateConfig, checked: bool = False) -> dict:
         metrics.update({"model": classified.model, "data": cfg.data})
         write_evaluation(cfg, meta, table, metrics, probs, y_true)
     return metrics
+
+
+@contextlib.contextmanager
+def restartable(cfg: EvaluateConfig):
+    """A Ctrl-C within the block says how to evaluate again (the CLI prints it), in place of
+    its classification's advice: evaluate has no --resume, and needs --overwrite once rows
+    are written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        flag = "" if cfg.overwrite else " with --overwrite"
+        hint = f"the same command{flag} evaluates again from the start"
+        raise KeyboardInterrupt(console.advice(hint)) from None
 
 
 def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:

@@ -105,6 +105,13 @@ def part_entries(entries: Iterable[dict]) -> list[dict]:
     return [e for e in entries if e["type"] == "file" and is_part_name(entry_name(e))]
 
 
+def foreign_rows(names: Iterable[str]) -> list[str]:
+    """The `names` in an output beside insect's parts that a reader of the whole folder
+    also takes for rows (pyarrow.dataset and pandas.read_parquet read every file and folder
+    not named "_..." or "..."), which insect did not write and does not count."""
+    return sorted(n for n in names if not n.startswith(("_", ".")) and not is_part_name(n))
+
+
 def refuse_foreign(
     output: str, entries: list[dict], why: str, own_files=RUN_FILES, own_dirs=()
 ) -> None:

@@ -140,8 +140,16 @@ def write_summary(output: str, summary: dict, s3: storage.S3Options) -> None:
 def read_summary(output: str, s3: storage.S3Options) -> dict:
     """The summary of any classification output: its `_summary.json` where `_SUCCESS` is
     there and still true of the parts (as many rows as it says), or else one computed from
-    its parts (with `_SUCCESS`'s inputs and times, when it has a true one)."""
+    its parts (with `_SUCCESS`'s inputs and times, when it has a true one); `foreign`: the
+    files beside them a reader of the folder would count too."""
     found = {outputs.entry_name(e) for e in outputs.list_entries(output, s3)}
+    summary = _summary_of(output, s3, found)
+    foreign = outputs.foreign_rows(found)
+    return {**summary, "foreign": foreign} if foreign else summary
+
+
+def _summary_of(output: str, s3: storage.S3Options, found: set[str]) -> dict:
+    """read_summary's judgement, `found`: the names in `output`."""
     manifest = _manifest(output, s3) if layout.SUCCESS_FILE in found else None
     footers = outputs.part_footers(output, s3)  # read once for every judgement below
     stale = None
@@ -275,7 +283,21 @@ def format_summary(summary: dict, output: str) -> str:
     if summary["error_kinds"]:
         lines += ["", "errors by kind"]
         lines += [f"  {kind}: {n}" for kind, n in summary["error_kinds"].items()]
+    if summary.get("foreign"):
+        lines += ["", "warning: " + foreign_note(output, summary["foreign"], "counted")]
     return "\n".join(lines)
+
+
+def foreign_note(output: str, names: list[str], ignored: str) -> str:
+    """That `output` holds `names` (`outputs.foreign_rows`), which insect did not write and
+    has not `ignored` (counted, shown), though a reader of the folder takes them for rows."""
+    shown = ", ".join(names[: outputs.SHOWN])
+    more = f" and {len(names) - outputs.SHOWN} more" if len(names) > outputs.SHOWN else ""
+    return (
+        f"{output} also holds {shown}{more}, which insect did not write: not {ignored} "
+        "here, but read with the parts by pandas.read_parquet or pyarrow.dataset of the "
+        "folder; move them out"
+    )
 
 
 def show(cfg: SummaryConfig) -> str:

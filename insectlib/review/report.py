@@ -179,7 +179,10 @@ def choose_rows(cfg: ReportConfig, source: Source) -> tuple[selection.Selection,
     check_matrix(source, chosen)
     row_format = source.run.get("row_format") or parts.row_format
     run = {**source.run, "row_format": row_format, "rows_read": chosen.rows}
-    return chosen, {**run, "incomplete": not_whole(source, parts, cfg.s3)}
+    names = map(outputs.entry_name, outputs.list_entries(source.predictions, cfg.s3))
+    foreign = outputs.foreign_rows(names)
+    note = summary.foreign_note(source.predictions, foreign, "shown") if foreign else None
+    return chosen, {**run, "incomplete": not_whole(source, parts, cfg.s3), "foreign": note}
 
 
 def not_whole(source: Source, parts: selection.Parts, s3) -> str | None:
@@ -217,6 +220,8 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
             f"warning: {source.predictions} is not a whole run ({run['incomplete']}): the "
             "page shows the rows it holds"
         )
+    if run["foreign"]:
+        console.warn(f"warning: {run['foreign']}")
     paths = chosen.paths()
     folder = storage.folder_holding(cfg.html, sorted({os.path.dirname(p) for p in paths}))
     if folder:  # a manifest's run: its input (`read_source`) is not a folder

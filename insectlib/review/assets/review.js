@@ -48,6 +48,7 @@
       ["model", run.model],
       ["started", run.started],
       ["finished", run.incomplete ? `not a whole run (${run.incomplete})` : run.finished],
+      ["warning", run.foreign],
       ["seconds", run.seconds === undefined ? null : number(run.seconds, 1)],
       ["images per second", run.images_per_second ? number(run.images_per_second, 1) : null],
       ["--min-score", run.row_format ? run.row_format.min_score : null],
