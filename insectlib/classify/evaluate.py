@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -73,17 +72,12 @@ def evaluate(cfg: EvaluateConfig, checked: bool = False) -> dict:
     return metrics
 
 
-@contextlib.contextmanager
 def restartable(cfg: EvaluateConfig):
     """A Ctrl-C within the block says how to evaluate again (the CLI prints it), in place of
     its classification's advice: evaluate has no --resume, and needs --overwrite once rows
     are written."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        flag = "" if cfg.overwrite else " with --overwrite"
-        hint = f"the same command{flag} evaluates again from the start"
-        raise KeyboardInterrupt(console.advice(hint)) from None
+    flag = "" if cfg.overwrite else " with --overwrite"
+    return console.on_interrupt(f"the same command{flag} evaluates again from the start")
 
 
 def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:

@@ -438,15 +438,12 @@ def ray_task_errors():
         raise cause from None
 
 
-@contextlib.contextmanager
 def resumable(cfg: ClassifyConfig):
     """A Ctrl-C within the block says how to finish the run (the CLI prints it)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        instead = " instead of --overwrite" if cfg.overwrite else ""
-        hint = f"the same command with --resume{instead} classifies only the inputs without a row"
-        raise KeyboardInterrupt(console.advice(hint)) from None
+    instead = " instead of --overwrite" if cfg.overwrite else ""
+    return console.on_interrupt(
+        f"the same command with --resume{instead} classifies only the inputs without a row"
+    )
 
 
 @contextlib.contextmanager

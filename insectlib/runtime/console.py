@@ -55,6 +55,16 @@ def advice(text: str) -> str:
     return text if _advice[-1] else ""
 
 
+@contextlib.contextmanager
+def on_interrupt(hint: str) -> Iterator[None]:
+    """A Ctrl-C within the block carries `hint` (`advice`: how to go on; the CLI prints it),
+    in place of any an inner block gave."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(advice(hint)) from None
+
+
 def counted(n: float, noun: str, plural: str = "") -> str:
     """`n` with its noun as said: "1 gallery", "3 galleries" (`plural`, or noun + "s");
     whole numbers in full (not 1e+06), others as short as they go (0.5)."""
