@@ -7,8 +7,9 @@ import os
 from insectlib import storage
 from insectlib.config import ClassifyConfig, DemoConfig, TrainConfig
 from insectlib.errors import InsectError
-from insectlib.layout import LOG_DIR
+from insectlib.layout import LOCK_FILE, LOG_DIR
 from insectlib.runtime import console
+from insectlib.storage.lock import output_lock
 
 # What the demo writes in its --workdir: the generated images, the model, Ray Train's run
 # folder, the predictions (and its log, LOG_DIR).
@@ -26,7 +27,7 @@ def check_workdir(workdir: str) -> None:
         raise InsectError(f"--workdir {workdir} {why}; give a folder")
     if not os.path.isdir(workdir):
         return  # new
-    ours = {SAMPLE, MODEL, RUNS, PREDICTIONS, LOG_DIR}
+    ours = {SAMPLE, MODEL, RUNS, PREDICTIONS, LOG_DIR, LOCK_FILE}
     foreign = sorted(n for n in os.listdir(workdir) if n not in ours and not n.startswith("."))
     foreign = foreign or foreign_samples(os.path.join(workdir, SAMPLE))
     if foreign:
@@ -61,20 +62,31 @@ def imagenet_weights_cached(arch: str) -> bool:
 
 def run_demo(demo: DemoConfig) -> None:
     """Generate a labelled and an unlabelled set, train 4 epochs on 2 workers, classify."""
-    import pyarrow.dataset  # the heavy imports once the workdir is checked
-
-    from insectlib.classify.pipeline import classify, print_summary
-    from insectlib.data import synthetic
-    from insectlib.training.trainer import fit
-
     demo.validate()
     workdir = os.path.abspath(demo.workdir)
     check_workdir(workdir)
+    # Held to the end: a second demo at once would rewrite the images this one reads.
+    with output_lock(workdir, "demo", say=console.say):
+        truth = make_samples(workdir)
+        meta, summary = train_and_classify(demo, workdir)
+    show_result(workdir, meta, summary, truth)
+
+
+def make_samples(workdir: str) -> dict[str, str]:
+    """Write the labelled and the unlabelled set; {unlabelled path: its generating class}."""
+    from insectlib.data import synthetic
+
     labelled = os.path.join(workdir, SAMPLE, LABELLED)
     synthetic.make_labelled(labelled, per_class=PER_CLASS)
-    unlabelled = os.path.join(workdir, SAMPLE, UNLABELLED)
-    truth = synthetic.make_unlabelled(unlabelled, count=UNLABELLED_IMAGES)
+    truth = synthetic.make_unlabelled(os.path.join(workdir, SAMPLE, UNLABELLED), UNLABELLED_IMAGES)
     console.say(f"sample images written to {os.path.dirname(labelled)}")
+    return truth
+
+
+def train_and_classify(demo: DemoConfig, workdir: str):
+    """Train on the labelled set and classify the unlabelled one: (ModelMeta, RunSummary)."""
+    from insectlib.classify.pipeline import classify
+    from insectlib.training.trainer import fit
 
     weights = "imagenet"
     if not imagenet_weights_cached("vgg16"):
@@ -84,7 +96,7 @@ def run_demo(demo: DemoConfig) -> None:
             "using randomly initialised weights."
         )
     cfg = TrainConfig(
-        data=labelled,
+        data=os.path.join(workdir, SAMPLE, LABELLED),
         output=os.path.join(workdir, MODEL),
         weights=weights,
         image_size=demo.image_size,
@@ -98,12 +110,21 @@ def run_demo(demo: DemoConfig) -> None:
         meta = fit(cfg)
         summary = classify(
             ClassifyConfig(
-                input=unlabelled,
+                input=os.path.join(workdir, SAMPLE, UNLABELLED),
                 model=cfg.output,
                 output=os.path.join(workdir, PREDICTIONS),
                 overwrite=True,
             )
         )
+    return meta, summary
+
+
+def show_result(workdir: str, meta, summary, truth: dict[str, str]) -> None:
+    """The run's summary, its first rows, and how many predictions match the truth."""
+    import pyarrow.dataset
+
+    from insectlib.classify.pipeline import print_summary
+
     print_summary(summary)
     table = pyarrow.dataset.dataset(summary.output, format="parquet").to_table()
     rows = table.sort_by("path").to_pylist()
@@ -117,4 +138,5 @@ def run_demo(demo: DemoConfig) -> None:
         f"validation accuracy: {meta.epochs[-1]['val_accuracy']:.3f} "
         f"(chance is {1 / len(meta.classes):.3f})"
     )
-    console.say(f"model: {cfg.output}\npredictions (Parquet): {storage.join(summary.output, '')}")
+    model = os.path.join(workdir, MODEL)
+    console.say(f"model: {model}\npredictions (Parquet): {storage.join(summary.output, '')}")
