@@ -257,3 +257,57 @@ def test_one_classify_run_over_a_hostile_tree(trained, fuzz_dir, tmp_path, capsy
     errors = [r["error"] for r in rows.values() if r["error"]]
     assert sum(r["error"] is None for r in rows.values()) > 0.2 * FUZZ_COUNT
     assert all(isinstance(e, str) and e for e in errors)
+
+
+def test_names_that_read_alike_get_rows_of_their_own_whose_paths_lead_back(
+    trained, tmp_path, capsys
+):
+    """A name that is not UTF-8 is written with `\\xNN` escapes, and so a backslash in any
+    local name is written as two: a file whose name holds the escape's text (`caf\\xe9.jpg`,
+    a text file here) gets a row of its own, where both shared one path and no run could
+    finish. Each row's path, in a manifest, a labels table or the review page, reads its
+    own file."""
+    from insectlib.config import DecodeLimits
+    from insectlib.data.label_table import training_set
+    from insectlib.review.thumbnails import write_thumbnails
+
+    cfg, meta = trained
+    root = tmp_path / "root"
+    folder = root / "a"
+    _write(folder, {"caf\\xe9.jpg": b"not a picture", "a\\b.jpg": _jpeg()})
+    _write(root / "b", {"plain.jpg": _jpeg()})
+    with open(os.fsdecode(bytes(folder) + b"/caf\xe9.jpg"), "wb") as f:  # not UTF-8
+        f.write(_jpeg())
+    out = tmp_path / "out"
+    argv = ["classify", str(folder), "--model", cfg.output, "--output", str(out)]
+    assert main([*argv, "--compile", "off", "--precision", "fp32"]) == 0, capsys.readouterr().err
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    latin1, literal, slash = (f"{folder}/{n}" for n in ("caf\\xe9", "caf\\\\xe9", "a\\\\b"))
+    assert set(rows) == {f"{latin1}.jpg", f"{literal}.jpg", f"{slash}.jpg"}
+    assert rows[f"{literal}.jpg"]["error"].startswith("not an image")
+    assert rows[f"{latin1}.jpg"]["error"] is None and rows[f"{slash}.jpg"]["error"] is None
+    assert (out / "_SUCCESS").exists()
+    # The paths as a manifest: each reads its own file, none is 'not found'.
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in rows))
+    again = tmp_path / "again"
+    argv = ["classify", "--manifest", str(listed), "--model", cfg.output, "--output", str(again)]
+    assert main([*argv, "--compile", "off", "--precision", "fp32"]) == 0, capsys.readouterr().err
+    for row in pq.read_table(again).to_pylist():
+        assert (row["label"], row["error"]) == (
+            rows[row["path"]]["label"],
+            rows[row["path"]]["error"],
+        )
+    # A labels table naming the Latin-1 file moves it alone, not the text file.
+    table = tmp_path / "labels.csv"
+    table.write_text(f'path,label\n"{latin1}.jpg",b\n')
+    chosen = training_set(str(root), str(table), val_fraction=0.5)
+    assert chosen.table["in_root"] == chosen.table["relabelled"] == 1
+    by_class = {c: {u for u, y in chosen.train + chosen.val if chosen.classes[y] == c}
+                for c in chosen.classes}  # fmt: skip
+    assert os.fsdecode(bytes(folder) + b"/caf\xe9.jpg") in by_class["b"]
+    assert f"{folder}/caf\\xe9.jpg" in by_class["a"]  # the text file keeps its folder's class
+    # The review page's thumbnails of those paths.
+    thumbs = write_thumbnails(str(tmp_path / "page"), list(rows), DecodeLimits(), None)
+    assert "thumb" in thumbs[f"{latin1}.jpg"] and "thumb" in thumbs[f"{slash}.jpg"]
+    assert "problem" in thumbs[f"{literal}.jpg"]

@@ -194,7 +194,7 @@ def _manifest_path(text: str, where: str) -> str:
             f"{where}: {text[:80]!r} is not an absolute path or s3:// URI; a manifest lists "
             "one absolute path or s3:// URI per line"
         )
-    return text
+    return storage.from_printable(text)  # as an output's `path` writes it
 
 
 def _text_paths(uri: str, s3) -> Iterator[str]:

@@ -61,11 +61,11 @@ def read_label_table(uri: str, s3: storage.S3Options | None = None) -> LabelTabl
         where = f"--labels {uri} row {row}"
         path = _table_path(path, uri, where)
         label = _table_label(label, where)
-        first = files.setdefault(same_file(path, resolved), path)
+        first = files.setdefault(storage.printable(same_file(path, resolved)), path)
         if first in labels and labels[first] != label:
             raise InsectError(
-                f"{where}: {path} was given another label on row {first_row[first]} "
-                f"({_shown(labels[first])} there, {_shown(label)} here)"
+                f"{where}: {storage.printable(path)} was given another label on row "
+                f"{first_row[first]} ({_shown(labels[first])} there, {_shown(label)} here)"
             )
         labels[first], first_row[first] = label, first_row.get(first, row)
     if not labels:
@@ -139,6 +139,7 @@ def _table_path(path: str | None, table: str, where: str) -> str:
     if storage.is_s3(table) and not path.startswith("/"):
         return storage.join(table.rsplit("/", 1)[0], path)
     base = "/" if storage.is_s3(table) else os.path.dirname(table)
+    path = storage.from_printable(path)  # as an output's `path` writes it
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
 
 

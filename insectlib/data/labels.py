@@ -158,7 +158,7 @@ def _check_classes(classes: list[str], root: str) -> list[str]:
         raise InsectError(
             f"labelled images need at least 2 class folders, found 1 ({classes[0]}) in {root}"
         )
-    odd = [storage.printable(c) for c in classes if storage.printable(c) != c]
+    odd = [storage.printable(c) for c in classes if not storage.is_utf8(c)]
     if odd:
         raise InsectError(
             f"class folder names must be valid UTF-8 (they become the model's labels): "

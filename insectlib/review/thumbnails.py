@@ -46,7 +46,8 @@ def make_thumbnails(
     paths: list[str], limits: DecodeLimits, s3: storage.S3Options | None
 ) -> list[tuple[str, bytes | str]]:
     """(path, JPEG bytes, or why there is none) for each of `paths`, in order."""
-    found = load_images(paths, to_jpeg, THUMB_SIDE, limits, s3)
+    # The rows' paths as written (`storage.printable`): read by the names they stand for.
+    found = load_images([storage.from_printable(p) for p in paths], to_jpeg, THUMB_SIDE, limits, s3)
     return [
         (path, str(result) if isinstance(result, ImageError) else result)
         for path, result in zip(paths, found, strict=True)

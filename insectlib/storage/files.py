@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -248,14 +249,38 @@ def refuse_nul(text: str, where: str) -> None:
 
 
 def printable(path: str) -> str:
-    """`path` as valid UTF-8 text. Local names that are not UTF-8 arrive from the OS with
-    their undecodable bytes as surrogates; those bytes are written as backslash escapes
-    (`\\xff`), which Arrow, Parquet and terminals accept. Other names are unchanged."""
-    try:
-        path.encode("utf-8")
+    """`path` as valid UTF-8 text, one text per name. Local names that are not UTF-8 arrive
+    from the OS with their undecodable bytes as surrogates; those bytes are written as
+    backslash escapes (`\\xff`), which Arrow, Parquet and terminals accept, and so is a
+    backslash in a local name (`\\\\`): no name reads like another's escapes, and
+    `from_printable` undoes them. Other names, and S3 keys (UTF-8 always), are unchanged."""
+    if is_s3(path) or (is_utf8(path) and "\\" not in path):
         return path
+    return os.fsencode(path).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the OS is valid UTF-8 (no undecodable bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
     except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
+        return False
+    return True
+
+
+ESCAPE = re.compile(rb"\\(\\|x[0-9a-fA-F]{2})")  # what `printable` writes
+
+
+def from_printable(text: str) -> str:
+    """The local name that `printable` wrote as `text`, as the OS names it (a path copied
+    from an output's `path` column into a manifest or a table); S3 URIs as they are. A
+    backslash that starts no escape is kept: a name typed as it is."""
+    if is_s3(text) or "\\" not in text:
+        return text
+    raw = ESCAPE.sub(
+        lambda m: b"\\" if m[1] == b"\\" else bytes([int(m[1][1:], 16)]), os.fsencode(text)
+    )
+    return os.fsdecode(raw)
 
 
 def sha256(uri: str, s3: S3Options | None = None) -> str:
