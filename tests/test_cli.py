@@ -33,6 +33,14 @@ def test_train_input_errors(tmp_path, capsys):
     # The network's settings after the paths: they are the checks that import torch.
     data = synthetic.make_labelled(str(tmp_path / "data"), per_class=2, size=(32, 24))
     assert "unknown --arch 'vgg99'" in expect_cli_error(capsys, ["train", data, "--arch", "vgg99"])
+    # A size the arch cannot take failed in every worker, in a traceback, after Ray started.
+    for arch, size, why in (
+        ("vgg16", "31", "Output size is too small"),
+        ("vit_b_16", "64", "Wrong image height! Expected 224 but got 64!"),
+    ):
+        err = expect_cli_error(capsys, ["train", data, "--arch", arch, "--image-size", size])
+        assert err.startswith(f"insect: error: --arch {arch} cannot take --image-size {size}: ")
+        assert why in err
     assert "--weights file not found" in expect_cli_error(
         capsys, ["train", data, "--weights", str(tmp_path / "w.pth")]
     )

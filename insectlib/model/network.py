@@ -43,6 +43,20 @@ def check_arch(arch: str) -> None:
         )
 
 
+def check_image_size(arch: str, size: int) -> None:
+    """Refuse an --image-size `arch` cannot take (VGG's five poolings need 32 px, a ViT its
+    own size): one image through the model on the meta device, where shapes are checked as
+    in a real pass at no cost, rather than in every training worker after Ray started."""
+    model = skeleton(arch).eval()
+    image = torch.empty(1, 3, size, size, device=next(model.parameters()).device)
+    try:
+        with torch.no_grad():
+            model(image)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InsectError(f"--arch {arch} cannot take --image-size {size}: {why}") from None
+
+
 def head_name(model: nn.Module) -> str:
     """Module name of the classifier's final Linear layer (the last Linear defined)."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -54,6 +54,7 @@ def preflight(cfg: TrainConfig) -> LabelledSet:
     from insectlib.model import network  # torch and torchvision: once the paths are right
 
     network.check_arch(cfg.arch)
+    network.check_image_size(cfg.arch, cfg.image_size)
     if cfg.weights.endswith(".safetensors"):  # its header says its shapes; a pickle, the workers
         shapes = network.safetensors_shapes(cfg.weights, cfg.s3)
         network.check_trunk(cfg.weights, shapes or {}, cfg.arch)
