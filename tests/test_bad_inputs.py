@@ -37,6 +37,7 @@ def odd_but_valid() -> dict[str, bytes]:
         "alpha.png": _encode(Image.new("RGBA", (64, 48), (40, 120, 60, 0)), "PNG"),
         "palette.png": _encode(_photo("P"), "PNG"),
         "grey16.png": _encode(Image.fromarray(np.full((48, 64), 40000, np.uint16)), "PNG"),
+        "grey16.tif": _encode(Image.fromarray(np.full((48, 64), 40000, np.uint16)), "TIFF"),
         "cmyk.jpg": _encode(_photo("CMYK"), "JPEG"),
         "rotated.jpg": _encode(_photo(), "JPEG", exif=exif),
         "animated.gif": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
@@ -53,6 +54,15 @@ def broken() -> dict[str, tuple[bytes, str]]:
         "truncated.jpg": (good[: len(good) // 3], "truncated image"),
         "text.jpg": (b"this is not a picture", "not an image"),
         "bomb.png": (_encode(Image.new("1", (20000, 20000)), "PNG"), "image too large"),
+        # No known range of values: made black or white, they were classified.
+        "grey32.tif": (
+            _encode(Image.fromarray(np.full((48, 64), 90, np.int32)), "TIFF"),
+            "unsupported image: 32-bit grey",
+        ),
+        "float.tif": (
+            _encode(Image.fromarray(np.full((48, 64), 0.4, np.float32)), "TIFF"),
+            "unsupported image: floating-point grey",
+        ),
     }
 
 
@@ -61,6 +71,7 @@ def test_decode_converts_odd_images_to_rgb():
     assert all(im.mode == "RGB" for im in images.values())
     assert images["rotated.jpg"].size == (48, 64)  # EXIF rotation applied
     assert images["grey16.png"].getpixel((0, 0)) == (156, 156, 156)  # scaled, not clipped
+    assert images["grey16.tif"].getpixel((0, 0)) == (156, 156, 156)
     assert images["alpha.png"].getpixel((0, 0)) == (255, 255, 255)  # transparent: white
     assert images["animated.gif"].getpixel((0, 0)) != (255, 0, 0)  # first frame
 
@@ -99,7 +110,8 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     # computes the same from the parts for an output without one (an older insect's).
     report = json.loads((out / "_summary.json").read_text())
     assert report["error_kinds"] == {
-        "empty file": 1, "truncated image": 1, "not an image": 1, "image too large": 1
+        "empty file": 1, "truncated image": 1, "not an image": 1, "image too large": 1,
+        "unsupported image": 2,
     }  # fmt: skip
     assert (report["rows"], report["errors"], report["inputs"]) == (n, len(broken()), n)
     predicted = [r["label"] for r in rows.values() if r["label"]]
@@ -114,7 +126,8 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     (out / "_summary.png").unlink()
     assert main(["summary", str(out)]) == 0
     computed = capsys.readouterr().out
-    assert f"{out}: {n} rows for {n} inputs, 4 errors; model {meta.model_id}" in computed
+    said = f"{out}: {n} rows for {n} inputs, {len(broken())} errors; model {meta.model_id}"
+    assert said in computed
     for c in meta.classes:
         assert f"\n{c} " in written
     for c in set(predicted):
@@ -141,7 +154,7 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     err = expect_cli_error(capsys, ["summary", str(out)])
     assert "is named like insect's output but has other columns (x)" in err
 
-    # 4 of 12 failed: over a 0.25 limit the job fails, but only after writing every row
+    # Over a 0.25 limit the job fails, but only after writing every row
     err = expect_cli_error(
         capsys,
         [
@@ -155,7 +168,8 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
             "0.25",
         ],
     )
-    assert "4 of 12 images (33.3%) could not be classified" in err
+    failed = len(broken())
+    assert f"{failed} of {n} images ({failed / n:.1%}) could not be classified" in err
     assert pq.read_table(tmp_path / "out2").num_rows == n
 
 

@@ -198,7 +198,12 @@ def limit_aspect(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16/32-bit grey scaled down (not clipped), transparency over white."""
+    """8-bit RGB: 16-bit grey scaled down (not clipped), transparency over white. 32-bit
+    grey, integer or floating point (scientific TIFFs), has no range its values are known
+    to span: an error, rather than a picture made black or white and classified."""
+    if image.mode == "F" or (image.mode == "I" and _bits_per_sample(image) > 16):
+        kind = "floating-point" if image.mode == "F" else "32-bit"
+        raise ImageError(f"unsupported image: {kind} grey, whose range of values is unknown")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         grey = np.asarray(image, dtype=np.uint32) >> 8  # 16-bit range to 8-bit
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
@@ -207,6 +212,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image if image.mode == "RGB" else image.convert("RGB")  # convert copies an RGB one
+
+
+def _bits_per_sample(image: Image.Image) -> int:
+    """The bits of each value as the file stores them: a TIFF says so (BitsPerSample), the
+    other formats Pillow opens in mode I hold 16."""
+    bits = getattr(image, "tag_v2", {}).get(258, 16)
+    return max(bits) if isinstance(bits, tuple) else int(bits)
 
 
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
