@@ -592,9 +592,12 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
     (tmp_path / "nul.txt").write_bytes(b"/abs/a.jpg\n/abs/b\0.jpg\n")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "nul.txt")])
     assert "nul.txt, line 2: '/abs/b\\x00.jpg' holds a NUL character, which no path can" in err
-    (tmp_path / "cols.csv").write_text("file\n/a.jpg\n")
+    (tmp_path / "cols.csv").write_text("\ufeffPath,label\n/a.jpg,x\n")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "cols.csv")])
-    assert "cols.csv" in err and "'path' column" in err
+    assert "cols.csv has no 'path' column (its columns: Path, label)" in err
+    (tmp_path / "twice.csv").write_text("path,path\n/a.jpg,/b.jpg\n")  # /b.jpg got no row
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "twice.csv")])
+    assert "twice.csv has 2 columns named 'path'" in err
     pq.write_table(pa.table({"PATH": ["/abs/a.jpg"]}), tmp_path / "upper.parquet")
     err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "upper.parquet")])
     assert "upper.parquet has no 'path' column (its columns: PATH)" in err

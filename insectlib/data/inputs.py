@@ -224,6 +224,7 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
                     )
                 batches = table.iter_batches(columns=[MANIFEST_COLUMN])
             else:
+                _check_csv_header(uri, s3)
                 batches = pyarrow.csv.open_csv(
                     f, convert_options=pyarrow.csv.ConvertOptions(
                         include_columns=[MANIFEST_COLUMN],
@@ -242,6 +243,21 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
             raise InsectError(
                 f"--manifest {uri}: cannot read its {MANIFEST_COLUMN!r} column: {e}"
             ) from None
+
+
+def _check_csv_header(uri: str, s3) -> None:
+    """Refuse a CSV manifest whose header has no `path` column, naming the ones it has, or
+    has two (the second's files were dropped)."""
+    with _open(uri, s3) as f:
+        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
+    if MANIFEST_COLUMN not in header:
+        shown = ", ".join(header[:10]) or "none"
+        raise InsectError(
+            f"--manifest {uri} has no {MANIFEST_COLUMN!r} column (its columns: {shown})"
+        )
+    if header.count(MANIFEST_COLUMN) > 1:
+        twice = header.count(MANIFEST_COLUMN)
+        raise InsectError(f"--manifest {uri} has {twice} columns named {MANIFEST_COLUMN!r}")
 
 
 def _check_path_type(uri: str, column_type: pa.DataType) -> None:
