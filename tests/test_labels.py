@@ -60,6 +60,14 @@ def test_errors_name_the_culprit(tmp_path):
             f.unlink()
     with pytest.raises(InsectError, match=r"at least 2 class folders, found 1 \(beetles\)"):
         discover(str(tmp_path / "one"))
+    # One name composed (NFC), its twin decomposed (NFD, as macOS names folders): they look
+    # alike in the message, which says why they differ.
+    split = tmp_path / "split"
+    for side, name in (("train", "K\u00e4fer"), ("train", "ants"), ("test", "Ka\u0308fer")):
+        (split / side / name).mkdir(parents=True)
+        (split / side / name / "a.jpg").write_bytes(b"")
+    with pytest.raises(InsectError, match="not in .*train: Ka\u0308fer \\(Ka\u0308fer: the same"):
+        discover(str(split))
 
 
 def test_a_class_folder_that_is_a_link_is_named_as_left_out(tmp_path, capsys):

@@ -15,7 +15,7 @@ from insectlib.classify import outputs
 from insectlib.classify.checks import check_evaluation, plan_evaluation_output
 from insectlib.classify.pipeline import classify
 from insectlib.config import ActorSettings, ClassifyConfig, EvaluateConfig, settings_of
-from insectlib.data.labels import EVALUATION_DIRS, TRAIN_DIR, discover
+from insectlib.data.labels import EVALUATION_DIRS, TRAIN_DIR, discover, unicode_twins
 from insectlib.errors import InsectError
 from insectlib.layout import (
     CONFUSION_JSON,
@@ -89,7 +89,7 @@ def labelled_images(cfg: EvaluateConfig, meta: ModelMeta) -> dict[str, int]:
     if unknown:
         raise InsectError(
             f"{cfg.data} has classes the model does not know: {', '.join(unknown)} "
-            f"(model classes: {', '.join(meta.classes)})"
+            f"(model classes: {', '.join(meta.classes)})" + unicode_twins(unknown, meta.classes)
         )
     items = labelled.val if labelled.held_out else labelled.train + labelled.val
     index = {name: i for i, name in enumerate(meta.classes)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -100,6 +101,7 @@ def read_tree(
             raise InsectError(
                 f"{storage.join(root, held_out)} has classes that are not in "
                 f"{storage.join(root, TRAIN_DIR)}: {', '.join(unknown)}"
+                + unicode_twins(unknown, classes)
             )
         return FolderTree(classes, train_by_class, held_out, val_by_class)
     by_class = _by_class([(rel, uri) for items in by_top.values() for rel, uri in items], depth=0)
@@ -146,6 +148,20 @@ def _by_class(items: list[tuple[list[str], str]], depth: int = 1) -> dict[str, l
         if len(parts) > depth + 1:
             by_class.setdefault(parts[depth], []).append(uri)
     return by_class
+
+
+def unicode_twins(unknown: list[str], known: list[str]) -> str:
+    """A note on the `unknown` class names that read as one of `known` but are written with
+    other Unicode code points (a folder named on macOS, decomposed, against one named
+    elsewhere, composed), or "": the message would otherwise name two names that look alike."""
+    forms = {unicodedata.normalize("NFC", name): name for name in known}
+    twins = [name for name in unknown if unicodedata.normalize("NFC", name) in forms]
+    if not twins:
+        return ""
+    return (
+        f" ({', '.join(twins)}: the same letters as a known class, written with other "
+        "Unicode code points, as macOS writes accented names; rename the folder)"
+    )
 
 
 def _check_classes(classes: list[str], root: str) -> list[str]:
