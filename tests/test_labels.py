@@ -36,6 +36,38 @@ def test_existing_train_and_held_out_folders_are_used(tmp_path, held_out):
     assert all(f"/{held_out}/{s.classes[y]}/" in u for u, y in s.val)
 
 
+def test_images_the_layout_leaves_out_are_said_to_be(tmp_path, capsys):
+    """Images beside the class folders, a folder beside train/ and test/, a class the
+    held-out folder lacks: the split was made without them, in silence."""
+    flat = tmp_path / "flat"
+    synthetic.make_labelled(str(flat), per_class=2, size=(32, 24))
+    (flat / "stray.jpg").write_bytes(b"")
+    s = discover(str(flat))
+    assert len(s.train) + len(s.val) == 6
+    assert capsys.readouterr().err == (
+        f"warning: 1 image outside class folders left out ({flat}/stray.jpg)\n"
+    )
+    split = tmp_path / "split"
+    synthetic.make_labelled(str(split / "train"), per_class=2, size=(32, 24))
+    synthetic.make_labelled(str(split / "test"), per_class=1, size=(32, 24))
+    for f in (split / "test" / "beetles").iterdir():
+        f.unlink()
+    (split / "train" / "a.jpg").write_bytes(b"")
+    (split / "extra" / "ants").mkdir(parents=True)
+    (split / "extra" / "ants" / "b.jpg").write_bytes(b"")
+    s = discover(str(split))
+    assert (len(s.train), len(s.val)) == (6, 2)
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: 1 image outside class folders left out ({split}/train/a.jpg)",
+        f"warning: {split}/extra/ left out: beside train/ and a held-out folder, only those "
+        "are read",
+        f"warning: {split}/test has no images of beetles: the held-out figures leave them out",
+    ]
+    (flat / "stray.jpg").unlink()
+    discover(str(flat))  # nothing left out: nothing said
+    assert capsys.readouterr().err == ""
+
+
 def test_non_images_and_hidden_files_are_ignored(tmp_path):
     root = synthetic.make_labelled(str(tmp_path), per_class=3, size=(32, 24))
     (tmp_path / "beetles" / "notes.txt").write_text("x")

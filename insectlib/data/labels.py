@@ -103,9 +103,38 @@ def read_tree(
                 f"{storage.join(root, TRAIN_DIR)}: {', '.join(unknown)}"
                 + unicode_twins(unknown, classes)
             )
+        warn_left_out(root, by_top, tuple(dict.fromkeys((TRAIN_DIR, *held_out_dirs))))
+        missing = [c for c in classes if c not in val_by_class]
+        if missing:
+            console.warn(
+                f"warning: {storage.join(root, held_out)} has no images of "
+                f"{', '.join(missing)}: the held-out figures leave them out"
+            )
         return FolderTree(classes, train_by_class, held_out, val_by_class)
     by_class = _by_class([(rel, uri) for items in by_top.values() for rel, uri in items], depth=0)
-    return FolderTree(_check_classes(sorted(by_class), root), by_class)
+    classes = _check_classes(sorted(by_class), root)
+    warn_left_out(root, by_top, ())
+    return FolderTree(classes, by_class)
+
+
+def warn_left_out(root: str, by_top: dict, folders: tuple[str, ...]) -> None:
+    """Warn of the images the tree's layout leaves out: those in ROOT itself (key ""), in
+    `folders` themselves rather than a class folder of theirs, and in other top folders."""
+    beside = [uri for _, uri in by_top.get("", [])]
+    if folders:  # train/ and held-out folders: their class folders are one level down
+        beside += [uri for top in folders for parts, uri in by_top.get(top, []) if len(parts) == 2]
+    if beside:
+        console.warn(
+            f"warning: {console.counted(len(beside), 'image')} outside class folders left out "
+            f"({storage.printable(beside[0])}{', ...' if len(beside) > 1 else ''})"
+        )
+    other = sorted(top for top in by_top if top and folders and top not in folders)
+    if other:
+        shown = ", ".join(storage.printable(storage.join(root, top)) + "/" for top in other)
+        console.warn(
+            f"warning: {shown} left out: beside {TRAIN_DIR}/ and a held-out folder, only those "
+            "are read"
+        )
 
 
 def split_by_class(
@@ -136,8 +165,8 @@ def _images_by_folder(root: str, s3) -> dict[str, list[tuple[list[str], str]]]:
             console.warn(f"warning: {storage.printable(uri)} left out: {uri.reason}")
             continue
         parts = uri[len(prefix) :].split("/") if uri.startswith(prefix) else []
-        if len(parts) >= 2 and is_image_name(parts[-1]):
-            by_top.setdefault(parts[0], []).append((parts, uri))
+        if parts and is_image_name(parts[-1]):  # in ROOT itself too (""): said left out
+            by_top.setdefault(parts[0] if len(parts) > 1 else "", []).append((parts, uri))
     return by_top
 
 
