@@ -49,7 +49,9 @@ def test_a_csv_table_keeps_quoted_names_resolves_relative_paths_and_skips(tmp_pa
         ("path,label\n/a.jpg, beetles\n", r"row 1: the label ' beetles' has spaces around it"),
         ("path,label\n/a.jpg,wasps\n/b.jpg,x\n/a.jpg,bees\n", r"row 3: /a\.jpg was given another "
          r"label on row 1 \('wasps' there, 'bees' here\)"),
-        ("path,class\n/a.jpg,beetles\n", r"t\.csv: cannot read its path and label columns"),
+        ("path,class\n/a.jpg,beetles\n",
+         r"t\.csv has no 'label' column \(its columns: path, class\)$"),
+        ("label,path,label\n/a.jpg,beetles,x\n", r"t\.csv has 2 columns named 'label'$"),
         ("path,label\nhttp://x/a.jpg,beetles\n", r"row 1: 'http://x/a\.jpg' is not a local path"),
         ("path,label\n", r"t\.csv holds no rows"),
     ],

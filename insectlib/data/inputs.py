@@ -224,7 +224,7 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
                     )
                 batches = table.iter_batches(columns=[MANIFEST_COLUMN])
             else:
-                _check_csv_header(uri, s3)
+                check_csv_header(uri, s3, (MANIFEST_COLUMN,), "--manifest")
                 batches = pyarrow.csv.open_csv(
                     f, convert_options=pyarrow.csv.ConvertOptions(
                         include_columns=[MANIFEST_COLUMN],
@@ -245,19 +245,17 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
             ) from None
 
 
-def _check_csv_header(uri: str, s3) -> None:
-    """Refuse a CSV manifest whose header has no `path` column, naming the ones it has, or
-    has two (the second's files were dropped)."""
+def check_csv_header(uri: str, s3, columns: tuple[str, ...], flag: str) -> None:
+    """Refuse a CSV file (gzipped where its name ends .gz) whose header lacks one of
+    `columns`, naming the ones it has, or names one twice (the second would be dropped)."""
     with _open(uri, s3) as f:
         header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
-    if MANIFEST_COLUMN not in header:
-        shown = ", ".join(header[:10]) or "none"
-        raise InsectError(
-            f"--manifest {uri} has no {MANIFEST_COLUMN!r} column (its columns: {shown})"
-        )
-    if header.count(MANIFEST_COLUMN) > 1:
-        twice = header.count(MANIFEST_COLUMN)
-        raise InsectError(f"--manifest {uri} has {twice} columns named {MANIFEST_COLUMN!r}")
+    for column in columns:
+        if column not in header:
+            shown = ", ".join(header[:10]) or "none"
+            raise InsectError(f"{flag} {uri} has no {column!r} column (its columns: {shown})")
+        if header.count(column) > 1:
+            raise InsectError(f"{flag} {uri} has {header.count(column)} columns named {column!r}")
 
 
 def _check_path_type(uri: str, column_type: pa.DataType) -> None:

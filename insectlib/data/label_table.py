@@ -20,6 +20,7 @@ import pyarrow.csv
 import pyarrow.parquet as pq
 
 from insectlib import storage
+from insectlib.data.inputs import check_csv_header
 from insectlib.data.labels import FolderTree, LabelledSet, discover, read_tree, split_by_class
 from insectlib.errors import InsectError
 
@@ -76,6 +77,9 @@ def read_label_table(uri: str, s3: storage.S3Options | None = None) -> LabelTabl
 def _table_rows(uri: str, s3):
     """(row number, path, label) of every row, a batch at a time."""
     kind = _table_kind(uri)
+    if kind == "csv":
+        with storage.user_errors(uri):
+            check_csv_header(uri, s3, COLUMNS, "--labels")
     fs, path = storage.filesystem(uri, s3)
     with storage.user_errors(uri), fs.open(path, "rb") as raw:
         f = gzip.open(raw) if uri.endswith(".gz") else raw
