@@ -108,23 +108,14 @@ def check_settings(cfg: Any) -> None:
             raise InsectError(f"{flag} must be a finite number, got {value}")
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        bound = _out_of_bounds(value, rules)
-        if bound:
+        low, high = rules.get("at_least"), rules.get("at_most")
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = (
+                f"between {low} and {high}"
+                if low is not None and high is not None
+                else (f"at least {low}" if high is None else f"at most {high}")
+            )
             raise InsectError(f"{flag} must be {bound}, got {value}")
-
-
-def _out_of_bounds(value: float, rules: dict) -> str | None:
-    """The bounds of `rules` (at_least, at_most; above, below: excluded) that `value`
-    breaks, as said ("between 0 and 1", "greater than 0 and less than 1"), or None."""
-    low, high = rules.get("at_least"), rules.get("at_most")
-    above, below = rules.get("above"), rules.get("below")
-    if above is not None and below is not None:
-        return None if above < value < below else f"greater than {above} and less than {below}"
-    if (low is None or value >= low) and (high is None or value <= high):
-        return None
-    if low is not None and high is not None:
-        return f"between {low} and {high}"
-    return f"at least {low}" if high is None else f"at most {high}"
 
 
 def escapes(name: str) -> bool:
@@ -372,9 +363,9 @@ class TrainConfig(RaySettings):
     )
     val_fraction: float = setting(
         0.2,
-        above=0,
-        below=1,
-        help="held out per class when ROOT has no train/ + val/ folders (0 < F < 1)",
+        at_least=0,
+        at_most=1,
+        help="held out per class when ROOT has no train/ + val/ folders",
     )
     seed: int = setting(
         0,
