@@ -47,9 +47,9 @@ def _png(size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _jpeg() -> bytes:
+def _jpeg(colour=(40, 120, 60)) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (40, 120, 60)).save(buf, "JPEG")
+    Image.new("RGB", (64, 48), colour).save(buf, "JPEG")
     return buf.getvalue()
 
 
@@ -274,7 +274,7 @@ def test_names_that_read_alike_get_rows_of_their_own_whose_paths_lead_back(
     cfg, meta = trained
     root = tmp_path / "root"
     folder = root / "a"
-    _write(folder, {"caf\\xe9.jpg": b"not a picture", "a\\b.jpg": _jpeg()})
+    _write(folder, {"caf\\xe9.jpg": b"not a picture", "a\\b.jpg": _jpeg((250, 10, 10))})
     _write(root / "b", {"plain.jpg": _jpeg()})
     with open(os.fsdecode(bytes(folder) + b"/caf\xe9.jpg"), "wb") as f:  # not UTF-8
         f.write(_jpeg())
@@ -294,10 +294,9 @@ def test_names_that_read_alike_get_rows_of_their_own_whose_paths_lead_back(
     argv = ["classify", "--manifest", str(listed), "--model", cfg.output, "--output", str(again)]
     assert main([*argv, "--compile", "off", "--precision", "fp32"]) == 0, capsys.readouterr().err
     for row in pq.read_table(again).to_pylist():
-        assert (row["label"], row["error"]) == (
-            rows[row["path"]]["label"],
-            rows[row["path"]]["error"],
-        )
+        first = rows[row["path"]]
+        assert (row["probabilities"], row["error"]) == (first["probabilities"], first["error"])
+    assert rows[f"{latin1}.jpg"]["probabilities"] != rows[f"{slash}.jpg"]["probabilities"]
     # A labels table naming the Latin-1 file moves it alone, not the text file.
     table = tmp_path / "labels.csv"
     table.write_text(f'path,label\n"{latin1}.jpg",b\n')

@@ -223,7 +223,8 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
     if run["foreign"]:
         console.warn(f"warning: {run['foreign']}")
     paths = chosen.paths()
-    folder = storage.folder_holding(cfg.html, sorted({os.path.dirname(p) for p in paths}))
+    folders = {os.path.dirname(storage.from_printable(p)) for p in paths}  # as the OS names them
+    folder = storage.folder_holding(cfg.html, sorted(folders))
     if folder:  # a manifest's run: its input (`read_source`) is not a folder
         console.warn(inside_images_warning("--html", cfg.html, folder, "the page's"))
     console.say(

@@ -268,7 +268,8 @@ def is_utf8(name: str) -> bool:
     return True
 
 
-ESCAPE = re.compile(rb"\\(\\|x[0-9a-fA-F]{2})")  # what `printable` writes
+# What `printable` writes: a backslash twice, or a byte UTF-8 cannot decode (0x80 and up).
+ESCAPE = re.compile(rb"\\(\\|x[89a-fA-F][0-9a-fA-F])")
 
 
 def from_printable(text: str) -> str:
