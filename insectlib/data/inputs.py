@@ -181,9 +181,9 @@ def part_paths(part: Part, s3: storage.S3Options | None) -> Iterator[str]:
         raise ValueError(part.kind)
 
 
-def _open(uri: str, s3):
+def _open(uri: str, s3, block_size: int | None = None):
     fs, path = storage.filesystem(uri, s3)
-    f = fs.open(path, "rb")
+    f = fs.open(path, "rb", block_size=block_size)
     return gzip.open(f) if uri.endswith(".gz") else f
 
 
@@ -245,11 +245,18 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
             ) from None
 
 
+HEADER_BYTES = 1 << 16  # the most of a CSV's first line read as its header
+
+
 def check_csv_header(uri: str, s3, columns: tuple[str, ...], flag: str) -> None:
     """Refuse a CSV file (gzipped where its name ends .gz) whose header lacks one of
     `columns`, naming the ones it has, or names one twice (the second would be dropped)."""
-    with _open(uri, s3) as f:
-        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
+    with _open(uri, s3, block_size=HEADER_BYTES) as f:  # not an S3 read-ahead of 50 MiB
+        line = f.readline(HEADER_BYTES).rstrip(b"\r\n")
+    try:
+        header = next(csv.reader([line.decode("utf-8-sig")]), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InsectError(f"{flag} {uri}: its first line is no CSV header ({e})") from None
     for column in columns:
         if column not in header:
             shown = ", ".join(header[:10]) or "none"
