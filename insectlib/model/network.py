@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import struct
+import warnings
 
 import safetensors.torch
 import torch
@@ -47,11 +48,13 @@ def check_image_size(arch: str, size: int) -> None:
     """Refuse an --image-size `arch` cannot take (VGG's five poolings need 32 px, a ViT its
     own size): one image through the model on the meta device, where shapes are checked as
     in a real pass at no cost, rather than in every training worker after Ray started."""
-    model = skeleton(arch).eval()
-    image = torch.empty(1, 3, size, size, device=next(model.parameters()).device)
+    model = meta_model(arch)
+    if model is None:  # RegNet, built on the CPU only (seconds): it pools adaptively
+        return
+    image = torch.empty(1, 3, size, size, device="meta")
     try:
         with torch.no_grad():
-            model(image)
+            model.eval()(image)
     except (RuntimeError, AssertionError, ValueError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InsectError(f"--arch {arch} cannot take --image-size {size}: {why}") from None
@@ -101,15 +104,23 @@ def skeleton(arch: str, num_classes: int | None = None) -> nn.Module:
     """`arch` without weights (and with a `num_classes` head): on the meta device, which
     costs no memory and no random init, or on the CPU for archs whose construction reads
     tensor values (RegNet computes its widths with .tolist())."""
-    try:
-        with torch.device("meta"):
-            model = torchvision.models.get_model(arch, weights=None)
-    except NotImplementedError:  # "Cannot copy out of meta tensor"
-        model = torchvision.models.get_model(arch, weights=None)
+    model = meta_model(arch) or torchvision.models.get_model(arch, weights=None)
     if num_classes is not None:
         with torch.device(next(model.parameters()).device):
             replace_head(model, num_classes)
     return model
+
+
+def meta_model(arch: str) -> nn.Module | None:
+    """`arch` without weights on the meta device; None for archs whose
+    construction reads tensor values (RegNet computes its widths with .tolist())."""
+    with warnings.catch_warnings():  # GoogLeNet's and Inception's on their initialisation
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            with torch.device("meta"):
+                return torchvision.models.get_model(arch, weights=None)
+        except NotImplementedError:  # "Cannot copy out of meta tensor"
+            return None
 
 
 def apply_freeze(model: nn.Module, policy: str) -> None:
