@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,20 @@ def odd_but_valid() -> dict[str, bytes]:
     }
 
 
+def _grey_tiff(values: np.ndarray, sample_format: int) -> bytes:
+    """A one-strip little-endian grey TIFF of `values` with its SampleFormat (1 unsigned,
+    2 signed): Pillow writes every mode I image as signed 32-bit."""
+    height, width = values.shape
+    data = values.astype(values.dtype.newbyteorder("<")).tobytes()
+    tags = [
+        (256, width), (257, height), (258, values.dtype.itemsize * 8), (259, 1), (262, 1),
+        (273, 8), (277, 1), (278, height), (279, len(data)), (339, sample_format),
+    ]  # fmt: skip
+    entries = b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags)
+    ifd = struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0)
+    return b"II*\0" + struct.pack("<I", 8 + len(data)) + data + ifd
+
+
 def broken() -> dict[str, tuple[bytes, str]]:
     """name: (bytes, the error text it must get)"""
     good = _encode(_photo(), "JPEG")
@@ -55,10 +70,8 @@ def broken() -> dict[str, tuple[bytes, str]]:
         "text.jpg": (b"this is not a picture", "not an image"),
         "bomb.png": (_encode(Image.new("1", (20000, 20000)), "PNG"), "image too large"),
         # No known range of values: made black or white, they were classified.
-        "grey32.tif": (
-            _encode(Image.fromarray(np.full((48, 64), 90, np.int32)), "TIFF"),
-            "unsupported image: 32-bit grey",
-        ),
+        "grey32.tif": (_grey_tiff(np.full((48, 64), 90, np.uint32), 1), "32-bit grey"),
+        "signed16.tif": (_grey_tiff(np.full((48, 64), -300, np.int16), 2), "signed grey"),
         "float.tif": (
             _encode(Image.fromarray(np.full((48, 64), 0.4, np.float32)), "TIFF"),
             "unsupported image: floating-point grey",
@@ -111,7 +124,7 @@ def test_classify_accounts_for_every_file(trained, tmp_path, capsys):
     report = json.loads((out / "_summary.json").read_text())
     assert report["error_kinds"] == {
         "empty file": 1, "truncated image": 1, "not an image": 1, "image too large": 1,
-        "unsupported image": 2,
+        "unsupported image": 3,
     }  # fmt: skip
     assert (report["rows"], report["errors"], report["inputs"]) == (n, len(broken()), n)
     predicted = [r["label"] for r in rows.values() if r["label"]]

@@ -198,12 +198,12 @@ def limit_aspect(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16-bit grey scaled down (not clipped), transparency over white. 32-bit
-    grey, integer or floating point (scientific TIFFs), has no range its values are known
-    to span: an error, rather than a picture made black or white and classified."""
-    if image.mode == "F" or (image.mode == "I" and _bits_per_sample(image) > 16):
-        kind = "floating-point" if image.mode == "F" else "32-bit"
-        raise ImageError(f"unsupported image: {kind} grey, whose range of values is unknown")
+    """8-bit RGB: 16-bit grey scaled down (not clipped), transparency over white. Grey
+    whose values have no known range (32-bit, signed or floating point: scientific TIFFs)
+    is an error, rather than a picture made black or white and classified."""
+    odd = _grey_without_range(image)
+    if odd:
+        raise ImageError(f"unsupported image: {odd} grey, whose range of values is unknown")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         grey = np.asarray(image, dtype=np.uint32) >> 8  # 16-bit range to 8-bit
         image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
@@ -214,11 +214,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # convert copies an RGB one
 
 
-def _bits_per_sample(image: Image.Image) -> int:
-    """The bits of each value as the file stores them: a TIFF says so (BitsPerSample), the
-    other formats Pillow opens in mode I hold 16."""
-    bits = getattr(image, "tag_v2", {}).get(258, 16)
-    return max(bits) if isinstance(bits, tuple) else int(bits)
+def _grey_without_range(image: Image.Image) -> str | None:
+    """Which grey `image` is whose values have no known 8-bit range, or None. A TIFF says
+    how it stores them (BitsPerSample, SampleFormat: 2 signed, 3 floating point); the other
+    formats Pillow opens in mode I hold unsigned 16-bit values."""
+    if image.mode == "F":
+        return "floating-point"
+    if image.mode != "I":
+        return None
+    tags = getattr(image, "tag_v2", {})
+    bits, kinds = tags.get(258, 16), tags.get(339, 1)
+    if 2 in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        return "signed"
+    return "32-bit" if max(bits if isinstance(bits, tuple) else (bits,)) > 16 else None
 
 
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
