@@ -365,7 +365,10 @@ class TrainConfig(RaySettings):
         0.2,
         at_least=0,
         at_most=1,
-        help="held out per class when ROOT has no train/ + val/ folders",
+        help=(
+            "held out per class when ROOT has no train/ + val/ folders (there, more than 0 "
+            "and less than 1)"
+        ),
     )
     seed: int = setting(
         0,

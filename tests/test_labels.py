@@ -92,6 +92,13 @@ def test_errors_name_the_culprit(tmp_path):
             f.unlink()
     with pytest.raises(InsectError, match=r"at least 2 class folders, found 1 \(beetles\)"):
         discover(str(tmp_path / "one"))
+    # --val-fraction's bounds, where it is used: with train/ and a held-out folder it is not.
+    flat = synthetic.make_labelled(str(tmp_path / "flat"), per_class=2, size=(32, 24))
+    with pytest.raises(InsectError, match="greater than 0 and less than 1 where ROOT has no"):
+        discover(flat, val_fraction=0.0)
+    synthetic.make_labelled(str(tmp_path / "layout" / "train"), per_class=2, size=(32, 24))
+    synthetic.make_labelled(str(tmp_path / "layout" / "val"), per_class=1, size=(32, 24))
+    assert len(discover(str(tmp_path / "layout"), val_fraction=0.0).val) == 3
     # One name composed (NFC), its twin decomposed (NFD, as macOS names folders): they look
     # alike in the message, which says why they differ.
     split = tmp_path / "split"

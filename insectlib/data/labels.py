@@ -143,7 +143,10 @@ def split_by_class(
     """(train, val) items: `val_fraction` of each class held out (at least one image of a
     class that has two), chosen with `seed` whatever order the URIs came in."""
     if not 0 < val_fraction < 1:
-        raise InsectError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise InsectError(
+            f"--val-fraction must be greater than 0 and less than 1 where ROOT has no train/ "
+            f"and held-out folders, got {val_fraction}"
+        )
     rng = random.Random(seed)
     train, val = [], []
     for label, name in enumerate(classes):
