@@ -335,6 +335,30 @@ def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
     assert int8.load(model_dir, meta) is None
 
 
+def test_auto_resumes_in_the_precision_its_rows_were_made_in(tmp_path, labelled, monkeypatch):
+    """auto picks int8 where trusted statistics are kept; resuming, only where the rows
+    written so far are int8's. Statistics measured after the run began made its resume
+    another model's, refused with advice naming --model alone."""
+    from insectlib.classify import pipeline
+
+    model_dir, meta = small_model_dir(tmp_path, data=labelled)
+    int8_statistics.measure(model_dir, meta, labelled, 8, LIMITS)
+    record_path = os.path.join(model_dir, layout.INT8_RECORD)
+    record = json.load(open(record_path))
+    json.dump({**record, "top1_agreement": 1.0}, open(record_path, "w"))  # trusted
+    monkeypatch.setattr(pipeline, "cpu_runs_int8_fast", lambda: True)
+    int8_id = int8.load(model_dir, meta).record.int8_model_id
+    cfg = ClassifyConfig(input="i", model=model_dir, output="o", resume=True)
+    for resumed, chosen in (
+        (None, int8_id),  # a new run
+        (set(), int8_id),  # no row written yet
+        ({meta.model_id}, None),  # rows of bf16 or fp32: they stay so
+        ({int8_id}, int8_id),
+    ):
+        found = int8_for_run(cfg, meta, resumed)
+        assert (found and found.record.int8_model_id) == chosen, resumed
+
+
 @pytest.mark.slow  # quantizes and compiles: tens of seconds
 def test_interleaved_calibrations_are_calibrated_again(tmp_path, labelled, capsys):
     """Two runs calibrating one model directory at once write two files each: whichever

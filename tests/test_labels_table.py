@@ -79,14 +79,29 @@ def test_unknown_formats_and_missing_tables_are_refused(tmp_path):
         read_label_table(str(tmp_path / "missing.csv"))
 
 
-def test_a_parquet_table_is_read_from_s3(s3_server, tmp_path):
-    s3_server.client().create_bucket(Bucket="insect-tables")
+def test_tables_and_manifests_are_read_from_s3(s3_server, tmp_path):
+    """Parquet and CSV (also gzipped); a CSV manifest too (its header check read a line
+    with readline(n), which s3fs's files do not take)."""
+    import gzip
+
+    from insectlib.data.inputs import Part, part_paths
+
+    client = s3_server.client()
+    client.create_bucket(Bucket="insect-tables")
     local = tmp_path / "t.parquet"
     pq.write_table(pa.table({"label": ["beetles", "skip"], "path": ["x/a.jpg", "s3://b/c.jpg"]}),
                    local)  # fmt: skip
-    s3_server.client().upload_file(str(local), "insect-tables", "runs/t.parquet")
-    found = read_label_table("s3://insect-tables/runs/t.parquet")
-    assert found.labels == {"s3://insect-tables/runs/x/a.jpg": "beetles", "s3://b/c.jpg": None}
+    client.upload_file(str(local), "insect-tables", "runs/t.parquet")
+    text = "path,label\nx/a.jpg,beetles\ns3://b/c.jpg,skip\n"
+    client.put_object(Bucket="insect-tables", Key="runs/t.csv", Body=text.encode())
+    client.put_object(
+        Bucket="insect-tables", Key="runs/t.csv.gz", Body=gzip.compress(text.encode())
+    )
+    for name in ("t.parquet", "t.csv", "t.csv.gz"):
+        found = read_label_table(f"s3://insect-tables/runs/{name}")
+        assert found.labels == {"s3://insect-tables/runs/x/a.jpg": "beetles", "s3://b/c.jpg": None}
+    client.put_object(Bucket="insect-tables", Key="m.csv", Body=b"path\ns3://b/c.jpg\n")
+    assert list(part_paths(Part("csv", "s3://insect-tables/m.csv"), None)) == ["s3://b/c.jpg"]
 
 
 @pytest.fixture

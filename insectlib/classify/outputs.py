@@ -327,15 +327,40 @@ def resume_state(
     return done
 
 
-def check_resume(
-    output: str, model_id: str, s3: storage.S3Options, row_format: dict, legacy: dict
-) -> tuple[list[dict], dict[str, pq.FileMetaData | None]]:
-    """The entries of `output` and its parts' footers (None: half-written), refusing a file
-    insect did not write and a part of another model than `model_id`, or made another way
-    than `row_format`. Reads only: before Ray starts, and again under the lock."""
+Parts = tuple[list[dict], dict[str, pq.FileMetaData | None]]  # entries, footers (None: cut)
+
+
+def read_parts(output: str, s3: storage.S3Options) -> Parts:
+    """The entries of an output to resume and its parts' footers, refusing a file insect
+    did not write or a part with other columns."""
     entries = resume_entries(output, s3)
     fs, _ = storage.filesystem(output, s3)
-    footers = check_parts(fs, part_entries(entries))
+    return entries, check_parts(fs, part_entries(entries))
+
+
+def models_in(output: str, s3: storage.S3Options, footers: dict) -> set[str]:
+    """The model ids of the finished parts (`read_parts`' footers) of `output`."""
+    fs, _ = storage.filesystem(output, s3)
+    found = set()
+    for name, footer in footers.items():
+        if footer is not None:
+            found |= {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
+    return found
+
+
+def check_resume(
+    output: str,
+    model_id: str,
+    s3: storage.S3Options,
+    row_format: dict,
+    legacy: dict,
+    parts: Parts | None = None,
+) -> Parts:
+    """The entries of `output` and its parts' footers (`read_parts`, or the `parts` read
+    already), refusing a part of another model than `model_id`, or made another way than
+    `row_format`. Reads only: before Ray starts, and again under the lock."""
+    entries, footers = parts or read_parts(output, s3)
+    fs, _ = storage.filesystem(output, s3)
     for name, footer in footers.items():
         if footer is not None:
             _check_resumable(output, fs, name, footer, model_id, row_format, legacy)
@@ -361,7 +386,7 @@ def _check_resumable(
     if others:
         raise InsectError(
             f"{output} holds predictions of model {others.pop()}, not of "
-            f"{model_id}; resume with the same --model or write elsewhere"
+            f"{model_id}; resume with the same --model and --precision, or write elsewhere"
         )
     found = row_format_of(footer, legacy)
     differ = sorted(k for k in {*found, *row_format} if found.get(k) != row_format.get(k))

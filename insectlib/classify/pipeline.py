@@ -115,9 +115,13 @@ def plan_run(
     meta = read_meta(cfg.model, cfg.s3)
     check_weights(cfg.model, meta, cfg.s3)
     check_model_id(cfg.model, meta, cfg.s3)  # here, not in the actors: before anything starts
-    plan = RunPlan(cfg, meta, row_format_for(cfg, meta), parts, int8_for_run(cfg, meta))
-    if cfg.resume:  # its refusals before Ray starts; checked again under the lock
-        outputs.check_resume(cfg.output, plan.model_id, cfg.s3, *resume_formats(plan))
+    found = outputs.read_parts(cfg.output, cfg.s3) if cfg.resume else None
+    resumed = outputs.models_in(cfg.output, cfg.s3, found[1]) if found else None
+    int8_model = int8_for_run(cfg, meta, resumed)
+    plan = RunPlan(cfg, meta, row_format_for(cfg, meta), parts, int8_model)
+    if found:  # its refusals before Ray starts; checked again under the lock
+        formats = resume_formats(plan)
+        outputs.check_resume(cfg.output, plan.model_id, cfg.s3, *formats, parts=found)
     return plan
 
 
@@ -484,18 +488,23 @@ def progress_bar(run, already: int = 0):
         bar.close()
 
 
-def int8_for_run(cfg: ClassifyConfig, meta: ModelMeta) -> int8.Int8Model | None:
+def int8_for_run(
+    cfg: ClassifyConfig, meta: ModelMeta, resumed: set[str] | None = None
+) -> int8.Int8Model | None:
     """The int8 model the actors run; None: they run cfg.precision.
 
     int8: the statistics kept in the model directory, or new ones (kept there for the next
     run). auto: int8 only on a CPU that runs it fast with kept statistics whose agreement
-    with fp32 passed; otherwise the actors resolve auto themselves (bf16 or fp32 on CPU,
-    as the hardware allows)."""
+    with fp32 passed, and, resuming (`resumed`: the model ids of the rows written), only
+    where those rows are int8's too: statistics measured since would otherwise make the
+    resume another model's; otherwise the actors resolve auto themselves (bf16 or fp32 on
+    CPU, as the hardware allows)."""
     if cfg.gpu or cfg.precision not in ("int8", "auto"):
         return None
     kept = int8.load(cfg.model, meta, cfg.s3)
     if cfg.precision == "auto":
-        if kept and kept.record.trusted and cpu_runs_int8_fast():
+        fits = not resumed or (kept is not None and kept.record.int8_model_id in resumed)
+        if kept and kept.record.trusted and cpu_runs_int8_fast() and fits:
             return kept
         return None
     images = cfg.int8_images

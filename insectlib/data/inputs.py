@@ -252,7 +252,7 @@ def check_csv_header(uri: str, s3, columns: tuple[str, ...], flag: str) -> None:
     """Refuse a CSV file (gzipped where its name ends .gz) whose header lacks one of
     `columns`, naming the ones it has, or names one twice (the second would be dropped)."""
     with _open(uri, s3, block_size=HEADER_BYTES) as f:  # not an S3 read-ahead of 50 MiB
-        line = f.readline(HEADER_BYTES).rstrip(b"\r\n")
+        line = f.read(HEADER_BYTES).split(b"\n", 1)[0].rstrip(b"\r")  # s3fs: no readline(n)
     try:
         header = next(csv.reader([line.decode("utf-8-sig")]), [])
     except (UnicodeDecodeError, csv.Error) as e:
