@@ -245,6 +245,16 @@ def test_training_survives_a_killed_worker(ray_local, labelled_root, tmp_path):
     assert (Path(cfg.output) / "model.safetensors").exists()
 
 
+def test_a_lost_training_controller_says_how_to_resume(ray_local, labelled_root, tmp_path):
+    """Its actor dead (the head stopped, its node lost): a Ray traceback and exit 1 before;
+    one line saying how to continue the run now."""
+    cfg = train_config(labelled_root, tmp_path)
+    said = f"the Ray cluster lost the training run .*; once it is up, --resume --name {cfg.name} "
+    with killing("TrainController", lambda: checkpoints(cfg), "the first checkpoint"):
+        with pytest.raises(InsectError, match=said):
+            fit(cfg)
+
+
 def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path, capsys):
     cfg = train_config(labelled_root, tmp_path)
     args = [

@@ -34,6 +34,7 @@ from insectlib.runtime.connect import (
     insect_error_in,
     live_nodes,
     local_path_warnings,
+    what_failed,
 )
 from insectlib.runtime.resources import check_resources
 from insectlib.storage.lock import output_lock
@@ -347,6 +348,11 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
         if cause:
             raise cause from None
         raise
+    except ray.exceptions.ActorDiedError as e:  # its controller: the head stopped, a node lost
+        raise InsectError(
+            f"the Ray cluster lost the training run ({what_failed(e)[:200]}); once it is up, "
+            f"{resume_hint(cfg)}"
+        ) from None
     finally:  # Ray Train's handler outlives the run: a later Ctrl-C would exit 0 through it
         if before is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
