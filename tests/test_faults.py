@@ -249,7 +249,7 @@ def test_a_lost_training_controller_says_how_to_resume(ray_local, labelled_root,
     """Its actor dead (the head stopped, its node lost): a Ray traceback and exit 1 before;
     one line saying how to continue the run now."""
     cfg = train_config(labelled_root, tmp_path)
-    said = f"the Ray cluster lost the training run .*; once it is up, --resume --name {cfg.name} "
+    said = f"Ray Train's controller died .*; once the cluster is up, --resume --name {cfg.name} "
     with killing("TrainController", lambda: checkpoints(cfg), "the first checkpoint"):
         with pytest.raises(InsectError, match=said):
             fit(cfg)

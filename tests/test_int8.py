@@ -1,6 +1,7 @@
 """int8 classification (`insectlib.int8`): calibration, what the model directory keeps, the
 agreement record, and the refusals. Ray-free but for the end-to-end runs at the bottom."""
 
+import dataclasses
 import gc
 import glob
 import json
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hashlib import sha256
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -39,6 +41,10 @@ from insectlib.model.network import (
 from insectlib.model.predictor import Predictor
 
 LIMITS = DecodeLimits(2**26, 2**26)
+# The columns every part has (an error row needs no others), as a resume reads them.
+PART_SCHEMA = pa.schema(
+    [("path", pa.string()), ("label", pa.string()), ("error", pa.string()), ("model", pa.string())]
+)
 # The layers inductor lowers to oneDNN's int8 kernels, by the name of its prepack pass.
 LOWERED = {"qconv": torch.nn.Conv2d, "qlinear": torch.nn.Linear}
 SIZE = 64  # alexnet's smallest input is 63 px
@@ -348,15 +354,28 @@ def test_auto_resumes_in_the_precision_its_rows_were_made_in(tmp_path, labelled,
     json.dump({**record, "top1_agreement": 1.0}, open(record_path, "w"))  # trusted
     monkeypatch.setattr(pipeline, "cpu_runs_int8_fast", lambda: True)
     int8_id = int8.load(model_dir, meta).record.int8_model_id
-    cfg = ClassifyConfig(input="i", model=model_dir, output="o", resume=True)
-    for resumed, chosen in (
-        (None, int8_id),  # a new run
-        (set(), int8_id),  # no row written yet
-        ({meta.model_id}, None),  # rows of bf16 or fp32: they stay so
-        ({int8_id}, int8_id),
-    ):
-        found = int8_for_run(cfg, meta, resumed)
-        assert (found and found.record.int8_model_id) == chosen, resumed
+    # Through plan_run, which reads the output's parts before Ray starts: one row each of an
+    # interrupted run, of the model in bf16 or fp32, then of its int8 form.
+    images = os.path.join(labelled, "beetles")
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = ClassifyConfig(input=images, model=model_dir, output=str(out), resume=True)
+    for model_id, chosen in ((meta.model_id, None), (int8_id, int8_id)):
+        path = sorted(glob.glob(f"{images}/*"))[0]
+        row = {"path": [path], "label": [None], "error": ["x"], "model": [model_id]}
+        pq.write_table(pa.table(row, schema=PART_SCHEMA), out / f"part-{'0' * 32}-000000.parquet")
+        plan = pipeline.plan_run(cfg)
+        assert (plan.int8_model and plan.int8_model.record.int8_model_id) == chosen, model_id
+    assert (
+        int8_for_run(dataclasses.replace(cfg, resume=False), meta).record.int8_model_id == int8_id
+    )
+    # --precision int8 over rows that were never int8's: refused before statistics are
+    # measured (minutes), which would also replace those kept.
+    row = {"path": [path], "label": [None], "error": ["x"], "model": [meta.model_id]}
+    pq.write_table(pa.table(row, schema=PART_SCHEMA), out / f"part-{'0' * 32}-000000.parquet")
+    monkeypatch.setattr(int8_statistics, "measure", None)  # would fail if called
+    with pytest.raises(InsectError, match="not of its int8 form: resume with the --precision"):
+        pipeline.plan_run(dataclasses.replace(cfg, precision="int8", int8_images=labelled))
 
 
 @pytest.mark.slow  # quantizes and compiles: tens of seconds

@@ -508,6 +508,12 @@ def int8_for_run(
             return kept
         return None
     images = cfg.int8_images
+    if resumed and not any(m.startswith(int8.int8_id_prefix(meta.model_id)) for m in resumed):
+        # Before statistics are measured (minutes) for rows that were never int8's.
+        raise InsectError(
+            f"{cfg.output} holds predictions of model {sorted(resumed)[0]}, not of its int8 "
+            "form: resume with the --precision it began with, or write elsewhere"
+        )
     if kept is None or (images and kept.record.images_from != images):
         console.say("measuring int8 statistics (once per model and set of images)")
         kept = int8_statistics.measure(cfg.model, meta, images, cfg.batch_size, cfg.limits, cfg.s3)

@@ -40,6 +40,11 @@ FOLD_BLOCK = 1 << 20  # values quantized at once when folding a weight (`_quanti
 INT8_FORMAT = 2
 
 
+def int8_id_prefix(model_id: str) -> str:
+    """How the ids of the int8 forms of model `model_id` begin (one per set of statistics)."""
+    return f"{model_id}-int8-"
+
+
 @dataclass
 class Int8Record:
     """`layout.INT8_RECORD`: how the statistics were made and what they give."""
@@ -58,7 +63,7 @@ class Int8Record:
     @property
     def int8_model_id(self) -> str:
         """The id in the `model` column of the rows this int8 model classifies."""
-        return f"{self.model_id}-int8-{self.stats_sha256[:12]}"
+        return int8_id_prefix(self.model_id) + self.stats_sha256[:12]
 
     def validate(self) -> None:
         numbers = ("top1_agreement", "max_probability_difference")

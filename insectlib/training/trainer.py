@@ -5,6 +5,7 @@ needs no cluster), `fit` (size the workers, run Ray Train, read the model back).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -297,6 +298,17 @@ def begin_run(cfg: TrainConfig, labelled: LabelledSet) -> None:
         console.say(f"run {run_location(cfg)}{advice}")
 
 
+def controller_died(error: ray.exceptions.ActorDiedError, cfg: TrainConfig) -> str:
+    """What to say when Ray Train's controller actor died: why, as Ray says it after the
+    actor's ids; and how to continue, unless it died starting (its run folder's record
+    unreadable, say), where a resume would fail alike."""
+    text = what_failed(error)
+    why = (re.search(r"\bip: \S+ (.+)", text) or re.search(r"(.+)", text))[1][:300]
+    if error.actor_init_failed:
+        return f"Ray Train's controller could not start the training run: {why}"
+    return f"Ray Train's controller died ({why}); once the cluster is up, {resume_hint(cfg)}"
+
+
 def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Result:
     """Ray Train's run of `train_loop_per_worker`; an InsectError a worker raised is raised
     here as itself."""
@@ -348,11 +360,8 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
         if cause:
             raise cause from None
         raise
-    except ray.exceptions.ActorDiedError as e:  # its controller: the head stopped, a node lost
-        raise InsectError(
-            f"the Ray cluster lost the training run ({what_failed(e)[:200]}); once it is up, "
-            f"{resume_hint(cfg)}"
-        ) from None
+    except ray.exceptions.ActorDiedError as e:  # its controller's: the head stopped, say
+        raise InsectError(controller_died(e, cfg)) from None
     finally:  # Ray Train's handler outlives the run: a later Ctrl-C would exit 0 through it
         if before is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
