@@ -241,14 +241,14 @@ class Done:
 def _models(fs, name: str, footer: pq.FileMetaData) -> set[str]:
     """The model ids in a part, from its column statistics (no data read) when it has them."""
     index = footer.schema.names.index("model")
-    found: set[str] = set()
+    found: set = set()
     for g in range(footer.num_row_groups):
         stats = footer.row_group(g).column(index).statistics
         if stats is None or not stats.has_min_max:
             with fs.open(name, "rb") as f:
                 return set(pc.unique(pq.read_table(f, columns=["model"])["model"]).to_pylist())
         found |= {stats.min, stats.max}
-    return found
+    return {m.decode() if isinstance(m, bytes) else m for m in found}
 
 
 def row_format_of(footer: pq.FileMetaData, legacy: dict) -> dict:
@@ -344,7 +344,7 @@ def models_in(output: str, s3: storage.S3Options, footers: dict) -> set[str]:
     found = set()
     for name, footer in footers.items():
         if footer is not None:
-            found |= {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
+            found |= _models(fs, name, footer)
     return found
 
 
@@ -381,8 +381,7 @@ def _check_resumable(
     output: str, fs, name: str, footer, model_id: str, row_format: dict, legacy: dict
 ) -> None:
     """Refuse to resume over a part of another model, or made another way."""
-    others = {m.decode() if isinstance(m, bytes) else m for m in _models(fs, name, footer)}
-    others -= {model_id}
+    others = _models(fs, name, footer) - {model_id}
     if others:
         raise InsectError(
             f"{output} holds predictions of model {others.pop()}, not of "
