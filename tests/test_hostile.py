@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from insectlib import storage
 from insectlib.classify.dataset import image_batch
 from insectlib.cli.main import main
 from insectlib.config import DecodeLimits
@@ -310,3 +311,10 @@ def test_names_that_read_alike_get_rows_of_their_own_whose_paths_lead_back(
     thumbs = write_thumbnails(str(tmp_path / "page"), list(rows), DecodeLimits(), None)
     assert "thumb" in thumbs[f"{latin1}.jpg"] and "thumb" in thumbs[f"{slash}.jpg"]
     assert "problem" in thumbs[f"{literal}.jpg"]
+    # And the page's check that it lies outside the folders of its images.
+    from insectlib.review.report import folder_of_images
+
+    odd = os.fsdecode(bytes(tmp_path) + b"/caf\xe9 \\ photos")  # not UTF-8, a backslash
+    os.makedirs(odd)
+    shown = storage.printable(f"{odd}/a.jpg")
+    assert folder_of_images(f"{odd}/page", [shown]) == odd

@@ -223,8 +223,7 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
     if run["foreign"]:
         console.warn(f"warning: {run['foreign']}")
     paths = chosen.paths()
-    folders = {os.path.dirname(storage.from_printable(p)) for p in paths}  # as the OS names them
-    folder = storage.folder_holding(cfg.html, sorted(folders))
+    folder = folder_of_images(cfg.html, paths)
     if folder:  # a manifest's run: its input (`read_source`) is not a folder
         console.warn(inside_images_warning("--html", cfg.html, folder, "the page's"))
     console.say(
@@ -257,6 +256,13 @@ def _write_report(cfg: ReportConfig, source: Source, seconds: dict, lap) -> dict
         "seconds": sum(seconds.values()),
         "phases": seconds,
     }
+
+
+def folder_of_images(html: str, paths: list[str]) -> str | None:
+    """The folder of the page's images (`paths` as the rows write them) that holds `html`,
+    if one does: the next classification of it would read the page's thumbnails."""
+    folders = {os.path.dirname(storage.from_printable(p)) for p in paths}  # as the OS has them
+    return storage.folder_holding(html, sorted(folders))
 
 
 def check_matrix(source: Source, chosen: selection.Selection) -> None:
