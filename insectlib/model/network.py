@@ -112,8 +112,8 @@ def skeleton(arch: str, num_classes: int | None = None) -> nn.Module:
 
 
 def meta_model(arch: str) -> nn.Module | None:
-    """`arch` without weights on the meta device; None for archs whose
-    construction reads tensor values (RegNet computes its widths with .tolist())."""
+    """`arch` without weights on the meta device; None for archs whose construction reads
+    tensor values (RegNet computes its widths with .tolist())."""
     with warnings.catch_warnings():  # GoogLeNet's and Inception's on their initialisation
         warnings.simplefilter("ignore", FutureWarning)
         try:

@@ -303,7 +303,8 @@ def controller_died(error: ray.exceptions.ActorDiedError, cfg: TrainConfig) -> s
     actor's ids; and how to continue, unless it died starting (its run folder's record
     unreadable, say), where a resume would fail alike."""
     text = what_failed(error)
-    why = (re.search(r"\bip: \S+ (.+)", text) or re.search(r"(.+)", text))[1][:300]
+    after_ids = re.search(r"\bip: \S+ (.+)", text)
+    why = (after_ids[1] if after_ids else text)[:300]
     if error.actor_init_failed:
         return f"Ray Train's controller could not start the training run: {why}"
     return f"Ray Train's controller died ({why}); once the cluster is up, {resume_hint(cfg)}"
