@@ -612,6 +612,10 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
     for name in ("null.parquet", "category.parquet", "empty.csv"):
         err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / name)])
         assert f"{name}, row 2: no path in it" in err
+    # A quote never closed: the rows after it would have been one path, with line breaks.
+    (tmp_path / "quote.csv").write_text('path\n/abs/a.jpg\n"/abs/b.jpg\n/abs/c.jpg\n/abs/d.jpg')
+    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "quote.csv")])
+    assert "quote.csv, row 2: a quote opened there is never closed" in err
     (tmp_path / "x.bin").write_bytes(b"\0")
     assert "unknown format" in expect_cli_error(
         capsys, [*base, "--manifest", str(tmp_path / "x.bin")]

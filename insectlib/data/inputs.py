@@ -231,18 +231,34 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
                         column_types={MANIFEST_COLUMN: pa.string()},
                     )
                 )  # fmt: skip
-            row = 0
+            row, last = 0, None
             for batch in batches:
                 _check_path_type(uri, batch.column(0).type)
                 for value in batch.column(0).to_pylist():
                     row += 1
                     if not value:  # a row is an input: one without a path cannot get its row
                         raise InsectError(f"--manifest {uri}, row {row}: no path in it")
-                    yield _manifest_path(value, f"--manifest {uri}, row {row}")
+                    if last is not None:
+                        yield last
+                    last = _manifest_path(value, f"--manifest {uri}, row {row}")
+            if last is not None:
+                _check_unclosed_quote(uri, row, last)
+                yield last
         except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError, ValueError) as e:
             raise InsectError(
                 f"--manifest {uri}: cannot read its {MANIFEST_COLUMN!r} column: {e}"
             ) from None
+
+
+def _check_unclosed_quote(uri: str, row: int, path: str) -> None:
+    """Refuse a manifest's last path that holds a line break: a quote opened and never
+    closed takes the rest of the file into one path (a real name with a line break in the
+    last row is refused too, a price for not classifying every other row as one)."""
+    if "\n" in path:
+        raise InsectError(
+            f"--manifest {uri}, row {row}: a quote opened there is never closed, so the rest "
+            "of the file reads as one path"
+        )
 
 
 HEADER_BYTES = 1 << 16  # the most of a CSV's first line read as its header
