@@ -212,6 +212,10 @@ def test_pixel_limit(tmp_path):
     assert _load_with_deadline(str(tmp_path / "b.jpg"), DecodeLimits(max_pixels=100 * 75)) == (
         "decoded"
     )
+    # ... and the refusal names the file's own size beside the size it would be decoded at.
+    assert "image too large: 400x300 decoded at 100x75 = 7,500 pixels" in _load_with_deadline(
+        str(tmp_path / "b.jpg"), DecodeLimits(max_pixels=100 * 75 - 1)
+    )
 
 
 def test_one_classify_run_over_a_hostile_tree(trained, fuzz_dir, tmp_path, capsys):

@@ -149,9 +149,10 @@ def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXEL
     try:
         image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         image.seek(0)  # first frame of animations
+        full = image.size
         if min_side and image.format in ("JPEG", "MPO"):
             image.draft(None, (min_side, min_side))
-        check_dimensions(image.size, max_pixels)
+        check_dimensions(image.size, max_pixels, full)
         ImageOps.exif_transpose(image, in_place=True)  # a copy otherwise, turned or not
         return to_rgb(image)
     except ImageError:
@@ -169,14 +170,20 @@ def decode(data: bytes, min_side: int | None = None, max_pixels: int = MAX_PIXEL
         raise ImageError(f"unreadable image: {type(e).__name__}: {e}") from None
 
 
-def check_dimensions(size: tuple[int, int], max_pixels: int) -> None:
-    """Refuse sizes no decoder should allocate for."""
+def check_dimensions(
+    size: tuple[int, int], max_pixels: int, full: tuple[int, int] | None = None
+) -> None:
+    """Refuse sizes no decoder should allocate for: `size` as it would be decoded, of an
+    image of `full` size (a JPEG's reduced by draft decoding; default `size`)."""
     width, height = size
     if width < 1 or height < 1:
         raise ImageError(f"bad dimensions: {width}x{height}")
     if width * height > max_pixels:
+        shown = f"{width}x{height}"
+        if full and full != size:
+            shown = f"{full[0]}x{full[1]} decoded at {shown}"
         raise ImageError(
-            f"image too large: {width}x{height} = {width * height:,} pixels, more than "
+            f"image too large: {shown} = {width * height:,} pixels, more than "
             f"--max-pixels {max_pixels:,}"
         )
 
