@@ -239,12 +239,22 @@ def test_gpu_workers_get_the_cores_their_gpus_leave(monkeypatch):
     assert connect.cpus_per_gpu() == 8.0  # the tightest GPU node decides
 
 
-def test_config_is_torch_free():
-    """The settings (and so the flags) load without a model library."""
+@pytest.mark.parametrize(
+    "module",
+    [
+        "insectlib.config",  # the settings, and so the flags
+        "insectlib.data.inputs",  # Ray Data's listing tasks
+        "insectlib.classify.outputs",  # its write tasks
+    ],
+)
+def test_modules_load_without_torch(module):
+    """The settings load without a model library, and so do the modules Ray's listing and
+    write tasks unpickle: a worker process importing torch spends a second or more of CPU
+    on it, and memory."""
     import subprocess
     import sys
 
-    code = "import sys, insectlib.config; print('torch' in sys.modules)"
+    code = f"import sys, {module}; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 

@@ -369,6 +369,11 @@ def test_auto_resumes_in_the_precision_its_rows_were_made_in(tmp_path, labelled,
     assert (
         int8_for_run(dataclasses.replace(cfg, resume=False), meta).record.int8_model_id == int8_id
     )
+    # The int8 rows, resumed with auto where it does not choose int8 (a CPU that does not run
+    # it fast): refused, naming the --precision that resumes them, not the one passed.
+    monkeypatch.setattr(pipeline, "cpu_runs_int8_fast", lambda: False)
+    with pytest.raises(InsectError, match=r"resume with --precision int8, on CPU \(not --gpu\)"):
+        pipeline.plan_run(cfg)
     # --precision int8 over rows that were never int8's: refused before statistics are
     # measured (minutes), which would also replace those kept.
     row = {"path": [path], "label": [None], "error": ["x"], "model": [meta.model_id]}

@@ -24,7 +24,7 @@ from insectlib.data import inputs
 from insectlib.errors import InsectError
 from insectlib.layout import SUCCESS_FILE
 from insectlib.model import int8, int8_statistics
-from insectlib.model.meta import ModelMeta, read_meta, versions
+from insectlib.model.meta import ModelMeta, int8_id_prefix, read_meta, versions
 from insectlib.model.network import check_model_id, check_weights, embedding_size
 from insectlib.model.precision import cpu_runs_int8_fast, resolve_precision
 from insectlib.model.predictor import RowFormat
@@ -508,7 +508,7 @@ def int8_for_run(
             return kept
         return None
     images = cfg.int8_images
-    if resumed and not any(m.startswith(int8.int8_id_prefix(meta.model_id)) for m in resumed):
+    if resumed and not any(m.startswith(int8_id_prefix(meta.model_id)) for m in resumed):
         # Before statistics are measured (minutes) for rows that were never int8's.
         raise InsectError(
             f"{cfg.output} holds predictions of model {sorted(resumed)[0]}, not of its int8 "
