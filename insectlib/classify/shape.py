@@ -3,12 +3,12 @@ each, chosen for the CPU, precision and input at hand by a rule the benchmark va
 every CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
-The rule: bf16 on a CPU with bf16 units, and int8 on one with AMX tiles, get actors of
-several threads (one copy of the weights for them all, and bf16's compile threshold reached
-with fewer images in all; on the CPUs measured they classified as fast as one thread per actor
-or faster). Everything else (fp32, and int8 on vector units) gets one thread per actor: each
-core works on its own batch and one actor's decoding overlaps another's model, which int8 on
-vector units measured faster. An input of fewer batches than that on one node shares the
+The rule: bf16 and int8 on AMX tiles get actors of several threads (one copy of the
+weights for them all, and the compile threshold reached with fewer images in all; on the
+CPU measured, neither shape was ahead in every run). Everything else (fp32, and bf16 and
+int8 on vector units) gets one thread per actor: each core works on its own batch and one
+actor's decoding overlaps another's model, which bf16 and int8 on vector units measured
+faster. An input of fewer batches than that on one node shares the
 node's free CPUs out over its actors as threads, up to MOST_THREADS each (one batch on 2 CPUs
 runs on both). The rule's several are MOST_THREADS at most too (the CPUs measured had 2).
 Decoding stays fused into each actor either way (on the actor's threads, nothing copied
@@ -28,8 +28,10 @@ from insectlib.runtime import console
 # Threads per actor where the rule gives it several (fast units', a small input's), at most:
 # beyond it, a batch of 32 does not keep more threads busy, and another actor does.
 MOST_THREADS = 4
-# The units that make a precision's arithmetic fast enough for actors of several threads.
+# The units that run a precision's arithmetic on its own (compiling gains most there).
 FAST_UNITS = {"bf16": frozenset({"avx512_bf16", "amx_bf16"}), "int8": frozenset({"amx_int8"})}
+# The tiles on which a precision's actors get several threads.
+TILES = {"bf16": "amx_bf16", "int8": "amx_int8"}
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,16 @@ def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool
     return bool(FAST_UNITS.get(precision, frozenset()) & flags)
 
 
+def on_tiles(precision: str, flags: frozenset[str] | None = None) -> bool:
+    """Whether `precision` runs on AMX tiles here (`TILES`)."""
+    flags = cpu_flags() if flags is None else flags
+    return TILES.get(precision) in flags
+
+
 def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
     """The rule's threads (see the module's docstring) for nodes of at least `node_cpus`
     CPUs, before a small input shares out the CPUs."""
-    if fast_arithmetic(precision, flags):
+    if on_tiles(precision, flags):
         return max(1, min(MOST_THREADS, node_cpus))
     return 1
 
@@ -130,7 +138,7 @@ def cpu_shape(
         why = f"{precision}: fewer batches than CPUs, their actors share them as threads"
         return float(shared), actors, why
     if base > 1:
-        return float(base), actors, f"{precision} is fast on this CPU: threads share the weights"
+        return float(base), actors, f"{precision} runs on AMX tiles here: threads share the weights"
     return 1.0, actors, f"{precision}: one thread per actor, a batch per core"
 
 
