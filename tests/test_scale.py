@@ -490,6 +490,8 @@ def manifests(unlabelled, tmp_path_factory, s3_server):
         w = csv.writer(f)
         w.writerow(["id", "path"])
         w.writerows([i, p] for i, p in enumerate(listed))
+    with open(where / "list-cr.csv", "w", newline="") as f:  # Excel's "CSV (Macintosh)"
+        csv.writer(f, lineterminator="\r").writerows([["path"], *([p] for p in listed)])
     pq.write_table(
         pa.table({"path": listed, "n": list(range(len(listed)))}), where / "list.parquet"
     )
@@ -545,7 +547,7 @@ def _form_encode(key: str) -> str:
     return urllib.parse.quote_plus(key, safe="/")
 
 
-MANIFESTS = ["list.txt", "list.csv", "list.parquet", "CSV", "Parquet", "ORC"]
+MANIFESTS = ["list.txt", "list.csv", "list-cr.csv", "list.parquet", "CSV", "Parquet", "ORC"]
 
 
 def _manifest(manifests: dict, name: str) -> tuple[str, list[str]]:
@@ -612,10 +614,13 @@ def test_malformed_manifests_are_clear_errors(trained, tmp_path, capsys):
     for name in ("null.parquet", "category.parquet", "empty.csv"):
         err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / name)])
         assert f"{name}, row 2: no path in it" in err
-    # A quote never closed: the rows after it would have been one path, with line breaks.
-    (tmp_path / "quote.csv").write_text('path\n/abs/a.jpg\n"/abs/b.jpg\n/abs/c.jpg\n/abs/d.jpg')
-    err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "quote.csv")])
-    assert "quote.csv, row 2: a quote opened there is never closed" in err
+    # A quote never closed: the rows after it would have been one path, with line breaks
+    # (the old Mac's CR ones too).
+    for ending in ("\n", "\r"):
+        rows = ["path", "/abs/a.jpg", '"/abs/b.jpg', "/abs/c.jpg", "/abs/d.jpg"]
+        (tmp_path / "quote.csv").write_bytes(ending.join(rows).encode())
+        err = expect_cli_error(capsys, [*base, "--manifest", str(tmp_path / "quote.csv")])
+        assert "quote.csv, row 2: its path holds a line break, as when a quote" in err
     (tmp_path / "x.bin").write_bytes(b"\0")
     assert "unknown format" in expect_cli_error(
         capsys, [*base, "--manifest", str(tmp_path / "x.bin")]

@@ -231,7 +231,7 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
                         column_types={MANIFEST_COLUMN: pa.string()},
                     )
                 )  # fmt: skip
-            row, last = 0, None
+            row, last, value = 0, None, None
             for batch in batches:
                 _check_path_type(uri, batch.column(0).type)
                 for value in batch.column(0).to_pylist():
@@ -242,7 +242,8 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
                         yield last
                     last = _manifest_path(value, f"--manifest {uri}, row {row}")
             if last is not None:
-                _check_unclosed_quote(uri, row, last)
+                if kind == "csv":
+                    _check_unclosed_quote(uri, row, value)
                 yield last
         except (pa.ArrowInvalid, pa.ArrowKeyError, KeyError, ValueError) as e:
             raise InsectError(
@@ -250,14 +251,16 @@ def _column_paths(uri: str, kind: str, s3) -> Iterator[str]:
             ) from None
 
 
-def _check_unclosed_quote(uri: str, row: int, path: str) -> None:
-    """Refuse a manifest's last path that holds a line break: a quote opened and never
-    closed takes the rest of the file into one path (a real name with a line break in the
-    last row is refused too, a price for not classifying every other row as one)."""
-    if "\n" in path:
+def _check_unclosed_quote(uri: str, row: int, value: str) -> None:
+    """Refuse a CSV manifest's last value that holds a line break: a quote opened in that
+    row and never closed reads the rest of the file as one path. (Only a quote left open to
+    the end is caught; a name with a line break in the last row is refused too, which a
+    Parquet manifest lists.)"""
+    if "\n" in value or "\r" in value:
         raise InsectError(
-            f"--manifest {uri}, row {row}: a quote opened there is never closed, so the rest "
-            "of the file reads as one path"
+            f"--manifest {uri}, row {row}: its path holds a line break, as when a quote "
+            "opened there is never closed and the rest of the file reads as one path (a "
+            "name with a line break can be listed in a Parquet manifest)"
         )
 
 
@@ -268,7 +271,8 @@ def check_csv_header(uri: str, s3, columns: tuple[str, ...], flag: str) -> None:
     """Refuse a CSV file (gzipped where its name ends .gz) whose header lacks one of
     `columns`, naming the ones it has, or names one twice (the second would be dropped)."""
     with _open(uri, s3, block_size=HEADER_BYTES) as f:  # not an S3 read-ahead of 50 MiB
-        line = f.read(HEADER_BYTES).split(b"\n", 1)[0].rstrip(b"\r")  # s3fs: no readline(n)
+        # s3fs has no readline(n); a line ends at LF, CRLF or CR (as pyarrow reads them)
+        line = (f.read(HEADER_BYTES).splitlines() or [b""])[0]
     try:
         header = next(csv.reader([line.decode("utf-8-sig")]), [])
     except (UnicodeDecodeError, csv.Error) as e:
