@@ -343,8 +343,8 @@ def test_kept_statistics_are_checked(tmp_path, labelled, capsys):
 
 def test_auto_resumes_in_the_precision_its_rows_were_made_in(tmp_path, labelled, monkeypatch):
     """auto picks int8 where trusted statistics are kept; resuming, only where the rows
-    written so far are int8's. Statistics measured after the run began made its resume
-    another model's, refused with advice naming --model alone."""
+    written so far are int8's: statistics measured after the run began made its resume
+    another model's. Where auto would not run the rows' int8 form, it says why."""
     from insectlib.classify import pipeline
 
     model_dir, meta = small_model_dir(tmp_path, data=labelled)
@@ -369,11 +369,22 @@ def test_auto_resumes_in_the_precision_its_rows_were_made_in(tmp_path, labelled,
     assert (
         int8_for_run(dataclasses.replace(cfg, resume=False), meta).record.int8_model_id == int8_id
     )
-    # The int8 rows, resumed with auto where it does not choose int8 (a CPU that does not run
-    # it fast): refused, naming the --precision that resumes them, not the one passed.
+    # The int8 rows, resumed where auto would not run them as int8: refused before Ray
+    # starts, saying why and what finishes them (not the flags the user passed).
     monkeypatch.setattr(pipeline, "cpu_runs_int8_fast", lambda: False)
-    with pytest.raises(InsectError, match=r"resume with --precision int8, on CPU \(not --gpu\)"):
+    with pytest.raises(InsectError, match=r"int8 fast\): finish it with --precision int8, or"):
         pipeline.plan_run(cfg)
+    monkeypatch.setattr(pipeline, "cpu_runs_int8_fast", lambda: True)
+    gpu = dataclasses.replace(cfg, gpu=True)
+    with pytest.raises(InsectError, match=r"CPU only\): finish it with --precision int8, without"):
+        pipeline.auto_int8(gpu, meta, {int8_id})
+    remeasured = {int8.int8_id_prefix(meta.model_id) + "0" * 12}
+    with pytest.raises(InsectError, match=r"measured again since\): start it again with --over"):
+        pipeline.auto_int8(cfg, meta, remeasured)
+    json.dump({**record, "top1_agreement": 0.5}, open(record_path, "w"))
+    with pytest.raises(InsectError, match=r"below 99%\): finish it with --precision int8"):
+        pipeline.auto_int8(cfg, meta, {int8_id})
+    json.dump({**record, "top1_agreement": 1.0}, open(record_path, "w"))
     # --precision int8 over rows that were never int8's: refused before statistics are
     # measured (minutes), which would also replace those kept.
     row = {"path": [path], "label": [None], "error": ["x"], "model": [meta.model_id]}

@@ -27,7 +27,6 @@ from insectlib import storage
 from insectlib.classify import duplicates
 from insectlib.errors import InsectError
 from insectlib.layout import OUTPUT_NAMES, ROW_FORMAT_KEY, RUN_FILES, SUCCESS_FILE
-from insectlib.model.meta import int8_id_prefix
 from insectlib.runtime import console, progress
 from insectlib.storage import entry_name, list_entries, retry
 
@@ -384,13 +383,9 @@ def _check_resumable(
     """Refuse to resume over a part of another model, or made another way."""
     others = _models(fs, name, footer) - {model_id}
     if others:
-        found = others.pop()
-        advice = "the same --model and --precision"
-        if found.startswith(int8_id_prefix(model_id)):  # auto chose otherwise this time
-            advice = "--precision int8, on CPU (not --gpu),"
         raise InsectError(
-            f"{output} holds predictions of model {found}, not of {model_id}; resume with "
-            f"{advice} or write elsewhere"
+            f"{output} holds predictions of model {others.pop()}, not of "
+            f"{model_id}; resume with the same --model and --precision, or write elsewhere"
         )
     found = row_format_of(footer, legacy)
     differ = sorted(k for k in {*found, *row_format} if found.get(k) != row_format.get(k))

@@ -24,7 +24,7 @@ from insectlib.data import inputs
 from insectlib.errors import InsectError
 from insectlib.layout import SUCCESS_FILE
 from insectlib.model import int8, int8_statistics
-from insectlib.model.meta import ModelMeta, int8_id_prefix, read_meta, versions
+from insectlib.model.meta import ModelMeta, read_meta, versions
 from insectlib.model.network import check_model_id, check_weights, embedding_size
 from insectlib.model.precision import cpu_runs_int8_fast, resolve_precision
 from insectlib.model.predictor import RowFormat
@@ -488,6 +488,36 @@ def progress_bar(run, already: int = 0):
         bar.close()
 
 
+def auto_int8(
+    cfg: ClassifyConfig, meta: ModelMeta, resumed: set[str] | None
+) -> int8.Int8Model | None:
+    """--precision auto's int8 model (see `int8_for_run`), or None. A resume of int8 rows
+    that auto would not run as int8 this time is refused, saying why and what resumes it
+    (the refusal of another model's rows could only name the flags the user passed)."""
+    kept = None if cfg.gpu else int8.load(cfg.model, meta, cfg.s3)
+    usable = kept is not None and kept.record.trusted and cpu_runs_int8_fast()
+    if usable and (not resumed or kept.record.int8_model_id in resumed):
+        return kept
+    prefix = int8.int8_id_prefix(meta.model_id)
+    rows = sorted(m for m in resumed or () if m.startswith(prefix))
+    if not rows:
+        return None
+    finish = "finish it with --precision int8"
+    if cfg.gpu:
+        why, fix = "int8 runs on CPU only", f"{finish}, without --gpu"
+    elif kept is None or kept.record.int8_model_id != rows[0]:
+        why = "the model's folder no longer keeps its int8 statistics, measured again since"
+        fix = "start it again with --overwrite"
+    elif not kept.record.trusted:
+        why, fix = f"its top-1 agreement with fp32 was below {INT8_AGREEMENT_MIN:.0%}", finish
+    else:
+        why, fix = "this CPU does not run int8 fast", finish
+    raise InsectError(
+        f"{cfg.output} holds rows of {rows[0]}, the int8 form of model {meta.model_id}, "
+        f"which --precision auto does not run here ({why}): {fix}, or write elsewhere"
+    )
+
+
 def int8_for_run(
     cfg: ClassifyConfig, meta: ModelMeta, resumed: set[str] | None = None
 ) -> int8.Int8Model | None:
@@ -499,16 +529,13 @@ def int8_for_run(
     where those rows are int8's too: statistics measured since would otherwise make the
     resume another model's; otherwise the actors resolve auto themselves (bf16 or fp32 on
     CPU, as the hardware allows)."""
-    if cfg.gpu or cfg.precision not in ("int8", "auto"):
+    if cfg.precision == "auto":
+        return auto_int8(cfg, meta, resumed)
+    if cfg.gpu or cfg.precision != "int8":
         return None
     kept = int8.load(cfg.model, meta, cfg.s3)
-    if cfg.precision == "auto":
-        fits = not resumed or (kept is not None and kept.record.int8_model_id in resumed)
-        if kept and kept.record.trusted and cpu_runs_int8_fast() and fits:
-            return kept
-        return None
     images = cfg.int8_images
-    if resumed and not any(m.startswith(int8_id_prefix(meta.model_id)) for m in resumed):
+    if resumed and not any(m.startswith(int8.int8_id_prefix(meta.model_id)) for m in resumed):
         # Before statistics are measured (minutes) for rows that were never int8's.
         raise InsectError(
             f"{cfg.output} holds predictions of model {sorted(resumed)[0]}, not of its int8 "

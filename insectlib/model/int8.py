@@ -29,7 +29,7 @@ import torch
 from insectlib import layout, storage
 from insectlib.config import INT8_AGREEMENT_MIN
 from insectlib.errors import InsectError
-from insectlib.model.meta import ModelMeta, int8_id_prefix, versions
+from insectlib.model.meta import ModelMeta, versions
 from insectlib.model.precision import quiet_compile_chatter
 from insectlib.runtime import console
 
@@ -38,6 +38,11 @@ FOLD_BLOCK = 1 << 20  # values quantized at once when folding a weight (`_quanti
 # (`model.WithEmbedding`); records without it (1) were made on the logits-only graph and
 # count as absent: measure them again.
 INT8_FORMAT = 2
+
+
+def int8_id_prefix(model_id: str) -> str:
+    """How the ids of the int8 forms of model `model_id` begin (one per set of statistics)."""
+    return f"{model_id}-int8-"
 
 
 @dataclass

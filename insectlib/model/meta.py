@@ -191,8 +191,3 @@ def model_id(weights: bytes) -> str:
     """The id of a model whose meta.json has id_version 1: a prefix of its weights file's
     SHA-256."""
     return hashlib.sha256(weights).hexdigest()[:16]
-
-
-def int8_id_prefix(model_id: str) -> str:
-    """How the ids of the int8 forms of model `model_id` begin (one per set of statistics)."""
-    return f"{model_id}-int8-"
