@@ -16,8 +16,9 @@ every way), in ROUNDS rounds, interleaved; every round's figure is kept.
 
     .venv/bin/python bench/decode_overlap.py [--batches 8] [--precisions bf16]
 
-For each precision whose actors get several threads here (`shape.threads_per_actor`);
-VGG-16 at 224 px, random weights, high-entropy 1024x768 camera JPEGs (bench/shapes.py's).
+For each precision this CPU runs (an actor has several threads where a small input shares
+out the CPUs, and with --cpus-per-actor); VGG-16 at 224 px, random weights, high-entropy
+1024x768 camera JPEGs (bench/shapes.py's).
 Writes bench/results/decode-overlap-<cpu>.json; docs/performance.md renders it.
 """
 
@@ -32,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from common import in_fresh_process, result_path, write_result
 from shapes import BATCH, SIZE, camera_jpegs, make_model, precisions
 
-from insectlib.classify.shape import threads_per_actor
 from insectlib.model.precision import cpu_name
 
 ROUNDS = 3  # each way measured this many times, interleaved
@@ -99,7 +99,7 @@ def rates(model_dir: str, folder: str, precision: str, int8_model, batches: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batches", type=int, default=8, help="batches per measurement")
-    ap.add_argument("--precisions", default="", help="default: those of several threads here")
+    ap.add_argument("--precisions", default="", help="default: those this CPU runs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from insectlib.config import DecodeLimits
@@ -107,9 +107,7 @@ def main() -> None:
     from insectlib.model.meta import read_meta
 
     cores = os.cpu_count() or 1
-    chosen = args.precisions.split(",") if args.precisions else [
-        p for p in precisions() if threads_per_actor(p, cores) > 1
-    ]  # fmt: skip
+    chosen = args.precisions.split(",") if args.precisions else precisions()
     report: dict = {"benchmark": "decode overlap", "model": "vgg16 224 px", "batch": BATCH,
                     "batches": args.batches, "rounds": ROUNDS, "threads": cores, "cpu": cpu_name(),
                     "precisions": chosen, "rates": {}}  # fmt: skip

@@ -26,29 +26,22 @@ def _cfg(**settings) -> ClassifyConfig:
     return ClassifyConfig(input="in", model="m", output="o", **settings)
 
 
-@pytest.mark.parametrize(
-    ("flags", "precision", "threads"),
-    [
-        (ZEN3, "fp32", 1),
-        (ZEN3, "int8", 1),
-        (ZEN4, "fp32", 1),
-        (ZEN4, "bf16", 1),  # bf16 units, no tiles: one thread per actor measured faster
-        (ZEN4, "int8", 1),
-        (SAPPHIRE_RAPIDS, "bf16", 2),
-        (SAPPHIRE_RAPIDS, "int8", 2),
-    ],
-)
-def test_threads_follow_the_units_the_precision_runs_on(flags, precision, threads):
+@pytest.mark.parametrize("flags", [ZEN3, ZEN4, SAPPHIRE_RAPIDS])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_a_full_pool_has_one_thread_per_actor(flags, precision):
+    """On every CPU measured and in every precision (bf16 on Zen 4's bf16 units and on AMX
+    tiles, int8 on tiles, had actors of 2 threads before)."""
     pool = shape.choose(_cfg(), precision, TWO_CORES, BIG, flags)
-    assert (pool.actors, pool.cpus_per_actor) == (2 // threads, threads)
-    assert precision in pool.why and str(pool.actors) in pool.line()
+    assert (pool.actors, pool.cpus_per_actor) == (2, 1.0)
+    assert pool.why == f"{precision}: one thread per actor, a batch per core"
+    assert str(pool.actors) in pool.line()
 
 
-def test_many_cores_get_several_actors_of_at_most_most_threads():
+def test_many_cores_get_an_actor_each():
     node = shape.Cluster(cpus=64, gpus=0, node_cpus=(16,) * 4)
-    pool = shape.choose(_cfg(), "bf16", node, BIG, SAPPHIRE_RAPIDS)
-    assert pool.cpus_per_actor == shape.MOST_THREADS and pool.actors == 64 // shape.MOST_THREADS
-    assert shape.choose(_cfg(), "fp32", node, BIG, SAPPHIRE_RAPIDS).actors == 64
+    for flags in (ZEN4, SAPPHIRE_RAPIDS):
+        pool = shape.choose(_cfg(), "bf16", node, BIG, flags)
+        assert (pool.actors, pool.cpus_per_actor) == (64, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -76,17 +69,12 @@ def test_fewer_batches_than_cpus_share_a_nodes_free_cpus_out(cluster, batches, a
 
 def test_only_a_small_input_shares_the_cpus_out():
     """--max-actors keeps the rule's threads (it bounds what a run takes of a shared
-    cluster); a full bf16 pool keeps MOST_THREADS even where CPUs are left over."""
+    cluster); a small input's actors share a node's CPUs out, MOST_THREADS each at most."""
     pool = shape.choose(_cfg(max_actors=1), "fp32", TWO_CORES, BIG, ZEN3)
     assert (pool.actors, pool.cpus_per_actor) == (1, 1.0)
-    six = shape.Cluster(6, 0, (6,))
-    bf16 = shape.choose(_cfg(), "bf16", six, BIG, SAPPHIRE_RAPIDS)
-    assert (bf16.actors, bf16.cpus_per_actor) == (1, 4.0)
-    assert bf16.why == "bf16 runs on AMX tiles here: threads share the weights"
-    nodes = shape.Cluster(18, 0, (6, 6, 6))  # 4 actors of 4 would not fit on them
-    assert shape.choose(_cfg(), "bf16", nodes, BIG, SAPPHIRE_RAPIDS).actors == 3
     one = shape.choose(_cfg(), "bf16", shape.Cluster(8, 0, (8,)), 20, SAPPHIRE_RAPIDS)
     assert (one.actors, one.cpus_per_actor) == (1, 4.0)
+    assert one.why == "bf16: fewer batches than CPUs, their actors share them as threads"
 
 
 def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():
@@ -169,10 +157,14 @@ def _measured_shapes(data: dict, precision: str) -> dict[tuple[str, bool], float
 def test_the_rule_picks_a_shape_that_classified_fastest():
     """On every CPU with a committed bench/shapes.py result, the shape the rule picks for
     each precision classified within 10% of the fastest shape tried there compiled alike
-    (a compiled run against an eager one compares compiling, not shapes)."""
+    (a compiled run against an eager one compares compiling, not shapes). Results whose
+    runs do not record their tasks in flight were made before a full pool of several actors
+    got 2 each, which its actors waited without: the rule is held to the pool as it is."""
     compared = []
     for path in sorted((REPO / "bench" / "results").glob("shapes-*.json")):
         data = json.loads(path.read_text())
+        if any("tasks_in_flight" not in run["shape"] for run in data["classify"].values()):
+            continue
         flags = frozenset(data["machine"].rsplit("(", 1)[1].rstrip(")").split())
         cores = int(data["machine"].split(", ")[-1].split()[0])
         cluster = shape.Cluster(cpus=cores, gpus=0, node_cpus=(cores,))
@@ -185,7 +177,7 @@ def test_the_rule_picks_a_shape_that_classified_fastest():
                 if tried == picked and len(alike) > 1:
                     assert rate >= 0.9 * max(alike), (path.name, precision, rates)
                     compared.append((path.name, precision))
-    assert len({name for name, _ in compared}) >= 3 and len(compared) >= 6
+    assert len({name for name, _ in compared}) >= 3 and len(compared) >= 5
 
 
 def test_the_free_cpus_are_read_again_until_ray_counts_those_given_back(monkeypatch):

@@ -3,14 +3,14 @@ each, chosen for the CPU, precision and input at hand by a rule the benchmark va
 every CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
-The rule: bf16 and int8 on AMX tiles get actors of several threads (one copy of the
-weights for them all, and the compile threshold reached with fewer images in all; on the
-CPU measured, neither shape was ahead in every run). Everything else (fp32, and bf16 and
-int8 on vector units) gets one thread per actor: each core works on its own batch and one
-actor's decoding overlaps another's model, which bf16 and int8 on vector units measured
-faster. An input of fewer batches than that on one node shares the
-node's free CPUs out over its actors as threads, up to MOST_THREADS each (one batch on 2 CPUs
-runs on both). The rule's several are MOST_THREADS at most too (the CPUs measured had 2).
+The rule: one thread per actor, in every precision, on every CPU measured (Zen 3, Zen 4,
+Sapphire Rapids): each core works on its own batch, and one actor's decoding overlaps
+another's model. In every run of 3 rounds with the current code (bf16 on Zen 4; bf16 and int8
+on Sapphire Rapids, two runs each), one actor of several threads had the lower median; it had
+been the rule for bf16 and for int8 on AMX tiles from single runs made before a pool of
+several actors got 2 tasks in flight each. An input of fewer batches than CPUs on one node
+shares the node's free CPUs out over its actors as threads, up to MOST_THREADS each (one
+batch on 2 CPUs runs on both).
 Decoding stays fused into each actor either way (on the actor's threads, nothing copied
 between processes; decoding beside an actor's model on the same cores measured no faster
 on the CPU tried: docs/performance.md, "Decoding beside the model"). A test holds the rule
@@ -25,13 +25,11 @@ from insectlib.config import ClassifyConfig
 from insectlib.model.precision import cpu_flags
 from insectlib.runtime import console
 
-# Threads per actor where the rule gives it several (fast units', a small input's), at most:
-# beyond it, a batch of 32 does not keep more threads busy, and another actor does.
+# Threads per actor where a small input's actors share out the CPUs, at most: beyond it, a
+# batch of 32 does not keep more threads busy.
 MOST_THREADS = 4
 # The units that run a precision's arithmetic on its own (compiling gains most there).
 FAST_UNITS = {"bf16": frozenset({"avx512_bf16", "amx_bf16"}), "int8": frozenset({"amx_int8"})}
-# The tiles on which a precision's actors get several threads.
-TILES = {"bf16": "amx_bf16", "int8": "amx_int8"}
 
 
 @dataclass(frozen=True)
@@ -60,20 +58,6 @@ def fast_arithmetic(precision: str, flags: frozenset[str] | None = None) -> bool
     here (`FAST_UNITS`): bf16 on bf16 units, int8 on AMX tiles."""
     flags = cpu_flags() if flags is None else flags
     return bool(FAST_UNITS.get(precision, frozenset()) & flags)
-
-
-def on_tiles(precision: str, flags: frozenset[str] | None = None) -> bool:
-    """Whether `precision` runs on AMX tiles here (`TILES`)."""
-    flags = cpu_flags() if flags is None else flags
-    return TILES.get(precision) in flags
-
-
-def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
-    """The rule's threads (see the module's docstring) for nodes of at least `node_cpus`
-    CPUs, before a small input shares out the CPUs."""
-    if on_tiles(precision, flags):
-        return max(1, min(MOST_THREADS, node_cpus))
-    return 1
 
 
 @dataclass(frozen=True)
@@ -114,7 +98,7 @@ def choose(
         cpus, why = cfg.cpus_per_actor, "--cpus-per-actor"
         actors = min(cfg.max_actors or max(1, int(cluster.cpus // cpus)), _batches(cfg, seen))
     else:
-        cpus, actors, why = cpu_shape(cfg, precision, cluster, seen, flags)
+        cpus, actors, why = cpu_shape(cfg, precision, cluster, seen)
     if cfg.max_actors:
         why += ", --max-actors"
     per_actor = COMPILE_FROM[compile_kind(precision, flags)]
@@ -123,22 +107,15 @@ def choose(
 
 
 def cpu_shape(
-    cfg: ClassifyConfig,
-    precision: str,
-    cluster: Cluster,
-    seen: int,
-    flags: frozenset[str] | None = None,
+    cfg: ClassifyConfig, precision: str, cluster: Cluster, seen: int
 ) -> tuple[float, int, str]:
     """(threads per actor, actors, why) by the rule (see the module's docstring)."""
-    base = threads_per_actor(precision, min(cluster.node_cpus, default=1), flags)
-    room = max(1, cluster.holds(base))
+    room = max(1, cluster.holds(1))
     actors = min(cfg.max_actors or room, _batches(cfg, seen))
     shared = shared_threads(cluster, actors) if not cfg.max_actors and actors < room else 0
-    if shared > base:
+    if shared > 1:
         why = f"{precision}: fewer batches than CPUs, their actors share them as threads"
         return float(shared), actors, why
-    if base > 1:
-        return float(base), actors, f"{precision} runs on AMX tiles here: threads share the weights"
     return 1.0, actors, f"{precision}: one thread per actor, a batch per core"
 
 
