@@ -379,12 +379,16 @@ def test_auto_resumes_in_the_precision_its_rows_were_made_in(tmp_path, labelled,
     with pytest.raises(InsectError, match=r"CPU only\): finish it with --precision int8, without"):
         pipeline.auto_int8(gpu, meta, {int8_id})
     remeasured = {int8.int8_id_prefix(meta.model_id) + "0" * 12}
-    with pytest.raises(InsectError, match=r"measured again since\): start it again with --over"):
-        pipeline.auto_int8(cfg, meta, remeasured)
+    for settings in ({}, {"gpu": True}):  # --gpu: --precision int8 would run other statistics
+        with pytest.raises(InsectError, match=r"measured again since\): start it again with --"):
+            pipeline.auto_int8(dataclasses.replace(cfg, **settings), meta, remeasured)
     json.dump({**record, "top1_agreement": 0.5}, open(record_path, "w"))
     with pytest.raises(InsectError, match=r"below 99%\): finish it with --precision int8"):
         pipeline.auto_int8(cfg, meta, {int8_id})
     json.dump({**record, "top1_agreement": 1.0}, open(record_path, "w"))
+    os.remove(record_path)  # statistics gone (or of another insect or torch): none usable
+    with pytest.raises(InsectError, match=r"no int8 statistics usable here\): start it again"):
+        pipeline.auto_int8(cfg, meta, {int8_id})
     # --precision int8 over rows that were never int8's: refused before statistics are
     # measured (minutes), which would also replace those kept.
     row = {"path": [path], "label": [None], "error": ["x"], "model": [meta.model_id]}

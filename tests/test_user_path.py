@@ -207,8 +207,8 @@ def test_the_readmes_commands_from_another_folder(trained, labelled_root, unlabe
     small = {
         "train": ["--weights", "random", "--image-size", "32", "--no-augment", "--epochs", "1"]
         + ["--progress-every", "0", "--workers", "1"]  # a line per step
-        # The default arch (VGG-16) is asserted by test_imagenet_weights_without_network and
-        # test_model, and the demo trains it: here its 528 MB of weights took a quarter.
+        # The default arch (VGG-16) is asserted by test_imagenet_weights_without_network,
+        # and the demo trains it: here its 528 MB of weights took a quarter of the test.
         + ["--arch", SESSION_ARCH]
     }
     env = {"RAY_ADDRESS": _session_address()}

@@ -494,20 +494,23 @@ def auto_int8(
     """--precision auto's int8 model (see `int8_for_run`), or None. A resume of int8 rows
     that auto would not run as int8 this time is refused, saying why and what resumes it
     (the refusal of another model's rows could only name the flags the user passed)."""
-    kept = None if cfg.gpu else int8.load(cfg.model, meta, cfg.s3)
-    usable = kept is not None and kept.record.trusted and cpu_runs_int8_fast()
-    if usable and (not resumed or kept.record.int8_model_id in resumed):
-        return kept
     prefix = int8.int8_id_prefix(meta.model_id)
     rows = sorted(m for m in resumed or () if m.startswith(prefix))
+    if cfg.gpu and not rows:
+        return None
+    kept = int8.load(cfg.model, meta, cfg.s3)
+    usable = kept is not None and kept.record.trusted and cpu_runs_int8_fast() and not cfg.gpu
+    if usable and (not resumed or kept.record.int8_model_id in resumed):
+        return kept
     if not rows:
         return None
-    finish = "finish it with --precision int8"
-    if cfg.gpu:
+    finish, again = "finish it with --precision int8", "start it again with --overwrite"
+    if kept is None:
+        why, fix = "the model's folder holds no int8 statistics usable here", again
+    elif kept.record.int8_model_id != rows[0]:
+        why, fix = "the model's int8 statistics were measured again since", again
+    elif cfg.gpu:
         why, fix = "int8 runs on CPU only", f"{finish}, without --gpu"
-    elif kept is None or kept.record.int8_model_id != rows[0]:
-        why = "the model's folder no longer keeps its int8 statistics, measured again since"
-        fix = "start it again with --overwrite"
     elif not kept.record.trusted:
         why, fix = f"its top-1 agreement with fp32 was below {INT8_AGREEMENT_MIN:.0%}", finish
     else:
