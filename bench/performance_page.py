@@ -1193,15 +1193,19 @@ def share_of_ceiling(data: Result, precision: str, run: Result) -> str:
     return pct(run["steady"] / (actors * per_actor))
 
 
-def compile_break_even(data: Result, precision: str) -> tuple[float, float, str] | None:
+def compile_break_even(
+    data: Result, precision: str, key: str | None = None
+) -> tuple[float, float, str] | None:
     """(extra build seconds, seconds saved per image per actor, shape) of compiling in the
-    default's shape; None where `precision` was not measured both ways."""
+    shape `key` ("2x1": 2 actors of one thread; default: the run's default's); None where
+    `precision` was not measured both ways."""
     eager, compiled = (data["model_alone"].get(f"{precision} {k}") for k in ("eager", "compiled"))
     if not eager or not compiled:
         return None
-    shape = data["classify"][f"{precision} camera default"]["shape"]
-    key = f"{shape['actors']}x{shape['cpus_per_actor']:g}"
-    per_actor = [v[key] / shape["actors"] for v in (eager, compiled)]
+    if key is None:
+        shape = data["classify"][f"{precision} camera default"]["shape"]
+        key = f"{shape['actors']}x{shape['cpus_per_actor']:g}"
+    per_actor = [v[key] / int(key.split("x")[0]) for v in (eager, compiled)]
     saved = 1 / per_actor[0] - 1 / per_actor[1]
     return compiled["build_seconds"] - eager["build_seconds"], saved, key
 

@@ -566,8 +566,8 @@ class ClassifyConfig(ActorSettings, RowSettings):
         help=(
             "torch.compile the model in each actor (faster batches after seconds to a "
             "minute of compiling); auto: on where a run has enough images an actor to "
-            "repay it, never where compiling gained nothing (fp32 on AVX-512 CPUs; the "
-            "gains per CPU: docs/performance.md)"
+            "repay it, never where compiling gained nothing (bf16 on AVX-512 without AMX; "
+            "the gains per CPU: docs/performance.md)"
         ),
     )
     rows_per_file: int = setting(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 import time
 
@@ -26,22 +27,30 @@ def _cfg(**settings) -> ClassifyConfig:
     return ClassifyConfig(input="in", model="m", output="o", **settings)
 
 
-@pytest.mark.parametrize("flags", [ZEN3, ZEN4, SAPPHIRE_RAPIDS])
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
-def test_a_full_pool_has_one_thread_per_actor(flags, precision):
-    """On every CPU measured and in every precision (bf16 on Zen 4's bf16 units and on AMX
-    tiles, int8 on tiles, had actors of 2 threads before)."""
+@pytest.mark.parametrize(
+    ("flags", "precision", "threads"),
+    [
+        (ZEN3, "fp32", 1),  # AVX2 only
+        (ZEN3, "int8", 1),
+        (ZEN4, "fp32", 2),  # AVX-512: threads share the fp32 weights
+        (ZEN4, "bf16", 1),
+        (ZEN4, "int8", 1),
+        (SAPPHIRE_RAPIDS, "fp32", 2),
+        (SAPPHIRE_RAPIDS, "bf16", 1),  # AMX tiles, one thread per actor all the same
+        (SAPPHIRE_RAPIDS, "int8", 1),
+    ],
+)
+def test_threads_follow_the_precision_and_the_cpu(flags, precision, threads):
     pool = shape.choose(_cfg(), precision, TWO_CORES, BIG, flags)
-    assert (pool.actors, pool.cpus_per_actor) == (2, 1.0)
-    assert pool.why == f"{precision}: one thread per actor, a batch per core"
-    assert str(pool.actors) in pool.line()
+    assert (pool.actors, pool.cpus_per_actor) == (2 // threads, threads)
+    assert precision in pool.why and str(pool.actors) in pool.line()
 
 
-def test_many_cores_get_an_actor_each():
+def test_many_cores_get_several_actors_of_at_most_most_threads():
     node = shape.Cluster(cpus=64, gpus=0, node_cpus=(16,) * 4)
-    for flags in (ZEN4, SAPPHIRE_RAPIDS):
-        pool = shape.choose(_cfg(), "bf16", node, BIG, flags)
-        assert (pool.actors, pool.cpus_per_actor) == (64, 1.0)
+    pool = shape.choose(_cfg(), "fp32", node, BIG, ZEN4)
+    assert pool.cpus_per_actor == shape.MOST_THREADS and pool.actors == 64 // shape.MOST_THREADS
+    assert shape.choose(_cfg(), "bf16", node, BIG, SAPPHIRE_RAPIDS).actors == 64
 
 
 @pytest.mark.parametrize(
@@ -69,9 +78,16 @@ def test_fewer_batches_than_cpus_share_a_nodes_free_cpus_out(cluster, batches, a
 
 def test_only_a_small_input_shares_the_cpus_out():
     """--max-actors keeps the rule's threads (it bounds what a run takes of a shared
-    cluster); a small input's actors share a node's CPUs out, MOST_THREADS each at most."""
+    cluster); a full fp32 pool keeps MOST_THREADS even where CPUs are left over; a small
+    input's actors share a node's CPUs out, MOST_THREADS each at most."""
     pool = shape.choose(_cfg(max_actors=1), "fp32", TWO_CORES, BIG, ZEN3)
     assert (pool.actors, pool.cpus_per_actor) == (1, 1.0)
+    six = shape.Cluster(6, 0, (6,))
+    fp32 = shape.choose(_cfg(), "fp32", six, BIG, ZEN4)
+    assert (fp32.actors, fp32.cpus_per_actor) == (1, 4.0)
+    assert fp32.why == "fp32 on this CPU: threads share the weights"
+    nodes = shape.Cluster(18, 0, (6, 6, 6))  # 4 actors of 4 would not fit on them
+    assert shape.choose(_cfg(), "fp32", nodes, BIG, ZEN4).actors == 3
     one = shape.choose(_cfg(), "bf16", shape.Cluster(8, 0, (8,)), 20, SAPPHIRE_RAPIDS)
     assert (one.actors, one.cpus_per_actor) == (1, 4.0)
     assert one.why == "bf16: fewer batches than CPUs, their actors share them as threads"
@@ -87,7 +103,7 @@ def test_flags_override_the_rule_and_small_inputs_get_fewer_actors():
 
 
 def test_compile_auto_pays_only_on_long_enough_runs():
-    for precision, flags in (("fp32", ZEN3), ("bf16", ZEN4), ("bf16", SAPPHIRE_RAPIDS)):
+    for precision, flags in (("fp32", ZEN3), ("fp32", ZEN4), ("bf16", SAPPHIRE_RAPIDS)):
         threshold = shape.COMPILE_FROM[shape.compile_kind(precision, flags)]
         actors = shape.choose(_cfg(), precision, TWO_CORES, BIG, flags).actors
         short = shape.choose(_cfg(), precision, TWO_CORES, threshold * actors - 1, flags)
@@ -97,8 +113,10 @@ def test_compile_auto_pays_only_on_long_enough_runs():
     limit = shape.GPU_COMPILE_FROM * 2
     assert not shape.choose(_cfg(gpu=True), "bf16", gpus, limit - 1, ZEN3).compile
     assert shape.choose(_cfg(gpu=True), "bf16", gpus, limit, ZEN3).compile
-    # fp32 with AVX-512 gained nothing compiled: never on its own, still on request.
-    assert not shape.choose(_cfg(), "fp32", TWO_CORES, BIG * 100, SAPPHIRE_RAPIDS).compile
+    # bf16 on Zen 4's vector units gained nothing compiled: never on its own, still on
+    # request.
+    assert not shape.choose(_cfg(), "bf16", TWO_CORES, BIG * 100, ZEN4).compile
+    assert shape.choose(_cfg(compile="on"), "bf16", TWO_CORES, 32, ZEN4).compile
     assert shape.choose(_cfg(compile="on"), "fp32", TWO_CORES, 32, SAPPHIRE_RAPIDS).compile
     assert shape.choose(_cfg(compile="on"), "fp32", TWO_CORES, 32, ZEN3).compile
     assert shape.choose(_cfg(), "int8", TWO_CORES, 32, ZEN3).compile  # int8 runs compiled
@@ -114,31 +132,40 @@ def _performance_page():
 
 
 def test_the_compile_threshold_follows_the_measured_break_even():
-    """COMPILE_FROM is within 25% of where compiling repaid its start-up, for the kind of
-    CPU and precision, in each committed bench/shapes.py result that measured both ways;
-    None where compiling saved less than the bench's noise per image: fp32 with AVX-512
-    saved -1.5% and +4.4% of its time in two runs on Sapphire Rapids, where bf16 on Zen 4,
-    whose compile pays, saved 5.4% and 6.7% (a line between them, for want of more runs)."""
-    page, measured = _performance_page(), []
+    """COMPILE_FROM is within 25% of where compiling repaid its start-up in the shape the
+    rule picks (the median over the committed bench/shapes.py results that measured both
+    ways, for the kind of CPU and precision); None where compiling saved less than the
+    bench's noise per image (the median again: single runs moved from -5% to +9%)."""
+    page, measured = _performance_page(), {}
     for path in sorted((REPO / "bench" / "results").glob("shapes-*.json")):
         data = json.loads(path.read_text())
-        flags = frozenset(data["machine"].rsplit("(", 1)[1].rstrip(")").split())
+        flags, cluster = _machine(data)
         for precision in data["precisions"]:
-            found = page.compile_break_even(data, precision)
+            pool = shape.choose(_cfg(), precision, cluster, BIG, flags)
+            key = f"{pool.actors}x{pool.cpus_per_actor:g}"
+            found = page.compile_break_even(data, precision, key)
             if found:
-                extra, saved, key = found
-                eager = data["model_alone"][f"{precision} eager"][key] / int(key.split("x")[0])
+                extra, saved, _ = found
+                eager = data["model_alone"][f"{precision} eager"][key] / pool.actors
                 kind = shape.compile_kind(precision, flags)
-                measured.append(
-                    (path.name, kind, extra / saved if saved > 0 else None, saved * eager)
-                )
-    assert {kind for _, kind, _, _ in measured} >= {"compute-bound", "fast arithmetic, AMX"}
-    for name, kind, break_even, gain in measured:
+                break_even = extra / saved if saved > 0 else float("inf")
+                measured.setdefault(kind, []).append((break_even, saved * eager))
+    assert set(measured) >= {"compute-bound", "fast arithmetic, AMX", "fast arithmetic"}
+    for kind, found in measured.items():
+        break_even = statistics.median(b for b, _ in found)
+        gain = statistics.median(g for _, g in found)
         threshold = shape.COMPILE_FROM[kind]
         if threshold is None:
-            assert gain < NOISE, (name, kind, break_even, gain)
+            assert gain < NOISE, (kind, found)
         else:
-            assert break_even and 0.75 < threshold / break_even < 1.25, (name, kind, break_even)
+            assert gain >= NOISE and 0.75 < threshold / break_even < 1.25, (kind, found)
+
+
+def _machine(data: dict) -> tuple[frozenset[str], shape.Cluster]:
+    """The CPU flags and the one-node cluster of the machine a result was measured on."""
+    flags = frozenset(data["machine"].rsplit("(", 1)[1].rstrip(")").split())
+    cores = int(data["machine"].split(", ")[-1].split()[0])
+    return flags, shape.Cluster(cpus=cores, gpus=0, node_cpus=(cores,))
 
 
 def _measured_shapes(data: dict, precision: str) -> dict[tuple[str, bool], float]:
@@ -157,27 +184,32 @@ def _measured_shapes(data: dict, precision: str) -> dict[tuple[str, bool], float
 def test_the_rule_picks_a_shape_that_classified_fastest():
     """On every CPU with a committed bench/shapes.py result, the shape the rule picks for
     each precision classified within 10% of the fastest shape tried there compiled alike
-    (a compiled run against an eager one compares compiling, not shapes). Results whose
-    runs do not record their tasks in flight were made before a full pool of several actors
-    got 2 each, which its actors waited without: the rule is held to the pool as it is."""
-    compared = []
+    (a compiled run against an eager one compares compiling, not shapes), and, in a result
+    of 3 rounds or more, had the highest median. Where a CPU and precision have results
+    whose runs record their tasks in flight, only those count: the older ones were made
+    before a full pool of several actors got 2 tasks each, which its actors waited without."""
+    results: dict[tuple, list] = {}
     for path in sorted((REPO / "bench" / "results").glob("shapes-*.json")):
         data = json.loads(path.read_text())
-        if any("tasks_in_flight" not in run["shape"] for run in data["classify"].values()):
-            continue
-        flags = frozenset(data["machine"].rsplit("(", 1)[1].rstrip(")").split())
-        cores = int(data["machine"].split(", ")[-1].split()[0])
-        cluster = shape.Cluster(cpus=cores, gpus=0, node_cpus=(cores,))
+        current = all("tasks_in_flight" in run["shape"] for run in data["classify"].values())
+        flags, cluster = _machine(data)
         for precision in data["precisions"]:
+            results.setdefault((flags, precision), []).append((current, path.name, data, cluster))
+    compared = []
+    for (flags, precision), found in results.items():
+        newest = [r for r in found if r[0]] or found
+        for _, name, data, cluster in newest:
             pool = shape.choose(_cfg(), precision, cluster, BIG, flags)
             picked = f"{pool.actors}x{pool.cpus_per_actor:g}"
             rates = _measured_shapes(data, precision)
             for (tried, compiled), rate in rates.items():
                 alike = [r for (_, c), r in rates.items() if c == compiled]
                 if tried == picked and len(alike) > 1:
-                    assert rate >= 0.9 * max(alike), (path.name, precision, rates)
-                    compared.append((path.name, precision))
-    assert len({name for name, _ in compared}) >= 3 and len(compared) >= 5
+                    assert rate >= 0.9 * max(alike), (name, precision, rates)
+                    if data.get("rounds", 1) >= 3:
+                        assert rate == max(alike), (name, precision, rates)
+                    compared.append((name, precision))
+    assert len({name for name, _ in compared}) >= 5 and len(compared) >= 9
 
 
 def test_the_free_cpus_are_read_again_until_ray_counts_those_given_back(monkeypatch):

@@ -3,14 +3,17 @@ each, chosen for the CPU, precision and input at hand by a rule the benchmark va
 every CPU that comes up (`bench/shapes.py`, docs/performance.md), and whether the model is
 compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override the rule.
 
-The rule: one thread per actor, in every precision, on every CPU measured (Zen 3, Zen 4,
-Sapphire Rapids): each core works on its own batch, and one actor's decoding overlaps
-another's model. In every run of 3 rounds with the current code (bf16 on Zen 4; bf16 and int8
-on Sapphire Rapids, two runs each), one actor of several threads had the lower median; it had
-been the rule for bf16 and for int8 on AMX tiles from single runs made before a pool of
-several actors got 2 tasks in flight each. An input of fewer batches than CPUs on one node
-shares the node's free CPUs out over its actors as threads, up to MOST_THREADS each (one
-batch on 2 CPUs runs on both).
+The rule, from the shapes measured (3 rounds each where the text says so): fp32 on a CPU
+with AVX-512 gets actors of several threads, one copy of the weights for them (on Zen 4, in
+3 rounds, one actor of 2 threads classified about 15% faster than 2 of one thread; on
+Sapphire Rapids, in one run, 4% faster); everything else gets one thread per actor, so that
+each core works on its own batch and one actor's decoding overlaps another's model (in
+every run of 3 rounds, one actor of 2 threads had the lower median: bf16 on Zen 4, bf16
+and int8 on Sapphire Rapids, int8 on Zen 4; fp32 on Zen 3, AVX2 only, ran even). bf16, and
+int8 on AMX tiles, had had actors of several threads, from single runs made before a pool
+of several actors got 2 tasks in flight each. An input of fewer batches than CPUs on one
+node shares the node's free CPUs out over its actors as threads, up to MOST_THREADS each
+(one batch on 2 CPUs runs on both).
 Decoding stays fused into each actor either way (on the actor's threads, nothing copied
 between processes; decoding beside an actor's model on the same cores measured no faster
 on the CPU tried: docs/performance.md, "Decoding beside the model"). A test holds the rule
@@ -25,9 +28,12 @@ from insectlib.config import ClassifyConfig
 from insectlib.model.precision import cpu_flags
 from insectlib.runtime import console
 
-# Threads per actor where a small input's actors share out the CPUs, at most: beyond it, a
-# batch of 32 does not keep more threads busy.
+# Threads per actor where the rule gives it several, or a small input's actors share out the
+# CPUs, at most: beyond it, a batch of 32 does not keep more threads busy.
 MOST_THREADS = 4
+# The precisions whose actors get several threads (one copy of the weights for them), and the
+# CPU flag it takes (see the module's docstring).
+SHARED_WEIGHTS = {"fp32": "avx512f"}
 # The units that run a precision's arithmetic on its own (compiling gains most there).
 FAST_UNITS = {"bf16": frozenset({"avx512_bf16", "amx_bf16"}), "int8": frozenset({"amx_int8"})}
 
@@ -98,7 +104,7 @@ def choose(
         cpus, why = cfg.cpus_per_actor, "--cpus-per-actor"
         actors = min(cfg.max_actors or max(1, int(cluster.cpus // cpus)), _batches(cfg, seen))
     else:
-        cpus, actors, why = cpu_shape(cfg, precision, cluster, seen)
+        cpus, actors, why = cpu_shape(cfg, precision, cluster, seen, flags)
     if cfg.max_actors:
         why += ", --max-actors"
     per_actor = COMPILE_FROM[compile_kind(precision, flags)]
@@ -107,16 +113,32 @@ def choose(
 
 
 def cpu_shape(
-    cfg: ClassifyConfig, precision: str, cluster: Cluster, seen: int
+    cfg: ClassifyConfig,
+    precision: str,
+    cluster: Cluster,
+    seen: int,
+    flags: frozenset[str] | None = None,
 ) -> tuple[float, int, str]:
     """(threads per actor, actors, why) by the rule (see the module's docstring)."""
-    room = max(1, cluster.holds(1))
+    base = threads_per_actor(precision, min(cluster.node_cpus, default=1), flags)
+    room = max(1, cluster.holds(base))
     actors = min(cfg.max_actors or room, _batches(cfg, seen))
     shared = shared_threads(cluster, actors) if not cfg.max_actors and actors < room else 0
-    if shared > 1:
+    if shared > base:
         why = f"{precision}: fewer batches than CPUs, their actors share them as threads"
         return float(shared), actors, why
+    if base > 1:
+        return float(base), actors, f"{precision} on this CPU: threads share the weights"
     return 1.0, actors, f"{precision}: one thread per actor, a batch per core"
+
+
+def threads_per_actor(precision: str, node_cpus: int, flags: frozenset[str] | None = None) -> int:
+    """The rule's threads (see the module's docstring) for nodes of at least `node_cpus`
+    CPUs, before a small input shares out the CPUs."""
+    flags = cpu_flags() if flags is None else flags
+    if SHARED_WEIGHTS.get(precision) in flags:
+        return max(1, min(MOST_THREADS, node_cpus))
+    return 1
 
 
 def shared_threads(cluster: Cluster, actors: int) -> int:
@@ -135,14 +157,14 @@ def _batches(cfg: ClassifyConfig, seen: int) -> int:
     return max(1, -(-seen // cfg.batch_size))
 
 
-# Images per CPU actor from which compiling repays its start-up (None: it gained nothing),
-# by `compile_kind` (measured: docs/performance.md, "Actor shapes"; a test holds these to
-# the results).
+# Images per CPU actor from which compiling repays its start-up in the rule's shape (None:
+# it gained less than the bench's noise), by `compile_kind` (measured: docs/performance.md,
+# "Actor shapes"; a test holds these to the results).
 COMPILE_FROM = {
-    "fast arithmetic, AMX": 900,  # Sapphire Rapids, bf16 (int8 always compiles)
-    "fast arithmetic": 1200,  # Zen 4, bf16
-    "compute-bound": 640,
-    "compute-bound, AVX-512": None,
+    "fast arithmetic, AMX": 470,  # Sapphire Rapids, bf16 (int8 always compiles)
+    "fast arithmetic": None,  # Zen 4, bf16: a one-thread actor gained 3-7%
+    "compute-bound": 640,  # Zen 3, fp32
+    "compute-bound, AVX-512": 930,  # Zen 4 and Sapphire Rapids, fp32 (actors of 2 threads)
 }
 GPU_COMPILE_FROM = 1000  # images per GPU actor: not measured apart, as CPUs were at first
 
