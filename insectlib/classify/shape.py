@@ -9,7 +9,8 @@ with AVX-512 gets actors of several threads, one copy of the weights for them (o
 Sapphire Rapids, in one run, 4% faster); everything else gets one thread per actor, so that
 each core works on its own batch and one actor's decoding overlaps another's model (in
 every run of 3 rounds, one actor of 2 threads had the lower median: bf16 on Zen 4, bf16
-and int8 on Sapphire Rapids, int8 on Zen 4; fp32 on Zen 3, AVX2 only, ran even). bf16, and
+and int8 on Sapphire Rapids, int8 on Zen 4; fp32 on Zen 3, AVX2 only, ran even; bf16 on Zen 4
+is within the noise, a single eager round having had one actor of 2 threads 4% ahead). bf16, and
 int8 on AMX tiles, had had actors of several threads, from single runs made before a pool
 of several actors got 2 tasks in flight each. An input of fewer batches than CPUs on one
 node shares the node's free CPUs out over its actors as threads, up to MOST_THREADS each
