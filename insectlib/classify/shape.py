@@ -6,7 +6,7 @@ compiled for a run of this size. `--max-actors` and `--cpus-per-actor` override 
 The rule, from the shapes measured (3 rounds each where the text says so): fp32 on a CPU
 with AVX-512 gets actors of several threads, one copy of the weights for them (on Zen 4, in
 3 rounds, one actor of 2 threads classified 14% faster than 2 of one thread, the medians; on
-Sapphire Rapids, in one run, 4% faster); everything else gets one thread per actor, so that
+Sapphire Rapids, in one run, 5% faster); everything else gets one thread per actor, so that
 each core works on its own batch and one actor's decoding overlaps another's model (in
 every run of 3 rounds, one actor of 2 threads had the lower median: bf16 on Zen 4, bf16
 and int8 on Sapphire Rapids, int8 on Zen 4; fp32 on Zen 3, AVX2 only, ran even; bf16 on Zen 4
