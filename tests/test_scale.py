@@ -24,7 +24,7 @@ import ray
 import ray.data
 
 from insectlib import layout, storage
-from insectlib.classify import dataset, outputs, pipeline
+from insectlib.classify import dataset, outputs, pipeline, shape
 from insectlib.classify.dataset import (
     MANY_TASKS,
     actor_pool,
@@ -403,10 +403,12 @@ def test_a_count_goes_on_once_to_the_limit_its_first_count_asks_for(tmp_path, mo
 def test_the_count_goes_on_only_where_the_input_decides_the_tasks_in_flight(
     ray_local, tmp_path, monkeypatch
 ):
-    """Past the compile threshold's count (1,200 an actor) the driver counts on only for
-    a full CPU pool of several actors, and only where MOST_COUNTED inputs can prove
+    """Past the compile thresholds' count (the largest, an actor) the driver counts on only
+    for a full CPU pool of several actors, and only where MOST_COUNTED inputs can prove
     MANY_TASKS an actor: a growing pool, a GPU pool and one actor take no more listing
     (but with --embeddings a pool of several)."""
+    most = max(*(n for n in shape.COMPILE_FROM.values() if n), shape.GPU_COMPILE_FROM)
+    assert most <= 1200  # 4,000 inputs prove the rest
     _names(tmp_path / "in", 4000)
     names = [f"c{i}" for i in range(60)]  # blocks of a batch of 60-class rows: 5 of paths
     meta = ModelMeta(classes=names, arch="vgg16", image_size=32, model_id="0" * 16)
@@ -418,15 +420,15 @@ def test_the_count_goes_on_only_where_the_input_decides_the_tasks_in_flight(
         return pipeline.count_for_choices(plan).inputs
 
     assert 2400 < counted(max_actors=2, cpus_per_actor=1.0) < 4000
-    assert counted(max_actors=2, cpus_per_actor=1.0, min_actors=1) == 2400
-    assert counted(max_actors=2, gpu=True) == 2400
-    assert counted(max_actors=1) == 1200
+    assert counted(max_actors=2, cpus_per_actor=1.0, min_actors=1) == 2 * most
+    assert counted(max_actors=2, gpu=True) == 2 * most
+    assert counted(max_actors=1) == most
     # --embeddings: on to the whole input, to cut it into blocks that spread (a pool of
     # several actors, GPU too)
     assert counted(max_actors=2, gpu=True, embeddings=True) == 4000
-    assert counted(max_actors=1, embeddings=True) == 1200
+    assert counted(max_actors=1, embeddings=True) == most
     monkeypatch.setattr(pipeline, "MOST_COUNTED", 2500)
-    assert counted(max_actors=2, cpus_per_actor=1.0) == 2400
+    assert counted(max_actors=2, cpus_per_actor=1.0) == 2 * most
     assert counted(max_actors=2, cpus_per_actor=1.0, embeddings=True) == 2500
 
 
