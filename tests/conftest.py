@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from filelock import FileLock
 from PIL import Image
 
 from insectlib import storage
 from insectlib.config import TrainConfig
 from insectlib.data import synthetic
-from insectlib.model.meta import write_meta
+from insectlib.model.meta import read_meta, write_meta
 from insectlib.training.trainer import fit
 from tests.s3server import MotoServer
 
@@ -177,10 +178,30 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def made_once(tmp_path_factory, worker_id: str, name: str, make) -> Path:
+    """The folder `name` that `make(folder)` fills, made by the first pytest-xdist worker of
+    the run to ask, under a lock, and shared by the others (pytest-xdist's own recipe): the
+    session's images and models, the same for every worker, cost each worker's CPUs once
+    (a model is a training run; the cores are busy to the suite's end)."""
+    base = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # under xdist: the folder the workers' own are in
+        base = base.parent
+    folder, made = base / name, base / f"{name}.made"
+    with FileLock(str(base / f"{name}.lock")):
+        if not made.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker's attempt that failed
+            folder.mkdir()
+            make(folder)
+            made.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def labelled_root(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("labelled")
-    return synthetic.make_labelled(str(root), per_class=30, size=(64, 48))
+def labelled_root(tmp_path_factory, worker_id) -> str:
+    def make(root: Path) -> None:
+        synthetic.make_labelled(str(root), per_class=30, size=(64, 48))
+
+    return str(made_once(tmp_path_factory, worker_id, "labelled", make))
 
 
 @pytest.fixture(scope="session")
@@ -192,25 +213,35 @@ def unlabelled(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def trained(ray_local, labelled_root, tmp_path_factory):
+def trained(ray_local, labelled_root, tmp_path_factory, worker_id):
     """A ResNet-18 (random trunk) fine-tuned once with 2 workers; returns (config, meta).
     Not VGG-16: a tenth of its compute and weights, in every run that uses this model (the
     README's commands train and classify the default VGG-16)."""
-    work = tmp_path_factory.mktemp("trained")
-    cfg = small_train_config(
-        labelled_root, work, arch=SESSION_ARCH, lr=0.003, workers=2, name="session"
-    )
-    return cfg, fit(cfg)
+    return trained_once(
+        tmp_path_factory, worker_id, "trained",
+        labelled_root, arch=SESSION_ARCH, lr=0.003, workers=2, name="session",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def trained_vgg(ray_local, labelled_root, tmp_path_factory):
+def trained_vgg(ray_local, labelled_root, tmp_path_factory, worker_id):
     """VGG-16, the product's default (random trunk), fine-tuned once with one worker, for
     the tests about VGG-16 itself (feature maps, int8, bf16 and compiled against fp32
     eager, temperature scaling of an over-confident head); returns (config, meta)."""
-    work = tmp_path_factory.mktemp("trained-vgg")
-    cfg = small_train_config(labelled_root, work, lr=0.003, name="vgg")
-    return cfg, fit(cfg)
+    return trained_once(
+        tmp_path_factory, worker_id, "trained-vgg", labelled_root, lr=0.003, name="vgg"
+    )
+
+
+def trained_once(tmp_path_factory, worker_id, folder: str, data: str, **overrides):
+    """(config, meta) of `small_train_config(data, ...)`, trained by one xdist worker
+    (`made_once`); the workers do not change a session model (a test copies it first)."""
+    work = made_once(
+        tmp_path_factory, worker_id, folder,
+        lambda made: fit(small_train_config(data, made, **overrides)),
+    )  # fmt: skip
+    cfg = small_train_config(data, work, **overrides)
+    return cfg, read_meta(cfg.output)
 
 
 @pytest.fixture(scope="session")
