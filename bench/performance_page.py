@@ -1303,6 +1303,39 @@ def cpu_split(data: Result, name: str) -> str:
     )
 
 
+def actor_profile(data: Result, name: str) -> str:
+    runs = data["runs"]
+    first = next(iter(runs.values()))
+    kinds = [(t, w) for t, shares in first["mean"].items() for w in shares]
+    rows = [
+        [thread, what] + [pct(run["mean"].get(thread, {}).get(what, 0.0)) for run in runs.values()]
+        for thread, what in kinds
+    ]
+    shapes = ", ".join(f"{source} {shape_name(run['shape'])}" for source, run in runs.items())
+    wholes = ", ".join(f"{source} {rate(run['whole'])} images/s" for source, run in runs.items())
+    return paragraphs(
+        f"Inside the model actors of `insect classify` ({clean(data['model'])}, "
+        f"{data['precision']}, the default shape: {shapes}), each sampled by py-spy for "
+        f"{secs(data['seconds'])} s from {secs(data['warm_up'])} s after the actors started, "
+        f"{data['images']} images a run; the share of each thread's samples, the mean over "
+        "the actors.",
+        provenance(command("actor_profile.py", actor_profile_args(data), name), name, data),
+        table(["thread", "doing", *runs], "ll" + "r" * len(runs), rows),
+        f"The whole runs: {wholes}. The model thread is the one Ray Data runs the model's "
+        "calls in; the task thread reads and decodes each batch, then waits while the model "
+        "thread runs it.",
+    )
+
+
+def actor_profile_args(data: Result) -> str:
+    """The arguments that shaped the runs that wrote `data` (not --out)."""
+    args = [f"--images {data['images']}"]
+    if data["precision"] != "bf16":
+        args.append(f"--precision {data['precision']}")
+    args += [f"--seconds {data['seconds']:g}", f"--warm-up {data['warm_up']:g}"]
+    return " ".join(args)
+
+
 def cpu_split_args(data: Result) -> str:
     """The arguments that shaped the run that wrote `data` (not --out, --label, --change)."""
     args = [f"--images {data['images']}"]
@@ -1503,6 +1536,7 @@ SECTIONS = [
     Section("Blocks", "blocks.json", blocks),
     Section("Actor shapes", "shapes-*.json", shapes),
     Section("Where the CPUs go", "cpu-split-*.json", cpu_split),
+    Section("Inside a model actor", "actor-profile-*.json", actor_profile),
     Section("Tasks in flight", "in-flight-*.json", in_flight),
     Section("Decoding for the model", "decoding-*.json", decoding),
     Section("Decoding beside the model", "decode-overlap-*.json", decode_overlap),

@@ -242,3 +242,41 @@ def test_only_a_cluster_of_one_node_waits_for_its_free_cpus(monkeypatch):
     began = time.monotonic()
     assert pipeline.cluster_size() == shape.Cluster(4.0, 0, (2, 2))
     assert time.monotonic() - began < 0.5
+
+
+def _bench(name: str):
+    """A bench/ script as a module (its own imports from bench/ found)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def test_the_actor_profile_sorts_each_threads_samples_by_what_it_does():
+    """bench/actor_profile.py's reading of py-spy's raw output (`--threads`): the task
+    thread, the model thread, and the actor's other threads (a decoding pool's, Ray's)
+    left out."""
+    worker = "thread (1): MainThread;<module> (ray/_private/workers/default_worker.py:323)"
+    task = f"{worker};Worker.main_loop (ray/_private/worker.py:1069);_map_task (m.py:879)"
+    pool = "Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:83)"
+    model = f"thread (2): ThreadPoolExecutor-0_0;{pool}"
+    raw = "\n".join([
+        f"{model};_WorkItem.run (c.py:58);Predictor.__call__ (p.py:198);Predictor.predict (p.py:160);Conv2d.forward (c.py:565) 90",  # noqa: E501
+        f"{model};_WorkItem.run (c.py:58);Predictor.__call__ (p.py:200) 2",
+        "thread (2): ThreadPoolExecutor-0_0;Thread.run (threading.py:982);_worker (concurrent/futures/thread.py:81) 8",  # noqa: E501
+        f"{task};image_batch (d.py:68);ImageFile.load (PIL/ImageFile.py:425) 6",
+        f"{task};_SingleThreadedWrapper.__call__ (u.py:123);Condition.wait (t.py:327) 92",
+        f"{task};pickle (p.py:1) 1",
+        f"{worker};Worker.main_loop (ray/_private/worker.py:1069) 1",
+        f"thread (3): ThreadPoolExecutor-1_0;{pool};decode (insectlib/data/images.py:9) 50",
+        "thread (4): Thread-2;Thread.run (threading.py:982);PythonGCThread.run (g.py:29) 100",
+    ])  # fmt: skip
+    got = _bench("actor_profile").split(raw)
+    assert got == {
+        "model thread": {"forward": 0.9, "rest of the call": 0.02, "waiting for a batch": 0.08},
+        "task thread": {
+            "decoding": 0.06, "waiting on the model": 0.92, "Ray Data": 0.01,
+            "waiting for a task": 0.01,
+        },
+    }  # fmt: skip
