@@ -206,15 +206,13 @@ def test_classify_survives_a_killed_model_actor(trained, many_images, tmp_path):
 
 
 def train_config(data: str, tmp_path: Path, **kw) -> TrainConfig:
-    return small_train_config(
-        data,
-        tmp_path,
+    settings = dict(
         epochs=3,
         workers=2,  # as the CLI's default in the resume test
         name="run",
         cache_features=False,  # every epoch takes its time: room for a kill mid-run
-        **kw,
     )
+    return small_train_config(data, tmp_path, **{**settings, **kw})
 
 
 def test_the_run_snapshot_is_the_file_ray_train_writes():
@@ -225,26 +223,22 @@ def test_the_run_snapshot_is_the_file_ray_train_writes():
     assert RUN_SNAPSHOT == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 
+# Epochs of the resume test: room for a checkpoint in each of its three runs, and for
+# epochs after the last kill.
+EPOCHS = 6
+
+
 def checkpoints(cfg: TrainConfig) -> list[str]:
-    """Checkpoint folders of the run, oldest first, once Ray Train has registered one (a
-    folder alone may be a report still in flight, which a restart rightly ignores)."""
+    """The checkpoint folders Ray Train has recorded for the run, oldest first (a folder
+    alone may be a report still in flight, which a restart rightly ignores): those its
+    snapshot (RUN_SNAPSHOT) lists."""
     run = os.path.join(cfg.storage, cfg.name)
-    if not os.path.exists(os.path.join(run, RUN_SNAPSHOT)):
+    try:
+        with open(os.path.join(run, RUN_SNAPSHOT)) as f:
+            recorded = json.load(f)["checkpoint_results"]
+    except (OSError, ValueError):  # none yet, or being rewritten
         return []
-    return sorted(d for d in glob.glob(os.path.join(run, "checkpoint_*")) if os.path.isdir(d))
-
-
-def first_epoch(checkpoint: str) -> dict:
-    return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)["history"][0]
-
-
-def test_training_survives_a_killed_worker(ray_local, labelled_root, tmp_path):
-    cfg = train_config(labelled_root, tmp_path, max_failures=1)
-    with killing("RayTrainWorker", lambda: checkpoints(cfg), "the first checkpoint"):
-        meta = fit(cfg)
-    assert [e["epoch"] for e in meta.epochs] == [1, 2, 3]  # each reported once
-    assert meta.epochs[0] == first_epoch(checkpoints(cfg)[0])  # restored, not trained again
-    assert (Path(cfg.output) / "model.safetensors").exists()
+    return [os.path.join(run, c["checkpoint_dir_name"]) for c in recorded]
 
 
 def test_a_lost_training_controller_says_how_to_resume(ray_local, labelled_root, tmp_path):
@@ -268,11 +262,15 @@ def test_a_lost_training_controller_says_how_to_resume(ray_local, labelled_root,
 
 
 def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path, capsys):
-    cfg = train_config(labelled_root, tmp_path)
+    """A run stopped by Ctrl-C, then, resumed, by a lost worker that --max-failures 0
+    allows no restart for, then resumed with a restart allowed through another lost worker:
+    each stop says in one line how to continue, each resume starts from the last recorded
+    epoch, and every epoch is reported once, restored rather than trained again."""
+    cfg = train_config(labelled_root, tmp_path, epochs=EPOCHS)
     args = [
         "train", labelled_root, "--output", cfg.output, "--weights", "random",
         "--image-size", str(cfg.image_size), "--no-augment", "--batch-size", "8",
-        "--epochs", "3", "--no-cache-features",
+        "--epochs", str(EPOCHS), "--no-cache-features", "--max-failures", "0",
         "--storage", cfg.storage, "--name", cfg.name, "--keep-checkpoints", "0",
     ]  # fmt: skip
     # Ctrl-C (SIGINT): Ray Train aborts the run; one line says how to continue it, exit 130.
@@ -281,16 +279,31 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     wait_while_running(driver, log, lambda: checkpoints(cfg), "the first checkpoint")
     driver.send_signal(signal.SIGINT)
     assert driver.wait(timeout=120) == 130, log.read_text()[-3000:]
-    hint = f"insect: interrupted; --resume --name {cfg.name} --storage {cfg.storage} continues"
-    assert hint in log.read_text() and "Traceback" not in log.read_text()
+    hint = f"--resume --name {cfg.name} --storage {cfg.storage} continues"
+    assert f"insect: interrupted; {hint}" in log.read_text()
+    assert "Traceback" not in log.read_text()
     assert "pid=" not in log.read_text(), "Ray's lines go to the run's log, to its end"
     done = checkpoints(cfg)
     # The output folder exists (the run's log is in it), but holds no model.
     model_written = (Path(cfg.output) / META_FILE).exists()
-    assert 1 <= len(done) < 3 and not model_written, "the interrupt must land mid-run"
+    assert 1 <= len(done) < EPOCHS - 2 and not model_written, "the interrupt must land mid-run"
     assert "pass --resume to continue it" in expect_cli_error(capsys, args)
     err = expect_cli_error(capsys, [*args[:-4], "--name", "nope", "--resume"])
     assert "no run to resume at" in err and "nope" in err
+
+    # A worker lost with no restart allowed: one line naming it and how to continue, exit 2.
+    log = tmp_path / "lost.log"
+    driver = start_driver(log, *args, "--resume")
+    more = lambda: len(checkpoints(cfg)) > len(done)  # noqa: E731
+    wait_while_running(driver, log, more, "a checkpoint of the resumed run")
+    kill_ray_worker("RayTrainWorker")
+    assert driver.wait(timeout=120) == 2, log.read_text()[-3000:]
+    lost = r"^insect: error: training stopped: worker \d lost \(its worker process has died"
+    assert re.search(lost, log.read_text(), re.M), log.read_text()[-3000:]
+    assert f"--max-failures 0 allows; once the cluster is up, {hint}" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    done = checkpoints(cfg)
+    assert len(done) < EPOCHS - 1, "the kill must land mid-run"
 
     # A checkpoint written after the last one Ray Train recorded (as an interrupt can
     # leave): the finished run removes it; a folder holding the user's own file stays.
@@ -299,15 +312,22 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     (run / "checkpoint_unrecorded" / STATE_FILE).write_bytes(Path(done[0], STATE_FILE).read_bytes())
     (run / "checkpoint_mine").mkdir()
     (run / "checkpoint_mine" / "notes.txt").write_text("mine")
+    # Resumed with a restart allowed: Ray Train restarts the workers when one is lost.
     handler = signal.getsignal(signal.SIGINT)
-    meta = fit(train_config(labelled_root, tmp_path, resume=True))
+    resumed = train_config(labelled_root, tmp_path, epochs=EPOCHS, resume=True, max_failures=1)
+    more = lambda: len(checkpoints(cfg)) > len(done)  # noqa: E731
+    with killing("RayTrainWorker", more, "a checkpoint of the run resumed again"):
+        meta = fit(resumed)
     # Ray Train's Ctrl-C handler is gone with its run (through it a Ctrl-C exited 0).
     assert signal.getsignal(signal.SIGINT) is handler
-    assert [e["epoch"] for e in meta.epochs] == [1, 2, 3]
-    assert meta.epochs[0] == first_epoch(done[0])  # restored, not trained again
+    assert [e["epoch"] for e in meta.epochs] == list(range(1, EPOCHS + 1))
     assert not (run / "checkpoint_unrecorded").exists() and (run / "checkpoint_mine").is_dir()
-    recorded = [c for c in checkpoints(cfg) if not c.endswith("checkpoint_mine")]
-    assert len(recorded) == 3  # --keep-checkpoints 0: every recorded epoch's stays
+    # --keep-checkpoints 0: every recorded epoch's stays, each holding the epochs reported
+    # up to it (an epoch trained again after a restart would differ from its record).
+    assert len(checkpoints(cfg)) == EPOCHS
+    for checkpoint in checkpoints(cfg):
+        state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
+        assert state["history"] == meta.epochs[: state["epoch"]], checkpoint
 
 
 NAMES = [

@@ -310,6 +310,39 @@ def controller_died(error: ray.exceptions.ActorDiedError, cfg: TrainConfig) -> s
     return f"Ray Train's controller died ({why}); once the cluster is up, {resume_hint(cfg)}"
 
 
+def lost_workers(error: ray.train.TrainingFailedError) -> dict[int, Exception]:
+    """The workers whose failure is Ray's own (their process or node died, their health
+    check hung), by rank. The others then fail in the training code on losing their peer
+    (gloo's "Connection closed by peer"); where none was lost, a failure is the training
+    code's own, a bug whose traceback is what to read."""
+    if not isinstance(error, ray.train.WorkerGroupError):
+        return {}
+    failures = error.worker_failures.items()
+    return {rank: f for rank, f in failures if type(f).__module__.startswith("ray.")}
+
+
+def workers_lost(error: ray.train.TrainingFailedError, cfg: TrainConfig) -> str:
+    """What to say when training workers were lost more times than --max-failures allows."""
+    failures = lost_workers(error)
+    ranks = ", ".join(str(rank) for rank in sorted(failures))
+    allowed = f"--max-failures {cfg.max_failures}"
+    return (
+        f"training stopped: worker {ranks} lost ({how_lost(failures[min(failures)])}), past "
+        f"the restarts {allowed} allows; once the cluster is up, {resume_hint(cfg)}"
+    )
+
+
+def how_lost(failure: Exception) -> str:
+    """Why Ray says a worker was lost, and where it ran: its text's sentence on why the
+    actor is dead (else its first), then the worker's pid and node, not its whole record."""
+    text = what_failed(failure)
+    dead = re.search(r"The actor is dead because (.+?)\.", text)
+    why = dead[1] if dead else text.split(". ")[0][:200]
+    pid, node = re.search(r"\bpid=(\d+)", text), re.search(r"\bnode_ip='([^']+)'", text)
+    where = f"; pid {pid[1]}" if pid else ""
+    return why + where + (f" on {node[1]}" if node else "")
+
+
 def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Result:
     """Ray Train's run of `train_loop_per_worker`; an InsectError a worker raised is raised
     here as itself."""
@@ -360,6 +393,8 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
         cause = insect_error_in(e)
         if cause:
             raise cause from None
+        if lost_workers(e):
+            raise InsectError(workers_lost(e, cfg)) from None
         raise
     except ray.exceptions.ActorDiedError as e:  # its controller's: the head stopped, say
         raise InsectError(controller_died(e, cfg)) from None
