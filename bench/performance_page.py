@@ -1305,12 +1305,12 @@ def cpu_split(data: Result, name: str) -> str:
 
 def actor_profile(data: Result, name: str) -> str:
     runs = data["runs"]
-    first = next(iter(runs.values()))
-    kinds = [(t, w) for t, shares in first["mean"].items() for w in shares]
-    rows = [
-        [thread, what] + [pct(run["mean"].get(thread, {}).get(what, 0.0)) for run in runs.values()]
-        for thread, what in kinds
-    ]
+    kinds: list[tuple[str, str]] = []  # (thread, doing) of any run (one sampled none omits it)
+    for thread in dict.fromkeys(t for run in runs.values() for t in run["mean"]):
+        listed = sorted((run["mean"].get(thread, {}) for run in runs.values()), key=len)
+        kinds += [(thread, w) for w in dict.fromkeys(w for shares in listed[::-1] for w in shares)]
+    share = lambda run, t, w: run["mean"].get(t, {}).get(w, 0.0)  # noqa: E731
+    rows = [[t, w] + [pct(share(run, t, w), 1) for run in runs.values()] for t, w in kinds]
     shapes = ", ".join(f"{source} {shape_name(run['shape'])}" for source, run in runs.items())
     wholes = ", ".join(f"{source} {rate(run['whole'])} images/s" for source, run in runs.items())
     return paragraphs(
@@ -1323,7 +1323,8 @@ def actor_profile(data: Result, name: str) -> str:
         table(["thread", "doing", *runs], "ll" + "r" * len(runs), rows),
         f"The whole runs: {wholes}. The model thread is the one Ray Data runs the model's "
         "calls in; the task thread reads and decodes each batch, then waits while the model "
-        "thread runs it.",
+        "thread runs it. The model thread waits while the task thread is not waiting on it: "
+        "the two shares are the same time seen from each thread.",
     )
 
 
