@@ -3,6 +3,8 @@ import threading
 import time
 from dataclasses import replace
 
+import ray
+import ray.train
 import torch
 
 from insectlib.config import TrainConfig
@@ -10,6 +12,7 @@ from insectlib.data import synthetic
 from insectlib.data.labels import discover
 from insectlib.layout import STATE_FILE
 from insectlib.model.network import build_model, head_name, load_model
+from insectlib.training.trainer import PEER_LOST, lost_workers
 from insectlib.training.worker import CLASS_IMAGES, TrainingWorker
 
 
@@ -121,3 +124,30 @@ def test_training_reads_a_batch_from_s3_concurrently(monkeypatch, tmp_path):
     assert all(s is not None for s in samples)
     assert most[0] == storage.READ_AHEAD
     assert time.perf_counter() - started < 32 * 0.2 / 4  # one at a time would take 6.4 s
+
+
+class _HealthCheckFailed(Exception):
+    """As Ray Train reports a worker's failed health check: the cause in an attribute."""
+
+    def __init__(self, failure: Exception):
+        super().__init__("A worker health check failed.")
+        self.health_check_failure = failure
+
+
+def test_only_lost_workers_make_the_one_line_ending_a_training_run():
+    """A worker whose actor died is lost; the others then fail on their lost peer (gloo).
+    A failure of the training code itself, alone or beside a lost peer, is not: its
+    traceback is what to read."""
+    died = _HealthCheckFailed(ray.exceptions.ActorDiedError())
+    peer = RuntimeError(f"[pair.cc:561] Connection closed by peer. {PEER_LOST} GLHF!")
+    unsendable = _HealthCheckFailed(TypeError("cannot pickle '_thread.lock' object"))
+
+    def lost(**failures: Exception) -> list[int]:
+        ranks = {int(rank[1:]): f for rank, f in failures.items()}
+        return sorted(lost_workers(ray.train.WorkerGroupError("failed", ranks)))
+
+    assert lost(r0=died, r1=peer) == [0] and lost(r0=peer, r1=died) == [1]
+    assert lost(r0=peer, r1=peer) == [0, 1]  # the dead one not polled yet
+    assert lost(r0=peer, r1=ValueError("a bug")) == []
+    assert lost(r0=unsendable) == [] and lost(r0=ValueError("a bug")) == []
+    assert lost_workers(ray.train.ControllerError(RuntimeError("x"))) == {}

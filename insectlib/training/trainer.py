@@ -88,6 +88,8 @@ def train_epochs(worker: TrainingWorker, config: dict) -> list | None:
     """Every epoch left, each reported; the last epoch's validation (labels, logits), or
     None when the run stopped on a problem (reported, for the driver to raise)."""
     cfg, predictions = worker.cfg, []
+    if worker.start_epoch >= cfg.epochs:  # resumed after its last epoch was recorded
+        return worker.last_validation()
     for epoch in range(worker.start_epoch, cfg.epochs):
         predictions = []
         metrics = worker.run_epoch(epoch, predictions if epoch == cfg.epochs - 1 else None)
@@ -311,24 +313,41 @@ def controller_died(error: ray.exceptions.ActorDiedError, cfg: TrainConfig) -> s
 
 
 def lost_workers(error: ray.train.TrainingFailedError) -> dict[int, Exception]:
-    """The workers whose failure is Ray's own (their process or node died, their health
-    check hung), by rank. The others then fail in the training code on losing their peer
-    (gloo's "Connection closed by peer"); where none was lost, a failure is the training
-    code's own, a bug whose traceback is what to read."""
+    """The failed workers that were lost (their actor died: the process or its node gone),
+    by rank; where none is among the failures yet, and every failure is a lost peer (gloo:
+    "Connection closed by peer"), those. Empty otherwise: a failure of the training code
+    itself (a bug, an object Ray could not send), whose traceback is what to read."""
     if not isinstance(error, ray.train.WorkerGroupError):
         return {}
-    failures = error.worker_failures.items()
-    return {rank: f for rank, f in failures if type(f).__module__.startswith("ray.")}
+    failures = error.worker_failures
+    died = {rank: f for rank, f in failures.items() if actor_died(f)}
+    peers = {rank: f for rank, f in failures.items() if PEER_LOST in str(f)}
+    return died or (peers if len(peers) == len(failures) else {})
+
+
+# gloo's text when a collective's peer went away (its process killed, its node lost)
+PEER_LOST = "This is typically caused by a remote worker crashing"
+
+
+def actor_died(failure: Exception) -> bool:
+    """Whether a worker's failure is its actor's death: Ray Train reports it as a failed
+    health check holding the RayActorError."""
+    return isinstance(getattr(failure, "health_check_failure", None), ray.exceptions.RayActorError)
 
 
 def workers_lost(error: ray.train.TrainingFailedError, cfg: TrainConfig) -> str:
     """What to say when training workers were lost more times than --max-failures allows."""
     failures = lost_workers(error)
     ranks = ", ".join(str(rank) for rank in sorted(failures))
-    allowed = f"--max-failures {cfg.max_failures}"
+    first = failures[min(failures)]
+    lost = (
+        f"worker {ranks} lost ({how_lost(first)})"
+        if actor_died(first)
+        else f"a worker lost (worker {ranks}: {what_failed(first)[:200]})"
+    )
     return (
-        f"training stopped: worker {ranks} lost ({how_lost(failures[min(failures)])}), past "
-        f"the restarts {allowed} allows; once the cluster is up, {resume_hint(cfg)}"
+        f"training stopped: {lost}, past the restarts --max-failures {cfg.max_failures} "
+        f"allows; once the cluster is up, {resume_hint(cfg)}"
     )
 
 
