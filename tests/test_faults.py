@@ -22,7 +22,7 @@ from insectlib.classify.pipeline import classify, resumable
 from insectlib.config import ClassifyConfig, TrainConfig
 from insectlib.data import synthetic
 from insectlib.errors import InsectError
-from insectlib.layout import META_FILE, RUN_RECORD, STATE_FILE
+from insectlib.layout import META_FILE, METRICS_FILE, RUN_RECORD, STATE_FILE
 from insectlib.model.meta import ModelMeta
 from insectlib.model.network import build_model, save_model
 from insectlib.runtime import console, progress
@@ -321,13 +321,21 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     # Ray Train's Ctrl-C handler is gone with its run (through it a Ctrl-C exited 0).
     assert signal.getsignal(signal.SIGINT) is handler
     assert [e["epoch"] for e in meta.epochs] == list(range(1, EPOCHS + 1))
-    assert not (run / "checkpoint_unrecorded").exists() and (run / "checkpoint_mine").is_dir()
     # --keep-checkpoints 0: every recorded epoch's stays, each holding the epochs reported
-    # up to it (an epoch trained again after a restart would differ from its record).
+    # up to it (an epoch trained again after a restart would differ from its record); the
+    # folders the kills left unrecorded are gone, the user's own stays.
     assert len(checkpoints(cfg)) == EPOCHS
+    on_disk = {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+    assert on_disk == {Path(c).name for c in checkpoints(cfg)} | {"checkpoint_mine"}
     for checkpoint in checkpoints(cfg):
         state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
         assert state["history"] == meta.epochs[: state["epoch"]], checkpoint
+    # Resumed after its last epoch (as a worker lost while the model was written leaves
+    # it): the model directory again, its validation made again on the restored weights.
+    again = dataclasses.replace(resumed, output=str(tmp_path / "again"))
+    assert fit(again).epochs == meta.epochs
+    metrics = [json.loads((Path(c.output) / METRICS_FILE).read_text()) for c in (cfg, again)]
+    assert metrics[1] == metrics[0] and metrics[0]["validation"], metrics
 
 
 NAMES = [

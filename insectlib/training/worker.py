@@ -376,6 +376,16 @@ class TrainingWorker:
                     predictions.append((labels.cpu(), logits.float().cpu()))
         return sums
 
+    def last_validation(self) -> list:
+        """The last epoch's validation (labels, logits) again, on the restored weights: for
+        a run resumed after its last epoch was recorded (a worker lost while the model was
+        being written), whose model directory needs it."""
+        predictions: list = []
+        _, val_batches = self.epoch_batches(self.cfg.epochs - 1)
+        self.model.eval()
+        self.evaluate(val_batches, predictions)
+        return predictions
+
     def run_epoch(self, epoch: int, predictions: list | None = None) -> dict:
         """Train and validate epoch `epoch` (from 0); its metrics over all workers.
         Appends this worker's validation (labels, logits) to `predictions` if given."""
