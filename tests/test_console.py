@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from insectlib.layout import LOCK_FILE
 from insectlib.runtime.console import LogLines, counted
-from tests.conftest import BIN, TEST_IMAGE_SIZE, run_cli, wait_for
+from tests.conftest import BIN, run_cli, wait_for
 
 ANSI = re.compile(r"\x1b\[")
 RAYS_OWN = re.compile(
@@ -36,16 +36,13 @@ def test_the_demo_prints_only_its_own_lines(tmp_path):
     """`insect demo` (what `make demo` runs once installed): at most 25 lines, none of them
     Ray's, no colour codes; Ray's lines are in the log file it names."""
     workdir = tmp_path / "demo"
-    # At the tests' image size: the lines do not depend on it, and it is a quarter of the
-    # default's compute.
-    size = ["--image-size", str(TEST_IMAGE_SIZE)]
-    argv = [str(BIN / "insect"), "demo", "--workdir", str(workdir), *size]
+    argv = [str(BIN / "insect"), "demo", "--workdir", str(workdir)]
     first = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)  # fmt: skip
     # A second demo into its workdir meanwhile is refused: it would rewrite the images the
     # first one reads.
     wait_for(lambda: (workdir / LOCK_FILE).exists() or first.poll() is not None, what="the lock")
-    second = run_cli("insect", "demo", "--workdir", str(workdir), *size, cwd=tmp_path)
+    second = run_cli("insect", "demo", "--workdir", str(workdir), cwd=tmp_path)
     assert second.returncode == 2, second.stderr[-3000:]
     said = f"insect: error: {re.escape(str(workdir))} is in use by insect demo .*\n"
     assert re.fullmatch(said, second.stderr), second.stderr[-3000:]
