@@ -17,13 +17,13 @@ import torch
 from insectlib import layout
 from insectlib.classify.pipeline import classify, int8_for_run
 from insectlib.config import ClassifyConfig
-from insectlib.data.images import decode, eval_transform, normalize
+from insectlib.data.images import decode, eval_transform, normalize, resize_size
 from insectlib.data.labels import discover
 from insectlib.errors import InsectError
 from insectlib.metrics import confidence as C
 from insectlib.model import int8
 from insectlib.model.network import load_model
-from insectlib.model.predictor import Predictor
+from insectlib.model.predictor import Predictor, RowFormat
 from insectlib.review.visualize import feature_maps
 from tests.conftest import assert_picture, expect_cli_error
 
@@ -119,7 +119,8 @@ def test_classify_int8_end_to_end(trained_vgg, unlabelled, tmp_path, capsys):
     assert {r["model"] for r in rows.values()} == {record.int8_model_id}
     paths = sorted(rows)
     # fp32 in this process: the same model, without an actor pool of its own to start
-    fp32 = Predictor(cfg.output, precision="fp32").probabilities(decoded(paths, meta))
+    reference = Predictor(cfg.output, precision="fp32", row_format=RowFormat(meta.temperature))
+    fp32 = reference.probabilities(decoded(paths, meta))
     labels = [meta.classes[i] for i in fp32.argmax(1)]
     agree = np.mean([rows[p]["label"] == label for p, label in zip(paths, labels, strict=True)])
     assert agree >= 0.9, agree
@@ -148,9 +149,10 @@ def test_classify_int8_end_to_end(trained_vgg, unlabelled, tmp_path, capsys):
 
 
 def decoded(paths: list[str], meta) -> np.ndarray:
-    """The images at `paths` as the model's batch, decoded and resized as classify does."""
-    transform = eval_transform(meta.image_size)
-    return np.stack([transform(decode(open(p, "rb").read())).numpy() for p in paths])
+    """The images at `paths` as the model's batch, decoded and resized as classify does
+    (a JPEG at the smallest scale that keeps the resize size)."""
+    transform, least = eval_transform(meta.image_size), resize_size(meta.image_size)
+    return np.stack([transform(decode(open(p, "rb").read(), least)).numpy() for p in paths])
 
 
 def test_bf16_agrees_with_fp32(trained_vgg, labelled_root, unlabelled):
