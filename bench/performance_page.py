@@ -1305,10 +1305,7 @@ def cpu_split(data: Result, name: str) -> str:
 
 def actor_profile(data: Result, name: str) -> str:
     runs = data["runs"]
-    kinds: list[tuple[str, str]] = []  # (thread, doing) of any run (one sampled none omits it)
-    for thread in dict.fromkeys(t for run in runs.values() for t in run["mean"]):
-        listed = sorted((run["mean"].get(thread, {}) for run in runs.values()), key=len)
-        kinds += [(thread, w) for w in dict.fromkeys(w for shares in listed[::-1] for w in shares)]
+    kinds = [tuple(kind) for kind in data["kinds"]]  # (thread, doing), in the bench's order
     share = lambda run, t, w: run["mean"].get(t, {}).get(w, 0.0)  # noqa: E731
     rows = [[t, w] + [pct(share(run, t, w), 1) for run in runs.values()] for t, w in kinds]
     shapes = ", ".join(f"{source} {shape_name(run['shape'])}" for source, run in runs.items())

@@ -274,9 +274,9 @@ def test_the_actor_profile_sorts_each_threads_samples_by_what_it_does():
     ])  # fmt: skip
     got = _bench("actor_profile").split(raw)
     assert got == {
-        "model thread": {"forward": 0.9, "rest of the call": 0.02, "waiting for a batch": 0.08},
+        "model thread": {"predict": 0.9, "rest of the call": 0.02, "waiting for a batch": 0.08},
         "task thread": {
             "decoding": 0.06, "waiting on the model": 0.92, "Ray Data": 0.01,
-            "waiting for a task": 0.01,
+            "Ray core, or waiting for a task": 0.01,
         },
     }  # fmt: skip
