@@ -12,7 +12,7 @@ from insectlib.data import synthetic
 from insectlib.data.labels import discover
 from insectlib.layout import STATE_FILE
 from insectlib.model.network import build_model, head_name, load_model
-from insectlib.training.trainer import PEER_LOST, lost_workers
+from insectlib.training.trainer import PEER_LOST, lost_workers, workers_lost
 from insectlib.training.worker import CLASS_IMAGES, TrainingWorker
 
 
@@ -126,6 +126,9 @@ def test_training_reads_a_batch_from_s3_concurrently(monkeypatch, tmp_path):
     assert time.perf_counter() - started < 32 * 0.2 / 4  # one at a time would take 6.4 s
 
 
+CFG = TrainConfig(data="d", name="r", storage="s")
+
+
 class _HealthCheckFailed(Exception):
     """As Ray Train reports a worker's failed health check: the cause in an attribute."""
 
@@ -151,3 +154,7 @@ def test_only_lost_workers_make_the_one_line_ending_a_training_run():
     assert lost(r0=peer, r1=ValueError("a bug")) == []
     assert lost(r0=unsendable) == [] and lost(r0=ValueError("a bug")) == []
     assert lost_workers(ray.train.ControllerError(RuntimeError("x"))) == {}
+    said = workers_lost(ray.train.WorkerGroupError("failed", {0: peer, 1: peer}), CFG)
+    assert said.startswith("training stopped: a worker was lost (worker 0, 1 lost its peer: ")
+    assert said.endswith("--max-failures 2 allows; once the cluster is up, --resume --name r "
+                         "--storage s continues from its last recorded epoch")  # fmt: skip

@@ -312,6 +312,10 @@ def controller_died(error: ray.exceptions.ActorDiedError, cfg: TrainConfig) -> s
     return f"Ray Train's controller died ({why}); once the cluster is up, {resume_hint(cfg)}"
 
 
+# gloo's text when a collective's peer went away (its process killed, its node lost)
+PEER_LOST = "This is typically caused by a remote worker crashing"
+
+
 def lost_workers(error: ray.train.TrainingFailedError) -> dict[int, Exception]:
     """The failed workers that were lost (their actor died: the process or its node gone),
     by rank; where none is among the failures yet, and every failure is a lost peer (gloo:
@@ -323,10 +327,6 @@ def lost_workers(error: ray.train.TrainingFailedError) -> dict[int, Exception]:
     died = {rank: f for rank, f in failures.items() if actor_died(f)}
     peers = {rank: f for rank, f in failures.items() if PEER_LOST in str(f)}
     return died or (peers if len(peers) == len(failures) else {})
-
-
-# gloo's text when a collective's peer went away (its process killed, its node lost)
-PEER_LOST = "This is typically caused by a remote worker crashing"
 
 
 def actor_died(failure: Exception) -> bool:
@@ -343,7 +343,7 @@ def workers_lost(error: ray.train.TrainingFailedError, cfg: TrainConfig) -> str:
     lost = (
         f"worker {ranks} lost ({how_lost(first)})"
         if actor_died(first)
-        else f"a worker lost (worker {ranks}: {what_failed(first)[:200]})"
+        else f"a worker was lost (worker {ranks} lost its peer: {what_failed(first)[:200]})"
     )
     return (
         f"training stopped: {lost}, past the restarts --max-failures {cfg.max_failures} "
