@@ -18,10 +18,19 @@ import pytest
 import ray
 
 from insectlib import storage
+from insectlib.data import synthetic
 from insectlib.errors import InsectError, StorageUnavailable, file_problem
 from insectlib.model.meta import read_meta
 from insectlib.runtime.connect import IDLE_WORKER_LIMIT
-from tests.conftest import BIN, REPO, descends_from, expect_cli_error, run_cli, upload_tree
+from tests.conftest import (
+    BIN,
+    REPO,
+    descends_from,
+    expect_cli_error,
+    run_cli,
+    upload_tree,
+    wait_for,
+)
 
 SMALL = [
     "--arch",
@@ -606,7 +615,7 @@ def test_token_head_serves_every_way_to_run_and_stop_sh_stops_only_it(
     job with a wrong token is denied; training and classification jobs through S3 succeed,
     and the S3 secret and the token appear in no output, object or log. Then
     cluster/stop.sh stops this head (every process naming its folder), and not the test
-    session's own Ray beside it."""
+    session's own Ray beside it; a classify driver it cuts off says so in one line."""
     model, _ = calibrated
     home = tmp_path / "home"
     home.mkdir()
@@ -620,7 +629,7 @@ def test_token_head_serves_every_way_to_run_and_stop_sh_stops_only_it(
         assert len(outputs) > 20
         assert not [o[:200] for o in outputs if s3_server.secret in o]
         assert not [o[:200] for o in outputs if token in o]  # nor the Ray token
-        _stop_sh_stops_only(head)
+        _stop_sh_stops_only(head, model, tmp_path)
     finally:
         head.stop()
 
@@ -687,9 +696,10 @@ def _s3_jobs(head: Head, s3_server, labelled_root, unlabelled, token: str) -> li
     return outputs
 
 
-def _stop_sh_stops_only(head: Head) -> None:
+def _stop_sh_stops_only(head: Head, model: str, tmp_path) -> None:
     temp_dir = f"/tmp/ray-insect-{head.port}"
     assert _processes_naming(temp_dir), "the head's processes name its folder"
+    driver, said = _classifying(head, model, tmp_path)
     env = {**head.env, "RAY_PORT": str(head.port), "GRACE": "20"}
     started = time.monotonic()
     result = subprocess.run(
@@ -700,6 +710,30 @@ def _stop_sh_stops_only(head: Head) -> None:
     assert not _processes_naming(temp_dir)
     assert head.proc.wait(timeout=30) is not None
     assert ray.is_initialized() and ray.get(ray.remote(lambda: 1).remote()) == 1
+    # The driver cut off: Ray's core ends it at once, and the console gets one line.
+    assert driver.wait(timeout=60) == 1
+    line = wait_for(lambda: said.read_text().strip(), timeout=10, what="the driver's last line")
+    assert line.startswith("insect: error: stopped at once") and "\n" not in line, line
+    assert "the same command with --resume classifies only" in line, line
+
+
+def _classifying(head: Head, model: str, tmp_path) -> tuple[subprocess.Popen, Path]:
+    """A classify driver on `head`, under way (its first Parquet part written), and the
+    file its console's error stream goes to. Ray's core ends a driver that cannot reach
+    its GCS for $RAY_gcs_rpc_server_reconnect_timeout_s (60 s by default; 5 here)."""
+    images, out, said = tmp_path / "many", tmp_path / "cut-off", tmp_path / "cut-off.err"
+    synthetic.make_unlabelled(str(images), count=1000, size=(64, 48))
+    argv = ["classify", str(images), "--model", model, "--output", str(out)]
+    argv += ["--batch-size", "4", "--rows-per-file", "40", "--address", f"127.0.0.1:{head.port}"]
+    env = {**head.env, "RAY_gcs_rpc_server_reconnect_timeout_s": "5"}
+    with open(said, "w") as err:
+        driver = subprocess.Popen(
+            [str(BIN / "insect"), *argv], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
+    under_way = lambda: driver.poll() is not None or list(out.glob("*.parquet"))  # noqa: E731
+    wait_for(under_way, what="the driver's first Parquet part")
+    assert driver.poll() is None, said.read_text()[-3000:]
+    return driver, said
 
 
 def _processes_naming(folder: str) -> list[int]:

@@ -10,6 +10,7 @@ import pty
 import re
 import select
 import subprocess
+import sys
 import time
 
 import pytest
@@ -141,3 +142,50 @@ def test_counts_are_said_with_their_noun():
     assert counted(2, "model actor") == "2 model actors"
     assert counted(1.0, "CPU") == "1 CPU" and counted(0.5, "CPU") == "0.5 CPUs"
     assert counted(1_234_567, "row") == "1234567 rows"  # not 1.23457e+06
+
+
+# A command whose log is open, in a process of its own: Ray's core writes an error to the
+# log (as it does when it ends a driver that lost its cluster's GCS), then the process dies
+# at once as Ray ends it, or the command ends as commands do.
+LAST_ERROR = (
+    "rpc_client.h:204: Failed to connect to GCS within 60 seconds. GCS may have been killed. "
+    "It's either GCS is terminated by `ray stop` or is killed unexpectedly. The program will "
+    "terminate."
+)
+INFO = ":info_message: Attempting to recover 5 lost objects"  # logged as an error
+DYING = f"""
+import os, sys, time
+from insectlib.runtime import console
+ago, ends = float(sys.argv[2]), sys.argv[3]
+with console.command_log(sys.argv[1]):
+    console.start_log()
+    with console.on_interrupt("--resume continues"):
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - ago))
+        os.write(2, f"[{{stamp}},309 E 1 2] {LAST_ERROR}\\n".encode())
+        os.write(2, f"[{{stamp}},309 E 1 2] core_worker.cc:609: {INFO}\\n".encode())
+        if ends == "dies":
+            os._exit(1)
+    console.say("done")
+"""
+
+
+@pytest.mark.parametrize("ago", [0, 60])
+def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path, ago):
+    """Ray's core ends a driver at once (exit 1, no Python code runs) when its cluster's head
+    is gone; what it said went to the log. The console gets one line: that the command
+    stopped, Ray's last error where it was logged as the process ended (not an older one,
+    nor an info message), how to go on, and the log."""
+    log = tmp_path / "command.log"
+    dies = subprocess.run(
+        [sys.executable, "-c", DYING, str(log), str(ago), "dies"], capture_output=True, text=True
+    )
+    assert dies.returncode == 1
+    said = dies.stderr.splitlines()
+    assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
+    cause = "Failed to connect to GCS within 60 seconds. GCS may have been killed;"
+    assert (f"Ray's last error: {cause}" in said[0]) == (ago == 0), said
+    assert said[0].endswith(f"; --resume continues; its log: {log}"), said
+    ends = subprocess.run(
+        [sys.executable, "-c", DYING, str(log), "0", "ends"], capture_output=True, text=True
+    )
+    assert ends.returncode == 0 and ends.stderr == "" and ends.stdout.splitlines()[-1] == "done"

@@ -16,14 +16,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from typing import TextIO
 
 from insectlib import layout, storage
+from insectlib.runtime import last_words
 
 _streams: dict[str, TextIO] = {}  # "out", "err": the user's console while a log is open
+_watcher: list[subprocess.Popen] = []  # `last_words`' process while a log is open
+_hints: list[str] = []  # how to go on, of each `on_interrupt` block the command is in
 _commands: list[dict] = []  # the running command's log: {"path", "stack"}
 
 
@@ -58,11 +62,16 @@ def advice(text: str) -> str:
 @contextlib.contextmanager
 def on_interrupt(hint: str) -> Iterator[None]:
     """A Ctrl-C within the block carries `hint` (`advice`: how to go on; the CLI prints it),
-    in place of any an inner block gave."""
+    in place of any an inner block gave; so does the line said should the process die."""
+    _hints.append(advice(hint))
+    _tell_watcher()
     try:
         yield
     except KeyboardInterrupt:
         raise KeyboardInterrupt(advice(hint)) from None
+    finally:
+        _hints.pop()
+        _tell_watcher()
 
 
 def counted(n: float, noun: str, plural: str = "") -> str:
@@ -135,9 +144,13 @@ def log_to_file(path: str) -> Iterator[None]:
     # A stream that is not the descriptor's own (pytest's capture) stays the console.
     _streams["out"] = _console(sys.stdout, saved[1], sys.__stdout__)
     _streams["err"] = _console(sys.stderr, saved[2], sys.__stderr__)
+    _watcher.append(_last_words_watcher(path, saved[2]))
+    _tell_watcher()
     try:
         yield
     finally:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # an end, not a death
+            _watcher.pop().communicate(last_words.DONE, timeout=10)
         for stream in (sys.stdout, sys.stderr, *_streams.values()):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -148,6 +161,23 @@ def log_to_file(path: str) -> Iterator[None]:
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)
+
+
+def _last_words_watcher(path: str, console_fd: int) -> subprocess.Popen:
+    """A process that says on the console why the command stopped, should its process die
+    without a word (`last_words`); the command's end tells it there is nothing to say."""
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", last_words.__file__, path],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=console_fd,
+    )  # fmt: skip
+
+
+def _tell_watcher() -> None:
+    """Tell `last_words`' process, if one runs, how to go on as of now."""
+    if _watcher:
+        with contextlib.suppress(OSError):  # it is gone: nothing to tell
+            _watcher[-1].stdin.write(last_words.HINT + (_hints[-1:] or [""])[0].encode() + b"\n")
+            _watcher[-1].stdin.flush()
 
 
 def _console(current: TextIO, saved_fd: int, original: TextIO | None) -> TextIO:

@@ -404,7 +404,8 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
     )
     before = signal.getsignal(signal.SIGINT)
     try:
-        return trainer.fit()
+        with console.on_interrupt(resume_hint(cfg)):  # also said should the process die
+            return trainer.fit()
     # SystemExit: how fit() ends after Ray Train's Ctrl-C handler aborted the run.
     except (SystemExit, KeyboardInterrupt):
         raise KeyboardInterrupt(console.advice(resume_hint(cfg))) from None
