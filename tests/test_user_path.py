@@ -229,6 +229,13 @@ def test_the_readmes_commands_from_another_folder(trained, labelled_root, unlabe
     assert f"{n} images -> {n} rows (0 with errors)" in classified.stdout
     bar = rf"classified: 100%.*\b{n}/{n} \[.*img/s\]"
     assert re.search(bar, classified.stderr), classified.stderr
+    # Quiet: the log line, the plan, the result, and the bar (where stderr is not a
+    # terminal, a line each LOG_EVERY_S, none in a run this short, and one at the end).
+    said = [line for line in (classified.stdout + classified.stderr).splitlines() if line]
+    bars = [line for line in said if line.startswith("classified: ")]
+    assert len(said) - len(bars) <= 3 and len(bars) == 1, said
+    assert said[0].startswith("log: ") and (home / "predictions" / "_logs").is_dir(), said
+    assert not [line for line in said if "\x1b[" in line], said  # no colour codes
     # Ray Data's own progress (INFO lines where stderr is not a terminal) stays off it.
     assert "Execution plan" not in classified.stderr
     assert "logging_progress" not in classified.stderr
