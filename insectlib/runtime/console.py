@@ -26,7 +26,7 @@ from insectlib import layout, storage
 from insectlib.runtime import last_words
 
 _streams: dict[str, TextIO] = {}  # "out", "err": the user's console while a log is open
-_watcher: list[subprocess.Popen] = []  # `last_words`' process while a log is open
+_watcher: list[tuple[subprocess.Popen, int]] = []  # `last_words`' process and its pipe
 _hints: list[str] = []  # how to go on, of each `on_interrupt` block the command is in
 _commands: list[dict] = []  # the running command's log: {"path", "stack"}
 
@@ -62,7 +62,8 @@ def advice(text: str) -> str:
 @contextlib.contextmanager
 def on_interrupt(hint: str) -> Iterator[None]:
     """A Ctrl-C within the block carries `hint` (`advice`: how to go on; the CLI prints it),
-    in place of any an inner block gave; so does the line said should the process die."""
+    in place of any an inner block gave; so does the line said should the process die
+    (`last_words`)."""
     _hints.append(advice(hint))
     _tell_watcher()
     try:
@@ -136,6 +137,7 @@ def log_to_file(path: str) -> Iterator[None]:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    watcher = _start_watcher(path)  # while descriptor 2 is the console: its stderr
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     for fd in (1, 2):
@@ -144,40 +146,64 @@ def log_to_file(path: str) -> Iterator[None]:
     # A stream that is not the descriptor's own (pytest's capture) stays the console.
     _streams["out"] = _console(sys.stdout, saved[1], sys.__stdout__)
     _streams["err"] = _console(sys.stderr, saved[2], sys.__stderr__)
-    _watcher.append(_last_words_watcher(path, saved[2]))
-    _tell_watcher()
     try:
         yield
     finally:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # an end, not a death
-            _watcher.pop().communicate(last_words.DONE, timeout=10)
-        for stream in (sys.stdout, sys.stderr, *_streams.values()):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        for name in ("out", "err"):
-            stream = _streams.pop(name)
-            if stream not in (sys.stdout, sys.stderr):
-                stream.close()  # the copy of a descriptor (closes it)
-        for fd, copy in saved.items():
-            os.dup2(copy, fd)
-            os.close(copy)
+        try:
+            _end_watcher(watcher)
+            for stream in (sys.stdout, sys.stderr, *_streams.values()):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for name in ("out", "err"):
+                stream = _streams.pop(name)
+                if stream not in (sys.stdout, sys.stderr):
+                    stream.close()  # the copy of a descriptor (closes it)
+        finally:  # the console back, whatever stopped the lines above (a second Ctrl-C)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
-def _last_words_watcher(path: str, console_fd: int) -> subprocess.Popen:
-    """A process that says on the console why the command stopped, should its process die
-    without a word (`last_words`); the command's end tells it there is nothing to say."""
-    return subprocess.Popen(
-        [sys.executable, "-I", "-S", last_words.__file__, path],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=console_fd,
-    )  # fmt: skip
+def _start_watcher(path: str) -> tuple[subprocess.Popen, int] | None:
+    """Start `last_words`' process, which says on the console that the command stopped,
+    should its process die without a word; the process and the pipe to it. Where it cannot
+    start, None: the command runs on."""
+    read, write = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", last_words.__file__, path],
+            stdin=read, stdout=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    except OSError:
+        os.close(write)
+        return None
+    finally:
+        os.close(read)
+    _watcher.append((process, write))
+    _tell_watcher()
+    return process, write
 
 
 def _tell_watcher() -> None:
-    """Tell `last_words`' process, if one runs, how to go on as of now."""
+    """Tell `last_words`' process, if one runs, how to go on as of now: the outermost
+    block's hint, as a Ctrl-C says it."""
     if _watcher:
+        hint = (_hints[:1] or [""])[0].replace("\n", " ")
         with contextlib.suppress(OSError):  # it is gone: nothing to tell
-            _watcher[-1].stdin.write(last_words.HINT + (_hints[-1:] or [""])[0].encode() + b"\n")
-            _watcher[-1].stdin.flush()
+            os.write(_watcher[-1][1], last_words.HINT + hint.encode() + b"\n")
+
+
+def _end_watcher(watcher: tuple[subprocess.Popen, int] | None) -> None:
+    """The command ends, its process alive: `last_words`' process has nothing to say."""
+    if watcher is None:
+        return
+    _watcher.remove(watcher)
+    process, write = watcher
+    with contextlib.suppress(OSError):
+        os.write(write, last_words.DONE)
+    os.close(write)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # it ends at once; no zombie left
+        process.wait(timeout=1)
 
 
 def _console(current: TextIO, saved_fd: int, original: TextIO | None) -> TextIO:

@@ -406,8 +406,7 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
     try:
         with console.on_interrupt(resume_hint(cfg)):  # also said should the process die
             return trainer.fit()
-    # SystemExit: how fit() ends after Ray Train's Ctrl-C handler aborted the run.
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
         raise KeyboardInterrupt(console.advice(resume_hint(cfg))) from None
     except ray.train.TrainingFailedError as e:
         cause = insect_error_in(e)
