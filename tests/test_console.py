@@ -138,47 +138,72 @@ def test_counts_are_said_with_their_noun():
 
 
 # A command whose log is open, in a process of its own, within two blocks that say how to
-# go on (as evaluate's holds classify's): its process dies at once as Ray ends a driver, or
-# the command ends as commands do.
+# go on (as evaluate's holds classify's); then, as argv[2] says, its process dies at once
+# as Ray ends a driver (a signal to its process group first, say), or the command ends.
 DYING = """
-import os, sys
+import os, signal, sys
 from insectlib.runtime import console
-with console.command_log(sys.argv[1]):
+log, how = sys.argv[1:3]
+with console.command_log(log):
     console.start_log()
     with console.on_interrupt("the outer way on"), console.on_interrupt("the inner way on"):
         print("what Ray says", flush=True)
-        if sys.argv[2] == "dies on a terminal":  # mid-bar: tqdm ends its line when it closes
+        if how == "dies on a terminal":  # mid-bar: tqdm ends its line when it closes
             print("classified: 5/10", end="", file=console.err(), flush=True)
-        if sys.argv[2].startswith("dies"):
+        if how == "dies after a Ctrl-C to its group":  # which it ignores
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            os.killpg(0, signal.SIGINT)
+        if how == "is interrupted":
+            raise KeyboardInterrupt
+        if how.startswith("dies") and how != "dies after its blocks":
             os._exit(1)
+    if how == "dies after its blocks":
+        os._exit(1)
     console.say("done")
 """
 
 
-def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path):
+def _dying(log, how: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-c", DYING, str(log), how]
+    return subprocess.run(argv, capture_output=True, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("how", ["dies", "dies after a Ctrl-C to its group"])
+def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path, how):
     """Ray's core ends a driver at once (exit 1, no Python code runs) when its cluster's head
     stops under it; what it said went to the log. The console gets one line: that the
-    command stopped, how to go on (the outermost block's way, as a Ctrl-C says), the log;
-    a command that ends gets none."""
+    command stopped, how to go on (the outermost block's way, as a Ctrl-C says), the log.
+    What watches for it is not stopped by a Ctrl-C to the command's process group."""
     log = tmp_path / "command.log"
-    dies = subprocess.run(
-        [sys.executable, "-c", DYING, str(log), "dies"], capture_output=True, text=True
-    )
+    dies = _dying(log, how)
     assert dies.returncode == 1
     said = dies.stderr.splitlines()
     assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
     assert said[0].endswith(f"; the outer way on; its log: {log}"), said
     assert "what Ray says" in log.read_text()
-    ends = subprocess.run(
-        [sys.executable, "-c", DYING, str(log), "ends"], capture_output=True, text=True
-    )
+    # Out of the blocks, no way on is said.
+    said = _dying(log, "dies after its blocks").stderr.splitlines()
+    assert len(said) == 1 and said[0].endswith(f" as a signal does); its log: {log}")
+
+
+def test_a_command_that_ends_gets_no_last_words(tmp_path):
+    """Ended, interrupted, or with a log that cannot be opened (a folder there): no line
+    from what watches for a death; the console is the console again."""
+    ends = _dying(tmp_path / "command.log", "ends")
     assert ends.returncode == 0 and ends.stderr == "" and ends.stdout.splitlines()[-1] == "done"
+    interrupted = _dying(tmp_path / "command.log", "is interrupted")
+    assert "KeyboardInterrupt" in interrupted.stderr and "stopped at once" not in interrupted.stderr
+    (tmp_path / "folder.log").mkdir()
+    cannot = _dying(tmp_path / "folder.log", "ends")
+    assert "IsADirectoryError" in cannot.stderr and "stopped at once" not in cannot.stderr
 
 
 def test_on_a_terminal_the_line_is_a_line_of_its_own(tmp_path):
     primary, secondary = pty.openpty()
     argv = [sys.executable, "-c", DYING, str(tmp_path / "log"), "dies on a terminal"]
-    proc = subprocess.Popen(argv, stdin=secondary, stdout=secondary, stderr=secondary)
+    proc = subprocess.Popen(
+        argv, stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True
+    )
     os.close(secondary)
     text = b""
     with contextlib.suppress(OSError):  # EIO: every writer has closed the terminal

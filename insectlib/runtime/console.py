@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import TextIO
@@ -28,6 +30,7 @@ from insectlib.runtime import last_words
 _streams: dict[str, TextIO] = {}  # "out", "err": the user's console while a log is open
 _watcher: list[tuple[subprocess.Popen, int]] = []  # `last_words`' process and its pipe
 _hints: list[str] = []  # how to go on, of each `on_interrupt` block the command is in
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _commands: list[dict] = []  # the running command's log: {"path", "stack"}
 
 
@@ -133,35 +136,61 @@ def on_close(fn) -> None:
 @contextlib.contextmanager
 def log_to_file(path: str) -> Iterator[None]:
     """Within the block, descriptors 1 and 2 write to `path` and `say`/`warn` to the
-    console they wrote to before."""
+    console they wrote to before. A Ctrl-C while they move waits for them to be in place."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    watcher = _start_watcher(path)  # while descriptor 2 is the console: its stderr
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    for fd in (1, 2):
-        os.dup2(log, fd)
-    os.close(log)
-    # A stream that is not the descriptor's own (pytest's capture) stays the console.
-    _streams["out"] = _console(sys.stdout, saved[1], sys.__stdout__)
-    _streams["err"] = _console(sys.stderr, saved[2], sys.__stderr__)
+    watcher, saved = None, {}
+    try:
+        with _signals_deferred():
+            log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            watcher = _start_watcher(path)  # while descriptor 2 is the console: its stderr
+            saved = {fd: os.dup(fd) for fd in (1, 2)}
+            for fd in (1, 2):
+                os.dup2(log, fd)
+            os.close(log)
+            # A stream that is not the descriptor's own (pytest's capture) stays the console.
+            _streams["out"] = _console(sys.stdout, saved[1], sys.__stdout__)
+            _streams["err"] = _console(sys.stderr, saved[2], sys.__stderr__)
+        yield
+    finally:
+        with _signals_deferred():
+            _end_watcher(watcher)
+            _console_back(saved)
+
+
+def _console_back(saved: dict[int, int]) -> None:
+    """Descriptors 1 and 2 back to the console (`saved`: their copies), and `say`/`warn` to
+    sys.stdout and sys.stderr again."""
+    for stream in (sys.stdout, sys.stderr, *_streams.values()):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    for fd, copy in saved.items():
+        os.dup2(copy, fd)
+        os.close(copy)
+    for name in ("out", "err"):
+        stream = _streams.pop(name, None)
+        if stream not in (None, sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a reader gone (`| head`): nothing to flush to
+                stream.close()  # the copy of a descriptor (closes it)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """A Ctrl-C or SIGTERM within the block is handled at its end (in the main thread, the
+    one Python runs handlers in): the console's descriptors are not left half moved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    before = {n: signal.signal(n, lambda got, _: caught.append(got)) for n in DEFERRED_SIGNALS}
     try:
         yield
     finally:
-        try:
-            _end_watcher(watcher)
-            for stream in (sys.stdout, sys.stderr, *_streams.values()):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            for name in ("out", "err"):
-                stream = _streams.pop(name)
-                if stream not in (sys.stdout, sys.stderr):
-                    stream.close()  # the copy of a descriptor (closes it)
-        finally:  # the console back, whatever stopped the lines above (a second Ctrl-C)
-            for fd, copy in saved.items():
-                os.dup2(copy, fd)
-                os.close(copy)
+        for number, handler in before.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in caught[:1]:
+            signal.raise_signal(number)  # to the handler it would have gone to
 
 
 def _start_watcher(path: str) -> tuple[subprocess.Popen, int] | None:
@@ -188,9 +217,9 @@ def _tell_watcher() -> None:
     """Tell `last_words`' process, if one runs, how to go on as of now: the outermost
     block's hint, as a Ctrl-C says it."""
     if _watcher:
-        hint = (_hints[:1] or [""])[0].replace("\n", " ")
+        hint = (_hints[:1] or [""])[0].replace("\n", " ").replace("\r", " ")
         with contextlib.suppress(OSError):  # it is gone: nothing to tell
-            os.write(_watcher[-1][1], last_words.HINT + hint.encode() + b"\n")
+            os.write(_watcher[-1][1], last_words.HINT + hint.encode(errors="replace") + b"\n")
 
 
 def _end_watcher(watcher: tuple[subprocess.Popen, int] | None) -> None:
