@@ -700,13 +700,14 @@ def _stop_sh_stops_only(head: Head, model: str, tmp_path) -> None:
     temp_dir = f"/tmp/ray-insect-{head.port}"
     assert _processes_naming(temp_dir), "the head's processes name its folder"
     driver, said = _classifying(head, model, tmp_path)
-    env = {**head.env, "RAY_PORT": str(head.port), "GRACE": "20"}
+    env = {**head.env, "RAY_PORT": str(head.port), "GRACE": "40"}
     started = time.monotonic()
     result = subprocess.run(
         ["bash", str(REPO / "cluster" / "stop.sh")], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0 and "stopping the Ray head" in result.stdout, result
-    assert time.monotonic() - started < 15, "stopped by SIGTERM, not by the SIGKILL after GRACE"
+    # A busy head (the driver's actors, the suite beside it) took 15 s to stop by SIGTERM.
+    assert time.monotonic() - started < 30, "stopped by SIGTERM, not by the SIGKILL after GRACE"
     assert not _processes_naming(temp_dir)
     assert head.proc.wait(timeout=30) is not None
     assert ray.is_initialized() and ray.get(ray.remote(lambda: 1).remote()) == 1
