@@ -4,7 +4,6 @@ console with --verbose."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pty
@@ -99,21 +98,22 @@ def test_a_terminal_gets_the_bar_in_place_and_no_colour_codes(trained, unlabelle
     cfg, _ = trained
     images = os.path.dirname(next(iter(unlabelled)))
     argv = ["classify", images, "--model", cfg.output, "--output", str(tmp_path / "o")]
-    text, code = _on_a_terminal(argv, tmp_path)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    text, code = _on_a_terminal([str(BIN / "insect"), *argv], tmp_path, env)
     assert code == 0, text[-3000:]
     assert not ANSI.search(text), repr(text[-300:])
     assert "\rclassified:" in text and f"{len(unlabelled)} rows (0 with errors)" in text
 
 
-def _on_a_terminal(argv: list[str], cwd, timeout_s: float = 300) -> tuple[str, int]:
-    """`insect ARGV` (on the session's Ray) with a pseudo-terminal as its console: what it
-    wrote there, and its exit code."""
+def _on_a_terminal(
+    command: list[str], cwd, env: dict | None = None, timeout_s: float = 300
+) -> tuple[str, int]:
+    """`command` with a pseudo-terminal as its console: what was written there (by it, and
+    by what writes there a moment after it ends), and its exit code."""
     primary, secondary = pty.openpty()
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen(
-        [str(BIN / "insect"), *argv], stdin=secondary, stdout=secondary, stderr=secondary,
-        cwd=cwd, env=env,
-    )  # fmt: skip
+        command, stdin=secondary, stdout=secondary, stderr=secondary, cwd=cwd, env=env
+    )
     os.close(secondary)
     out, deadline = b"", time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -199,16 +199,7 @@ def test_a_command_that_ends_gets_no_last_words(tmp_path):
 
 
 def test_on_a_terminal_the_line_is_a_line_of_its_own(tmp_path):
-    primary, secondary = pty.openpty()
     argv = [sys.executable, "-c", DYING, str(tmp_path / "log"), "dies on a terminal"]
-    proc = subprocess.Popen(
-        argv, stdin=secondary, stdout=secondary, stderr=secondary, start_new_session=True
-    )
-    os.close(secondary)
-    text = b""
-    with contextlib.suppress(OSError):  # EIO: every writer has closed the terminal
-        while chunk := os.read(primary, 4096):
-            text += chunk
-    os.close(primary)
-    assert proc.wait() == 1
-    assert b"classified: 5/10\r\ninsect: error: stopped at once" in text, text
+    text, code = _on_a_terminal(argv, tmp_path, timeout_s=60)
+    assert code == 1
+    assert "classified: 5/10\r\ninsect: error: stopped at once" in text, repr(text)
