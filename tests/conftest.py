@@ -307,23 +307,27 @@ def descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
+def ray_worker(title: str, ancestor: int | None = None) -> int | None:
+    """The pid of a Ray worker process whose title holds `title`, started by process
+    `ancestor` (this one by default); None while there is none."""
+    ancestor = os.getpid() if ancestor is None else ancestor
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        pid = int(cmdline.split("/")[2])
+        try:
+            text = Path(cmdline).read_bytes().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        # Of this pytest process: the session's own cluster's or a CLI run's worker, not
+        # one of another session's (nor of a `ray start` head: init adopts its processes).
+        if text.startswith("ray::") and title in text and descends_from(pid, ancestor):
+            return pid
+    return None
+
+
 def kill_ray_worker(title: str) -> int:
     """SIGKILL the first Ray worker process of this session whose title holds `title`;
     returns its pid."""
-
-    def find():
-        for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-            pid = int(cmdline.split("/")[2])
-            try:
-                text = Path(cmdline).read_bytes().decode(errors="replace")
-            except OSError:  # gone meanwhile
-                continue
-            # Of this pytest process: the session's own cluster's or a CLI run's worker, not
-            # one of another session's (nor of a `ray start` head: init adopts its processes).
-            if text.startswith("ray::") and title in text and descends_from(pid, os.getpid()):
-                return pid
-
-    pid = wait_for(find, what=f"a Ray worker {title}")
+    pid = wait_for(lambda: ray_worker(title), what=f"a Ray worker {title}")
     os.kill(pid, signal.SIGKILL)
     return pid
 

@@ -21,7 +21,7 @@ from insectlib import storage
 from insectlib.data import synthetic
 from insectlib.errors import InsectError, StorageUnavailable, file_problem
 from insectlib.model.meta import read_meta
-from insectlib.runtime.connect import IDLE_WORKER_LIMIT
+from insectlib.runtime.connect import IDLE_WORKER_LIMIT, IDLE_WORKERS
 from tests.conftest import (
     BIN,
     REPO,
@@ -211,7 +211,8 @@ def test_a_run_without_a_cluster_starts_no_dashboard_and_keeps_idle_workers(tmp_
     assert not [line for line in lines if line.startswith("ray-dashboard-")], lines
 
 
-KEEP = {"_system_config": {"num_workers_soft_limit": 4}}  # connect.IDLE_WORKERS_KEPT
+# connect.IDLE_WORKERS_KEPT, connect.GCS_GONE_S
+KEEP = {"_system_config": {"num_workers_soft_limit": 4, "gcs_rpc_server_reconnect_timeout_s": 20}}
 OWN = {"include_dashboard": False, **KEEP}
 
 
@@ -227,7 +228,7 @@ OWN = {"include_dashboard": False, **KEEP}
         (None, "auto", False, {}),
     ],
 )
-def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_keeping_idle_workers(
+def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_with_insects_settings(
     address, environment, dashboard, started_with, monkeypatch
 ):
     from insectlib.runtime import connect
@@ -235,22 +236,26 @@ def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_keeping_idle_
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.delenv(connect.IDLE_WORKER_LIMIT, raising=False)
+    variables = [connect.RAY_SETTING_VARIABLE.format(k) for k in KEEP["_system_config"]]
+    for variable in variables:
+        monkeypatch.delenv(variable, raising=False)
     if environment:
         monkeypatch.setenv("RAY_ADDRESS", environment)
     else:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     connect.init_ray(address, dashboard=dashboard)
-    monkeypatch.setenv(connect.IDLE_WORKER_LIMIT, "-1")  # the user's own setting: Ray's
+    for variable in variables:  # the user's own settings: Ray's
+        monkeypatch.setenv(variable, "-1")
     connect.init_ray(address, dashboard=dashboard)
-    monkeypatch.delenv(connect.IDLE_WORKER_LIMIT)
+    for variable in variables:
+        monkeypatch.delenv(variable)
     monkeypatch.setattr(os, "cpu_count", lambda: 12)  # never fewer than Ray's one per CPU
     connect.init_ray(address, dashboard=dashboard)
     ours, theirs, large = ({k: v for k, v in c.items() if k in OWN} for c in calls)
     assert ours == started_with
     assert theirs == {k: v for k, v in started_with.items() if k != "_system_config"}
     if "_system_config" in started_with:
-        assert large["_system_config"] == {"num_workers_soft_limit": 12}
+        assert large["_system_config"] == {**started_with["_system_config"], IDLE_WORKERS: 12}
 
 
 def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):

@@ -16,11 +16,15 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import ray
+from ray.exceptions import GetTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from insectlib.runtime import console
 
 POLL_S = 0.5
+# A poll unanswered this long is let go: the cluster may be gone (a SIGTERM to the command's
+# process group stops the Ray it started too), and Ray's get waited for its core's end.
+POLL_TIMEOUT_S = 5.0
 # A write under way renews its lease every WRITE_RENEW_S; `end` waits while any lease is
 # younger than WRITE_LEASE_S. A writer that died (or whose end was cancelled with its task)
 # stops renewing: the run's end waits for it that long, not for good, and one that is alive
@@ -223,7 +227,7 @@ def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) 
     stop = threading.Event()
 
     def poll_once():
-        lines, counts = ray.get(progress.poll.remote())
+        lines, counts = ray.get(progress.poll.remote(), timeout=POLL_TIMEOUT_S)
         for line in lines:
             console.say(line)
         if on_counts is not None:
@@ -231,7 +235,8 @@ def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) 
 
     def loop():
         while not stop.wait(POLL_S):
-            poll_once()
+            with contextlib.suppress(GetTimeoutError):  # a busy node's: the next one says it
+                poll_once()
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
