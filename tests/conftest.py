@@ -317,7 +317,7 @@ def ray_worker(title: str, ancestor: int | None = None) -> int | None:
             text = Path(cmdline).read_bytes().decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
-        # Of this pytest process: the session's own cluster's or a CLI run's worker, not
+        # Of `ancestor`: by default the session's own cluster's or a CLI run's worker, not
         # one of another session's (nor of a `ray start` head: init adopts its processes).
         if text.startswith("ray::") and title in text and descends_from(pid, ancestor):
             return pid

@@ -21,7 +21,8 @@ from insectlib import storage
 from insectlib.data import synthetic
 from insectlib.errors import InsectError, StorageUnavailable, file_problem
 from insectlib.model.meta import read_meta
-from insectlib.runtime.connect import IDLE_WORKER_LIMIT, IDLE_WORKERS
+from insectlib.runtime import connect
+from insectlib.runtime.connect import IDLE_WORKER_LIMIT, IDLE_WORKERS_SETTING
 from tests.conftest import (
     BIN,
     REPO,
@@ -211,8 +212,7 @@ def test_a_run_without_a_cluster_starts_no_dashboard_and_keeps_idle_workers(tmp_
     assert not [line for line in lines if line.startswith("ray-dashboard-")], lines
 
 
-# connect.IDLE_WORKERS_KEPT, connect.GCS_GONE_S
-KEEP = {"_system_config": {"num_workers_soft_limit": 4, "gcs_rpc_server_reconnect_timeout_s": 20}}
+KEEP = {"_system_config": connect.own_ray_settings()}  # this machine's
 OWN = {"include_dashboard": False, **KEEP}
 
 
@@ -231,7 +231,6 @@ OWN = {"include_dashboard": False, **KEEP}
 def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_with_insects_settings(
     address, environment, dashboard, started_with, monkeypatch
 ):
-    from insectlib.runtime import connect
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -255,7 +254,7 @@ def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_with_insects_
     assert ours == started_with
     assert theirs == {k: v for k, v in started_with.items() if k != "_system_config"}
     if "_system_config" in started_with:
-        assert large["_system_config"] == {**started_with["_system_config"], IDLE_WORKERS: 12}
+        assert large["_system_config"] == {**KEEP["_system_config"], IDLE_WORKERS_SETTING: 12}
 
 
 def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):
@@ -346,7 +345,6 @@ def test_a_sigterm_goes_to_whatever_takes_ctrl_c_at_that_moment():
 
 @pytest.mark.parametrize("address", [None, "auto"])  # ray.init reads $RAY_ADDRESS for both
 def test_an_unreachable_ray_address_is_refused_before_ray_init(address, monkeypatch):
-    from insectlib.runtime import connect
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
@@ -366,7 +364,6 @@ def test_a_ray_client_address_is_never_connected_to_as_a_driver(
     """A command's own Ray Data and Ray Train cannot run over a Ray Client connection:
     `run_as_driver` sends them to the cluster, and init_ray refuses such an address (from a
     command that drives Ray itself, `insect demo`, or a library caller) in one line."""
-    from insectlib.runtime import connect
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
@@ -382,7 +379,6 @@ def test_a_ray_client_address_is_never_connected_to_as_a_driver(
 
 def test_an_ipv6_address_in_rays_brackets_is_reachable():
     """`ray job submit` gives its driver the head's address as Ray writes it: [::1]:6379."""
-    from insectlib.runtime import connect
 
     try:
         server = socket.create_server(("::1", 0), family=socket.AF_INET6)
@@ -417,7 +413,6 @@ def test_a_ray_client_session_the_cluster_failed_to_start_is_asked_for_again(
 ):
     """ray://: a session the client server failed to start is asked for again (twice at
     most); the last failure, or any other, is one line naming the address, not a traceback."""
-    from insectlib.runtime import connect
 
     calls = []
 
@@ -501,7 +496,6 @@ def test_addresses_are_checked_as_ray_reads_them_and_errors_are_one_line(monkeyp
     dials; not where Ray lets gRPC go through a proxy); a traceback inside Ray's error text (GCS's,
     mid-line) leaves only its exceptions' lines, and a frame in a module named
     "authentication" does not make it a token problem."""
-    from insectlib.runtime import connect
 
     monkeypatch.setattr(connect, "GRPC_DEFAULT_PORT", 1)  # 443 might answer here
     for variable in (*connect.GRPC_PROXY_VARIABLES, "RAY_grpc_enable_http_proxy"):

@@ -33,14 +33,13 @@ TRACEBACK_LINKS = (TRACEBACK, "The above exception was", "During handling of the
 # pause started a new worker process, about a second of CPU taken from the model
 # (docs/performance.md, "Where the CPUs go").
 IDLE_WORKERS_KEPT = 4
-IDLE_WORKERS = "num_workers_soft_limit"  # Ray's setting of it
-RAY_SETTING_VARIABLE = "RAY_{}"  # the environment variable Ray reads a setting from
-IDLE_WORKER_LIMIT = RAY_SETTING_VARIABLE.format(IDLE_WORKERS)
-# A Ray of the command's own is gone for good with its GCS, as when a SIGTERM to the
-# command's process group (`timeout`, `kill -- -PGID`) stops Ray's processes too: the driver
-# waited on it 60 s (Ray's wait for a cluster's GCS to come back) before Ray's core ended it.
+IDLE_WORKERS_SETTING = "num_workers_soft_limit"  # Ray's name for that number
+# A Ray of the command's own is gone for good with its GCS (a SIGTERM to the command's
+# process group stops Ray's processes too), where Ray waits 60 s for a cluster's to come
+# back: they give up this long after. Longer than classify's own end then (about 10 s).
 GCS_GONE_S = 20
-OWN_RAY_SETTINGS = {"gcs_rpc_server_reconnect_timeout_s": GCS_GONE_S}
+RAY_SETTING_VARIABLE = "RAY_{}"  # the environment variable Ray reads a setting from
+IDLE_WORKER_LIMIT = RAY_SETTING_VARIABLE.format(IDLE_WORKERS_SETTING)
 INSECT_ERROR_LINE = re.compile(r"insectlib\.errors\.(?:InsectError|StorageUnavailable): ([^\n]+)")
 
 
@@ -98,14 +97,22 @@ def own_ray_options(dashboard: bool) -> dict:
 
     No dashboard unless asked (`dashboard`): nobody is told of it (Ray's lines go to the
     log), and it took start-up time and CPU from the run (docs/performance.md). Asked, Ray's
-    default: one that fails to start is logged, not fatal. Ray's settings: OWN_RAY_SETTINGS,
-    each one the user set in its $RAY_<name> left to Ray."""
+    default: one that fails to start is logged, not fatal. Ray's settings: those of
+    `own_ray_settings`, each one the user set in its $RAY_<name> left to Ray."""
     options: dict = {} if dashboard else {"include_dashboard": False}
-    settings = {**OWN_RAY_SETTINGS, IDLE_WORKERS: max(IDLE_WORKERS_KEPT, os.cpu_count() or 1)}
-    system = {k: v for k, v in settings.items() if RAY_SETTING_VARIABLE.format(k) not in os.environ}
+    settings = own_ray_settings().items()
+    system = {k: v for k, v in settings if RAY_SETTING_VARIABLE.format(k) not in os.environ}
     if system:  # ray.init's way to set what Ray reads from the environment
         options["_system_config"] = system
     return options
+
+
+def own_ray_settings() -> dict[str, int]:
+    """Ray's settings for a Ray of the command's own: see IDLE_WORKERS_KEPT, GCS_GONE_S."""
+    return {
+        IDLE_WORKERS_SETTING: max(IDLE_WORKERS_KEPT, os.cpu_count() or 1),  # never below Ray's
+        "gcs_rpc_server_reconnect_timeout_s": GCS_GONE_S,
+    }
 
 
 def shutdown() -> None:

@@ -16,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import ray
-from ray.exceptions import GetTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from insectlib.runtime import console
 
 POLL_S = 0.5
-# A poll unanswered this long is let go: the cluster may be gone (a SIGTERM to the command's
-# process group stops the Ray it started too), and Ray's get waited for its core's end.
+# The end of a run waits this long for its last lines: the cluster may be gone (a SIGTERM to
+# the command's process group stops the Ray it started too), and Ray's get waited for good.
 POLL_TIMEOUT_S = 5.0
 # A write under way renews its lease every WRITE_RENEW_S; `end` waits while any lease is
 # younger than WRITE_LEASE_S. A writer that died (or whose end was cancelled with its task)
@@ -223,20 +222,28 @@ def tell(progress, line: str) -> None:
 @contextlib.contextmanager
 def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) -> Iterator[None]:
     """While the block runs, print the lines said to `progress` and pass its counts to
-    `on_counts`, every POLL_S; once more at the end."""
+    `on_counts`, every POLL_S; at the end, once more, waiting POLL_TIMEOUT_S at most."""
     stop = threading.Event()
+    pending: list[ray.ObjectRef] = []  # a poll sent and not answered: the lines are in it
 
-    def poll_once():
-        lines, counts = ray.get(progress.poll.remote(), timeout=POLL_TIMEOUT_S)
+    def poll(timeout_s: float) -> bool:
+        """Print what the poll under way, or a new one, answers within `timeout_s`;
+        whether it answered (one not answered stays under way: none is let go)."""
+        if not pending:
+            pending.append(progress.poll.remote())
+        if not ray.wait(pending, timeout=timeout_s)[0]:
+            return False
+        lines, counts = ray.get(pending.pop())
         for line in lines:
             console.say(line)
         if on_counts is not None:
             on_counts(counts)
+        return True
 
     def loop():
         while not stop.wait(POLL_S):
-            with contextlib.suppress(GetTimeoutError):  # a busy node's: the next one says it
-                poll_once()
+            with contextlib.suppress(ray.exceptions.RayError):  # the run's end says why
+                poll(POLL_S)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -245,5 +252,7 @@ def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) 
     finally:
         stop.set()
         thread.join()
-        with contextlib.suppress(Exception):  # the cluster may be gone after a failure
-            poll_once()
+        with contextlib.suppress(ray.exceptions.RayError):  # the cluster may be gone
+            under_way = bool(pending)
+            if poll(POLL_TIMEOUT_S) and under_way:  # and the lines said since it was sent
+                poll(POLL_TIMEOUT_S)
