@@ -157,6 +157,8 @@ STARTS, CLASSIFIES = "while Ray starts", "while it classifies"
 # plus the call to the GCS, gone, that it is in. Once the run is under way, the command
 # ends on its own (about 10 s), before its Ray's processes give up on their GCS.
 WITHIN_S = {STARTS: 30 + 15, CLASSIFIES: connect.GCS_GONE_S}
+AT_ONCE_S = 10  # Ray's core ends a driver whose raylet goes in a fraction of a second
+RESUME = "the same command with --resume classifies only the inputs without a row"
 
 
 @pytest.mark.parametrize("moment", [STARTS, CLASSIFIES])
@@ -166,7 +168,8 @@ def test_a_sigterm_to_the_group_stops_the_command_with_its_word(
     """`timeout`, `kill -- -PGID` and supervisors signal the whole process group, the Ray
     the command started with it. Ray's handler during ray.init ended the command without a
     word (exit 15); while it classified, it waited 60 s on its Ray, gone, until Ray's core
-    ended it (exit 1). It says it was interrupted and how to go on (exit 130)."""
+    ended it (exit 1). It says it was interrupted and how to go on (exit 130), or, where
+    Ray's core ends it at once as its raylet goes (exit 1), the last words say so."""
     cfg, _ = trained
     folder = os.path.dirname(next(iter(many_images)))
     out = tmp_path / "out"
@@ -187,9 +190,12 @@ def test_a_sigterm_to_the_group_stops_the_command_with_its_word(
         _, err = driver.communicate(timeout=90)
     finally:
         driver.kill()
-    assert time.monotonic() - signalled < WITHIN_S[moment]
-    said = "insect: interrupted; the same command with --resume classifies only the inputs"
-    assert driver.returncode == 130 and said in err, err[-2000:]
+    took = time.monotonic() - signalled
+    if driver.returncode == 1:  # Ray's core ended it first, as the raylet went: last words
+        assert took < AT_ONCE_S and "insect: error: stopped at once" in err, (took, err[-2000:])
+    else:
+        assert driver.returncode == 130 and took < WITHIN_S[moment], (took, err[-2000:])
+    assert RESUME in err, err[-2000:]
     assert not (out / "_SUCCESS").exists(), "the signal must land mid-run"
 
 
