@@ -212,7 +212,8 @@ def test_a_run_without_a_cluster_starts_no_dashboard_and_keeps_idle_workers(tmp_
     assert not [line for line in lines if line.startswith("ray-dashboard-")], lines
 
 
-KEEP = {"_system_config": connect.own_ray_settings()}  # this machine's
+# On a machine of 1 CPU: connect.IDLE_WORKERS_KEPT, connect.GCS_GONE_S.
+KEEP = {"_system_config": {"num_workers_soft_limit": 4, "gcs_rpc_server_reconnect_timeout_s": 20}}
 OWN = {"include_dashboard": False, **KEEP}
 
 
@@ -231,8 +232,8 @@ OWN = {"include_dashboard": False, **KEEP}
 def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_with_insects_settings(
     address, environment, dashboard, started_with, monkeypatch
 ):
-
     calls = []
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     variables = [connect.RAY_SETTING_VARIABLE.format(k) for k in KEEP["_system_config"]]
@@ -248,13 +249,20 @@ def test_only_a_ray_of_the_commands_own_starts_without_a_dashboard_with_insects_
     connect.init_ray(address, dashboard=dashboard)
     for variable in variables:
         monkeypatch.delenv(variable)
+    monkeypatch.setenv(IDLE_WORKER_LIMIT, "-1")  # one setting of the user's: the other is ours
+    connect.init_ray(address, dashboard=dashboard)
+    monkeypatch.delenv(IDLE_WORKER_LIMIT)
     monkeypatch.setattr(os, "cpu_count", lambda: 12)  # never fewer than Ray's one per CPU
     connect.init_ray(address, dashboard=dashboard)
-    ours, theirs, large = ({k: v for k, v in c.items() if k in OWN} for c in calls)
+    ours, theirs, one, large = ({k: v for k, v in c.items() if k in OWN} for c in calls)
     assert ours == started_with
     assert theirs == {k: v for k, v in started_with.items() if k != "_system_config"}
     if "_system_config" in started_with:
-        assert large["_system_config"] == {**KEEP["_system_config"], IDLE_WORKERS_SETTING: 12}
+        system = started_with["_system_config"]
+        assert one["_system_config"] == {
+            k: v for k, v in system.items() if k != IDLE_WORKERS_SETTING
+        }
+        assert large["_system_config"] == {**system, IDLE_WORKERS_SETTING: 12}
 
 
 def test_an_oserror_naming_its_file_in_a_ray_worker_is_one_line(ray_local):

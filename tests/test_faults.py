@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -154,11 +155,12 @@ def test_classify_resume_after_driver_killed(trained, many_images, tmp_path, cap
 
 STARTS, CLASSIFIES = "while Ray starts", "while it classifies"
 # Ray holds the signal while ray.init waits for its raylet to register: its loop of 30 s,
-# plus the call to the GCS, gone, that it is in. Once the run is under way, the command
-# ends on its own (about 10 s), before its Ray's processes give up on their GCS.
-WITHIN_S = {STARTS: 30 + 15, CLASSIFIES: connect.GCS_GONE_S}
-AT_ONCE_S = 10  # Ray's core ends a driver whose raylet goes in a fraction of a second
+# plus the call to the GCS, gone, that it is in. Later the command ends on its own (10-19 s
+# on 2 vCPUs, most of it in ray.shutdown), or Ray's core ends it: at once as its raylet
+# goes, or once its processes give up on their GCS (connect.GCS_GONE_S).
+WITHIN_S = {STARTS: 30 + 15, CLASSIFIES: connect.GCS_GONE_S + 15}
 RESUME = "the same command with --resume classifies only the inputs without a row"
+SAID = {130: "insect: interrupted; ", 1: "insect: error: stopped at once, without a word"}
 
 
 @pytest.mark.parametrize("moment", [STARTS, CLASSIFIES])
@@ -168,8 +170,8 @@ def test_a_sigterm_to_the_group_stops_the_command_with_its_word(
     """`timeout`, `kill -- -PGID` and supervisors signal the whole process group, the Ray
     the command started with it. Ray's handler during ray.init ended the command without a
     word (exit 15); while it classified, it waited 60 s on its Ray, gone, until Ray's core
-    ended it (exit 1). It says it was interrupted and how to go on (exit 130), or, where
-    Ray's core ends it at once as its raylet goes (exit 1), the last words say so."""
+    ended it (exit 1) without a word. It says it was interrupted and how to go on (exit
+    130), or, where Ray's core ends it first (exit 1), the last words say so."""
     cfg, _ = trained
     folder = os.path.dirname(next(iter(many_images)))
     out = tmp_path / "out"
@@ -189,13 +191,11 @@ def test_a_sigterm_to_the_group_stops_the_command_with_its_word(
         os.killpg(driver.pid, signal.SIGTERM)
         _, err = driver.communicate(timeout=90)
     finally:
-        driver.kill()
-    took = time.monotonic() - signalled
-    if driver.returncode == 1:  # Ray's core ended it first, as the raylet went: last words
-        assert took < AT_ONCE_S and "insect: error: stopped at once" in err, (took, err[-2000:])
-    else:
-        assert driver.returncode == 130 and took < WITHIN_S[moment], (took, err[-2000:])
-    assert RESUME in err, err[-2000:]
+        with contextlib.suppress(ProcessLookupError):  # its Ray too, should the test fail
+            os.killpg(driver.pid, signal.SIGKILL)
+    took = time.monotonic() - signalled  # Ray's wait for a GCS gone was 60 s
+    assert took < WITHIN_S[moment] and driver.returncode in SAID, (took, err[-2000:])
+    assert SAID[driver.returncode] in err and RESUME in err, err[-2000:]
     assert not (out / "_SUCCESS").exists(), "the signal must land mid-run"
 
 
@@ -444,25 +444,31 @@ def _stopped(actor) -> bool:
 
 @ray.remote(num_cpus=0)
 class _SlowProgress:
-    """A run's progress actor on a busy node: each poll answers after `seconds`."""
+    """A run's progress actor on a busy node: its first poll answers after `seconds`."""
 
     def __init__(self, seconds: float):
         self.lines, self.seconds = [], seconds
+
+    def ready(self) -> bool:
+        return True
 
     def say(self, line: str) -> None:
         self.lines.append(line)
 
     def poll(self) -> tuple[list[str], dict[str, int]]:
         time.sleep(self.seconds)
+        self.seconds = 0
         lines, self.lines = self.lines, []
         return lines, {}
 
 
-def test_a_run_followed_through_late_polls_prints_every_line_once(ray_local, capsys):
-    """A poll answering later than the next is due is waited for, not sent again: the
-    lines it took from the actor (training's epoch lines) are printed all the same."""
-    slow = _SlowProgress.remote(3 * progress.POLL_S)
-    lines = [f"epoch {n}" for n in range(1, 7)]
+def test_a_run_followed_through_late_polls_prints_every_line_once(ray_local, capsys, monkeypatch):
+    """A poll answering later than POLL_TIMEOUT_S is waited for, not given up on: the lines
+    it took from the actor (training's epoch lines) are printed all the same, once."""
+    monkeypatch.setattr(progress, "POLL_TIMEOUT_S", 2 * progress.POLL_S)
+    slow = _SlowProgress.remote(3 * progress.POLL_TIMEOUT_S)
+    assert ray.get(slow.ready.remote(), timeout=120)
+    lines = [f"epoch {n}" for n in range(1, 9)]
     with progress.follow(slow):
         for line in lines:
             slow.say.remote(line)

@@ -222,7 +222,8 @@ def tell(progress, line: str) -> None:
 @contextlib.contextmanager
 def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) -> Iterator[None]:
     """While the block runs, print the lines said to `progress` and pass its counts to
-    `on_counts`, every POLL_S; at the end, once more, waiting POLL_TIMEOUT_S at most."""
+    `on_counts`, every POLL_S; at the end, once more (the poll under way, then a new one),
+    waiting POLL_TIMEOUT_S at most for each."""
     stop = threading.Event()
     pending: list[ray.ObjectRef] = []  # a poll sent and not answered: the lines are in it
 
@@ -242,8 +243,10 @@ def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) 
 
     def loop():
         while not stop.wait(POLL_S):
-            with contextlib.suppress(ray.exceptions.RayError):  # the run's end says why
+            try:
                 poll(POLL_S)
+            except Exception as e:  # noqa: BLE001 (a Ray gone, a closed console): its end says
+                logger.warning("could not follow the run: %s", e)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -252,7 +255,9 @@ def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) 
     finally:
         stop.set()
         thread.join()
-        with contextlib.suppress(ray.exceptions.RayError):  # the cluster may be gone
-            under_way = bool(pending)
-            if poll(POLL_TIMEOUT_S) and under_way:  # and the lines said since it was sent
-                poll(POLL_TIMEOUT_S)
+        under_way = bool(pending)  # then one more: the lines said since it was sent
+        try:  # the cluster may be gone: the block's own exception is the one to raise
+            if not (poll(POLL_TIMEOUT_S) and (not under_way or poll(POLL_TIMEOUT_S))):
+                logger.warning("the run's last lines did not come in %s s", POLL_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001
+            logger.warning("could not read the run's last lines: %s", e)
