@@ -64,14 +64,17 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     check_reachable(target, source)
     console.start_log()  # Ray's own lines from here on go to the command's log
     own = own_ray_options(dashboard) if target == "local" else {}
+    # A SIGTERM while Ray starts goes to Ray's handler, sys.exit, until ours replaces it: its
+    # call may land after ray.init has raised (after Ray's 30 s wait for a raylet, gone).
     try:
-        ray.init(address=address, logging_level="WARNING", **own)
-    except SystemExit:  # a SIGTERM while its node starts, through Ray's handler: as ours
+        try:
+            ray.init(address=address, logging_level="WARNING", **own)
+        except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
+            raise InsectError(connection_problem(address or env, e)) from None
+        console.on_close(shutdown)  # not left to exit, when the log is closed already
+        interrupt_on_sigterm()
+    except SystemExit:  # as ours
         raise KeyboardInterrupt from None
-    except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
-        raise InsectError(connection_problem(address or env, e)) from None
-    console.on_close(shutdown)  # not left to exit, when the log is closed already
-    interrupt_on_sigterm()
 
 
 def interrupt_on_sigterm() -> None:
