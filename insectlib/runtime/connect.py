@@ -36,7 +36,7 @@ IDLE_WORKERS_KEPT = 4
 IDLE_WORKERS_SETTING = "num_workers_soft_limit"  # Ray's name for that number
 # A Ray of the command's own is gone for good with its GCS (a SIGTERM to the command's
 # process group stops Ray's processes too), where Ray waits 60 s for a cluster's to come
-# back: they give up this long after. Longer than classify's own end then (about 10 s).
+# back: they give up this long after, mostly after classify's own end then (docs/safety.md).
 GCS_GONE_S = 20
 RAY_SETTING_VARIABLE = "RAY_{}"  # the environment variable Ray reads a setting from
 IDLE_WORKER_LIMIT = RAY_SETTING_VARIABLE.format(IDLE_WORKERS_SETTING)
