@@ -245,7 +245,7 @@ def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) 
         while not stop.wait(POLL_S):
             try:
                 poll(POLL_S)
-            except Exception as e:  # noqa: BLE001 (a Ray gone, a closed console): its end says
+            except Exception as e:  # a Ray gone, a closed console: the run's end says why
                 logger.warning("could not follow the run: %s", e)
 
     thread = threading.Thread(target=loop, daemon=True)
@@ -259,5 +259,5 @@ def follow(progress, on_counts: Callable[[dict[str, int]], None] | None = None) 
         try:  # the cluster may be gone: the block's own exception is the one to raise
             if not (poll(POLL_TIMEOUT_S) and (not under_way or poll(POLL_TIMEOUT_S))):
                 logger.warning("the run's last lines did not come in %s s", POLL_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # as above: logged, for the block's own exception
             logger.warning("could not read the run's last lines: %s", e)
