@@ -288,9 +288,10 @@ class ActorSettings(RaySettings):
         None,
         at_least=LEAST_CPUS,
         help=(
-            "CPUs per model actor, also its torch threads on CPU (default: 1 with --gpu; on "
-            "CPU the actor shape this CPU and precision run best, a small input's actors "
-            "sharing out a single node's free CPUs; see docs/classification.md)"
+            "CPUs per model actor, on CPU its torch threads, a whole number (default: 1 "
+            "with --gpu; on CPU the actor shape this CPU and precision run best, a small "
+            "input's actors sharing out a single node's free CPUs; see "
+            "docs/classification.md)"
         ),
     )
     decode: str = setting(
@@ -313,6 +314,13 @@ class ActorSettings(RaySettings):
         check_settings(self)
         if self.precision == "int8" and self.gpu:
             raise InsectError("--precision int8 runs on CPUs: drop --gpu or choose bf16/fp16")
+        # A fraction gave one thread per actor and as many actors as fit: 20,000 for 0.0001.
+        cpus = self.cpus_per_actor
+        if cpus is not None and not self.gpu and not float(cpus).is_integer():
+            raise InsectError(
+                f"--cpus-per-actor {cpus:g}: on CPU it is each actor's torch threads, a "
+                "whole number (a fraction is for the CPU share of --gpu actors)"
+            )
         if self.int8_images and self.precision != "int8":
             raise InsectError("--int8-images is for --precision int8")
 

@@ -215,6 +215,12 @@ def test_settings_outside_their_rules_are_refused_by_the_config():
             InsectError, match=f"--cpus-per-actor must be at least 0.0001, got {value}"
         ):
             ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=value).validate()
+    # On CPU a fraction gave one thread per actor and as many actors as fit in the cluster.
+    for value in (0.0001, 0.5, 1.5):
+        with pytest.raises(InsectError, match=f"^--cpus-per-actor {value:g}: on CPU .* whole"):
+            ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=value).validate()
+    ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=2).validate()
+    ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=0.5, gpu=True).validate()
     with pytest.raises(InsectError, match="--cpus-per-worker must be at least 0.0001, got 1e-05"):
         TrainConfig(data="d", cpus_per_worker=0.00001).validate()
 
@@ -301,6 +307,7 @@ def test_wrong_paths_are_refused_before_torch_is_imported(tmp_path):
             "full",
             "--resume",
         ],  # fmt: skip
+        "--cpus-per-actor 0.0001: on CPU": [*int8[:6], "--cpus-per-actor", "0.0001"],
         f"--int8-images: not found: {missing}": [*int8, str(missing)],
         f"--int8-images: no image files found in {tmp_path}/full": [*int8, f"{tmp_path}/full"],
         f"--int8-images: not found: {missing}-too": ["evaluate", *int8[1:], f"{missing}-too"],
