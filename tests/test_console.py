@@ -146,6 +146,10 @@ from insectlib.runtime import console
 log, how = sys.argv[1:3]
 with console.command_log(log):
     console.start_log()
+    if how.startswith("dies in its end"):  # in Ray's shutdown, say
+        console.on_close(lambda: os._exit(1))
+    if how == "dies in its end, after an error":
+        raise ValueError("its error")
     with console.on_interrupt("the outer way on"), console.on_interrupt("the inner way on"):
         print("what Ray says", flush=True)
         if how == "dies on a terminal":  # mid-bar: tqdm ends its line when it closes
@@ -155,7 +159,7 @@ with console.command_log(log):
             os.killpg(0, signal.SIGINT)
         if how == "is interrupted":
             raise KeyboardInterrupt
-        if how.startswith("dies") and how != "dies after its blocks":
+        if how in ("dies", "dies on a terminal", "dies after a Ctrl-C to its group"):
             os._exit(1)
     if how == "dies after its blocks":
         os._exit(1)
@@ -184,6 +188,9 @@ def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path, how):
     # Out of the blocks, no way on is said.
     said = _dying(log, "dies after its blocks").stderr.splitlines()
     assert len(said) == 1 and said[0].endswith(f" as a signal does); its log: {log}")
+    # As it ends after an error, before saying it: the line, where the error would have been.
+    said = _dying(log, "dies in its end, after an error").stderr.splitlines()
+    assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
 
 
 def test_a_command_that_ends_gets_no_last_words(tmp_path):
@@ -196,6 +203,37 @@ def test_a_command_that_ends_gets_no_last_words(tmp_path):
     (tmp_path / "folder.log").mkdir()
     cannot = _dying(tmp_path / "folder.log", "ends")
     assert "IsADirectoryError" in cannot.stderr and "stopped at once" not in cannot.stderr
+
+
+def test_a_command_that_dies_in_its_end_after_its_result_gets_no_last_words(tmp_path):
+    """Its result said (the block ended), a death in its end (a SIGTERM while Ray's core
+    shuts down, which puts back the signal's default action) is no news to the user."""
+    ends = _dying(tmp_path / "command.log", "dies in its end, its result said")
+    assert ends.returncode == 1 and ends.stderr == "", ends.stderr
+    assert ends.stdout.splitlines()[-1] == "done"
+
+
+# A process of its own Ray, shut down as a command's end does; then SIGTERM, as a supervisor
+# sends it to a command whose result is in.
+SHUT_DOWN = """
+import os, signal
+from insectlib.runtime import connect
+connect.init_ray()
+connect.shutdown()
+os.kill(os.getpid(), signal.SIGTERM)
+print("went on")
+"""
+
+
+def test_a_sigterm_after_the_commands_ray_is_shut_down_is_let_go(tmp_path):
+    """Ray's core puts back SIGTERM's default action as it shuts down: a SIGTERM after a
+    command's result killed its process (exit 143), and its last words said it had stopped.
+    From the command's end on, a SIGTERM is let go, as a Ctrl-C is."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+    done = subprocess.run(
+        [sys.executable, "-c", SHUT_DOWN], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout == "went on\n", done.stderr[-3000:]
 
 
 def test_on_a_terminal_the_line_is_a_line_of_its_own(tmp_path):

@@ -85,6 +85,12 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _as_ctrl_c)
 
 
+def ignore_sigterm() -> None:
+    """A SIGTERM is ignored from now on (Python's end leaves an ignored signal so)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _as_ctrl_c(signum, frame) -> None:
     """SIGTERM handed to whatever takes Ctrl-C at that moment: Ray Train's handler during a
     fit (it aborts the run through its controller), else a KeyboardInterrupt."""
@@ -119,11 +125,14 @@ def own_ray_settings() -> dict[str, int]:
 
 
 def shutdown() -> None:
-    """Ray's end at the end of a command that connected it: a Ctrl-C meanwhile is let go (the
-    command's result is in), and the colour reset that Ray's colorama.init(strip=False)
-    registers for exit, which wrote ESC[0m on the terminal after the last line, is dropped."""
+    """Ray's end at the end of a command that connected it: a Ctrl-C meanwhile, and a SIGTERM
+    from here to the process's end, are let go (the command's result is in), and the colour
+    reset that Ray's colorama.init(strip=False) registers for exit, which wrote ESC[0m on the
+    terminal after the last line, is dropped."""
+    ignore_sigterm()
     with contextlib.suppress(KeyboardInterrupt):
         ray.shutdown()
+    ignore_sigterm()  # again: Ray's core put back the default action, which killed (143)
     reset = getattr(getattr(sys.modules.get("colorama"), "initialise", None), "reset_all", None)
     if reset is not None:
         atexit.unregister(reset)

@@ -111,6 +111,7 @@ def command_log(path: str | None) -> Iterator[None]:
     _commands.append(state)
     try:
         yield
+        _tell_watcher(last_words.DONE)  # the result is said: an end from here has no words
     finally:
         _commands.pop()
         state["stack"].close()
@@ -213,13 +214,14 @@ def _start_watcher(path: str) -> tuple[subprocess.Popen, int] | None:
     return process, write
 
 
-def _tell_watcher() -> None:
-    """Tell `last_words`' process, if one runs, how to go on as of now: the outermost
-    block's hint, as a Ctrl-C says it."""
+def _tell_watcher(line: bytes | None = None) -> None:
+    """Tell `last_words`' process, if one runs, `line`, or how to go on as of now: the
+    outermost block's hint, as a Ctrl-C says it."""
     if _watcher:
         hint = (_hints[:1] or [""])[0].replace("\n", " ").replace("\r", " ")
+        line = line or last_words.HINT + hint.encode(errors="replace")
         with contextlib.suppress(OSError):  # it is gone: nothing to tell
-            os.write(_watcher[-1][1], last_words.HINT + hint.encode(errors="replace") + b"\n")
+            os.write(_watcher[-1][1], line + b"\n")
 
 
 def _end_watcher(watcher: tuple[subprocess.Popen, int] | None) -> None:
@@ -229,7 +231,7 @@ def _end_watcher(watcher: tuple[subprocess.Popen, int] | None) -> None:
     _watcher.remove(watcher)
     process, write = watcher
     with contextlib.suppress(OSError):
-        os.write(write, last_words.DONE)
+        os.write(write, last_words.DONE + b"\n")
     os.close(write)
     with contextlib.suppress(subprocess.TimeoutExpired):  # it ends at once; no zombie left
         process.wait(timeout=1)

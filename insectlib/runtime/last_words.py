@@ -5,8 +5,9 @@ and a signal can kill it; what the process said went to the command's log.
 `console.log_to_file` runs this file as a process of its own (standard library only: it
 starts in milliseconds), in a session of its own (a Ctrl-C or `timeout` aimed at the
 command's process group is not for it), with the console as its stderr and a pipe from the
-command as its stdin. The command writes how to go on (HINT lines) and, as its log closes,
-DONE; the pipe's end without DONE means that the command's process died. The line comes
+command as its stdin. The command writes how to go on (HINT lines) and, once its result is
+said or as its log closes, a DONE line; the pipe's end without one means that the command's
+process died before its result. The line comes
 just after that process's end, not before: the shell may show its prompt first."""
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def last_words(log: str, hint: str) -> str:
 
 def main(log: str) -> None:
     said = sys.stdin.buffer.read().split(b"\n")
-    if said[-1] != DONE:
+    if DONE not in said:
         hints = [line[len(HINT) :] for line in said if line.startswith(HINT)]
         hint = (hints[-1:] or [b""])[0].decode(errors="replace")
         new_line = "\n" if sys.stderr.isatty() else ""  # a progress bar's line is not ended
