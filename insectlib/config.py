@@ -318,7 +318,7 @@ class ActorSettings(RaySettings):
         cpus = self.cpus_per_actor
         if cpus is not None and not self.gpu and not float(cpus).is_integer():
             raise InsectError(
-                f"--cpus-per-actor {cpus:g}: on CPU it is each actor's torch threads, a "
+                f"--cpus-per-actor {cpus}: on CPU it is each actor's torch threads, a "
                 "whole number (a fraction is for the CPU share of --gpu actors)"
             )
         if self.int8_images and self.precision != "int8":

@@ -10,7 +10,7 @@ import sys
 # Run the code uploaded with --working-dir, not whatever insect the cluster has installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from insectlib.cli.main import main  # noqa: E402
+from insectlib.cli.main import entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]], job=True))
+    entry(["train", *sys.argv[1:]], job=True)

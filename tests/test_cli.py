@@ -216,8 +216,8 @@ def test_settings_outside_their_rules_are_refused_by_the_config():
         ):
             ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=value).validate()
     # On CPU a fraction gave one thread per actor and as many actors as fit in the cluster.
-    for value in (0.0001, 0.5, 1.5):
-        with pytest.raises(InsectError, match=f"^--cpus-per-actor {value:g}: on CPU .* whole"):
+    for value in (0.0001, 0.5, 2.0000001):
+        with pytest.raises(InsectError, match=f"^--cpus-per-actor {value}: on CPU .* whole"):
             ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=value).validate()
     ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=2).validate()
     ClassifyConfig(input="i", model="m", output="o", cpus_per_actor=0.5, gpu=True).validate()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from insectlib.layout import LOCK_FILE
 from insectlib.runtime.console import LogLines, counted
+from insectlib.runtime.last_words import after_result
 from tests.conftest import BIN, run_cli, wait_for
 
 ANSI = re.compile(r"\x1b\[")
@@ -205,35 +206,46 @@ def test_a_command_that_ends_gets_no_last_words(tmp_path):
     assert "IsADirectoryError" in cannot.stderr and "stopped at once" not in cannot.stderr
 
 
-def test_a_command_that_dies_in_its_end_after_its_result_gets_no_last_words(tmp_path):
-    """Its result said (the block ended), a death in its end (a SIGTERM while Ray's core
-    shuts down, which puts back the signal's default action) is no news to the user."""
-    ends = _dying(tmp_path / "command.log", "dies in its end, its result said")
-    assert ends.returncode == 1 and ends.stderr == "", ends.stderr
-    assert ends.stdout.splitlines()[-1] == "done"
+def test_a_command_that_dies_in_its_end_after_its_result_says_its_result_stands(tmp_path):
+    """Its result said (the block ended), a death in its end (Ray's core ending the driver
+    as its cluster goes, say) is said as such: the result stands; not "error"."""
+    log = tmp_path / "command.log"
+    ends = _dying(log, "dies in its end, its result said")
+    assert ends.returncode == 1 and ends.stdout.splitlines()[-1] == "done"
+    assert ends.stderr.splitlines() == [after_result(str(log))], ends.stderr
+    assert "insect: stopped at once after its result, which stands (" in ends.stderr
 
 
-# A process of its own Ray, shut down as a command's end does; then SIGTERM, as a supervisor
-# sends it to a command whose result is in.
+# A command with a Ray of its own whose end, once Ray is shut down (its core puts back
+# SIGTERM's default action as it does), gets a SIGTERM, as from a supervisor; then, its
+# process's end (main's status, where Python puts back the default action too) gets one.
 SHUT_DOWN = """
-import os, signal
-from insectlib.runtime import connect
-connect.init_ray()
-connect.shutdown()
-os.kill(os.getpid(), signal.SIGTERM)
-print("went on")
+import atexit, os, signal, sys
+from insectlib.runtime import connect, console
+from insectlib.cli.main import entry
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))
+with console.command_log(None):  # as with --verbose: no log, whose end resets handlers
+    console.on_close(lambda: os.kill(os.getpid(), signal.SIGTERM))  # after Ray's shutdown
+    connect.init_ray()
+    console.say("its result")
+print("went on", flush=True)
+entry(["train", sys.argv[1]])
 """
 
 
-def test_a_sigterm_after_the_commands_ray_is_shut_down_is_let_go(tmp_path):
-    """Ray's core puts back SIGTERM's default action as it shuts down: a SIGTERM after a
-    command's result killed its process (exit 143), and its last words said it had stopped.
-    From the command's end on, a SIGTERM is let go, as a Ctrl-C is."""
+def test_a_sigterm_in_a_commands_end_is_let_go(tmp_path):
+    """Ray's core puts back SIGTERM's default action as it shuts down, and Python does at
+    its end: a SIGTERM after a command's result killed its process (exit 143), and its last
+    words said that it had stopped without a word. From the command's end on it is let go:
+    the command ends with its own status."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
-    done = subprocess.run(
-        [sys.executable, "-c", SHUT_DOWN], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert done.returncode == 0 and done.stdout == "went on\n", done.stderr[-3000:]
+    argv = [sys.executable, "-c", SHUT_DOWN, str(tmp_path / "none")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]  # entry's status: no such folder
+    assert done.stdout.splitlines()[-2:] == ["its result", "went on"], done.stdout
+    # Ray's own lines before (no log takes them), and no interruption or traceback after.
+    assert done.stderr.splitlines()[-1] == f"insect: error: not found: {tmp_path / 'none'}"
+    assert "Traceback" not in done.stderr and "interrupted" not in done.stderr, done.stderr
 
 
 def test_on_a_terminal_the_line_is_a_line_of_its_own(tmp_path):

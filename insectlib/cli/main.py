@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import traceback
 import types
@@ -236,6 +237,15 @@ def refuse_renamed(argv: list[str]) -> None:
         if old in RENAMED:
             print(f"insect: error: {old} is now {RENAMED[old]}", file=sys.stderr)
             sys.exit(2)
+
+
+def entry(argv: list[str] | None = None, job: bool = False) -> typing.NoReturn:
+    """A process's `insect` (the console script, jobs/*.py): `main`'s status, its exit
+    status. A SIGTERM from main's end on is let go: Python's own end puts back the default
+    action of a signal it handles, and one then killed the process (exit 143)."""
+    code = main(argv, job)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None, job: bool = False) -> int:

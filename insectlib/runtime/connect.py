@@ -85,12 +85,6 @@ def interrupt_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _as_ctrl_c)
 
 
-def ignore_sigterm() -> None:
-    """A SIGTERM is ignored from now on (Python's end leaves an ignored signal so)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def _as_ctrl_c(signum, frame) -> None:
     """SIGTERM handed to whatever takes Ctrl-C at that moment: Ray Train's handler during a
     fit (it aborts the run through its controller), else a KeyboardInterrupt."""
@@ -125,14 +119,15 @@ def own_ray_settings() -> dict[str, int]:
 
 
 def shutdown() -> None:
-    """Ray's end at the end of a command that connected it: a Ctrl-C meanwhile, and a SIGTERM
-    from here to the process's end, are let go (the command's result is in), and the colour
-    reset that Ray's colorama.init(strip=False) registers for exit, which wrote ESC[0m on the
+    """Ray's end at the end of a command that connected it: a Ctrl-C meanwhile is let go (the
+    command's result is in; a SIGTERM is, by `console.command_log`), and the colour reset
+    that Ray's colorama.init(strip=False) registers for exit, which wrote ESC[0m on the
     terminal after the last line, is dropped."""
-    ignore_sigterm()
     with contextlib.suppress(KeyboardInterrupt):
         ray.shutdown()
-    ignore_sigterm()  # again: Ray's core put back the default action, which killed (143)
+    handler = signal.getsignal(signal.SIGTERM)
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)  # Ray's core set SIG_DFL underneath it
     reset = getattr(getattr(sys.modules.get("colorama"), "initialise", None), "reset_all", None)
     if reset is not None:
         atexit.unregister(reset)
@@ -355,4 +350,5 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
         return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
     finally:
-        ray.shutdown()
+        with console.sigterm_let_go():  # the command's result, error or interruption is in
+            ray.shutdown()

@@ -111,10 +111,25 @@ def command_log(path: str | None) -> Iterator[None]:
     _commands.append(state)
     try:
         yield
-        _tell_watcher(last_words.DONE)  # the result is said: an end from here has no words
+        _tell_watcher(last_words.RESULT)
     finally:
-        _commands.pop()
-        state["stack"].close()
+        with sigterm_let_go():  # the command's end: its result, error or interruption is in
+            _commands.pop()
+            state["stack"].close()
+
+
+@contextlib.contextmanager
+def sigterm_let_go() -> Iterator[None]:
+    """Within the block a SIGTERM is ignored; after it, the handler before is put back (Ray's
+    core, shutting down, sets the signal's default action, which killed the process: 143)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 def start_log() -> None:
