@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import ray
 from tqdm import tqdm
 
 from insectlib.layout import LOCK_FILE
+from insectlib.runtime import console
 from insectlib.runtime.console import LogLines, counted
 from insectlib.runtime.last_words import after_result
 from tests.conftest import BIN, run_cli, wait_for
@@ -229,8 +231,31 @@ with console.command_log(None):  # as with --verbose: no log, whose end resets h
     connect.init_ray()
     console.say("its result")
 print("went on", flush=True)
-entry(["train", sys.argv[1]])
+entry(["train", sys.argv[1], "--output", sys.argv[2]])
 """
+
+
+def test_a_commands_end_lets_sigterm_go_and_then_puts_back_the_handler_before_it():
+    """In a command's end SIGTERM is ignored; after it, a library's caller has its own
+    handler back (not the one insect put there for the command), and a process that ends
+    with the command goes on ignoring it."""
+
+    def callers(signum, frame):
+        raise AssertionError("not called")
+
+    outside = signal.signal(signal.SIGTERM, callers)
+    try:
+        in_its_end = []
+        with console.command_log(None):
+            signal.signal(signal.SIGTERM, lambda *_: None)  # as init_ray's, for the command
+            console.on_close(lambda: in_its_end.append(signal.getsignal(signal.SIGTERM)))
+        assert in_its_end == [signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGTERM) is callers
+        with console.command_log(None, own_process=True):
+            pass
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, outside)
 
 
 def test_a_sigterm_in_a_commands_end_is_let_go(tmp_path):
@@ -239,7 +264,7 @@ def test_a_sigterm_in_a_commands_end_is_let_go(tmp_path):
     words said that it had stopped without a word. From the command's end on it is let go:
     the command ends with its own status."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
-    argv = [sys.executable, "-c", SHUT_DOWN, str(tmp_path / "none")]
+    argv = [sys.executable, "-c", SHUT_DOWN, str(tmp_path / "none"), str(tmp_path / "model")]
     done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]  # entry's status: no such folder
     assert done.stdout.splitlines()[-2:] == ["its result", "went on"], done.stdout

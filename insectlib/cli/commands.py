@@ -16,8 +16,8 @@ LOGGED = {
 }
 
 
-def run(command: str, cfg) -> None:
-    """Run `command` with the checked config `cfg`."""
+def run(command: str, cfg, own_process: bool = False) -> None:
+    """Run `command` with the checked config `cfg`; `own_process`: see `console.command_log`."""
     if command == "demo":  # where it writes, before its log file goes there
         from insectlib.cli.demo import check_workdir
 
@@ -25,7 +25,7 @@ def run(command: str, cfg) -> None:
     path = None
     if command in LOGGED and not cfg.verbose:
         path = console.log_path(command, getattr(cfg, LOGGED[command]))
-    with console.command_log(path):
+    with console.command_log(path, own_process):
         RUNNERS[command](cfg)
 
 

@@ -243,13 +243,14 @@ def entry(argv: list[str] | None = None, job: bool = False) -> typing.NoReturn:
     """A process's `insect` (the console script, jobs/*.py): `main`'s status, its exit
     status. A SIGTERM from main's end on is let go: Python's own end puts back the default
     action of a signal it handles, and one then killed the process (exit 143)."""
-    code = main(argv, job)
+    code = main(argv, job, own_process=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None, job: bool = False) -> int:
-    """Run `insect ARGV`; `job`: as a Ray job's entry point (jobs/*.py). Its exit status."""
+def main(argv: list[str] | None = None, job: bool = False, own_process: bool = False) -> int:
+    """Run `insect ARGV`; `job`: as a Ray job's entry point (jobs/*.py); `own_process`: the
+    process ends with it (`entry`'s). Its exit status."""
     argv = sys.argv[1:] if argv is None else argv
     refuse_renamed(argv)
     args = parser().parse_args(argv)
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None, job: bool = False) -> int:
         cfg.validate()  # before anything heavy is imported
         from insectlib.cli import commands
 
-        commands.run(args.command, cfg)
+        commands.run(args.command, cfg, own_process)
     except StorageUnavailable as e:  # its advice, --resume keeps the rows, is classify's
         print(f"insect: error: {e if args.command == 'classify' else e.problem}", file=sys.stderr)
         return 2
@@ -285,4 +286,4 @@ def main(argv: list[str] | None = None, job: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -66,12 +66,14 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     own = own_ray_options(dashboard) if target == "local" else {}
     # A SIGTERM while Ray starts goes to Ray's handler, sys.exit, until ours replaces it: its
     # call may land after ray.init has raised (after Ray's 30 s wait for a raylet, gone).
+    # Not left to exit (after the log has closed, the command's end over), even where
+    # ray.init fails after its core has started.
+    console.on_close(shutdown)
     try:
         try:
             ray.init(address=address, logging_level="WARNING", **own)
         except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
             raise InsectError(connection_problem(address or env, e)) from None
-        console.on_close(shutdown)  # not left to exit, when the log is closed already
         interrupt_on_sigterm()
     except SystemExit:  # as ours
         raise KeyboardInterrupt from None
@@ -119,9 +121,10 @@ def own_ray_settings() -> dict[str, int]:
 
 
 def shutdown() -> None:
-    """Ray's end at the end of a command that connected it: a Ctrl-C meanwhile is let go (the
-    command's result is in; a SIGTERM is, by `console.command_log`), and the colour reset
-    that Ray's colorama.init(strip=False) registers for exit, which wrote ESC[0m on the
+    """Ray's end at the end of a command that connected it (its result, error or
+    interruption in): a Ctrl-C meanwhile is let go (a SIGTERM is, by `console.command_log`),
+    the SIGTERM handler Python holds is put back where Ray's core reset it, and the colour
+    reset that Ray's colorama.init(strip=False) registers for exit, which wrote ESC[0m on the
     terminal after the last line, is dropped."""
     with contextlib.suppress(KeyboardInterrupt):
         ray.shutdown()
@@ -350,5 +353,4 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
         return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
     finally:
-        with console.sigterm_let_go():  # the command's result, error or interruption is in
-            ray.shutdown()
+        ray.shutdown()  # a Ray Client's: no core of its own here to reset a handler

@@ -104,32 +104,41 @@ def log_path(command: str, output: str | None) -> str:
 
 
 @contextlib.contextmanager
-def command_log(path: str | None) -> Iterator[None]:
+def command_log(path: str | None, own_process: bool = False) -> Iterator[None]:
     """Within the block, the log of a command: `path` (None: none, as with --verbose),
-    opened by `start_log` and closed at the end of the block."""
+    opened by `start_log` and closed at the end of the block. In the command's end (its
+    result, error or interruption in; Ray shut down) a SIGTERM is let go; after it, the
+    handler from before the block is put back, unless the process ends with the command
+    (`own_process`: the console script's, a job's), which goes on letting it go."""
     state = {"path": path, "stack": contextlib.ExitStack()}
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
     _commands.append(state)
     try:
         yield
         _tell_watcher(last_words.RESULT)
     finally:
-        with sigterm_let_go():  # the command's end: its result, error or interruption is in
+        if main:
+            _let_sigterm_go()
+        try:
             _commands.pop()
             state["stack"].close()
+        finally:
+            if main and not own_process:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
-@contextlib.contextmanager
-def sigterm_let_go() -> Iterator[None]:
-    """Within the block a SIGTERM is ignored; after it, the handler before is put back (Ray's
-    core, shutting down, sets the signal's default action, which killed the process: 143)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+def _let_sigterm_go() -> None:
+    """A SIGTERM ignored from now on: Ray's core, shutting down, sets its default action
+    (which killed the process, exit 143, after its result), and `connect.shutdown` puts
+    this back. A signal pending as the handler changes is handled first: its
+    KeyboardInterrupt, too, is let go."""
+    while True:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def start_log() -> None:

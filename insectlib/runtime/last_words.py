@@ -1,6 +1,7 @@
-"""The line a command's console gets when its process ends without a word: Ray's C++ core
-ends a driver at once (exit 1, no Python code runs) when its cluster's head stops under it,
-and a signal can kill it; what the process said went to the command's log.
+"""The line a command's console gets when its process ends without a word (before its
+result, or in its end after it): Ray's C++ core ends a driver at once (exit 1, no Python
+code runs) when its cluster's head stops under it, and a signal can kill it; what the
+process said went to the command's log.
 
 `console.log_to_file` runs this file as a process of its own (standard library only: it
 starts in milliseconds), in a session of its own (a Ctrl-C or `timeout` aimed at the
