@@ -219,8 +219,8 @@ def test_a_command_that_dies_in_its_end_after_its_result_says_its_result_stands(
 
 
 # A command with a Ray of its own whose end, once Ray is shut down (its core puts back
-# SIGTERM's default action as it does), gets a SIGTERM, as from a supervisor; then, its
-# process's end (main's status, where Python puts back the default action too) gets one.
+# SIGTERM's default action as it does), gets a SIGTERM, as from a supervisor; then, after
+# `entry`'s main has returned, its process gets one more (at exit, before Python's end).
 SHUT_DOWN = """
 import atexit, os, signal, sys
 from insectlib.runtime import connect, console

@@ -64,11 +64,11 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     check_reachable(target, source)
     console.start_log()  # Ray's own lines from here on go to the command's log
     own = own_ray_options(dashboard) if target == "local" else {}
-    # A SIGTERM while Ray starts goes to Ray's handler, sys.exit, until ours replaces it: its
-    # call may land after ray.init has raised (after Ray's 30 s wait for a raylet, gone).
     # Not left to exit (after the log has closed, the command's end over), even where
     # ray.init fails after its core has started.
     console.on_close(shutdown)
+    # A SIGTERM while Ray starts goes to Ray's handler, sys.exit, until ours replaces it: its
+    # call may land after ray.init has raised (after Ray's 30 s wait for a raylet, gone).
     try:
         try:
             ray.init(address=address, logging_level="WARNING", **own)

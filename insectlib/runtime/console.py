@@ -111,20 +111,20 @@ def command_log(path: str | None, own_process: bool = False) -> Iterator[None]:
     handler from before the block is put back, unless the process ends with the command
     (`own_process`: the console script's, a job's), which goes on letting it go."""
     state = {"path": path, "stack": contextlib.ExitStack()}
-    main = threading.current_thread() is threading.main_thread()
-    before = signal.getsignal(signal.SIGTERM) if main else None
+    handles = threading.current_thread() is threading.main_thread()  # Python's signals
+    before = signal.getsignal(signal.SIGTERM) if handles else None
     _commands.append(state)
     try:
         yield
         _tell_watcher(last_words.RESULT)
     finally:
-        if main:
+        if handles:
             _let_sigterm_go()
         try:
             _commands.pop()
             state["stack"].close()
         finally:
-            if main and not own_process:
+            if handles and not own_process:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
