@@ -36,6 +36,10 @@ SHARED_INSECTS = REPO.parent / "shared" / "data" / "insects"
 # Small everything: the suite must stay well under CI's budget on 2 cores.
 TEST_IMAGE_SIZE = 64
 SESSION_ARCH = "resnet18"  # the session's model (`trained`), and what compares with it
+# Ray Train starts an actor per training run that watches for spot-instance preemption
+# notices, which never come here: a process start (2 s of CPU) in each of the suite's runs,
+# its own Ray's and the CLI's (they inherit this environment).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # The modules that take minutes, longest first (a full run's `--durations=0`, summed per

@@ -230,7 +230,9 @@ def test_classify_survives_a_killed_model_actor(trained, many_images, tmp_path):
 def train_config(data: str, tmp_path: Path, **kw) -> TrainConfig:
     settings = dict(
         epochs=3,
-        workers=2,  # as the CLI's default in the resume test
+        # One worker, as the CLI runs below are given: a lost worker stops or restarts the
+        # whole group either way, and each worker is a process of seconds of CPU to start.
+        workers=1,
         name="run",
         cache_features=False,  # every epoch takes its time: room for a kill mid-run
     )
@@ -271,7 +273,7 @@ def test_a_lost_training_controller_says_how_to_resume(ray_local, labelled_root,
     args = [
         "train", labelled_root, "--output", cfg.output, "--weights", "random",
         "--image-size", str(cfg.image_size), "--no-augment", "--batch-size", "8",
-        "--epochs", "3", "--storage", cfg.storage, "--name", cfg.name,
+        "--epochs", "3", "--storage", cfg.storage, "--name", cfg.name, "--workers", "1",
     ]  # fmt: skip
     log = tmp_path / "lost.log"
     driver = start_driver(log, *args)
@@ -293,6 +295,7 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
         "train", labelled_root, "--output", cfg.output, "--weights", "random",
         "--image-size", str(cfg.image_size), "--no-augment", "--batch-size", "8",
         "--epochs", str(EPOCHS), "--no-cache-features", "--max-failures", "0",
+        "--workers", str(cfg.workers),
         "--storage", cfg.storage, "--name", cfg.name, "--keep-checkpoints", "0",
     ]  # fmt: skip
     # Ctrl-C (SIGINT): Ray Train aborts the run; one line says how to continue it, exit 130.

@@ -44,6 +44,7 @@ from insectlib.model.predictor import prediction_table
 from insectlib.runtime import resources
 from insectlib.runtime.progress import RunProgress
 from tests.conftest import expect_cli_error
+from tests.standins import ModelStandIn
 
 S3 = storage.S3Options()
 
@@ -201,22 +202,15 @@ def test_several_actors_are_given_two_tasks_each_where_each_has_many_to_come():
     )
 
 
-class _ModelStandIn:
-    """A model actor's stand-in (for Ray Data's count of the tasks it ran)."""
-
-    def __call__(self, batch):
-        return {"n": np.array([len(batch["path"])] * len(batch["path"]))}
-
-
 def _tasks_run(listing: pipeline.Listing, cfg: ClassifyConfig) -> int:
     """The tasks a model actor runs for `listing`, as Ray Data counts them."""
     ran = listing.dataset.map_batches(
-        _ModelStandIn,
+        ModelStandIn,
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0,
     ).materialize()
-    return int(re.search(r"MapBatches\(_ModelStandIn\): (\d+) tasks executed", ran.stats())[1])
+    return int(re.search(r"MapBatches\(ModelStandIn\): (\d+) tasks executed", ran.stats())[1])
 
 
 def _names(folder, count, chars=5, start=0):
