@@ -472,6 +472,31 @@ def test_a_ray_client_session_the_cluster_failed_to_start_is_asked_for_again(
         connect.connect_client("ray://127.0.0.1:1")
 
 
+def test_a_sigterm_while_a_ray_client_connects_interrupts_the_command(tmp_path):
+    """A SIGTERM (`timeout`, a supervisor) while ray.init waits for a Ray Client connection
+    (30 s where the server does not answer it, as a driver without the cluster's token
+    finds): the command says it was interrupted (exit 130). Ray's handler ended it with
+    exit 15 and no word."""
+    with socket.create_server(("127.0.0.1", 0)) as server:  # answers TCP, never gRPC
+        server.settimeout(60)
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        argv = ["classify", "in", "--model", "m", "--output", "o", "--address", address]
+        driver = subprocess.Popen(
+            [str(BIN / "insect"), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=tmp_path,
+        )  # fmt: skip
+        try:
+            server.accept()[0].close()  # the address checked: it answers
+            held, _ = server.accept()  # ray.init's connection, under Ray's SIGTERM handler
+            driver.send_signal(signal.SIGTERM)
+            _, err = driver.communicate(timeout=60)
+            held.close()
+        finally:
+            driver.kill()
+    assert driver.returncode == 130, err[-2000:]
+    assert err.startswith("insect: interrupted") and "Traceback" not in err, err[-2000:]
+
+
 def test_a_ray_client_address_in_ray_address_goes_through_ray_client(monkeypatch, capsys, tmp_path):
     """$RAY_ADDRESS=ray://... with no --address (or auto, which reads it) is taken as
     --address ray://... is: the command's driver part runs on the cluster (its sessions asked

@@ -160,7 +160,7 @@ with console.command_log(log):
         if how == "dies after a Ctrl-C to its group":  # which it ignores
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.killpg(0, signal.SIGINT)
-        if how == "is interrupted":
+        if how in ("is interrupted", "dies in its end, interrupted"):
             raise KeyboardInterrupt
         if how in ("dies", "dies on a terminal", "dies after a Ctrl-C to its group"):
             os._exit(1)
@@ -194,6 +194,9 @@ def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path, how):
     # As it ends after an error, before saying it: the line, where the error would have been.
     said = _dying(log, "dies in its end, after an error").stderr.splitlines()
     assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
+    # As it ends after a Ctrl-C, before saying it: the line, with the way on it would say.
+    said = _dying(log, "dies in its end, interrupted").stderr.splitlines()
+    assert len(said) == 1 and said[0].endswith(f"; the outer way on; its log: {log}"), said
 
 
 def test_a_command_that_ends_gets_no_last_words(tmp_path):

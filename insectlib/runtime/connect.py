@@ -67,15 +67,23 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> None:
     # Not left to exit (after the log has closed, the command's end over), even where
     # ray.init fails after its core has started.
     console.on_close(shutdown)
-    # A SIGTERM while Ray starts goes to Ray's handler, sys.exit, until ours replaces it: its
-    # call may land after ray.init has raised (after Ray's 30 s wait for a raylet, gone).
-    try:
+    with sigterm_while_ray_starts():
         try:
             ray.init(address=address, logging_level="WARNING", **own)
         except Exception as e:  # ConnectionError, AuthenticationError, ValueError, ...
             raise InsectError(connection_problem(address or env, e)) from None
         interrupt_on_sigterm()
-    except SystemExit:  # as ours
+
+
+@contextlib.contextmanager
+def sigterm_while_ray_starts():
+    """A SIGTERM while ray.init runs goes to Ray's handler, sys.exit, until ours replaces
+    it (its call may land after ray.init has raised, after Ray's 30 s wait for a raylet
+    or a client connection, gone): the command is interrupted, as by ours, not ended
+    with the signal's number and no word."""
+    try:
+        yield
+    except SystemExit:
         raise KeyboardInterrupt from None
 
 
@@ -307,10 +315,11 @@ def connect_client(address: str, source: str = "--address") -> None:
     env = {"py_modules": [os.path.dirname(insectlib.__file__)]}
     for attempt in range(1, CLIENT_SESSION_TRIES + 1):
         try:
-            with warnings.catch_warnings():  # its timeout's warning: the error says it
+            # Its timeout's warning is left out: the error says it.
+            with warnings.catch_warnings(), sigterm_while_ray_starts():
                 warnings.filterwarnings("ignore", "Ray Client connection timed out")
                 ray.init(address=address, runtime_env=env, logging_level="WARNING")
-            interrupt_on_sigterm()
+                interrupt_on_sigterm()
             return
         except Exception as e:  # whatever ray.init raises, the user gets one line
             if SESSION_NOT_STARTED not in str(e):

@@ -66,16 +66,19 @@ def advice(text: str) -> str:
 def on_interrupt(hint: str) -> Iterator[None]:
     """A Ctrl-C within the block carries `hint` (`advice`: how to go on; the CLI prints it),
     in place of any an inner block gave; so does the line said should the process die
-    (`last_words`)."""
+    (`last_words`), in the command's end too where a Ctrl-C ended the block."""
     _hints.append(advice(hint))
     _tell_watcher()
+    interrupted = False
     try:
         yield
     except KeyboardInterrupt:
+        interrupted = True
         raise KeyboardInterrupt(advice(hint)) from None
     finally:
         _hints.pop()
-        _tell_watcher()
+        if not interrupted:  # the way on an interruption said stands to the process's end
+            _tell_watcher()
 
 
 def counted(n: float, noun: str, plural: str = "") -> str:
