@@ -19,12 +19,10 @@ class ImageError(ValueError):
     records it and goes on; training skips and counts the file."""
 
 
-class StorageUnavailable(InsectError):
-    """Reading failed for a reason outside the file itself (throttling, timeouts, server
-    errors, expired or missing credentials) and retries did not help. It stops the run
-    rather than being recorded as the file's fate: the rows written are kept, and
-    `--resume` continues once the cause is fixed. `problem` is the failure alone, for a
-    command that writes no rows (the CLI shows the advice to classify only)."""
+class RunStopped(InsectError):
+    """A classification run stopped by a cause outside its inputs: the rows written are
+    kept, and `--resume` continues once the cause is fixed. `problem` is the failure alone,
+    for a command that writes no rows (the CLI shows the advice to classify only)."""
 
     # True too of a run stopped before its first row (its listing failed).
     ADVICE = "Fix the cause and rerun with --resume: the rows written are kept, not redone"
@@ -35,6 +33,12 @@ class StorageUnavailable(InsectError):
 
     def __str__(self) -> str:
         return f"{self.problem}. {self.ADVICE}"
+
+
+class StorageUnavailable(RunStopped):
+    """Reading failed for a reason outside the file itself (throttling, timeouts, server
+    errors, expired or missing credentials) and retries did not help: it stops the run
+    rather than being recorded as the file's fate."""
 
 
 def file_problem(error: BaseException) -> str | None:

@@ -4,6 +4,8 @@ imports numpy only."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -12,3 +14,10 @@ class ModelStandIn:
 
     def __call__(self, batch):
         return {"n": np.array([len(batch["path"])] * len(batch["path"]))}
+
+
+class DyingActor:
+    """An actor whose process dies at its first batch (as a node going does)."""
+
+    def __call__(self, batch):
+        os._exit(1)

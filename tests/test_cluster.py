@@ -19,7 +19,7 @@ import ray
 
 from insectlib import storage
 from insectlib.data import synthetic
-from insectlib.errors import InsectError, StorageUnavailable, file_problem
+from insectlib.errors import InsectError, RunStopped, StorageUnavailable, file_problem
 from insectlib.model.meta import read_meta
 from insectlib.runtime import connect
 from insectlib.runtime.connect import IDLE_WORKER_LIMIT, IDLE_WORKERS_SETTING
@@ -32,6 +32,7 @@ from tests.conftest import (
     upload_tree,
     wait_for,
 )
+from tests.standins import DyingActor
 
 SMALL = [
     "--arch",
@@ -325,6 +326,21 @@ def test_an_insect_error_in_a_ray_data_task_is_its_own_line(ray_local, error):
     assert "attempts" in str(raised.value.args)  # what Ray Data added, still there
     found = insect_error_in(raised.value)
     assert isinstance(found, InsectError) and str(found) == str(error)
+
+
+def test_an_actor_that_died_and_was_not_replaced_stops_the_run_to_be_resumed(ray_local):
+    """A model actor gone for good (its owner's node with the cluster's head, where Ray's
+    core has not ended the driver first) stopped classify with a traceback: it is one line
+    saying why and to --resume."""
+    from insectlib.classify.pipeline import ray_task_errors
+
+    with pytest.raises(RunStopped) as stopped, ray_task_errors():
+        ray.data.range(1).map_batches(
+            DyingActor, compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0
+        ).materialize()
+    said = str(stopped.value)
+    assert said.startswith("a Ray actor of the run died and was not replaced (The actor is dead")
+    assert said.endswith(f"). {RunStopped.ADVICE}") and "\n" not in said, said
 
 
 def test_a_sigterm_goes_to_whatever_takes_ctrl_c_at_that_moment():
@@ -743,12 +759,20 @@ def _stop_sh_stops_only(head: Head, model: str, tmp_path) -> None:
     assert not _processes_naming(temp_dir)
     assert head.proc.wait(timeout=30) is not None
     assert ray.is_initialized() and ray.get(ray.remote(lambda: 1).remote()) == 1
-    # The driver cut off: Ray's core ends it at once, and the console gets one line.
-    assert driver.wait(timeout=60) == 1
+    # The driver cut off: Ray's core ends it at once (exit 1), and the console gets one line
+    # (its watcher's, just after); or Ray Data finds its model actors gone first, and the
+    # run stops in one line (exit 2), not a traceback.
+    code = driver.wait(timeout=60)
     ours = lambda: [line for line in said.read_text().splitlines() if "insect:" in line]  # noqa: E731
-    lines = wait_for(ours, timeout=10, what="the driver's line")  # its watcher's, just after
-    assert len(lines) == 1 and lines[0].startswith("insect: error: stopped at once"), lines
-    assert "the same command with --resume classifies only" in lines[0], lines
+    lines = wait_for(ours, timeout=10, what="the driver's line")
+    assert len(lines) == 1 and "Traceback" not in said.read_text(), said.read_text()[-3000:]
+    if code == 1:
+        assert lines[0].startswith("insect: error: stopped at once"), lines
+        assert "the same command with --resume classifies only" in lines[0], lines
+    else:
+        assert code == 2, said.read_text()[-3000:]
+        died = "insect: error: a Ray actor of the run died and was not replaced ("
+        assert lines[0].startswith(died) and lines[0].endswith(RunStopped.ADVICE), lines
 
 
 def _classifying(head: Head, model: str, tmp_path) -> tuple[subprocess.Popen, Path]:

@@ -145,6 +145,7 @@ def test_counts_are_said_with_their_noun():
 # as Ray ends a driver (a signal to its process group first, say), or the command ends.
 DYING = """
 import os, signal, sys
+from insectlib.errors import RunStopped
 from insectlib.runtime import console
 log, how = sys.argv[1:3]
 with console.command_log(log):
@@ -162,6 +163,8 @@ with console.command_log(log):
             os.killpg(0, signal.SIGINT)
         if how in ("is interrupted", "dies in its end, interrupted"):
             raise KeyboardInterrupt
+        if how == "dies in its end, its run stopped":  # its cluster's head gone, say
+            raise RunStopped("a Ray actor of the run died")
         if how in ("dies", "dies on a terminal", "dies after a Ctrl-C to its group"):
             os._exit(1)
     if how == "dies after its blocks":
@@ -194,9 +197,11 @@ def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path, how):
     # As it ends after an error, before saying it: the line, where the error would have been.
     said = _dying(log, "dies in its end, after an error").stderr.splitlines()
     assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
-    # As it ends after a Ctrl-C, before saying it: the line, with the way on it would say.
-    said = _dying(log, "dies in its end, interrupted").stderr.splitlines()
-    assert len(said) == 1 and said[0].endswith(f"; the outer way on; its log: {log}"), said
+    # As it ends after a Ctrl-C or a stop to resume from, before saying it: the line, with
+    # the way on it would say.
+    for how in ("dies in its end, interrupted", "dies in its end, its run stopped"):
+        said = _dying(log, how).stderr.splitlines()
+        assert len(said) == 1 and said[0].endswith(f"; the outer way on; its log: {log}"), said
 
 
 def test_a_command_that_ends_gets_no_last_words(tmp_path):

@@ -21,7 +21,7 @@ from insectlib.classify.checks import check_run, plan_classify_output
 from insectlib.classify.summary import record_holds, summarize, write_summary
 from insectlib.config import INT8_AGREEMENT_MIN, ClassifyConfig
 from insectlib.data import inputs
-from insectlib.errors import InsectError
+from insectlib.errors import InsectError, RunStopped
 from insectlib.layout import SUCCESS_FILE
 from insectlib.model import int8, int8_statistics
 from insectlib.model.meta import ModelMeta, read_meta, versions
@@ -29,7 +29,14 @@ from insectlib.model.network import check_model_id, check_weights, embedding_siz
 from insectlib.model.precision import cpu_runs_int8_fast, resolve_precision
 from insectlib.model.predictor import RowFormat
 from insectlib.runtime import console, progress
-from insectlib.runtime.connect import init_ray, insect_error_in, live_nodes, local_path_warnings
+from insectlib.runtime.connect import (
+    actor_death,
+    died_actor,
+    init_ray,
+    insect_error_in,
+    live_nodes,
+    local_path_warnings,
+)
 from insectlib.runtime.resources import NodesWait, check_resources
 from insectlib.storage.lock import output_lock
 
@@ -432,11 +439,18 @@ def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape, wait: NodesWait)
 @contextlib.contextmanager
 def ray_task_errors():
     """An InsectError raised in a Ray task (StorageUnavailable from a reader) reaches the
-    driver wrapped in Ray's exceptions: re-raise it as itself, for the CLI to print."""
+    driver wrapped in Ray's exceptions: re-raise it as itself, for the CLI to print. An
+    actor that died and was not replaced (its owner's node gone with the cluster's head,
+    where Ray's core has not ended the driver first) stops the run, to be resumed."""
     try:
         yield
     except Exception as e:
         cause = insect_error_in(e)
+        died = died_actor(e) if cause is None else None
+        if died is not None:
+            cause = RunStopped(
+                f"a Ray actor of the run died and was not replaced ({actor_death(died)})"
+            )
         if cause is None or cause is e:
             raise
         raise cause from None

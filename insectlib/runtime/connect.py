@@ -215,6 +215,25 @@ def what_failed(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def died_actor(error: BaseException) -> ray.exceptions.ActorDiedError | None:
+    """The ActorDiedError in `error`'s chain of an actor that had started (its process or
+    node gone, or its owner's: the cluster's head stopped, say); None where there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ray.exceptions.ActorDiedError) and not error.actor_init_failed:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def actor_death(error: ray.exceptions.ActorDiedError) -> str:
+    """Why an actor died, as Ray says it after the actor's ids, on one line."""
+    text = what_failed(error)
+    after_ids = re.search(r"\bip: \S+ (.+)", text)
+    return (after_ids[1] if after_ids else text)[:300]
+
+
 def live_nodes() -> int:
     """Alive nodes of the connected cluster."""
     return sum(1 for n in ray.nodes() if n["Alive"])

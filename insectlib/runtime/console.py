@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from insectlib import layout, storage
+from insectlib.errors import RunStopped
 from insectlib.runtime import last_words
 
 _streams: dict[str, TextIO] = {}  # "out", "err": the user's console while a log is open
@@ -66,18 +67,22 @@ def advice(text: str) -> str:
 def on_interrupt(hint: str) -> Iterator[None]:
     """A Ctrl-C within the block carries `hint` (`advice`: how to go on; the CLI prints it),
     in place of any an inner block gave; so does the line said should the process die
-    (`last_words`), in the command's end too where a Ctrl-C ended the block."""
+    (`last_words`), in the command's end too where a Ctrl-C or a RunStopped ended the
+    block."""
     _hints.append(advice(hint))
     _tell_watcher()
-    interrupted = False
+    stopped = False  # the way on it says stands to the process's end
     try:
         yield
     except KeyboardInterrupt:
-        interrupted = True
+        stopped = True
         raise KeyboardInterrupt(advice(hint)) from None
+    except RunStopped:
+        stopped = True
+        raise
     finally:
         _hints.pop()
-        if not interrupted:  # the way on an interruption said stands to the process's end
+        if not stopped:
             _tell_watcher()
 
 

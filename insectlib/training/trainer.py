@@ -30,6 +30,7 @@ from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import (
+    actor_death,
     cpus_per_gpu,
     init_ray,
     insect_error_in,
@@ -304,9 +305,7 @@ def controller_died(error: ray.exceptions.ActorDiedError, cfg: TrainConfig) -> s
     """What to say when Ray Train's controller actor died: why, as Ray says it after the
     actor's ids; and how to continue, unless it died starting (its run folder's record
     unreadable, say), where a resume would fail alike."""
-    text = what_failed(error)
-    after_ids = re.search(r"\bip: \S+ (.+)", text)
-    why = (after_ids[1] if after_ids else text)[:300]
+    why = actor_death(error)
     if error.actor_init_failed:
         return f"Ray Train's controller could not start the training run: {why}"
     return f"Ray Train's controller died ({why}); once the cluster is up, {resume_hint(cfg)}"
