@@ -19,10 +19,12 @@ class ImageError(ValueError):
     records it and goes on; training skips and counts the file."""
 
 
-class RunStopped(InsectError):
-    """A classification run stopped by a cause outside its inputs: the rows written are
-    kept, and `--resume` continues once the cause is fixed. `problem` is the failure alone,
-    for a command that writes no rows (the CLI shows the advice to classify only)."""
+class StorageUnavailable(InsectError):
+    """Reading failed for a reason outside the file itself (throttling, timeouts, server
+    errors, expired or missing credentials) and retries did not help. It stops the run
+    rather than being recorded as the file's fate: the rows written are kept, and
+    `--resume` continues once the cause is fixed. `problem` is the failure alone, for a
+    command that writes no rows (the CLI shows the advice to classify only)."""
 
     # True too of a run stopped before its first row (its listing failed).
     ADVICE = "Fix the cause and rerun with --resume: the rows written are kept, not redone"
@@ -35,10 +37,23 @@ class RunStopped(InsectError):
         return f"{self.problem}. {self.ADVICE}"
 
 
-class StorageUnavailable(RunStopped):
-    """Reading failed for a reason outside the file itself (throttling, timeouts, server
-    errors, expired or missing credentials) and retries did not help: it stops the run
-    rather than being recorded as the file's fate."""
+class RunStopped(InsectError):
+    """A run the cluster stopped under it (a worker, an actor or the head gone for good),
+    which a resume continues once the cluster is up: said with the way on of the block it
+    stopped in, as a Ctrl-C is (`console.on_interrupt` sets `way_on`). Raised in the
+    driver only."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
+        self.way_on = ""  # how to go on: "" where the command names no flags (the demo)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.problem}; once the cluster is up, {self.way_on}"
+            if self.way_on
+            else self.problem
+        )
 
 
 def file_problem(error: BaseException) -> str | None:

@@ -18,6 +18,7 @@ import pytest
 import ray
 
 from insectlib import storage
+from insectlib.config import ClassifyConfig
 from insectlib.data import synthetic
 from insectlib.errors import InsectError, RunStopped, StorageUnavailable, file_problem
 from insectlib.model.meta import read_meta
@@ -329,18 +330,24 @@ def test_an_insect_error_in_a_ray_data_task_is_its_own_line(ray_local, error):
 
 
 def test_an_actor_that_died_and_was_not_replaced_stops_the_run_to_be_resumed(ray_local):
-    """A model actor gone for good (its owner's node with the cluster's head, where Ray's
-    core has not ended the driver first) stopped classify with a traceback: it is one line
-    saying why and to --resume."""
-    from insectlib.classify.pipeline import ray_task_errors
+    """A model actor that Ray cannot restart (its owner's node gone with the cluster's head,
+    where Ray's core has not ended the driver first) stopped classify with a traceback: it
+    is one line saying which actor, why, in whole sentences, and how to go on. Here its
+    restarts are off, for its death to be final (Ray Data's pools restart actors)."""
+    from insectlib.classify.pipeline import ray_task_errors, resumable
 
-    with pytest.raises(RunStopped) as stopped, ray_task_errors():
+    cfg = ClassifyConfig(input="in", model="m", output="o")
+    with pytest.raises(RunStopped) as stopped, resumable(cfg), ray_task_errors():
         ray.data.range(1).map_batches(
             DyingActor, compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0
         ).materialize()
     said = str(stopped.value)
-    assert said.startswith("a Ray actor of the run died and was not replaced (The actor is dead")
-    assert said.endswith(f"). {RunStopped.ADVICE}") and "\n" not in said, said
+    assert said.startswith("the run's MapWorker died and was not replaced (The actor is dead")
+    assert "\n" not in said and len(said) < 500, said
+    assert said.endswith(
+        ".); once the cluster is up, the same command with --resume classifies only the "
+        "inputs without a row"
+    ), said
 
 
 def test_a_sigterm_goes_to_whatever_takes_ctrl_c_at_that_moment():
@@ -771,8 +778,10 @@ def _stop_sh_stops_only(head: Head, model: str, tmp_path) -> None:
         assert "the same command with --resume classifies only" in lines[0], lines
     else:
         assert code == 2, said.read_text()[-3000:]
-        died = "insect: error: a Ray actor of the run died and was not replaced ("
-        assert lines[0].startswith(died) and lines[0].endswith(RunStopped.ADVICE), lines
+        died = "insect: error: the run's MapWorker died and was not replaced ("
+        assert lines[0].startswith(died), lines
+        assert lines[0].endswith("; once the cluster is up, the same command with --resume "
+                                 "classifies only the inputs without a row"), lines  # fmt: skip
 
 
 def _classifying(head: Head, model: str, tmp_path) -> tuple[subprocess.Popen, Path]:

@@ -191,16 +191,20 @@ def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path, how):
     assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
     assert said[0].endswith(f"; the outer way on; its log: {log}"), said
     assert "what Ray says" in log.read_text()
-    # Out of the blocks, no way on is said.
+
+
+def test_the_way_on_in_the_last_words_is_the_one_the_command_would_say(tmp_path):
+    """Out of the blocks, no way on is said. Dead in its end after an error, before saying
+    it: the line, where the error would have been. Dead in its end after a Ctrl-C or a stop
+    to resume from (the cluster's head gone), before saying it: the line, with the way on
+    that the command would have said."""
+    log = tmp_path / "command.log"
     said = _dying(log, "dies after its blocks").stderr.splitlines()
     assert len(said) == 1 and said[0].endswith(f" as a signal does); its log: {log}")
-    # As it ends after an error, before saying it: the line, where the error would have been.
     said = _dying(log, "dies in its end, after an error").stderr.splitlines()
     assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
-    # As it ends after a Ctrl-C or a stop to resume from, before saying it: the line, with
-    # the way on it would say.
-    for how in ("dies in its end, interrupted", "dies in its end, its run stopped"):
-        said = _dying(log, how).stderr.splitlines()
+    for ending in ("dies in its end, interrupted", "dies in its end, its run stopped"):
+        said = _dying(log, ending).stderr.splitlines()
         assert len(said) == 1 and said[0].endswith(f"; the outer way on; its log: {log}"), said
 
 

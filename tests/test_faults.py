@@ -337,9 +337,12 @@ def test_train_resume_continues_a_stopped_run(ray_local, labelled_root, tmp_path
     (run / "checkpoint_unrecorded" / STATE_FILE).write_bytes(Path(done[0], STATE_FILE).read_bytes())
     (run / "checkpoint_mine").mkdir()
     (run / "checkpoint_mine" / "notes.txt").write_text("mine")
-    # Resumed with a restart allowed: Ray Train restarts the workers when one is lost.
+    # Resumed with a restart allowed: Ray Train restarts the workers when one is lost. With
+    # two workers (a resume may change their number): each restores the recorded epoch.
     handler = signal.getsignal(signal.SIGINT)
-    resumed = train_config(labelled_root, tmp_path, epochs=EPOCHS, resume=True, max_failures=1)
+    resumed = train_config(
+        labelled_root, tmp_path, epochs=EPOCHS, resume=True, max_failures=1, workers=2
+    )
     more = lambda: len(checkpoints(cfg)) > len(done)  # noqa: E731
     with killing("RayTrainWorker", more, "a checkpoint of the run resumed again"):
         meta = fit(resumed)

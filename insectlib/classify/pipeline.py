@@ -30,12 +30,13 @@ from insectlib.model.precision import cpu_runs_int8_fast, resolve_precision
 from insectlib.model.predictor import RowFormat
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import (
-    actor_death,
-    died_actor,
+    actor_class,
+    dead_actor_error,
     init_ray,
     insect_error_in,
     live_nodes,
     local_path_warnings,
+    why_actor_died,
 )
 from insectlib.runtime.resources import NodesWait, check_resources
 from insectlib.storage.lock import output_lock
@@ -440,17 +441,17 @@ def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape, wait: NodesWait)
 def ray_task_errors():
     """An InsectError raised in a Ray task (StorageUnavailable from a reader) reaches the
     driver wrapped in Ray's exceptions: re-raise it as itself, for the CLI to print. An
-    actor that died and was not replaced (its owner's node gone with the cluster's head,
-    where Ray's core has not ended the driver first) stops the run, to be resumed."""
+    actor that died and that Ray could not restart (its owner's node gone with the
+    cluster's head, where Ray's core has not ended the driver first) stops the run, to be
+    resumed."""
     try:
         yield
     except Exception as e:
         cause = insect_error_in(e)
-        died = died_actor(e) if cause is None else None
-        if died is not None:
-            cause = RunStopped(
-                f"a Ray actor of the run died and was not replaced ({actor_death(died)})"
-            )
+        dead = dead_actor_error(e) if cause is None else None
+        if dead is not None:
+            actor, why = actor_class(dead) or "a Ray actor", why_actor_died(dead)
+            cause = RunStopped(f"the run's {actor} died and was not replaced ({why})")
         if cause is None or cause is e:
             raise
         raise cause from None

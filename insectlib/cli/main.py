@@ -18,7 +18,7 @@ import typing
 
 from insectlib import config, layout
 from insectlib.config import S3Options
-from insectlib.errors import InsectError, RunStopped, file_problem
+from insectlib.errors import InsectError, StorageUnavailable, file_problem
 
 # Flags renamed, refused with their new name.
 RENAMED = {"--no-calibration": "--no-temperature", "--int8-calibration": "--int8-images"}
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None, job: bool = False, own_process: bool = F
         from insectlib.cli import commands
 
         commands.run(args.command, cfg, own_process)
-    except RunStopped as e:  # its advice, --resume keeps the rows, is classify's
+    except StorageUnavailable as e:  # its advice, --resume keeps the rows, is classify's
         print(f"insect: error: {e if args.command == 'classify' else e.problem}", file=sys.stderr)
         return 2
     except InsectError as e:

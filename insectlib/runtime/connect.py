@@ -215,23 +215,39 @@ def what_failed(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def died_actor(error: BaseException) -> ray.exceptions.ActorDiedError | None:
-    """The ActorDiedError in `error`'s chain of an actor that had started (its process or
-    node gone, or its owner's: the cluster's head stopped, say); None where there is none."""
+def dead_actor_error(error: BaseException) -> ray.exceptions.ActorDiedError | None:
+    """The ActorDiedError that `error` was raised from (through its causes, not an error
+    only being handled as it was raised: a bug's), of an actor that had started (its
+    process or node gone, or its owner's: the cluster's head stopped, say); else None."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, ray.exceptions.ActorDiedError) and not error.actor_init_failed:
             return error
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or getattr(error, "cause", None)
     return None
 
 
-def actor_death(error: ray.exceptions.ActorDiedError) -> str:
-    """Why an actor died, as Ray says it after the actor's ids, on one line."""
+WHY_CHARS = 300  # of Ray's reason an actor died, at most (its whole sentences)
+
+
+def why_actor_died(error: ray.exceptions.ActorDiedError) -> str:
+    """Why an actor died, as Ray says it after the actor's ids, on one line: its first
+    sentences, up to WHY_CHARS."""
     text = what_failed(error)
     after_ids = re.search(r"\bip: \S+ (.+)", text)
-    return (after_ids[1] if after_ids else text)[:300]
+    why = after_ids[1] if after_ids else text
+    if len(why) <= WHY_CHARS:
+        return why
+    cut = why.rfind(". ", 0, WHY_CHARS)
+    return why[: cut + 1] if cut > 0 else why[:WHY_CHARS] + "..."
+
+
+def actor_class(error: ray.exceptions.ActorDiedError) -> str | None:
+    """The class of the actor that died, as Ray names it (MapWorker for Ray Data's pools);
+    None where its text does not say."""
+    found = re.search(r"\bclass_name: (\w+)", str(error))
+    return found[1] if found else None
 
 
 def live_nodes() -> int:
@@ -349,7 +365,8 @@ def connect_client(address: str, source: str = "--address") -> None:
                     f"failed to start this connection's session {attempt} times, a fault of "
                     "Ray's (ray-project/ray#63202); run the command again"
                 ) from None
-            ray.shutdown()
+            with sigterm_while_ray_starts():  # Ray's handler is still the one in place
+                ray.shutdown()
 
 
 def address_in_use(address: str | None) -> tuple[str | None, str]:
@@ -376,8 +393,8 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
     address = client_address(getattr(cfg, "address", None))
     if address is None:
         return fn(cfg, **kwargs)
-    connect_client(address, address_in_use(cfg.address)[1])
-    try:
+    try:  # a connection interrupted as it is made is shut down too
+        connect_client(address, address_in_use(cfg.address)[1])
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
         return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
     finally:

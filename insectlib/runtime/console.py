@@ -66,8 +66,8 @@ def advice(text: str) -> str:
 @contextlib.contextmanager
 def on_interrupt(hint: str) -> Iterator[None]:
     """A Ctrl-C within the block carries `hint` (`advice`: how to go on; the CLI prints it),
-    in place of any an inner block gave; so does the line said should the process die
-    (`last_words`), in the command's end too where a Ctrl-C or a RunStopped ended the
+    in place of any an inner block gave, and so does a RunStopped; so does the line said
+    should the process die (`last_words`), in the command's end too where either ended the
     block."""
     _hints.append(advice(hint))
     _tell_watcher()
@@ -77,8 +77,9 @@ def on_interrupt(hint: str) -> Iterator[None]:
     except KeyboardInterrupt:
         stopped = True
         raise KeyboardInterrupt(advice(hint)) from None
-    except RunStopped:
+    except RunStopped as e:
         stopped = True
+        e.way_on = advice(hint)  # an outer block's replaces it, as for a Ctrl-C
         raise
     finally:
         _hints.pop()

@@ -4,12 +4,14 @@ needs no cluster), `fit` (size the workers, run Ray Train, read the model back).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import ray
@@ -23,20 +25,20 @@ from insectlib import storage
 from insectlib.config import TrainConfig
 from insectlib.data import label_table
 from insectlib.data.labels import LabelledSet
-from insectlib.errors import InsectError
+from insectlib.errors import InsectError, RunStopped
 from insectlib.layout import PROBLEM_FILE, STATE_FILE
 from insectlib.metrics.confidence import temperature_report
 from insectlib.metrics.scores import classification_metrics, format_number
 from insectlib.model.meta import ModelMeta, read_meta
 from insectlib.runtime import console, progress
 from insectlib.runtime.connect import (
-    actor_death,
     cpus_per_gpu,
     init_ray,
     insect_error_in,
     live_nodes,
     local_path_warnings,
     what_failed,
+    why_actor_died,
 )
 from insectlib.runtime.resources import check_resources
 from insectlib.storage.lock import output_lock
@@ -301,14 +303,34 @@ def begin_run(cfg: TrainConfig, labelled: LabelledSet) -> None:
         console.say(f"run {run_location(cfg)}{advice}")
 
 
-def controller_died(error: ray.exceptions.ActorDiedError, cfg: TrainConfig) -> str:
+@contextlib.contextmanager
+def fit_errors(cfg: TrainConfig) -> Iterator[None]:
+    """How Ray Train's run stops, said as insect says it: an interruption; an InsectError a
+    worker raised, as itself; workers or the controller lost (a RunStopped, which the
+    block around it gives its way on to resume)."""
+    try:
+        yield
+    except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
+        raise KeyboardInterrupt from None
+    except ray.train.TrainingFailedError as e:
+        cause = insect_error_in(e)
+        if cause:
+            raise cause from None
+        if lost_workers(e):
+            raise RunStopped(workers_lost(e, cfg)) from None
+        raise
+    except ray.exceptions.ActorDiedError as e:  # its controller's: the head stopped, say
+        raise controller_died(e) from None
+
+
+def controller_died(error: ray.exceptions.ActorDiedError) -> InsectError:
     """What to say when Ray Train's controller actor died: why, as Ray says it after the
-    actor's ids; and how to continue, unless it died starting (its run folder's record
+    actor's ids; a run to resume, unless it died starting (its run folder's record
     unreadable, say), where a resume would fail alike."""
-    why = actor_death(error)
+    why = why_actor_died(error)
     if error.actor_init_failed:
-        return f"Ray Train's controller could not start the training run: {why}"
-    return f"Ray Train's controller died ({why}); once the cluster is up, {resume_hint(cfg)}"
+        return InsectError(f"Ray Train's controller could not start the training run: {why}")
+    return RunStopped(f"Ray Train's controller died ({why})")
 
 
 # gloo's text when a collective's peer went away (its process killed, its node lost)
@@ -344,10 +366,7 @@ def workers_lost(error: ray.train.TrainingFailedError, cfg: TrainConfig) -> str:
         if actor_died(first)
         else f"a worker was lost (worker {ranks} lost its peer: {what_failed(first)[:200]})"
     )
-    return (
-        f"training stopped: {lost}, past the restarts --max-failures {cfg.max_failures} "
-        f"allows; once the cluster is up, {resume_hint(cfg)}"
-    )
+    return f"training stopped: {lost}, past the restarts --max-failures {cfg.max_failures} allows"
 
 
 def how_lost(failure: Exception) -> str:
@@ -403,19 +422,9 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
     )
     before = signal.getsignal(signal.SIGINT)
     try:
-        with console.on_interrupt(resume_hint(cfg)):  # also said should the process die
+        # Its way on said with an interruption or a stop, and should the process die.
+        with console.on_interrupt(resume_hint(cfg)), fit_errors(cfg):
             return trainer.fit()
-    except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
-        raise KeyboardInterrupt(console.advice(resume_hint(cfg))) from None
-    except ray.train.TrainingFailedError as e:
-        cause = insect_error_in(e)
-        if cause:
-            raise cause from None
-        if lost_workers(e):
-            raise InsectError(workers_lost(e, cfg)) from None
-        raise
-    except ray.exceptions.ActorDiedError as e:  # its controller's: the head stopped, say
-        raise InsectError(controller_died(e, cfg)) from None
     finally:  # Ray Train's handler outlives the run: a later Ctrl-C would exit 0 through it
         if before is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
