@@ -342,7 +342,7 @@ def test_an_actor_that_died_and_was_not_replaced_stops_the_run_to_be_resumed(ray
             DyingActor, compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0
         ).materialize()
     said = str(stopped.value)
-    assert said.startswith("the run's MapWorker died and was not replaced (The actor is dead")
+    assert said.startswith("a model actor of the run died and was not replaced (The actor is dead")
     assert "\n" not in said and len(said) < 500, said
     assert said.endswith(
         ".); once the cluster is up, the same command with --resume classifies only the "
@@ -702,6 +702,15 @@ def _drivers_with_and_without_the_token(head: Head, model: str, unlabelled, tmp_
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         _check_outputs(out, len(unlabelled))
+    # An error of the driver's part, which runs on the cluster: its one line, not Ray's
+    # traceback of the task.
+    missing = run_cli(
+        "insect", "classify", images, "--model", str(tmp_path / "no-model"),
+        "--output", str(tmp_path / "p5"), "--address", client, env=head.env,
+    )  # fmt: skip
+    assert missing.returncode == 2, missing.stderr[-3000:]
+    assert missing.stderr.startswith("insect: error: ") and "no-model" in missing.stderr
+    assert "Traceback" not in missing.stderr and "\x1b[" not in missing.stderr, missing.stderr
     stranger = run_cli(
         "insect", "classify", images, "--model", model, "--output", str(tmp_path / "p4"),
         "--address", f"127.0.0.1:{head.port}",
@@ -778,7 +787,7 @@ def _stop_sh_stops_only(head: Head, model: str, tmp_path) -> None:
         assert "the same command with --resume classifies only" in lines[0], lines
     else:
         assert code == 2, said.read_text()[-3000:]
-        died = "insect: error: the run's MapWorker died and was not replaced ("
+        died = "insect: error: a model actor of the run died and was not replaced ("
         assert lines[0].startswith(died), lines
         assert lines[0].endswith("; once the cluster is up, the same command with --resume "
                                  "classifies only the inputs without a row"), lines  # fmt: skip

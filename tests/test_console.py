@@ -18,6 +18,7 @@ import pytest
 import ray
 from tqdm import tqdm
 
+from insectlib.errors import RunStopped
 from insectlib.layout import LOCK_FILE
 from insectlib.runtime import console
 from insectlib.runtime.console import LogLines, counted
@@ -191,6 +192,21 @@ def test_a_process_that_dies_without_a_word_gets_one_line(tmp_path, how):
     assert len(said) == 1 and said[0].startswith("insect: error: stopped at once"), said
     assert said[0].endswith(f"; the outer way on; its log: {log}"), said
     assert "what Ray says" in log.read_text()
+
+
+def test_a_stopped_run_is_said_with_the_outermost_blocks_way_on():
+    """As a Ctrl-C is: evaluate's way on, not that of the classify it runs; none where the
+    command names no flags (the demo's)."""
+    with (
+        pytest.raises(RunStopped) as stopped,
+        console.on_interrupt("evaluate again"),
+        console.on_interrupt("resume"),
+    ):
+        raise RunStopped("the head went")
+    assert str(stopped.value) == "the head went; once the cluster is up, evaluate again"
+    with pytest.raises(RunStopped) as stopped, console.without_advice(), console.on_interrupt("x"):
+        raise RunStopped("the head went")
+    assert str(stopped.value) == "the head went"
 
 
 def test_the_way_on_in_the_last_words_is_the_one_the_command_would_say(tmp_path):

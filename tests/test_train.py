@@ -14,9 +14,7 @@ from insectlib.data.labels import discover
 from insectlib.errors import RunStopped
 from insectlib.layout import STATE_FILE
 from insectlib.model.network import build_model, head_name, load_model
-from insectlib.runtime import console
-from insectlib.training.run_storage import resume_hint
-from insectlib.training.trainer import PEER_LOST, lost_workers, workers_lost
+from insectlib.training.trainer import PEER_LOST, fit_stops, lost_workers, workers_lost
 from insectlib.training.worker import CLASS_IMAGES, TrainingWorker
 
 
@@ -161,10 +159,11 @@ def test_only_lost_workers_make_the_one_line_ending_a_training_run():
     said = workers_lost(ray.train.WorkerGroupError("failed", {0: peer, 1: peer}), CFG)
     assert said.startswith("training stopped: a worker was lost (worker 0, 1 lost its peer: ")
     assert said.endswith("--max-failures 2 allows"), said
-    # Said as the run stops: with the way on of the block it stopped in (train's own).
-    with pytest.raises(RunStopped) as stopped, console.on_interrupt(resume_hint(CFG)):
-        raise RunStopped(said)
-    assert str(stopped.value) == (
-        f"{said}; once the cluster is up, --resume --name r --storage s continues from its "
-        "last recorded epoch"
-    )
+    # Said as the run stops, with its way on; a Ctrl-C (Ray Train's abort ends fit() with
+    # SystemExit) with it too.
+    way_on = "--resume --name r --storage s continues from its last recorded epoch"
+    with pytest.raises(RunStopped) as stopped, fit_stops(CFG):
+        raise ray.train.WorkerGroupError("failed", {0: peer, 1: peer})
+    assert str(stopped.value) == f"{said}; once the cluster is up, {way_on}"
+    with pytest.raises(KeyboardInterrupt, match=f"^{way_on}$"), fit_stops(CFG):
+        raise SystemExit(0)

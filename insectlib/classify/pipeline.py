@@ -437,6 +437,10 @@ def check_capacity(cfg: ClassifyConfig, pool: shape.ActorShape, wait: NodesWait)
     check_resources(per_actor, actors, what, advice, wait)
 
 
+# The actors of a run by what Ray names their class: Ray Data's pool is of model actors.
+ACTOR_NAMES = {"MapWorker": "model actor", "RunProgress": "progress actor"}
+
+
 @contextlib.contextmanager
 def ray_task_errors():
     """An InsectError raised in a Ray task (StorageUnavailable from a reader) reaches the
@@ -450,8 +454,10 @@ def ray_task_errors():
         cause = insect_error_in(e)
         dead = dead_actor_error(e) if cause is None else None
         if dead is not None:
-            actor, why = actor_class(dead) or "a Ray actor", why_actor_died(dead)
-            cause = RunStopped(f"the run's {actor} died and was not replaced ({why})")
+            actor = ACTOR_NAMES.get(actor_class(dead), "Ray actor")
+            cause = RunStopped(
+                f"a {actor} of the run died and was not replaced ({why_actor_died(dead)})"
+            )
         if cause is None or cause is e:
             raise
         raise cause from None

@@ -397,5 +397,10 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
         connect_client(address, address_in_use(cfg.address)[1])
         task = ray.remote(num_cpus=0, max_retries=0)(fn)
         return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
+    except ray.exceptions.RayTaskError as e:  # the task's InsectError, not Ray's traceback
+        raise insect_error_in(e) or e from None
     finally:
-        ray.shutdown()  # a Ray Client's: no core of its own here to reset a handler
+        # A Ray Client's (no core of its own here to reset a handler): in the command's
+        # end, where a SIGTERM is let go; here for a library's caller.
+        if not console.on_close(ray.shutdown):
+            ray.shutdown()

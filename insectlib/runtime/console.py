@@ -160,11 +160,13 @@ def start_log() -> None:
     _commands[-1]["stack"].enter_context(log_to_file(path))
 
 
-def on_close(fn) -> None:
-    """Call `fn` as the running command ends, before its log closes (nothing outside a
-    command): Ray's shutdown, whose last lines (its workers' too) belong in the log."""
+def on_close(fn) -> bool:
+    """Call `fn` as the running command ends, before its log closes: Ray's shutdown, whose
+    last lines (its workers' too) belong in the log. Whether it will (not outside a
+    command)."""
     if _commands:
         _commands[-1]["stack"].callback(fn)
+    return bool(_commands)
 
 
 @contextlib.contextmanager

@@ -304,23 +304,24 @@ def begin_run(cfg: TrainConfig, labelled: LabelledSet) -> None:
 
 
 @contextlib.contextmanager
-def fit_errors(cfg: TrainConfig) -> Iterator[None]:
-    """How Ray Train's run stops, said as insect says it: an interruption; an InsectError a
-    worker raised, as itself; workers or the controller lost (a RunStopped, which the
-    block around it gives its way on to resume)."""
-    try:
-        yield
-    except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
-        raise KeyboardInterrupt from None
-    except ray.train.TrainingFailedError as e:
-        cause = insect_error_in(e)
-        if cause:
-            raise cause from None
-        if lost_workers(e):
-            raise RunStopped(workers_lost(e, cfg)) from None
-        raise
-    except ray.exceptions.ActorDiedError as e:  # its controller's: the head stopped, say
-        raise controller_died(e) from None
+def fit_stops(cfg: TrainConfig) -> Iterator[None]:
+    """How Ray Train's run stops, said as insect says it: an interruption, and workers or
+    the controller lost (a RunStopped), with the run's way on (`resume_hint`), which the
+    last words keep should the process die; an InsectError a worker raised, as itself."""
+    with console.on_interrupt(resume_hint(cfg)):
+        try:
+            yield
+        except SystemExit:  # how fit() ends after Ray Train's Ctrl-C handler aborted the run
+            raise KeyboardInterrupt from None
+        except ray.train.TrainingFailedError as e:
+            cause = insect_error_in(e)
+            if cause:
+                raise cause from None
+            if lost_workers(e):
+                raise RunStopped(workers_lost(e, cfg)) from None
+            raise
+        except ray.exceptions.ActorDiedError as e:  # its controller's: the head stopped, say
+            raise controller_died(e) from None
 
 
 def controller_died(error: ray.exceptions.ActorDiedError) -> InsectError:
@@ -422,8 +423,7 @@ def run_trainer(cfg: TrainConfig, labelled: LabelledSet, run) -> ray.train.Resul
     )
     before = signal.getsignal(signal.SIGINT)
     try:
-        # Its way on said with an interruption or a stop, and should the process die.
-        with console.on_interrupt(resume_hint(cfg)), fit_errors(cfg):
+        with fit_stops(cfg):
             return trainer.fit()
     finally:  # Ray Train's handler outlives the run: a later Ctrl-C would exit 0 through it
         if before is not None and threading.current_thread() is threading.main_thread():
