@@ -21,3 +21,17 @@ class DyingActor:
 
     def __call__(self, batch):
         os._exit(1)
+
+
+def console_lines(cfg: int | None) -> int:
+    """A driver's part that writes as insect's do (a line, a warning, a bar's redraws, a
+    last write never flushed), then returns `cfg` doubled (None: fails, after writing)."""
+    from insectlib.runtime import console
+
+    console.say("planned")
+    console.warn("a warning")
+    for i in (1, 2):
+        console.err().write(f"\rbar {i}/2")
+        console.err().flush()
+    console.err().write(f"\nterminal: {console.is_terminal()}\n")
+    return cfg * 2

@@ -24,7 +24,10 @@ def run(command: str, cfg, own_process: bool = False) -> None:
         check_workdir(cfg.workdir)
     path = None
     if command in LOGGED and not cfg.verbose:
-        path = console.log_path(command, getattr(cfg, LOGGED[command]))
+        output = getattr(cfg, LOGGED[command])
+        if client_address(getattr(cfg, "address", None)):  # the output is the cluster's
+            output = None
+        path = console.log_path(command, output)
     with console.command_log(path, own_process):
         RUNNERS[command](cfg)
 

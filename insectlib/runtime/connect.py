@@ -20,7 +20,7 @@ import ray
 
 from insectlib import storage
 from insectlib.errors import InsectError, file_problem
-from insectlib.runtime import console
+from insectlib.runtime import console, relay
 
 T = TypeVar("T")
 GRPC_DEFAULT_PORT = 443  # gRPC's port for a host named without one
@@ -389,14 +389,15 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
     """`fn(cfg, **kwargs)` here, or, for a Ray Client address, as a task on the cluster:
     Ray Data and Ray Train need a real driver process, which a Ray Client connection is
     not, so the driver's part runs on the cluster as a zero-CPU task with this package
-    shipped along (paths are then the cluster's, as with `ray job submit`)."""
+    shipped along (paths are then the cluster's, as with `ray job submit`), its console
+    lines relayed here (`runtime.relay`)."""
     address = client_address(getattr(cfg, "address", None))
     if address is None:
         return fn(cfg, **kwargs)
     try:  # a connection interrupted as it is made is shut down too
+        console.start_log()  # what Ray prints here, and streams from the cluster
         connect_client(address, address_in_use(cfg.address)[1])
-        task = ray.remote(num_cpus=0, max_retries=0)(fn)
-        return ray.get(task.remote(dataclasses.replace(cfg, address=None), **kwargs))
+        return relay.run_relayed(fn, dataclasses.replace(cfg, address=None), **kwargs)
     except ray.exceptions.RayTaskError as e:  # the task's InsectError, not Ray's traceback
         raise insect_error_in(e) or e from None
     finally:

@@ -104,7 +104,8 @@ def warn(text: str) -> None:
 
 def log_path(command: str, output: str | None) -> str:
     """The log file of a `command` run writing to `output`: in the output's LOG_DIR when it
-    is local, else in the temporary directory (an s3:// output gets no log objects)."""
+    is local, else (None: none on this machine) in the temporary directory (an s3:// output
+    gets no log objects)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{command}-{stamp}-{os.getpid()}.log"
     if output and not storage.is_s3(output):
@@ -148,6 +149,19 @@ def _let_sigterm_go() -> None:
             return
         except KeyboardInterrupt:
             continue
+
+
+@contextlib.contextmanager
+def writing_to(out_stream: TextIO, err_stream: TextIO) -> Iterator[None]:
+    """Within the block, `say` and `warn` (and the progress bar) write to these streams: a
+    driver's part on the cluster, whose console is a Ray Client's (`runtime.relay`)."""
+    before = dict(_streams)
+    _streams.update(out=out_stream, err=err_stream)
+    try:
+        yield
+    finally:
+        _streams.clear()
+        _streams.update(before)
 
 
 def start_log() -> None:
