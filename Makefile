@@ -9,7 +9,8 @@ BROWSER := $(VENV)/.browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	# --no-compile: a module's bytecode is written as it is first imported, not all 7 GB's now
+	$(VENV)/bin/pip install -q --no-compile -c constraints.txt -e '.[test]'
 	$(VENV)/bin/python -c "import insectlib, ray, torch, torchvision, moto, playwright, xdist"
 	touch $(STAMP)
 
@@ -34,7 +35,9 @@ lint: $(STAMP)
 TEST_WORKERS ?= 2
 PYTEST := $(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
-test: lint $(BROWSER)
+# The browser's install runs beside the virtualenv's.
+test:
+	$(MAKE) --no-print-directory -j2 lint $(BROWSER)
 	$(PYTEST)
 
 test-fast: lint
