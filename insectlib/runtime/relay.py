@@ -24,6 +24,8 @@ class QueueStream:
     the queue at each flush (`print(..., flush=True)`, a progress bar's redraw), as one
     item, so a line and its newline arrive together."""
 
+    encoding = "utf-8"  # what the client's console is written in (tqdm draws by it)
+
     def __init__(self, lines: Queue, name: str, terminal: bool):
         self.lines, self.name, self.terminal = lines, name, terminal
         self.text: list[str] = []
