@@ -40,6 +40,10 @@ SESSION_ARCH = "resnet18"  # the session's model (`trained`), and what compares 
 # notices, which never come here: a process start (2 s of CPU) in each of the suite's runs,
 # its own Ray's and the CLI's (they inherit this environment).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Two pytest workers share the 2 cores, each with torch processes of 2 OpenMP threads:
+# threads that spin while they wait for work (OpenMP's default) take the CPU the other
+# worker's processes need. Its Ray workers and CLIs inherit this (README, Development).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # The modules that take minutes, longest first (a full run's `--durations=0`, summed per
