@@ -35,3 +35,15 @@ def console_lines(cfg: int | None) -> int:
         console.err().flush()
     console.err().write(f"\nterminal: {console.is_terminal()}\n")
     return cfg * 2
+
+
+def lines_after_their_queue_died(cfg: int) -> int:
+    """A driver's part whose relay queue's actor dies under it (as on a node lost): it
+    says a line after, and returns `cfg`."""
+    import ray
+
+    from insectlib.runtime import console
+
+    ray.kill(console.out().lines.actor)
+    console.say("after")
+    return cfg

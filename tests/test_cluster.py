@@ -18,6 +18,7 @@ import pytest
 import ray
 
 from insectlib import storage
+from insectlib.cli.main import main
 from insectlib.config import ClassifyConfig
 from insectlib.data import synthetic
 from insectlib.errors import InsectError, RunStopped, StorageUnavailable, file_problem
@@ -309,6 +310,26 @@ def test_a_driver_part_on_the_cluster_writes_its_console_lines_here(ray_local, c
     with pytest.raises(ray.exceptions.RayTaskError, match="TypeError"):
         relay.run_relayed(standins.console_lines, None)
     assert capsys.readouterr().out == "planned\n"
+    # The queue's actor gone (its node lost): the run goes on, and says where its lines go.
+    assert relay.run_relayed(standins.lines_after_their_queue_died, 7) == 7
+    lost = "the run goes on, its lines in the log from now on: their queue's actor died ("
+    assert lost in capsys.readouterr().err
+
+
+def test_a_ray_client_connection_lost_mid_run_is_one_line(monkeypatch):
+    """Ray Client's ConnectionError when its server (the head) goes mid-run: a RunStopped
+    naming the address, not a traceback."""
+
+    def lost(*args, **kwargs):
+        raise ConnectionError("Client is shutting down.")
+
+    monkeypatch.setattr(connect, "connect_client", lambda *args: None)
+    monkeypatch.setattr(relay, "run_relayed", lost)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # the session's own Ray stays
+    cfg = ClassifyConfig(input="in", model="m", output="o", address="ray://127.0.0.1:1")
+    with pytest.raises(RunStopped, match=r"^lost the connection to Ray at ray://127.0.0.1:1 "
+                       r"\(Client is shutting down.\), the run with it$"):  # fmt: skip
+        connect.run_as_driver(lambda cfg: None, cfg)
 
 
 @pytest.mark.parametrize(
@@ -558,7 +579,9 @@ def test_a_ray_client_address_in_ray_address_goes_through_ray_client(monkeypatch
             assert f"at {address}: " in err and "session 3 times" in err, err
             assert calls == [address] * 3
     monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:1")  # a port that does not answer
-    assert "check $RAY_ADDRESS (" in expect_cli_error(capsys, argv)
+    assert main(argv) == 2
+    said = capsys.readouterr()
+    assert "check $RAY_ADDRESS (" in said.err and "log: " not in said.out  # nor a log opened
     assert calls == [address] * 3  # refused before ray.init
 
 

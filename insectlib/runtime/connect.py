@@ -19,7 +19,7 @@ from typing import TypeVar
 import ray
 
 from insectlib import storage
-from insectlib.errors import InsectError, file_problem
+from insectlib.errors import InsectError, RunStopped, file_problem
 from insectlib.runtime import console, relay
 
 T = TypeVar("T")
@@ -347,6 +347,7 @@ def connect_client(address: str, source: str = "--address") -> None:
     import insectlib
 
     check_reachable(address, source)
+    console.start_log()  # what Ray prints here, and streams from the cluster
     env = {"py_modules": [os.path.dirname(insectlib.__file__)]}
     for attempt in range(1, CLIENT_SESSION_TRIES + 1):
         try:
@@ -395,13 +396,15 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
     if address is None:
         return fn(cfg, **kwargs)
     try:  # a connection interrupted as it is made is shut down too
-        console.start_log()  # what Ray prints here, and streams from the cluster
         connect_client(address, address_in_use(cfg.address)[1])
         return relay.run_relayed(fn, dataclasses.replace(cfg, address=None), **kwargs)
     except ray.exceptions.RayTaskError as e:  # the task's InsectError, not Ray's traceback
         raise insect_error_in(e) or e from None
+    except ConnectionError as e:  # Ray Client's, its server (the head) gone mid-run
+        raise RunStopped(
+            f"lost the connection to Ray at {address} ({e}), the run with it"
+        ) from None
     finally:
-        # A Ray Client's (no core of its own here to reset a handler): in the command's
-        # end, where a SIGTERM is let go; here for a library's caller.
-        if not console.on_close(ray.shutdown):
-            ray.shutdown()
+        # In the command's end, where a SIGTERM is let go; here for a library's caller.
+        if not console.on_close(shutdown):
+            shutdown()

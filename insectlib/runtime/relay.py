@@ -5,7 +5,8 @@ client prefixed with their pid, in colour) goes to the command's log on this mac
 
 from __future__ import annotations
 
-import contextlib
+import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -22,24 +23,33 @@ STREAMS = {"out": console.out, "err": console.err}
 class QueueStream:
     """A console stream of the driver's part on the cluster: what is written is put on
     the queue at each flush (`print(..., flush=True)`, a progress bar's redraw), as one
-    item, so a line and its newline arrive together."""
+    item, so a line and its newline arrive together. Should the queue be gone (its actor's
+    process or node lost), the process's own stream takes the text, which Ray streams to
+    the client's log: the run goes on."""
 
     encoding = "utf-8"  # what the client's console is written in (tqdm draws by it)
 
     def __init__(self, lines: Queue, name: str, terminal: bool):
         self.lines, self.name, self.terminal = lines, name, terminal
         self.text: list[str] = []
+        self.lock = threading.Lock()  # the progress thread writes too
 
     def write(self, text: str) -> int:
-        self.text.append(text)
+        with self.lock:
+            self.text.append(text)
         return len(text)
 
     def flush(self) -> None:
-        if self.text:
+        with self.lock:
             text, self.text = "".join(self.text), []
-            # The client gone (its session ended), the run's own end is not held up by it.
-            with contextlib.suppress(ray.exceptions.RayError):
-                self.lines.put_nowait((self.name, text))
+        if not text:
+            return
+        try:
+            self.lines.put_nowait((self.name, text))
+        except ray.exceptions.RayError:
+            stream = sys.__stdout__ if self.name == "out" else sys.__stderr__
+            stream.write(text)
+            stream.flush()
 
     def isatty(self) -> bool:  # the client's console, where the bar is drawn
         return self.terminal
@@ -63,16 +73,27 @@ def run_relayed(fn: Callable[..., T], cfg, **kwargs) -> T:
     lines = Queue(actor_options={"num_cpus": 0})
     task = ray.remote(num_cpus=0, max_retries=0, name=fn.__name__)(relayed)
     result = task.remote(fn, cfg, lines, console.is_terminal(), **kwargs)
-    done = False
+    done, relaying = False, True
     while not done:
         done = bool(ray.wait([result], timeout=POLL_S)[0])
-        _write(lines)  # after the task's end, its last lines too
+        relaying = relaying and _write(lines)  # after the task's end, its last lines too
     return ray.get(result)
 
 
-def _write(lines: Queue) -> None:
-    waiting = lines.qsize()
-    for name, text in lines.get_nowait_batch(waiting) if waiting else ():
+def _write(lines: Queue) -> bool:
+    """Write the lines waiting on the queue; False, once said, where its actor is gone: the
+    run goes on, its lines from then on in the log."""
+    try:
+        waiting = lines.qsize()
+        batch = lines.get_nowait_batch(waiting) if waiting else []
+    except ray.exceptions.RayActorError as e:
+        why = str(e).strip().splitlines()[0]
+        console.warn(
+            f"the run goes on, its lines in the log from now on: their queue's actor died ({why})"
+        )
+        return False
+    for name, text in batch:
         stream = STREAMS[name]()
         stream.write(text)
         stream.flush()
+    return True
