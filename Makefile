@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 $(BROWSER):
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "chromium could not be installed: the browser tests will be skipped"
+	mkdir -p $(VENV)  # beside the virtualenv's install, which may not have made it yet
 	touch $(BROWSER)
 
 demo: $(STAMP)
