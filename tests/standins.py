@@ -47,3 +47,14 @@ def lines_after_their_queue_died(cfg: int) -> int:
     ray.kill(console.out().lines.actor)
     console.say("after")
     return cfg
+
+
+def part_with_a_way_on(cfg: float) -> None:
+    """A driver's part that says how to go on, then a line, then runs `cfg` seconds."""
+    import time
+
+    from insectlib.runtime import console
+
+    with console.on_interrupt("the way on"):
+        console.say("ready")
+        time.sleep(cfg)

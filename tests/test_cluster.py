@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import io
 import os
 import re
 import signal
@@ -316,20 +317,35 @@ def test_a_driver_part_on_the_cluster_writes_its_console_lines_here(ray_local, c
     assert lost in capsys.readouterr().err
 
 
-def test_a_ray_client_connection_lost_mid_run_is_one_line(monkeypatch):
-    """Ray Client's ConnectionError when its server (the head) goes mid-run: a RunStopped
-    naming the address, not a traceback."""
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (KeyboardInterrupt(), KeyboardInterrupt("the way on")),
+        (
+            ConnectionError("Client is shutting down."),  # its server (the head) gone mid-run
+            RunStopped("lost the connection to the cluster (Ray Client: Client is shutting "
+                       "down.), the run with it; once the cluster is up, the way on"),
+        ),
+    ],
+)  # fmt: skip
+def test_a_driver_part_on_the_cluster_gives_the_client_its_way_on(
+    ray_local, monkeypatch, error, said
+):
+    """The way on the driver's part on the cluster says is what the client says, on a
+    Ctrl-C there (here: as it writes the part's line) and when Ray Client loses its
+    connection (a RunStopped, not a traceback)."""
 
-    def lost(*args, **kwargs):
-        raise ConnectionError("Client is shutting down.")
+    class Console(io.StringIO):
+        def write(self, text: str) -> int:
+            if "ready" in text:
+                raise error
+            return super().write(text)
 
-    monkeypatch.setattr(connect, "connect_client", lambda *args: None)
-    monkeypatch.setattr(relay, "run_relayed", lost)
-    monkeypatch.setattr(ray, "shutdown", lambda: None)  # the session's own Ray stays
-    cfg = ClassifyConfig(input="in", model="m", output="o", address="ray://127.0.0.1:1")
-    with pytest.raises(RunStopped, match=r"^lost the connection to Ray at ray://127.0.0.1:1 "
-                       r"\(Client is shutting down.\), the run with it$"):  # fmt: skip
-        connect.run_as_driver(lambda cfg: None, cfg)
+    monkeypatch.setitem(relay.STREAMS, "out", Console)
+    with pytest.raises(type(said)) as raised:
+        relay.run_relayed(standins.part_with_a_way_on, 2)
+    assert str(raised.value) == str(said)
+    assert console._hints == []
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from typing import TypeVar
 import ray
 
 from insectlib import storage
-from insectlib.errors import InsectError, RunStopped, file_problem
+from insectlib.errors import InsectError, file_problem
 from insectlib.runtime import console, relay
 
 T = TypeVar("T")
@@ -400,10 +400,6 @@ def run_as_driver(fn: Callable[..., T], cfg, **kwargs) -> T:
         return relay.run_relayed(fn, dataclasses.replace(cfg, address=None), **kwargs)
     except ray.exceptions.RayTaskError as e:  # the task's InsectError, not Ray's traceback
         raise insect_error_in(e) or e from None
-    except ConnectionError as e:  # Ray Client's, its server (the head) gone mid-run
-        raise RunStopped(
-            f"lost the connection to Ray at {address} ({e}), the run with it"
-        ) from None
     finally:
         # In the command's end, where a SIGTERM is let go; here for a library's caller.
         if not console.on_close(shutdown):

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from insectlib import layout, storage
@@ -33,6 +33,7 @@ _watcher: list[tuple[subprocess.Popen, int]] = []  # `last_words`' process and i
 _hints: list[str] = []  # how to go on, of each `on_interrupt` block the command is in
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _commands: list[dict] = []  # the running command's log: {"path", "stack"}
+_listeners: list[Callable[[str], None]] = []  # told the way on as it changes (`writing_to`)
 
 
 def out() -> TextIO:
@@ -64,22 +65,29 @@ def advice(text: str) -> str:
 
 
 @contextlib.contextmanager
-def on_interrupt(hint: str) -> Iterator[None]:
+def on_interrupt(hint: str) -> Iterator[Callable[[str], None]]:
     """A Ctrl-C within the block carries `hint` (`advice`: how to go on; the CLI prints it),
     in place of any an inner block gave, and so does a RunStopped; so does the line said
     should the process die (`last_words`), in the command's end too where either ended the
-    block."""
+    block. It yields a function that changes the hint (to the one a driver's part on the
+    cluster says, `runtime.relay`)."""
+    slot = len(_hints)
     _hints.append(advice(hint))
     _tell_watcher()
+
+    def change(new: str) -> None:
+        _hints[slot] = new
+        _tell_watcher()
+
     stopped = False  # the way on it says stands to the process's end
     try:
-        yield
+        yield change
     except KeyboardInterrupt:
         stopped = True
-        raise KeyboardInterrupt(advice(hint)) from None
+        raise KeyboardInterrupt(_hints[slot]) from None
     except RunStopped as e:
         stopped = True
-        e.way_on = advice(hint)  # an outer block's replaces it, as for a Ctrl-C
+        e.way_on = _hints[slot]  # an outer block's replaces it, as for a Ctrl-C
         raise
     finally:
         _hints.pop()
@@ -152,14 +160,19 @@ def _let_sigterm_go() -> None:
 
 
 @contextlib.contextmanager
-def writing_to(out_stream: TextIO, err_stream: TextIO) -> Iterator[None]:
-    """Within the block, `say` and `warn` (and the progress bar) write to these streams: a
-    driver's part on the cluster, whose console is a Ray Client's (`runtime.relay`)."""
+def writing_to(
+    out_stream: TextIO, err_stream: TextIO, way_on: Callable[[str], None]
+) -> Iterator[None]:
+    """Within the block, `say` and `warn` (and the progress bar) write to these streams, and
+    `way_on` is told how to go on as it changes: a driver's part on the cluster, whose
+    console is a Ray Client's (`runtime.relay`)."""
     before = dict(_streams)
     _streams.update(out=out_stream, err=err_stream)
+    _listeners.append(way_on)
     try:
         yield
     finally:
+        _listeners.remove(way_on)
         _streams.clear()
         _streams.update(before)
 
@@ -265,7 +278,10 @@ def _start_watcher(path: str) -> tuple[subprocess.Popen, int] | None:
 
 def _tell_watcher(line: bytes | None = None) -> None:
     """Tell `last_words`' process, if one runs, `line`, or how to go on as of now: the
-    outermost block's hint, as a Ctrl-C says it."""
+    outermost block's hint, as a Ctrl-C says it (and so `writing_to`'s listener)."""
+    if line is None:
+        for listener in _listeners:
+            listener((_hints[:1] or [""])[0])
     if _watcher:
         hint = (_hints[:1] or [""])[0].replace("\n", " ").replace("\r", " ")
         line = line or last_words.HINT + hint.encode(errors="replace")

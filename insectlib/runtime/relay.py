@@ -5,6 +5,7 @@ client prefixed with their pid, in colour) goes to the command's log on this mac
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections.abc import Callable
@@ -13,11 +14,13 @@ from typing import TypeVar
 import ray
 from ray.util.queue import Queue
 
+from insectlib.errors import RunStopped
 from insectlib.runtime import console
 
 T = TypeVar("T")
 POLL_S = 0.2  # how often the client looks for lines; a line's delay, at most
 STREAMS = {"out": console.out, "err": console.err}
+WAY_ON = "way on"  # the queue's item for the way on, beside the streams' names
 
 
 class QueueStream:
@@ -56,9 +59,17 @@ class QueueStream:
 
 
 def relayed(fn: Callable[..., T], cfg, lines: Queue, terminal: bool, **kwargs) -> T:
-    """`fn(cfg, **kwargs)` with its console lines put on `lines` (run on the cluster)."""
+    """`fn(cfg, **kwargs)` with its console lines and its way on (what a Ctrl-C or the
+    last words say) put on `lines` (run on the cluster)."""
     streams = {name: QueueStream(lines, name, terminal) for name in STREAMS}
-    with console.writing_to(streams["out"], streams["err"]):
+
+    def way_on(hint: str) -> None:
+        for stream in streams.values():  # the lines before it first
+            stream.flush()
+        with contextlib.suppress(ray.exceptions.RayError):  # the queue gone: none to say
+            lines.put_nowait((WAY_ON, hint))
+
+    with console.writing_to(streams["out"], streams["err"], way_on):
         try:
             return fn(cfg, **kwargs)
         finally:
@@ -73,16 +84,23 @@ def run_relayed(fn: Callable[..., T], cfg, **kwargs) -> T:
     lines = Queue(actor_options={"num_cpus": 0})
     task = ray.remote(num_cpus=0, max_retries=0, name=fn.__name__)(relayed)
     result = task.remote(fn, cfg, lines, console.is_terminal(), **kwargs)
-    done, relaying = False, True
-    while not done:
-        done = bool(ray.wait([result], timeout=POLL_S)[0])
-        relaying = relaying and _write(lines)  # after the task's end, its last lines too
-    return ray.get(result)
+    with console.on_interrupt("") as way_on:  # the part on the cluster says its own
+        try:
+            done, relaying = False, True
+            while not done:
+                done = bool(ray.wait([result], timeout=POLL_S)[0])
+                # After the task's end, its last lines too.
+                relaying = relaying and _write(lines, way_on)
+            return ray.get(result)
+        except ConnectionError as e:  # Ray Client's, its server (the head) gone mid-run
+            raise RunStopped(
+                f"lost the connection to the cluster (Ray Client: {e}), the run with it"
+            ) from None
 
 
-def _write(lines: Queue) -> bool:
-    """Write the lines waiting on the queue; False, once said, where its actor is gone: the
-    run goes on, its lines from then on in the log."""
+def _write(lines: Queue, way_on: Callable[[str], None]) -> bool:
+    """Write the lines waiting on the queue, and take the way on it says; False, once
+    said, where its actor is gone: the run goes on, its lines from then on in the log."""
     try:
         waiting = lines.qsize()
         batch = lines.get_nowait_batch(waiting) if waiting else []
@@ -93,6 +111,9 @@ def _write(lines: Queue) -> bool:
         )
         return False
     for name, text in batch:
+        if name == WAY_ON:
+            way_on(text)
+            continue
         stream = STREAMS[name]()
         stream.write(text)
         stream.flush()
