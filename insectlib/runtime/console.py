@@ -73,7 +73,6 @@ def on_interrupt(hint: str) -> Iterator[Callable[[str], None]]:
     cluster says, `runtime.relay`)."""
     slot = len(_hints)
     _hints.append(advice(hint))
-    _tell_watcher()
 
     def change(new: str) -> None:
         _hints[slot] = new
@@ -81,6 +80,7 @@ def on_interrupt(hint: str) -> Iterator[Callable[[str], None]]:
 
     stopped = False  # the way on it says stands to the process's end
     try:
+        _tell_watcher()  # in the block: a listener's error leaves no hint behind
         yield change
     except KeyboardInterrupt:
         stopped = True

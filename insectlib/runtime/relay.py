@@ -81,17 +81,19 @@ def run_relayed(fn: Callable[..., T], cfg, **kwargs) -> T:
     """`fn(cfg, **kwargs)` as a zero-CPU task on the cluster this Ray Client is connected
     to, its console lines written here as they come; its result, or its error."""
     # The queue's actor ends with the client's session, as the task does.
-    lines = Queue(actor_options={"num_cpus": 0})
-    task = ray.remote(num_cpus=0, max_retries=0, name=fn.__name__)(relayed)
-    result = task.remote(fn, cfg, lines, console.is_terminal(), **kwargs)
     with console.on_interrupt("") as way_on:  # the part on the cluster says its own
         try:
+            lines = Queue(actor_options={"num_cpus": 0})
+            task = ray.remote(num_cpus=0, max_retries=0, name=fn.__name__)(relayed)
+            result = task.remote(fn, cfg, lines, console.is_terminal(), **kwargs)
             done, relaying = False, True
             while not done:
                 done = bool(ray.wait([result], timeout=POLL_S)[0])
                 # After the task's end, its last lines too.
                 relaying = relaying and _write(lines, way_on)
             return ray.get(result)
+        except BrokenPipeError:  # this console's (`| head`): as a local run's
+            raise
         except ConnectionError as e:  # Ray Client's, its server (the head) gone mid-run
             raise RunStopped(
                 f"lost the connection to the cluster (Ray Client: {e}), the run with it"
