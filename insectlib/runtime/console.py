@@ -279,11 +279,12 @@ def _start_watcher(path: str) -> tuple[subprocess.Popen, int] | None:
 def _tell_watcher(line: bytes | None = None) -> None:
     """Tell `last_words`' process, if one runs, `line`, or how to go on as of now: the
     outermost block's hint, as a Ctrl-C says it (and so `writing_to`'s listener)."""
+    way_on = (_hints[:1] or [""])[0]
     if line is None:
         for listener in _listeners:
-            listener((_hints[:1] or [""])[0])
+            listener(way_on)
     if _watcher:
-        hint = (_hints[:1] or [""])[0].replace("\n", " ").replace("\r", " ")
+        hint = way_on.replace("\n", " ").replace("\r", " ")
         line = line or last_words.HINT + hint.encode(errors="replace")
         with contextlib.suppress(OSError):  # it is gone: nothing to tell
             os.write(_watcher[-1][1], line + b"\n")

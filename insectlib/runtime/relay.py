@@ -63,9 +63,12 @@ def relayed(fn: Callable[..., T], cfg, lines: Queue, terminal: bool, **kwargs) -
     last words say) put on `lines` (run on the cluster)."""
     streams = {name: QueueStream(lines, name, terminal) for name in STREAMS}
 
-    def way_on(hint: str) -> None:
-        for stream in streams.values():  # the lines before it first
+    def flush() -> None:
+        for stream in streams.values():
             stream.flush()
+
+    def way_on(hint: str) -> None:
+        flush()  # the lines before it first
         with contextlib.suppress(ray.exceptions.RayError):  # the queue gone: none to say
             lines.put_nowait((WAY_ON, hint))
 
@@ -73,8 +76,7 @@ def relayed(fn: Callable[..., T], cfg, lines: Queue, terminal: bool, **kwargs) -
         try:
             return fn(cfg, **kwargs)
         finally:
-            for stream in streams.values():
-                stream.flush()
+            flush()
 
 
 def run_relayed(fn: Callable[..., T], cfg, **kwargs) -> T:
